@@ -1,0 +1,49 @@
+"""ckptsync: crash-safe PyTorch checkpoints that resume exactly, synced atomically to object storage.
+
+``import ckptsync`` never imports torch: the torch-dependent client (:class:`Checkpointer`) is
+loaded on first use, so the daemon and the remote tools run in a torch-free install.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    LocalStorageError,
+    ManifestError,
+    NoCheckpointError,
+    RemoteError,
+    UnsafeStateError,
+    UnsupportedFormatError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpointer",
+    "CkptSyncError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "LocalStorageError",
+    "ManifestError",
+    "NoCheckpointError",
+    "RemoteError",
+    "UnsafeStateError",
+    "UnsupportedFormatError",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from ckptsync.checkpointer import Checkpointer
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the client needs torch, the daemon must not.
+    if name == "Checkpointer":
+        from ckptsync.checkpointer import Checkpointer
+
+        return Checkpointer
+    raise AttributeError(f"module 'ckptsync' has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""The ckptsync error tree.
+
+Every error a user can meet derives from :class:`CkptSyncError` and says what happened, to
+which path, and what to do. Backend (fsspec, OS) exceptions are translated once, at the
+boundary that called the backend, and kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CkptSyncError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "LocalStorageError",
+    "ManifestError",
+    "NoCheckpointError",
+    "RemoteError",
+    "UnsafeStateError",
+    "UnsupportedFormatError",
+]
+
+
+class CkptSyncError(Exception):
+    """Base class of every error raised by ckptsync."""
+
+
+class ConfigError(CkptSyncError, ValueError):
+    """Bad configuration or arguments: an unknown URL scheme, a missing optional package,
+    a malformed retention rule."""
+
+
+class UnsafeStateError(CkptSyncError, TypeError):
+    """State handed to ``save`` that cannot be stored without unsafe pickling.
+
+    Raised at save time, so that it is never discovered at resume.
+    """
+
+
+class CorruptCheckpointError(CkptSyncError):
+    """A checkpoint whose files do not match its manifest (missing, truncated, altered)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ManifestError(CorruptCheckpointError):
+    """A manifest that does not parse or breaks the format's rules (unsafe paths, bad sizes)."""
+
+
+class UnsupportedFormatError(ManifestError):
+    """A manifest written by a newer, incompatible ckptsync (unknown major format)."""
+
+
+class NoCheckpointError(CkptSyncError, FileNotFoundError):
+    """No valid checkpoint where one was required."""
+
+
+class LocalStorageError(CkptSyncError, OSError):
+    """The local filesystem refused a write: no space, no permission, read-only."""
+
+
+class RemoteError(CkptSyncError):
+    """Remote storage failed. ``retryable`` says whether trying again may help.
+
+    The backend's exception is kept as ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.url = url
+        self.retryable = retryable

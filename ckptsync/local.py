@@ -1,0 +1,387 @@
+"""Atomic local checkpoints: staging, hashing while writing, fsync, rename, listing, verifying.
+
+Layout of a local checkpoint directory::
+
+    <directory>/
+        .staging-<name>/          being written; never read; removed on start-up
+        <name>/ckptsync.json      committed: the manifest is written last, then the rename
+        <name>/<files...>
+
+Commit (DESIGN.md, "Local side"): write every file into a hidden staging directory on the same
+filesystem, fsync each file, write and fsync the manifest, fsync the staging directory, rename
+it into place, fsync the parent. A crash at any instant leaves the previous state or the new
+checkpoint, never a half one: readers only look at non-hidden directories holding a manifest.
+
+File system calls go through :class:`FileOps` so that tests can inject faults (a full disk on
+the Nth write) without patching this module.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, BinaryIO
+
+from ckptsync.errors import (
+    CorruptCheckpointError,
+    LocalStorageError,
+    ManifestError,
+    NoCheckpointError,
+)
+from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+
+__all__ = ["FileOps", "HashingWriter", "LocalCheckpoint", "LocalStore", "hash_file"]
+
+log = logging.getLogger("ckptsync.local")
+
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".deleting-"
+CHUNK = 8 * 1024 * 1024
+
+
+class FileOps:
+    """The file system calls the local store makes. Subclass to inject faults in tests."""
+
+    def open_write(self, path: Path) -> BinaryIO:
+        return open(path, "xb")  # noqa: SIM115 - closed by HashingWriter
+
+    def write(self, f: BinaryIO, data: Any) -> int:
+        return f.write(data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir(parents=False, exist_ok=False)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        os.rename(src, dst)
+
+    def fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        hint = "free disk space or point the checkpointer at a larger volume"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "make the directory writable or choose another one"
+    else:
+        hint = "check the file system"
+    err = LocalStorageError(f"cannot {action} {path}: {e.strerror or e}; {hint}")
+    err.errno = e.errno
+    err.filename = str(path)
+    return err
+
+
+class HashingWriter:
+    """A binary file opened for writing that computes size and sha256 as bytes go through.
+
+    The hash is computed while writing, never by reading the file back. ``close()`` flushes
+    and fsyncs. Usable wherever a writable binary file object is expected (``torch.save``).
+    """
+
+    def __init__(self, path: Path, ops: FileOps | None = None) -> None:
+        self.path = path
+        self._ops = ops or FileOps()
+        self._f = self._ops.open_write(path)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        n = self._ops.write(self._f, mv)
+        if n is None:
+            n = len(mv)
+        if n != len(mv):  # raw short write: finish it
+            rest = mv[n:]
+            while len(rest):
+                k = self._ops.write(self._f, rest)
+                rest = rest[k:]
+        self._hash.update(mv)
+        self.size += len(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._f.flush()
+            self._ops.fsync(self._f.fileno())
+        finally:
+            self._f.close()
+            self.closed = True
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            self.closed = True
+
+    def entry(self, relpath: str) -> FileEntry:
+        return FileEntry(relpath, self.size, self._hash.hexdigest())
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def hash_file(path: Path | str, chunk: int = CHUNK) -> tuple[int, str]:
+    """``(size, sha256 hex)`` of a file, read in chunks (bounded memory)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            size += len(b)
+    return size, h.hexdigest()
+
+
+@dataclass(frozen=True)
+class LocalCheckpoint:
+    """A committed local checkpoint: its directory and parsed manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def step(self) -> int | None:
+        return self.manifest.step
+
+    def file(self, relpath: str) -> Path:
+        return self.path.joinpath(*check_relpath(relpath, where=str(self.path)).split("/"))
+
+
+class Staging:
+    """A checkpoint being written. Files are created with :meth:`open`; :meth:`commit`
+    writes the manifest last and renames the directory into place."""
+
+    def __init__(self, store: LocalStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.path = store.directory / f"{STAGING_PREFIX}{name}"
+        self.entries: list[FileEntry] = []
+        self._open: dict[str, HashingWriter] = {}
+        try:
+            store.ops.mkdir(self.path)
+        except OSError as e:
+            raise _storage_error(e, self.path, "create staging directory") from e
+
+    def open(self, relpath: str) -> HashingWriter:
+        """A hashing writer for ``relpath`` inside the checkpoint; call :meth:`close_file`."""
+        check_relpath(relpath, where=str(self.path))
+        target = self.path.joinpath(*relpath.split("/"))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            w = HashingWriter(target, self.store.ops)
+        except OSError as e:
+            raise _storage_error(e, target, "create") from e
+        self._open[relpath] = w
+        return w
+
+    def close_file(self, relpath: str) -> FileEntry:
+        w = self._open.pop(relpath)
+        try:
+            w.close()
+        except OSError as e:
+            raise _storage_error(e, w.path, "write") from e
+        entry = w.entry(relpath)
+        self.entries.append(entry)
+        return entry
+
+    def write_file(self, relpath: str, chunks: Any) -> FileEntry:
+        """Write an iterable of byte chunks (or one bytes object) as ``relpath``."""
+        w = self.open(relpath)
+        try:
+            if isinstance(chunks, (bytes, bytearray, memoryview)):
+                chunks = [chunks]
+            for c in chunks:
+                w.write(c)
+        except OSError as e:
+            w.abort()
+            self._open.pop(relpath, None)
+            raise _storage_error(e, w.path, "write") from e
+        except BaseException:
+            w.abort()
+            self._open.pop(relpath, None)
+            raise
+        return self.close_file(relpath)
+
+    def commit(self, manifest: Manifest) -> LocalCheckpoint:
+        """Write the manifest last, fsync, rename into place, fsync the parent."""
+        if manifest.name != self.name:
+            raise ValueError(f"manifest name {manifest.name} != staging name {self.name}")
+        ops = self.store.ops
+        final = self.store.directory / self.name
+        try:
+            with HashingWriter(self.path / MANIFEST_NAME, ops) as w:
+                w.write(manifest.to_json())
+            # Ordering invariant: files fsynced, manifest fsynced, directory fsynced, then the
+            # rename makes the checkpoint visible, then the parent's fsync makes it durable.
+            ops.fsync_dir(self.path)
+            ops.rename(self.path, final)
+            ops.fsync_dir(self.store.directory)
+        except OSError as e:
+            raise _storage_error(e, final, "commit checkpoint") from e
+        return LocalCheckpoint(final, manifest)
+
+    def abort(self) -> None:
+        for w in self._open.values():
+            w.abort()
+        self._open.clear()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+class LocalStore:
+    """Committed checkpoints in one local directory.
+
+    Args:
+        directory: created if missing. Leftover staging directories from a crash are removed.
+        ops: file system calls (a fault seam for tests).
+
+    Raises:
+        LocalStorageError: the directory cannot be created or written.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], ops: FileOps | None = None) -> None:
+        self.directory = Path(directory).expanduser().absolute()
+        self.ops = ops or FileOps()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _storage_error(e, self.directory, "create checkpoint directory") from e
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise LocalStorageError(
+                f"checkpoint directory {self.directory} is not writable; "
+                "make it writable or choose another one"
+            )
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of crashed saves and deletions; return their names."""
+        removed = []
+        for p in self.directory.iterdir():
+            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+        if removed:
+            log.info("removed %d unfinished checkpoint(s) in %s: %s",
+                     len(removed), self.directory, ", ".join(removed))
+        return removed
+
+    def staging(self, name: str) -> Staging:
+        return Staging(self, name)
+
+    def read_manifest(self, name: str) -> Manifest:
+        path = self.directory / name / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise NoCheckpointError(f"no committed checkpoint at {path.parent}") from e
+        m = Manifest.from_json(data, where=str(path))
+        if m.name != name:
+            raise ManifestError(f"{path}: manifest names {m.name!r}, but lives in {name!r}")
+        return m
+
+    def list(self) -> list[LocalCheckpoint]:
+        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped."""
+        out = []
+        for p in self.directory.iterdir():
+            if p.name.startswith(".") or not (p / MANIFEST_NAME).is_file():
+                continue
+            try:
+                out.append(LocalCheckpoint(p, self.read_manifest(p.name)))
+            except ManifestError as e:
+                log.warning("skipping checkpoint with a bad manifest: %s", e)
+        out.sort(key=lambda c: c.manifest.sort_key())
+        return out
+
+    def get(self, name: str) -> LocalCheckpoint:
+        return LocalCheckpoint(self.directory / name, self.read_manifest(name))
+
+    def verify(self, ckpt: LocalCheckpoint, *, full: bool = True) -> None:
+        """Check every listed file exists with its size (and, if ``full``, its sha256).
+
+        Raises:
+            CorruptCheckpointError: naming the first file that does not match.
+        """
+        for entry in ckpt.manifest.files:
+            path = ckpt.file(entry.path)
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{path}: file listed in the manifest is missing", path=str(path)
+                ) from None
+            if size != entry.size:
+                raise CorruptCheckpointError(
+                    f"{path}: size {size} != {entry.size} in the manifest (truncated?)",
+                    path=str(path),
+                )
+            if full:
+                _, digest = hash_file(path)
+                if digest != entry.sha256:
+                    raise CorruptCheckpointError(
+                        f"{path}: sha256 does not match the manifest (the file was altered)",
+                        path=str(path),
+                    )
+
+    def delete(self, name: str) -> None:
+        """Delete a checkpoint: the manifest first (it stops existing), then the files."""
+        path = self.directory / name
+        if not (path / MANIFEST_NAME).exists() and not path.exists():
+            return
+        # Move aside first so a crash midway leaves a hidden leftover, never a half checkpoint.
+        trash = self.directory / f"{TRASH_PREFIX}{name}"
+        (path / MANIFEST_NAME).unlink(missing_ok=True)
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def iter_files(self, ckpt: LocalCheckpoint) -> Iterator[tuple[FileEntry, Path]]:
+        for e in ckpt.manifest.files:
+            yield e, ckpt.file(e.path)
+
+
+def open_verified(path: Path, entry: FileEntry) -> IO[bytes]:
+    """Open a checkpoint file after checking its size and sha256 against ``entry``."""
+    size, digest = hash_file(path)
+    if size != entry.size or digest != entry.sha256:
+        raise CorruptCheckpointError(
+            f"{path}: content does not match the manifest (size {size}, expected {entry.size})",
+            path=str(path),
+        )
+    return open(path, "rb")

@@ -1,0 +1,111 @@
+"""Retention policy as pure functions, shared by the local and the remote stores.
+
+A policy keeps the union of what each rule keeps: the last N, the best K by a metric, every
+Mth step. The newest checkpoint and any protected names (the one a live run resumed from) are
+always kept. Nothing here touches storage: callers pass what they listed and delete what
+comes back, manifest first.
+
+Example::
+
+    policy = RetentionPolicy(keep_last=2, keep_best=BestRule("val_loss", "min", 1))
+    doomed = select_for_deletion(infos, policy)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ckptsync.errors import ConfigError
+
+__all__ = ["BestRule", "CheckpointInfo", "RetentionPolicy", "parse_best", "select_for_deletion"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What retention needs to know about one committed checkpoint."""
+
+    name: str
+    step: int | None
+    sort_key: tuple[object, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BestRule:
+    """Keep the ``k`` best checkpoints by ``metric`` (``mode`` "min" or "max")."""
+
+    metric: str
+    mode: Literal["min", "max"]
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"keep-best mode must be 'min' or 'max', got {self.mode!r}")
+        if self.k < 1:
+            raise ConfigError(f"keep-best count must be >= 1, got {self.k}")
+
+
+def parse_best(spec: str) -> BestRule:
+    """Parse ``METRIC:min|max:K`` (e.g. ``val_loss:min:3``)."""
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[2].isdigit():
+        raise ConfigError(
+            f"invalid keep-best rule {spec!r}: expected METRIC:min|max:K, e.g. val_loss:min:3"
+        )
+    return BestRule(parts[0], parts[1], int(parts[2]))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to keep. All rules None means keep everything."""
+
+    keep_last: int | None = None
+    keep_best: BestRule | None = None
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ConfigError(f"keep-last must be >= 1, got {self.keep_last}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ConfigError(f"keep-every must be >= 1, got {self.keep_every}")
+
+    @property
+    def active(self) -> bool:
+        return any(r is not None for r in (self.keep_last, self.keep_best, self.keep_every))
+
+
+def select_for_deletion(
+    checkpoints: Iterable[CheckpointInfo],
+    policy: RetentionPolicy,
+    protect: Iterable[str] = (),
+) -> list[str]:
+    """Names of the checkpoints the policy does not keep, oldest first.
+
+    Args:
+        checkpoints: committed, valid checkpoints (any order).
+        policy: the rules; an inactive policy deletes nothing.
+        protect: names never deleted (e.g. the checkpoint a running trainer resumed from).
+    """
+    ordered: Sequence[CheckpointInfo] = sorted(checkpoints, key=lambda c: c.sort_key)
+    if not policy.active or not ordered:
+        return []
+    keep: set[str] = set(protect)
+    keep.add(ordered[-1].name)  # never delete the newest
+    if policy.keep_last is not None:
+        keep.update(c.name for c in ordered[-policy.keep_last :])
+    if policy.keep_every is not None:
+        keep.update(
+            c.name for c in ordered if c.step is not None and c.step % policy.keep_every == 0
+        )
+    if policy.keep_best is not None:
+        rule = policy.keep_best
+        scored = [c for c in ordered if rule.metric in c.metrics]
+        # Ties: prefer the newer checkpoint.
+        scored.sort(
+            key=lambda c: (c.metrics[rule.metric] if rule.mode == "min" else -c.metrics[rule.metric],
+                           -ordered.index(c))
+        )
+        keep.update(c.name for c in scored[: rule.k])
+    return [c.name for c in ordered if c.name not in keep]
