@@ -1,4 +1,4 @@
-"""ckptsync: crash-safe PyTorch checkpoints that resume exactly, synced atomically to object storage.
+"""ckptsync: crash-safe PyTorch checkpoints that resume exactly, synced atomically to the cloud.
 
 ``import ckptsync`` never imports torch: the torch-dependent client (:class:`Checkpointer`) is
 loaded on first use, so the daemon and the remote tools run in a torch-free install.

@@ -49,7 +49,7 @@ class FileOps:
     """The file system calls the local store makes. Subclass to inject faults in tests."""
 
     def open_write(self, path: Path) -> BinaryIO:
-        return open(path, "xb")  # noqa: SIM115 - closed by HashingWriter
+        return open(path, "xb")
 
     def write(self, f: BinaryIO, data: Any) -> int:
         return f.write(data)

@@ -103,9 +103,8 @@ def select_for_deletion(
         rule = policy.keep_best
         scored = [c for c in ordered if rule.metric in c.metrics]
         # Ties: prefer the newer checkpoint.
-        scored.sort(
-            key=lambda c: (c.metrics[rule.metric] if rule.mode == "min" else -c.metrics[rule.metric],
-                           -ordered.index(c))
-        )
+        sign = 1.0 if rule.mode == "min" else -1.0
+        position = {c.name: i for i, c in enumerate(ordered)}
+        scored.sort(key=lambda c: (sign * c.metrics[rule.metric], -position[c.name]))
         keep.update(c.name for c in scored[: rule.k])
     return [c.name for c in ordered if c.name not in keep]
