@@ -20,11 +20,19 @@ import torch.distributed as dist
 
 from ckptsync import __version__
 from ckptsync.errors import (
+    CkptSyncError,
     ConfigError,
     CorruptCheckpointError,
     NoCheckpointError,
 )
-from ckptsync.local import FileOps, LocalCheckpoint, LocalStore
+from ckptsync.local import (
+    RESUMED_FILE,
+    FileOps,
+    LocalCheckpoint,
+    LocalStore,
+    storage_error,
+    write_json_atomic,
+)
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.retention import (
     BestRule,
@@ -132,7 +140,11 @@ class Checkpointer:
         self.rank, self.world_size = _dist_info()
         self.store = LocalStore(directory, ops=file_ops)
         if self.rank == 0:
-            self.store.cleanup()
+            if self.store.acquire_writer_lock():
+                self.store.cleanup()
+            else:
+                log.warning("another process is writing checkpoints in %s: leaving its "
+                            "unfinished saves alone", self.store.directory)
         best = parse_best(keep_best) if isinstance(keep_best, str) else keep_best
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best, keep_every=keep_every)
         self.capture_rng = rng
@@ -257,8 +269,13 @@ class Checkpointer:
             for obj_name, tree in files.items():
                 relpath = f"{obj_name}.pt"
                 w = staging.open(relpath)
-                torch.save(tree, w)  # type: ignore[arg-type]  # hashed while written, fsynced on close
-                staging.close_file(relpath)
+                try:
+                    torch.save(tree, w)  # type: ignore[arg-type]  # hashed while written
+                except Exception:
+                    if w.error is not None:  # torch wraps OSError: report the real cause
+                        raise storage_error(w.error, w.path, "write") from w.error
+                    raise
+                staging.close_file(relpath)  # fsync
             manifest = Manifest.new(step=step, files=staging.entries, name=name,
                                     metrics=metrics, meta=meta, extra=extra)
             ckpt = staging.commit(manifest)
@@ -311,7 +328,7 @@ class Checkpointer:
             dist.broadcast_object_list(status, src=0)
             self._dist_pending = False
             if self.rank != 0 and status[0] is not None:
-                raise CorruptCheckpointError(f"rank 0 failed to save the checkpoint: {status[0]}")
+                raise CkptSyncError(f"rank 0 failed to save the checkpoint: {status[0]}")
         if err is not None:
             raise err
 
@@ -345,6 +362,7 @@ class Checkpointer:
         finally:
             self._closed = True
             self._worker.close()
+            self.store.release_writer_lock()
             if self._upload_pool is not None:
                 self._upload_pool.shutdown(wait=True)
 
@@ -414,6 +432,9 @@ class Checkpointer:
             return None
         info = self._load(chosen, map_location, objects)
         self._resumed_from = chosen.name
+        if self.rank == 0:
+            write_json_atomic(self.store.directory / RESUMED_FILE,
+                              {"name": chosen.name, "pid": os.getpid()})
         log.info("resumed from %s (step %s)", chosen.path, chosen.step)
         return info
 

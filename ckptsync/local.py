@@ -18,11 +18,15 @@ the Nth write) without patching this module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,24 @@ log = logging.getLogger("ckptsync.local")
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".deleting-"
 CHUNK = 8 * 1024 * 1024
+# Written by a Checkpointer that resumed: {"name", "pid"}. The daemon never deletes that
+# checkpoint remotely while the pid lives (DESIGN.md, retention).
+RESUMED_FILE = ".ckptsync-resumed.json"
+WRITER_LOCK = ".ckptsync-writer.lock"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON through a temp file and ``os.replace``: readers never see half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class FileOps:
@@ -71,17 +93,14 @@ class FileOps:
             os.close(fd)
 
 
-def _storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:
+def storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:
     if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
         hint = "free disk space or point the checkpointer at a larger volume"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         hint = "make the directory writable or choose another one"
     else:
         hint = "check the file system"
-    err = LocalStorageError(f"cannot {action} {path}: {e.strerror or e}; {hint}")
-    err.errno = e.errno
-    err.filename = str(path)
-    return err
+    return LocalStorageError(e.errno or 0, f"cannot {action} {path}: {e.strerror or e}; {hint}")
 
 
 class HashingWriter:
@@ -98,17 +117,23 @@ class HashingWriter:
         self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
-        n = self._ops.write(self._f, mv)
-        if n is None:
-            n = len(mv)
-        if n != len(mv):  # raw short write: finish it
+        try:
+            n = self._ops.write(self._f, mv)
+            if n is None:
+                n = len(mv)
             rest = mv[n:]
-            while len(rest):
+            while len(rest):  # raw short write: finish it
                 k = self._ops.write(self._f, rest)
                 rest = rest[k:]
+        except OSError as e:
+            # Kept so that a caller whose library wraps the error (torch.save raises a
+            # RuntimeError) can still report the real cause: no space, no permission.
+            self.error = e
+            raise
         self._hash.update(mv)
         self.size += len(mv)
         return len(mv)
@@ -200,7 +225,7 @@ class Staging:
         try:
             store.ops.mkdir(self.path)
         except OSError as e:
-            raise _storage_error(e, self.path, "create staging directory") from e
+            raise storage_error(e, self.path, "create staging directory") from e
 
     def open(self, relpath: str) -> HashingWriter:
         """A hashing writer for ``relpath`` inside the checkpoint; call :meth:`close_file`."""
@@ -210,7 +235,7 @@ class Staging:
             target.parent.mkdir(parents=True, exist_ok=True)
             w = HashingWriter(target, self.store.ops)
         except OSError as e:
-            raise _storage_error(e, target, "create") from e
+            raise storage_error(e, target, "create") from e
         self._open[relpath] = w
         return w
 
@@ -219,7 +244,7 @@ class Staging:
         try:
             w.close()
         except OSError as e:
-            raise _storage_error(e, w.path, "write") from e
+            raise storage_error(e, w.path, "write") from e
         entry = w.entry(relpath)
         self.entries.append(entry)
         return entry
@@ -235,7 +260,7 @@ class Staging:
         except OSError as e:
             w.abort()
             self._open.pop(relpath, None)
-            raise _storage_error(e, w.path, "write") from e
+            raise storage_error(e, w.path, "write") from e
         except BaseException:
             w.abort()
             self._open.pop(relpath, None)
@@ -257,7 +282,7 @@ class Staging:
             ops.rename(self.path, final)
             ops.fsync_dir(self.store.directory)
         except OSError as e:
-            raise _storage_error(e, final, "commit checkpoint") from e
+            raise storage_error(e, final, "commit checkpoint") from e
         return LocalCheckpoint(final, manifest)
 
     def abort(self) -> None:
@@ -284,15 +309,39 @@ class LocalStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _storage_error(e, self.directory, "create checkpoint directory") from e
+            raise storage_error(e, self.directory, "create checkpoint directory") from e
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise LocalStorageError(
                 f"checkpoint directory {self.directory} is not writable; "
                 "make it writable or choose another one"
             )
 
+    def acquire_writer_lock(self) -> bool:
+        """Hold an advisory lock marking this process as the directory's writer.
+
+        Returns False (and takes nothing) if another live process holds it.
+        """
+        fd = os.open(self.directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fd: int | None = fd  # released when the process exits or release_writer_lock()
+        return True
+
+    def release_writer_lock(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._lock_fd = None
+
     def cleanup(self) -> list[str]:
-        """Remove leftovers of crashed saves and deletions; return their names."""
+        """Remove leftovers of crashed saves and deletions; return their names.
+
+        Only call while holding the writer lock: another writer's staging directory is not a
+        leftover.
+        """
         removed = []
         for p in self.directory.iterdir():
             if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and p.is_dir():
@@ -307,6 +356,8 @@ class LocalStore:
         return Staging(self, name)
 
     def read_manifest(self, name: str) -> Manifest:
+        if not name or "/" in name or "\\" in name or name.startswith("."):
+            raise NoCheckpointError(f"{name!r} is not a checkpoint name in {self.directory}")
         path = self.directory / name / MANIFEST_NAME
         try:
             data = path.read_bytes()
@@ -362,6 +413,10 @@ class LocalStore:
 
     def delete(self, name: str) -> None:
         """Delete a checkpoint: the manifest first (it stops existing), then the files."""
+        if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+            raise ManifestError(
+                f"refusing to delete {name!r} in {self.directory}: not a checkpoint name"
+            )
         path = self.directory / name
         if not (path / MANIFEST_NAME).exists() and not path.exists():
             return

@@ -123,9 +123,12 @@ class FileEntry:
     path: str
     size: int
     sha256: str
+    unknown: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        d = dict(self.unknown)
+        d.update({"path": self.path, "size": self.size, "sha256": self.sha256})
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> FileEntry:
@@ -138,7 +141,8 @@ class FileEntry:
         digest = d.get("sha256")
         if not isinstance(digest, str) or not _SHA256_RE.match(digest):
             raise ManifestError(f"{where}: file {path!r} has invalid sha256 {digest!r}")
-        return cls(path, size, digest)
+        unknown = {k: v for k, v in d.items() if k not in ("path", "size", "sha256")}
+        return cls(path, size, digest, unknown)
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,8 @@ class Manifest:
     def sort_key(self) -> tuple[int, int, str, str]:
         """Newest-last: highest step, ties broken by creation time (DESIGN.md)."""
         step_key = -1 if self.step is None else self.step
-        return (0 if self.step is None else 1, step_key, self.created_dt.isoformat(), self.name)
+        created = self.created_dt.astimezone(timezone.utc).isoformat()
+        return (0 if self.step is None else 1, step_key, created, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = dict(self.unknown)

@@ -13,6 +13,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -101,7 +102,9 @@ def select_for_deletion(
         )
     if policy.keep_best is not None:
         rule = policy.keep_best
-        scored = [c for c in ordered if rule.metric in c.metrics]
+        # NaN/inf (a diverged run) never counts as "best".
+        scored = [c for c in ordered
+                  if rule.metric in c.metrics and math.isfinite(c.metrics[rule.metric])]
         # Ties: prefer the newer checkpoint.
         sign = 1.0 if rule.mode == "min" else -1.0
         position = {c.name: i for i, c in enumerate(ordered)}

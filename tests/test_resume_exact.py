@@ -1,0 +1,156 @@
+"""Exact resume: a run killed with SIGKILL and resumed is bit for bit the uninterrupted run.
+
+The trainer is ``examples/train_tiny_lm.py`` (a tiny GPT with dropout, AdamW, warmup+cosine,
+a random batch sampler with its own generator), run as a subprocess exactly as a user runs it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    assert_state_equal,
+    committed_steps,
+    last_logged_step,
+    make_training_state,
+    read_losses,
+    run_example,
+    sigkill,
+    staging_dirs,
+    start_example,
+    state_trees,
+    train_steps,
+    wait_until,
+)
+
+from ckptsync import Checkpointer
+
+STEPS = 90
+
+
+def _args(ckpt: Path, log: Path, weights: Path, save_every: int, *extra: str) -> list[str]:
+    return ["--ckpt-dir", str(ckpt), "--steps", str(STEPS), "--save-every", str(save_every),
+            "--log-file", str(log), "--final-weights", str(weights), "--seed", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[dict[int, str], dict[str, torch.Tensor]]:
+    """The uninterrupted run: every step's loss and the final weights."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run_example(*_args(d / "ckpt", d / "log.jsonl", d / "final.pt", 10))
+    losses = read_losses(d / "log.jsonl")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses, torch.load(d / "final.pt", weights_only=True)
+
+
+def _assert_resumed_exactly(reference: tuple[dict[int, str], dict[str, torch.Tensor]],
+                            resumed_log: Path, weights: Path, resumed_from: int) -> None:
+    ref_losses, ref_weights = reference
+    losses = read_losses(resumed_log)
+    # The resumed run starts right after the checkpoint and runs to the end.
+    assert sorted(losses) == list(range(resumed_from + 1, STEPS + 1))
+    mismatched = [s for s in losses if losses[s] != ref_losses[s]]
+    assert not mismatched, (
+        f"losses differ from the uninterrupted run at steps {mismatched[:5]}: "
+        f"{[(losses[s], ref_losses[s]) for s in mismatched[:3]]}"
+    )
+    final = torch.load(weights, weights_only=True)
+    assert list(final) == list(ref_weights)
+    for k, t in ref_weights.items():
+        assert torch.equal(final[k], t), f"final weight {k} differs from the uninterrupted run"
+
+
+def test_sigkill_mid_training_then_resume_is_bit_exact(
+    tmp_path: Path, reference: tuple[dict[int, str], dict[str, torch.Tensor]]
+) -> None:
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log1.jsonl"
+    proc = start_example(*_args(ckpt, log, tmp_path / "unused.pt", 10,
+                                "--sleep-per-step", "0.02"))
+    wait_until(lambda: last_logged_step(log) >= 47, proc, "step 47")
+    sigkill(proc)
+    killed_at = last_logged_step(log)
+    assert killed_at < STEPS, "the trainer finished before it was killed"
+    # The losses it logged before dying match too (same run so far).
+    ref_losses = reference[0]
+    before = read_losses(log)
+    assert all(before[s] == ref_losses[s] for s in before)
+
+    steps = committed_steps(ckpt)
+    assert steps and max(steps) <= killed_at
+    resumed_from = max(steps)
+
+    log2, weights = tmp_path / "log2.jsonl", tmp_path / "final.pt"
+    out = run_example(*_args(ckpt, log2, weights, 10, "--resume"))
+    assert f"(step {resumed_from})" in out.stdout
+    _assert_resumed_exactly(reference, log2, weights, resumed_from)
+
+
+def test_sigkill_during_a_save_resumes_from_previous_checkpoint_exactly(
+    tmp_path: Path, reference: tuple[dict[int, str], dict[str, torch.Tensor]]
+) -> None:
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log1.jsonl"
+    # A slow disk for the step-60 save (each of its writes sleeps) keeps it in flight.
+    proc = start_example(*_args(ckpt, log, tmp_path / "unused.pt", 30),
+                         slow_write_s=0.05, slow_match="step-000000000060")
+    wait_until(lambda: 30 in committed_steps(ckpt) and any(
+        "step-000000000060" in p.name for p in staging_dirs(ckpt)), proc,
+        "the step-60 save to start", poll_s=0.001)
+    sigkill(proc)
+    # Killed mid-save: the half-written checkpoint is only a hidden staging directory.
+    assert committed_steps(ckpt) == [30]
+    assert any("step-000000000060" in p.name for p in staging_dirs(ckpt))
+
+    log2, weights = tmp_path / "log2.jsonl", tmp_path / "final.pt"
+    out = run_example(*_args(ckpt, log2, weights, 30, "--resume"))
+    assert "(step 30)" in out.stdout
+    assert staging_dirs(ckpt) == [], "the leftover staging directory was not cleaned up"
+    _assert_resumed_exactly(reference, log2, weights, 30)
+    assert committed_steps(ckpt) == [30, 60, 90]
+
+
+def test_restore_in_process_brings_back_every_object_and_rng_stream(tmp_path: Path) -> None:
+    state = make_training_state(seed=1)
+    train_steps(state, 4)  # AdamW moments, scheduler position, scaler scale all non-trivial
+    expected = state_trees(state)
+    random.seed(5)
+    np.random.seed(5)
+    with Checkpointer(tmp_path) as ck:
+        handle = ck.save(4, metrics={"loss": 1.5}, extra={"lr": 0.01}, **state)
+        # What the RNG streams produce right after the save is what a resumed run must see.
+        next_draws = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+        handle.wait()
+        assert handle.done()
+
+    train_steps(state, 3)  # mutate everything, consume RNG
+    random.random()
+    np.random.rand(7)
+    with pytest.raises(AssertionError):
+        assert_state_equal(state, expected)
+
+    with Checkpointer(tmp_path) as ck:
+        info = ck.restore(**state)
+    assert info is not None
+    assert info.step == 4 and info.metrics == {"loss": 1.5} and info.extra == {"lr": 0.01}
+    assert_state_equal(state, expected)
+    assert state["scaler"].get_scale() == expected["scaler"]["scale"]
+    assert state["scheduler"].get_last_lr() == [g["lr"] for g in state["optimizer"].param_groups]
+    assert random.random() == next_draws[0]
+    assert np.random.rand(3).tolist() == next_draws[1]
+    assert torch.equal(torch.rand(3), next_draws[2])
+    # The tied head and embedding are still one parameter after loading.
+    assert state["model"].head.weight is state["model"].emb.weight
+
+
+def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path: Path) -> None:
+    state = make_training_state()
+    expected = state_trees(state)
+    with Checkpointer(tmp_path / "new") as ck:
+        assert ck.restore(**state) is None
+        assert ck.latest() is None and ck.list() == []
+    assert_state_equal(state, expected)
