@@ -1,0 +1,405 @@
+"""The ``ckptsync`` command line: push, pull, ls, verify, gc (torch-free).
+
+Each subcommand is one entry of :data:`COMMANDS` (help text, an argument-adding function and
+a run function returning the exit code); add new subcommands there.
+
+Exit codes: 0 success; 1 a failure (remote error, corrupt checkpoint, nothing to pull);
+2 bad usage or configuration (unknown scheme, missing optional package, bad option); 130
+interrupted. Expected errors print one message on stderr, never a traceback.
+
+Example::
+
+    ckptsync push ./ckpts s3://bucket/run1
+    ckptsync ls s3://bucket/run1 --json
+    ckptsync pull s3://bucket/run1 ./restore
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptsync import __version__
+from ckptsync.config import TransferConfig
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
+from ckptsync.local import LocalStore
+from ckptsync.manifest import Manifest
+from ckptsync.retention import RetentionPolicy, parse_best
+from ckptsync.transfer import NullProgress, Progress
+
+__all__ = ["COMMANDS", "Command", "TqdmProgress", "build_parser", "main"]
+
+log = logging.getLogger("ckptsync.cli")
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class TqdmProgress:
+    """A :class:`~ckptsync.transfer.Progress` drawing a tqdm bar on stderr (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._bar: Any = None
+        self._lock = threading.Lock()
+
+    def start(self, total: int, description: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.monitor_interval = 0  # no monitor thread: our bars are closed by us
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = tqdm(total=total, desc=description[:40], unit="B", unit_scale=True,
+                             unit_divisor=1024, file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.update(n)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+
+def _progress(args: argparse.Namespace) -> Progress:
+    if args.json or args.no_progress or not sys.stderr.isatty():
+        return NullProgress()
+    return TqdmProgress()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"invalid --storage-option {key!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out
+
+
+def _store(args: argparse.Namespace, url: str) -> Any:
+    from ckptsync.remote import RemoteStore
+
+    config = TransferConfig.resolve(max_workers=args.workers, retries=args.retries)
+    return RemoteStore(url, _parse_storage_options(args.storage_option), config=config)
+
+
+def _existing_local(path: str) -> LocalStore:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise NoCheckpointError(f"local checkpoint directory {p} does not exist")
+    return LocalStore(p)
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, indent=2) if args.json else text)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _manifest_summary(m: Manifest) -> dict[str, Any]:
+    return {"name": m.name, "step": m.step, "created": m.created, "size": m.total_size,
+            "files": len(m.files), "metrics": m.metrics}
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _add_push(p: argparse.ArgumentParser) -> None:
+    p.add_argument("local", help="local checkpoint directory (as given to Checkpointer)")
+    p.add_argument("remote", help="remote URL, e.g. s3://bucket/run1")
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    local = _existing_local(args.local)
+    store = _store(args, args.remote)
+    pushed, skipped = [], []
+    progress = _progress(args)
+    for ckpt in local.list():
+        # One manifest read per local checkpoint (a few, with retention), not a remote scan.
+        if store.read_manifest(ckpt.name) is not None:
+            store.push(ckpt)  # a no-op, but refuses a different checkpoint of the same name
+            skipped.append(ckpt.name)
+            continue
+        store.push(ckpt, progress=progress)
+        pushed.append(ckpt.name)
+        if not args.json:
+            print(f"pushed {ckpt.name}")
+    _emit(args, {"pushed": pushed, "skipped": skipped},
+          f"{len(pushed)} pushed, {len(skipped)} already in {args.remote}")
+    return 0
+
+
+def _add_pull(p: argparse.ArgumentParser) -> None:
+    p.add_argument("remote", help="remote URL")
+    p.add_argument("local", help="local checkpoint directory to pull into")
+    p.add_argument("--name", help="checkpoint name (default: the newest valid one)")
+
+
+def _run_pull(args: argparse.Namespace) -> int:
+    store = _store(args, args.remote)
+    head = store.read_manifest(args.name) if args.name else store.newest_valid()
+    if head is not None and head.source.get("kind") == "watched":
+        # Zero-code checkpoints go back to their original relative paths, so the trainer's
+        # own resume flag finds them.
+        from ckptsync.zerocode import restore_watched
+
+        restored = restore_watched(store, args.local, name=args.name)
+        paths = [p for m in restored for p in m.source.get("paths", [])]
+        _emit(args, {"restored": [m.name for m in restored], "paths": paths},
+              f"restored {', '.join(m.name for m in restored)} into {args.local}: "
+              + ", ".join(paths))
+        return 0
+    local = LocalStore(args.local)
+    ckpt = store.pull(args.name, local, progress=_progress(args))
+    summary = _manifest_summary(ckpt.manifest) | {"path": str(ckpt.path)}
+    _emit(args, summary, f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}")
+    return 0
+
+
+def _add_ls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("remote", help="remote URL")
+    p.add_argument("--all", action="store_true", help="also show uncommitted leftovers")
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    store = _store(args, args.remote)
+    entries = [e for e in store.scan() if args.all or e.status != "uncommitted"]
+    if args.json:
+        out = []
+        for e in entries:
+            d: dict[str, Any] = {"name": e.name, "status": e.status, "size": e.size,
+                                 "problem": e.problem}
+            if e.manifest is not None:
+                d.update(_manifest_summary(e.manifest), status=e.status, size=e.size)
+            out.append(d)
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = []
+    for e in entries:
+        m = e.manifest
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in (m.metrics if m else {}).items())
+        rows.append([
+            e.name,
+            "" if m is None or m.step is None else str(m.step),
+            m.created[:19].replace("T", " ") if m else "",
+            _human(e.size),
+            metrics,
+            e.status,
+        ])
+    if not rows:
+        print(f"no checkpoints in {args.remote}")
+        return 0
+    print(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
+    return 0
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("remote", help="remote URL")
+    p.add_argument("--name", help="verify only this checkpoint (default: every committed one)")
+    p.add_argument("--quick", action="store_true", help="check sizes only, no sha256")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    store = _store(args, args.remote)
+    names = [args.name] if args.name else [
+        e.name for e in store.scan() if e.status != "uncommitted"]
+    if not names:
+        raise NoCheckpointError(f"no committed checkpoint in {args.remote}")
+    results = []
+    progress = _progress(args)
+    for name in names:
+        try:
+            store.verify(name, full=not args.quick, progress=progress)
+            results.append({"name": name, "ok": True, "problem": None})
+            if not args.json:
+                print(f"ok       {name}")
+        except CorruptCheckpointError as e:
+            results.append({"name": name, "ok": False, "problem": str(e)})
+            if not args.json:
+                print(f"CORRUPT  {name}: {e}")
+    bad = sum(not r["ok"] for r in results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif bad:
+        print(f"{bad} of {len(results)} checkpoint(s) failed verification", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _add_gc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("remote", help="remote URL")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest")
+    p.add_argument("--keep-best", metavar="METRIC:min|max:K", help="keep the K best by METRIC")
+    p.add_argument("--keep-every", type=int, metavar="M", help="keep every Mth step")
+    p.add_argument("--grace", type=float, metavar="SECONDS",
+                   help="age after which an uncommitted upload is removed "
+                        "(default: CKPTSYNC_GRACE or 86400)")
+    p.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+
+
+def _run_gc(args: argparse.Namespace) -> int:
+    policy = RetentionPolicy(
+        keep_last=args.keep_last,
+        keep_best=parse_best(args.keep_best) if args.keep_best else None,
+        keep_every=args.keep_every,
+    )
+    store = _store(args, args.remote)
+    deleted = store.apply_retention(policy, dry_run=args.dry_run) if policy.active else []
+    leftovers = store.gc(args.grace, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"{verb} {n}" for n in deleted] + [f"{verb} leftover {n}" for n in leftovers]
+    lines.append(f"{len(deleted)} checkpoint(s) and {len(leftovers)} leftover(s) {verb}")
+    _emit(args, {"dry_run": args.dry_run, "deleted": deleted, "leftovers": leftovers},
+          "\n".join(lines))
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out", metavar="DIR",
+                   help="output directory: report.txt, report.json, loss.png (default ./demo-out)")
+    p.add_argument("--remote", metavar="URL",
+                   help="sync to this fsspec URL (a fresh prefix under it) instead of "
+                        "file://OUT/remote/run; storage options with -o KEY=VALUE")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--save-every", type=int, default=20, metavar="N",
+                   help="checkpoint every N steps (default 20)")
+    p.add_argument("--kill-at", type=int, default=130, metavar="STEP",
+                   help="SIGKILL the trainer once this step is done (default 130)")
+    p.add_argument("--script", metavar="PATH",
+                   help="trainer to run (default: examples/train_tiny_lm.py of the checkout)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    # Lazy: the demo (and torch, which it needs to compare weights) loads only when asked for.
+    from ckptsync.demo import DemoConfig, format_report, run_demo
+
+    report = run_demo(DemoConfig(
+        out_dir=Path(args.out), remote=args.remote,
+        storage_options=_parse_storage_options(args.storage_option),
+        steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
+        script=Path(args.script) if args.script else None,
+        progress=not (args.no_progress or args.json),
+    ))
+    _emit(args, report, format_report(report))
+    return 0 if report["exact"] else 1
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, how it adds arguments, and what it runs."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: Subcommands by name. Add new ones (e.g. demo) here; ``watch`` and ``status`` come from
+#: :mod:`ckptsync.watch_cli` (see :func:`_add_external_subcommands`).
+COMMANDS: dict[str, Command] = {
+    "push": Command("upload every committed local checkpoint not yet in the remote",
+                    _add_push, _run_push),
+    "pull": Command("download the newest valid (or a named) checkpoint, sha256-verified",
+                    _add_pull, _run_pull),
+    "ls": Command("list remote checkpoints: name, step, time, size, metrics, status",
+                  _add_ls, _run_ls),
+    "verify": Command("check remote checkpoints' sizes and sha256 (exit 1 on a mismatch)",
+                      _add_verify, _run_verify),
+    "gc": Command("apply retention and remove uncommitted leftovers older than a grace period",
+                  _add_gc, _run_gc),
+    "demo": Command("train a tiny GPT, SIGKILL it, resume on a fresh VM from the remote, "
+                    "and check the resume is bit-exact", _add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ckptsync`` argument parser, one subparser per :data:`COMMANDS` entry."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("-o", "--storage-option", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="fsspec storage option (VALUE parsed as JSON when it parses); "
+                             "repeatable. Prefer the backend's credential chain for secrets")
+    common.add_argument("--workers", type=int, help="parallel file transfers "
+                        "(default: CKPTSYNC_MAX_WORKERS or 8)")
+    common.add_argument("--retries", type=int, help="attempts per operation "
+                        "(default: CKPTSYNC_RETRIES or 5)")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+
+    parser = argparse.ArgumentParser(
+        prog="ckptsync",
+        description="Crash-safe PyTorch checkpoints, synced atomically to S3, GCS or Drive.",
+    )
+    parser.add_argument("--version", action="version", version=f"ckptsync {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    _add_external_subcommands(sub)
+    return parser
+
+
+def _add_external_subcommands(sub: Any) -> None:
+    """Subcommands defined next to what they drive (the daemon's ``watch`` and ``status``);
+    each sets ``_run`` like :data:`COMMANDS` entries do."""
+    try:
+        from ckptsync.watch_cli import add_subcommands
+    except ImportError:  # not part of this build
+        return
+    add_subcommands(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ckptsync`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="ckptsync: %(levelname)s: %(message)s")
+    try:
+        code: int = args._run(args)
+        return code
+    except ConfigError as e:
+        print(f"ckptsync: error: {e}", file=sys.stderr)
+        return 2
+    except CkptSyncError as e:
+        print(f"ckptsync: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ckptsync: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

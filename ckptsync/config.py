@@ -1,0 +1,109 @@
+"""Transfer configuration: a frozen dataclass; arguments > ``CKPTSYNC_*`` env > defaults.
+
+Example::
+
+    cfg = TransferConfig.resolve(max_workers=4)          # CKPTSYNC_RETRIES etc. still apply
+    store = RemoteStore("s3://bucket/run1", config=cfg)
+
+Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUNK_SIZE``,
+``CKPTSYNC_BLOCK_SIZE``, ``CKPTSYNC_RETRIES``, ``CKPTSYNC_BACKOFF_INITIAL``,
+``CKPTSYNC_BACKOFF_MAX``, ``CKPTSYNC_GRACE``, ``CKPTSYNC_RANGED_MIN_SIZE``,
+``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ckptsync.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "TransferConfig"]
+
+ENV_PREFIX = "CKPTSYNC_"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How remote transfers run.
+
+    Attributes:
+        max_workers: files transferred in parallel (a bounded thread pool).
+        chunk_size: bytes read or written per call while streaming; memory per transfer is
+            about ``chunk_size`` plus the backend's buffer (``block_size``).
+        block_size: the backend file buffer: the S3 multipart part size (S3 allows 10,000
+            parts, so 32 MiB parts reach 312 GiB per file), the GCS resumable upload chunk,
+            the read-ahead for downloads. At most ``max_workers * block_size`` bytes are
+            buffered at once.
+        retries: attempts per operation on retryable errors (1 = no retry).
+        backoff_initial: seconds of the first back-off; doubles per attempt, with full jitter.
+        backoff_max: cap of one back-off, in seconds.
+        grace_s: default age, in seconds, after which ``gc`` removes an uncommitted upload.
+        ranged_min_size: files at least this large are downloaded as ``block_size`` ranges
+            fetched in parallel (still written and hashed in order).
+        part_size: on S3, a file larger than this is uploaded as a parallel multipart upload
+            of ``part_size`` parts (raised where needed to stay under S3's 10,000 parts).
+        parts_in_flight: multipart parts held in memory and sent at once, across every file
+            of one push: upload memory is about ``part_size * parts_in_flight``.
+    """
+
+    max_workers: int = 8
+    chunk_size: int = 8 * MiB
+    block_size: int = 32 * MiB
+    retries: int = 5
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    grace_s: float = 24 * 3600.0
+    ranged_min_size: int = 64 * MiB
+    part_size: int = 16 * MiB
+    parts_in_flight: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_workers", "chunk_size", "block_size", "retries", "ranged_min_size",
+                     "part_size", "parts_in_flight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"transfer setting {name} must be an integer >= 1, got {value!r}")
+        # S3 refuses multipart parts under 5 MiB (except the last one).
+        if self.block_size < 5 * MiB:
+            raise ConfigError(f"block_size must be at least 5 MiB, got {self.block_size}")
+        if self.part_size < 5 * MiB:
+            raise ConfigError(f"part_size must be at least 5 MiB, got {self.part_size}")
+        for name in ("backoff_initial", "backoff_max", "grace_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"transfer setting {name} must be a number >= 0, got {value!r}")
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> TransferConfig:
+        """Build a config: explicit ``overrides`` (None ignored) > ``CKPTSYNC_*`` env > defaults.
+
+        Raises:
+            ConfigError: an unknown override or an environment value that does not parse.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in known:
+                raise ConfigError(f"unknown transfer setting {key!r}; known: {', '.join(known)}")
+        for name, f in known.items():
+            if overrides.get(name) is not None:
+                values[name] = overrides[name]
+                continue
+            var = ENV_PREFIX + ("GRACE" if name == "grace_s" else name.upper())
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            kind = int if f.type in ("int", int) else float
+            try:
+                values[name] = kind(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"environment variable {var}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        return cls(**values)

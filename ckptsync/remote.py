@@ -1,0 +1,1058 @@
+"""The remote checkpoint store over any fsspec URL, and its commit protocol.
+
+Layout under the remote root (DESIGN.md, "Remote side")::
+
+    <root>/<name>/<files...>
+    <root>/<name>/ckptsync.json     the manifest: its presence is the commit
+    <root>/LATEST                   {"name": ..., "step": ...}: a hint, never trusted alone
+
+Commit protocol (:meth:`RemoteStore.push`): upload every file (parallel, streamed, retried),
+check each remote size, write the manifest with a create-only write, then update ``LATEST``.
+A reader treats the manifest's presence as the commit, so a push that dies at any point
+leaves either nothing committed or a complete checkpoint. Deletion removes the manifest
+first, so a half-deleted checkpoint is merely uncommitted and ``gc`` collects it.
+
+Backend exceptions are translated in one place, :func:`translate_error`, into
+:class:`~ckptsync.errors.CkptSyncError` subclasses that keep the backend exception as
+``__cause__`` and never mention credentials.
+
+Example::
+
+    store = RemoteStore("s3://bucket/runs/exp1")
+    store.push(LocalStore("ckpts").list()[-1])
+    newest = store.newest_valid()
+    store.pull(None, LocalStore("/tmp/restore"))   # newest valid, sha256 verified
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from secrets import token_hex
+from typing import Any, Literal
+
+import fsspec
+from fsspec.core import split_protocol
+from fsspec.implementations.local import LocalFileSystem
+
+from ckptsync.config import TransferConfig
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    ManifestError,
+    NoCheckpointError,
+    RemoteError,
+)
+from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
+from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
+from ckptsync.transfer import (
+    NullProgress,
+    Progress,
+    Retrier,
+    download_file,
+    download_file_ranged,
+    hash_remote_file,
+    run_parallel,
+    upload_file,
+    upload_file_multipart,
+)
+
+__all__ = ["EXTRAS", "RemoteEntry", "RemoteStore", "redact_url", "translate_error"]
+
+log = logging.getLogger("ckptsync.remote")
+
+#: URL scheme -> the ckptsync extra that installs its fsspec backend.
+EXTRAS: dict[str, str] = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "gdrive": "gdrive"}
+# Backends whose fsspec implementation exposes a real create-only write (pipe_file mode="create"):
+# s3fs sends If-None-Match: * and gcsfs sends ifGenerationMatch=0.
+_NATIVE_CREATE_ONLY = {"s3", "s3a", "gs", "gcs"}
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs"}
+_RETRYABLE_ERRNOS = {
+    errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+    errno.EAGAIN, errno.EPIPE, getattr(errno, "EREMOTEIO", 121), errno.ENETUNREACH,
+}
+_CREDENTIAL_ERRORS = {
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+    "DefaultCredentialsError", "RefreshError", "TransportError", "InvalidClientTokenId",
+}
+_TRANSIENT_NAMES = ("Timeout", "Connection", "ServerDisconnected", "ClientPayloadError",
+                    "ServiceUnavailable", "TooManyRequests", "Throttl", "SlowDown")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Status = Literal["valid", "partial", "corrupt", "uncommitted"]
+
+
+# --------------------------------------------------------------------------- error boundary
+
+
+def redact_url(url: str) -> str:
+    """``url`` without user info or query string (where credentials could hide)."""
+    url = re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]*@", r"\1", url)
+    return url.split("?", 1)[0]
+
+
+def _secret_strings(obj: Any) -> list[str]:
+    out: list[str] = []
+    if isinstance(obj, str):
+        if len(obj) >= 6:
+            out.append(obj)
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            out.extend(_secret_strings(v))
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            out.extend(_secret_strings(v))
+    return out
+
+
+def _http_status(exc: BaseException) -> int | None:
+    for attr in ("code", "status", "status_code"):
+        v = getattr(exc, attr, None)
+        if isinstance(v, int) and 100 <= v < 600:
+            return v
+    resp = getattr(exc, "resp", None)  # googleapiclient.errors.HttpError
+    v = getattr(resp, "status", None)
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def translate_error(
+    exc: BaseException,
+    url: str,
+    action: str = "access",
+    *,
+    secrets: Iterable[str] = (),
+) -> CkptSyncError:
+    """The one boundary between backend exceptions and ckptsync's error tree.
+
+    Args:
+        exc: what fsspec or its backend raised.
+        url: the remote path involved (user info and query are stripped).
+        action: a verb phrase for the message, e.g. ``"upload to"``.
+        secrets: strings (from ``storage_options``) to blank out of the message.
+
+    Returns:
+        A :class:`ConfigError` for a missing optional package or an unknown scheme, otherwise
+        a :class:`RemoteError` whose ``retryable`` says whether trying again may help. The
+        caller raises it ``from exc``. A :class:`CkptSyncError` is returned unchanged.
+    """
+    if isinstance(exc, CkptSyncError):
+        return exc
+    where = redact_url(url)
+    scheme = split_protocol(url)[0] or "file"
+    detail = str(exc) or type(exc).__name__
+    for s in secrets:
+        detail = detail.replace(s, "***")
+    detail = f"{type(exc).__name__}: {detail[:300]}"
+    name = type(exc).__name__
+    status = _http_status(exc)
+
+    if isinstance(exc, ImportError):
+        extra = EXTRAS.get(scheme)
+        hint = (
+            f"install it with: pip install 'ckptsync[{extra}]'"
+            if extra
+            else "install the fsspec backend package for this scheme"
+        )
+        return ConfigError(
+            f"{scheme}:// needs an optional package that is not installed ({detail}); {hint}"
+        )
+    if isinstance(exc, ValueError) and "Protocol not known" in str(exc):
+        return ConfigError(
+            f"unknown URL scheme {scheme!r} in {where}; use s3://, gs://, gdrive://, file:// "
+            "or memory:// (or another installed fsspec protocol)"
+        )
+
+    retryable = False
+    if name in _CREDENTIAL_ERRORS:
+        what, hint = "no usable credentials", (
+            "configure the backend's credentials (AWS env/profile/role, Google ADC, "
+            "Drive service account)"
+        )
+    elif isinstance(exc, PermissionError) or status in (401, 403):
+        what, hint = "access denied", "check the credentials and their permissions on this path"
+    elif isinstance(exc, FileNotFoundError) or status == 404:
+        what, hint = "not found", "check that the bucket and the path exist"
+    elif isinstance(exc, FileExistsError):
+        what, hint = "already exists", "a checkpoint name is never reused; this is a conflict"
+    elif isinstance(exc, (TimeoutError, ConnectionError)) or any(
+        t in name for t in _TRANSIENT_NAMES
+    ):
+        what, hint, retryable = "temporary failure", "retry later", True
+    elif status is not None and (status >= 500 or status in (408, 429)):
+        what, hint, retryable = f"server error {status}", "retry later", True
+    elif isinstance(exc, OSError) and exc.errno in _RETRYABLE_ERRNOS:
+        what, hint, retryable = "I/O error", "retry later", True
+    elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what, hint = "no space left", "free space on the remote or raise its quota"
+    elif isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what, hint = "access denied", "check the permissions on this path"
+    else:
+        what, hint = "failed", "check the URL, the credentials and the backend's status"
+    return RemoteError(f"cannot {action} {where}: {what} ({detail}); {hint}", url=where,
+                       retryable=retryable)
+
+
+def _open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str]) -> tuple[Any, str]:
+    try:
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        return fs, str(root)
+    except Exception as e:
+        raise translate_error(e, url, "open", secrets=secrets) from e
+
+
+def _to_epoch(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, datetime):
+        return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).timestamp()
+    if isinstance(v, str):
+        try:
+            return _to_epoch(datetime.fromisoformat(v.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
+def _mtime(info: Mapping[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "modifiedTime", "created", "timeCreated"):
+        t = _to_epoch(info.get(key))
+        if t is not None:
+            return t
+    return None
+
+
+class _ManifestExists(CkptSyncError):
+    """Private: the create-only manifest write found a manifest already there."""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    """One top-level prefix of the remote, as :meth:`RemoteStore.scan` sees it.
+
+    ``status``: ``valid`` (manifest parses, every file has its listed size), ``partial``
+    (manifest present, a file missing or of the wrong size), ``corrupt`` (manifest does not
+    parse or is unsafe), ``uncommitted`` (no manifest: an upload in progress or a leftover).
+    """
+
+    name: str
+    status: Status
+    manifest: Manifest | None
+    size: int
+    mtime: float | None
+    problem: str | None = None
+
+
+class RemoteStore:
+    """Committed checkpoints under one fsspec URL.
+
+    Args:
+        url: ``s3://bucket/prefix``, ``gs://...``, ``gdrive://...``, ``file:///path``,
+            ``memory://...`` or a plain local path.
+        storage_options: passed to fsspec unchanged (credentials, endpoint, ...).
+        fs: an fsspec filesystem to use instead of the one the URL names (a fault seam for
+            tests, or a pre-built client); ``url`` still names the root.
+        config: transfer settings (default: :meth:`TransferConfig.resolve`).
+
+    Raises:
+        ConfigError: unknown scheme, or the backend's optional package is missing.
+        RemoteError: the backend cannot be set up.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        fs: Any = None,
+        config: TransferConfig | None = None,
+    ) -> None:
+        self.url = url.rstrip("/") or url
+        self.config = config or TransferConfig.resolve()
+        options = dict(storage_options or {})
+        self._secrets = _secret_strings(options)
+        self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
+        if fs is None:
+            fs, root = _open_fs(url, options, self._secrets)
+        else:
+            root = fs._strip_protocol(url)
+        self.fs = fs
+        self.root = str(root).rstrip("/")
+        self._local = isinstance(fs, LocalFileSystem)
+        # Object stores have no directories; local paths and Drive need parents created.
+        self._needs_dirs = self._local or self.scheme in ("file", "local", "gdrive")
+        # Drive keeps two files of one name side by side instead of overwriting.
+        self._no_overwrite = self.scheme == "gdrive"
+        # Objects in S3, GCS and Drive appear whole when their upload completes; elsewhere a
+        # file being written is visible, so upload to a temporary name and rename it.
+        self._upload_via_temp = self.scheme not in _OBJECT_STORES and not self._no_overwrite
+        # gdrive-fsspec shares one httplib2 connection, which is not thread-safe: one at a time.
+        self._workers = 1 if self.scheme == "gdrive" else self.config.max_workers
+        self._retry = Retrier(self.config, self._translate)
+        # s3fs: large files go up as parallel multipart uploads (transfer.upload_file_multipart).
+        self._parallel_parts = (self.scheme in ("s3", "s3a") and hasattr(fs, "_call_s3")
+                                and hasattr(fs, "loop"))
+        # Server-side copy of files unchanged since the previous checkpoint (no bytes sent).
+        self._server_copy = type(fs).__name__ in ("S3FileSystem", "GCSFileSystem")
+        self._stats_lock = threading.Lock()
+        self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
+        """Totals over this store's pushes: bytes sent, and bytes copied server-side instead."""
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({redact_url(self.url)!r})"
+
+    # ------------------------------------------------------------------ helpers
+
+    def _translate(self, exc: BaseException, url: str, action: str) -> CkptSyncError:
+        return translate_error(exc, url, action, secrets=self._secrets)
+
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def url_of(self, *parts: str) -> str:
+        """The user-facing URL of ``parts`` under the root (for messages)."""
+        return "/".join([redact_url(self.url), *parts])
+
+    def _call(self, fn: Callable[[], Any], url: str, action: str) -> Any:
+        return self._retry.call(fn, url=url, action=action)
+
+    def _rel(self, full: str, base: str) -> str:
+        full = full.rstrip("/")
+        base = base.rstrip("/")
+        return full[len(base) + 1 :] if full.startswith(base + "/") else full
+
+    def _missing_root(self) -> None:
+        """Raise if the bucket itself is missing (a listing of a missing prefix is just empty)."""
+        if self.scheme not in _OBJECT_STORES:
+            return
+        bucket = self.root.split("/", 1)[0]
+        exists = self._call(lambda: self.fs.exists(bucket), self.url, "list")
+        if not exists:
+            raise RemoteError(
+                f"no such bucket {bucket!r} for {redact_url(self.url)}; create it or fix the URL",
+                url=redact_url(self.url),
+                retryable=False,
+            )
+
+    def _ls_root(self) -> list[dict[str, Any]]:
+        def ls() -> list[dict[str, Any]]:
+            try:
+                self.fs.invalidate_cache(self.root)
+                return list(self.fs.ls(self.root, detail=True))
+            except FileNotFoundError:
+                return []
+
+        entries: list[dict[str, Any]] = self._call(ls, self.url, "list")
+        if not entries:
+            self._missing_root()
+        return entries
+
+    def _names(self) -> list[str]:
+        """Top-level checkpoint directory names (committed or not), one listing call."""
+        out = []
+        for e in self._ls_root():
+            name = self._rel(e["name"], self.root)
+            if e.get("type") == "directory" and _SAFE_NAME.match(name) and "/" not in name:
+                out.append(name)
+        return out
+
+    def _read_bytes(self, path: str, url: str) -> bytes | None:
+        def cat() -> bytes | None:
+            try:
+                return bytes(self.fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+
+        result: bytes | None = self._call(cat, url, "read")
+        return result
+
+    def _parse_manifest(self, name: str, data: bytes) -> Manifest:
+        where = self.url_of(name, MANIFEST_NAME)
+        m = Manifest.from_json(data, where=where)
+        if m.name != name:
+            raise ManifestError(f"{where}: manifest names {m.name!r} but lives under {name!r}")
+        return m
+
+    def read_manifest(self, name: str) -> Manifest | None:
+        """The manifest of ``name``, or None when it is not committed.
+
+        Raises:
+            ManifestError: the manifest does not parse, is unsafe, or names another checkpoint.
+            RemoteError: the backend failed.
+        """
+        if not _SAFE_NAME.match(name):
+            raise ConfigError(f"invalid checkpoint name {name!r}")
+        data = self._read_bytes(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME))
+        return None if data is None else self._parse_manifest(name, data)
+
+    def _sizes(self, name: str) -> dict[str, int]:
+        """Relative path -> size of every object under ``<root>/<name>/`` (one listing)."""
+        prefix = self._path(name)
+
+        def find() -> dict[str, Any]:
+            try:
+                self.fs.invalidate_cache(prefix)
+                return dict(self.fs.find(prefix, detail=True))
+            except FileNotFoundError:
+                return {}
+
+        found: dict[str, Any] = self._call(find, self.url_of(name), "list")
+        return {self._rel(p, prefix): int(i.get("size") or 0) for p, i in found.items()}
+
+    def _check_sizes(self, m: Manifest, sizes: Mapping[str, int] | None = None) -> None:
+        sizes = self._sizes(m.name) if sizes is None else sizes
+        for f in m.files:
+            url = self.url_of(m.name, f.path)
+            if f.path not in sizes:
+                raise CorruptCheckpointError(
+                    f"{url}: file listed in the manifest is missing", path=url
+                )
+            if sizes[f.path] != f.size:
+                raise CorruptCheckpointError(
+                    f"{url}: size {sizes[f.path]} != {f.size} in the manifest (truncated or "
+                    "altered)",
+                    path=url,
+                )
+
+    # ------------------------------------------------------------------ LATEST hint
+
+    def read_latest(self) -> str | None:
+        """The checkpoint name ``LATEST`` points to, or None (missing, unreadable, unsafe)."""
+        try:
+            data = self._read_bytes(self._path(LATEST_NAME), self.url_of(LATEST_NAME))
+        except RemoteError as e:
+            log.debug("cannot read the LATEST hint: %s", e)
+            return None
+        if data is None:
+            return None
+        try:
+            name = json.loads(data).get("name")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            return None
+        return name if isinstance(name, str) and _SAFE_NAME.match(name) else None
+
+    def _update_latest(self, m: Manifest) -> None:
+        current = self.read_latest()
+        if current is not None and name_sort_key(current) >= name_sort_key(m.name):
+            return
+        data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
+        path = self._path(LATEST_NAME)
+
+        def write() -> None:
+            if self._local:
+                self._local_replace(path, data)
+                return
+            if self._no_overwrite and self.fs.exists(path):
+                self.fs.rm_file(path)
+            self.fs.pipe_file(path, data)
+
+        try:
+            self._call(write, self.url_of(LATEST_NAME), "write")
+        except CkptSyncError as e:
+            # LATEST is only a hint: the commit already happened.
+            log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",
+                        m.name, e)
+
+    # ------------------------------------------------------------------ manifest commit
+
+    def _local_replace(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _local_create_only(self, path: str, data: bytes) -> None:
+        # Write a temporary file, then hard-link it into place: link() fails if the target
+        # exists, so this is a true create-only write and readers never see a partial file.
+        tmp = f"{os.path.dirname(path)}/.{MANIFEST_NAME}.tmp-{token_hex(4)}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            # Some mounts (FUSE, e.g. a mounted Google Drive) have no hard links: fall back to
+            # check-then-rename, which is not atomic against a second writer of the same name.
+            if os.path.exists(path):
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+            return
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _create_manifest(self, name: str, data: bytes) -> None:
+        """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
+
+        Raises :class:`_ManifestExists` if a manifest is already there.
+        """
+        path = self._path(name, MANIFEST_NAME)
+
+        def write() -> None:
+            try:
+                if self._local:
+                    self._local_create_only(path, data)
+                else:
+                    # S3: If-None-Match: * ; GCS: ifGenerationMatch=0 (native create-only).
+                    # Other backends (memory, Drive, ...) have no create-only write: fsspec's
+                    # pipe_file(mode="create") checks, then writes. Unique names make a second
+                    # writer of the same name a rare, benign race (both write the same bytes).
+                    self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:  # S3 on moto/AWS, GCS, local, memory
+                raise _ManifestExists(path) from None
+            except OSError as e:
+                # SeaweedFS answers 412 without the If-None-Match condition, which s3fs maps
+                # to OSError(EINVAL); tell it from a real EINVAL by looking.
+                if e.errno == errno.EINVAL and self.scheme in _NATIVE_CREATE_ONLY:
+                    self.fs.invalidate_cache(path)
+                    if self.fs.exists(path):
+                        raise _ManifestExists(path) from e
+                raise
+
+        self._call(write, self.url_of(name, MANIFEST_NAME), "commit manifest to")
+
+    # ------------------------------------------------------------------ public API
+
+    def _read_manifests(self, names: list[str]) -> dict[str, Manifest | CkptSyncError | None]:
+        if not names:
+            return {}
+        paths = {self._path(n, MANIFEST_NAME): n for n in names}
+
+        def cat() -> dict[str, Any]:
+            return dict(self.fs.cat(list(paths), on_error="return"))
+
+        raw: dict[str, Any] = self._call(cat, self.url, "read manifests from")
+        out: dict[str, Manifest | CkptSyncError | None] = {}
+        for path, name in paths.items():
+            data = raw.get(path)
+            if data is None or isinstance(data, FileNotFoundError):
+                out[name] = None
+            elif isinstance(data, BaseException):
+                err = self._translate(data, self.url_of(name, MANIFEST_NAME), "read")
+                if isinstance(err, RemoteError) and err.retryable:
+                    raise err from data
+                out[name] = err
+            else:
+                try:
+                    out[name] = self._parse_manifest(name, bytes(data))
+                except ManifestError as e:
+                    out[name] = e
+        return out
+
+    def scan(self) -> list[RemoteEntry]:
+        """Every top-level prefix with its status, oldest first (one listing of the whole
+        remote plus every manifest). Used by ``ls``, retention and ``gc``."""
+        top = [e for e in self._ls_root() if e.get("type") == "directory"]
+        names = [self._rel(e["name"], self.root) for e in top]
+        names = [n for n in names if _SAFE_NAME.match(n)]
+        dir_mtime = {self._rel(e["name"], self.root): _mtime(e) for e in top}
+
+        def find() -> dict[str, Any]:
+            try:
+                self.fs.invalidate_cache(self.root)
+                return dict(self.fs.find(self.root, detail=True))
+            except FileNotFoundError:
+                return {}
+
+        found: dict[str, Any] = self._call(find, self.url, "list") if names else {}
+        files: dict[str, dict[str, int]] = {n: {} for n in names}
+        mtimes: dict[str, list[float]] = {n: [] for n in names}
+        for p, info in found.items():
+            rel = self._rel(p, self.root)
+            head, _, rest = rel.partition("/")
+            if head in files and rest:
+                files[head][rest] = int(info.get("size") or 0)
+                t = _mtime(info)
+                if t is not None:
+                    mtimes[head].append(t)
+        manifests = self._read_manifests(names)
+        out = []
+        for n in names:
+            size = sum(files[n].values())
+            t = max(mtimes[n]) if mtimes[n] else dir_mtime.get(n)
+            m = manifests.get(n)
+            if m is None and not files[n] and self.scheme in _OBJECT_STORES:
+                # An empty "directory" on an object store (SeaweedFS keeps one after its
+                # objects are deleted) holds nothing: there is nothing to list or collect.
+                continue
+            if m is None:
+                out.append(RemoteEntry(n, "uncommitted", None, size, t))
+            elif isinstance(m, CkptSyncError):
+                out.append(RemoteEntry(n, "corrupt", None, size, t, str(m)))
+            else:
+                try:
+                    self._check_sizes(m, files[n])
+                    out.append(RemoteEntry(n, "valid", m, m.total_size, t))
+                except CorruptCheckpointError as e:
+                    out.append(RemoteEntry(n, "partial", m, size, t, str(e)))
+
+        def key(e: RemoteEntry) -> Any:
+            return e.manifest.sort_key() if e.manifest else name_sort_key(e.name)
+
+        out.sort(key=key)
+        return out
+
+    def iter_valid(self) -> Iterator[Manifest]:
+        """Valid checkpoints, newest first, reading manifests lazily.
+
+        One listing of the root, then for each candidate one manifest read and one listing
+        of its prefix, stopping as soon as the caller does. Names sort by (step, creation
+        time), so the listing alone gives the order; ``LATEST`` adds its checkpoint to the
+        candidates even when an eventually consistent listing does not show it yet (it is
+        still verified like any other).
+        """
+        names = set(self._names())
+        hint = self.read_latest()
+        if hint is not None:
+            names.add(hint)
+        for name in sorted(names, key=name_sort_key, reverse=True):
+            try:
+                m = self.read_manifest(name)
+                if m is None:
+                    continue  # uncommitted: an upload in progress or a leftover
+                self._check_sizes(m)
+            except CorruptCheckpointError as e:
+                log.warning("remote checkpoint %s is not valid, skipping it: %s", name, e)
+                continue
+            yield m
+
+    def newest_valid(self) -> Manifest | None:
+        """The newest valid checkpoint, or None. Cheap: O(1) manifest reads in the usual case."""
+        return next(self.iter_valid(), None)
+
+    def push(
+        self,
+        ckpt: LocalCheckpoint,
+        *,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> Manifest:
+        """Upload a committed local checkpoint and commit it remotely.
+
+        Files are uploaded (in parallel, retried), their remote sizes checked, then the
+        manifest is written with a create-only write, then ``LATEST`` is updated. Pushing a
+        name that is already committed is a no-op. Setting ``stop`` abandons the upload
+        (never committed).
+
+        Returns:
+            The remote manifest.
+
+        Raises:
+            RemoteError: the backend failed (after retries), or the remote holds a different
+                checkpoint under the same name.
+            LocalStorageError, CorruptCheckpointError: a local file is unreadable or changed
+                since its commit.
+        """
+        m = ckpt.manifest
+        name = m.name
+        existing = self.read_manifest(name)
+        if existing is not None:
+            return self._same_or_conflict(existing, m)
+        progress = progress or NullProgress()
+        leftovers = self._sizes(name)
+        if self._no_overwrite and leftovers:
+            for rel in leftovers:  # a failed attempt's files: Drive would duplicate them
+                self._call(partial(self.fs.rm_file, self._path(name, rel)), self.url_of(name, rel),
+                           "delete")
+        if self._needs_dirs:
+            dirs = {self._path(name)} | {
+                self._path(name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path
+            }
+            for d in sorted(dirs):
+                self._call(partial(self.fs.makedirs, d, exist_ok=True), self.url_of(name), "create")
+
+        sources = self._unchanged_sources(m)
+        slots = threading.BoundedSemaphore(self.config.parts_in_flight)  # multipart parts held
+        progress.start(m.total_size, f"push {name}")
+        try:
+            tasks = [
+                partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
+                        source=sources.get((f.sha256, f.size)))
+                for f in m.files
+            ]
+            run_parallel(tasks, max_workers=self._workers, stop=stop)
+        finally:
+            progress.close()
+        # Every file is there with its size before the manifest makes the checkpoint exist.
+        sizes = self._sizes(name)
+        try:
+            self._check_sizes(m, sizes)
+        except CorruptCheckpointError as e:
+            raise RemoteError(f"upload of {name} did not land intact: {e}", url=self.url_of(name),
+                              retryable=True) from e
+        if stop is not None and stop.is_set():
+            raise RemoteError(f"push of {name} was stopped before its commit",
+                              url=self.url_of(name), retryable=False)
+        try:
+            self._create_manifest(name, m.to_json())
+        except _ManifestExists:
+            # A concurrent writer won. Its manifest may not be readable yet (S3 refuses a
+            # conditional write while another one to the key is in progress): look again.
+            other = self.read_manifest(name)
+            for delay in (0.05, 0.2, 0.5, 1.0, 2.0):
+                if other is not None:
+                    break
+                time.sleep(delay)
+                self.fs.invalidate_cache(self._path(name))
+                other = self.read_manifest(name)
+            if other is None:
+                raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
+                                  "but no manifest is there", retryable=True) from None
+            return self._same_or_conflict(other, m)
+        log.info("committed %s to %s", name, redact_url(self.url))
+        self._update_latest(m)
+        return m
+
+    def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
+        if remote.files != local.files:
+            raise RemoteError(
+                f"{self.url_of(local.name)} already holds a different checkpoint of the same "
+                "name; names are never reused, so the remote was written by another tool: "
+                "inspect it and delete it if it is not wanted",
+                url=self.url_of(local.name),
+                retryable=False,
+            )
+        return remote
+
+    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, int], str]:
+        """(sha256, size) -> remote path of that content in the previous committed checkpoint.
+
+        Only on backends with a server-side copy. The previous checkpoint is the one ``LATEST``
+        names, read through its manifest (committed, so its files had their listed sizes).
+        Costs two small reads; any trouble just means uploading everything.
+        """
+        if not self._server_copy:
+            return {}
+        try:
+            hint = self.read_latest()
+            prev = self.read_manifest(hint) if hint is not None and hint != m.name else None
+        except CkptSyncError as e:
+            log.debug("no previous checkpoint to copy unchanged files from: %s", e)
+            return {}
+        if prev is None:
+            return {}
+        return {(f.sha256, f.size): self._path(prev.name, f.path) for f in prev.files if f.size}
+
+    def _copy_unchanged(self, source: str, final: str, entry: FileEntry, url: str) -> bool:
+        """Server-side copy ``source`` to ``final``; False (upload instead) if it fails."""
+        def copy() -> None:
+            self.fs.copy(source, final)
+            self.fs.invalidate_cache(final)
+            size = int(self.fs.info(final).get("size") or 0)
+            if size != entry.size:
+                raise CorruptCheckpointError(f"{url}: copy has {size} bytes, not {entry.size}",
+                                             path=url)
+
+        try:
+            self._call(copy, url, "copy to")
+        except CkptSyncError as e:
+            log.info("server-side copy of %s failed, uploading it instead: %s", url, e)
+            return False
+        with self._stats_lock:
+            self.stats["bytes_copied"] += entry.size
+        return True
+
+    def _upload_task(
+        self, ckpt: LocalCheckpoint, relpath: str, stop: threading.Event, *, progress: Progress,
+        slots: threading.Semaphore | None = None, source: str | None = None,
+    ) -> None:
+        entry = next(f for f in ckpt.manifest.files if f.path == relpath)
+        final = self._path(ckpt.name, relpath)
+        url = self.url_of(ckpt.name, relpath)
+        # The previous checkpoint holds these very bytes (same sha256): copy, do not send.
+        # The copy's size is checked, and every download verifies its sha256 as usual.
+        if source is not None and self._copy_unchanged(source, final, entry, url):
+            progress.update(entry.size)
+            return
+        with self._stats_lock:
+            self.stats["bytes_uploaded"] += entry.size
+        if self._parallel_parts and slots is not None and entry.size > self.config.part_size:
+            upload_file_multipart(self.fs, ckpt.file(relpath), final, entry, url=url,
+                                  config=self.config, retrier=self._retry, slots=slots,
+                                  progress=progress, stop=stop)
+            return
+        target, finish = final, None
+        if self._upload_via_temp:
+            head, _, base = final.rpartition("/")
+            target = f"{head}/.{base}.part-{token_hex(4)}"
+            finish = partial(self.fs.mv, target, final)
+        upload_file(
+            self.fs,
+            ckpt.file(relpath),
+            target,
+            entry,
+            url=self.url_of(ckpt.name, relpath),
+            config=self.config,
+            retrier=self._retry,
+            progress=progress,
+            stop=stop,
+            finish=finish,
+        )
+
+    def pull(
+        self,
+        name: str | None,
+        local: LocalStore,
+        *,
+        newer_than: Manifest | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> LocalCheckpoint:
+        """Download a checkpoint into ``local`` (sha256 verified while streaming) and commit it.
+
+        Args:
+            name: the checkpoint; None means the newest valid one, falling back to the next
+                newest when a download turns out corrupt.
+            local: the local store to commit into (through its staging directory: nothing
+                partial is ever visible, nothing is written outside it).
+            newer_than: with ``name=None``, only consider checkpoints newer than this one.
+
+        Raises:
+            NoCheckpointError: nothing (valid, newer) to pull.
+            CorruptCheckpointError: ``name`` was given and does not verify (names the path).
+            RemoteError, LocalStorageError: transfer or local write failures.
+        """
+        if name is not None:
+            m = self.read_manifest(name)
+            if m is None:
+                raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
+            self._check_sizes(m)
+            return self._pull_one(m, local, progress, stop)
+        for m in self.iter_valid():
+            if newer_than is not None and m.sort_key() <= newer_than.sort_key():
+                break
+            try:
+                return self._pull_one(m, local, progress, stop)
+            except CorruptCheckpointError as e:
+                log.warning("%s; falling back to the previous remote checkpoint", e)
+        raise NoCheckpointError(
+            f"no valid checkpoint{' newer than ' + newer_than.name if newer_than else ''} "
+            f"in {redact_url(self.url)}"
+        )
+
+    def _pull_one(
+        self,
+        m: Manifest,
+        local: LocalStore,
+        progress: Progress | None,
+        stop: threading.Event | None,
+    ) -> LocalCheckpoint:
+        try:
+            have = local.get(m.name)
+        except (NoCheckpointError, ManifestError):
+            have = None
+        if have is not None:
+            try:
+                local.verify(have, full=True)
+                if have.manifest.files == m.files:
+                    return have
+            except CorruptCheckpointError as e:
+                log.warning("local copy is corrupt, downloading it again: %s", e)
+            local.delete(m.name)
+        leftover = local.directory / f"{STAGING_PREFIX}{m.name}"
+        if leftover.exists():  # our own crashed pull of this unique name
+            shutil.rmtree(leftover, ignore_errors=True)
+        progress = progress or NullProgress()
+        staging = local.staging(m.name)
+        try:
+            progress.start(m.total_size, f"pull {m.name}")
+            slots = threading.BoundedSemaphore(self._workers)  # range blocks held at once
+            tasks = [partial(self._download_task, staging, m, f.path, progress=progress,
+                             slots=slots)
+                     for f in m.files]
+            run_parallel(tasks, max_workers=self._workers, stop=stop)
+            ckpt = staging.commit(m)
+        except BaseException:
+            staging.abort()
+            raise
+        finally:
+            progress.close()
+        log.info("pulled %s from %s into %s", m.name, redact_url(self.url), local.directory)
+        return ckpt
+
+    def _download_task(
+        self, staging: Any, m: Manifest, relpath: str, stop: threading.Event, *,
+        progress: Progress, slots: threading.Semaphore,
+    ) -> None:
+        entry = next(f for f in m.files if f.path == relpath)
+        url = self.url_of(m.name, relpath)
+        writer = staging.open(relpath)
+        path = self._path(m.name, relpath)
+        if entry.size >= self.config.ranged_min_size and self._workers > 1:
+            download_file_ranged(self.fs, path, writer, entry, url=url, config=self.config,
+                                 retrier=self._retry, slots=slots, progress=progress, stop=stop)
+        else:
+            download_file(self.fs, path, writer, entry, url=url, config=self.config,
+                          retrier=self._retry, progress=progress, stop=stop)
+        got = staging.close_file(relpath)
+        if got.sha256 != entry.sha256:
+            raise CorruptCheckpointError(
+                f"{url}: sha256 does not match the manifest (the remote file was altered)",
+                path=url,
+            )
+
+    def verify(
+        self,
+        name: str,
+        *,
+        full: bool = True,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> Manifest:
+        """Check that ``name`` is committed, every file has its size and, if ``full``, its sha256
+        (streamed, files in parallel).
+
+        Raises:
+            NoCheckpointError: ``name`` is not committed.
+            CorruptCheckpointError: naming the first remote file that does not match.
+        """
+        m = self.read_manifest(name)
+        if m is None:
+            raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
+        self._check_sizes(m)
+        if not full:
+            return m
+        progress = progress or NullProgress()
+
+        def task(relpath: str, sha: str, ev: threading.Event) -> None:
+            url = self.url_of(name, relpath)
+            _, digest = hash_remote_file(self.fs, self._path(name, relpath), url=url,
+                                         config=self.config, retrier=self._retry,
+                                         progress=progress, stop=ev)
+            if digest != sha:
+                raise CorruptCheckpointError(
+                    f"{url}: sha256 does not match the manifest (the remote file was altered)",
+                    path=url,
+                )
+
+        progress.start(m.total_size, f"verify {name}")
+        try:
+            run_parallel([partial(task, f.path, f.sha256) for f in m.files],
+                         max_workers=self._workers, stop=stop)
+        finally:
+            progress.close()
+        return m
+
+    def delete(self, name: str) -> None:
+        """Delete a checkpoint: the manifest first (it stops existing), then its files."""
+        if not _SAFE_NAME.match(name):
+            raise ConfigError(f"invalid checkpoint name {name!r}")
+        manifest = self._path(name, MANIFEST_NAME)
+
+        def rm_manifest() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(manifest)
+
+        def rm_rest() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._path(name), recursive=True)
+
+        self._call(rm_manifest, self.url_of(name, MANIFEST_NAME), "delete")
+        self._call(rm_rest, self.url_of(name), "delete")
+        self.fs.invalidate_cache(self.root)
+        log.info("deleted %s from %s", name, redact_url(self.url))
+
+    def apply_retention(
+        self, policy: RetentionPolicy, protect: Iterable[str] = (), *, dry_run: bool = False
+    ) -> list[str]:
+        """Delete the valid checkpoints ``policy`` does not keep; return their names.
+
+        Only valid checkpoints count (the newest valid one is always kept); partial or
+        corrupt ones are left for a human (``ckptsync ls`` shows them).
+        """
+        infos = [
+            CheckpointInfo(e.name, e.manifest.step, e.manifest.sort_key(), e.manifest.metrics)
+            for e in self.scan()
+            if e.status == "valid" and e.manifest is not None
+        ]
+        doomed = select_for_deletion(infos, policy, protect)
+        if not dry_run:
+            for name in doomed:
+                self.delete(name)
+        return doomed
+
+    def gc(
+        self, grace_s: float | None = None, *, dry_run: bool = False, now: float | None = None
+    ) -> list[str]:
+        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds and, on S3,
+        multipart uploads under the root initiated longer ago than that.
+
+        A prefix whose age the backend does not report is kept. Returns what was (or, with
+        ``dry_run``, would be) removed: checkpoint names and ``multipart:<key>`` entries.
+        """
+        grace = self.config.grace_s if grace_s is None else grace_s
+        now = datetime.now(timezone.utc).timestamp() if now is None else now
+        removed: list[str] = []
+        for e in self.scan():
+            if e.status != "uncommitted":
+                continue
+            if e.mtime is None or now - e.mtime < grace:
+                continue
+            removed.append(e.name)
+            if not dry_run:
+                path = self._path(e.name)
+                self._call(partial(self.fs.rm, path, recursive=True), self.url_of(e.name), "delete")
+        removed.extend(self._gc_multipart(now - grace, dry_run))
+        return removed
+
+    def _gc_multipart(self, cutoff: float, dry_run: bool) -> list[str]:
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        abort = getattr(self.fs, "abort_mpu", None)
+        if lister is None or abort is None or self.scheme not in ("s3", "s3a"):
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        uploads = self._call(partial(lister, bucket), self.url, "list multipart uploads in")
+        out = []
+        for u in uploads or []:
+            key = u.get("Key", "")
+            started = _to_epoch(u.get("Initiated"))
+            if prefix and not key.startswith(prefix + "/"):
+                continue
+            if started is None or started > cutoff:
+                continue
+            out.append(f"multipart:{key}")
+            if not dry_run:
+                self._call(partial(abort, bucket, key, u["UploadId"]), f"s3://{bucket}/{key}",
+                           "abort multipart upload of")
+        return out
+
+    # Defined last: inside the class body the name "list" would shadow the builtin.
+    def list(self) -> list[Manifest]:
+        """Committed checkpoints (manifest present and parseable), oldest first.
+
+        Reads every manifest (concurrently where the backend allows); bad manifests are
+        logged and skipped. Validity (file sizes) is not checked: see :meth:`scan`.
+        """
+        names = self._names()
+        manifests = self._read_manifests(names)
+        out = [m for m in manifests.values() if isinstance(m, Manifest)]
+        for n, m in manifests.items():
+            if isinstance(m, CkptSyncError):
+                log.warning("skipping remote checkpoint %s: %s", n, m)
+        out.sort(key=lambda m: m.sort_key())
+        return out

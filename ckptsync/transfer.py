@@ -1,0 +1,615 @@
+"""Parallel, streaming, retried file transfers between a local directory and an fsspec filesystem.
+
+Memory stays bounded: files are streamed in ``chunk_size`` pieces through the backend's file
+object, whose buffer is ``block_size`` (for S3 that is the multipart part size, so a large
+file becomes a multipart upload). At most ``max_workers`` files move at once, so at most about
+``max_workers * (block_size + chunk_size)`` bytes are buffered, whatever the checkpoint's size.
+
+On S3 a large file goes through :func:`upload_file_multipart` instead: its parts are read and
+hashed in order by one thread and sent concurrently, at most ``parts_in_flight`` parts (shared by
+every file of a push) held in memory at once. Large downloads fetch ranges in parallel the same
+way (:func:`download_file_ranged`).
+
+Every upload hashes what it reads and compares it with the local manifest (a local file changed
+after its commit is never uploaded as if it were the committed one); every download writes
+through the local store's hashing writer, refuses bytes past the listed size, and checks size
+and sha256 at the end. Retries (tenacity: exponential back-off with full jitter) apply only to
+errors the translator marks retryable; an upload restarts its file, a download resumes at the
+offset it reached.
+
+This module does not know which backend it talks to; :mod:`ckptsync.remote` passes the
+filesystem and the one function that translates backend exceptions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeVar
+
+import tenacity
+from fsspec.spec import AbstractBufferedFile
+
+from ckptsync.config import TransferConfig
+from ckptsync.errors import CkptSyncError, CorruptCheckpointError, LocalStorageError, RemoteError
+from ckptsync.local import HashingWriter
+from ckptsync.manifest import FileEntry
+
+__all__ = [
+    "NullProgress",
+    "Progress",
+    "Retrier",
+    "TransferAborted",
+    "Translate",
+    "download_file",
+    "download_file_ranged",
+    "hash_remote_file",
+    "run_parallel",
+    "upload_file",
+    "upload_file_multipart",
+]
+
+log = logging.getLogger("ckptsync.transfer")
+
+T = TypeVar("T")
+Translate = Callable[[BaseException, str, str], CkptSyncError]
+"""``translate(exc, url, action) -> CkptSyncError``: the one backend-exception boundary."""
+
+
+class TransferAborted(RemoteError):
+    """A transfer stopped because it was asked to (shutdown, or a sibling transfer failed).
+
+    An aborted upload is never committed.
+    """
+
+
+class Progress(Protocol):
+    """Receives byte counts from transfers; called from worker threads."""
+
+    def start(self, total: int, description: str) -> None: ...
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullProgress:
+    """A progress sink that ignores everything (the default)."""
+
+    def start(self, total: int, description: str) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, RemoteError) and exc.retryable and not isinstance(exc, TransferAborted)
+
+
+class Retrier:
+    """Runs a callable, translating backend exceptions and retrying the retryable ones.
+
+    Args:
+        config: attempts and back-off.
+        translate: maps a backend exception to a :class:`CkptSyncError` (kept as ``__cause__``).
+    """
+
+    def __init__(self, config: TransferConfig, translate: Translate) -> None:
+        self.config = config
+        self.translate = translate
+
+    def call(self, fn: Callable[[], T], *, url: str, action: str) -> T:
+        """``fn()``, retried with back-off and jitter while it fails with a retryable error.
+
+        Raises:
+            CkptSyncError: the translated error of the last attempt.
+        """
+
+        def attempt() -> T:
+            try:
+                return fn()
+            except CkptSyncError:
+                raise
+            except Exception as e:
+                raise self.translate(e, url, action) from e
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s (attempt %d of %d); retrying", exc, state.attempt_number, self.config.retries
+            )
+
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.config.retries),
+            wait=tenacity.wait_random_exponential(
+                multiplier=self.config.backoff_initial, max=self.config.backoff_max
+            ),
+            retry=tenacity.retry_if_exception(_retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+
+def _check_stop(stop: threading.Event | None, url: str) -> None:
+    if stop is not None and stop.is_set():
+        raise TransferAborted(f"transfer of {url} was stopped", url=url, retryable=False)
+
+
+def _abandon(f: Any) -> None:
+    """Close a half-written remote file without committing it, where the backend allows."""
+    try:
+        if isinstance(f, AbstractBufferedFile):
+            # Aborts the multipart/resumable upload (S3, GCS, Drive); nothing becomes visible.
+            f.discard()
+            f.closed = True
+        else:
+            f.close()  # local and memory files: a partial file, never listed in a manifest
+    except Exception:  # best effort: gc collects what is left
+        log.debug("could not abandon remote file cleanly", exc_info=True)
+
+
+def _open_local(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise LocalStorageError(
+            f"cannot read local checkpoint file {path}: {e.strerror or e}; "
+            "check that it exists and is readable"
+        ) from e
+
+
+def upload_file(
+    fs: Any,
+    local_path: Path,
+    remote_path: str,
+    entry: FileEntry,
+    *,
+    url: str,
+    config: TransferConfig,
+    retrier: Retrier,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+    finish: Callable[[], None] | None = None,
+) -> None:
+    """Stream ``local_path`` to ``remote_path`` (multipart where the backend does it).
+
+    ``finish``, if given, runs after the upload completed (e.g. renaming a temporary file
+    into place on backends where a file being written is visible).
+
+    The bytes read are hashed and must match ``entry`` (size and sha256), otherwise the
+    remote file is abandoned and :class:`CorruptCheckpointError` names the local file.
+
+    Raises:
+        RemoteError: the backend failed (after retries where retryable).
+        LocalStorageError: the local file cannot be read.
+        CorruptCheckpointError: the local file does not match its manifest.
+        TransferAborted: ``stop`` was set.
+    """
+    progress = progress or NullProgress()
+
+    def attempt() -> None:
+        sent = 0
+        digest = hashlib.sha256()
+        with _open_local(local_path) as src:
+            dst = fs.open(remote_path, "wb", block_size=config.block_size)
+            try:
+                while True:
+                    _check_stop(stop, url)
+                    try:
+                        chunk = src.read(config.chunk_size)
+                    except OSError as e:
+                        raise LocalStorageError(
+                            f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
+                        ) from e
+                    if not chunk:
+                        break
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    sent += len(chunk)
+                    progress.update(len(chunk))
+                if sent != entry.size or digest.hexdigest() != entry.sha256:
+                    raise CorruptCheckpointError(
+                        f"{local_path}: content no longer matches its manifest (read {sent} "
+                        f"bytes, expected {entry.size}); the file changed after its checkpoint "
+                        "was committed, so it is not uploaded",
+                        path=str(local_path),
+                    )
+            except BaseException:
+                progress.update(-sent)
+                _abandon(dst)
+                raise
+            dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+        if finish is not None:
+            finish()
+
+    retrier.call(attempt, url=url, action="upload to")
+
+
+def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
+    while not slots.acquire(timeout=0.1):
+        _check_stop(stop, url)
+
+
+def upload_file_multipart(
+    fs: Any,
+    local_path: Path,
+    remote_path: str,
+    entry: FileEntry,
+    *,
+    url: str,
+    config: TransferConfig,
+    retrier: Retrier,
+    slots: threading.Semaphore,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Upload ``local_path`` to S3 as a multipart upload whose parts are sent concurrently.
+
+    ``fs`` is an ``s3fs.S3FileSystem`` (its ``_call_s3`` is the client). One thread reads the
+    file in order, part by part, hashing every byte it reads; each part is then sent on a
+    small pool, so hashing, reading and sending overlap. A part holds a slot of ``slots``
+    from before it is read until it is sent: memory is bounded by the slots, whatever the
+    file's size. Each part is retried on its own. The upload is completed only when the bytes
+    read hash to ``entry``; otherwise (or on any error, or ``stop``) it is aborted, so no
+    object ever appears.
+
+    Raises: as :func:`upload_file`.
+    """
+    from fsspec.asyn import sync
+
+    progress = progress or NullProgress()
+    bucket, key, _ = fs.split_path(remote_path)
+    part_size = max(config.part_size, -(-entry.size // 10_000))  # S3: at most 10,000 parts
+
+    def call(method: str, **kwargs: Any) -> Any:
+        return sync(fs.loop, fs._call_s3, method, Bucket=bucket, Key=key, **kwargs)
+
+    upload_id: str = retrier.call(lambda: call("create_multipart_upload")["UploadId"], url=url,
+                                  action="upload to")
+    reported = [0]  # bytes given to progress, taken back if the upload fails
+    lock = threading.Lock()
+
+    def put(number: int, data: bytes) -> dict[str, Any]:
+        try:
+            def attempt() -> Any:
+                _check_stop(stop, url)
+                return call("upload_part", PartNumber=number, UploadId=upload_id, Body=data)
+
+            resp = retrier.call(attempt, url=url, action="upload to")
+            progress.update(len(data))
+            with lock:
+                reported[0] += len(data)
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+        finally:
+            slots.release()
+
+    digest = hashlib.sha256()
+    size = 0
+    futures: list[Future[dict[str, Any]]] = []
+    try:
+        window = max(1, config.parts_in_flight)
+        with _open_local(local_path) as src, ThreadPoolExecutor(
+            max_workers=window, thread_name_prefix="ckptsync-part"
+        ) as pool:
+            try:
+                while True:
+                    _check_stop(stop, url)
+                    failed = next((f for f in futures if f.done() and f.exception()), None)
+                    if failed is not None:
+                        failed.result()  # raises the part's error: fail fast
+                    _acquire(slots, stop, url)
+                    try:
+                        data = src.read(part_size)
+                    except OSError as e:
+                        slots.release()
+                        raise LocalStorageError(
+                            f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
+                        ) from e
+                    if not data:
+                        slots.release()
+                        break
+                    digest.update(data)
+                    size += len(data)
+                    futures.append(pool.submit(put, len(futures) + 1, data))
+                    del data
+                parts = [f.result() for f in futures]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        # The bytes sent are the bytes hashed: complete only if they are the committed ones.
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise CorruptCheckpointError(
+                f"{local_path}: content no longer matches its manifest (read {size} bytes, "
+                f"expected {entry.size}); the file changed after its checkpoint was committed, "
+                "so it is not uploaded",
+                path=str(local_path),
+            )
+        retrier.call(
+            lambda: call("complete_multipart_upload", UploadId=upload_id,
+                         MultipartUpload={"Parts": parts}),
+            url=url, action="upload to",
+        )
+    except BaseException:
+        with lock:
+            progress.update(-reported[0])
+        try:
+            call("abort_multipart_upload", UploadId=upload_id)
+        except Exception:  # best effort: gc aborts what is left
+            log.debug("could not abort multipart upload of %s", url, exc_info=True)
+        raise
+    finally:
+        fs.invalidate_cache(remote_path)
+
+
+def _local_write(writer: HashingWriter, chunk: bytes) -> None:
+    try:
+        writer.write(chunk)
+    except OSError as e:
+        raise LocalStorageError(
+            f"cannot write {writer.path}: {e.strerror or e}; free disk space or choose "
+            "another directory"
+        ) from e
+
+
+def download_file(
+    fs: Any,
+    remote_path: str,
+    writer: HashingWriter,
+    entry: FileEntry,
+    *,
+    url: str,
+    config: TransferConfig,
+    retrier: Retrier,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Stream ``remote_path`` into ``writer``, never accepting more than ``entry.size`` bytes.
+
+    A retry resumes at the offset already written. The caller checks the writer's sha256
+    (computed while writing) against ``entry`` when it closes the file.
+
+    Raises:
+        CorruptCheckpointError: the remote file is missing, longer or shorter than listed.
+        RemoteError, LocalStorageError, TransferAborted: as for :func:`upload_file`.
+    """
+    progress = progress or NullProgress()
+    done = 0
+
+    def attempt() -> None:
+        nonlocal done
+        try:
+            src = fs.open(remote_path, "rb", block_size=min(config.block_size, entry.size or 1))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{url}: file listed in the manifest is missing", path=url
+            ) from None
+        with src:
+            if done:
+                src.seek(done)
+            while True:
+                _check_stop(stop, url)
+                # Ask for one byte past the listed size: a longer file is detected, not trusted.
+                want = min(config.chunk_size, entry.size - done + 1)
+                chunk = src.read(want)
+                if not chunk:
+                    break
+                if done + len(chunk) > entry.size:
+                    raise CorruptCheckpointError(
+                        f"{url}: file is larger than the {entry.size} bytes its manifest lists",
+                        path=url,
+                    )
+                _local_write(writer, chunk)
+                done += len(chunk)
+                progress.update(len(chunk))
+        if done != entry.size:
+            raise CorruptCheckpointError(
+                f"{url}: file has {done} bytes, its manifest lists {entry.size} (truncated)",
+                path=url,
+            )
+
+    retrier.call(attempt, url=url, action="download from")
+
+
+def download_file_ranged(
+    fs: Any,
+    remote_path: str,
+    writer: HashingWriter,
+    entry: FileEntry,
+    *,
+    url: str,
+    config: TransferConfig,
+    retrier: Retrier,
+    slots: threading.Semaphore,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Like :func:`download_file`, fetching ``block_size`` ranges in parallel.
+
+    Ranges are requested in order and written (and hashed) in order; ``slots`` bounds the
+    blocks held in memory across every file of a transfer. A slot is taken before a range is
+    requested, in order, so the oldest unwritten range of each file always holds one: no
+    deadlock. Each range is retried on its own. The caller has checked the listed size.
+
+    Raises: as :func:`download_file`.
+    """
+    progress = progress or NullProgress()
+    bs = config.block_size
+    ranges = [(o, min(o + bs, entry.size)) for o in range(0, entry.size, bs)]
+
+    def fetch(start: int, end: int) -> bytes:
+        def attempt() -> bytes:
+            _check_stop(stop, url)
+            try:
+                return bytes(fs.cat_file(remote_path, start=start, end=end))
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    f"{url}: file listed in the manifest is missing", path=url
+                ) from None
+
+        return retrier.call(attempt, url=url, action="download from")
+
+    window = max(1, min(config.max_workers, len(ranges)))
+    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    next_range = 0
+    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
+
+        def fill() -> None:
+            # Block for a slot only while holding none: every slot holder then has a range in
+            # flight and releases it when written, so the transfer as a whole always advances.
+            nonlocal next_range
+            while len(pending) < window and next_range < len(ranges):
+                if not slots.acquire(blocking=not pending):
+                    return
+                start, end = ranges[next_range]
+                next_range += 1
+                pending.append((start, end, pool.submit(fetch, start, end)))
+
+        try:
+            fill()
+            while pending:
+                start, end, fut = pending.popleft()
+                try:
+                    data = fut.result()
+                finally:
+                    slots.release()
+                if len(data) != end - start:
+                    raise CorruptCheckpointError(
+                        f"{url}: file is shorter than the {entry.size} bytes its manifest lists "
+                        "(truncated)",
+                        path=url,
+                    )
+                _check_stop(stop, url)
+                _local_write(writer, data)
+                progress.update(len(data))
+                del data
+                fill()
+        except BaseException:
+            for _, _, fut in pending:
+                fut.cancel()
+            while pending:  # give back the slots of ranges that will never be written
+                pending.popleft()
+                slots.release()
+            raise
+    # The listing said entry.size; make sure the content does not go on past it.
+    def probe() -> bytes:
+        try:
+            return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
+        except Exception as e:
+            # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
+            if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
+                return b""
+            raise
+
+    tail = retrier.call(probe, url=url, action="download from")
+    if tail:
+        raise CorruptCheckpointError(
+            f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
+        )
+
+
+def hash_remote_file(
+    fs: Any,
+    remote_path: str,
+    *,
+    url: str,
+    config: TransferConfig,
+    retrier: Retrier,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[int, str]:
+    """``(size, sha256)`` of a remote file, streamed (bounded memory)."""
+    progress = progress or NullProgress()
+
+    def attempt() -> tuple[int, str]:
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with fs.open(remote_path, "rb", block_size=config.block_size) as src:
+                while True:
+                    _check_stop(stop, url)
+                    chunk = src.read(config.chunk_size)
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    size += len(chunk)
+                    progress.update(len(chunk))
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                f"{url}: file listed in the manifest is missing", path=url
+            ) from None
+        except BaseException:
+            progress.update(-size)
+            raise
+        return size, digest.hexdigest()
+
+    return retrier.call(attempt, url=url, action="read")
+
+
+def run_parallel(
+    tasks: Sequence[Callable[[threading.Event], T]],
+    *,
+    max_workers: int,
+    stop: threading.Event | None = None,
+) -> list[T]:
+    """Run ``tasks`` on a bounded thread pool; results in task order.
+
+    Each task receives an event it must check between chunks. On the first failure (or
+    when ``stop`` is set) the event is set, queued tasks are cancelled, running ones stop
+    at their next chunk, and the first real error is raised once every thread has finished:
+    no transfer outlives the call.
+    """
+    if not tasks:
+        return []
+    abort = threading.Event()
+    watcher: threading.Thread | None = None
+    done_evt = threading.Event()
+    if stop is not None:
+
+        def relay() -> None:
+            while not done_evt.wait(0.05):
+                if stop.is_set():
+                    abort.set()
+                    return
+
+        watcher = threading.Thread(target=relay, name="ckptsync-stop-relay", daemon=True)
+        watcher.start()
+    try:
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(max_workers, len(tasks))),
+            thread_name_prefix="ckptsync-transfer",
+        ) as pool:
+            futures: list[Future[T]] = [pool.submit(task, abort) for task in tasks]
+            try:
+                _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # KeyboardInterrupt: stop the workers before waiting on them
+                abort.set()
+                for f in futures:
+                    f.cancel()
+                raise
+            if pending:
+                abort.set()
+                for f in pending:
+                    f.cancel()
+        errors = [
+            f.exception() for f in futures if not f.cancelled() and f.exception() is not None
+        ]
+        if errors:
+            # The root cause, not the sibling transfers it aborted.
+            real = [e for e in errors if not isinstance(e, TransferAborted)]
+            raise (real or errors)[0]  # type: ignore[misc]
+        return [f.result() for f in futures]
+    finally:
+        done_evt.set()
+        if watcher is not None:
+            watcher.join()

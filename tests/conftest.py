@@ -1,0 +1,260 @@
+"""Shared fixtures: real storage servers on 127.0.0.1 and one ``remote`` per backend.
+
+Session-scoped servers (started on first use, stopped at session end, logs under pytest's tmp
+dir): ``seaweedfs_server``, ``moto_server``, ``gcs_server``, ``drive_server``.
+
+Function-scoped remotes, each a fresh bucket/folder with fsspec's instance caches cleared:
+``file_remote``, ``memory_remote``, ``seaweedfs_remote`` (also ``s3_remote``), ``moto_remote``,
+``gcs_remote``, ``gdrive_remote``, ``mounted_drive_remote``; and ``remote``, parametrized over all
+of them, for suites written once::
+
+    def test_roundtrip(remote):
+        fs, root = fsspec.core.url_to_fs(remote.url, **remote.storage_options)
+        ...
+
+Every test also fails if it leaves a thread running (``allow_thread_leak`` marker to opt out).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before gcsfs is imported, or every gcsfs call against the emulator hangs ~60 s.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+import servers
+from drive_double import THREAD_PREFIX as DRIVE_THREAD_PREFIX
+from drive_double import DriveDouble
+
+# gdrive-fsspec's transport (httplib2) only uses a proxy when PySocks is installed.
+try:
+    import socks  # noqa: F401
+except ImportError:
+    HAVE_PYSOCKS = False
+else:
+    HAVE_PYSOCKS = True
+NO_PYSOCKS = "the Drive double needs PySocks (httplib2 proxies through it): pip install PySocks"
+
+BACKENDS = ["file", "memory", "seaweedfs", "moto", "gcs", "gdrive", "mounted_drive"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A place a test may write checkpoints to: an fsspec URL plus its storage options.
+
+    ``wrong_credentials``: storage options that the backend rejects (None where the backend
+    does not check credentials). ``missing_url``: a URL in a bucket/folder that does not exist.
+    """
+
+    url: str
+    storage_options: dict[str, Any]
+    name: str
+    wrong_credentials: dict[str, Any] | None = None
+    missing_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem for this remote (fsspec's cached instance)."""
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+
+    @property
+    def path(self) -> str:
+        """The URL as the filesystem's own path (protocol stripped)."""
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
+
+
+def clear_fsspec_caches() -> None:
+    """Forget every cached filesystem instance of each backend class the tests use."""
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    classes: list[Any] = [LocalFileSystem, MemoryFileSystem]
+    for module, name in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"),
+                         ("gdrive_fsspec", "GoogleDriveFileSystem")):
+        with contextlib.suppress(ImportError):
+            classes.append(getattr(__import__(module), name))
+    for cls in classes:
+        cls.clear_instance_cache()
+
+
+# --- thread-leak check ------------------------------------------------------------------------
+
+# Long-lived daemon threads that libraries start once per process, by name prefix.
+IGNORED_THREAD_PREFIXES = (
+    "fsspecIO",  # fsspec's event loop for async filesystems (s3fs, gcsfs)
+    "asyncio_",  # default executor of that loop (aiohttp DNS lookups)
+    "gcsfs-deferred-close",  # gcsfs closes files from its loop here
+    DRIVE_THREAD_PREFIX,  # the Drive double's server and connection threads
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "allow_thread_leak: skip the thread-leak check")
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    if request.node.get_closest_marker("allow_thread_leak"):
+        return
+
+    def leaked() -> list[threading.Thread]:
+        return [
+            t for t in threading.enumerate()
+            if t not in before and t.is_alive() and not t.name.startswith(IGNORED_THREAD_PREFIXES)
+        ]
+
+    deadline = time.monotonic() + 2.0  # grace period for threads that are already stopping
+    while (left := leaked()) and time.monotonic() < deadline:
+        left[0].join(0.05)
+    if left:
+        pytest.fail(f"test leaked threads: {sorted(t.name for t in left)}", pytrace=False)
+
+
+# --- servers (session) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.SeaweedFS]:
+    with servers.SeaweedFS(tmp_path_factory.mktemp("seaweedfs")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.MotoS3]:
+    with servers.MotoS3(tmp_path_factory.mktemp("moto")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.FakeGCS]:
+    with servers.FakeGCS(tmp_path_factory.mktemp("fake-gcs")) as s, servers.environ(s.environ()):
+        yield s
+
+
+@pytest.fixture(scope="session")
+def drive_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DriveDouble]:
+    if not HAVE_PYSOCKS:
+        pytest.skip(NO_PYSOCKS)
+    with DriveDouble(tmp_path_factory.mktemp("drive")) as d, servers.environ(d.environ()):
+        import httplib2
+
+        old_ca = httplib2.CA_CERTS
+        d.use_ca_in_this_process()  # httplib2 read HTTPLIB2_CA_CERTS when it was imported
+        try:
+            yield d
+        finally:
+            httplib2.CA_CERTS = old_ca
+
+
+# --- remotes (function) ---------------------------------------------------------------------
+
+@pytest.fixture
+def _fresh_fsspec() -> Iterator[None]:
+    clear_fsspec_caches()
+    yield
+    clear_fsspec_caches()
+
+
+@pytest.fixture
+def file_remote(tmp_path: Path, _fresh_fsspec: None) -> Remote:
+    root = tmp_path / "remote"
+    return Remote(f"file://{root}/run", {}, "file", missing_url=None)
+
+
+@pytest.fixture
+def memory_remote(_fresh_fsspec: None) -> Iterator[Remote]:
+    prefix = f"ckpt-{uuid.uuid4().hex[:12]}"
+    yield Remote(f"memory://{prefix}/run", {}, "memory")
+    fs = fsspec.filesystem("memory")
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(f"/{prefix}", recursive=True)
+
+
+def _s3_remote(server: servers._S3Server, name: str, checks_credentials: bool) -> Remote:
+    bucket = server.create_bucket()
+    return Remote(
+        f"s3://{bucket}/run",
+        server.storage_options(),
+        name,
+        wrong_credentials=server.storage_options(secret="wrong-secret")
+        if checks_credentials else None,
+        missing_url=f"s3://{servers.unique_name('missing')}/run",
+        extra={"bucket": bucket, "endpoint": server.endpoint},
+    )
+
+
+@pytest.fixture
+def seaweedfs_remote(seaweedfs_server: servers.SeaweedFS, _fresh_fsspec: None) -> Remote:
+    return _s3_remote(seaweedfs_server, "seaweedfs", checks_credentials=True)
+
+
+@pytest.fixture
+def s3_remote(seaweedfs_remote: Remote) -> Remote:
+    """The one S3 for tests that need just one (SeaweedFS: it checks credentials)."""
+    return seaweedfs_remote
+
+
+@pytest.fixture
+def moto_remote(moto_server: servers.MotoS3, _fresh_fsspec: None) -> Remote:
+    return _s3_remote(moto_server, "moto", checks_credentials=False)
+
+
+@pytest.fixture
+def gcs_remote(gcs_server: servers.FakeGCS, _fresh_fsspec: None) -> Remote:
+    bucket = gcs_server.create_bucket()
+    return Remote(
+        f"gs://{bucket}/run",
+        gcs_server.storage_options(),
+        "gcs",
+        wrong_credentials=None,  # fake-gcs-server accepts any token
+        missing_url=f"gs://{servers.unique_name('missing')}/run",
+        extra={"bucket": bucket, "endpoint": gcs_server.endpoint},
+    )
+
+
+@pytest.fixture
+def gdrive_remote(drive_server: DriveDouble, _fresh_fsspec: None) -> Remote:
+    folder = drive_server.create_folder(servers.unique_name("ckpt"))
+    return Remote(
+        "gdrive://run",
+        drive_server.storage_options(root_file_id=folder),
+        "gdrive",
+        wrong_credentials=drive_server.storage_options(
+            root_file_id=folder, creds=drive_server.service_account(register=False)
+        ),
+        missing_url=None,  # no buckets; a missing folder is just a missing path
+        extra={"root_file_id": folder, "double": drive_server},
+    )
+
+
+@pytest.fixture
+def mounted_drive_remote(tmp_path: Path, _fresh_fsspec: None) -> Remote:
+    """Google Drive as Colab mounts it: a plain directory, given as a path without a scheme."""
+    mount = tmp_path / "MyDrive"
+    mount.mkdir()
+    return Remote(str(mount / "ckptsync" / "run"), {}, "mounted_drive")
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(b, marks=pytest.mark.skipif(not HAVE_PYSOCKS, reason=NO_PYSOCKS))
+        if b == "gdrive" else b
+        for b in BACKENDS
+    ]
+)
+def remote(request: pytest.FixtureRequest) -> Remote:
+    """One remote per backend: a conformance suite written once runs on all of them."""
+    value: Remote = request.getfixturevalue(f"{request.param}_remote")
+    return value
