@@ -1,0 +1,197 @@
+"""Start the watch daemon from Python (a notebook, a training script) as a background process.
+
+Example::
+
+    from ckptsync.launcher import start_watcher
+    w = start_watcher("ckpts", "s3://bucket/run1", keep_last=3)
+    ...                                    # train; save with Checkpointer("ckpts") or torch.save
+    w.flush(timeout=600)                   # every local checkpoint is committed remotely
+    w.stop()
+
+The daemon is ``python -m ckptsync watch ...`` in its own session, so a crashing trainer (or
+a Ctrl-C in the notebook) does not take it down. Unless ``detach=True`` it watches this
+process: when it exits, the daemon uploads what is pending and exits too. Storage options go
+to the daemon through its environment, never its command line (``ps`` shows command lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptsync.errors import CkptSyncError
+from ckptsync.zerocode import WATCH_DIR
+
+__all__ = ["WatcherHandle", "start_watcher"]
+
+
+class WatcherHandle:
+    """A running ``ckptsync watch`` process started by :func:`start_watcher`."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], local_dir: Path, log_path: Path) -> None:
+        self.proc = proc
+        self.local_dir = local_dir
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        """Is the daemon process alive?"""
+        return self.proc.poll() is None
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status (see :func:`ckptsync.watch.daemon_status`)."""
+        from ckptsync.watch import daemon_status
+
+        return daemon_status(self.local_dir)
+
+    def _own_status(self) -> dict[str, Any] | None:
+        from ckptsync.watch import read_status
+
+        st = read_status(self.local_dir)
+        return st if st is not None and st.get("pid") == self.proc.pid else None
+
+    def flush(self, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+        """Block until every committed local checkpoint (and every finished zero-code
+        version) is committed remotely, as the daemon's status file reports.
+
+        Asks the daemon for an immediate reconcile (SIGUSR1) first. Returns the status.
+
+        Raises:
+            TimeoutError: still pending after ``timeout`` seconds.
+            CkptSyncError: the daemon exited, or reports failed checkpoints.
+        """
+        from ckptsync.local import LocalStore
+
+        t0 = time.time()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        signalled = False
+        while True:
+            st = self._own_status()
+            if not self.running():
+                raise CkptSyncError(
+                    f"the ckptsync watch daemon (pid {self.pid}) exited with code "
+                    f"{self.proc.returncode}; see {self.log_path}"
+                    + (f": {st.get('error')}" if st and st.get("error") else "")
+                )
+            if st is not None and not signalled:
+                # Only once the daemon wrote its status: it blocks SIGUSR1 by then (the
+                # default action of SIGUSR1 would kill it).
+                os.kill(self.pid, signal.SIGUSR1)
+                signalled = True
+            if st is not None and (st.get("last_reconcile_ts") or 0) >= t0:
+                done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))
+                local = {c.name for c in LocalStore(self.local_dir).list()}
+                if (not st.get("pending") and not st.get("uploading") and local <= done
+                        and not any(w.get("pending") for w in st.get("watch", []))):
+                    return st
+                failed = [f for f in st.get("failed", []) if f["name"] in local]
+                if failed and not st.get("uploading"):
+                    raise CkptSyncError(
+                        f"ckptsync watch could not upload {len(failed)} checkpoint(s): "
+                        + "; ".join(f"{f['name']}: {f['error']}" for f in failed)
+                    )
+            if deadline is not None and time.monotonic() > deadline:
+                pending = st.get("pending") if st else "unknown (no status yet)"
+                raise TimeoutError(f"checkpoints still pending after {timeout}s: {pending}")
+            time.sleep(poll_s)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM the daemon (in-flight uploads finish or are abandoned, never half
+        committed), wait for it, and return its exit code. SIGKILL after ``timeout``."""
+        if self.running():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc.returncode is not None else -1
+
+    def __enter__(self) -> WatcherHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_watcher(
+    local: str | os.PathLike[str],
+    remote: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    keep_last: int | None = None,
+    keep_best: str | None = None,
+    keep_every: int | None = None,
+    rules: Iterable[str] = (),
+    interval: float | None = None,
+    settle: float | None = None,
+    workers: int | None = None,
+    stop_timeout: float | None = None,
+    detach: bool = False,
+    log_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    python: str | None = None,
+    wait_ready: float = 30.0,
+) -> WatcherHandle:
+    """Start ``ckptsync watch LOCAL REMOTE`` as a background process; return its handle.
+
+    Args:
+        local: the checkpoint directory to watch.
+        remote: fsspec URL.
+        storage_options: fsspec options (passed through the child's environment).
+        keep_last, keep_best, keep_every, rules, interval, settle, workers, stop_timeout:
+            as the ``watch`` flags of the same names.
+        detach: keep running after this process exits (default: stop with it, after
+            uploading what is pending).
+        log_path: the daemon's log (default ``LOCAL/.ckptsync-watch/daemon.log``, appended).
+        env: extra environment for the daemon.
+        python: interpreter (default: this one).
+        wait_ready: seconds to wait for the daemon's first status (0: do not wait).
+
+    Raises:
+        CkptSyncError: the daemon exited during start-up (bad configuration, permanent remote
+            error, another daemon on the directory); the message includes its log's tail.
+    """
+    local_dir = Path(local).expanduser().absolute()
+    (local_dir / WATCH_DIR).mkdir(parents=True, exist_ok=True)
+    log_file = Path(log_path) if log_path else local_dir / WATCH_DIR / "daemon.log"
+    cmd = [python or sys.executable, "-m", "ckptsync", "watch", str(local_dir), remote]
+    flags: dict[str, Any] = {"--keep-last": keep_last, "--keep-best": keep_best,
+                             "--keep-every": keep_every, "--interval": interval,
+                             "--settle": settle, "--workers": workers,
+                             "--stop-timeout": stop_timeout}
+    for flag, value in flags.items():
+        if value is not None:
+            cmd += [flag, str(value)]
+    for rule in rules:
+        cmd += ["--rule", rule]
+    if not detach:
+        cmd += ["--parent-pid", str(os.getpid())]
+    child_env = dict(os.environ)
+    child_env.update(env or {})
+    if storage_options:
+        child_env["CKPTSYNC_STORAGE_OPTIONS"] = json.dumps(dict(storage_options))
+    with open(log_file, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                env=child_env, start_new_session=True, close_fds=True)
+    handle = WatcherHandle(proc, local_dir, log_file)
+    deadline = time.monotonic() + wait_ready
+    while wait_ready and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_file.read_text(errors="replace").splitlines()[-5:]
+            raise CkptSyncError(f"ckptsync watch exited during start-up (code "
+                                f"{proc.returncode}): " + " | ".join(tail))
+        if handle._own_status() is not None:
+            break
+        time.sleep(0.05)
+    return handle

@@ -1,0 +1,1050 @@
+"""The daemon: ``ckptsync watch LOCAL_DIR REMOTE_URL`` keeps a remote in step with a directory.
+
+Events are hints, scans are truth (DESIGN.md, "The daemon")::
+
+    watchdog emitter ──► _Handler.dispatch ──► queue ──► dispatcher thread ──► upload pool
+    (inotify thread)     (enqueues only)                 reconcile, versions     RemoteStore.push
+                                                         status file, retention
+
+A reconcile lists the committed local checkpoints (the native ones in ``LOCAL_DIR`` and the
+zero-code versions in the spool) and pushes every one the remote does not hold, oldest first.
+It runs at start-up, shortly after file events, and every ``interval`` seconds. The remote is
+the only record needed: pushing a committed name is a no-op and a push killed at any point
+leaves no manifest, so the daemon can be killed (even with SIGKILL) and restarted at any time.
+
+Threads: the watchdog observer, one dispatcher, ``workers`` upload threads and one snapshot
+thread (zero-code copies); each stops through an :class:`threading.Event`. SIGTERM/SIGINT stop
+taking work, wait up to ``stop_timeout`` for in-flight uploads, then abandon them (never
+committed) and exit 0. SIGUSR1 asks for an immediate reconcile (used by ``flush``).
+
+Files in ``LOCAL_DIR/.ckptsync-watch/``: ``lock`` (flock: one daemon per directory, holds the
+pid), ``status.json`` (replaced atomically; read by ``ckptsync status``), ``spool/`` (zero-code
+versions waiting for, or kept after, their upload).
+
+Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed checkpoints,
+2 bad configuration or another daemon holds the directory, 3 a permanent remote error
+(credentials, missing bucket, a conflicting remote checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
+from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
+from ckptsync.manifest import Manifest
+from ckptsync.retention import (
+    BestRule,
+    CheckpointInfo,
+    RetentionPolicy,
+    parse_best,
+    select_for_deletion,
+)
+from ckptsync.zerocode import (
+    WATCH_DIR,
+    Snapshot,
+    VersionTracker,
+    WatchRule,
+    is_watched,
+    signature_of,
+    snapshot_version,
+)
+
+if TYPE_CHECKING:
+    from ckptsync.remote import RemoteStore
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_REMOTE",
+    "RESUMED_FILE",
+    "WatchConfig",
+    "Watcher",
+    "daemon_status",
+    "read_status",
+    "run_daemon",
+]
+
+log = logging.getLogger("ckptsync.watch")
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REMOTE = 0, 1, 2, 3
+STATUS_NAME = "status.json"
+LOCK_NAME = "lock"
+SPOOL_NAME = "spool"
+#: Written by a trainer's Checkpointer after ``restore()``: ``{"name": ..., "pid": ...}``.
+#: While that pid is alive, retention never deletes ``name`` remotely.
+ENV = "CKPTSYNC_"
+_REMOTE_REFRESH_S = 60.0
+_DEBOUNCE_S = 0.2
+_PARENT_POLL_S = 1.0
+
+
+def _utc(ts: float | None = None) -> str:
+    t = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class WatchConfig:
+    """Everything the daemon needs; build it with :meth:`resolve`.
+
+    Attributes:
+        local_dir: the directory to watch (native checkpoints and zero-code files).
+        remote: fsspec URL of the remote root.
+        storage_options: passed to fsspec unchanged.
+        keep_last, keep_best, keep_every: remote retention (None: keep everything).
+        once: reconcile, upload everything, exit.
+        interval: seconds between full reconciles.
+        settle: seconds a zero-code file must stay quiet after being written in place.
+        rules: zero-code rules (:class:`~ckptsync.zerocode.WatchRule`).
+        workers: checkpoints uploaded at once.
+        parent_pid: when this process exits, upload what is pending and exit.
+        stop_timeout: seconds SIGTERM waits for in-flight uploads before abandoning them.
+        log_format: ``"kv"`` (key=value) or ``"json"`` lines on stderr.
+    """
+
+    local_dir: Path
+    remote: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    keep_last: int | None = None
+    keep_best: BestRule | None = None
+    keep_every: int | None = None
+    once: bool = False
+    interval: float = 5.0
+    settle: float = 2.0
+    rules: tuple[WatchRule, ...] = ()
+    workers: int = 2
+    parent_pid: int | None = None
+    stop_timeout: float = 30.0
+    log_format: str = "kv"
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0 or self.settle < 0 or self.stop_timeout < 0:
+            raise ConfigError("interval must be > 0, settle and stop-timeout >= 0")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.log_format not in ("kv", "json"):
+            raise ConfigError(f"log format must be 'kv' or 'json', got {self.log_format!r}")
+        if not self.remote:
+            raise ConfigError("no remote URL: pass REMOTE_URL, set CKPTSYNC_REMOTE or put "
+                              "'remote' in the config file")
+
+    @property
+    def policy(self) -> RetentionPolicy:
+        return RetentionPolicy(self.keep_last, self.keep_best, self.keep_every)
+
+    @classmethod
+    def resolve(
+        cls, args: Mapping[str, Any], env: Mapping[str, str] | None = None
+    ) -> WatchConfig:
+        """Merge per setting: ``args`` (None = unset) > ``CKPTSYNC_*`` env > config file > defaults.
+
+        The config file is ``args["config"]`` or ``$CKPTSYNC_CONFIG``: TOML (``.toml``) or
+        JSON, with the setting names as keys (``remote``, ``storage_options``, ``keep_last``,
+        ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``rules``, ``workers``,
+        ``stop_timeout``, ``log_format``); TOML may nest them under ``[watch]``.
+        ``storage_options`` are merged key by key with the same precedence.
+
+        Raises:
+            ConfigError: an unreadable file, an unknown key, a value that does not parse.
+        """
+        env = os.environ if env is None else env
+        cfg_path = args.get("config") or env.get(ENV + "CONFIG")
+        file_vals = _read_config_file(Path(cfg_path)) if cfg_path else {}
+        env_vals = _env_values(env)
+        arg_vals = {k: v for k, v in args.items() if v is not None and k != "config"}
+        if arg_vals.get("rules") == []:
+            del arg_vals["rules"]
+        merged: dict[str, Any] = {}
+        for layer in (file_vals, env_vals, arg_vals):
+            for k, v in layer.items():
+                if k == "storage_options":
+                    merged.setdefault(k, {}).update(v)
+                else:
+                    merged[k] = v
+        if "local_dir" not in merged:
+            raise ConfigError("no LOCAL_DIR to watch")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(merged) - known
+        if unknown:
+            raise ConfigError(f"unknown watch settings {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            merged["local_dir"] = Path(merged["local_dir"]).expanduser().absolute()
+            merged["remote"] = str(merged.get("remote") or "")
+            for k in ("keep_last", "keep_every", "workers", "parent_pid"):
+                if merged.get(k) is not None:
+                    merged[k] = int(merged[k])
+            for k in ("interval", "settle", "stop_timeout"):
+                if merged.get(k) is not None:
+                    merged[k] = float(merged[k])
+            if isinstance(merged.get("keep_best"), str):
+                merged["keep_best"] = parse_best(merged["keep_best"])
+            merged["rules"] = tuple(r if isinstance(r, WatchRule) else WatchRule.parse(str(r))
+                                    for r in merged.get("rules", ()))
+            merged["once"] = bool(merged.get("once", False))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"invalid watch setting: {e}") from e
+        return cls(**merged)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data: Any = tomllib.loads(raw.decode())
+            data = data.get("watch", data)
+        else:
+            data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    out = {k.replace("-", "_"): v for k, v in data.items()}
+    if "storage_options" in out and not isinstance(out["storage_options"], dict):
+        raise ConfigError(f"config file {path}: storage_options must be a table/object")
+    return out
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("remote", "keep_last", "keep_best", "keep_every", "interval", "settle",
+                "workers", "stop_timeout", "log_format"):
+        raw = env.get(ENV + key.upper())
+        if raw is not None and raw.strip():
+            out[key] = raw.strip()
+    raw = env.get(ENV + "STORAGE_OPTIONS")
+    if raw:
+        try:
+            opts = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{ENV}STORAGE_OPTIONS must be a JSON object: {e}") from e
+        if not isinstance(opts, dict):
+            raise ConfigError(f"{ENV}STORAGE_OPTIONS must be a JSON object")
+        out["storage_options"] = opts
+    raw = env.get(ENV + "RULES")
+    if raw and raw.strip():
+        out["rules"] = (json.loads(raw) if raw.lstrip().startswith("[")
+                        else [r for r in raw.splitlines() if r.strip()])
+    return out
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """``k=v`` where ``v`` is JSON when it parses (``anon=true``, ``client_kwargs={...}``)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"storage option {text!r} must be KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+# --------------------------------------------------------------------------- structured logs
+class EventLog:
+    """One event per line on a stream: ``ts=... level=info event=pushed name=...`` or JSON."""
+
+    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv") -> None:
+        self.stream = stream or sys.stderr
+        self.fmt = fmt
+        self._lock = threading.Lock()
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        rec = {"ts": _utc(), "level": level, "event": event, **fields}
+        if self.fmt == "json":
+            line = json.dumps(rec, default=str)
+        else:
+            line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
+        with self._lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _kv(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    if s and not any(c in s for c in ' "=\n\t'):
+        return s
+    return json.dumps(s)
+
+
+class _LogBridge(logging.Handler):
+    """Routes ``ckptsync.*`` library log records (retries, commits) into the event log."""
+
+    def __init__(self, events: EventLog) -> None:
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.events(record.levelname.lower(), "log", logger=record.name,
+                        msg=record.getMessage())
+
+
+# --------------------------------------------------------------------------- status file
+def _watch_dir(local_dir: Path) -> Path:
+    return local_dir / WATCH_DIR
+
+
+def read_status(local_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last status the daemon wrote for ``local_dir``, or None if it never ran there."""
+    path = _watch_dir(Path(local_dir).expanduser().absolute()) / STATUS_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _lock_holder(local_dir: Path) -> int | None:
+    """The pid of the daemon holding ``local_dir``'s lock, or None if no daemon holds it."""
+    path = _watch_dir(local_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(raw) if raw.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``.
+
+    Works for a running daemon and after it stopped (the last status it wrote).
+    """
+    d = Path(local_dir).expanduser().absolute()
+    st = read_status(d) or {}
+    holder = _lock_holder(d)
+    st["running"] = holder is not None
+    if holder is not None and holder > 0:
+        st["pid"] = holder
+    st.setdefault("synced", [])
+    st.setdefault("pending", [])
+    st.setdefault("failed", [])
+    st["local_dir"] = str(d)
+    return st
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``<dir>/.ckptsync-watch/lock`` holding the daemon's pid.
+
+    Raises:
+        ConfigError: another daemon already watches the directory.
+    """
+
+    def __init__(self, local_dir: Path) -> None:
+        path = _watch_dir(local_dir) / LOCK_NAME
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:  # a brief shared lock is `ckptsync status`
+                    other = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+                    os.close(self.fd)
+                    raise ConfigError(
+                        f"another ckptsync watch (pid {other or '?'}) already watches "
+                        f"{local_dir}; stop it first (or use `ckptsync status {local_dir}`)"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resumed_from(local_dir: Path) -> str | None:
+    """The checkpoint a live trainer resumed from (``RESUMED_FILE`` with a live pid), or None."""
+    try:
+        data = json.loads((local_dir / RESUMED_FILE).read_text())
+        name, pid = data["name"], int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and _pid_alive(pid) else None
+
+
+# --------------------------------------------------------------------------- events
+def _handler_class() -> type:
+    from watchdog.events import FileSystemEventHandler
+
+    class _Handler(FileSystemEventHandler):
+        """Runs on watchdog's emitter thread: translate and enqueue, nothing else."""
+
+        def __init__(self, root: Path, q: queue.Queue[tuple[Any, ...]]) -> None:
+            super().__init__()
+            self.root = str(root)
+            self.q = q
+
+        def _rel(self, path: Any) -> str | None:
+            p = os.fsdecode(path)
+            rel = os.path.relpath(p, self.root)
+            if rel == "." or rel.startswith("..") or rel.split(os.sep, 1)[0] == WATCH_DIR:
+                return None
+            return rel.replace(os.sep, "/")
+
+        def on_any_event(self, event: Any) -> None:
+            kind = event.event_type
+            if kind in ("opened", "closed_no_write", "attrib"):
+                return  # our own reads show up as these: never let them wake us
+            if event.is_directory and kind == "modified":
+                return
+            now = time.monotonic()
+            if kind == "moved":
+                src, dst = self._rel(event.src_path), self._rel(event.dest_path)
+                if src is not None:
+                    self.q.put(("fs", now, "moved_away", src, event.is_directory))
+                if dst is not None:
+                    self.q.put(("fs", now, "moved_in", dst, event.is_directory))
+                return
+            rel = self._rel(event.src_path)
+            if rel is not None:
+                self.q.put(("fs", now, kind, rel, event.is_directory))
+
+    return _Handler
+
+
+# --------------------------------------------------------------------------- the daemon
+@dataclass
+class _Failure:
+    error: str
+    attempts: int
+    retry_at: float
+
+
+class Watcher:
+    """The daemon core: watch ``config.local_dir``, push what the remote lacks.
+
+    ``run()`` blocks until stopped (``request_stop()``, or the end of ``--once``) and returns
+    an exit code. Thread-safe controls: :meth:`request_stop`, :meth:`request_reconcile`.
+
+    Args:
+        config: the resolved configuration.
+        store: a remote store (default: built from ``config.remote``); a fault seam in tests.
+        events: the structured log sink (default: stderr).
+    """
+
+    def __init__(self, config: WatchConfig, *, store: RemoteStore | None = None,
+                 events: EventLog | None = None) -> None:
+        self.config = config
+        self.events = events or EventLog(fmt=config.log_format)
+        self.local = LocalStore(config.local_dir)
+        wdir = _watch_dir(self.local.directory)
+        wdir.mkdir(exist_ok=True)
+        self.status_path = wdir / STATUS_NAME
+        self.spool = LocalStore(wdir / SPOOL_NAME)
+        self.spool.cleanup()  # our own crashed snapshots (never the trainer's staging dirs)
+        if store is None:
+            from ckptsync.remote import RemoteStore
+
+            store = RemoteStore(config.remote, dict(config.storage_options))
+        self.store = store
+        self._q: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._stop = threading.Event()
+        self._abort = threading.Event()  # set: in-flight pushes abandon at their next chunk
+        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ckptsync-upload")
+        self._snap_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-snapshot")
+        self._inflight: dict[str, Future[Any]] = {}
+        self._failed: dict[str, _Failure] = {}
+        self._remote: dict[str, Manifest] = {}
+        self._skipped: set[str] = set()
+        self._local_names: list[str] = []
+        self._trackers = [VersionTracker(r, self.local.directory, config.settle)
+                          for r in config.rules]
+        self._retention_due = False
+        self._retention_running = False
+        self._fatal: str | None = None
+        self._drain = config.once  # finish what is there, then exit
+        self._state = "starting"
+        self._started = _utc()
+        self._last_reconcile: float | None = None
+        self._remote_refreshed = 0.0
+        self._reconcile_at: float | None = 0.0
+        self._any_failed_once = False
+        self._parent = config.parent_pid
+        self._parent_is_ppid = self._parent is not None and self._parent == os.getppid()
+
+    # ------------------------------------------------------------------ controls
+    def request_stop(self) -> None:
+        """Stop taking new work; in-flight uploads get ``stop_timeout`` seconds. Thread-safe."""
+        self._stop.set()
+        self._q.put(("wake",))
+
+    def request_reconcile(self) -> None:
+        """Reconcile now (not at the next interval). Thread-safe."""
+        self._q.put(("reconcile",))
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> int:
+        """Run until stopped; return the exit code (see the module doc)."""
+        from watchdog.observers import Observer
+
+        observer = Observer()
+        observer.schedule(_handler_class()(self.local.directory, self._q),
+                          str(self.local.directory), recursive=True)
+        observer.daemon = True
+        self.events("info", "start", pid=os.getpid(), local=str(self.local.directory),
+                    remote=self._redacted(), rules=[r.spec for r in self.config.rules],
+                    once=self.config.once)
+        try:
+            observer.start()
+            code = self._loop()
+        finally:
+            observer.stop()
+            observer.join(timeout=10)
+            self._shutdown()
+        self._state = "failed" if self._fatal else "stopped"
+        self._write_status()
+        self.events("info" if code == EXIT_OK else "error", "exit", code=code,
+                    pending=self._pending_names(), failed=sorted(self._failed))
+        return code
+
+    def _redacted(self) -> str:
+        from ckptsync.remote import redact_url
+
+        return redact_url(self.config.remote)
+
+    def _loop(self) -> int:
+        if not self._refresh_remote(initial=True):
+            return EXIT_REMOTE
+        self._init_signatures()
+        self._state = "running"
+        self._reconcile()
+        while not self._stop.is_set():
+            item = self._next_item()
+            batch = [item] if item is not None else []
+            while True:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            now = time.monotonic()
+            for it in batch:
+                self._handle(it, now)
+            if self._fatal:
+                return EXIT_REMOTE
+            self._check_parent()
+            now = time.monotonic()
+            if self._reconcile_at is not None and now >= self._reconcile_at:
+                self._reconcile()
+            self._take_versions(now)
+            self._maybe_retention()
+            if self._drain and self._drained():
+                if self._retention_running or self._retention_due:
+                    continue
+                failed = bool(self._failed)
+                self._write_status()
+                return EXIT_FAILED if failed and self.config.once else EXIT_OK
+        return EXIT_OK
+
+    def _next_item(self) -> tuple[Any, ...] | None:
+        now = time.monotonic()
+        deadlines = [self._reconcile_at] if self._reconcile_at is not None else []
+        deadlines += [d for t in self._trackers if (d := t.next_deadline(now)) is not None]
+        if self._failed:
+            deadlines.append(min(f.retry_at for f in self._failed.values()))
+        timeout = max(0.0, min(deadlines, default=now + self.config.interval) - now)
+        if self._parent is not None:
+            timeout = min(timeout, _PARENT_POLL_S)
+        try:
+            return self._q.get(timeout=timeout + 0.001)
+        except queue.Empty:
+            return None
+
+    def _handle(self, item: tuple[Any, ...], now: float) -> None:
+        kind = item[0]
+        if kind == "fs":
+            _, t, ev, rel, is_dir = item
+            for tr in self._trackers:
+                tr.on_event(ev, rel, t, is_dir)
+            # A native local commit is a directory renamed into place; debounce bursts.
+            top = rel.split("/", 1)[0]
+            if ev == "moved_in" and is_dir and not top.startswith("."):
+                self._schedule(now + _DEBOUNCE_S)
+        elif kind == "reconcile":
+            self._schedule(now)
+        elif kind == "pushed":
+            self._on_pushed(item[1], item[2], now)
+        elif kind == "snapshot":
+            self._on_snapshot(item[1], item[2], item[3], item[4], item[5])
+        elif kind == "retention":
+            self._on_retention(item[1])
+
+    def _schedule(self, at: float) -> None:
+        if self._reconcile_at is None or at < self._reconcile_at:
+            self._reconcile_at = at
+
+    def _check_parent(self) -> None:
+        if self._parent is None or self._drain:
+            return
+        gone = (os.getppid() != self._parent) if self._parent_is_ppid \
+            else not _pid_alive(self._parent)
+        if gone:
+            self.events("info", "parent_exited", parent_pid=self._parent,
+                        action="uploading what is pending, then exiting")
+            self._drain = True
+            self._schedule(time.monotonic())
+            for tr in self._trackers:
+                tr.settle = 0.0
+
+    # ------------------------------------------------------------------ remote knowledge
+    def _refresh_remote(self, *, initial: bool = False) -> bool:
+        """Re-list the remote's committed checkpoints. False on a permanent error."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                listed = self.store.list()
+            except RemoteError as e:
+                if not e.retryable:
+                    self._fail_fast(e)
+                    return False
+                attempt += 1
+                delay = _backoff(attempt)
+                self.events("warning", "remote_unavailable", error=str(e), retry_in_s=delay)
+                if not initial or self._stop.wait(delay):
+                    return True
+                continue
+            except CkptSyncError as e:
+                self._fail_fast(e)
+                return False
+            self._remote = {m.name: m for m in listed}
+            self._remote_refreshed = time.monotonic()
+            return True
+        return True
+
+    def _fail_fast(self, e: BaseException) -> None:
+        self._fatal = str(e)
+        self._state = "failed"
+        self.events("error", "fatal", error=str(e),
+                    hint="a permanent remote error: fix the URL, bucket or credentials and "
+                         "restart; nothing partial was committed")
+
+    def _init_signatures(self) -> None:
+        for tr in self._trackers:
+            spooled = [c.manifest for c in self.spool.list()
+                       if c.manifest.source.get("rule") == tr.rule.spec]
+            remote = [m for m in self._remote.values()
+                      if is_watched(m) and m.source.get("rule") == tr.rule.spec]
+            newest = sorted(spooled + remote, key=lambda m: m.sort_key())
+            if newest:
+                tr.last_signature = signature_of(newest[-1])
+
+    # ------------------------------------------------------------------ reconcile
+    def _local_checkpoints(self) -> list[LocalCheckpoint]:
+        out = self.local.list() + self.spool.list()
+        out.sort(key=lambda c: c.manifest.sort_key())
+        return out
+
+    def _reconcile(self) -> None:
+        now = time.monotonic()
+        self._reconcile_at = now + self.config.interval
+        if now - self._remote_refreshed > max(_REMOTE_REFRESH_S, 12 * self.config.interval) \
+                and not self._inflight and not self._retention_running:
+            self._refresh_remote()
+            if self._fatal:
+                return
+        local = self._local_checkpoints()
+        self._local_names = [c.name for c in local]
+        doomed: set[str] = set()
+        policy = self.config.policy
+        if policy.active:
+            union = {c.name: c.manifest for c in local}
+            union.update(self._remote)
+            infos = [CheckpointInfo(m.name, m.step, m.sort_key(), m.metrics)
+                     for m in union.values()]
+            doomed = set(select_for_deletion(infos, policy, protect=self._protected()))
+        self._skipped = {n for n in doomed if n not in self._remote}
+        for ckpt in local:
+            name = ckpt.name
+            if name in self._remote or name in self._inflight or name in self._skipped:
+                continue
+            fail = self._failed.get(name)
+            if fail is not None and (fail.retry_at > now or (self.config.once and self._drain
+                                                              and fail.attempts >= 3)):
+                continue
+            self._submit_push(ckpt)
+        self._last_reconcile = time.time()
+        self._write_status()
+
+    def _protected(self) -> list[str]:
+        name = resumed_from(self.local.directory)
+        return [name] if name else []
+
+    def _submit_push(self, ckpt: LocalCheckpoint) -> None:
+        t0 = time.monotonic()
+        self.events("info", "push_start", name=ckpt.name, step=ckpt.step,
+                    bytes=ckpt.manifest.total_size)
+
+        def job() -> Manifest:
+            return self.store.push(ckpt, stop=self._abort)
+
+        fut = self._pool.submit(job)
+        self._inflight[ckpt.name] = fut
+        fut.add_done_callback(lambda f: self._q.put(("pushed", ckpt, (f, t0))))
+
+    def _on_pushed(self, ckpt: LocalCheckpoint, info: tuple[Future[Any], float],
+                   now: float) -> None:
+        fut, t0 = info
+        self._inflight.pop(ckpt.name, None)
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            m = fut.result()
+            self._remote[m.name] = m
+            self._failed.pop(ckpt.name, None)
+            self.events("info", "pushed", name=m.name, step=m.step, bytes=m.total_size,
+                        seconds=round(now - t0, 3),
+                        source=m.source.get("kind", "native"))
+            self._retention_due = self.config.policy.active
+            if ckpt.path.parent == self.spool.directory:
+                self._prune_spool(m)
+            self._write_status()
+            return
+        if self._abort.is_set():
+            self.events("warning", "push_abandoned", name=ckpt.name,
+                        detail="stopped before its commit: nothing partial is visible")
+            return
+        prev = self._failed.get(ckpt.name)
+        attempts = (prev.attempts if prev else 0) + 1
+        if isinstance(exc, RemoteError) and not exc.retryable:
+            self._fail_fast(exc)
+            self._stop.set()
+            return
+        delay = _backoff(attempts) if not (isinstance(exc, RemoteError) and exc.retryable) \
+            else _backoff(attempts, base=1.0, cap=120.0)
+        self._failed[ckpt.name] = _Failure(f"{type(exc).__name__}: {exc}", attempts, now + delay)
+        self._any_failed_once = True
+        self.events("warning", "push_failed", name=ckpt.name, attempt=attempts,
+                    error=str(exc), retry_in_s=round(delay, 2))
+        self._schedule(now + delay)
+        self._write_status()
+
+    def _prune_spool(self, pushed: Manifest) -> None:
+        """Keep the newest spooled version of a rule; older ones are superseded."""
+        rule = pushed.source.get("rule")
+        for c in self.spool.list():
+            if (c.manifest.source.get("rule") == rule and c.name != pushed.name
+                    and c.manifest.sort_key() < pushed.sort_key()
+                    and c.name not in self._inflight):
+                self.spool.delete(c.name)
+                self._failed.pop(c.name, None)
+
+    # ------------------------------------------------------------------ zero-code versions
+    def _take_versions(self, now: float) -> None:
+        if self._stop.is_set():
+            return
+        wall = time.time()
+        for tr in self._trackers:
+            due = tr.due(now, wall, force=self._drain)
+            if due is None:
+                continue
+            rels, step, guard = due
+            tr.busy = True
+            sig = tr.last_signature
+
+            def job(tr: VersionTracker = tr, rels: list[str] = rels, step: int | None = step,
+                    guard: list[str] = guard, sig: Any = sig) -> Snapshot:
+                return snapshot_version(self.spool, self.local.directory, tr.rule, rels,
+                                        step=step, last_signature=sig, guard=guard)
+
+            fut = self._snap_pool.submit(job)
+            fut.add_done_callback(self._snapshot_done(tr, rels, guard))
+
+    def _snapshot_done(self, tr: VersionTracker, rels: list[str],
+                       guard: list[str]) -> Callable[[Future[Snapshot]], None]:
+        def done(f: Future[Snapshot]) -> None:
+            self._q.put(("snapshot", tr, f, rels, guard, None))
+
+        return done
+
+    def _on_snapshot(self, tr: VersionTracker, fut: Future[Snapshot], rels: list[str],
+                     guard: list[str], _unused: Any) -> None:
+        tr.busy = False
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.events("error", "version_error", rule=tr.rule.spec, error=str(exc))
+            tr.last_event = time.monotonic()
+            return
+        snap = fut.result()
+        tr.record(snap, rels, guard)
+        if snap.ckpt is None:
+            level = "debug" if snap.skipped == "identical" else "warning"
+            if level != "debug":
+                self.events(level, "version_discarded", rule=tr.rule.spec, paths=rels,
+                            reason=snap.skipped, detail=snap.detail,
+                            note="never committed; the next version will be taken")
+            if snap.skipped in ("changed", "missing"):
+                tr.last_event = time.monotonic()
+            self._write_status()
+            return
+        self.events("info", "version_taken", rule=tr.rule.spec, name=snap.ckpt.name,
+                    step=snap.ckpt.step, paths=rels, bytes=snap.ckpt.manifest.total_size)
+        self._schedule(time.monotonic())
+
+    # ------------------------------------------------------------------ retention
+    def _maybe_retention(self) -> None:
+        if not self._retention_due or self._retention_running or self._stop.is_set():
+            return
+        if self._inflight:
+            return  # apply once the batch is committed
+        self._retention_due = False
+        self._retention_running = True
+        protect = self._protected()
+        policy = self.config.policy
+
+        def job() -> list[str]:
+            return self.store.apply_retention(policy, protect=protect)
+
+        fut = self._pool.submit(job)
+        fut.add_done_callback(lambda f: self._q.put(("retention", f)))
+
+    def _on_retention(self, fut: Future[list[str]]) -> None:
+        self._retention_running = False
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.events("warning", "retention_failed", error=str(exc))
+            return
+        deleted = fut.result()
+        for name in deleted:
+            self._remote.pop(name, None)
+            self.events("info", "retention_deleted", name=name)
+        self._write_status()
+
+    # ------------------------------------------------------------------ status / stop
+    def _drained(self) -> bool:
+        if self._inflight or any(t.busy for t in self._trackers):
+            return False
+        wall, now = time.time(), time.monotonic()
+        if any(t.due(now, wall, force=True) is not None for t in self._trackers):
+            return False
+        if self._reconcile_at is not None and self._reconcile_at <= now:
+            return False
+        pending = [n for n in self._pending_names() if n not in self._failed]
+        if pending:
+            return False
+        # With failures: --once gives up after a few attempts; a drain on parent exit as well.
+        return all(f.attempts >= 3 for f in self._failed.values())
+
+    def _pending_names(self) -> list[str]:
+        return [n for n in self._local_names
+                if n not in self._remote and n not in self._skipped]
+
+    def _write_status(self) -> None:
+        synced = [n for n in self._local_names if n in self._remote]
+        now = time.monotonic()
+        watch = [{"rule": t.rule.spec, "pending": t.pending(now)} for t in self._trackers]
+        st = {
+            "pid": os.getpid(),
+            "state": self._state,
+            "local_dir": str(self.local.directory),
+            "remote": self._redacted(),
+            "started": self._started,
+            "updated": _utc(),
+            "updated_ts": time.time(),
+            "last_reconcile": _utc(self._last_reconcile) if self._last_reconcile else None,
+            "last_reconcile_ts": self._last_reconcile,
+            "synced": synced,
+            "pending": self._pending_names(),
+            "uploading": sorted(self._inflight),
+            "failed": [{"name": n, "error": f.error, "attempts": f.attempts}
+                       for n, f in sorted(self._failed.items())],
+            "skipped_by_retention": sorted(self._skipped),
+            "watch": watch,
+            "error": self._fatal,
+        }
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.status_path, st)
+
+    def _shutdown(self) -> None:
+        """Stop every thread: snapshots finish, uploads get ``stop_timeout``, then abandon."""
+        self._state = "stopping"
+        self._snap_pool.shutdown(wait=True, cancel_futures=True)
+        inflight = list(self._inflight.values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if inflight:
+            self.events("info", "stopping", uploading=sorted(self._inflight),
+                        wait_s=self.config.stop_timeout)
+            _, not_done = wait_futures(inflight, timeout=self.config.stop_timeout)
+            if not_done:
+                self._abort.set()
+                wait_futures(not_done, timeout=30)
+        self._abort.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        # Let completion messages land in the status (committed or abandoned).
+        while True:
+            try:
+                it = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if it[0] == "pushed":
+                self._on_pushed(it[1], it[2], time.monotonic())
+            elif it[0] == "retention":
+                self._on_retention(it[1])
+
+
+def _backoff(attempt: int, base: float = 2.0, cap: float = 300.0) -> float:
+    """Exponential back-off with full jitter."""
+    return random.uniform(0.5, 1.0) * min(cap, base * 2 ** max(0, attempt - 1))
+
+
+# --------------------------------------------------------------------------- process entry
+def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
+    """Run the daemon in this process (the ``ckptsync watch`` command); return the exit code.
+
+    Installs the structured log, takes the directory lock, handles SIGTERM/SIGINT (stop) and
+    SIGUSR1 (reconcile now) on the main thread with ``sigwait`` (no handler runs inside a
+    lock), and runs :class:`Watcher` on a dispatcher thread.
+    """
+    events = EventLog(fmt=config.log_format)
+    bridge = _LogBridge(events)
+    pkg = logging.getLogger("ckptsync")
+    pkg.addHandler(bridge)
+    if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.propagate = False
+    logging.getLogger("watchdog").setLevel(logging.ERROR)
+    try:
+        config.local_dir.mkdir(parents=True, exist_ok=True)
+        _watch_dir(config.local_dir).mkdir(exist_ok=True)
+        lock = DirLock(config.local_dir)
+    except (ConfigError, OSError) as e:
+        events("error", "refused", error=str(e))
+        return EXIT_CONFIG
+    try:
+        try:
+            watcher = Watcher(config, store=store, events=events)
+        except ConfigError as e:
+            events("error", "refused", error=str(e))
+            return EXIT_CONFIG
+        except CkptSyncError as e:
+            events("error", "fatal", error=str(e))
+            return EXIT_REMOTE
+        if threading.current_thread() is not threading.main_thread():
+            return watcher.run()
+        return _run_with_signals(watcher, events)
+    finally:
+        lock.release()
+        pkg.removeHandler(bridge)
+
+
+def _run_with_signals(watcher: Watcher, events: EventLog) -> int:
+    sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started now inherit it
+    result: list[int] = []
+
+    def target() -> None:
+        try:
+            result.append(watcher.run())
+        except BaseException as e:
+            events("error", "crashed", error=f"{type(e).__name__}: {e}")
+            result.append(EXIT_FAILED)
+        finally:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
+
+    t = threading.Thread(target=target, name="ckptsync-dispatch")
+    t.start()
+    try:
+        while True:
+            sig = signal.sigwait(sigs)
+            if sig == signal.SIGUSR2 and not t.is_alive():
+                break
+            if sig == signal.SIGUSR1:
+                watcher.request_reconcile()
+            elif sig in (signal.SIGTERM, signal.SIGINT):
+                events("info", "signal", signal=signal.Signals(sig).name,
+                       action="finishing in-flight uploads, then exiting")
+                watcher.request_stop()
+            elif sig == signal.SIGUSR2:
+                continue
+        t.join()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return result[0] if result else EXIT_FAILED
+
+
+def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchConfig:
+    """Build a :class:`WatchConfig` from the ``watch`` subcommand's parsed arguments."""
+    opts: dict[str, Any] = {}
+    for text in getattr(args, "storage_option", None) or []:
+        k, v = parse_storage_option(text)
+        opts[k] = v
+    return WatchConfig.resolve(
+        {
+            "local_dir": args.local_dir,
+            "remote": args.remote,
+            "config": args.config,
+            "storage_options": opts or None,
+            "keep_last": args.keep_last,
+            "keep_best": args.keep_best,
+            "keep_every": args.keep_every,
+            "once": True if args.once else None,
+            "interval": args.interval,
+            "settle": args.settle,
+            "rules": list(args.rule or []),
+            "workers": args.workers,
+            "parent_pid": args.parent_pid,
+            "stop_timeout": args.stop_timeout,
+            "log_format": args.log_format,
+        },
+        env,
+    )

@@ -1,0 +1,139 @@
+"""The ``watch`` and ``status`` subcommands (argparse definitions and their run functions).
+
+Wire them into another parser with one call::
+
+    from ckptsync.watch_cli import add_subcommands
+    add_subcommands(subparsers)        # each subparser sets func= (and _run=) to its runner
+
+Each runner takes the parsed ``argparse.Namespace`` and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ckptsync.errors import CkptSyncError, ConfigError
+
+__all__ = ["add_subcommands", "main", "run_status", "run_watch"]
+
+WATCH_HELP = "watch a checkpoint directory and sync every finished checkpoint to a remote"
+STATUS_HELP = "show what a watch daemon synced, has pending or failed (running or stopped)"
+
+WATCH_EPILOG = """\
+settings: flags > CKPTSYNC_* environment (CKPTSYNC_REMOTE, CKPTSYNC_STORAGE_OPTIONS as JSON,
+CKPTSYNC_KEEP_LAST, CKPTSYNC_KEEP_BEST, CKPTSYNC_KEEP_EVERY, CKPTSYNC_INTERVAL,
+CKPTSYNC_SETTLE, CKPTSYNC_RULES one per line, CKPTSYNC_WORKERS, CKPTSYNC_STOP_TIMEOUT,
+CKPTSYNC_LOG_FORMAT, CKPTSYNC_CONFIG) > config file (TOML or JSON) > defaults.
+
+zero-code rules (trainers that only call torch.save):
+  --rule 'file:ckpt.pt'            a fixed file, renamed into place or rewritten in place
+  --rule 'dir:checkpoint-*:DONE'   a directory per checkpoint, finished when DONE is written
+  options after ';': step=REGEX (first group is the step) or step=none
+
+exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints;
+2 bad configuration or another daemon watches the directory; 3 permanent remote error."""
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Add ``watch`` and ``status`` to an ``argparse`` subparsers object."""
+    w = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_HELP,
+                              epilog=WATCH_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("local_dir", metavar="LOCAL_DIR", help="directory the trainer writes to")
+    w.add_argument("remote", metavar="REMOTE_URL", nargs="?", default=None,
+                   help="fsspec URL (s3://bucket/run, gs://..., gdrive://..., file:///...)")
+    w.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option (VALUE parsed as JSON when it parses); repeatable")
+    w.add_argument("--keep-last", type=int, help="remote retention: keep the last N")
+    w.add_argument("--keep-best", metavar="METRIC:min|max:K",
+                   help="remote retention: keep the best K by a metric")
+    w.add_argument("--keep-every", type=int, metavar="M",
+                   help="remote retention: keep every Mth step")
+    w.add_argument("--once", action="store_true",
+                   help="sync what is there now, then exit (0 when everything is committed)")
+    w.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="seconds between full reconciles (default 5)")
+    w.add_argument("--settle", type=float, metavar="SECONDS",
+                   help="zero-code: quiet time after an in-place write (default 2)")
+    w.add_argument("--rule", action="append", default=[], metavar="RULE",
+                   help="zero-code watch rule (repeatable), see below")
+    w.add_argument("--config", metavar="FILE", help="config file (TOML or JSON)")
+    w.add_argument("--workers", type=int, help="checkpoints uploaded at once (default 2)")
+    w.add_argument("--stop-timeout", type=float, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for in-flight uploads (default 30)")
+    w.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="when PID exits, upload what is pending and exit")
+    w.add_argument("--log-format", choices=("kv", "json"), help="log line format (default kv)")
+    w.set_defaults(func=run_watch, _run=run_watch)
+
+    s = subparsers.add_parser("status", help=STATUS_HELP, description=STATUS_HELP)
+    s.add_argument("local_dir", metavar="LOCAL_DIR", help="the watched directory")
+    s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    s.set_defaults(func=run_status, _run=run_status)
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground (the ``watch`` subcommand)."""
+    from ckptsync.watch import EXIT_CONFIG, config_from_args, run_daemon
+
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"ckptsync watch: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_daemon(config)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Print the daemon status of a directory; exit 0 (1 when checkpoints failed)."""
+    from ckptsync.watch import daemon_status
+
+    st = daemon_status(args.local_dir)
+    if getattr(args, "json", False):
+        print(json.dumps(st, indent=1, sort_keys=True))
+    else:
+        print(format_status(st))
+    return 1 if st.get("failed") else 0
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """Human-readable status text."""
+    if "state" not in st:
+        return f"{st['local_dir']}: no ckptsync watch daemon has run here"
+    running = f"running (pid {st.get('pid')})" if st["running"] else \
+        f"not running (last state: {st.get('state')}, pid was {st.get('pid')})"
+    lines = [
+        f"directory: {st['local_dir']}",
+        f"remote:    {st.get('remote')}",
+        f"daemon:    {running}",
+        f"last reconcile: {st.get('last_reconcile') or 'never'}",
+        f"synced:  {len(st['synced'])}" + (f" (newest {st['synced'][-1]})" if st["synced"] else ""),
+        f"pending: {len(st['pending'])}" + "".join(f"\n  {n}" for n in st["pending"]),
+        f"failed:  {len(st['failed'])}" + "".join(
+            f"\n  {f['name']} ({f['attempts']} attempts): {f['error']}" for f in st["failed"]),
+    ]
+    for w in st.get("watch", []):
+        lines.append(f"rule {w['rule']}: {'writing/settling' if w['pending'] else 'idle'}")
+    if st.get("error"):
+        lines.append(f"error: {st['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ckptsync watch|status ...`` on its own (used by ``python -m ckptsync``)."""
+    parser = argparse.ArgumentParser(prog="ckptsync")
+    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as e:
+        print(f"ckptsync: error: {e}", file=sys.stderr)
+        return 2
+    except CkptSyncError as e:
+        print(f"ckptsync: error: {e}", file=sys.stderr)
+        return 1
+    return code
