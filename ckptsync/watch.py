@@ -892,7 +892,12 @@ class Watcher:
     def _write_status(self) -> None:
         synced = [n for n in self._local_names if n in self._remote]
         now = time.monotonic()
-        watch = [{"rule": t.rule.spec, "pending": t.pending(now)} for t in self._trackers]
+        wall = time.time()
+        # Pending also counts a finished version not yet taken (say, a file that was there
+        # before the daemon started): flush() must not return before it is committed.
+        watch = [{"rule": t.rule.spec,
+                  "pending": t.pending(now) or t.due(now, wall, force=True) is not None}
+                 for t in self._trackers]
         st = {
             "pid": os.getpid(),
             "state": self._state,
