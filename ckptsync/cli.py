@@ -309,6 +309,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
         script=Path(args.script) if args.script else None,
         progress=not (args.no_progress or args.json),
+        narrate_to_stderr=args.json,
     ))
     _emit(args, report, format_report(report))
     return 0 if report["exact"] else 1

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from train_tiny_lm import DATA, CharTokenizer, RandomBatches, TinyGPT  # noqa: E402
+from train_tiny_lm import DATA, CharTokenizer, RandomBatches, TinyGPT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

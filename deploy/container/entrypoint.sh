@@ -1,0 +1,45 @@
+#!/bin/sh
+# ckptsync sidecar entrypoint (torch-free image).
+#
+#   ckptsync-sidecar watch [FLAGS...]   run the daemon on $CKPTSYNC_LOCAL_DIR (default mode)
+#   ckptsync-sidecar pull               restore the newest valid checkpoint into
+#                                       $CKPTSYNC_LOCAL_DIR before the trainer starts; an empty
+#                                       remote is a fresh start (exit 0)
+#
+# Environment: CKPTSYNC_LOCAL_DIR (the shared volume), CKPTSYNC_REMOTE (the run's URL),
+# optional CKPTSYNC_STORAGE_OPTIONS (JSON), CKPTSYNC_KEEP_LAST, CKPTSYNC_RULES, ... (see
+# `ckptsync watch --help`) and the backend's own credential variables.
+#
+# `watch` execs the daemon, so it receives SIGTERM directly (no shell in between): it finishes
+# in-flight uploads within CKPTSYNC_STOP_TIMEOUT, or abandons them uncommitted, and exits 0.
+set -eu
+
+: "${CKPTSYNC_LOCAL_DIR:?set CKPTSYNC_LOCAL_DIR to the checkpoint volume, e.g. /ckpt}"
+: "${CKPTSYNC_REMOTE:?set CKPTSYNC_REMOTE to the run URL, e.g. s3://bucket/run-17}"
+mkdir -p "$CKPTSYNC_LOCAL_DIR"
+
+mode="${1:-watch}"
+[ $# -gt 0 ] && shift
+
+case "$mode" in
+watch)
+    exec ckptsync watch "$CKPTSYNC_LOCAL_DIR" "$CKPTSYNC_REMOTE" "$@"
+    ;;
+pull)
+    # The CLI takes storage options as -o KEY=JSON; expand CKPTSYNC_STORAGE_OPTIONS into them.
+    opts=$(python -c '
+import json, os, shlex
+o = json.loads(os.environ.get("CKPTSYNC_STORAGE_OPTIONS") or "{}")
+print(" ".join(shlex.quote("-o" + k + "=" + json.dumps(v)) for k, v in o.items()))')
+    eval "set -- $opts \"\$@\""
+    if [ "$(ckptsync ls "$CKPTSYNC_REMOTE" --json --no-progress "$@")" = "[]" ]; then
+        echo "ckptsync-sidecar: no checkpoint in $CKPTSYNC_REMOTE yet: a fresh start"
+        exit 0
+    fi
+    exec ckptsync pull "$CKPTSYNC_REMOTE" "$CKPTSYNC_LOCAL_DIR" --no-progress "$@"
+    ;;
+*)
+    echo "ckptsync-sidecar: unknown mode '$mode' (expected watch or pull)" >&2
+    exit 2
+    ;;
+esac
