@@ -262,6 +262,7 @@ class Checkpointer:
     ) -> Manifest:
         t0 = time.perf_counter()
         staging = self.store.staging(name)
+        streams: dict[str, Any] = {}
         try:
             files = dict(trees)
             if rng is not None:
@@ -269,6 +270,13 @@ class Checkpointer:
             for obj_name, tree in files.items():
                 relpath = f"{obj_name}.pt"
                 w = staging.open(relpath)
+                # With an S3 remote, large files are uploaded while they are serialized (the
+                # bytes hashed are the bytes sent); nothing is visible remotely before push.
+                stream = (self.remote.stream_file(name, relpath)
+                          if self.remote is not None and self._upload_pool is not None else None)
+                if stream is not None:
+                    streams[relpath] = stream
+                    w.tee = stream.write
                 try:
                     torch.save(tree, w)  # type: ignore[arg-type]  # hashed while written
                 except Exception:
@@ -281,20 +289,22 @@ class Checkpointer:
             ckpt = staging.commit(manifest)
         except BaseException:
             staging.abort()
+            for stream in streams.values():
+                stream.abort()
             raise
         log.info("saved %s (step %s, %.1f MB) in %.2fs", ckpt.path, step,
                  manifest.total_size / 1e6, time.perf_counter() - t0)
         if self.remote is not None and self._upload_pool is not None:
             with self._lock:
                 self._uploading.add(name)
-                self._uploads.append(self._upload_pool.submit(self._upload, ckpt))
+                self._uploads.append(self._upload_pool.submit(self._upload, ckpt, streams))
         self._apply_local_retention()
         return manifest
 
-    def _upload(self, ckpt: LocalCheckpoint) -> Manifest:
+    def _upload(self, ckpt: LocalCheckpoint, streams: Mapping[str, Any] | None = None) -> Manifest:
         assert self.remote is not None
         try:
-            manifest = self.remote.push(ckpt)
+            manifest = self.remote.push(ckpt, streams=streams)
             if self.policy.active:
                 protect = [n for n in (self._resumed_from,) if n]
                 self.remote.apply_retention(self.policy, protect=protect)
@@ -443,12 +453,14 @@ class Checkpointer:
             ckpt = self._named(name)
             self.store.verify(ckpt)
             return ckpt
-        if self.remote is not None:
-            self._pull_if_newer()
+        pulled = self._pull_if_newer() if self.remote is not None else None
         failures = []
         for ckpt in reversed(self.store.list()):
             try:
-                self.store.verify(ckpt)
+                # A checkpoint pulled just now had every byte's sha256 verified while it was
+                # downloaded and fsynced: hashing it again would only double the resume time.
+                if ckpt.name != pulled:
+                    self.store.verify(ckpt)
             except CorruptCheckpointError as e:
                 log.warning("checkpoint %s is corrupt, falling back to an older one: %s",
                             ckpt.name, e)
@@ -470,7 +482,8 @@ class Checkpointer:
                 raise
         return self.remote.pull(name, self.store)
 
-    def _pull_if_newer(self) -> None:
+    def _pull_if_newer(self) -> str | None:
+        """Pull the newest valid remote checkpoint if newer than every local one; its name."""
         assert self.remote is not None
         local = self.store.list()
         newest_local = local[-1].manifest.sort_key() if local else None
@@ -482,12 +495,13 @@ class Checkpointer:
             try:
                 self.remote.pull(candidate.name, self.store)
                 log.info("pulled %s from %s", candidate.name, self.remote.url)
-                return
+                return candidate.name
             except CorruptCheckpointError as e:
                 log.warning("remote checkpoint %s is corrupt, trying an older one: %s",
                             candidate.name, e)
             older = [m for m in self.remote.list() if m.name not in tried]
             candidate = older[-1] if older else None
+        return None
 
     def _load(self, ckpt: LocalCheckpoint, map_location: Any,
               objects: Mapping[str, Any]) -> RestoreInfo:

@@ -60,7 +60,7 @@ class TransferConfig:
     grace_s: float = 24 * 3600.0
     ranged_min_size: int = 64 * MiB
     part_size: int = 16 * MiB
-    parts_in_flight: int = 8
+    parts_in_flight: int = 4
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "chunk_size", "block_size", "retries", "ranged_min_size",

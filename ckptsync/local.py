@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO
@@ -118,6 +118,9 @@ class HashingWriter:
         self.size = 0
         self.closed = False
         self.error: OSError | None = None
+        # Also given every byte once written and hashed (the checkpointer streams large files
+        # to the remote while they are serialized); must not raise.
+        self.tee: Callable[[memoryview], None] | None = None
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -136,6 +139,8 @@ class HashingWriter:
             raise
         self._hash.update(mv)
         self.size += len(mv)
+        if self.tee is not None:
+            self.tee(mv)
         return len(mv)
 
     def flush(self) -> None:

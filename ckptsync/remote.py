@@ -59,6 +59,7 @@ from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
 from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 from ckptsync.transfer import (
+    MultipartStream,
     NullProgress,
     Progress,
     Retrier,
@@ -315,6 +316,7 @@ class RemoteStore:
         # Server-side copy of files unchanged since the previous checkpoint (no bytes sent).
         self._server_copy = type(fs).__name__ in ("S3FileSystem", "GCSFileSystem")
         self._stats_lock = threading.Lock()
+        self._stream_slots = threading.BoundedSemaphore(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
         """Totals over this store's pushes: bytes sent, and bytes copied server-side instead."""
 
@@ -651,8 +653,13 @@ class RemoteStore:
         *,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        streams: Mapping[str, MultipartStream] | None = None,
     ) -> Manifest:
         """Upload a committed local checkpoint and commit it remotely.
+
+        ``streams`` (relative path -> :meth:`stream_file` sink fed while the file was written)
+        are completed instead of uploading those files again; any that cannot be completed
+        is dropped and its file uploaded normally.
 
         Files are uploaded (in parallel, retried), their remote sizes checked, then the
         manifest is written with a create-only write, then ``LATEST`` is updated. Pushing a
@@ -668,6 +675,25 @@ class RemoteStore:
             LocalStorageError, CorruptCheckpointError: a local file is unreadable or changed
                 since its commit.
         """
+        streams = dict(streams or {})
+        try:
+            return self._push(ckpt, progress, stop, streams)
+        finally:
+            for s in streams.values():  # idempotent: completed ones are already closed
+                s.abort()
+
+    def stream_file(self, name: str, relpath: str) -> MultipartStream | None:
+        """A sink uploading ``<name>/<relpath>`` while it is being written locally (S3 only;
+        None elsewhere). Pass it to :meth:`push` once the local checkpoint is committed; the
+        file stays invisible (an incomplete multipart upload) until then."""
+        if not self._parallel_parts or not _SAFE_NAME.match(name):
+            return None
+        return MultipartStream(self.fs, self._path(name, relpath),
+                               url=self.url_of(name, relpath), config=self.config,
+                               retrier=self._retry, slots=self._stream_slots)
+
+    def _push(self, ckpt: LocalCheckpoint, progress: Progress | None,
+              stop: threading.Event | None, streams: dict[str, MultipartStream]) -> Manifest:
         m = ckpt.manifest
         name = m.name
         existing = self.read_manifest(name)
@@ -692,7 +718,7 @@ class RemoteStore:
         try:
             tasks = [
                 partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
-                        source=sources.get((f.sha256, f.size)))
+                        source=sources.get((f.sha256, f.size)), stream=streams.get(f.path))
                 for f in m.files
             ]
             run_parallel(tasks, max_workers=self._workers, stop=stop)
@@ -780,10 +806,16 @@ class RemoteStore:
     def _upload_task(
         self, ckpt: LocalCheckpoint, relpath: str, stop: threading.Event, *, progress: Progress,
         slots: threading.Semaphore | None = None, source: str | None = None,
+        stream: MultipartStream | None = None,
     ) -> None:
         entry = next(f for f in ckpt.manifest.files if f.path == relpath)
         final = self._path(ckpt.name, relpath)
         url = self.url_of(ckpt.name, relpath)
+        # Sent while it was serialized: the stream got exactly the bytes hashed into entry.
+        if stream is not None and stream.finish(entry, progress):
+            with self._stats_lock:
+                self.stats["bytes_uploaded"] += entry.size
+            return
         # The previous checkpoint holds these very bytes (same sha256): copy, do not send.
         # The copy's size is checked, and every download verifies its sha256 as usual.
         if source is not None and self._copy_unchanged(source, final, entry, url):

@@ -41,6 +41,7 @@ from ckptsync.local import HashingWriter
 from ckptsync.manifest import FileEntry
 
 __all__ = [
+    "MultipartStream",
     "NullProgress",
     "Progress",
     "Retrier",
@@ -350,6 +351,127 @@ def upload_file_multipart(
         raise
     finally:
         fs.invalidate_cache(remote_path)
+
+
+class MultipartStream:
+    """Uploads bytes to S3 as they are written: a parallel multipart upload fed by a writer.
+
+    The checkpointer tees a file being serialized (and hashed, and written locally) into
+    :meth:`write`; every full ``part_size`` part is sent on a small pool at once, so
+    serialization, hashing and upload overlap and the file is never read back. The multipart
+    upload is created with the first full part (a smaller file is left to the normal upload).
+    ``slots`` bound the parts held in memory; a full window makes :meth:`write` wait.
+    :meth:`write` never raises: a failure marks the stream failed, and :meth:`finish` then
+    returns False so that the caller uploads the committed file the normal way. Nothing is
+    visible remotely until :meth:`finish` completes the upload; :meth:`abort` drops it.
+    """
+
+    def __init__(self, fs: Any, remote_path: str, *, url: str, config: TransferConfig,
+                 retrier: Retrier, slots: threading.Semaphore) -> None:
+        self.fs = fs
+        self.remote_path = remote_path
+        self.url = url
+        self.retrier = retrier
+        self.slots = slots
+        self.part_size = config.part_size
+        self.bucket, self.key, _ = fs.split_path(remote_path)
+        self.size = 0
+        self.error: BaseException | None = None
+        self._buf = bytearray()
+        self._upload_id: str | None = None
+        self._futures: list[Future[dict[str, Any]]] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._done = False
+        self._window = max(1, config.parts_in_flight)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, Bucket=self.bucket, Key=self.key,
+                    **kwargs)
+
+    def write(self, data: memoryview) -> None:
+        if self.error is not None or self._done:
+            return
+        try:
+            self._buf += data
+            self.size += len(data)
+            while len(self._buf) >= self.part_size:
+                part = bytes(self._buf[: self.part_size])
+                del self._buf[: self.part_size]
+                self._send(part)
+        except BaseException as e:  # the local save must go on: fall back to a normal upload
+            log.info("streaming upload of %s stopped, will upload after commit: %s", self.url, e)
+            self.error = e
+            self._buf = bytearray()
+
+    def _send(self, data: bytes) -> None:
+        if self._upload_id is None:
+            self._upload_id = self.retrier.call(
+                lambda: self._call("create_multipart_upload")["UploadId"], url=self.url,
+                action="upload to")
+            self._pool = ThreadPoolExecutor(self._window, thread_name_prefix="ckptsync-stream")
+        failed = next((f for f in self._futures if f.done() and f.exception()), None)
+        if failed is not None:
+            failed.result()
+        self.slots.acquire()
+        assert self._pool is not None
+        self._futures.append(self._pool.submit(self._put, len(self._futures) + 1, data))
+
+    def _put(self, number: int, data: bytes) -> dict[str, Any]:
+        try:
+            resp = self.retrier.call(
+                lambda: self._call("upload_part", PartNumber=number, UploadId=self._upload_id,
+                                   Body=data),
+                url=self.url, action="upload to")
+            return {"PartNumber": number, "ETag": resp["ETag"]}
+        finally:
+            self.slots.release()
+
+    def finish(self, entry: FileEntry, progress: Progress | None = None) -> bool:
+        """Send the rest and complete the upload; True if ``remote_path`` now holds exactly the
+        ``entry.size`` bytes written (the bytes hashed into ``entry``), False if the caller must
+        upload the file itself."""
+        if self._done:
+            return False
+        try:
+            if self.error is not None or self._upload_id is None or self.size != entry.size:
+                return False
+            if self._buf:
+                self._send(bytes(self._buf))
+                self._buf = bytearray()
+            parts = [f.result() for f in self._futures]
+            self.retrier.call(
+                lambda: self._call("complete_multipart_upload", UploadId=self._upload_id,
+                                   MultipartUpload={"Parts": parts}),
+                url=self.url, action="upload to")
+            self._upload_id = None  # completed: nothing to abort
+            if progress is not None:
+                progress.update(entry.size)
+            return True
+        except BaseException as e:
+            log.info("streaming upload of %s failed, uploading the file instead: %s", self.url, e)
+            self.error = e
+            return False
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the upload (idempotent); nothing becomes visible."""
+        self._done = True
+        self._buf = bytearray()
+        for f in self._futures:
+            f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            try:
+                self._call("abort_multipart_upload", UploadId=upload_id)
+            except Exception:  # best effort: gc aborts what is left
+                log.debug("could not abort multipart upload of %s", self.url, exc_info=True)
+        self.fs.invalidate_cache(self.remote_path)
 
 
 def _local_write(writer: HashingWriter, chunk: bytes) -> None:
