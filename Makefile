@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean bench bench-quick
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,14 +16,28 @@ $(STAMP): pyproject.toml requirements/dev.txt
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check ckptsync tests examples
+	$(BIN)/ruff check ckptsync tests examples deploy bench
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Train a tiny GPT, SIGKILL it, resume on a "fresh VM" from the remote; prints "exact resume: yes".
 demo: $(STAMP)
-	$(BIN)/python examples/train_tiny_lm.py --demo
+	$(BIN)/ckptsync demo
+
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) requirements/bench.txt
+	$(BIN)/python -m pip install -q -r requirements/bench.txt
+	touch $(BENCH_STAMP)
+
+# Benchmarks against the peers (bench/README.md); results land in bench/results/.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --full
+
+bench-quick: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,84 @@
+"""2. Time to durable: from ``save`` until the checkpoint is committed in S3."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.common import Ctx, Table, Target, make_state, measure, state_dict
+from bench.peers import DcpAsync, TorchSnapshot, dcp_save, rmtree, torch_save_fsync
+
+
+def perturb(model: Any, opt: Any) -> None:
+    """Change every tensor (as a training step would), so no file is unchanged."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1e-3)
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    v.add_(1e-3)
+
+
+def timed_after(setup: Callable[[], None], fn: Callable[[], None]) -> float:
+    setup()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(ctx: Ctx) -> list[Table]:
+    from ckptsync import Checkpointer
+
+    model, opt = make_state(ctx.size)
+    client = ctx.boto3()
+    ours = Checkpointer(ctx.fresh_dir("ours-durable"), remote=ctx.s3("durable-ours"),
+                        storage_options=ctx.storage_options, keep_last=1)
+    dcp_async = DcpAsync(async_staging=False)
+    local = ctx.fresh_dir("peer-durable")
+    p = lambda: perturb(model, opt)  # noqa: E731
+
+    def ours_fn() -> None:
+        ours.save(1, model=model, optimizer=opt)
+        ours.wait()
+
+    def save_boto3() -> None:
+        path = local / "ckpt.pt"
+        torch_save_fsync(state_dict(model, opt), path)
+        from bench.peers import boto3_config
+
+        client.upload_file(str(path), ctx.bucket, f"durable-boto3/{uuid.uuid4().hex}/ckpt.pt",
+                           Config=boto3_config())
+
+    def dcp_s3() -> None:
+        dcp_save(state_dict(model, opt), ctx.s3("durable-dcp", uuid.uuid4().hex), ctx)
+
+    def dcp_async_s3() -> None:
+        dcp_async.save(state_dict(model, opt), ctx.s3("durable-dcpa", uuid.uuid4().hex), ctx)
+        dcp_async.wait()
+
+    def ts_s3() -> None:
+        ts = TorchSnapshot()
+        ts.take({"model": model, "optimizer": opt}, ctx.s3("durable-ts", uuid.uuid4().hex))
+
+    rows = measure({
+        "ckptsync save->remote commit": lambda: timed_after(p, ours_fn),
+        "torch.save+fsync+boto3 upload_file": lambda: timed_after(p, save_boto3),
+        "dcp.save FsspecWriter s3": lambda: timed_after(p, dcp_s3),
+        "dcp.async_save FsspecWriter s3": lambda: timed_after(p, dcp_async_s3),
+        "torchsnapshot take s3": lambda: timed_after(p, ts_s3),
+    }, ctx.runs)
+    ours.close()
+    dcp_async.close()
+    rmtree(local)
+    peers = [k for k in rows if not k.startswith("ckptsync")]
+    return [Table(
+        f"time to durable in S3, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
+        baseline="torch.save+fsync+boto3 upload_file",
+        targets=[Target("<= 0.8x fastest peer", "ckptsync save->remote commit", peers, 0.8)],
+        notes=["every tensor is changed before each save, so no file is deduplicated"],
+    )]

@@ -1,0 +1,170 @@
+"""6. Training time lost: a CPU training loop on both cores runs K steps with one checkpoint of
+the big state (taken early in the loop) and without; time lost = difference of wall times, where
+"with" ends when the K steps are done AND the checkpoint is durable."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench.common import ROOT, Ctx, Table, Target, make_state, measure, state_dict
+from bench.peers import DcpAsync, lightning_async_s3, rmtree, torch_save_fsync
+
+
+class Loop:
+    """A small MLP trained on random data with 2 threads: about ``seconds`` per run."""
+
+    def __init__(self, seconds: float) -> None:
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(),
+                                       torch.nn.Linear(1024, 512))
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=1e-3)
+        self.x = torch.randn(256, 512)
+        for _ in range(20):  # warm up
+            self.step()
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < 1.0:
+            self.step()
+            n += 1
+        self.k = max(20, int(seconds * n / (time.perf_counter() - t0)))
+
+    def step(self) -> None:
+        loss = self.net(self.x).square().mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+
+    def run(self, save: Callable[[], None] | None = None,
+            wait: Callable[[], None] | None = None) -> float:
+        at = self.k // 10
+        t0 = time.perf_counter()
+        for i in range(self.k):
+            self.step()
+            if save is not None and i == at:
+                save()
+        if wait is not None:
+            wait()
+        return time.perf_counter() - t0
+
+
+class Daemon:
+    """A long-running ``bench.children daemon`` process pushing what appears in ``directory``."""
+
+    def __init__(self, ctx: Ctx, directory: Any, url: str, nice: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.children", "daemon", "--dir", str(directory), "--url",
+             url, "--options", json.dumps(ctx.storage_options), "--nice", str(nice)],
+            cwd=ROOT, env=ctx.env(), stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def wait_pushed(self) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith("pushed"), line
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def run(ctx: Ctx) -> list[Table]:
+    from ckptsync import Checkpointer
+
+    model, opt = make_state(ctx.size)
+    loop = Loop(5.0 if ctx.quick else 15.0)
+    fs = ctx.s3fs()
+    dirs: list[Any] = []
+
+    def fresh(prefix: str) -> Any:
+        while len(dirs) > 3:
+            rmtree(dirs.pop(0))
+        d = ctx.fresh_dir(prefix)
+        dirs.append(d)
+        return d
+
+    ours_local = Checkpointer(ctx.fresh_dir("tl-ours"), keep_last=1)
+    ours_s3 = Checkpointer(ctx.fresh_dir("tl-ours-s3"), remote=ctx.s3("tl-ours"),
+                           storage_options=ctx.storage_options, keep_last=1)
+    dcp_local, dcp_s3 = DcpAsync(False), DcpAsync(False)
+    daemons: dict[int, tuple[Any, Daemon, Any]] = {}
+    for nice in (0, 19):
+        d = ctx.fresh_dir(f"tl-daemon{nice}")
+        c = Checkpointer(d, keep_last=1)
+        daemons[nice] = (c, Daemon(ctx, d, ctx.s3(f"tl-daemon{nice}"), nice), d)
+    bg: list[threading.Thread] = []
+
+    def lightning_save() -> None:
+        snap = {k: {kk: (vv.detach().clone() if isinstance(vv, torch.Tensor) else vv)
+                    for kk, vv in v.items()} if k == "model" else v
+                for k, v in state_dict(model, opt).items()}
+        import copy
+
+        snap["optimizer"] = copy.deepcopy(snap["optimizer"])
+        t = threading.Thread(target=lightning_async_s3,
+                             args=(snap, fs, ctx.s3("tl-light", uuid.uuid4().hex, "ckpt.pt")))
+        t.start()
+        bg.append(t)
+
+    def join_bg() -> None:
+        while bg:
+            bg.pop().join()
+
+    def daemon_run(nice: int) -> float:
+        c, dmn, _ = daemons[nice]
+        return loop.run(lambda: c.save(1, model=model, optimizer=opt),
+                        lambda: (c.wait(), dmn.wait_pushed()))
+
+    contenders: dict[str, Callable[[], float | None]] = {
+        "no checkpoint": lambda: loop.run(),
+        "local: torch.save+fsync": lambda: loop.run(
+            lambda: torch_save_fsync(state_dict(model, opt), fresh("tl") / "c.pt")),
+        "local: dcp.async_save": lambda: loop.run(
+            lambda: dcp_local.save(state_dict(model, opt), fresh("tl-dcp")), dcp_local.wait),
+        "local: ckptsync save": lambda: loop.run(
+            lambda: ours_local.save(1, model=model, optimizer=opt), ours_local.wait),
+        "s3: dcp.async_save FsspecWriter": lambda: loop.run(
+            lambda: dcp_s3.save(state_dict(model, opt), ctx.s3("tl-dcp", uuid.uuid4().hex), ctx),
+            dcp_s3.wait),
+        "s3: lightning-style async (buffer+pipe)": lambda: loop.run(lightning_save, join_bg),
+        "s3: ckptsync in-process upload": lambda: loop.run(
+            lambda: ours_s3.save(1, model=model, optimizer=opt), ours_s3.wait),
+        "s3: ckptsync save + daemon": lambda: daemon_run(0),
+        "s3: ckptsync save + daemon (nice 19)": lambda: daemon_run(19),
+    }
+    raw = measure(contenders, ctx.runs if not ctx.quick else 1, warmup=not ctx.quick)
+    for c, dmn, _ in daemons.values():
+        dmn.close()
+        c.close()
+    ours_local.close()
+    ours_s3.close()
+    dcp_local.close()
+    dcp_s3.close()
+    base = statistics.median(raw["no checkpoint"])
+    lost = {k: [x - base for x in v] for k, v in raw.items() if k != "no checkpoint"}
+    s3_peers = ["s3: dcp.async_save FsspecWriter", "s3: lightning-style async (buffer+pipe)"]
+    local_peers = ["local: torch.save+fsync", "local: dcp.async_save"]
+    return [Table(
+        f"training time lost to one {ctx.size.nbytes / 1e9:.2f} GB checkpoint "
+        f"(loop of {loop.k} steps, {base:.1f} s without)", "s lost", lost,
+        baseline="local: torch.save+fsync",
+        targets=[Target("s3 <= 0.25x best s3 peer", "s3: ckptsync save + daemon (nice 19)",
+                        s3_peers, 0.25),
+                 Target("s3 in-process <= 0.25x best s3 peer", "s3: ckptsync in-process upload",
+                        s3_peers, 0.25),
+                 Target("local <= 0.7x best local peer", "local: ckptsync save", local_peers,
+                        0.7)],
+        notes=["time lost = (loop wall time incl. waiting for durability) - median without "
+               "checkpoint; the daemon is a long-running child process (bench.children)"],
+    )]

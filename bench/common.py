@@ -1,0 +1,257 @@
+"""Shared pieces of the benchmarks: the state, the S3 server, timing, tables and JSON.
+
+Every benchmark module has ``run(ctx) -> list[Table]``; :mod:`bench.run` starts one SeaweedFS
+server for all of them and prints each table. Timings alternate the contenders run by run
+(after one warm-up of each), so a noisy neighbour hurts all of them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # tests/servers.py: the SeaweedFS context manager
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Size:
+    """A state: ``layers`` Linear(width, width) layers plus AdamW state (3 copies of params)."""
+
+    width: int
+    layers: int
+
+    @property
+    def params(self) -> int:
+        return self.layers * (self.width * self.width + self.width)
+
+    @property
+    def nbytes(self) -> int:
+        return 3 * 4 * self.params  # params + exp_avg + exp_avg_sq, float32
+
+
+FULL = Size(2048, 19)  # ~80M params, ~0.96 GB serialized with AdamW state
+FULL_BIG = Size(2048, 76)  # ~320M params, ~3.8 GB (memory benchmark)
+QUICK = Size(1024, 12)  # ~13M params, ~0.15 GB
+QUICK_BIG = Size(1024, 32)  # ~0.4 GB
+
+
+@dataclass
+class Ctx:
+    quick: bool
+    runs: int
+    size: Size
+    big: Size
+    tmp: Path
+    endpoint: str = ""
+    bucket: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    server: Any = None
+
+    def s3(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def fresh_dir(self, prefix: str) -> Path:
+        d = self.tmp / f"{prefix}-{uuid.uuid4().hex[:8]}"
+        d.mkdir(parents=True)
+        return d
+
+    def boto3(self) -> Any:
+        return self.server.boto3_client()
+
+    def s3fs(self) -> Any:
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes and AWS-chain clients (torchsnapshot, DCP)."""
+        from servers import ACCESS_KEY, REGION, SECRET_KEY
+
+        return {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+                "AWS_ENDPOINT_URL": self.endpoint, "AWS_ENDPOINT_URL_S3": self.endpoint}
+
+
+@contextlib.contextmanager
+def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
+    from servers import SeaweedFS
+
+    tmp = Path(tempfile.mkdtemp(prefix="ckptsync-bench-", dir=os.environ.get("BENCH_TMP")))
+    try:
+        with SeaweedFS(tmp / "weed") as s:
+            bucket = s.create_bucket()
+            ctx = Ctx(quick=quick, runs=runs or (2 if quick else 5),
+                      size=QUICK if quick else FULL, big=QUICK_BIG if quick else FULL_BIG,
+                      tmp=tmp, endpoint=s.endpoint, bucket=bucket,
+                      storage_options=s.storage_options(), server=s)
+            for k, v in ctx.env().items():
+                os.environ.setdefault(k, v)
+            yield ctx
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_state(size: Size, seed: int = 0) -> tuple[Any, Any]:
+    """A model and an AdamW optimizer whose state is populated (one step taken)."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(size.width, size.width)
+                                  for _ in range(size.layers)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def state_dict(model: Any, opt: Any) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+def fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(contenders: dict[str, Callable[[], float | None]], runs: int,
+            warmup: bool = True) -> dict[str, list[float]]:
+    """Run every contender ``runs`` times, alternating; a contender returns its own sample
+    (seconds) or None to be timed as a whole. One warm-up each, not counted.
+    An exception makes that contender's row ``unavailable: <error>``."""
+    out: dict[str, list[float]] = {k: [] for k in contenders}
+    errors: dict[str, str] = {}
+    for i in range(runs + (1 if warmup else 0)):
+        for name, fn in contenders.items():
+            if name in errors:
+                continue
+            gc.collect()
+            try:
+                t0 = time.perf_counter()
+                got = fn()
+                t = time.perf_counter() - t0 if got is None else got
+            except Exception as e:  # a peer that cannot run here is reported, not dropped
+                first = str(e).splitlines()[0][:160] if str(e) else ""
+                errors[name] = f"{type(e).__name__}: {first}"
+                continue
+            if i >= (1 if warmup else 0):
+                out[name].append(t)
+    for name, err in errors.items():
+        out[name] = []
+        UNAVAILABLE[name] = err
+    return out
+
+
+UNAVAILABLE: dict[str, str] = {}
+
+
+@dataclass
+class Target:
+    """``ours`` vs ``ref`` (a row, or the best of several rows) must be ``op`` ``factor``."""
+
+    label: str
+    ours: str
+    refs: list[str]
+    factor: float
+    higher_is_better: bool = False
+
+    def evaluate(self, rows: dict[str, list[float]]) -> dict[str, Any]:
+        meds = {r: statistics.median(rows[r]) for r in self.refs if rows.get(r)}
+        if not rows.get(self.ours) or not meds:
+            return {"label": self.label, "ratio": None, "met": None, "ref": None}
+        pick = max if self.higher_is_better else min
+        ref = pick(meds, key=lambda r: meds[r])
+        ratio = statistics.median(rows[self.ours]) / meds[ref] if meds[ref] else float("inf")
+        met = ratio >= self.factor if self.higher_is_better else ratio <= self.factor
+        return {"label": self.label, "ratio": ratio, "met": met, "ref": ref}
+
+
+@dataclass
+class Table:
+    title: str
+    unit: str
+    rows: dict[str, list[float]]
+    baseline: str | None = None
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    higher_is_better: bool = False
+
+    def render(self) -> str:
+        w = max([len(r) for r in self.rows] + [12]) + 2
+        lines = [f"\n== {self.title} ({self.unit}; median of n, min-max) ==",
+                 f"{'':{w}}{'median':>10}  {'min-max':>19}  {'n':>2}  "
+                 f"{'vs ' + (self.baseline or '-'):>10}"]
+        base = self.rows.get(self.baseline or "") or []
+        for name, xs in self.rows.items():
+            if not xs:
+                why = UNAVAILABLE.get(name, "no samples")
+                lines.append(f"{name:{w}}unavailable: {why}")
+                continue
+            med = statistics.median(xs)
+            ratio = f"{med / statistics.median(base):.2f}x" if base else ""
+            lines.append(f"{name:{w}}{med:10.3f}  {min(xs):8.3f}-{max(xs):<10.3f}  "
+                         f"{len(xs):>2}  {ratio:>10}")
+        for t in self.targets:
+            r = t.evaluate(self.rows)
+            op = ">=" if t.higher_is_better else "<="
+            if r["ratio"] is None:
+                lines.append(f"  target {t.label}: not measured")
+            else:
+                lines.append(f"  target {t.label}: {t.ours} / {r['ref']} = {r['ratio']:.2f}x "
+                             f"(need {op} {t.factor}x) -> {'MET' if r['met'] else 'NOT MET'}")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "title": self.title, "unit": self.unit, "baseline": self.baseline,
+            "rows": {k: {"samples": v,
+                         "median": statistics.median(v) if v else None,
+                         "min": min(v) if v else None, "max": max(v) if v else None,
+                         "unavailable": UNAVAILABLE.get(k) if not v else None}
+                     for k, v in self.rows.items()},
+            "targets": [t.evaluate(self.rows) | {"factor": t.factor} for t in self.targets],
+            "notes": self.notes,
+        }
+
+
+def write_results(tables: list[Table], quick: bool, meta: dict[str, Any]) -> Path:
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = out / f"{'quick' if quick else 'full'}-{stamp}.json"
+    path.write_text(json.dumps({"meta": meta, "tables": [t.to_json() for t in tables]},
+                               indent=1))
+    return path
