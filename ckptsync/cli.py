@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync import __version__
-from ckptsync.config import TransferConfig
+from ckptsync.config import TransferConfig, storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest
@@ -97,7 +97,9 @@ def _store(args: argparse.Namespace, url: str) -> Any:
     from ckptsync.remote import RemoteStore
 
     config = TransferConfig.resolve(max_workers=args.workers, retries=args.retries)
-    return RemoteStore(url, _parse_storage_options(args.storage_option), config=config)
+    # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
+    options = storage_options_from_env() | _parse_storage_options(args.storage_option)
+    return RemoteStore(url, options, config=config)
 
 
 def _existing_local(path: str) -> LocalStore:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ckptsync.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "TransferConfig"]
+__all__ = ["ENV_PREFIX", "TransferConfig", "storage_options_from_env"]
 
 ENV_PREFIX = "CKPTSYNC_"
 MiB = 1024 * 1024
@@ -107,3 +107,26 @@ class TransferConfig:
                     f"environment variable {var}={raw!r} is not a valid {kind.__name__}"
                 ) from None
         return cls(**values)
+
+
+def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``CKPTSYNC_STORAGE_OPTIONS`` (a JSON object) as a dict; {} when unset.
+
+    Flags (``-o KEY=VALUE``) override it key by key: the caller merges.
+
+    Raises:
+        ConfigError: the variable is not a JSON object.
+    """
+    import json
+
+    name = ENV_PREFIX + "STORAGE_OPTIONS"
+    raw = (os.environ if env is None else env).get(name)
+    if not raw or not raw.strip():
+        return {}
+    try:
+        opts = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name} must be a JSON object: {e}") from e
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{name} must be a JSON object, got {type(opts).__name__}")
+    return opts

@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from ckptsync.config import storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import Manifest
@@ -240,14 +241,8 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
         raw = env.get(ENV + key.upper())
         if raw is not None and raw.strip():
             out[key] = raw.strip()
-    raw = env.get(ENV + "STORAGE_OPTIONS")
-    if raw:
-        try:
-            opts = json.loads(raw)
-        except ValueError as e:
-            raise ConfigError(f"{ENV}STORAGE_OPTIONS must be a JSON object: {e}") from e
-        if not isinstance(opts, dict):
-            raise ConfigError(f"{ENV}STORAGE_OPTIONS must be a JSON object")
+    opts = storage_options_from_env(env)
+    if opts:
         out["storage_options"] = opts
     raw = env.get(ENV + "RULES")
     if raw and raw.strip():

@@ -196,3 +196,23 @@ def test_tqdm_progress_from_threads() -> None:
     assert bar._bar is not None and bar._bar.n == 4000
     bar.close()
     assert bar._bar is None
+
+
+def test_storage_options_from_env_and_flags(s3_remote: Any, tmp_path: Path) -> None:
+    """Credentials can come from CKPTSYNC_STORAGE_OPTIONS (as for the sidecar); -o wins per key."""
+    local = LocalStore(tmp_path / "ckpts")
+    ckpt = make_local(local, 5, {})
+    opts = dict(s3_remote.storage_options)
+    env = {"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts)}
+    p = ckptsync("push", str(local.directory), s3_remote.url, "--no-progress", env=env)
+    assert p.returncode == 0, p.stderr
+    bad = {**opts, "secret": "wrong-secret"}
+    p = ckptsync("ls", s3_remote.url, "--json",
+                 env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(bad)})
+    assert p.returncode != 0 and no_traceback(p) and "wrong-secret" not in p.stderr
+    p = ckptsync("ls", s3_remote.url, "--json", "-o", f"secret={opts['secret']}",
+                 env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(bad)})
+    assert p.returncode == 0, p.stderr
+    assert [row["name"] for row in json.loads(p.stdout)] == [ckpt.name]
+    p = ckptsync("ls", s3_remote.url, env={"CKPTSYNC_STORAGE_OPTIONS": "[1, 2]"})
+    assert p.returncode == 2 and "CKPTSYNC_STORAGE_OPTIONS" in p.stderr
