@@ -19,6 +19,7 @@ from ckptsync.errors import (
     UnsafeStateError,
     UnsupportedFormatError,
 )
+from ckptsync.launcher import WatcherHandle, start_watcher
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,9 @@ __all__ = [
     "RemoteError",
     "UnsafeStateError",
     "UnsupportedFormatError",
+    "WatcherHandle",
     "__version__",
+    "start_watcher",
 ]
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from conftest import Remote
 from watchkit import PY, SCRIPTS, child_env, live_children, wait_for
 
+from ckptsync import start_watcher  # the public name, as a notebook imports it
 from ckptsync.errors import ConfigError
-from ckptsync.launcher import start_watcher
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, check_complete, restore_watched
