@@ -236,6 +236,98 @@ def upload_file(
     retrier.call(attempt, url=url, action="upload to")
 
 
+_botocore_lock = threading.Lock()
+_botocore_session: Any = None
+
+
+def _blocking_client(fs: Any, bucket: str, pool_size: int) -> Any:
+    """A blocking botocore S3 client equivalent to ``fs``'s own (s3fs's async one).
+
+    Same endpoint, region, botocore config and credentials: the ones the async client
+    resolved (keys, profile, environment, role), frozen for the life of this client, which
+    is one file's upload. Raises whatever fails; the caller then keeps to s3fs.
+    """
+    import botocore.session
+    from botocore.config import Config
+    from fsspec.asyn import sync
+
+    global _botocore_session
+
+    async def resolve() -> tuple[Any, Any]:
+        await fs.set_session()
+        s3 = await fs.get_s3(bucket)
+        creds = s3._get_credentials()
+        return s3, (await creds.get_frozen_credentials() if creds is not None else None)
+
+    s3, frozen = sync(fs.loop, resolve)
+    options = {k: v for k, v in s3.meta.config._user_provided_options.items()
+               if k in Config.OPTION_DEFAULTS}
+    options["max_pool_connections"] = max(pool_size, options.get("max_pool_connections") or 0)
+    kwargs: dict[str, Any] = {"region_name": s3.meta.region_name,
+                              "config": Config(**options)}
+    if fs.endpoint_url or fs.client_kwargs.get("endpoint_url"):
+        kwargs["endpoint_url"] = s3.meta.endpoint_url
+    if "verify" in fs.client_kwargs:
+        kwargs["verify"] = fs.client_kwargs["verify"]
+    if frozen is not None:
+        kwargs.update(aws_access_key_id=frozen.access_key,
+                      aws_secret_access_key=frozen.secret_key, aws_session_token=frozen.token)
+    with _botocore_lock:  # botocore sessions are not thread-safe
+        if _botocore_session is None:
+            _botocore_session = botocore.session.get_session()
+        return _botocore_session.create_client("s3", **kwargs)
+
+
+class _PartSender:
+    """The S3 calls of one multipart upload; ``upload_part`` runs in the caller's thread.
+
+    s3fs runs every request on its one event-loop thread, and botocore does each part's
+    per-byte work there: the payload sha256 that SigV4 signs over plain http, the CRC32
+    checksum, aiohttp's copy of the body (and TLS over https). However many parts are in
+    flight, that is one core for every byte sent. Parts therefore go through a blocking
+    botocore client built like s3fs's (:func:`_blocking_client`), from the sending threads,
+    which share that work between cores as boto3's transfer manager does. The few small calls
+    (create, complete, abort) stay on s3fs. If the blocking client cannot be built, parts go
+    through s3fs too. Backend errors come out as s3fs raises them (``translate_boto_error``),
+    so both paths read the same to :func:`ckptsync.remote.translate_error`.
+    """
+
+    def __init__(self, fs: Any, remote_path: str, pool_size: int) -> None:
+        self.fs = fs
+        self.bucket, self.key, _ = fs.split_path(remote_path)
+        self._client: Any = None
+        try:
+            self._client = _blocking_client(fs, self.bucket, pool_size)
+        except Exception:
+            log.debug("no blocking S3 client for %s; parts go through s3fs", remote_path,
+                      exc_info=True)
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, Bucket=self.bucket, Key=self.key,
+                    **kwargs)
+
+    def upload_part(self, **kwargs: Any) -> Any:
+        if self._client is None:
+            return self.call("upload_part", **kwargs)
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        # s3fs's request-wide extras (SSE-C keys, RequestPayer) apply to every part.
+        kw = self.fs._get_s3_method_kwargs(self._client.upload_part, Bucket=self.bucket,
+                                           Key=self.key, **kwargs)
+        try:
+            return self._client.upload_part(**kw)
+        except ClientError as e:
+            raise translate_boto_error(e) from e
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
 def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
     while not slots.acquire(timeout=0.1):
         _check_stop(stop, url)
@@ -256,9 +348,9 @@ def upload_file_multipart(
 ) -> None:
     """Upload ``local_path`` to S3 as a multipart upload whose parts are sent concurrently.
 
-    ``fs`` is an ``s3fs.S3FileSystem`` (its ``_call_s3`` is the client). One thread reads the
-    file in order, part by part, hashing every byte it reads; each part is then sent on a
-    small pool, so hashing, reading and sending overlap. A part holds a slot of ``slots``
+    ``fs`` is an ``s3fs.S3FileSystem``. One thread reads the file in order, part by part,
+    hashing every byte it reads; each part is then sent on a small pool (through
+    :class:`_PartSender`), so hashing, reading and sending overlap. A part holds a slot of ``slots``
     from before it is read until it is sent: memory is bounded by the slots, whatever the
     file's size. Each part is retried on its own. The upload is completed only when the bytes
     read hash to ``entry``; otherwise (or on any error, or ``stop``) it is aborted, so no
@@ -266,17 +358,19 @@ def upload_file_multipart(
 
     Raises: as :func:`upload_file`.
     """
-    from fsspec.asyn import sync
-
     progress = progress or NullProgress()
-    bucket, key, _ = fs.split_path(remote_path)
     part_size = max(config.part_size, -(-entry.size // 10_000))  # S3: at most 10,000 parts
 
-    def call(method: str, **kwargs: Any) -> Any:
-        return sync(fs.loop, fs._call_s3, method, Bucket=bucket, Key=key, **kwargs)
+    window = max(1, config.parts_in_flight)
+    sender = _PartSender(fs, remote_path, window)
+    call = sender.call
 
-    upload_id: str = retrier.call(lambda: call("create_multipart_upload")["UploadId"], url=url,
-                                  action="upload to")
+    try:
+        upload_id: str = retrier.call(lambda: call("create_multipart_upload")["UploadId"],
+                                      url=url, action="upload to")
+    except BaseException:
+        sender.close()
+        raise
     reported = [0]  # bytes given to progress, taken back if the upload fails
     lock = threading.Lock()
 
@@ -284,7 +378,7 @@ def upload_file_multipart(
         try:
             def attempt() -> Any:
                 _check_stop(stop, url)
-                return call("upload_part", PartNumber=number, UploadId=upload_id, Body=data)
+                return sender.upload_part(PartNumber=number, UploadId=upload_id, Body=data)
 
             resp = retrier.call(attempt, url=url, action="upload to")
             progress.update(len(data))
@@ -298,7 +392,6 @@ def upload_file_multipart(
     size = 0
     futures: list[Future[dict[str, Any]]] = []
     try:
-        window = max(1, config.parts_in_flight)
         with _open_local(local_path) as src, ThreadPoolExecutor(
             max_workers=window, thread_name_prefix="ckptsync-part"
         ) as pool:
@@ -350,6 +443,7 @@ def upload_file_multipart(
             log.debug("could not abort multipart upload of %s", url, exc_info=True)
         raise
     finally:
+        sender.close()
         fs.invalidate_cache(remote_path)
 
 
@@ -374,7 +468,6 @@ class MultipartStream:
         self.retrier = retrier
         self.slots = slots
         self.part_size = config.part_size
-        self.bucket, self.key, _ = fs.split_path(remote_path)
         self.size = 0
         self.error: BaseException | None = None
         self._buf = bytearray()
@@ -383,12 +476,12 @@ class MultipartStream:
         self._pool: ThreadPoolExecutor | None = None
         self._done = False
         self._window = max(1, config.parts_in_flight)
+        self._sender: _PartSender | None = None
 
     def _call(self, method: str, **kwargs: Any) -> Any:
-        from fsspec.asyn import sync
-
-        return sync(self.fs.loop, self.fs._call_s3, method, Bucket=self.bucket, Key=self.key,
-                    **kwargs)
+        if self._sender is None:
+            self._sender = _PartSender(self.fs, self.remote_path, self._window)
+        return self._sender.call(method, **kwargs)
 
     def write(self, data: memoryview) -> None:
         if self.error is not None or self._done:
@@ -420,9 +513,11 @@ class MultipartStream:
 
     def _put(self, number: int, data: bytes) -> dict[str, Any]:
         try:
+            assert self._sender is not None  # made by the create call
+            sender = self._sender
             resp = self.retrier.call(
-                lambda: self._call("upload_part", PartNumber=number, UploadId=self._upload_id,
-                                   Body=data),
+                lambda: sender.upload_part(PartNumber=number, UploadId=self._upload_id,
+                                           Body=data),
                 url=self.url, action="upload to")
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
@@ -471,6 +566,8 @@ class MultipartStream:
                 self._call("abort_multipart_upload", UploadId=upload_id)
             except Exception:  # best effort: gc aborts what is left
                 log.debug("could not abort multipart upload of %s", self.url, exc_info=True)
+        if self._sender is not None:
+            self._sender.close()
         self.fs.invalidate_cache(self.remote_path)
 
 

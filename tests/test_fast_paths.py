@@ -141,3 +141,42 @@ def test_streamed_upload_is_used_and_falls_back_when_incomplete(s3_remote: Remot
     assert read_all(got) == files
     bucket = s3_remote.extra["bucket"]
     assert not [u for u in store.fs.list_multipart_uploads(bucket) if "run/" in u.get("Key", "")]
+
+
+def test_parts_go_through_a_blocking_client_with_credentials_from_the_environment(
+        s3_remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No keys in storage_options: the part client resolves the same chain s3fs does."""
+    from servers import ACCESS_KEY, SECRET_KEY
+
+    from ckptsync.transfer import _PartSender
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    options = {k: v for k, v in s3_remote.storage_options.items() if k not in ("key", "secret")}
+    store = RemoteStore(s3_remote.url, options, config=FAST)
+    sender = _PartSender(store.fs, f"{store.root}/probe", 2)
+    assert sender._client is not None  # not the single-thread s3fs fallback
+    sender.close()
+    files = {"big.bin": os.urandom(12 * MiB + 5)}
+    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    store.push(ck)
+    assert read_all(RemoteStore(s3_remote.url, options, config=FAST).pull(
+        None, LocalStore(tmp_path / "dst"))) == files
+
+
+def test_a_failed_part_is_a_clear_error_and_nothing_is_visible(s3_remote: Remote,
+                                                                tmp_path: Path) -> None:
+    from ckptsync.errors import RemoteError
+    from ckptsync.transfer import _PartSender
+
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
+    target = f"{store.root}/x/f.bin"
+    sender = _PartSender(store.fs, target, 2)
+    retrier = Retrier(FAST, translate_error)
+    with pytest.raises(RemoteError, match=r"cannot upload to s3://.*/x/f\.bin"):
+        retrier.call(lambda: sender.upload_part(PartNumber=1, UploadId="no-such-upload",
+                                                Body=b"x" * 1024),
+                     url=s3_remote.url + "/x/f.bin", action="upload to")
+    sender.close()
+    store.fs.invalidate_cache()
+    assert not store.fs.exists(target)
