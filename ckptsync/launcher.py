@@ -137,6 +137,7 @@ def start_watcher(
     settle: float | None = None,
     workers: int | None = None,
     stop_timeout: float | None = None,
+    nice: int | None = None,
     detach: bool = False,
     log_path: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
@@ -149,8 +150,8 @@ def start_watcher(
         local: the checkpoint directory to watch.
         remote: fsspec URL.
         storage_options: fsspec options (passed through the child's environment).
-        keep_last, keep_best, keep_every, rules, interval, settle, workers, stop_timeout:
-            as the ``watch`` flags of the same names.
+        keep_last, keep_best, keep_every, rules, interval, settle, workers, stop_timeout,
+            nice: as the ``watch`` flags of the same names.
         detach: keep running after this process exits (default: stop with it, after
             uploading what is pending).
         log_path: the daemon's log (default ``LOCAL/.ckptsync-watch/daemon.log``, appended).
@@ -169,7 +170,7 @@ def start_watcher(
     flags: dict[str, Any] = {"--keep-last": keep_last, "--keep-best": keep_best,
                              "--keep-every": keep_every, "--interval": interval,
                              "--settle": settle, "--workers": workers,
-                             "--stop-timeout": stop_timeout}
+                             "--stop-timeout": stop_timeout, "--nice": nice}
     for flag, value in flags.items():
         if value is not None:
             cmd += [flag, str(value)]

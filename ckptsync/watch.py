@@ -123,6 +123,8 @@ class WatchConfig:
         parent_pid: when this process exits, upload what is pending and exit.
         stop_timeout: seconds SIGTERM waits for in-flight uploads before abandoning them.
         log_format: ``"kv"`` (key=value) or ``"json"`` lines on stderr.
+        nice: added to the daemon process's CPU niceness at start (0-19; 0 leaves it), so
+            that a trainer on the same cores gets the CPU first (Unix only).
     """
 
     local_dir: Path
@@ -139,10 +141,13 @@ class WatchConfig:
     parent_pid: int | None = None
     stop_timeout: float = 30.0
     log_format: str = "kv"
+    nice: int = 0
 
     def __post_init__(self) -> None:
         if self.interval <= 0 or self.settle < 0 or self.stop_timeout < 0:
             raise ConfigError("interval must be > 0, settle and stop-timeout >= 0")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(f"nice must be between 0 and 19, got {self.nice}")
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.log_format not in ("kv", "json"):
@@ -164,7 +169,7 @@ class WatchConfig:
         The config file is ``args["config"]`` or ``$CKPTSYNC_CONFIG``: TOML (``.toml``) or
         JSON, with the setting names as keys (``remote``, ``storage_options``, ``keep_last``,
         ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``rules``, ``workers``,
-        ``stop_timeout``, ``log_format``); TOML may nest them under ``[watch]``.
+        ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under ``[watch]``.
         ``storage_options`` are merged key by key with the same precedence.
 
         Raises:
@@ -193,7 +198,7 @@ class WatchConfig:
         try:
             merged["local_dir"] = Path(merged["local_dir"]).expanduser().absolute()
             merged["remote"] = str(merged.get("remote") or "")
-            for k in ("keep_last", "keep_every", "workers", "parent_pid"):
+            for k in ("keep_last", "keep_every", "workers", "parent_pid", "nice"):
                 if merged.get(k) is not None:
                     merged[k] = int(merged[k])
             for k in ("interval", "settle", "stop_timeout"):
@@ -237,7 +242,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("remote", "keep_last", "keep_best", "keep_every", "interval", "settle",
-                "workers", "stop_timeout", "log_format"):
+                "workers", "stop_timeout", "log_format", "nice"):
         raw = env.get(ENV + key.upper())
         if raw is not None and raw.strip():
             out[key] = raw.strip()
@@ -956,6 +961,9 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
     lock), and runs :class:`Watcher` on a dispatcher thread.
     """
     events = EventLog(fmt=config.log_format)
+    if config.nice and hasattr(os, "nice"):
+        # Uploads compete with training for the CPU (hashing, signing, TLS): let it win.
+        events("info", "niceness", nice=os.nice(config.nice))
     bridge = _LogBridge(events)
     pkg = logging.getLogger("ckptsync")
     pkg.addHandler(bridge)
@@ -1045,6 +1053,7 @@ def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchCo
             "parent_pid": args.parent_pid,
             "stop_timeout": args.stop_timeout,
             "log_format": args.log_format,
+            "nice": getattr(args, "nice", None),
         },
         env,
     )

@@ -68,6 +68,9 @@ def add_subcommands(subparsers: Any) -> None:
     w.add_argument("--parent-pid", type=int, metavar="PID",
                    help="when PID exits, upload what is pending and exit")
     w.add_argument("--log-format", choices=("kv", "json"), help="log line format (default kv)")
+    w.add_argument("--nice", type=int, metavar="N",
+                   help="lower the daemon's CPU priority by N (0-19) so training gets the CPU "
+                        "first (default 0)")
     w.set_defaults(func=run_watch, _run=run_watch)
 
     s = subparsers.add_parser("status", help=STATUS_HELP, description=STATUS_HELP)

@@ -271,6 +271,24 @@ def test_config_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
         WatchConfig.resolve({"local_dir": tmp_path}, {})
     bad = run_cli("watch", str(tmp_path), "file:///x", "--rule", "nope:x")
     assert bad.returncode == 2 and "invalid watch rule" in bad.stderr
+    c3 = WatchConfig.resolve({"local_dir": tmp_path, "remote": "x"}, {"CKPTSYNC_NICE": "5"})
+    assert c3.nice == 5
+    with pytest.raises(ConfigError, match="nice must be between 0 and 19"):
+        WatchConfig.resolve({"local_dir": tmp_path, "remote": "x", "nice": 40}, {})
+
+
+def test_nice_lowers_the_daemons_cpu_priority_and_it_still_syncs(
+        tmp_path: Path, file_remote: Remote) -> None:
+    local = tmp_path / "ckpts"
+    w = start_watcher(local, file_remote.url, nice=7)
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, w.pid) == min(19, ours + 7)
+        names = make_checkpoints(local, [3])
+        w.flush(timeout=60)
+        assert _names(_store(file_remote)) == names
+    finally:
+        w.stop()
 
 
 def test_watch_handle_flush_raises_when_the_daemon_died(tmp_path: Path,
