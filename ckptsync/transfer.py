@@ -278,22 +278,30 @@ def _blocking_client(fs: Any, bucket: str, pool_size: int) -> Any:
         return _botocore_session.create_client("s3", **kwargs)
 
 
-class _PartSender:
-    """The S3 calls of one multipart upload; ``upload_part`` runs in the caller's thread.
+def _is_s3fs(fs: Any) -> bool:
+    return all(hasattr(fs, a) for a in ("_call_s3", "loop", "split_path",
+                                        "_get_s3_method_kwargs"))
 
-    s3fs runs every request on its one event-loop thread, and botocore does each part's
+
+class _BlockingS3:
+    """The bulk S3 calls for one object (``upload_part``, ranged ``get_object``), run in the
+    caller's thread.
+
+    s3fs runs every request on its one event-loop thread, and botocore and aiohttp do the
     per-byte work there: the payload sha256 that SigV4 signs over plain http, the CRC32
-    checksum, aiohttp's copy of the body (and TLS over https). However many parts are in
-    flight, that is one core for every byte sent. Parts therefore go through a blocking
-    botocore client built like s3fs's (:func:`_blocking_client`), from the sending threads,
-    which share that work between cores as boto3's transfer manager does. The few small calls
-    (create, complete, abort) stay on s3fs. If the blocking client cannot be built, parts go
-    through s3fs too. Backend errors come out as s3fs raises them (``translate_boto_error``),
-    so both paths read the same to :func:`ckptsync.remote.translate_error`.
+    checksum, copies of each body (and TLS over https). However many parts or ranges are in
+    flight, that is one core for every byte moved. The bulk calls therefore go through a
+    blocking botocore client built like s3fs's (:func:`_blocking_client`), from the transfer
+    threads, which share that work between cores as boto3's transfer manager does. The few
+    small calls (create, complete, abort) stay on s3fs. If the blocking client cannot be
+    built, everything goes through s3fs. Backend errors come out as s3fs raises them
+    (``translate_boto_error``), so both paths read the same to
+    :func:`ckptsync.remote.translate_error`.
     """
 
     def __init__(self, fs: Any, remote_path: str, pool_size: int) -> None:
         self.fs = fs
+        self.path = remote_path
         self.bucket, self.key, _ = fs.split_path(remote_path)
         self._client: Any = None
         try:
@@ -319,6 +327,25 @@ class _PartSender:
                                            Key=self.key, **kwargs)
         try:
             return self._client.upload_part(**kw)
+        except ClientError as e:
+            raise translate_boto_error(e) from e
+
+    def get_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (``end`` > ``start``)."""
+        if self._client is None:
+            return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        from botocore.exceptions import ClientError
+        from s3fs.errors import translate_boto_error
+
+        kw = self.fs._get_s3_method_kwargs(self._client.get_object, Bucket=self.bucket,
+                                           Key=self.key, Range=f"bytes={start}-{end - 1}")
+        try:
+            body = self._client.get_object(**kw)["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data
         except ClientError as e:
             raise translate_boto_error(e) from e
 
@@ -350,7 +377,7 @@ def upload_file_multipart(
 
     ``fs`` is an ``s3fs.S3FileSystem``. One thread reads the file in order, part by part,
     hashing every byte it reads; each part is then sent on a small pool (through
-    :class:`_PartSender`), so hashing, reading and sending overlap. A part holds a slot of ``slots``
+    :class:`_BlockingS3`), so hashing, reading and sending overlap. A part holds a slot of ``slots``
     from before it is read until it is sent: memory is bounded by the slots, whatever the
     file's size. Each part is retried on its own. The upload is completed only when the bytes
     read hash to ``entry``; otherwise (or on any error, or ``stop``) it is aborted, so no
@@ -362,7 +389,7 @@ def upload_file_multipart(
     part_size = max(config.part_size, -(-entry.size // 10_000))  # S3: at most 10,000 parts
 
     window = max(1, config.parts_in_flight)
-    sender = _PartSender(fs, remote_path, window)
+    sender = _BlockingS3(fs, remote_path, window)
     call = sender.call
 
     try:
@@ -476,11 +503,11 @@ class MultipartStream:
         self._pool: ThreadPoolExecutor | None = None
         self._done = False
         self._window = max(1, config.parts_in_flight)
-        self._sender: _PartSender | None = None
+        self._sender: _BlockingS3 | None = None
 
     def _call(self, method: str, **kwargs: Any) -> Any:
         if self._sender is None:
-            self._sender = _PartSender(self.fs, self.remote_path, self._window)
+            self._sender = _BlockingS3(self.fs, self.remote_path, self._window)
         return self._sender.call(method, **kwargs)
 
     def write(self, data: memoryview) -> None:
@@ -665,11 +692,15 @@ def download_file_ranged(
     progress = progress or NullProgress()
     bs = config.block_size
     ranges = [(o, min(o + bs, entry.size)) for o in range(0, entry.size, bs)]
+    window = max(1, min(config.max_workers, len(ranges)))
+    getter = _BlockingS3(fs, remote_path, window) if _is_s3fs(fs) else None
 
     def fetch(start: int, end: int) -> bytes:
         def attempt() -> bytes:
             _check_stop(stop, url)
             try:
+                if getter is not None:
+                    return getter.get_range(start, end)
                 return bytes(fs.cat_file(remote_path, start=start, end=end))
             except FileNotFoundError:
                 raise CorruptCheckpointError(
@@ -678,63 +709,68 @@ def download_file_ranged(
 
         return retrier.call(attempt, url=url, action="download from")
 
-    window = max(1, min(config.max_workers, len(ranges)))
-    pending: deque[tuple[int, int, Future[bytes]]] = deque()
-    next_range = 0
-    with ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
+    try:
+        pending: deque[tuple[int, int, Future[bytes]]] = deque()
+        next_range = 0
+        with ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
 
-        def fill() -> None:
-            # Block for a slot only while holding none: every slot holder then has a range in
-            # flight and releases it when written, so the transfer as a whole always advances.
-            nonlocal next_range
-            while len(pending) < window and next_range < len(ranges):
-                if not slots.acquire(blocking=not pending):
-                    return
-                start, end = ranges[next_range]
-                next_range += 1
-                pending.append((start, end, pool.submit(fetch, start, end)))
+            def fill() -> None:
+                # Block for a slot only while holding none: every slot holder then has a
+                # range in flight and releases it when written, so the transfer as a whole
+                # always advances.
+                nonlocal next_range
+                while len(pending) < window and next_range < len(ranges):
+                    if not slots.acquire(blocking=not pending):
+                        return
+                    start, end = ranges[next_range]
+                    next_range += 1
+                    pending.append((start, end, pool.submit(fetch, start, end)))
 
-        try:
-            fill()
-            while pending:
-                start, end, fut = pending.popleft()
-                try:
-                    data = fut.result()
-                finally:
-                    slots.release()
-                if len(data) != end - start:
-                    raise CorruptCheckpointError(
-                        f"{url}: file is shorter than the {entry.size} bytes its manifest lists "
-                        "(truncated)",
-                        path=url,
-                    )
-                _check_stop(stop, url)
-                _local_write(writer, data)
-                progress.update(len(data))
-                del data
+            try:
                 fill()
-        except BaseException:
-            for _, _, fut in pending:
-                fut.cancel()
-            while pending:  # give back the slots of ranges that will never be written
-                pending.popleft()
-                slots.release()
-            raise
-    # The listing said entry.size; make sure the content does not go on past it.
-    def probe() -> bytes:
-        try:
-            return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
-        except Exception as e:
-            # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
-            if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
-                return b""
-            raise
+                while pending:
+                    start, end, fut = pending.popleft()
+                    try:
+                        data = fut.result()
+                    finally:
+                        slots.release()
+                    if len(data) != end - start:
+                        raise CorruptCheckpointError(
+                            f"{url}: file is shorter than the {entry.size} bytes its "
+                            "manifest lists (truncated)",
+                            path=url,
+                        )
+                    _check_stop(stop, url)
+                    _local_write(writer, data)
+                    progress.update(len(data))
+                    del data
+                    fill()
+            except BaseException:
+                for _, _, fut in pending:
+                    fut.cancel()
+                while pending:  # give back the slots of ranges that will never be written
+                    pending.popleft()
+                    slots.release()
+                raise
 
-    tail = retrier.call(probe, url=url, action="download from")
-    if tail:
-        raise CorruptCheckpointError(
-            f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
-        )
+        # The listing said entry.size; make sure the content does not go on past it.
+        def probe() -> bytes:
+            try:
+                return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
+            except Exception as e:
+                # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
+                if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
+                    return b""
+                raise
+
+        tail = retrier.call(probe, url=url, action="download from")
+        if tail:
+            raise CorruptCheckpointError(
+                f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
+            )
+    finally:
+        if getter is not None:
+            getter.close()
 
 
 def hash_remote_file(

@@ -148,13 +148,13 @@ def test_parts_go_through_a_blocking_client_with_credentials_from_the_environmen
     """No keys in storage_options: the part client resolves the same chain s3fs does."""
     from servers import ACCESS_KEY, SECRET_KEY
 
-    from ckptsync.transfer import _PartSender
+    from ckptsync.transfer import _BlockingS3
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     options = {k: v for k, v in s3_remote.storage_options.items() if k not in ("key", "secret")}
     store = RemoteStore(s3_remote.url, options, config=FAST)
-    sender = _PartSender(store.fs, f"{store.root}/probe", 2)
+    sender = _BlockingS3(store.fs, f"{store.root}/probe", 2)
     assert sender._client is not None  # not the single-thread s3fs fallback
     sender.close()
     files = {"big.bin": os.urandom(12 * MiB + 5)}
@@ -167,16 +167,46 @@ def test_parts_go_through_a_blocking_client_with_credentials_from_the_environmen
 def test_a_failed_part_is_a_clear_error_and_nothing_is_visible(s3_remote: Remote,
                                                                 tmp_path: Path) -> None:
     from ckptsync.errors import RemoteError
-    from ckptsync.transfer import _PartSender
+    from ckptsync.transfer import _BlockingS3
 
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     target = f"{store.root}/x/f.bin"
-    sender = _PartSender(store.fs, target, 2)
+    sender = _BlockingS3(store.fs, target, 2)
+    assert sender._client is not None
     retrier = Retrier(FAST, translate_error)
     with pytest.raises(RemoteError, match=r"cannot upload to s3://.*/x/f\.bin"):
         retrier.call(lambda: sender.upload_part(PartNumber=1, UploadId="no-such-upload",
                                                 Body=b"x" * 1024),
                      url=s3_remote.url + "/x/f.bin", action="upload to")
+    with pytest.raises(FileNotFoundError):  # a missing object reads as s3fs reports it
+        sender.get_range(0, 10)
     sender.close()
     store.fs.invalidate_cache()
     assert not store.fs.exists(target)
+
+
+def test_truncated_or_missing_big_file_fails_the_ranged_download(s3_remote: Remote,
+                                                                 tmp_path: Path) -> None:
+    files = {"big.bin": os.urandom(12 * MiB), "other.bin": os.urandom(11 * MiB)}
+    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
+    store.push(ck)
+    store.fs.pipe_file(f"{store.root}/{ck.name}/big.bin", files["big.bin"][: 7 * MiB])
+    store.fs.rm_file(f"{store.root}/{ck.name}/other.bin")
+    from ckptsync.local import HashingWriter
+    from ckptsync.transfer import download_file_ranged
+
+    for rel, what in (("big.bin", "shorter than"), ("other.bin", "missing")):
+        entry = next(f for f in ck.manifest.files if f.path == rel)
+        slots = threading.BoundedSemaphore(3)
+        with HashingWriter(tmp_path / f"out-{rel}") as w, pytest.raises(CorruptCheckpointError,
+                                                                          match=what):
+            download_file_ranged(store.fs, f"{store.root}/{ck.name}/{rel}", w, entry,
+                                 url=f"{s3_remote.url}/{ck.name}/{rel}", config=FAST,
+                                 retrier=Retrier(FAST, translate_error), slots=slots)
+        for _ in range(3):  # every slot given back
+            assert slots.acquire(blocking=False)
+    # The checkpoint as a whole: pull says which file is wrong and leaves no local checkpoint.
+    with pytest.raises(CorruptCheckpointError):
+        store.pull(ck.name, LocalStore(tmp_path / "dst"))
+    assert LocalStore(tmp_path / "dst").list() == []
