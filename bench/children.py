@@ -1,7 +1,7 @@
-"""Child processes for the memory and training-time benchmarks (``python -m bench.children``).
+"""Child processes for the memory benchmark (``python -m bench.children``).
 
-A daemon is its own process; its peak RSS is measured by the parent (``wait4``), and its CPU
-priority can be lowered with ``--nice``.
+``daemon`` execs the real ``ckptsync watch`` (its ``--nice`` included); the parent samples
+each child's RSS from outside.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 
@@ -42,27 +41,14 @@ class PeakSampler:
 
 
 def daemon(args: argparse.Namespace) -> None:
-    """Push every local checkpoint that appears (polling), like ``ckptsync watch`` does."""
-    if args.nice:
-        os.nice(args.nice)
-    from ckptsync.local import LocalStore
-    from ckptsync.remote import RemoteStore
-
-    opts = json.loads(args.options)
-    store = RemoteStore(args.url, opts)
-    local = LocalStore(args.dir)
-    done: set[str] = set()
-    print("ready", flush=True)
-    deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline:
-        for ck in local.list():
-            if ck.name not in done:
-                store.push(ck)
-                done.add(ck.name)
-                print(f"pushed {ck.name}", flush=True)
-                if args.once:
-                    return
-        time.sleep(0.05)
+    """Become ``ckptsync watch DIR URL`` (exec: same pid, so the parent samples its RSS)."""
+    os.environ["CKPTSYNC_STORAGE_OPTIONS"] = args.options
+    argv = [sys.executable, "-m", "ckptsync", "watch", args.dir, args.url,
+            "--nice", str(args.nice)]
+    if args.once:
+        argv.append("--once")
+    sys.stdout.flush()
+    os.execv(sys.executable, argv)
 
 
 def peer_upload(args: argparse.Namespace) -> None:
@@ -143,7 +129,6 @@ def main() -> None:
     d.add_argument("--options", default="{}")
     d.add_argument("--nice", type=int, default=0)
     d.add_argument("--once", action="store_true")
-    d.add_argument("--timeout", type=float, default=600)
     p = sub.add_parser("peer-upload")
     p.add_argument("--tool", choices=["boto3", "s3fs"], required=True)
     p.add_argument("--dir", required=True)
