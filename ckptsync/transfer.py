@@ -245,7 +245,9 @@ def _blocking_client(fs: Any, bucket: str, pool_size: int) -> Any:
 
     Same endpoint, region, botocore config and credentials: the ones the async client
     resolved (keys, profile, environment, role), frozen for the life of this client, which
-    is one file's upload. Raises whatever fails; the caller then keeps to s3fs.
+    is one file's transfer (a temporary token that expires during it fails that transfer with
+    an access error; the next push, e.g. the daemon's retry, gets fresh credentials). Raises
+    whatever fails; the caller then keeps to s3fs.
     """
     import botocore.session
     from botocore.config import Config
@@ -307,8 +309,8 @@ class _BlockingS3:
         try:
             self._client = _blocking_client(fs, self.bucket, pool_size)
         except Exception:
-            log.debug("no blocking S3 client for %s; parts go through s3fs", remote_path,
-                      exc_info=True)
+            log.debug("no blocking S3 client for %s; its transfer goes through s3fs",
+                      remote_path, exc_info=True)
 
     def call(self, method: str, **kwargs: Any) -> Any:
         from fsspec.asyn import sync
@@ -377,8 +379,8 @@ def upload_file_multipart(
 
     ``fs`` is an ``s3fs.S3FileSystem``. One thread reads the file in order, part by part,
     hashing every byte it reads; each part is then sent on a small pool (through
-    :class:`_BlockingS3`), so hashing, reading and sending overlap. A part holds a slot of ``slots``
-    from before it is read until it is sent: memory is bounded by the slots, whatever the
+    :class:`_BlockingS3`), so hashing, reading and sending overlap. A part holds a slot of
+    ``slots`` from before it is read until it is sent: memory is bounded by the slots, whatever the
     file's size. Each part is retried on its own. The upload is completed only when the bytes
     read hash to ``entry``; otherwise (or on any error, or ``stop``) it is aborted, so no
     object ever appears.
