@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +90,42 @@ def test_sigkill_mid_training_then_resume_is_bit_exact(
     out = run_example(*_args(ckpt, log2, weights, 10, "--resume"))
     assert f"(step {resumed_from})" in out.stdout
     _assert_resumed_exactly(reference, log2, weights, resumed_from)
+
+
+def test_fresh_vm_resume_from_the_remote_is_bit_exact(
+    tmp_path: Path, reference: tuple[dict[int, str], dict[str, torch.Tensor]],
+    s3_remote: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer saves with ``Checkpointer(remote=...)`` (``--remote``) and is killed; its
+    machine is gone (local directory deleted); a new process on an empty directory resumes
+    from the newest valid remote checkpoint and finishes exactly as the uninterrupted run."""
+    import shutil
+
+    from servers import ACCESS_KEY, REGION, SECRET_KEY
+
+    from ckptsync.remote import RemoteStore
+
+    # The trainer gets no storage options: credentials and endpoint come from the AWS chain.
+    for k, v in {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                 "AWS_DEFAULT_REGION": REGION,
+                 "AWS_ENDPOINT_URL_S3": s3_remote.extra["endpoint"]}.items():
+        monkeypatch.setenv(k, v)
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options)
+    ckpt, log = tmp_path / "ckpt", tmp_path / "log1.jsonl"
+    proc = start_example(*_args(ckpt, log, tmp_path / "unused.pt", 10, "--remote", s3_remote.url,
+                                "--sleep-per-step", "0.02"))
+    wait_until(lambda: last_logged_step(log) >= 47 and store.newest_valid() is not None, proc,
+               "step 47 and a remote commit", poll_s=0.2)
+    sigkill(proc)
+    shutil.rmtree(ckpt)  # the machine is gone; only the remote survives
+    newest = store.newest_valid()
+    assert newest is not None and newest.step is not None
+    assert newest.step <= last_logged_step(log) < STEPS
+
+    fresh, log2, weights = tmp_path / "fresh", tmp_path / "log2.jsonl", tmp_path / "final.pt"
+    out = run_example(*_args(fresh, log2, weights, 10, "--remote", s3_remote.url, "--resume"))
+    assert f"resumed from {newest.name} (step {newest.step})" in out.stdout
+    _assert_resumed_exactly(reference, log2, weights, newest.step)
 
 
 def test_sigkill_during_a_save_resumes_from_previous_checkpoint_exactly(
