@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,9 @@ def crash_driver(base: str, work: str, with_previous: str) -> None:
                     ck.save(2, **state).wait()
                     ck.close()
                 except BaseException:
+                    # Not killed at its kill point: the parent records killed=False, which
+                    # test_every_kill_point_was_exercised reports; say why here.
+                    traceback.print_exc()
                     code = 3
                 os._exit(code)
             _, status = os.waitpid(pid, 0)
