@@ -66,6 +66,7 @@ from ckptsync.transfer import (
     download_file,
     download_file_ranged,
     hash_remote_file,
+    is_s3fs,
     run_parallel,
     upload_file,
     upload_file_multipart,
@@ -311,8 +312,7 @@ class RemoteStore:
         self._workers = 1 if self.scheme == "gdrive" else self.config.max_workers
         self._retry = Retrier(self.config, self._translate)
         # s3fs: large files go up as parallel multipart uploads (transfer.upload_file_multipart).
-        self._parallel_parts = (self.scheme in ("s3", "s3a") and hasattr(fs, "_call_s3")
-                                and hasattr(fs, "loop"))
+        self._parallel_parts = self.scheme in ("s3", "s3a") and is_s3fs(fs)
         # Server-side copy of files unchanged since the previous checkpoint (no bytes sent).
         self._server_copy = type(fs).__name__ in ("S3FileSystem", "GCSFileSystem")
         self._stats_lock = threading.Lock()

@@ -23,6 +23,7 @@ filesystem and the one function that translates backend exceptions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -50,6 +51,7 @@ __all__ = [
     "download_file",
     "download_file_ranged",
     "hash_remote_file",
+    "is_s3fs",
     "run_parallel",
     "upload_file",
     "upload_file_multipart",
@@ -280,7 +282,8 @@ def _blocking_client(fs: Any, bucket: str, pool_size: int) -> Any:
         return _botocore_session.create_client("s3", **kwargs)
 
 
-def _is_s3fs(fs: Any) -> bool:
+def is_s3fs(fs: Any) -> bool:
+    """Is ``fs`` an s3fs filesystem whose calls :class:`_BlockingS3` can mirror?"""
     return all(hasattr(fs, a) for a in ("_call_s3", "loop", "split_path",
                                         "_get_s3_method_kwargs"))
 
@@ -695,7 +698,7 @@ def download_file_ranged(
     bs = config.block_size
     ranges = [(o, min(o + bs, entry.size)) for o in range(0, entry.size, bs)]
     window = max(1, min(config.max_workers, len(ranges)))
-    getter = _BlockingS3(fs, remote_path, window) if _is_s3fs(fs) else None
+    getter = _BlockingS3(fs, remote_path, window) if is_s3fs(fs) else None
 
     def fetch(start: int, end: int) -> bytes:
         def attempt() -> bytes:
@@ -711,68 +714,66 @@ def download_file_ranged(
 
         return retrier.call(attempt, url=url, action="download from")
 
-    try:
-        pending: deque[tuple[int, int, Future[bytes]]] = deque()
-        next_range = 0
-        with ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
+    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    next_range = 0
+    # The client is closed after the pool has joined every fetch (exit order is reversed).
+    with (contextlib.closing(getter) if getter is not None else contextlib.nullcontext()), \
+            ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
 
-            def fill() -> None:
-                # Block for a slot only while holding none: every slot holder then has a
-                # range in flight and releases it when written, so the transfer as a whole
-                # always advances.
-                nonlocal next_range
-                while len(pending) < window and next_range < len(ranges):
-                    if not slots.acquire(blocking=not pending):
-                        return
-                    start, end = ranges[next_range]
-                    next_range += 1
-                    pending.append((start, end, pool.submit(fetch, start, end)))
+        def fill() -> None:
+            # Block for a slot only while holding none: every slot holder then has a
+            # range in flight and releases it when written, so the transfer as a whole
+            # always advances.
+            nonlocal next_range
+            while len(pending) < window and next_range < len(ranges):
+                if not slots.acquire(blocking=not pending):
+                    return
+                start, end = ranges[next_range]
+                next_range += 1
+                pending.append((start, end, pool.submit(fetch, start, end)))
 
-            try:
-                fill()
-                while pending:
-                    start, end, fut = pending.popleft()
-                    try:
-                        data = fut.result()
-                    finally:
-                        slots.release()
-                    if len(data) != end - start:
-                        raise CorruptCheckpointError(
-                            f"{url}: file is shorter than the {entry.size} bytes its "
-                            "manifest lists (truncated)",
-                            path=url,
-                        )
-                    _check_stop(stop, url)
-                    _local_write(writer, data)
-                    progress.update(len(data))
-                    del data
-                    fill()
-            except BaseException:
-                for _, _, fut in pending:
-                    fut.cancel()
-                while pending:  # give back the slots of ranges that will never be written
-                    pending.popleft()
+        try:
+            fill()
+            while pending:
+                start, end, fut = pending.popleft()
+                try:
+                    data = fut.result()
+                finally:
                     slots.release()
-                raise
+                if len(data) != end - start:
+                    raise CorruptCheckpointError(
+                        f"{url}: file is shorter than the {entry.size} bytes its "
+                        "manifest lists (truncated)",
+                        path=url,
+                    )
+                _check_stop(stop, url)
+                _local_write(writer, data)
+                progress.update(len(data))
+                del data
+                fill()
+        except BaseException:
+            for _, _, fut in pending:
+                fut.cancel()
+            while pending:  # give back the slots of ranges that will never be written
+                pending.popleft()
+                slots.release()
+            raise
 
-        # The listing said entry.size; make sure the content does not go on past it.
-        def probe() -> bytes:
-            try:
-                return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
-            except Exception as e:
-                # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
-                if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
-                    return b""
-                raise
+    # The listing said entry.size; make sure the content does not go on past it.
+    def probe() -> bytes:
+        try:
+            return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
+        except Exception as e:
+            # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
+            if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
+                return b""
+            raise
 
-        tail = retrier.call(probe, url=url, action="download from")
-        if tail:
-            raise CorruptCheckpointError(
-                f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
-            )
-    finally:
-        if getter is not None:
-            getter.close()
+    tail = retrier.call(probe, url=url, action="download from")
+    if tail:
+        raise CorruptCheckpointError(
+            f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
+        )
 
 
 def hash_remote_file(
