@@ -19,6 +19,8 @@ the Nth write) without patching this module.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +54,27 @@ CHUNK = 8 * 1024 * 1024
 # checkpoint remotely while the pid lives (DESIGN.md, retention).
 RESUMED_FILE = ".ckptsync-resumed.json"
 WRITER_LOCK = ".ckptsync-writer.lock"
+# A HashingWriter asks the kernel to start writing its pages to disk every this many bytes, so
+# that the fsync at close waits for the tail, not for the whole file (see FileOps.writeback).
+WRITEBACK_BYTES = 16 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux only; Python's os module does not wrap it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SFR = _sync_file_range()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -78,6 +102,22 @@ class FileOps:
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
+
+    def writeback(self, fd: int, offset: int, nbytes: int) -> bool:
+        """Start writing ``[offset, offset + nbytes)`` to disk without waiting for it.
+
+        Linux keeps up to ``dirty_background_ratio`` of RAM (gigabytes) dirty before it
+        writes anything back, so without this a 1 GB file is written to disk only by the
+        fsync at close, after the last byte: ~0.6 s here on every save and every pull. This
+        overlaps that disk write with serialization or download instead. The fsync still
+        guarantees durability; this only moves work earlier. Returns False when unsupported
+        (not Linux, or a file system that refuses it): the caller stops asking.
+        """
+        if _SFR is None:
+            return False
+        # Non-zero: EIO/ENOSPC are reported again by the fsync at close, with the path;
+        # ESPIPE, EINVAL, ENOSYS: this file system does not do it. Either way, stop asking.
+        return _SFR(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
 
     def mkdir(self, path: Path) -> None:
         path.mkdir(parents=False, exist_ok=False)
@@ -121,9 +161,20 @@ class HashingWriter:
         # Also given every byte once written and hashed (the checkpointer streams large files
         # to the remote while they are serialized); must not raise.
         self.tee: Callable[[memoryview], None] | None = None
+        self._written_back = 0  # bytes handed to FileOps.writeback so far; -1: unsupported
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
+        self._write_all(mv)
+        self._hash.update(mv)
+        self.size += len(mv)
+        if self._written_back >= 0 and self.size - self._written_back >= WRITEBACK_BYTES:
+            self._start_writeback()
+        if self.tee is not None:
+            self.tee(mv)
+        return len(mv)
+
+    def _write_all(self, mv: memoryview) -> None:
         try:
             n = self._ops.write(self._f, mv)
             if n is None:
@@ -137,11 +188,16 @@ class HashingWriter:
             # RuntimeError) can still report the real cause: no space, no permission.
             self.error = e
             raise
-        self._hash.update(mv)
-        self.size += len(mv)
-        if self.tee is not None:
-            self.tee(mv)
-        return len(mv)
+
+    def _start_writeback(self) -> None:
+        try:
+            self._f.flush()  # the buffered tail must reach the kernel first
+            ok = self._ops.writeback(self._f.fileno(), self._written_back,
+                                     self.size - self._written_back)
+        except OSError as e:
+            self.error = e
+            raise
+        self._written_back = self.size if ok else -1
 
     def flush(self) -> None:
         self._f.flush()

@@ -6,12 +6,15 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import RecordingOps, fail_at, file_bytes, staging_dirs
 
+from ckptsync import local
 from ckptsync.errors import (
     CkptSyncError,
     CorruptCheckpointError,
@@ -271,3 +274,44 @@ def test_commit_failure_is_a_storage_error_and_publishes_nothing(tmp_path: Path)
         st.commit(Manifest.new(step=1, files=st.entries, name=name))
     assert name in str(e.value)
     assert store.list() == []
+
+
+def test_hashing_writer_starts_writeback_as_it_goes(tmp_path: Path) -> None:
+    """Dirty pages are handed to the disk every WRITEBACK_BYTES (ranges contiguous, covering
+    what was written), so the fsync at close does not write the whole file; a file system
+    that refuses is asked once, never again, and the file is still written whole."""
+
+    class Recording(FileOps):
+        def __init__(self, answer: bool | None) -> None:
+            self.ranges: list[tuple[int, int]] = []
+            self.answer = answer
+
+        def writeback(self, fd: int, offset: int, nbytes: int) -> bool:
+            self.ranges.append((offset, nbytes))
+            real = super().writeback(fd, offset, nbytes)
+            return real if self.answer is None else self.answer
+
+    data = os.urandom(local.WRITEBACK_BYTES // 3) * 10  # 3.3x the interval, odd-sized chunks
+    chunk = local.WRITEBACK_BYTES // 7 + 1
+    for answer in (None, False):
+        ops = Recording(answer)
+        path = tmp_path / f"f-{answer}"
+        with HashingWriter(path, ops) as w:
+            for i in range(0, len(data), chunk):
+                w.write(data[i:i + chunk])
+        assert path.read_bytes() == data
+        assert w.entry("f").sha256 == hashlib.sha256(data).hexdigest()
+        if answer is False:
+            assert len(ops.ranges) == 1
+            continue
+        assert len(ops.ranges) == 3
+        offsets = [o for o, _ in ops.ranges]
+        ends = [o + n for o, n in ops.ranges]
+        assert offsets[0] == 0 and offsets[1:] == ends[:-1]
+        assert all(n >= local.WRITEBACK_BYTES for _, n in ops.ranges)
+    if sys.platform.startswith("linux"):  # the real call works on this file system
+        fd = os.open(tmp_path / "f-None", os.O_RDONLY)
+        try:
+            assert FileOps().writeback(fd, 0, 4096)
+        finally:
+            os.close(fd)
