@@ -63,6 +63,7 @@ from ckptsync.transfer import (
     NullProgress,
     Progress,
     Retrier,
+    Slots,
     download_file,
     download_file_ranged,
     hash_remote_file,
@@ -713,7 +714,7 @@ class RemoteStore:
                 self._call(partial(self.fs.makedirs, d, exist_ok=True), self.url_of(name), "create")
 
         sources = self._unchanged_sources(m)
-        slots = threading.BoundedSemaphore(self.config.parts_in_flight)  # multipart parts held
+        slots = Slots(self.config.parts_in_flight)  # multipart parts held
         progress.start(m.total_size, f"push {name}")
         try:
             tasks = [
@@ -805,7 +806,7 @@ class RemoteStore:
 
     def _upload_task(
         self, ckpt: LocalCheckpoint, relpath: str, stop: threading.Event, *, progress: Progress,
-        slots: threading.Semaphore | None = None, source: str | None = None,
+        slots: Slots | None = None, source: str | None = None,
         stream: MultipartStream | None = None,
     ) -> None:
         entry = next(f for f in ckpt.manifest.files if f.path == relpath)

@@ -46,6 +46,7 @@ __all__ = [
     "NullProgress",
     "Progress",
     "Retrier",
+    "Slots",
     "TransferAborted",
     "Translate",
     "download_file",
@@ -360,6 +361,49 @@ class _BlockingS3:
             self._client = None
 
 
+def _read_into(src: Any, buf: bytearray | memoryview) -> int:
+    """Fill ``buf`` from ``src`` (``readinto``); the bytes read (short only at the end)."""
+    view = memoryview(buf)
+    n = 0
+    while n < len(view):
+        k = src.readinto(view[n:])
+        if not k:
+            break
+        n += k
+    return n
+
+
+class Slots(threading.BoundedSemaphore):
+    """At most ``value`` multipart parts held at once, and the part buffers themselves, reused.
+
+    A thread that holds a slot may :meth:`take` one buffer and must :meth:`give` it back
+    before it releases the slot, so no more than ``value`` buffers ever exist; they go when
+    the push drops its ``Slots``. Why reuse: a fresh 16 MiB ``bytes`` per part is a fresh
+    mapping from the kernel whose pages are faulted in and zeroed every time (reading 1 GiB
+    into fresh 32 MiB ``bytes``: 0.65 CPU-s here; into one reused buffer: 0.17 CPU-s).
+    Downloads do not use the buffers: urllib3's ``readinto`` is ``read`` plus a copy.
+    """
+
+    def __init__(self, value: int = 1) -> None:
+        super().__init__(value)
+        self._free: list[bytearray] = []
+        self._free_lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of exactly ``size`` bytes (contents undefined)."""
+        with self._free_lock:
+            for i, buf in enumerate(self._free):
+                if len(buf) == size:
+                    return self._free.pop(i)
+            if self._free:  # a different size (a file's last part): let one go
+                self._free.pop(0)
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        with self._free_lock:
+            self._free.append(buf)
+
+
 def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
     while not slots.acquire(timeout=0.1):
         _check_stop(stop, url)
@@ -374,7 +418,7 @@ def upload_file_multipart(
     url: str,
     config: TransferConfig,
     retrier: Retrier,
-    slots: threading.Semaphore,
+    slots: Slots,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> None:
@@ -406,7 +450,7 @@ def upload_file_multipart(
     reported = [0]  # bytes given to progress, taken back if the upload fails
     lock = threading.Lock()
 
-    def put(number: int, data: bytes) -> dict[str, Any]:
+    def put(number: int, data: bytes | bytearray, buf: bytearray | None) -> dict[str, Any]:
         try:
             def attempt() -> Any:
                 _check_stop(stop, url)
@@ -418,6 +462,8 @@ def upload_file_multipart(
                 reported[0] += len(data)
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
+            if buf is not None:
+                slots.give(buf)
             slots.release()
 
     digest = hashlib.sha256()
@@ -434,20 +480,29 @@ def upload_file_multipart(
                     if failed is not None:
                         failed.result()  # raises the part's error: fail fast
                     _acquire(slots, stop, url)
+                    buf = slots.take(part_size)
                     try:
-                        data = src.read(part_size)
+                        n = _read_into(src, buf)
                     except OSError as e:
+                        slots.give(buf)
                         slots.release()
                         raise LocalStorageError(
                             f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
                         ) from e
-                    if not data:
+                    if not n:
+                        slots.give(buf)
                         slots.release()
                         break
+                    # botocore takes bytes or bytearray, not a view: a short last part is
+                    # copied out (once per file) and its buffer given back at once.
+                    data: bytes | bytearray = buf if n == len(buf) else bytes(buf[:n])
                     digest.update(data)
-                    size += len(data)
-                    futures.append(pool.submit(put, len(futures) + 1, data))
-                    del data
+                    size += n
+                    if data is not buf:
+                        slots.give(buf)
+                    futures.append(pool.submit(put, len(futures) + 1, data,
+                                               buf if data is buf else None))
+                    del data, buf
                 parts = [f.result() for f in futures]
             except BaseException:
                 for f in futures:

@@ -19,10 +19,10 @@ from conftest import Remote
 from ckptsync import Checkpointer
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError
-from ckptsync.local import LocalCheckpoint, LocalStore
+from ckptsync.local import HashingWriter, LocalCheckpoint, LocalStore
 from ckptsync.manifest import FileEntry, Manifest, make_name
 from ckptsync.remote import RemoteStore, translate_error
-from ckptsync.transfer import Retrier, upload_file_multipart
+from ckptsync.transfer import Retrier, Slots, download_file_ranged, upload_file_multipart
 
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum), ranges from 5 MiB: a 13 MiB file is 3 parts / 3 ranges.
@@ -67,7 +67,7 @@ def test_multipart_upload_refuses_changed_file_and_aborts(s3_remote: Remote,
     path.write_bytes(data)
     entry = FileEntry("f.bin", len(data), hashlib.sha256(b"other").hexdigest())
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
-    slots = threading.BoundedSemaphore(FAST.parts_in_flight)
+    slots = Slots(FAST.parts_in_flight)
     target = f"{store.root}/x/f.bin"
     with pytest.raises(CorruptCheckpointError, match="no longer matches"):
         upload_file_multipart(store.fs, path, target, entry, url="s3://x/f.bin", config=FAST,
@@ -76,6 +76,48 @@ def test_multipart_upload_refuses_changed_file_and_aborts(s3_remote: Remote,
     assert not store.fs.exists(target)  # aborted: nothing became visible
     for _ in range(FAST.parts_in_flight):  # every slot given back
         assert slots.acquire(blocking=False)
+
+
+class CountingSlots(Slots):
+    """Slots that record how many block buffers exist and how many are lent at once."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__(value)
+        self.seen: set[int] = set()
+        self.lent = self.most_lent = 0
+
+    def take(self, size: int) -> bytearray:
+        buf = super().take(size)
+        self.seen.add(id(buf))
+        self.lent += 1
+        self.most_lent = max(self.most_lent, self.lent)
+        return buf
+
+    def give(self, buf: bytearray) -> None:
+        self.lent -= 1
+        super().give(buf)
+
+
+def test_part_buffers_are_reused_and_bounded(s3_remote: Remote, tmp_path: Path) -> None:
+    """7 parts through 2 slots: the bytes survive buffer reuse, at most 2 buffers ever exist,
+    and every one is given back."""
+    data = os.urandom(33 * MiB + 7)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    entry = FileEntry("f.bin", len(data), hashlib.sha256(data).hexdigest())
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
+    target = f"{store.root}/reuse/f.bin"
+    retrier = Retrier(FAST, translate_error)
+    up = CountingSlots(2)
+    upload_file_multipart(store.fs, path, target, entry, url="s3://reuse/f.bin", config=FAST,
+                          retrier=retrier, slots=up)
+    assert len(up.seen) <= 2 and up.most_lent <= 2 and up.lent == 0
+    assert up.acquire(blocking=False) and up.acquire(blocking=False)
+    with HashingWriter(tmp_path / "back.bin") as w:
+        download_file_ranged(store.fs, target, w, entry, url="s3://reuse/f.bin", config=FAST,
+                             retrier=retrier, slots=threading.BoundedSemaphore(2))
+    assert (tmp_path / "back.bin").read_bytes() == data
+    assert w.entry("f.bin") == entry
 
 
 def test_unchanged_files_are_copied_server_side(s3_remote: Remote, tmp_path: Path) -> None:
