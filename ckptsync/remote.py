@@ -317,7 +317,7 @@ class RemoteStore:
         # Server-side copy of files unchanged since the previous checkpoint (no bytes sent).
         self._server_copy = type(fs).__name__ in ("S3FileSystem", "GCSFileSystem")
         self._stats_lock = threading.Lock()
-        self._stream_slots = threading.BoundedSemaphore(self.config.parts_in_flight)
+        self._stream_slots = Slots(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
         """Totals over this store's pushes: bytes sent, and bytes copied server-side instead."""
 

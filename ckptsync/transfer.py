@@ -374,18 +374,22 @@ def _read_into(src: Any, buf: bytearray | memoryview) -> int:
 
 
 class Slots(threading.BoundedSemaphore):
-    """At most ``value`` multipart parts held at once, and the part buffers themselves, reused.
+    """At most ``value`` multipart parts held at once, and the part buffers themselves, reused
+    (by :func:`upload_file_multipart` and :class:`MultipartStream`).
 
-    A thread that holds a slot may :meth:`take` one buffer and must :meth:`give` it back
-    before it releases the slot, so no more than ``value`` buffers ever exist; they go when
-    the push drops its ``Slots``. Why reuse: a fresh 16 MiB ``bytes`` per part is a fresh
-    mapping from the kernel whose pages are faulted in and zeroed every time (reading 1 GiB
-    into fresh 32 MiB ``bytes``: 0.65 CPU-s here; into one reused buffer: 0.17 CPU-s).
-    Downloads do not use the buffers: urllib3's ``readinto`` is ``read`` plus a copy.
+    A part being sent holds a slot and its buffer until it is sent, so at most ``value``
+    buffers are in flight (plus, in :class:`MultipartStream`, the one each stream is
+    filling); at most ``value`` are kept for reuse, until the owner drops its ``Slots``.
+
+    Why reuse: a fresh 16 MiB ``bytes`` per part is a fresh mapping from the kernel whose
+    pages are faulted in and zeroed every time (reading 1 GiB into fresh 32 MiB ``bytes``:
+    0.65 CPU-s here; into one reused buffer: 0.17 CPU-s). Downloads do not use the buffers:
+    urllib3's ``readinto`` is ``read`` plus a copy.
     """
 
     def __init__(self, value: int = 1) -> None:
         super().__init__(value)
+        self._keep = value
         self._free: list[bytearray] = []
         self._free_lock = threading.Lock()
 
@@ -395,13 +399,14 @@ class Slots(threading.BoundedSemaphore):
             for i, buf in enumerate(self._free):
                 if len(buf) == size:
                     return self._free.pop(i)
-            if self._free:  # a different size (a file's last part): let one go
+            if self._free:  # another part size (a huge file): let one go
                 self._free.pop(0)
         return bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         with self._free_lock:
-            self._free.append(buf)
+            if len(self._free) < self._keep:
+                self._free.append(buf)
 
 
 def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
@@ -538,7 +543,8 @@ class MultipartStream:
     """Uploads bytes to S3 as they are written: a parallel multipart upload fed by a writer.
 
     The checkpointer tees a file being serialized (and hashed, and written locally) into
-    :meth:`write`; every full ``part_size`` part is sent on a small pool at once, so
+    :meth:`write`, which copies it into a part buffer lent by ``slots``; every full
+    ``part_size`` part is sent on a small pool at once, so
     serialization, hashing and upload overlap and the file is never read back. The multipart
     upload is created with the first full part (a smaller file is left to the normal upload).
     ``slots`` bound the parts held in memory; a full window makes :meth:`write` wait.
@@ -548,7 +554,7 @@ class MultipartStream:
     """
 
     def __init__(self, fs: Any, remote_path: str, *, url: str, config: TransferConfig,
-                 retrier: Retrier, slots: threading.Semaphore) -> None:
+                 retrier: Retrier, slots: Slots) -> None:
         self.fs = fs
         self.remote_path = remote_path
         self.url = url
@@ -557,7 +563,10 @@ class MultipartStream:
         self.part_size = config.part_size
         self.size = 0
         self.error: BaseException | None = None
-        self._buf = bytearray()
+        # The part being filled (a buffer lent by ``slots``; its slot is taken only to send
+        # it, so that streams waiting for their commit never hold the window) and its fill.
+        self._part: bytearray | None = None
+        self._fill = 0
         self._upload_id: str | None = None
         self._futures: list[Future[dict[str, Any]]] = []
         self._pool: ThreadPoolExecutor | None = None
@@ -574,31 +583,52 @@ class MultipartStream:
         if self.error is not None or self._done:
             return
         try:
-            self._buf += data
             self.size += len(data)
-            while len(self._buf) >= self.part_size:
-                part = bytes(self._buf[: self.part_size])
-                del self._buf[: self.part_size]
-                self._send(part)
+            while len(data):
+                if self._part is None:
+                    self._part = self.slots.take(self.part_size)
+                    self._fill = 0
+                k = min(len(data), self.part_size - self._fill)
+                self._part[self._fill:self._fill + k] = data[:k]  # the one copy of each byte
+                self._fill += k
+                data = data[k:]
+                if self._fill == self.part_size:
+                    part, self._part = self._part, None
+                    self.slots.acquire()  # back-pressure: wait while the window is full
+                    self._send(part, part)
         except BaseException as e:  # the local save must go on: fall back to a normal upload
             log.info("streaming upload of %s stopped, will upload after commit: %s", self.url, e)
             self.error = e
-            self._buf = bytearray()
+            self._drop_part()
 
-    def _send(self, data: bytes) -> None:
-        if self._upload_id is None:
-            self._upload_id = self.retrier.call(
-                lambda: self._call("create_multipart_upload")["UploadId"], url=self.url,
-                action="upload to")
-            self._pool = ThreadPoolExecutor(self._window, thread_name_prefix="ckptsync-stream")
-        failed = next((f for f in self._futures if f.done() and f.exception()), None)
-        if failed is not None:
-            failed.result()
-        self.slots.acquire()
-        assert self._pool is not None
-        self._futures.append(self._pool.submit(self._put, len(self._futures) + 1, data))
+    def _drop_part(self) -> None:
+        if self._part is not None:
+            self.slots.give(self._part)
+            self._part = None
 
-    def _put(self, number: int, data: bytes) -> dict[str, Any]:
+    def _send(self, data: bytes | bytearray, buf: bytearray | None) -> None:
+        """Send one part; the caller holds its slot (and ``buf``), handed to the part here."""
+        try:
+            if self._upload_id is None:
+                self._upload_id = self.retrier.call(
+                    lambda: self._call("create_multipart_upload")["UploadId"], url=self.url,
+                    action="upload to")
+                self._pool = ThreadPoolExecutor(self._window,
+                                                thread_name_prefix="ckptsync-stream")
+            failed = next((f for f in self._futures if f.done() and f.exception()), None)
+            if failed is not None:
+                failed.result()
+            assert self._pool is not None
+            self._futures.append(self._pool.submit(self._put, len(self._futures) + 1, data,
+                                                   buf))
+        except BaseException:
+            if buf is not None:
+                self.slots.give(buf)
+            self.slots.release()
+            raise
+
+    def _put(self, number: int, data: bytes | bytearray,
+             buf: bytearray | None) -> dict[str, Any]:
         try:
             assert self._sender is not None  # made by the create call
             sender = self._sender
@@ -608,6 +638,8 @@ class MultipartStream:
                 url=self.url, action="upload to")
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
+            if buf is not None:
+                self.slots.give(buf)
             self.slots.release()
 
     def finish(self, entry: FileEntry, progress: Progress | None = None) -> bool:
@@ -619,9 +651,12 @@ class MultipartStream:
         try:
             if self.error is not None or self._upload_id is None or self.size != entry.size:
                 return False
-            if self._buf:
-                self._send(bytes(self._buf))
-                self._buf = bytearray()
+            if self._part is not None:  # the short last part: copied out, buffer back at once
+                part, self._part = self._part, None
+                tail = bytes(part[:self._fill])
+                self.slots.give(part)
+                self.slots.acquire()
+                self._send(tail, None)
             parts = [f.result() for f in self._futures]
             self.retrier.call(
                 lambda: self._call("complete_multipart_upload", UploadId=self._upload_id,
@@ -641,9 +676,10 @@ class MultipartStream:
     def abort(self) -> None:
         """Drop the upload (idempotent); nothing becomes visible."""
         self._done = True
-        self._buf = bytearray()
+        self._drop_part()
         for f in self._futures:
-            f.cancel()
+            if f.cancel():  # it will never run to give back its slot (``slots`` outlives us)
+                self.slots.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -169,20 +169,30 @@ def test_checkpointer_restores_exact_tensors_through_fast_paths(s3_remote: Remot
 
 def test_streamed_upload_is_used_and_falls_back_when_incomplete(s3_remote: Remote,
                                                                 tmp_path: Path) -> None:
-    files = {"a.bin": os.urandom(12 * MiB + 7), "b.bin": os.urandom(11 * MiB)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    """Two saves on one store, each with more files streaming at once than parts in flight
+    (small ones too, as rng.pt is): nothing waits forever, every byte arrives, and every slot
+    of the store's long-lived window is given back."""
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
-    sa, sb = store.stream_file(ck.name, "a.bin"), store.stream_file(ck.name, "b.bin")
-    assert sa is not None and sb is not None
-    for i in range(0, len(files["a.bin"]), 3 * MiB):  # fed the whole file, as torch.save would
-        sa.write(memoryview(files["a.bin"])[i : i + 3 * MiB])
-    sb.write(memoryview(files["b.bin"])[: 7 * MiB])  # fed only part of it: must not be used
-    store.push(ck, streams={"a.bin": sa, "b.bin": sb})
-    got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
-        ck.name, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == files
+    for step in (1, 2):
+        files = {"a.bin": os.urandom(12 * MiB + 7), "b.bin": os.urandom(11 * MiB),
+                 **{f"s{i}.bin": os.urandom(1000 + i) for i in range(FAST.parts_in_flight)}}
+        ck = commit(LocalStore(tmp_path / f"src{step}"), step, files)
+        streams = {}
+        for rel, data in files.items():  # fed the whole file, as torch.save would ...
+            stream = streams[rel] = store.stream_file(ck.name, rel)
+            assert stream is not None
+            if rel == "b.bin":
+                data = data[: 7 * MiB]  # ... except b.bin, fed in part: must not be used
+            for i in range(0, len(data), 3 * MiB):
+                stream.write(memoryview(data)[i : i + 3 * MiB])
+        store.push(ck, streams=streams)
+        got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
+            ck.name, LocalStore(tmp_path / f"dst{step}"))
+        assert read_all(got) == files
     bucket = s3_remote.extra["bucket"]
     assert not [u for u in store.fs.list_multipart_uploads(bucket) if "run/" in u.get("Key", "")]
+    slots = store._stream_slots
+    assert all(slots.acquire(blocking=False) for _ in range(FAST.parts_in_flight))
 
 
 def test_parts_go_through_a_blocking_client_with_credentials_from_the_environment(
