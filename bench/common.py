@@ -106,6 +106,13 @@ def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def renice(pid: int, nice: int) -> None:
+    """Lower the priority of every thread of ``pid`` (Linux: nice is per thread; threads the
+    server starts later inherit it from the thread that starts them)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+
+
 def make_state(size: Size, seed: int = 0) -> tuple[Any, Any]:
     """A model and an AdamW optimizer whose state is populated (one step taken)."""
     import torch

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Table, context, write_results
+from bench.common import Table, context, renice, write_results
 
 BENCHES = ["stall", "durable", "throughput", "resume", "memory", "train", "scale"]
 
@@ -31,15 +31,21 @@ def main() -> int:
     mode.add_argument("--full", action="store_true", help="~1 GB state, >= 5 runs")
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated benchmarks")
     ap.add_argument("--runs", type=int, default=None, help="override the number of runs")
+    ap.add_argument("--server-nice", type=int, default=0, metavar="N",
+                    help="run the S3 server at this nice value, for every contender alike: a "
+                         "stand-in for a server whose CPU is not the trainer's (default 0)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     t0 = time.perf_counter()
     tables: list[Table] = []
     failures: dict[str, str] = {}
     with context(quick=args.quick, runs=args.runs) as ctx:
+        if args.server_nice:
+            renice(ctx.server.proc.pid, args.server_nice)
         print(f"ckptsync bench ({'quick' if args.quick else 'full'}): state "
               f"{ctx.size.nbytes / 1e9:.2f} GB, big {ctx.big.nbytes / 1e9:.2f} GB, "
-              f"{ctx.runs} runs, SeaweedFS at {ctx.endpoint}, {os.cpu_count()} CPUs", flush=True)
+              f"{ctx.runs} runs, SeaweedFS at {ctx.endpoint} (nice {args.server_nice}), "
+              f"{os.cpu_count()} CPUs", flush=True)
         for name in args.only.split(","):
             mod = importlib.import_module(f"bench.bench_{name}")
             t1 = time.perf_counter()
@@ -56,7 +62,8 @@ def main() -> int:
             tables.extend(got)
     meta = {"quick": args.quick, "runs": ctx.runs, "cpus": os.cpu_count(),
             "python": platform.python_version(), "host": platform.node(),
-            "failures": failures, "seconds": time.perf_counter() - t0}
+            "server_nice": args.server_nice, "failures": failures,
+            "seconds": time.perf_counter() - t0}
     path = write_results(tables, args.quick, meta)
     print(f"\nresults: {path} ({time.perf_counter() - t0:.0f} s)")
     return 1 if failures else 0
