@@ -361,7 +361,7 @@ class _BlockingS3:
             self._client = None
 
 
-def _read_into(src: Any, buf: bytearray | memoryview) -> int:
+def _read_into(src: Any, buf: bytearray) -> int:
     """Fill ``buf`` from ``src`` (``readinto``); the bytes read (short only at the end)."""
     view = memoryview(buf)
     n = 0
@@ -396,17 +396,30 @@ class Slots(threading.BoundedSemaphore):
     def take(self, size: int) -> bytearray:
         """A buffer of exactly ``size`` bytes (contents undefined)."""
         with self._free_lock:
-            for i, buf in enumerate(self._free):
-                if len(buf) == size:
-                    return self._free.pop(i)
-            if self._free:  # another part size (a huge file): let one go
-                self._free.pop(0)
-        return bytearray(size)
+            buf = self._free.pop() if self._free else None
+        # Another size (a file over 160 GB has larger parts): that buffer is let go.
+        return buf if buf is not None and len(buf) == size else bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         with self._free_lock:
             if len(self._free) < self._keep:
                 self._free.append(buf)
+
+    def body(self, buf: bytearray, n: int) -> tuple[bytes | bytearray, bytearray | None]:
+        """What to send for a part of ``n`` bytes in ``buf``, and the buffer to hand to
+        :meth:`sent`. botocore takes bytes or bytearray, not a view: a short (last) part is
+        copied out, once per file, and its buffer given back at once."""
+        if n == len(buf):
+            return buf, buf
+        data = bytes(memoryview(buf)[:n])
+        self.give(buf)
+        return data, None
+
+    def sent(self, buf: bytearray | None) -> None:
+        """A part is done (sent, failed or dropped): its buffer back, then its slot."""
+        if buf is not None:
+            self.give(buf)
+        self.release()
 
 
 def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
@@ -467,9 +480,7 @@ def upload_file_multipart(
                 reported[0] += len(data)
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
-            if buf is not None:
-                slots.give(buf)
-            slots.release()
+            slots.sent(buf)
 
     digest = hashlib.sha256()
     size = 0
@@ -489,25 +500,18 @@ def upload_file_multipart(
                     try:
                         n = _read_into(src, buf)
                     except OSError as e:
-                        slots.give(buf)
-                        slots.release()
+                        slots.sent(buf)
                         raise LocalStorageError(
                             f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
                         ) from e
                     if not n:
-                        slots.give(buf)
-                        slots.release()
+                        slots.sent(buf)
                         break
-                    # botocore takes bytes or bytearray, not a view: a short last part is
-                    # copied out (once per file) and its buffer given back at once.
-                    data: bytes | bytearray = buf if n == len(buf) else bytes(buf[:n])
+                    data, lent = slots.body(buf, n)
                     digest.update(data)
                     size += n
-                    if data is not buf:
-                        slots.give(buf)
-                    futures.append(pool.submit(put, len(futures) + 1, data,
-                                               buf if data is buf else None))
-                    del data, buf
+                    futures.append(pool.submit(put, len(futures) + 1, data, lent))
+                    del data, buf, lent
                 parts = [f.result() for f in futures]
             except BaseException:
                 for f in futures:
@@ -622,9 +626,7 @@ class MultipartStream:
             self._futures.append(self._pool.submit(self._put, len(self._futures) + 1, data,
                                                    buf))
         except BaseException:
-            if buf is not None:
-                self.slots.give(buf)
-            self.slots.release()
+            self.slots.sent(buf)
             raise
 
     def _put(self, number: int, data: bytes | bytearray,
@@ -638,9 +640,7 @@ class MultipartStream:
                 url=self.url, action="upload to")
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
-            if buf is not None:
-                self.slots.give(buf)
-            self.slots.release()
+            self.slots.sent(buf)
 
     def finish(self, entry: FileEntry, progress: Progress | None = None) -> bool:
         """Send the rest and complete the upload; True if ``remote_path`` now holds exactly the
@@ -651,12 +651,10 @@ class MultipartStream:
         try:
             if self.error is not None or self._upload_id is None or self.size != entry.size:
                 return False
-            if self._part is not None:  # the short last part: copied out, buffer back at once
+            if self._part is not None:  # the short last part
                 part, self._part = self._part, None
-                tail = bytes(part[:self._fill])
-                self.slots.give(part)
                 self.slots.acquire()
-                self._send(tail, None)
+                self._send(*self.slots.body(part, self._fill))
             parts = [f.result() for f in self._futures]
             self.retrier.call(
                 lambda: self._call("complete_multipart_upload", UploadId=self._upload_id,
