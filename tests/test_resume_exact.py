@@ -6,7 +6,10 @@ a random batch sampler with its own generator), run as a subprocess exactly as a
 
 from __future__ import annotations
 
+import io
 import random
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import torch
 from helpers import (
     assert_state_equal,
     committed_steps,
+    file_bytes,
     last_logged_step,
     make_training_state,
     read_losses,
@@ -29,6 +33,8 @@ from helpers import (
 )
 
 from ckptsync import Checkpointer
+from ckptsync.local import LocalStore
+from ckptsync.manifest import Manifest, make_name
 
 STEPS = 90
 
@@ -182,6 +188,59 @@ def test_restore_in_process_brings_back_every_object_and_rng_stream(tmp_path: Pa
     assert torch.equal(torch.rand(3), next_draws[2])
     # The tied head and embedding are still one parameter after loading.
     assert state["model"].head.weight is state["model"].emb.weight
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_restore_maps_files_and_training_on_never_writes_into_them(tmp_path: Path) -> None:
+    """Restore memory-maps a module's file (copy-on-write) and reads the optimizer's: training
+    on from it matches training on from the saved state, writes nothing into the files, and
+    survives their deletion."""
+    state = make_training_state(seed=2)
+    train_steps(state, 3)
+    with Checkpointer(tmp_path / "ck") as ck:
+        ck.save(3, **state).wait()
+        ckpt = ck.latest()
+    assert ckpt is not None
+    saved = file_bytes(tmp_path / "ck" / ckpt.name)
+    train_steps(state, 4)  # from the RNG state the save captured, as a resumed run continues
+    after_4 = state_trees(state)
+    train_steps(state, 2)
+    after_6 = state_trees(state)
+
+    fresh = make_training_state(seed=7)
+    with Checkpointer(tmp_path / "ck") as ck:
+        info = ck.restore(**fresh)
+    assert info is not None and info.step == 3
+    mapped = _mapped_files()
+    assert str(info.path / "model.pt") in mapped, "restore read the module's file"
+    # AdamW keeps the loaded moments: mapped, its first step would copy them a page at a time.
+    assert str(info.path / "optimizer.pt") not in mapped
+    train_steps(fresh, 4)
+    assert_state_equal(fresh, after_4)
+    assert file_bytes(info.path) == saved, "training wrote into the checkpoint files"
+    shutil.rmtree(info.path)
+    train_steps(fresh, 2)
+    assert_state_equal(fresh, after_6)
+
+
+def test_a_module_file_in_torchs_legacy_format_is_read_not_mapped(tmp_path: Path) -> None:
+    saved = torch.nn.Linear(3, 2)
+    store = LocalStore(tmp_path)
+    st = store.staging(make_name(1))
+    buf = io.BytesIO()
+    torch.save(saved.state_dict(), buf, _use_new_zipfile_serialization=False)
+    st.write_file("model.pt", buf.getvalue())
+    st.commit(Manifest.new(step=1, files=st.entries, name=st.name))
+    model = torch.nn.Linear(3, 2)
+    with Checkpointer(tmp_path) as ck:
+        info = ck.restore(model=model)
+    assert info is not None and info.step == 1
+    assert torch.equal(model.weight, saved.weight) and torch.equal(model.bias, saved.bias)
 
 
 def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path: Path) -> None:
