@@ -167,8 +167,8 @@ def run(ctx: Ctx) -> list[Table]:
     dcp_local.close()
     dcp_s3.close()
     # Paired: each run minus the no-checkpoint run of the same round (measure alternates
-    # round by round). This machine drifts by seconds over the minutes a round takes, and a
-    # global median made lost times swing from -1.4 s to 4 s for one contender.
+    # round by round). This machine drifts by seconds over the minutes a round takes; with a
+    # global median, one contender's lost times ranged from -1.41 s to 2.47 s.
     unhurt = raw["no checkpoint"]
     base = statistics.median(unhurt)
     lost = {k: [x - u for x, u in zip(v, unhurt, strict=True)] if v else []

@@ -61,7 +61,6 @@ log = logging.getLogger("ckptsync")
 
 RESERVED = frozenset({"metrics", "extra", "rng", "step", "ckptsync"})
 RNG_FILE = "rng.pt"
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since 1.6; the legacy format cannot be mapped
 
 
 @dataclass(frozen=True)
@@ -556,13 +555,10 @@ def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
     torch's legacy format, or on a file system that refuses mappings, is read.
     """
     if mmap and os.name == "posix":
-        with open(path, "rb") as f:
-            mappable = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
-        if mappable:
-            try:
-                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            except Exception as e:  # the read below raises what is really wrong, if anything
-                log.debug("cannot map %s (%s): reading it", path, e)
+        try:  # torch refuses a legacy-format file before mapping anything
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except Exception as e:  # the read below raises what is really wrong, if anything
+            log.debug("cannot map %s (%s): reading it", path, e)
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -192,7 +192,8 @@ def test_restore_in_process_brings_back_every_object_and_rng_stream(tmp_path: Pa
 
 def _mapped_files() -> set[str]:
     with open("/proc/self/maps") as f:
-        return {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+        rows = (line.split(None, 5) for line in f)
+        return {row[5].strip() for row in rows if len(row) == 6}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
