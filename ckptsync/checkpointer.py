@@ -48,6 +48,7 @@ from ckptsync.state import (
     check_safe,
     load_into,
     restore_rng,
+    serialize,
     state_of,
     to_jsonable,
 )
@@ -278,7 +279,7 @@ class Checkpointer:
                     streams[relpath] = stream
                     w.tee = stream.write
                 try:
-                    torch.save(tree, w)  # type: ignore[arg-type]  # hashed while written
+                    serialize(tree, w)  # hashed while written
                 except Exception:
                     if w.error is not None:  # torch wraps OSError: report the real cause
                         raise storage_error(w.error, w.path, "write") from w.error

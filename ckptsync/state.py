@@ -12,6 +12,7 @@ next (same shapes, same dtypes: no new allocation after the first save).
 from __future__ import annotations
 
 import argparse
+import pickle
 import random
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ __all__ = [
     "check_safe",
     "load_into",
     "restore_rng",
+    "serialize",
     "state_of",
     "to_jsonable",
     "unwrap",
@@ -158,6 +160,30 @@ class SnapshotBuffers:
         if isinstance(tree, tuple):
             return tuple(self._copy(v, (*key, str(i)), seen) for i, v in enumerate(tree))
         return tree  # immutable leaf (checked by check_safe)
+
+
+def serialize(tree: Any, f: Any) -> None:
+    """``torch.save(tree, f)``, without the CRC32 of each zip record.
+
+    The manifest holds every file's sha256, checked before every restore and while every pull
+    downloads; ``torch.load`` never reads the CRC32 (a flipped byte loads silently). Computing it
+    costs ~0.3 CPU-s per GB on the thread that competes with training, and protects nothing.
+    torch's switch for it (``torch.serialization.set_crc32_options``) is process-wide: flipped
+    from this background thread, it would also strip the CRC from the user's own concurrent
+    ``torch.save`` calls. The writer is therefore built here with the calls ``torch.save``
+    makes for a file object; where this torch lacks them, ``torch.save`` it is (nothing has been
+    written by then). The file is ``torch.save``'s format; zip tools report CRC errors on it.
+    """
+    try:
+        from torch.serialization import DEFAULT_PROTOCOL, _get_storage_alignment, _save
+
+        writer = torch._C.PyTorchFileWriter(f, False, _get_storage_alignment())
+    except (ImportError, AttributeError, TypeError):
+        torch.save(tree, f)
+        return
+    _save(tree, writer, pickle, DEFAULT_PROTOCOL, False)
+    writer.write_end_of_file()
+    f.flush()
 
 
 def capture_rng() -> dict[str, Any]:

@@ -10,8 +10,9 @@ import io
 import random
 import shutil
 import sys
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ from helpers import (
 )
 
 from ckptsync import Checkpointer
-from ckptsync.local import LocalStore
+from ckptsync.local import FileOps, LocalStore
 from ckptsync.manifest import Manifest, make_name
 
 STEPS = 90
@@ -242,6 +243,47 @@ def test_a_module_file_in_torchs_legacy_format_is_read_not_mapped(tmp_path: Path
         info = ck.restore(model=model)
     assert info is not None and info.step == 1
     assert torch.equal(model.weight, saved.weight) and torch.equal(model.bias, saved.bias)
+
+
+class _WatchCrc32Setting(FileOps):
+    """Records torch's process-wide CRC32 setting at every write of a background save."""
+
+    def __init__(self) -> None:
+        self.seen: set[bool] = set()
+
+    def write(self, f: BinaryIO, data: Any) -> int:
+        self.seen.add(torch.serialization.get_crc32_options())
+        return super().write(f, data)
+
+
+def test_saved_files_skip_zip_crc32_without_touching_the_users_torch_save(
+        tmp_path: Path) -> None:
+    """Checkpoint files carry no zip CRC32 (the manifest's sha256 covers every byte; torch.load
+    never reads the CRC), load with plain torch.load, restore exactly, and the user's own
+    torch.save calls keep their CRC32 while a save runs: torch's switch is process-wide."""
+    state = make_training_state(seed=3)
+    train_steps(state, 2)
+    expected = state_trees(state)
+    ops = _WatchCrc32Setting()
+    with Checkpointer(tmp_path / "ck", file_ops=ops) as ck:
+        handle = ck.save(2, **state)
+        users = tmp_path / "users.pt"
+        torch.save({"w": torch.arange(4096.0)}, users)  # while the save may be running
+        handle.wait()
+        ckpt = ck.latest()
+    assert ckpt is not None
+    assert ops.seen == {True}, "the save flipped torch's process-wide CRC32 setting"
+    with zipfile.ZipFile(users) as z:
+        assert z.testzip() is None and all(i.CRC for i in z.infolist() if i.file_size)
+    model_pt = tmp_path / "ck" / ckpt.name / "model.pt"
+    with zipfile.ZipFile(model_pt) as z:
+        assert {i.CRC for i in z.infolist()} == {0}, "the CRC32 was computed"
+    plain = torch.load(model_pt, weights_only=True)
+    assert all(torch.equal(plain[k], v) for k, v in expected["model"].items())
+    fresh = make_training_state(seed=9)
+    with Checkpointer(tmp_path / "ck") as ck:
+        assert ck.restore(**fresh) is not None
+    assert_state_equal(fresh, expected)
 
 
 def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path: Path) -> None:
