@@ -1,12 +1,14 @@
-"""Where the CPU goes: client and server CPU seconds per GB moved, ckptsync vs boto3.
+"""Where the CPU goes: client, server and kernel CPU seconds per GB, ckptsync vs its peers.
 
-``python -m bench.cpu [--quick] [--runs N]`` starts SeaweedFS on 127.0.0.1, commits one
-checkpoint of the bench state, then alternates ckptsync push / boto3 upload_file and ckptsync
-pull / boto3 download_file, and prints, per contender, the median MB/s and the CPU seconds per
-GB used by this process (the client, from ``getrusage``) and by the server (from
-``/proc/<pid>/stat``). On a 2-core machine where both are busy, throughput is about
-2 cores / (client + server CPU per byte): this table says which side a change must shrink.
-Linux only (``/proc``).
+``python -m bench.cpu [--quick] [--runs N]`` starts SeaweedFS on 127.0.0.1 and alternates, on
+the bench state: a local save (ckptsync, ``torch.save`` + fsync, ``dcp.async_save``), a save
+until committed in S3 (ckptsync, ``torch.save`` + fsync + boto3 ``upload_file``), a push and a
+pull of a committed checkpoint (ckptsync, boto3). Per contender it prints the median wall time
+and the CPU seconds per GB used by this process (the client, ``getrusage``), by the server
+(``/proc/<pid>/stat``) and by everything else on the machine (``/proc/stat`` minus both: the
+kernel's writeback and loopback network threads). On a 2-core machine whose cores are all busy,
+wall time is about (client + server + other) / 2: this table says which part a change must
+shrink. Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,20 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import FULL, QUICK, context, make_state
-from bench.peers import boto3_download_dir, boto3_upload_dir, rmtree
+from bench.bench_durable import perturb
+from bench.common import FULL, QUICK, context, make_state, state_dict
+from bench.peers import (
+    DcpAsync,
+    boto3_config,
+    boto3_download_dir,
+    boto3_upload_dir,
+    rmtree,
+    torch_save_fsync,
+)
 
 
 def _self_cpu() -> float:
@@ -35,6 +46,13 @@ def _self_cpu() -> float:
 def _pid_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine spent busy (steal and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -51,7 +69,6 @@ def main() -> int:
         src = ctx.fresh_dir("cpu-src")
         with Checkpointer(src, rng=False) as c:
             c.save(1, model=model, optimizer=opt)
-        del model, opt
         ckpt = LocalStore(src).list()[-1]
         gb = ckpt.manifest.total_size / 1e9
         server_pid = ctx.server.proc.pid
@@ -67,7 +84,32 @@ def main() -> int:
             sinks.append(d)
             return d
 
+        ours_local = Checkpointer(ctx.fresh_dir("cpu-local"), keep_last=1, rng=False)
+        ours_s3 = Checkpointer(ctx.fresh_dir("cpu-durable"), remote=ctx.s3("cpu-durable"),
+                               storage_options=ctx.storage_options, keep_last=1, rng=False)
+        dcp = DcpAsync(async_staging=False)
+
+        def saved(c: Any) -> None:
+            c.save(1, model=model, optimizer=opt)
+            c.wait()
+
+        def torch_save_boto3() -> None:
+            path = sink() / "ckpt.pt"
+            torch_save_fsync(state_dict(model, opt), path)
+            client.upload_file(str(path), ctx.bucket, f"cpu-durable-boto3/{uuid.uuid4().hex}",
+                               Config=boto3_config())
+
+        def dcp_local() -> None:
+            dcp.save(state_dict(model, opt), sink())
+            dcp.wait()
+
         contenders: dict[str, Callable[[], object]] = {
+            "local save: ckptsync": lambda: saved(ours_local),
+            "local save: torch.save+fsync": lambda: torch_save_fsync(
+                state_dict(model, opt), sink() / "ckpt.pt"),
+            "local save: dcp.async_save": dcp_local,
+            "save -> in S3: ckptsync": lambda: saved(ours_s3),
+            "save -> in S3: torch.save+fsync+boto3": torch_save_boto3,
             "upload: ckptsync push": lambda: RemoteStore(
                 ctx.s3("cpu-up", uuid.uuid4().hex), ctx.storage_options).push(ckpt),
             "upload: boto3 upload_file": lambda: boto3_upload_dir(
@@ -77,21 +119,30 @@ def main() -> int:
             "download: boto3 download_file": lambda: boto3_download_dir(
                 client, ctx.bucket, "cpu-dl-boto3", sink()),
         }
-        rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in contenders}
+        rows: dict[str, list[tuple[float, ...]]] = {k: [] for k in contenders}
         for run in range(args.runs + 1):
             for name, fn in contenders.items():
-                c0, s0, t0 = _self_cpu(), _pid_cpu(server_pid), time.perf_counter()
+                if name.startswith(("local", "save")):
+                    perturb(model, opt)  # every byte changes, as after a training step
+                c0, s0, m0 = _self_cpu(), _pid_cpu(server_pid), _machine_busy()
+                t0 = time.perf_counter()
                 fn()
                 wall = time.perf_counter() - t0
+                cli, srv = (_self_cpu() - c0) / gb, (_pid_cpu(server_pid) - s0) / gb
+                other = (_machine_busy() - m0) / gb - cli - srv
                 if run:  # the first round is the warm-up
-                    rows[name].append((gb * 1e3 / wall, (_self_cpu() - c0) / gb,
-                                       (_pid_cpu(server_pid) - s0) / gb))
+                    rows[name].append((wall, cli, srv, other))
+        ours_local.close()
+        ours_s3.close()
+        dcp.close()
         print(f"\n== CPU per GB, {gb:.2f} GB checkpoint, medians of {args.runs} "
               f"({os.cpu_count()} CPUs, SeaweedFS on 127.0.0.1) ==")
-        print(f"{'':40s} {'MB/s':>8s} {'client CPU-s/GB':>16s} {'server CPU-s/GB':>16s}")
+        print(f"{'':40s} {'wall s':>7s} {'client':>7s} {'server':>7s} {'other':>7s} "
+              f"{'total':>7s}   (CPU-s per GB)")
         for name, vals in rows.items():
-            mbps, cli, srv = (statistics.median(v[i] for v in vals) for i in range(3))
-            print(f"{name:40s} {mbps:8.0f} {cli:16.2f} {srv:16.2f}")
+            wall, cli, srv, other = (statistics.median(v[i] for v in vals) for i in range(4))
+            print(f"{name:40s} {wall:7.2f} {cli:7.2f} {srv:7.2f} {other:7.2f} "
+                  f"{cli + srv + other:7.2f}")
     return 0
 
 
