@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,34 @@ def test_hashing_writer_handles_short_writes(tmp_path: Path) -> None:
         assert w.tell() == len(data) and w.writable() and not w.seekable()
     assert (tmp_path / "f").read_bytes() == data
     assert w.entry("f").sha256 == hashlib.sha256(data).hexdigest() == hash_file(tmp_path / "f")[1]
+
+
+def test_large_writes_are_hashed_on_a_helper_thread_before_write_returns(
+        tmp_path: Path) -> None:
+    """A large write is hashed beside the disk write, and write() returns only once it is
+    hashed: a caller that refills its buffer right away (as a download does) must not change
+    the digest. Small and large writes interleave in order."""
+    threads_seen: set[str] = set()
+
+    class Ops(FileOps):
+        def write(self, f: Any, data: Any) -> int:
+            threads_seen.update(t.name for t in threading.enumerate())
+            return f.write(data)
+
+    big = 32 * 1024 * 1024  # ~30 ms of sha256: a write that did not wait would be overtaken
+    buf = bytearray(os.urandom(big))
+    expected = hashlib.sha256()
+    with HashingWriter(tmp_path / "f", Ops()) as w:
+        for i in range(3):
+            expected.update(buf)
+            w.write(buf)
+            buf[:] = bytes([i]) * big  # refill at once, as a reused buffer is
+            expected.update(b"hdr%d" % i)
+            w.write(b"hdr%d" % i)
+        size = w.size
+    assert any(n.startswith("ckptsync-hash") for n in threads_seen)
+    assert w.entry("f").sha256 == expected.hexdigest() == hash_file(tmp_path / "f")[1]
+    assert size == (tmp_path / "f").stat().st_size == 3 * (big + 4)
 
 
 def test_hashing_writer_refuses_to_overwrite(tmp_path: Path) -> None:
