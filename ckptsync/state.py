@@ -12,6 +12,7 @@ next (same shapes, same dtypes: no new allocation after the first save).
 from __future__ import annotations
 
 import argparse
+import inspect
 import pickle
 import random
 from collections import OrderedDict
@@ -162,6 +163,9 @@ class SnapshotBuffers:
         return tree  # immutable leaf (checked by check_safe)
 
 
+_SAVE_PARAMS = ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"]
+
+
 def serialize(tree: Any, f: Any) -> None:
     """``torch.save(tree, f)``, without the CRC32 of each zip record.
 
@@ -177,6 +181,8 @@ def serialize(tree: Any, f: Any) -> None:
     try:
         from torch.serialization import DEFAULT_PROTOCOL, _get_storage_alignment, _save
 
+        if list(inspect.signature(_save).parameters) != _SAVE_PARAMS:
+            raise TypeError("torch.serialization._save changed")
         writer = torch._C.PyTorchFileWriter(f, False, _get_storage_alignment())
     except (ImportError, AttributeError, TypeError):
         torch.save(tree, f)
