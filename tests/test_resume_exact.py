@@ -286,6 +286,30 @@ def test_saved_files_skip_zip_crc32_without_touching_the_users_torch_save(
     assert_state_equal(fresh, expected)
 
 
+def test_a_torch_whose_private_save_changed_gets_plain_torch_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ckptsync builds torch.save's writer itself (to skip the CRC32) only while torch's
+    private ``_save`` has the parameters it knows; otherwise it calls torch.save."""
+    real = torch.serialization._save
+
+    def changed(obj: Any, zip_file: Any, pickle_module: Any, pickle_protocol: Any,
+                _disable_byteorder_record: Any, new_option: Any = None) -> Any:
+        return real(obj, zip_file, pickle_module, pickle_protocol, _disable_byteorder_record)
+
+    monkeypatch.setattr(torch.serialization, "_save", changed)
+    model = torch.nn.Linear(5, 3)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, model=model).wait()
+        ckpt = ck.latest()
+    assert ckpt is not None
+    with zipfile.ZipFile(tmp_path / ckpt.name / "model.pt") as z:
+        assert z.testzip() is None, "not written by torch.save"
+    fresh = torch.nn.Linear(5, 3)
+    with Checkpointer(tmp_path) as ck:
+        assert ck.restore(model=fresh) is not None
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
 def test_restore_with_nothing_saved_is_a_fresh_start(tmp_path: Path) -> None:
     state = make_training_state()
     expected = state_trees(state)
