@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from bench.common import Ctx, Table, Target, make_state, measure, state_dict
-from bench.peers import DcpAsync, TorchSnapshot, dcp_save, rmtree, torch_save_fsync
+from bench.peers import DcpAsync, TorchSnapshot, dcp_save, rmtree, torch_save_upload
 
 
 def perturb(model: Any, opt: Any) -> None:
@@ -47,12 +47,8 @@ def run(ctx: Ctx) -> list[Table]:
         ours.wait()
 
     def save_boto3() -> None:
-        path = local / "ckpt.pt"
-        torch_save_fsync(state_dict(model, opt), path)
-        from bench.peers import boto3_config
-
-        client.upload_file(str(path), ctx.bucket, f"durable-boto3/{uuid.uuid4().hex}/ckpt.pt",
-                           Config=boto3_config())
+        torch_save_upload(state_dict(model, opt), local / "ckpt.pt", client, ctx.bucket,
+                          f"durable-boto3/{uuid.uuid4().hex}/ckpt.pt")
 
     def dcp_s3() -> None:
         dcp_save(state_dict(model, opt), ctx.s3("durable-dcp", uuid.uuid4().hex), ctx)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from bench.common import Ctx, Table, Target, make_state, measure, state_dict
-from bench.peers import boto3_config, rmtree, torch_save_fsync
+from bench.peers import boto3_config, rmtree, torch_save_upload
 
 
 def run(ctx: Ctx) -> list[Table]:
@@ -20,9 +20,8 @@ def run(ctx: Ctx) -> list[Table]:
                       storage_options=ctx.storage_options) as c:
         c.save(7, model=model, optimizer=opt)
     path = ctx.fresh_dir("resume-peer") / "ckpt.pt"
-    torch_save_fsync(state_dict(model, opt), path)
     client = ctx.boto3()
-    client.upload_file(str(path), ctx.bucket, "resume-boto3/ckpt.pt", Config=boto3_config())
+    torch_save_upload(state_dict(model, opt), path, client, ctx.bucket, "resume-boto3/ckpt.pt")
     rmtree(path.parent)
     stale: list[Any] = []
 

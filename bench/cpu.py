@@ -30,11 +30,11 @@ from bench.bench_durable import perturb
 from bench.common import FULL, QUICK, context, make_state, state_dict
 from bench.peers import (
     DcpAsync,
-    boto3_config,
     boto3_download_dir,
     boto3_upload_dir,
     rmtree,
     torch_save_fsync,
+    torch_save_upload,
 )
 
 
@@ -94,10 +94,8 @@ def main() -> int:
             c.wait()
 
         def torch_save_boto3() -> None:
-            path = sink() / "ckpt.pt"
-            torch_save_fsync(state_dict(model, opt), path)
-            client.upload_file(str(path), ctx.bucket, f"cpu-durable-boto3/{uuid.uuid4().hex}",
-                               Config=boto3_config())
+            torch_save_upload(state_dict(model, opt), sink() / "ckpt.pt", client, ctx.bucket,
+                              f"cpu-durable-boto3/{uuid.uuid4().hex}")
 
         def dcp_local() -> None:
             dcp.save(state_dict(model, opt), sink())

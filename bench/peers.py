@@ -162,6 +162,14 @@ def boto3_config() -> Any:
                           multipart_chunksize=64 * 1024 * 1024, max_concurrency=8)
 
 
+def torch_save_upload(sd: dict[str, Any], path: Path, client: Any, bucket: str,
+                      key: str) -> None:
+    """The usual script's way to S3: ``torch.save`` + fsync to ``path``, then boto3
+    ``upload_file`` (64 MB parts, concurrency 8) to ``key``."""
+    torch_save_fsync(sd, path)
+    client.upload_file(str(path), bucket, key, Config=boto3_config())
+
+
 def boto3_upload_dir(client: Any, src: Path, bucket: str, prefix: str) -> None:
     cfg = boto3_config()
     for p in sorted(src.iterdir()):
