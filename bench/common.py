@@ -99,12 +99,47 @@ def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
                       size=QUICK if quick else FULL, big=QUICK_BIG if quick else FULL_BIG,
                       tmp=tmp, endpoint=s.endpoint, bucket=bucket,
                       storage_options=s.storage_options(), server=s)
-            for k, v in ctx.env().items():
-                os.environ.setdefault(k, v)
-            yield ctx
+            # For the libraries and children that read the environment; overwritten, not
+            # defaulted, since each benchmark of a suite gets its own server (bench.run).
+            aws = {k: v for k, v in ctx.env().items() if k.startswith("AWS_")}
+            saved = {k: os.environ.get(k) for k in aws}
+            os.environ.update(aws)
+            try:
+                yield ctx
+            finally:
+                for k, old in saved.items():
+                    if old is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = old
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+class DiskPeak:
+    """The most disk ``path``'s file system had in use above its level at start, sampled
+    every 0.2 s on a thread: what a benchmark needs free (its server's data included)."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path = path
+        self.start = shutil.disk_usage(path).used
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="bench-disk", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, shutil.disk_usage(self.path).used - self.start)
+            if self._stop.wait(0.2):
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 def renice(pid: int, nice: int) -> None:
     """Lower the priority of every thread of ``pid`` (Linux: nice is per thread; threads the

@@ -1,8 +1,11 @@
 """Run the benchmark suite: ``python -m bench.run --quick|--full [--only stall,scale]``.
 
-Starts one SeaweedFS server on 127.0.0.1, runs every benchmark (peers and ckptsync alternating
-on the same state and server), prints one table per benchmark and writes the JSON to
-``bench/results/``.
+Runs every benchmark (peers and ckptsync alternating on the same state and server), each
+against its own SeaweedFS server on 127.0.0.1 and in its own temporary directory, prints one
+table per benchmark and writes the JSON to ``bench/results/``. A fresh server per benchmark:
+at full size the suite uploads more than 100 GB in all, more than the disk may hold (a shared
+server failed with ``InternalError`` during the fifth benchmark here), and no benchmark
+should run against a server another one has filled.
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import Table, context, renice, write_results
+from bench.common import (
+    FULL,
+    FULL_BIG,
+    QUICK,
+    QUICK_BIG,
+    DiskPeak,
+    Table,
+    context,
+    renice,
+    write_results,
+)
 
 BENCHES = ["stall", "durable", "throughput", "resume", "memory", "train", "scale"]
 
@@ -39,16 +52,20 @@ def main() -> int:
     t0 = time.perf_counter()
     tables: list[Table] = []
     failures: dict[str, str] = {}
-    with context(quick=args.quick, runs=args.runs) as ctx:
-        if args.server_nice:
-            renice(ctx.server.proc.pid, args.server_nice)
-        print(f"ckptsync bench ({'quick' if args.quick else 'full'}): state "
-              f"{ctx.size.nbytes / 1e9:.2f} GB, big {ctx.big.nbytes / 1e9:.2f} GB, "
-              f"{ctx.runs} runs, SeaweedFS at {ctx.endpoint} (nice {args.server_nice}), "
-              f"{os.cpu_count()} CPUs", flush=True)
-        for name in args.only.split(","):
-            mod = importlib.import_module(f"bench.bench_{name}")
-            t1 = time.perf_counter()
+    sizes = (QUICK, QUICK_BIG) if args.quick else (FULL, FULL_BIG)
+    print(f"ckptsync bench ({'quick' if args.quick else 'full'}): state "
+          f"{sizes[0].nbytes / 1e9:.2f} GB, big {sizes[1].nbytes / 1e9:.2f} GB, "
+          f"{args.runs or (2 if args.quick else 5)} runs, a fresh SeaweedFS per benchmark "
+          f"(nice {args.server_nice}), {os.cpu_count()} CPUs", flush=True)
+    runs = 0
+    for name in args.only.split(","):
+        mod = importlib.import_module(f"bench.bench_{name}")
+        t1 = time.perf_counter()
+        with context(quick=args.quick, runs=args.runs) as ctx:
+            runs = ctx.runs
+            if args.server_nice:
+                renice(ctx.server.proc.pid, args.server_nice)
+            disk = DiskPeak(ctx.tmp)
             try:
                 got = mod.run(ctx)
             except Exception as e:
@@ -56,11 +73,14 @@ def main() -> int:
                 traceback.print_exc()
                 print(f"\n== {name}: FAILED: {failures[name]}", flush=True)
                 continue
-            for t in got:
-                print(t.render(), flush=True)
-            print(f"  ({name}: {time.perf_counter() - t1:.0f} s)", flush=True)
-            tables.extend(got)
-    meta = {"quick": args.quick, "runs": ctx.runs, "cpus": os.cpu_count(),
+            finally:
+                peak = disk.stop()
+        for t in got:
+            print(t.render(), flush=True)
+        print(f"  ({name}: {time.perf_counter() - t1:.0f} s, peak disk use "
+              f"{peak / 1e9:.1f} GB)", flush=True)
+        tables.extend(got)
+    meta = {"quick": args.quick, "runs": runs, "cpus": os.cpu_count(),
             "python": platform.python_version(), "host": platform.node(),
             "server_nice": args.server_nice, "failures": failures,
             "seconds": time.perf_counter() - t0}
