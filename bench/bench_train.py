@@ -94,7 +94,7 @@ def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
     from ckptsync import Checkpointer
 
     model, opt = make_state(ctx.size)
-    loop = Loop(5.0 if ctx.quick else 10.0 if local_only else 15.0)
+    loop = Loop(2.5 if ctx.quick else 10.0 if local_only else 15.0)
     fs = ctx.s3fs()
     dirs: list[Any] = []
 

@@ -243,6 +243,7 @@ class SeaweedFS(_S3Server):
             str(_BIN / "weed"), "mini", f"-dir={data}",
             "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+            "-volume.preStopSeconds=0",  # a throwaway server: no graceful hand-over at stop
             "-s3.autoCreateBucket=false",  # behave like AWS: writing to a missing bucket fails
             f"-master.port={master}", f"-master.port.grpc={master_grpc}",
             f"-volume.port={volume}", f"-volume.port.grpc={volume_grpc}",
