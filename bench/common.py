@@ -141,6 +141,7 @@ class DiskPeak:
         self._thread.join()
         return self.peak
 
+
 def renice(pid: int, nice: int) -> None:
     """Lower the priority of every thread of ``pid`` (Linux: nice is per thread; threads the
     server starts later inherit it from the thread that starts them)."""

@@ -3,9 +3,9 @@
 Runs every benchmark (peers and ckptsync alternating on the same state and server), each
 against its own SeaweedFS server on 127.0.0.1 and in its own temporary directory, prints one
 table per benchmark and writes the JSON to ``bench/results/``. A fresh server per benchmark:
-at full size the suite uploads more than 100 GB in all, more than the disk may hold (a shared
-server failed with ``InternalError`` during the fifth benchmark here), and no benchmark
-should run against a server another one has filled.
+at full size the suite writes more than 100 GB in all (uploads and local copies), more than
+the disk may hold (a shared server failed with ``InternalError`` during the fifth benchmark
+here), and no benchmark should run against a server another one has filled.
 """
 
 from __future__ import annotations
