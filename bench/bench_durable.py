@@ -67,7 +67,7 @@ def run(ctx: Ctx) -> list[Table]:
         "dcp.save FsspecWriter s3": lambda: timed_after(p, dcp_s3),
         "dcp.async_save FsspecWriter s3": lambda: timed_after(p, dcp_async_s3),
         "torchsnapshot take s3": lambda: timed_after(p, ts_s3),
-    }, ctx.runs, warmup=not ctx.quick)
+    }, ctx)
     ours.close()
     dcp_async.close()
     rmtree(local)

@@ -73,7 +73,7 @@ def run(ctx: Ctx) -> list[Table]:
                    notes=["peak RSS of the whole process (sampled every 10 ms), interpreter "
                           "and libraries included; the daemon is `ckptsync watch --once`"])
 
-    saves = 20 if not ctx.quick else 8
+    saves = 20 if not ctx.quick else 5
     client_rows: dict[str, list[float]] = {}
     growth: dict[str, float] = {}
     state = ctx.size.nbytes

@@ -52,8 +52,7 @@ def run(ctx: Ctx) -> list[Table]:
         return time.perf_counter() - t0
 
     rows = measure({"ckptsync restore (fresh dir)": ours,
-                    "boto3 download_file+torch.load": boto3_load},
-                   ctx.runs, warmup=not ctx.quick)
+                    "boto3 download_file+torch.load": boto3_load}, ctx)
     return [Table(f"resume on a fresh machine, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
                   baseline="boto3 download_file+torch.load",
                   targets=[Target("<= 1.2x baseline", "ckptsync restore (fresh dir)",

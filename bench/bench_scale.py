@@ -51,7 +51,7 @@ def run(ctx: Ctx) -> list[Table]:
             return t
 
         rows.update({f"resume, {n} checkpoints": v
-                     for v in measure({"x": resume}, ctx.runs).values()})
+                     for v in measure({"x": resume}, ctx).values()})
     lat = Table("scale: resume latency vs remote checkpoint count (1 KiB checkpoints)", "s",
                 rows, baseline="resume, 1 checkpoints",
                 targets=[Target("1000 checkpoints <= 3x one checkpoint (no list-and-read-all)",

@@ -56,7 +56,7 @@ def run(ctx: Ctx) -> list[Table]:
         "dcp.async_save (async staging)": lambda: dcp_async_save(dcp_async),
         "torchsnapshot async_take": ts_async,
         "torch.save+fsync": lambda: torch_save_fsync(sd, fresh("ts") / "ckpt.pt"),
-    }, ctx.runs, warmup=not ctx.quick)
+    }, ctx)
     ours.close()
     dcp_reuse.close()
     dcp_async.close()

@@ -53,7 +53,7 @@ def run(ctx: Ctx) -> list[Table]:
                                                          f"tp-boto3/{uuid.uuid4().hex}")),
         "s3fs put_file": up(lambda: s3fs_put_dir(fs, ckpt.path, ctx.s3("tp-s3fs",
                                                                        uuid.uuid4().hex))),
-    }, ctx.runs, warmup=not ctx.quick)
+    }, ctx)
     dl_rows = measure({
         "ckptsync pull (sha256+fsync)": up(lambda: RemoteStore(dl_url, ctx.storage_options)
                                            .pull(None, LocalStore(sink("dl-ours")))),
@@ -61,7 +61,7 @@ def run(ctx: Ctx) -> list[Table]:
                                                              f"tp-dl/{ckpt.name}",
                                                              sink("dl-boto3"))),
         "s3fs get_file": up(lambda: s3fs_get_dir(fs, f"{dl_url}/{ckpt.name}", sink("dl-s3fs"))),
-    }, ctx.runs, warmup=not ctx.quick)
+    }, ctx)
     rmtree(src_dir)
     gb = f"{nbytes / 1e9:.2f} GB"
     return [

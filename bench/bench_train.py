@@ -94,7 +94,7 @@ def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
     from ckptsync import Checkpointer
 
     model, opt = make_state(ctx.size)
-    loop = Loop(2.5 if ctx.quick else 10.0 if local_only else 15.0)
+    loop = Loop(1.5 if ctx.quick else 10.0 if local_only else 15.0)
     fs = ctx.s3fs()
     dirs: list[Any] = []
 
@@ -162,7 +162,7 @@ def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
     }
     if local_only:
         contenders = {k: v for k, v in contenders.items() if not k.startswith("s3:")}
-    raw = measure(contenders, ctx.runs if not ctx.quick else 1, warmup=not ctx.quick)
+    raw = measure(contenders, ctx, runs=1 if ctx.quick else None)
     for c, dmn, _ in daemons.values():
         dmn.close()
         c.close()

@@ -78,43 +78,46 @@ class Ctx:
 
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
 
-    def env(self) -> dict[str, str]:
-        """Environment for child processes and AWS-chain clients (torchsnapshot, DCP)."""
+    def aws_env(self) -> dict[str, str]:
+        """The AWS variables that point the AWS credential chain and endpoint at this server."""
         from servers import ACCESS_KEY, REGION, SECRET_KEY
 
-        return {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_ENDPOINT_URL_S3": self.endpoint}
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_ENDPOINT_URL_S3": self.endpoint}
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes and AWS-chain clients (torchsnapshot, DCP)."""
+        return {**os.environ, **self.aws_env()}
+
+
+def sizes(quick: bool) -> tuple[Size, Size]:
+    """The state and the big (memory benchmark) state of a quick or a full run."""
+    return (QUICK, QUICK_BIG) if quick else (FULL, FULL_BIG)
+
+
+def default_runs(quick: bool) -> int:
+    return 2 if quick else 5
 
 
 @contextlib.contextmanager
 def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
-    from servers import SeaweedFS
+    from servers import SeaweedFS, environ
 
     tmp = Path(tempfile.mkdtemp(prefix="ckptsync-bench-", dir=os.environ.get("BENCH_TMP")))
     try:
         with SeaweedFS(tmp / "weed") as s:
             bucket = s.create_bucket()
-            ctx = Ctx(quick=quick, runs=runs or (2 if quick else 5),
-                      size=QUICK if quick else FULL, big=QUICK_BIG if quick else FULL_BIG,
+            size, big = sizes(quick)
+            ctx = Ctx(quick=quick, runs=runs or default_runs(quick), size=size, big=big,
                       tmp=tmp, endpoint=s.endpoint, bucket=bucket,
                       storage_options=s.storage_options(), server=s)
             # For the libraries and children that read the environment; overwritten, not
             # defaulted, since each benchmark of a suite gets its own server (bench.run).
-            aws = {k: v for k, v in ctx.env().items() if k.startswith("AWS_")}
-            saved = {k: os.environ.get(k) for k in aws}
-            os.environ.update(aws)
-            try:
+            with environ(ctx.aws_env()):
                 yield ctx
-            finally:
-                for k, old in saved.items():
-                    if old is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = old
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
 
 class DiskPeak:
     """The most disk ``path``'s file system had in use above its level at start, sampled
@@ -189,12 +192,14 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def measure(contenders: dict[str, Callable[[], float | None]], runs: int,
-            warmup: bool = True) -> dict[str, list[float]]:
-    """Run every contender ``runs`` times, alternating; a contender returns its own sample
-    (seconds) or None to be timed as a whole. One warm-up each, not counted (none in
-    ``--quick`` runs, whose figures only show that every row runs).
+def measure(contenders: dict[str, Callable[[], float | None]], ctx: Ctx,
+            runs: int | None = None) -> dict[str, list[float]]:
+    """Run every contender ``runs`` times (default ``ctx.runs``), alternating; a contender
+    returns its own sample (seconds) or None to be timed as a whole. One warm-up each, not
+    counted, except in ``--quick`` runs, whose figures only show that every row runs.
     An exception makes that contender's row ``unavailable: <error>``."""
+    runs = ctx.runs if runs is None else runs
+    warmup = not ctx.quick
     out: dict[str, list[float]] = {k: [] for k in contenders}
     errors: dict[str, str] = {}
     for i in range(runs + (1 if warmup else 0)):

@@ -22,17 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (
-    FULL,
-    FULL_BIG,
-    QUICK,
-    QUICK_BIG,
-    DiskPeak,
-    Table,
-    context,
-    renice,
-    write_results,
-)
+from bench.common import DiskPeak, Table, context, default_runs, renice, sizes, write_results
 
 BENCHES = ["stall", "durable", "throughput", "resume", "memory", "train", "scale"]
 
@@ -52,17 +42,16 @@ def main() -> int:
     t0 = time.perf_counter()
     tables: list[Table] = []
     failures: dict[str, str] = {}
-    sizes = (QUICK, QUICK_BIG) if args.quick else (FULL, FULL_BIG)
+    size, big = sizes(args.quick)
+    runs = args.runs or default_runs(args.quick)
     print(f"ckptsync bench ({'quick' if args.quick else 'full'}): state "
-          f"{sizes[0].nbytes / 1e9:.2f} GB, big {sizes[1].nbytes / 1e9:.2f} GB, "
-          f"{args.runs or (2 if args.quick else 5)} runs, a fresh SeaweedFS per benchmark "
-          f"(nice {args.server_nice}), {os.cpu_count()} CPUs", flush=True)
-    runs = 0
+          f"{size.nbytes / 1e9:.2f} GB, big {big.nbytes / 1e9:.2f} GB, {runs} runs, a fresh "
+          f"SeaweedFS per benchmark (nice {args.server_nice}), {os.cpu_count()} CPUs",
+          flush=True)
     for name in args.only.split(","):
         mod = importlib.import_module(f"bench.bench_{name}")
         t1 = time.perf_counter()
-        with context(quick=args.quick, runs=args.runs) as ctx:
-            runs = ctx.runs
+        with context(quick=args.quick, runs=runs) as ctx:
             if args.server_nice:
                 renice(ctx.server.proc.pid, args.server_nice)
             disk = DiskPeak(ctx.tmp)
