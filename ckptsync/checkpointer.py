@@ -33,7 +33,7 @@ from ckptsync.local import (
     storage_error,
     write_json_atomic,
 )
-from ckptsync.manifest import Manifest, make_name
+from ckptsync.manifest import Manifest, make_name, parse_name
 from ckptsync.retention import (
     BestRule,
     CheckpointInfo,
@@ -161,8 +161,11 @@ class Checkpointer:
         self._git = _git_revision()
         self.remote: RemoteStore | None = remote_store
         if self.remote is None and remote is not None:
+            from ckptsync.ownership import check_remote_outside, check_remote_url
             from ckptsync.remote import RemoteStore
 
+            check_remote_outside(check_remote_url(remote, "remote="), self.store.directory,
+                                 "remote=")
             self.remote = RemoteStore(remote, dict(storage_options or {}))
         if self.remote is not None:
             self._upload_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-upload")
@@ -317,8 +320,9 @@ class Checkpointer:
     def _apply_local_retention(self) -> None:
         if not self.policy.active:
             return
+        # Only checkpoints this tool wrote: anything else beside them is the user's.
         infos = [CheckpointInfo(c.name, c.step, c.manifest.sort_key(), c.manifest.metrics)
-                 for c in self.store.list()]
+                 for c in self.store.list() if parse_name(c.name) is not None]
         with self._lock:
             protect = {*self._uploading, *([self._resumed_from] if self._resumed_from else [])}
         for doomed in select_for_deletion(infos, self.policy, protect=protect):

@@ -31,6 +31,11 @@ from ckptsync.config import TransferConfig, storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest
+from ckptsync.ownership import (
+    check_not_local_checkpoint_dir,
+    check_remote_outside,
+    check_remote_url,
+)
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.transfer import NullProgress, Progress
 
@@ -96,6 +101,7 @@ def _parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
 def _store(args: argparse.Namespace, url: str) -> Any:
     from ckptsync.remote import RemoteStore
 
+    check_remote_url(url, "the REMOTE argument")
     config = TransferConfig.resolve(max_workers=args.workers, retries=args.retries)
     # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
     options = storage_options_from_env() | _parse_storage_options(args.storage_option)
@@ -143,7 +149,9 @@ def _add_push(p: argparse.ArgumentParser) -> None:
 
 
 def _run_push(args: argparse.Namespace) -> int:
+    check_remote_url(args.remote, "the REMOTE argument")
     local = _existing_local(args.local)
+    check_remote_outside(args.remote, local.directory, "the REMOTE argument")
     store = _store(args, args.remote)
     pushed, skipped = [], []
     progress = _progress(args)
@@ -275,7 +283,14 @@ def _run_gc(args: argparse.Namespace) -> int:
         keep_best=parse_best(args.keep_best) if args.keep_best else None,
         keep_every=args.keep_every,
     )
+    check_remote_url(args.remote, "the REMOTE argument")
+    check_not_local_checkpoint_dir(args.remote, "the REMOTE argument")
     store = _store(args, args.remote)
+    # Before anything is deleted: a root that ckptsync never wrote to is refused (exit 2).
+    if not store.check_owned():
+        _emit(args, {"dry_run": args.dry_run, "deleted": [], "leftovers": []},
+              f"nothing to collect: {store.url_of()} is empty")
+        return 0
     deleted = store.apply_retention(policy, dry_run=args.dry_run) if policy.active else []
     leftovers = store.gc(args.grace, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
@@ -337,7 +352,8 @@ COMMANDS: dict[str, Command] = {
                   _add_ls, _run_ls),
     "verify": Command("check remote checkpoints' sizes and sha256 (exit 1 on a mismatch)",
                       _add_verify, _run_verify),
-    "gc": Command("apply retention and remove uncommitted leftovers older than a grace period",
+    "gc": Command("apply retention and remove uncommitted leftovers older than a grace period; "
+                  "deletes only what ckptsync wrote",
                   _add_gc, _run_gc),
     "demo": Command("train a tiny GPT, SIGKILL it, resume on a fresh VM from the remote, "
                     "and check the resume is bit-exact", _add_demo, _run_demo),

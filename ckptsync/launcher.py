@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.errors import CkptSyncError
+from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.zerocode import WATCH_DIR
 
 __all__ = ["WatcherHandle", "start_watcher"]
@@ -160,9 +161,11 @@ def start_watcher(
         wait_ready: seconds to wait for the daemon's first status (0: do not wait).
 
     Raises:
+        ConfigError: ``remote`` is empty, or is inside ``local`` (nothing is started).
         CkptSyncError: the daemon exited during start-up (bad configuration, permanent remote
             error, another daemon on the directory); the message includes its log's tail.
     """
+    check_remote_outside(check_remote_url(remote, "remote"), local, "remote")
     local_dir = Path(local).expanduser().absolute()
     (local_dir / WATCH_DIR).mkdir(parents=True, exist_ok=True)
     log_file = Path(log_path) if log_path else local_dir / WATCH_DIR / "daemon.log"

@@ -41,7 +41,7 @@ from ckptsync.errors import (
     ManifestError,
     NoCheckpointError,
 )
-from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_name
 
 __all__ = ["FileOps", "HashingWriter", "LocalCheckpoint", "LocalStore", "hash_file"]
 
@@ -432,12 +432,13 @@ class LocalStore:
     def cleanup(self) -> list[str]:
         """Remove leftovers of crashed saves and deletions; return their names.
 
-        Only call while holding the writer lock: another writer's staging directory is not a
-        leftover.
+        Only ckptsync's own: ``.staging-<name>`` and ``.deleting-<name>`` directories (not
+        symlinks) whose ``<name>`` parses as a checkpoint name. Only call while holding the
+        writer lock: another writer's staging directory is not a leftover.
         """
         removed = []
         for p in self.directory.iterdir():
-            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and p.is_dir():
+            if _is_own_leftover(p):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
         if removed:
@@ -462,10 +463,12 @@ class LocalStore:
         return m
 
     def list(self) -> list[LocalCheckpoint]:
-        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped."""
+        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped,
+        and so are symlinks (a checkpoint is a directory of this store, never a link to
+        somewhere else that retention could delete through)."""
         out = []
         for p in self.directory.iterdir():
-            if p.name.startswith(".") or not (p / MANIFEST_NAME).is_file():
+            if p.name.startswith(".") or p.is_symlink() or not (p / MANIFEST_NAME).is_file():
                 continue
             try:
                 out.append(LocalCheckpoint(p, self.read_manifest(p.name)))
@@ -505,13 +508,21 @@ class LocalStore:
                     )
 
     def delete(self, name: str) -> None:
-        """Delete a checkpoint: the manifest first (it stops existing), then the files."""
-        if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
-            raise ManifestError(
-                f"refusing to delete {name!r} in {self.directory}: not a checkpoint name"
-            )
+        """Delete a checkpoint: the manifest first (it stops existing), then the files.
+
+        Raises:
+            ManifestError: ``name`` is not a ckptsync checkpoint name, or is a symlink (nothing
+                is deleted: ckptsync deletes only what it wrote, never through a link).
+        """
+        if parse_name(name) is None:
+            raise ManifestError(f"refusing to delete {self.directory / name}: {name!r} is not "
+                                "a ckptsync checkpoint name, and ckptsync deletes only what it "
+                                "wrote")
         path = self.directory / name
-        if not (path / MANIFEST_NAME).exists() and not path.exists():
+        if path.is_symlink():
+            raise ManifestError(f"refusing to delete {path}: it is a symlink, not a checkpoint "
+                                "directory of this store")
+        if not path.exists():
             return
         # Move aside first so a crash midway leaves a hidden leftover, never a half checkpoint.
         trash = self.directory / f"{TRASH_PREFIX}{name}"
@@ -522,6 +533,15 @@ class LocalStore:
     def iter_files(self, ckpt: LocalCheckpoint) -> Iterator[tuple[FileEntry, Path]]:
         for e in ckpt.manifest.files:
             yield e, ckpt.file(e.path)
+
+
+def _is_own_leftover(p: Path) -> bool:
+    """A staging or trash directory that ckptsync made: prefix + a checkpoint name."""
+    for prefix in (STAGING_PREFIX, TRASH_PREFIX):
+        if p.name.startswith(prefix):
+            return parse_name(p.name[len(prefix):]) is not None and p.is_dir() \
+                and not p.is_symlink()
+    return False
 
 
 def open_verified(path: Path, entry: FileEntry) -> IO[bytes]:

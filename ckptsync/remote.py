@@ -5,12 +5,14 @@ Layout under the remote root (DESIGN.md, "Remote side")::
     <root>/<name>/<files...>
     <root>/<name>/ckptsync.json     the manifest: its presence is the commit
     <root>/LATEST                   {"name": ..., "step": ...}: a hint, never trusted alone
+    <root>/ckptsync-root.json       the marker, written at the first push: this root is ours
 
 Commit protocol (:meth:`RemoteStore.push`): upload every file (parallel, streamed, retried),
 check each remote size, write the manifest with a create-only write, then update ``LATEST``.
 A reader treats the manifest's presence as the commit, so a push that dies at any point
 leaves either nothing committed or a complete checkpoint. Deletion removes the manifest
-first, so a half-deleted checkpoint is merely uncommitted and ``gc`` collects it.
+first, so a half-deleted checkpoint is merely uncommitted and ``gc`` collects it. Every delete
+touches only what ckptsync wrote (:mod:`ckptsync.ownership`).
 
 Backend exceptions are translated in one place, :func:`translate_error`, into
 :class:`~ckptsync.errors.CkptSyncError` subclasses that keep the backend exception as
@@ -56,7 +58,16 @@ from ckptsync.errors import (
     RemoteError,
 )
 from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
-from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.manifest import (
+    FORMAT,
+    LATEST_NAME,
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    name_sort_key,
+    parse_name,
+)
+from ckptsync.ownership import ROOT_MARKER, check_remote_url
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 from ckptsync.transfer import (
     MultipartStream,
@@ -290,6 +301,7 @@ class RemoteStore:
         fs: Any = None,
         config: TransferConfig | None = None,
     ) -> None:
+        check_remote_url(url)
         self.url = url.rstrip("/") or url
         self.config = config or TransferConfig.resolve()
         options = dict(storage_options or {})
@@ -317,6 +329,7 @@ class RemoteStore:
         # Server-side copy of files unchanged since the previous checkpoint (no bytes sent).
         self._server_copy = type(fs).__name__ in ("S3FileSystem", "GCSFileSystem")
         self._stats_lock = threading.Lock()
+        self._marked = False  # this store has seen (or written) the root marker
         self._stream_slots = Slots(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
         """Totals over this store's pushes: bytes sent, and bytes copied server-side instead."""
@@ -509,12 +522,11 @@ class RemoteStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
-    def _create_manifest(self, name: str, data: bytes) -> None:
-        """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
+    def _create_only(self, path: str, url: str, data: bytes, action: str) -> None:
+        """Write ``path`` only if it does not exist yet.
 
-        Raises :class:`_ManifestExists` if a manifest is already there.
+        Raises :class:`_ManifestExists` if something is already there.
         """
-        path = self._path(name, MANIFEST_NAME)
 
         def write() -> None:
             try:
@@ -537,7 +549,61 @@ class RemoteStore:
                         raise _ManifestExists(path) from e
                 raise
 
-        self._call(write, self.url_of(name, MANIFEST_NAME), "commit manifest to")
+        self._call(write, url, action)
+
+    def _create_manifest(self, name: str, data: bytes) -> None:
+        """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
+
+        Raises :class:`_ManifestExists` if a manifest is already there.
+        """
+        self._create_only(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME), data,
+                          "commit manifest to")
+
+    # ------------------------------------------------------------------ ownership
+
+    def has_marker(self) -> bool:
+        """Whether the root carries ckptsync's marker (:data:`~ckptsync.ownership.ROOT_MARKER`)."""
+        if not self._marked:
+            data = self._read_bytes(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER))
+            self._marked = data is not None
+        return self._marked
+
+    def _ensure_marker(self) -> None:
+        """Mark the root as ckptsync's before the first file of the first push lands there, so
+        that ``gc`` may later collect that push's leftovers (and nothing else)."""
+        if self.has_marker():
+            return
+        if self._needs_dirs:
+            self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url, "create")
+        from ckptsync import __version__
+
+        data = (json.dumps({"format": FORMAT, "writer": f"ckptsync {__version__}",
+                            "created": datetime.now(timezone.utc).isoformat()}) + "\n").encode()
+        with contextlib.suppress(_ManifestExists):  # another writer marked it first
+            self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER), data, "mark")
+        self._marked = True
+
+    def check_owned(self, entries: Iterable[RemoteEntry] | None = None) -> bool:
+        """Whether ckptsync may delete under this root: it carries the marker, or (a root
+        written before the marker existed) at least one committed ckptsync checkpoint.
+
+        Returns False for a root that holds nothing at all (nothing to delete either).
+
+        Raises:
+            ConfigError: the root holds something, but nothing ckptsync wrote.
+        """
+        if self.has_marker():
+            return True
+        entries = self.scan() if entries is None else entries
+        if any(e.status in ("valid", "partial") and parse_name(e.name) for e in entries):
+            return True
+        if not self._ls_root():
+            return False
+        raise ConfigError(
+            f"{redact_url(self.url)} is not a ckptsync remote: it has no {ROOT_MARKER} marker "
+            "and no ckptsync checkpoint, so nothing under it was deleted. Check the URL; "
+            "ckptsync only ever deletes what it wrote"
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -701,6 +767,7 @@ class RemoteStore:
         if existing is not None:
             return self._same_or_conflict(existing, m)
         progress = progress or NullProgress()
+        self._ensure_marker()
         leftovers = self._sizes(name)
         if self._no_overwrite and leftovers:
             for rel in leftovers:  # a failed attempt's files: Drive would duplicate them
@@ -992,9 +1059,14 @@ class RemoteStore:
         return m
 
     def delete(self, name: str) -> None:
-        """Delete a checkpoint: the manifest first (it stops existing), then its files."""
-        if not _SAFE_NAME.match(name):
-            raise ConfigError(f"invalid checkpoint name {name!r}")
+        """Delete a checkpoint: the manifest first (it stops existing), then its files.
+
+        Raises:
+            ConfigError: ``name`` is not a ckptsync checkpoint name (nothing is deleted).
+        """
+        if not _SAFE_NAME.match(name) or parse_name(name) is None:
+            raise ConfigError(f"refusing to delete {self.url_of(name)!r}: {name!r} is not a "
+                              "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
         manifest = self._path(name, MANIFEST_NAME)
 
         def rm_manifest() -> None:
@@ -1015,13 +1087,14 @@ class RemoteStore:
     ) -> list[str]:
         """Delete the valid checkpoints ``policy`` does not keep; return their names.
 
-        Only valid checkpoints count (the newest valid one is always kept); partial or
-        corrupt ones are left for a human (``ckptsync ls`` shows them).
+        Only valid checkpoints with ckptsync names count (the newest valid one is always
+        kept); partial or corrupt ones are left for a human (``ckptsync ls`` shows them), and
+        anything ckptsync did not write is never touched.
         """
         infos = [
             CheckpointInfo(e.name, e.manifest.step, e.manifest.sort_key(), e.manifest.metrics)
             for e in self.scan()
-            if e.status == "valid" and e.manifest is not None
+            if e.status == "valid" and e.manifest is not None and parse_name(e.name) is not None
         ]
         doomed = select_for_deletion(infos, policy, protect)
         if not dry_run:
@@ -1035,14 +1108,24 @@ class RemoteStore:
         """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds and, on S3,
         multipart uploads under the root initiated longer ago than that.
 
-        A prefix whose age the backend does not report is kept. Returns what was (or, with
-        ``dry_run``, would be) removed: checkpoint names and ``multipart:<key>`` entries.
+        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, and multipart
+        uploads of keys inside such prefixes, under a root that ckptsync owns
+        (:meth:`check_owned`). A prefix whose age the backend does not report is kept.
+        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names and
+        ``multipart:<key>`` entries.
+
+        Raises:
+            ConfigError: the root holds entries, none of them written by ckptsync (nothing
+                is deleted).
         """
         grace = self.config.grace_s if grace_s is None else grace_s
         now = datetime.now(timezone.utc).timestamp() if now is None else now
         removed: list[str] = []
-        for e in self.scan():
-            if e.status != "uncommitted":
+        entries = self.scan()
+        if not self.check_owned(entries):
+            return removed  # an empty root: nothing there at all
+        for e in entries:
+            if e.status != "uncommitted" or parse_name(e.name) is None:
                 continue
             if e.mtime is None or now - e.mtime < grace:
                 continue
@@ -1066,6 +1149,9 @@ class RemoteStore:
             started = _to_epoch(u.get("Initiated"))
             if prefix and not key.startswith(prefix + "/"):
                 continue
+            head = key[len(prefix) + 1:] if prefix else key
+            if parse_name(head.split("/", 1)[0]) is None:
+                continue  # not inside a ckptsync checkpoint: somebody else's upload
             if started is None or started > cutoff:
                 continue
             out.append(f"multipart:{key}")

@@ -52,7 +52,8 @@ from typing import IO, TYPE_CHECKING, Any
 from ckptsync.config import storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
-from ckptsync.manifest import Manifest
+from ckptsync.manifest import Manifest, parse_name
+from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.retention import (
     BestRule,
     CheckpointInfo,
@@ -152,9 +153,9 @@ class WatchConfig:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.log_format not in ("kv", "json"):
             raise ConfigError(f"log format must be 'kv' or 'json', got {self.log_format!r}")
-        if not self.remote:
-            raise ConfigError("no remote URL: pass REMOTE_URL, set CKPTSYNC_REMOTE or put "
-                              "'remote' in the config file")
+        check_remote_url(self.remote, "REMOTE_URL (or CKPTSYNC_REMOTE, or 'remote' in the "
+                         "config file)")
+        check_remote_outside(self.remote, self.local_dir, "REMOTE_URL")
 
     @property
     def policy(self) -> RetentionPolicy:
@@ -780,6 +781,7 @@ class Watcher:
         rule = pushed.source.get("rule")
         for c in self.spool.list():
             if (c.manifest.source.get("rule") == rule and c.name != pushed.name
+                    and parse_name(c.name) is not None
                     and c.manifest.sort_key() < pushed.sort_key()
                     and c.name not in self._inflight):
                 self.spool.delete(c.name)

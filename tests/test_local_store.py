@@ -238,7 +238,9 @@ def test_delete_removes_a_checkpoint_and_leaves_the_others(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [keep.name]
     assert file_bytes(keep.path) == before
     store.delete(gone.name)  # deleting twice is a no-op
-    store.delete("never-existed")
+    store.delete(make_name(7))  # so is deleting a checkpoint that never existed
+    with pytest.raises(ManifestError, match="not a ckptsync checkpoint name"):
+        store.delete("never-existed")  # a name ckptsync never writes: refused, not ignored
 
 
 def test_delete_never_reaches_outside_the_directory(tmp_path: Path) -> None:
@@ -258,12 +260,15 @@ def test_cleanup_removes_only_leftovers(tmp_path: Path) -> None:
     ckpt = commit(store, 1, {"a": b"1"})
     st = store.staging(make_name(2))
     st.write_file("a", b"2")
-    (tmp_path / ".deleting-old").mkdir()
+    trash = f".deleting-{make_name(0)}"
+    (tmp_path / trash).mkdir()
+    (tmp_path / ".deleting-old").mkdir()  # not a name ckptsync makes: the user's
     (tmp_path / ".staging-file").write_text("a file, not a staging dir")
     before = file_bytes(ckpt.path)
     removed = store.cleanup()
-    assert sorted(removed) == sorted([st.path.name, ".deleting-old"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, ".staging-file"])
+    assert sorted(removed) == sorted([st.path.name, trash])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [ckpt.name, ".staging-file", ".deleting-old"])
     assert file_bytes(ckpt.path) == before
     assert store.cleanup() == []
 

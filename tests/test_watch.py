@@ -267,7 +267,7 @@ def test_config_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     assert c2.remote == "s3://b/r" and c2.keep_best is not None and c2.keep_best.k == 2
     with pytest.raises(ConfigError, match="unknown watch settings"):
         WatchConfig.resolve({"local_dir": tmp_path, "remote": "x", "bogus": 1}, {})
-    with pytest.raises(ConfigError, match="no remote URL"):
+    with pytest.raises(ConfigError, match=r"REMOTE_URL .* is empty"):
         WatchConfig.resolve({"local_dir": tmp_path}, {})
     bad = run_cli("watch", str(tmp_path), "file:///x", "--rule", "nope:x")
     assert bad.returncode == 2 and "invalid watch rule" in bad.stderr
