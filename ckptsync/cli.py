@@ -174,18 +174,22 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("remote", help="remote URL")
     p.add_argument("local", help="local checkpoint directory to pull into")
     p.add_argument("--name", help="checkpoint name (default: the newest valid one)")
+    p.add_argument("--rule", action="append", default=[], metavar="RULE",
+                   help="zero-code: restore only versions of this watch rule (repeatable), "
+                        "e.g. 'file:ckpt.pt'; without it, every rule the remote names is "
+                        "restored")
 
 
 def _run_pull(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     head = store.read_manifest(args.name) if args.name else store.newest_valid()
-    if head is not None and head.source.get("kind") == "watched":
+    if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them.
         from ckptsync.zerocode import restore_watched
 
-        restored = restore_watched(store, args.local, name=args.name)
-        paths = [p for m in restored for p in m.source.get("paths", [])]
+        restored = restore_watched(store, args.local, name=args.name, rules=args.rule)
+        paths = [f.path for m in restored for f in m.files]  # exactly what was written
         _emit(args, {"restored": [m.name for m in restored], "paths": paths},
               f"restored {', '.join(m.name for m in restored)} into {args.local}: "
               + ", ".join(paths))

@@ -129,6 +129,11 @@ class FileOps:
     def rename(self, src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
+    def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
+        """Rename ``src`` to ``dst_name`` in the directory open as ``dst_dir_fd``, replacing a
+        file there (a rename never follows a symlink in its last component)."""
+        os.replace(src, dst_name, dst_dir_fd=dst_dir_fd)
+
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:

@@ -53,6 +53,7 @@ from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
     CorruptCheckpointError,
+    LocalStorageError,
     ManifestError,
     NoCheckpointError,
     RemoteError,
@@ -962,6 +963,11 @@ class RemoteStore:
         progress: Progress | None,
         stop: threading.Event | None,
     ) -> LocalCheckpoint:
+        for own in (local.directory / m.name, local.directory / f"{STAGING_PREFIX}{m.name}"):
+            if own.is_symlink():  # planted: reading, deleting or committing would follow it
+                raise LocalStorageError(
+                    f"cannot pull {m.name}: {own} is a symlink, and ckptsync never writes "
+                    "through one; remove it or pull into another directory")
         try:
             have = local.get(m.name)
         except (NoCheckpointError, ManifestError):

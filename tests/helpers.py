@@ -287,6 +287,10 @@ class RecordingOps(FileOps):
     def fsync_dir(self, path: Path) -> None:
         self._run("fsync_dir", str(path), lambda: super(RecordingOps, self).fsync_dir(path))
 
+    def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
+        self._run("replace_at", f"{src} -> {dst_name}",
+                  lambda: super(RecordingOps, self).replace_at(src, dst_dir_fd, dst_name))
+
 
 def kill_at(n: int, when: str) -> RecordingOps:
     """File ops that SIGKILL this process just before or just after call number ``n``."""
