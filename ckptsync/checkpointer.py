@@ -10,7 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ckptsync import __version__
+from ckptsync.config import resolve_close_timeout
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -52,11 +53,12 @@ from ckptsync.state import (
     state_of,
     to_jsonable,
 )
+from ckptsync.uploader import SyncStatus, Uploader
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["Checkpointer", "RestoreInfo"]
+__all__ = ["Checkpointer", "RestoreInfo", "SyncStatus"]
 
 log = logging.getLogger("ckptsync")
 
@@ -108,10 +110,18 @@ class Checkpointer:
             remotely). ``keep_best`` is ``"METRIC:min|max:K"`` or a :class:`BestRule`.
         rng: capture and restore python/numpy/torch/CUDA RNG states (default True).
         file_ops: local file system calls (a fault seam for tests).
+        remote_store: a ready :class:`~ckptsync.remote.RemoteStore` instead of ``remote``.
+        on_remote_error: ``"warn"`` (default): a failing remote never stops training; failures
+            are logged, shown by :meth:`status`, and retried with back-off while saves go on
+            locally. ``"raise"``: the next ``save``/``wait``/``close`` raises the
+            :class:`~ckptsync.errors.RemoteError`.
+        close_timeout: how long :meth:`close` and :meth:`wait` wait for a failing or stalled
+            remote, in seconds (default ``CKPTSYNC_CLOSE_TIMEOUT``, else 60; ``math.inf``: for
+            ever). A healthy upload that is still sending is always waited for.
 
     Raises:
         LocalStorageError: the directory cannot be created or written.
-        ConfigError: a bad retention rule or remote URL.
+        ConfigError: a bad retention rule, remote URL, ``on_remote_error`` or ``close_timeout``.
 
     Example::
 
@@ -137,7 +147,12 @@ class Checkpointer:
         rng: bool = True,
         file_ops: FileOps | None = None,
         remote_store: RemoteStore | None = None,
+        on_remote_error: str = "warn",
+        close_timeout: float | None = None,
     ) -> None:
+        self.close_timeout = resolve_close_timeout(close_timeout)
+        if on_remote_error not in ("warn", "raise"):
+            raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
         self.rank, self.world_size = _dist_info()
         self.store = LocalStore(directory, ops=file_ops)
         if self.rank == 0:
@@ -151,10 +166,8 @@ class Checkpointer:
         self.capture_rng = rng
         self._buffers = SnapshotBuffers()
         self._worker = BackgroundWorker()
-        self._uploads: list[Future[Manifest]] = []
-        self._upload_pool: ThreadPoolExecutor | None = None
-        self._uploading: set[str] = set()
-        self._lock = threading.Lock()
+        self._uploader: Uploader | None = None
+        self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
         self._dist_pending = False
         self._closed = False
@@ -167,8 +180,9 @@ class Checkpointer:
             check_remote_outside(check_remote_url(remote, "remote="), self.store.directory,
                                  "remote=")
             self.remote = RemoteStore(remote, dict(storage_options or {}))
-        if self.remote is not None:
-            self._upload_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-upload")
+        if self.remote is not None and self.rank == 0:  # rank 0 alone writes, so uploads
+            self._uploader = Uploader(self.remote, on_error=on_remote_error,
+                                      after_push=self._after_push)
 
     # ------------------------------------------------------------------ save
     def save(
@@ -183,7 +197,10 @@ class Checkpointer:
 
         Serialization, sha256, fsync, the local commit and any upload run in the background.
         A save while one is in flight first waits for it. Call on every rank under
-        ``torch.distributed``: rank 0 writes.
+        ``torch.distributed``: rank 0 writes. A slow or failing remote never blocks or fails a
+        save (unless ``on_remote_error="raise"``): at most one upload runs and one waits, the
+        newest replacing the waiting one, and each save while the remote cannot keep up logs
+        a warning saying how far behind it is.
 
         Args:
             step: training step (non-negative int; None for step-less checkpoints).
@@ -194,7 +211,8 @@ class Checkpointer:
 
         Raises:
             UnsafeStateError: a value cannot be stored without unsafe pickling (named).
-            CkptSyncError: a previous background save or upload failed.
+            CkptSyncError: a previous background save failed (or, with
+                ``on_remote_error="raise"``, a previous upload).
         """
         self._check_open()
         bad = RESERVED.intersection(objects)
@@ -203,7 +221,10 @@ class Checkpointer:
         if not objects:
             raise ConfigError("save() needs at least one object, e.g. save(step, model=model)")
         self._sync()  # back-pressure: the previous save is committed before buffers are reused
-        self._raise_upload_errors()
+        if self._uploader is not None:
+            self._uploader.raise_error()
+            if self._uploader.lagging():
+                log.warning("%s", self._uploader.status().lag())
         metric_values = {k: float(v.item() if isinstance(v, torch.Tensor) else v)
                          for k, v in (metrics or {}).items()}
         extra_json = to_jsonable(extra) if extra is not None else {}
@@ -267,6 +288,8 @@ class Checkpointer:
         t0 = time.perf_counter()
         staging = self.store.staging(name)
         streams: dict[str, Any] = {}
+        # Only a checkpoint that a healthy remote will push at once is worth streaming.
+        streaming = self._uploader is not None and self._uploader.ready_to_stream()
         try:
             files = dict(trees)
             if rng is not None:
@@ -277,7 +300,7 @@ class Checkpointer:
                 # With an S3 remote, large files are uploaded while they are serialized (the
                 # bytes hashed are the bytes sent); nothing is visible remotely before push.
                 stream = (self.remote.stream_file(name, relpath)
-                          if self.remote is not None and self._upload_pool is not None else None)
+                          if self.remote is not None and streaming else None)
                 if stream is not None:
                     streams[relpath] = stream
                     w.tee = stream.write
@@ -298,36 +321,36 @@ class Checkpointer:
             raise
         log.info("saved %s (step %s, %.1f MB) in %.2fs", ckpt.path, step,
                  manifest.total_size / 1e6, time.perf_counter() - t0)
-        if self.remote is not None and self._upload_pool is not None:
-            with self._lock:
-                self._uploading.add(name)
-                self._uploads.append(self._upload_pool.submit(self._upload, ckpt, streams))
+        if self._uploader is not None:
+            self._uploader.offer(ckpt, streams)
         self._apply_local_retention()
         return manifest
 
-    def _upload(self, ckpt: LocalCheckpoint, streams: Mapping[str, Any] | None = None) -> Manifest:
+    def _after_push(self, manifest: Manifest) -> None:
+        """In the upload thread, after ``manifest`` was committed remotely: retention."""
         assert self.remote is not None
-        try:
-            manifest = self.remote.push(ckpt, streams=streams)
-            if self.policy.active:
-                protect = [n for n in (self._resumed_from,) if n]
-                self.remote.apply_retention(self.policy, protect=protect)
-            return manifest
-        finally:
-            with self._lock:
-                self._uploading.discard(ckpt.name)
+        if self.policy.active:
+            protect = [n for n in (self._resumed_from,) if n]
+            self.remote.apply_retention(self.policy, protect=protect)
+            self._apply_local_retention()  # the previous upload no longer needs its files
 
     def _apply_local_retention(self) -> None:
+        """Local retention; it spares the checkpoint being uploaded and the one waiting (so
+        the disk holds at most what the policy keeps plus those two, whatever the remote
+        does) and the one this run resumed from."""
         if not self.policy.active:
             return
-        # Only checkpoints this tool wrote: anything else beside them is the user's.
-        infos = [CheckpointInfo(c.name, c.step, c.manifest.sort_key(), c.manifest.metrics)
-                 for c in self.store.list() if parse_name(c.name) is not None]
-        with self._lock:
-            protect = {*self._uploading, *([self._resumed_from] if self._resumed_from else [])}
-        for doomed in select_for_deletion(infos, self.policy, protect=protect):
-            self.store.delete(doomed)
-            log.info("retention: deleted local checkpoint %s", doomed)
+        with self._retention_lock:
+            # Only checkpoints this tool wrote: anything else beside them is the user's.
+            infos = [CheckpointInfo(c.name, c.step, c.manifest.sort_key(), c.manifest.metrics)
+                     for c in self.store.list() if parse_name(c.name) is not None]
+            # Listed first: a checkpoint committed after the listing is not deleted here.
+            protect = self._uploader.protected() if self._uploader is not None else set()
+            if self._resumed_from:
+                protect.add(self._resumed_from)
+            for doomed in select_for_deletion(infos, self.policy, protect=protect):
+                self.store.delete(doomed)
+                log.info("retention: deleted local checkpoint %s", doomed)
 
     # ------------------------------------------------------------------ wait / close
     def _sync(self) -> None:
@@ -347,39 +370,71 @@ class Checkpointer:
         if err is not None:
             raise err
 
-    def _raise_upload_errors(self, wait: bool = False) -> None:
-        with self._lock:
-            futs = list(self._uploads)
-        for fut in futs:
-            if not wait and not fut.done():
-                continue
-            with self._lock:
-                self._uploads.remove(fut)
-            fut.result()  # raises the upload's error
-
-    def wait(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
         """Block until every save is committed locally and (with a remote) remotely.
 
-        Under ``torch.distributed`` this is collective: call it on every rank.
+        The local commit is always waited for. The remote is waited for while its upload
+        makes progress; once ``timeout`` seconds (default ``close_timeout``) have passed with
+        the remote failing or stalled, ``wait`` stops waiting for it (the upload goes on in the
+        background) and returns False. Under ``torch.distributed`` this is collective: call it
+        on every rank.
+
+        Returns:
+            True when the newest checkpoint is remote (or there is no remote).
 
         Raises:
-            CkptSyncError: a background save or upload failed.
+            CkptSyncError: a background save failed (or, with ``on_remote_error="raise"``, an
+                upload).
         """
         self._sync()
-        self._raise_upload_errors(wait=True)
+        if self._uploader is None:
+            return True
+        caught_up = self._uploader.wait_idle(self._timeout(timeout))
+        self._uploader.raise_error()
+        if not caught_up:
+            log.warning("stopped waiting for the remote: %s", self._uploader.status().lag())
+        return caught_up
 
-    def close(self) -> None:
-        """:meth:`wait`, then stop the background threads. Idempotent."""
+    def _timeout(self, timeout: float | None) -> float:
+        return self.close_timeout if timeout is None else resolve_close_timeout(timeout)
+
+    def close(self, timeout: float | None = None) -> SyncStatus:
+        """Commit the last save locally, wait (bounded, as :meth:`wait`) for the remote, then
+        stop the background threads. An upload still unfinished is abandoned uncommitted;
+        what is not remote is logged as an error, named in the returned status's
+        ``not_remote``, and stays in the local directory (``ckptsync push`` uploads it).
+        Idempotent.
+
+        Args:
+            timeout: seconds to wait for a failing or stalled remote (default
+                ``close_timeout``).
+
+        Returns:
+            :meth:`status` after closing.
+
+        Raises:
+            CkptSyncError: the last save failed (or, with ``on_remote_error="raise"``, an
+                upload).
+        """
         if self._closed:
-            return
+            return self.status()
         try:
-            self.wait()
+            self.wait(timeout)
         finally:
             self._closed = True
             self._worker.close()
+            if self._uploader is not None:
+                self._uploader.close()
             self.store.release_writer_lock()
-            if self._upload_pool is not None:
-                self._upload_pool.shutdown(wait=True)
+        return self.status()
+
+    def status(self) -> SyncStatus:
+        """Where the upload to the remote stands: the newest local and remote checkpoints,
+        what is in flight and pending, the last error and how many uploads failed in a row,
+        whether the remote is behind, and (after :meth:`close`) what was left off it."""
+        if self._uploader is None:
+            return SyncStatus()
+        return self._uploader.status()
 
     def __enter__(self) -> Checkpointer:
         return self

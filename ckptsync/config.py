@@ -8,7 +8,8 @@ Example::
 Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUNK_SIZE``,
 ``CKPTSYNC_BLOCK_SIZE``, ``CKPTSYNC_RETRIES``, ``CKPTSYNC_BACKOFF_INITIAL``,
 ``CKPTSYNC_BACKOFF_MAX``, ``CKPTSYNC_GRACE``, ``CKPTSYNC_RANGED_MIN_SIZE``,
-``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``.
+``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``; for the client,
+``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 
 from ckptsync.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "TransferConfig", "storage_options_from_env"]
+__all__ = ["ENV_PREFIX", "TransferConfig", "resolve_close_timeout", "storage_options_from_env"]
 
 ENV_PREFIX = "CKPTSYNC_"
 MiB = 1024 * 1024
+DEFAULT_CLOSE_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -130,3 +132,26 @@ def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, 
     if not isinstance(opts, dict):
         raise ConfigError(f"{name} must be a JSON object, got {type(opts).__name__}")
     return opts
+
+
+def resolve_close_timeout(value: float | None, env: Mapping[str, str] | None = None) -> float:
+    """How long ``Checkpointer.close()``/``wait()`` wait for a failing or stalled remote.
+
+    ``value`` > ``CKPTSYNC_CLOSE_TIMEOUT`` > 60 seconds; ``math.inf`` waits for ever.
+
+    Raises:
+        ConfigError: a negative or non-numeric value.
+    """
+    name = ENV_PREFIX + "CLOSE_TIMEOUT"
+    if value is None:
+        raw = (os.environ if env is None else env).get(name)
+        if raw is None or not raw.strip():
+            return DEFAULT_CLOSE_TIMEOUT
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"environment variable {name}={raw!r} is not a number of "
+                              "seconds") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        raise ConfigError(f"close timeout must be a number of seconds >= 0, got {value!r}")
+    return float(value)

@@ -81,6 +81,7 @@ from ckptsync.transfer import (
     hash_remote_file,
     is_s3fs,
     run_parallel,
+    stopping,
     upload_file,
     upload_file_multipart,
 )
@@ -745,7 +746,8 @@ class RemoteStore:
         """
         streams = dict(streams or {})
         try:
-            return self._push(ckpt, progress, stop, streams)
+            with stopping(stop):  # a stop also cuts short every retry's back-off
+                return self._push(ckpt, progress, stop, streams)
         finally:
             for s in streams.values():  # idempotent: completed ones are already closed
                 s.abort()

@@ -24,11 +24,13 @@ filesystem and the one function that translates backend exceptions.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import logging
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -54,6 +56,7 @@ __all__ = [
     "hash_remote_file",
     "is_s3fs",
     "run_parallel",
+    "stopping",
     "upload_file",
     "upload_file_multipart",
 ]
@@ -63,6 +66,22 @@ log = logging.getLogger("ckptsync.transfer")
 T = TypeVar("T")
 Translate = Callable[[BaseException, str, str], CkptSyncError]
 """``translate(exc, url, action) -> CkptSyncError``: the one backend-exception boundary."""
+
+# The stop event of the operation this thread works for (see :func:`stopping`).
+_STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "ckptsync_stop", default=None)
+
+
+@contextlib.contextmanager
+def stopping(stop: threading.Event | None) -> Iterator[None]:
+    """Within the block, :meth:`Retrier.call` in this thread (and in the workers of
+    :func:`run_parallel` started from it) ends its back-off as soon as ``stop`` is set, raising
+    :class:`TransferAborted`, instead of sleeping out its retries."""
+    token = _STOP.set(stop)
+    try:
+        yield
+    finally:
+        _STOP.reset(token)
 
 
 class TransferAborted(RemoteError):
@@ -132,6 +151,15 @@ class Retrier:
                 "%s (attempt %d of %d); retrying", exc, state.attempt_number, self.config.retries
             )
 
+        stop = _STOP.get()
+
+        def sleep(seconds: float) -> None:
+            if stop is None:
+                time.sleep(seconds)
+            elif stop.wait(seconds):
+                raise TransferAborted(f"{action} {url} was stopped while backing off", url=url,
+                                      retryable=False)
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.config.retries),
             wait=tenacity.wait_random_exponential(
@@ -139,6 +167,7 @@ class Retrier:
             ),
             retry=tenacity.retry_if_exception(_retryable),
             before_sleep=before_sleep,
+            sleep=sleep,
             reraise=True,
         )
         return retrying(attempt)
@@ -936,7 +965,9 @@ def run_parallel(
             max_workers=max(1, min(max_workers, len(tasks))),
             thread_name_prefix="ckptsync-transfer",
         ) as pool:
-            futures: list[Future[T]] = [pool.submit(task, abort) for task in tasks]
+            # Each worker sees the caller's context (its :func:`stopping` event).
+            futures: list[Future[T]] = [pool.submit(contextvars.copy_context().run, task, abort)
+                                        for task in tasks]
             try:
                 _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             except BaseException:  # KeyboardInterrupt: stop the workers before waiting on them

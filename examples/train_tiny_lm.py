@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.sleep_per_step:
             time.sleep(args.sleep_per_step)
 
-    ckpt.close()  # ckptsync: wait until every checkpoint is durable (and uploaded)
+    ckpt.close()  # ckptsync: wait until the last checkpoint is durable (and uploaded)
     if log is not None:
         log.close()
     if args.final_weights:

@@ -8,12 +8,16 @@
 Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_file``,
 ``open:rb``, ``open:wb``, ``read``/``write`` (calls on an opened file), ``rm_file``,
 ``rm``, ``makedirs``, ``mv``. ``calls`` lists ``(key, path)`` in order.
+
+``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
+``set_delay(seconds)`` makes every call take that much longer (a slow link).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +91,8 @@ class FaultFS(AbstractFileSystem):
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, str]] = []
         self._faults: dict[str, tuple[int, Action]] = {}
+        self._outage: BaseException | None = None
+        self._delay = 0.0
         self._lock = threading.Lock()
 
     @classmethod
@@ -104,6 +110,16 @@ class FaultFS(AbstractFileSystem):
         with self._lock:
             self._faults.clear()
 
+    def set_outage(self, exc: BaseException | None) -> None:
+        """Every call (counted and recorded) raises ``exc`` from now on; None ends it."""
+        with self._lock:
+            self._outage = exc
+
+    def set_delay(self, seconds: float) -> None:
+        """Every call first sleeps ``seconds`` (0: no delay)."""
+        with self._lock:
+            self._delay = seconds
+
     def count(self, key: str, suffix: str = "") -> int:
         """How many ``key`` calls were made on paths ending with ``suffix``."""
         return sum(1 for k, p in self.calls if k == key and p.endswith(suffix))
@@ -112,10 +128,18 @@ class FaultFS(AbstractFileSystem):
         with self._lock:
             self.counts[key] += 1
             self.calls.append((key, str(path)))
+            delay, outage = self._delay, self._outage
             fault = self._faults.get(key)
-            if fault is None or fault[0] != self.counts[key]:
-                return
-            del self._faults[key]
+            if fault is not None and fault[0] == self.counts[key]:
+                del self._faults[key]
+            else:
+                fault = None
+        if delay:
+            time.sleep(delay)
+        if outage is not None:
+            raise type(outage)(*outage.args)  # a fresh one: threads raise it concurrently
+        if fault is None:
+            return
         action = fault[1]
         if isinstance(action, BaseException):
             raise action

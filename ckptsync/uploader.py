@@ -1,0 +1,393 @@
+"""The in-process upload of a :class:`~ckptsync.checkpointer.Checkpointer` with a remote.
+
+One thread pushes committed checkpoints, newest first, with a bounded backlog: at most one
+push in flight and one checkpoint pending. A newer checkpoint replaces the pending one, which
+is then never uploaded and becomes an ordinary local checkpoint (local retention may delete
+it), so however slow or down the remote is, the trainer's disk holds at most the retained
+checkpoints plus these two. A failed push is retried with back-off (``TransferConfig``'s
+``backoff_initial``/``backoff_max``), moving on to a newer checkpoint when one arrives;
+nothing is raised into the training loop unless ``on_error="raise"``. Every thread stops
+through an ``Event``; an abandoned push is never committed.
+
+Example::
+
+    up = Uploader(store, on_error="warn", after_push=lambda m: None)
+    up.offer(local_checkpoint)      # from the save thread, after the local commit
+    up.wait_idle(timeout=60)        # True once the newest checkpoint is remote
+    not_remote = up.close()         # stop; names of what was left off the remote
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
+from ckptsync.local import LocalCheckpoint
+from ckptsync.manifest import Manifest
+from ckptsync.transfer import stopping
+
+if TYPE_CHECKING:
+    from ckptsync.remote import RemoteStore
+    from ckptsync.transfer import MultipartStream
+
+__all__ = ["ON_REMOTE_ERROR", "SyncStatus", "Uploader"]
+
+log = logging.getLogger("ckptsync")
+
+OnRemoteError = Literal["warn", "raise"]
+ON_REMOTE_ERROR: tuple[OnRemoteError, ...] = ("warn", "raise")
+STOP_GRACE_S = 10.0
+"""How long :meth:`Uploader.close` waits for a stopped push to unwind (one network call)."""
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """Where a checkpointer's upload to its remote stands (``Checkpointer.status()``).
+
+    ``newest_remote`` is the newest checkpoint this checkpointer committed remotely (None before
+    its first). ``behind`` is True while the newest checkpoint saved is not yet remote.
+    ``superseded`` counts checkpoints never uploaded because a newer one replaced them.
+    ``not_remote`` names what ``close()`` left off the remote (it stays on the local disk).
+    """
+
+    remote: str | None = None
+    newest_local: str | None = None
+    newest_local_step: int | None = None
+    newest_remote: str | None = None
+    newest_remote_step: int | None = None
+    in_flight: str | None = None
+    pending: str | None = None
+    behind: bool = False
+    superseded: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    last_error_time: float | None = None
+    """``time.time()`` of ``last_error``."""
+    not_remote: tuple[str, ...] = ()
+
+    def lag(self) -> str:
+        """One line saying how far behind the remote is, for logs."""
+        def at(name: str | None, step: int | None) -> str:
+            if name is None:
+                return "nothing"
+            return f"step {step} ({name})" if step is not None else name
+
+        line = (f"remote {self.remote} is behind: it holds "
+                f"{at(self.newest_remote, self.newest_remote_step)}, the newest local checkpoint "
+                f"is {at(self.newest_local, self.newest_local_step)}")
+        if self.newest_local_step is not None and self.newest_remote_step is not None:
+            line += f" ({self.newest_local_step - self.newest_remote_step} steps behind)"
+        if self.superseded:
+            line += f"; {self.superseded} checkpoints superseded before upload"
+        if self.consecutive_failures:
+            ago = time.time() - (self.last_error_time or time.time())
+            line += (f"; failed uploads in a row: {self.consecutive_failures}, the last "
+                     f"{ago:.0f}s ago: {self.last_error}")
+        return line + "; saves go on locally"
+
+
+class _Job:
+    def __init__(self, ckpt: LocalCheckpoint, streams: Mapping[str, MultipartStream] | None,
+                 seq: int) -> None:
+        self.ckpt = ckpt
+        self.streams = dict(streams or {})
+        self.seq = seq  # commit order
+
+
+class _Activity:
+    """A push's progress sink: records when bytes last moved."""
+
+    def __init__(self, owner: Uploader) -> None:
+        self._owner = owner
+
+    def start(self, total: int, description: str) -> None:
+        self._owner._last_progress = time.monotonic()
+
+    def update(self, n: int) -> None:
+        if n > 0:
+            self._owner._last_progress = time.monotonic()
+
+    def close(self) -> None:
+        pass
+
+
+class Uploader:
+    """Pushes committed checkpoints to ``remote``: one in flight, one pending, newest wins.
+
+    Args:
+        remote: the store to push to.
+        on_error: ``"warn"`` (default): log failures, retry with back-off, never raise;
+            ``"raise"``: no retry, the failure is raised once by :meth:`raise_error`.
+        after_push: called in the upload thread after each successful push, while the pushed
+            checkpoint still counts as in flight (remote and local retention).
+
+    Raises:
+        ConfigError: ``on_error`` is neither "warn" nor "raise".
+    """
+
+    def __init__(self, remote: RemoteStore, *, on_error: str = "warn",
+                 after_push: Callable[[Manifest], None] | None = None) -> None:
+        if on_error not in ON_REMOTE_ERROR:
+            raise ConfigError(f"on_remote_error must be one of {list(ON_REMOTE_ERROR)}, "
+                              f"got {on_error!r}")
+        self.remote = remote
+        self.on_error = on_error
+        self._after_push = after_push
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._in_flight: _Job | None = None
+        self._pending: _Job | None = None
+        self._retry_at = 0.0  # monotonic time before which no push starts (back-off)
+        self._to_abort: list[MultipartStream] = []
+        self._failures = 0
+        self._superseded = 0
+        self._last_error: str | None = None
+        self._last_error_time: float | None = None
+        self._undelivered: CkptSyncError | None = None
+        self._newest_local: tuple[str, int | None] | None = None
+        self._newest_remote: tuple[str, int | None] | None = None
+        self._local_dir = ""
+        self._seq = 0  # checkpoints offered so far
+        self._remote_seq = 0  # the commit order of the newest one pushed
+        self._not_remote: tuple[str, ...] = ()
+        self._last_progress = time.monotonic()
+        self._closed = False
+
+    # ------------------------------------------------------------------ the save side
+    def offer(self, ckpt: LocalCheckpoint,
+              streams: Mapping[str, MultipartStream] | None = None) -> None:
+        """Queue a just-committed checkpoint; it replaces the pending one, if any."""
+        with self._cond:
+            self._seq += 1
+            job = _Job(ckpt, streams, self._seq)
+            if self._closed:
+                self._to_abort.extend(job.streams.values())
+            else:
+                self._newest_local = (ckpt.name, ckpt.step)
+                self._local_dir = str(ckpt.path.parent)
+                if self._pending is not None:
+                    self._drop(self._pending, "a newer one replaced it")
+                self._pending = job
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ckptsync-upload",
+                                                    daemon=True)
+                    self._thread.start()
+                self._cond.notify_all()
+        if self._closed:
+            self._abort_streams()
+
+    def _drop(self, job: _Job, why: str) -> None:
+        """Forget a queued checkpoint (the lock is held): it stays local, never uploaded."""
+        self._superseded += 1
+        self._to_abort.extend(job.streams.values())  # aborted by the upload thread
+        log.info("not uploading %s: %s", job.ckpt.name, why)
+
+    def ready_to_stream(self) -> bool:
+        """Whether a checkpoint written now would be pushed at once by a healthy remote: only
+        then is it worth sending its bytes while they are written (a stream would otherwise
+        compete with the push in flight, or wait on a failing remote on the save thread)."""
+        with self._cond:
+            return (not self._closed and self._in_flight is None and self._pending is None
+                    and self._failures == 0)
+
+    def protected(self) -> set[str]:
+        """The checkpoints local retention must keep: the one in flight and the pending one."""
+        with self._cond:
+            return {j.ckpt.name for j in (self._in_flight, self._pending) if j is not None}
+
+    def lagging(self) -> bool:
+        """True when the remote is failing, or a checkpoint already waits behind the one in
+        flight (the next save will supersede it): the remote cannot keep up."""
+        with self._cond:
+            return self._failures > 0 or (self._pending is not None
+                                          and self._in_flight is not None)
+
+    def raise_error(self) -> None:
+        """With ``on_error="raise"``: raise a failed push's error, once."""
+        with self._cond:
+            err, self._undelivered = self._undelivered, None
+        if err is not None:
+            raise err
+
+    def status(self) -> SyncStatus:
+        """A snapshot of where the upload stands."""
+        from ckptsync.remote import redact_url
+
+        with self._cond:
+            local, remote = self._newest_local, self._newest_remote
+            return SyncStatus(
+                remote=redact_url(self.remote.url),
+                newest_local=local[0] if local else None,
+                newest_local_step=local[1] if local else None,
+                newest_remote=remote[0] if remote else None,
+                newest_remote_step=remote[1] if remote else None,
+                in_flight=self._in_flight.ckpt.name if self._in_flight else None,
+                pending=self._pending.ckpt.name if self._pending else None,
+                behind=local is not None and (remote is None or remote[0] != local[0]),
+                superseded=self._superseded,
+                consecutive_failures=self._failures,
+                last_error=self._last_error,
+                last_error_time=self._last_error_time,
+                not_remote=self._not_remote,
+            )
+
+    # ------------------------------------------------------------------ waiting, stopping
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until nothing is in flight or pending; True if so.
+
+        Gives up (False) once ``timeout`` seconds have passed and the remote is failing or has
+        made no progress for ``timeout`` seconds: a healthy upload that is still sending is
+        waited for. With ``on_error="raise"`` a failure ends the wait (``raise_error`` has it).
+        """
+        start = time.monotonic()
+        with self._cond:
+            while self._in_flight is not None or self._pending is not None:
+                if self._undelivered is not None or self._closed:
+                    return False
+                now = time.monotonic()
+                if now - start >= timeout and (
+                        self._failures > 0 or now - self._last_progress >= timeout):
+                    return False
+                self._cond.wait(min(0.5, max(0.01, start + timeout - now)))
+            return True
+
+    def close(self) -> tuple[str, ...]:
+        """Stop the upload thread (an unfinished push is abandoned, never committed); return
+        the names of the queued checkpoints left off the remote, and log them. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return self._not_remote
+            self._closed = True
+            queued = {j.seq: j.ckpt.name for j in (self._in_flight, self._pending) if j}
+            if self._newest_local is not None:
+                queued.setdefault(self._seq, self._newest_local[0])
+            if self._pending is not None:
+                self._to_abort.extend(self._pending.streams.values())
+                self._pending = None
+            self._stop.set()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(STOP_GRACE_S)
+            if thread.is_alive():
+                log.error("the upload to %s did not stop within %.0fs of close(); abandoning "
+                          "it (it will not be committed)", self.remote.url, STOP_GRACE_S)
+        self._abort_streams()
+        with self._cond:
+            # Pushed in commit order: all up to the newest one pushed are there or superseded.
+            left = tuple(n for seq, n in sorted(queued.items()) if seq > self._remote_seq)
+            self._not_remote = left
+        if left:
+            url = self.status().remote
+            log.error("closing with checkpoints not on the remote %s: %s (it holds %s); they "
+                      "stay in %s: upload them later with `ckptsync push %s %s`",
+                      url, ", ".join(left),
+                      self._newest_remote[0] if self._newest_remote else "none of this run's",
+                      self._local_dir, self._local_dir, url)
+        return left
+
+    # ------------------------------------------------------------------ the upload thread
+    def _abort_streams(self) -> None:
+        with self._cond:
+            streams, self._to_abort = self._to_abort, []
+        for s in streams:
+            s.abort()
+
+    def _next(self) -> _Job | None:
+        with self._cond:
+            while not self._stop.is_set():
+                if self._to_abort:
+                    return None  # abort them outside the lock, then come back
+                now = time.monotonic()
+                if self._pending is not None and now >= self._retry_at:
+                    job, self._pending = self._pending, None
+                    self._in_flight = job
+                    return job
+                self._cond.wait(self._retry_at - now if self._pending is not None else None)
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            job = self._next()
+            self._abort_streams()
+            if job is not None:
+                self._push(job)
+
+    def _push(self, job: _Job) -> None:
+        name = job.ckpt.name
+        self._last_progress = time.monotonic()
+        try:
+            manifest = self.remote.push(job.ckpt, streams=job.streams, stop=self._stop,
+                                        progress=_Activity(self))
+        except Exception as e:
+            self._failed(job, e)
+            return
+        finally:
+            job.streams.clear()  # push completed or aborted them
+        with self._cond:
+            recovered = self._failures
+            self._failures = 0
+            self._retry_at = 0.0
+            self._newest_remote = (manifest.name, manifest.step)
+            self._remote_seq = job.seq
+            self._last_progress = time.monotonic()
+        if recovered:
+            log.warning("remote %s is reachable again: %s committed after %d failed uploads",
+                        self.remote.url, name, recovered)
+        if self._after_push is not None:
+            try:
+                with stopping(self._stop):
+                    self._after_push(manifest)
+            except Exception as e:  # retention is retried after the next push
+                log.warning("after uploading %s: %s", name, e)
+        with self._cond:
+            self._in_flight = None
+            self._cond.notify_all()
+
+    def _failed(self, job: _Job, e: Exception) -> None:
+        err = e if isinstance(e, CkptSyncError) else RemoteError(
+            f"uploading {job.ckpt.name} to {self.remote.url} failed: {type(e).__name__}: {e}")
+        with self._cond:
+            self._in_flight = None
+            if self._stop.is_set():  # abandoned by close(): not a failure of the remote
+                self._cond.notify_all()
+                return
+            self._failures += 1
+            self._last_error = str(err)
+            self._last_error_time = time.time()
+            failures = self._failures
+            if self.on_error == "raise":
+                self._undelivered = err
+                delay = 0.0
+            else:
+                delay = self._backoff(failures)
+                self._retry_at = time.monotonic() + delay
+                if self._pending is None:
+                    self._pending = job  # retry it, unless a newer one arrives meanwhile
+                else:
+                    self._drop(job, "its upload failed and a newer one is pending")
+            self._cond.notify_all()
+        retryable = isinstance(err, RemoteError) and err.retryable
+        level = logging.WARNING if retryable else logging.ERROR
+        if self.on_error == "raise":
+            log.log(level, "uploading %s failed: %s", job.ckpt.name, err,
+                    exc_info=not isinstance(e, CkptSyncError))
+        else:
+            log.log(level, "uploading %s failed (%d in a row): %s; retrying the newest "
+                    "checkpoint in %.1fs; training and local saves go on", job.ckpt.name,
+                    failures, err, delay, exc_info=not isinstance(e, CkptSyncError))
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential back-off with jitter; at least 0.1 s so a dead remote is never spun on."""
+        cfg = self.remote.config
+        base = max(cfg.backoff_initial, 0.1) * 2.0 ** min(failures - 1, 30)
+        cap = max(cfg.backoff_max, 0.1)
+        return random.uniform(0.5, 1.0) * min(cap, base) if math.isfinite(base) else cap
