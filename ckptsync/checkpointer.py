@@ -556,7 +556,7 @@ class Checkpointer:
             tried.add(candidate.name)
             try:
                 self.remote.pull(candidate.name, self.store)
-                log.info("pulled %s from %s", candidate.name, self.remote.url)
+                log.info("pulled %s from %s", candidate.name, self.remote.url_of())
                 return candidate.name
             except CorruptCheckpointError as e:
                 log.warning("remote checkpoint %s is corrupt, trying an older one: %s",

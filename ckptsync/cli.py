@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from ckptsync.ownership import (
     check_remote_outside,
     check_remote_url,
 )
+from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.transfer import NullProgress, Progress
 
@@ -87,10 +89,12 @@ def _progress(args: argparse.Namespace) -> Progress:
 
 def _parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for item in items:
+    for i, item in enumerate(items, 1):
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"invalid --storage-option {key!r}: expected KEY=VALUE")
+            # The text may be a secret typed without its KEY=: never echo it.
+            raise ConfigError(f"storage option #{i} (-o) is not KEY=VALUE (its text is not "
+                              "shown: it may hold a secret)")
         try:
             out[key] = json.loads(raw)
         except ValueError:
@@ -166,7 +170,7 @@ def _run_push(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"pushed {ckpt.name}")
     _emit(args, {"pushed": pushed, "skipped": skipped},
-          f"{len(pushed)} pushed, {len(skipped)} already in {args.remote}")
+          f"{len(pushed)} pushed, {len(skipped)} already in {redact_url(args.remote)}")
     return 0
 
 
@@ -232,7 +236,7 @@ def _run_ls(args: argparse.Namespace) -> int:
             e.status,
         ])
     if not rows:
-        print(f"no checkpoints in {args.remote}")
+        print(f"no checkpoints in {redact_url(args.remote)}")
         return 0
     print(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
     return 0
@@ -249,7 +253,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else [
         e.name for e in store.scan() if e.status != "uncommitted"]
     if not names:
-        raise NoCheckpointError(f"no committed checkpoint in {args.remote}")
+        raise NoCheckpointError(f"no committed checkpoint in {redact_url(args.remote)}")
     results = []
     progress = _progress(args)
     for name in names:
@@ -404,24 +408,33 @@ def _add_external_subcommands(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``ckptsync`` console script; returns the exit code."""
+    """Entry point of the ``ckptsync`` console script; returns the exit code.
+
+    Nothing it prints holds a credential: log records (botocore's and s3fs's DEBUG ones at
+    ``-vv`` too) go through :class:`ckptsync.redact.SecretFilter`, and error messages and
+    tracebacks through :func:`ckptsync.redact.scrub`.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", 0) or 0
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="ckptsync: %(levelname)s: %(message)s")
+    install_filter(logging.getLogger().handlers)
     try:
         code: int = args._run(args)
         return code
-    except ConfigError as e:
-        print(f"ckptsync: error: {e}", file=sys.stderr)
-        return 2
     except CkptSyncError as e:
-        print(f"ckptsync: error: {e}", file=sys.stderr)
-        return 1
+        print(f"ckptsync: error: {scrub(str(e))}", file=sys.stderr)
+        # -vv: where it came from, with the backend's exception (scrubbed by the filter).
+        log.debug("traceback of the error above", exc_info=True)
+        return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print("ckptsync: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: its traceback, without the secrets it may hold
+        trace = "".join(traceback.format_exception(e))
+        print(f"ckptsync: internal error (please report it):\n{scrub(trace)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

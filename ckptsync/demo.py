@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.errors import CkptSyncError, ConfigError
+from ckptsync.redact import redact_url
 
 __all__ = ["DemoConfig", "DemoError", "default_script", "format_report", "run_demo"]
 
@@ -277,7 +278,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t_demo = time.monotonic()
     _say(f"ckptsync demo: {cfg.steps} steps of a tiny GPT, a checkpoint every "
          f"{cfg.save_every}, SIGKILL at step {cfg.kill_at}")
-    _say(f"  remote: {url}")
+    _say(f"  remote: {redact_url(url)}")
 
     # 1. The reference: the same run, never interrupted.
     ref_dir = out / "reference"
@@ -325,7 +326,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     try:
         pulled = store.pull(None, LocalStore(ckpts), progress=progress)
     except CkptSyncError as e:
-        raise DemoError(f"nothing to resume from in {url}: {e}") from e
+        raise DemoError(f"nothing to resume from in {redact_url(url)}: {e}") from e
     finally:
         progress.close()
     LocalStore(ckpts).verify(pulled, full=True)  # re-hash on disk: what will be loaded

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ckptsync.errors import ConfigError
 from ckptsync.local import WRITER_LOCK
+from ckptsync.redact import redact_url
 from ckptsync.zerocode import WATCH_DIR
 
 __all__ = [
@@ -69,7 +70,8 @@ def check_remote_url(url: str | None, what: str = "the remote URL") -> str:
     scheme, path = split_protocol(url)
     if scheme is not None and not path.strip("/ "):
         example = "file:///mnt/backup/run" if scheme in _LOCAL_SCHEMES else f"{scheme}://bucket/run"
-        raise ConfigError(f"{what} {url!r} names no bucket or path; give e.g. {example}")
+        raise ConfigError(
+            f"{what} {redact_url(url)!r} names no bucket or path; give e.g. {example}")
     return url
 
 
@@ -99,8 +101,8 @@ def check_remote_outside(url: str, local_dir: str | os.PathLike[str],
     remote = _resolved(path)
     if remote == local or local in remote.parents:
         raise ConfigError(
-            f"{what} {url!r} is inside the local checkpoint directory {local}: its retention "
-            "and gc would delete the trainer's checkpoints. Choose a remote outside it"
+            f"{what} {redact_url(url)!r} is inside the local checkpoint directory {local}: its "
+            "retention and gc would delete the trainer's checkpoints. Choose a remote outside it"
         )
 
 
@@ -120,7 +122,7 @@ def check_not_local_checkpoint_dir(url: str, what: str = "the remote URL") -> No
     for d in (path, *path.parents):
         if any((d / m).exists() for m in LOCAL_DIR_MARKERS):
             raise ConfigError(
-                f"{what} {url!r} is {'' if d == path else 'inside '}the local checkpoint "
-                f"directory {d}; gc works on a remote. Local checkpoints follow the trainer's "
-                "own retention (Checkpointer(keep_last=...)) or the daemon's"
+                f"{what} {redact_url(url)!r} is {'' if d == path else 'inside '}the local "
+                f"checkpoint directory {d}; gc works on a remote. Local checkpoints follow the "
+                "trainer's own retention (Checkpointer(keep_last=...)) or the daemon's"
             )

@@ -16,7 +16,7 @@ touches only what ckptsync wrote (:mod:`ckptsync.ownership`).
 
 Backend exceptions are translated in one place, :func:`translate_error`, into
 :class:`~ckptsync.errors.CkptSyncError` subclasses that keep the backend exception as
-``__cause__`` and never mention credentials.
+``__cause__`` and never mention credentials (nor does the cause: see :mod:`ckptsync.redact`).
 
 Example::
 
@@ -69,6 +69,7 @@ from ckptsync.manifest import (
     parse_name,
 )
 from ckptsync.ownership import ROOT_MARKER, check_remote_url
+from ckptsync.redact import redact_url, remember, scrub, scrub_exception, secrets_of
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 from ckptsync.transfer import (
     MultipartStream,
@@ -104,34 +105,22 @@ _CREDENTIAL_ERRORS = {
     "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
     "DefaultCredentialsError", "RefreshError", "TransportError", "InvalidClientTokenId",
 }
+# Matched against the class name of every exception in the chain (its causes and contexts, and
+# the error botocore wraps), so that a read that fails mid-body is retried however the
+# libraries wrap it: botocore ResponseStreamingError / IncompleteReadError /
+# FlexibleChecksumError, urllib3 ProtocolError / IncompleteRead, http.client IncompleteRead,
+# aiohttp ClientPayloadError / ContentLengthError / ServerDisconnectedError.
 _TRANSIENT_NAMES = ("Timeout", "Connection", "ServerDisconnected", "ClientPayloadError",
-                    "ServiceUnavailable", "TooManyRequests", "Throttl", "SlowDown")
+                    "ServiceUnavailable", "TooManyRequests", "Throttl", "SlowDown",
+                    "ResponseStreamingError", "IncompleteRead", "FlexibleChecksumError",
+                    "ProtocolError", "ContentLengthError", "TransferEncodingError",
+                    "ChunkedEncodingError", "RemoteDisconnected")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 Status = Literal["valid", "partial", "corrupt", "uncommitted"]
 
 
 # --------------------------------------------------------------------------- error boundary
-
-
-def redact_url(url: str) -> str:
-    """``url`` without user info or query string (where credentials could hide)."""
-    url = re.sub(r"^([a-zA-Z0-9+.-]+://)[^/@]*@", r"\1", url)
-    return url.split("?", 1)[0]
-
-
-def _secret_strings(obj: Any) -> list[str]:
-    out: list[str] = []
-    if isinstance(obj, str):
-        if len(obj) >= 6:
-            out.append(obj)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            out.extend(_secret_strings(v))
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            out.extend(_secret_strings(v))
-    return out
 
 
 def _http_status(exc: BaseException) -> int | None:
@@ -145,6 +134,32 @@ def _http_status(exc: BaseException) -> int | None:
         return int(v) if v is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it wraps: causes, contexts, botocore's ``error`` keyword, exceptions
+    among its arguments (urllib3's ``ProtocolError``), breadth first, each once."""
+    todo: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while todo and len(seen) < 32:
+        e = todo.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        kwargs = getattr(e, "kwargs", None)
+        inner = kwargs.get("error") if isinstance(kwargs, dict) else None
+        todo += [x for x in (e.__cause__, e.__context__, inner, *e.args)
+                 if isinstance(x, BaseException)]
+
+
+def _transient(exc: BaseException) -> bool:
+    """A timeout, a dropped connection or a body cut short anywhere in ``exc``'s chain."""
+    return any(
+        isinstance(e, (TimeoutError, ConnectionError))
+        or any(t in type(e).__name__ for t in _TRANSIENT_NAMES)
+        for e in _chain(exc)
+    )
 
 
 def translate_error(
@@ -164,20 +179,32 @@ def translate_error(
 
     Returns:
         A :class:`ConfigError` for a missing optional package or an unknown scheme, otherwise
-        a :class:`RemoteError` whose ``retryable`` says whether trying again may help. The
-        caller raises it ``from exc``. A :class:`CkptSyncError` is returned unchanged.
+        a :class:`RemoteError` whose ``retryable`` says whether trying again may help (a
+        timeout, a reset, a body cut short, a 5xx, throttling: anywhere in the exception's
+        chain). A :class:`CkptSyncError` is returned unchanged.
+
+        The message never holds a secret (``secrets``, the URL's password, credential
+        environment variables, credential header values): they are blanked out of ``exc``'s
+        chain too, in place (:func:`ckptsync.redact.scrub_exception`). The result's
+        ``__cause__`` is set to ``exc`` (or to its scrubbed stand-in where ``exc``'s text
+        could not be changed in place): raise it ``from err.__cause__``.
     """
     if isinstance(exc, CkptSyncError):
         return exc
+    secrets = [*secrets, *secrets_of(url=url)]
     where = redact_url(url)
     scheme = split_protocol(url)[0] or "file"
-    detail = str(exc) or type(exc).__name__
-    for s in secrets:
-        detail = detail.replace(s, "***")
-    detail = f"{type(exc).__name__}: {detail[:300]}"
     name = type(exc).__name__
     status = _http_status(exc)
+    cause = scrub_exception(exc, secrets)
+    detail = f"{name}: {scrub(str(exc) or name, secrets)[:300]}"
+    err = _classify(exc, name, status, scheme, where, action, detail)
+    err.__cause__ = cause
+    return err
 
+
+def _classify(exc: BaseException, name: str, status: int | None, scheme: str, where: str,
+              action: str, detail: str) -> CkptSyncError:
     if isinstance(exc, ImportError):
         extra = EXTRAS.get(scheme)
         hint = (
@@ -206,9 +233,7 @@ def translate_error(
         what, hint = "not found", "check that the bucket and the path exist"
     elif isinstance(exc, FileExistsError):
         what, hint = "already exists", "a checkpoint name is never reused; this is a conflict"
-    elif isinstance(exc, (TimeoutError, ConnectionError)) or any(
-        t in name for t in _TRANSIENT_NAMES
-    ):
+    elif _transient(exc):
         what, hint, retryable = "temporary failure", "retry later", True
     elif status is not None and (status >= 500 or status in (408, 429)):
         what, hint, retryable = f"server error {status}", "retry later", True
@@ -229,7 +254,8 @@ def _open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str]) -
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
         return fs, str(root)
     except Exception as e:
-        raise translate_error(e, url, "open", secrets=secrets) from e
+        err = translate_error(e, url, "open", secrets=secrets)
+        raise err from err.__cause__
 
 
 def _to_epoch(v: Any) -> float | None:
@@ -307,7 +333,8 @@ class RemoteStore:
         self.url = url.rstrip("/") or url
         self.config = config or TransferConfig.resolve()
         options = dict(storage_options or {})
-        self._secrets = _secret_strings(options)
+        self._secrets = secrets_of(options, url)
+        remember(self._secrets)  # for the log filter (botocore's and s3fs's records too)
         self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
         if fs is None:
             fs, root = _open_fs(url, options, self._secrets)
@@ -367,7 +394,8 @@ class RemoteStore:
         exists = self._call(lambda: self.fs.exists(bucket), self.url, "list")
         if not exists:
             raise RemoteError(
-                f"no such bucket {bucket!r} for {redact_url(self.url)}; create it or fix the URL",
+                f"no such bucket {scrub(bucket, self._secrets)!r} for {redact_url(self.url)}; "
+                "create it or fix the URL",
                 url=redact_url(self.url),
                 retryable=False,
             )
@@ -626,7 +654,7 @@ class RemoteStore:
             elif isinstance(data, BaseException):
                 err = self._translate(data, self.url_of(name, MANIFEST_NAME), "read")
                 if isinstance(err, RemoteError) and err.retryable:
-                    raise err from data
+                    raise err from err.__cause__
                 out[name] = err
             else:
                 try:

@@ -14,8 +14,9 @@ Every upload hashes what it reads and compares it with the local manifest (a loc
 after its commit is never uploaded as if it were the committed one); every download writes
 through the local store's hashing writer, refuses bytes past the listed size, and checks size
 and sha256 at the end. Retries (tenacity: exponential back-off with full jitter) apply only to
-errors the translator marks retryable; an upload restarts its file, a download resumes at the
-offset it reached.
+errors the translator marks retryable (a connection reset or a body cut short mid-read among
+them); an upload restarts its file (a multipart upload only its part), a download or a remote
+hash resumes at the offset it reached (a ranged download refetches only its range).
 
 This module does not know which backend it talks to; :mod:`ckptsync.remote` passes the
 filesystem and the one function that translates backend exceptions.
@@ -143,7 +144,9 @@ class Retrier:
             except CkptSyncError:
                 raise
             except Exception as e:
-                raise self.translate(e, url, action) from e
+                err = self.translate(e, url, action)
+                # The translator may swap the cause for a stand-in without secrets in its text.
+                raise err from (err.__cause__ or e)
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -904,14 +907,20 @@ def hash_remote_file(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> tuple[int, str]:
-    """``(size, sha256)`` of a remote file, streamed (bounded memory)."""
+    """``(size, sha256)`` of a remote file, streamed (bounded memory).
+
+    A retry resumes at the offset already hashed (the digest carries on), as downloads do.
+    """
     progress = progress or NullProgress()
+    digest = hashlib.sha256()
+    size = 0
 
     def attempt() -> tuple[int, str]:
-        digest = hashlib.sha256()
-        size = 0
+        nonlocal size
         try:
             with fs.open(remote_path, "rb", block_size=config.block_size) as src:
+                if size:
+                    src.seek(size)
                 while True:
                     _check_stop(stop, url)
                     chunk = src.read(config.chunk_size)
@@ -924,9 +933,6 @@ def hash_remote_file(
             raise CorruptCheckpointError(
                 f"{url}: file listed in the manifest is missing", path=url
             ) from None
-        except BaseException:
-            progress.update(-size)
-            raise
         return size, digest.hexdigest()
 
     return retrier.call(attempt, url=url, action="read")

@@ -144,6 +144,17 @@ class WatchConfig:
     log_format: str = "kv"
     nice: int = 0
 
+    def __repr__(self) -> str:
+        # Storage options hold credentials and a URL may hold a password: show neither.
+        from ckptsync.redact import redact_url
+
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["remote"] = redact_url(self.remote)
+        shown["storage_options"] = f"<keys: {', '.join(sorted(self.storage_options)) or '-'}>"
+        body = ", ".join(f"{k}={v if k == 'storage_options' else repr(v)}"
+                         for k, v in shown.items())
+        return f"WatchConfig({body})"
+
     def __post_init__(self) -> None:
         if self.interval <= 0 or self.settle < 0 or self.stop_timeout < 0:
             raise ConfigError("interval must be > 0, settle and stop-timeout >= 0")
@@ -257,11 +268,18 @@ def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def parse_storage_option(text: str) -> tuple[str, Any]:
-    """``k=v`` where ``v`` is JSON when it parses (``anon=true``, ``client_kwargs={...}``)."""
+def parse_storage_option(text: str, index: int | None = None) -> tuple[str, Any]:
+    """``k=v`` where ``v`` is JSON when it parses (``anon=true``, ``client_kwargs={...}``).
+
+    Raises:
+        ConfigError: no ``=`` or no key; the message names the option's ``index`` (1-based)
+            and never echoes its text, which may be a secret typed without its ``KEY=``.
+    """
     key, eq, value = text.partition("=")
     if not eq or not key:
-        raise ConfigError(f"storage option {text!r} must be KEY=VALUE")
+        which = f" #{index}" if index is not None else ""
+        raise ConfigError(f"storage option{which} (-o) is not KEY=VALUE (its text is not "
+                          "shown: it may hold a secret)")
     try:
         return key, json.loads(value)
     except ValueError:
@@ -278,11 +296,14 @@ class EventLog:
         self._lock = threading.Lock()
 
     def __call__(self, level: str, event: str, **fields: Any) -> None:
+        from ckptsync.redact import scrub
+
         rec = {"ts": _utc(), "level": level, "event": event, **fields}
         if self.fmt == "json":
             line = json.dumps(rec, default=str)
         else:
             line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
+        line = scrub(line)  # no credential ever reaches the log (DESIGN.md)
         with self._lock:
             try:
                 self.stream.write(line + "\n")
@@ -966,7 +987,11 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
     if config.nice and hasattr(os, "nice"):
         # Uploads compete with training for the CPU (hashing, signing, TLS): let it win.
         events("info", "niceness", nice=os.nice(config.nice))
+    from ckptsync.redact import SecretFilter, remember, secrets_of
+
+    remember(secrets_of(config.storage_options, config.remote))
     bridge = _LogBridge(events)
+    bridge.addFilter(SecretFilter())
     pkg = logging.getLogger("ckptsync")
     pkg.addHandler(bridge)
     if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
@@ -1035,8 +1060,8 @@ def _run_with_signals(watcher: Watcher, events: EventLog) -> int:
 def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchConfig:
     """Build a :class:`WatchConfig` from the ``watch`` subcommand's parsed arguments."""
     opts: dict[str, Any] = {}
-    for text in getattr(args, "storage_option", None) or []:
-        k, v = parse_storage_option(text)
+    for i, text in enumerate(getattr(args, "storage_option", None) or [], 1):
+        k, v = parse_storage_option(text, i)
         opts[k] = v
     return WatchConfig.resolve(
         {

@@ -26,6 +26,7 @@ import yaml
 from conftest import Remote
 
 from ckptsync.local import LocalStore
+from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -183,6 +184,32 @@ def test_dockerfile_copies_what_exists_and_pins_like_dev_requirements() -> None:
     pins = [ln for ln in (CONTAINER / "constraints.txt").read_text().splitlines()
             if ln and not ln.startswith("#")]
     assert pins and all(dev[p.split("==")[0]] == p for p in pins)
+
+
+def test_sidecar_pull_passes_no_storage_option_as_an_argument(s3_remote: Remote,
+                                                              tmp_path: Path) -> None:
+    """`ps` shows every process's arguments to every user of the node: the entrypoint leaves
+    CKPTSYNC_STORAGE_OPTIONS (credentials) in the environment, where ckptsync reads it.
+
+    ``sh -x`` prints each command the entrypoint runs, with its arguments expanded.
+    """
+    local = LocalStore(tmp_path / "src")
+    st = local.staging(make_name(3))
+    st.write_file("w.bin", b"weights")
+    ckpt = st.commit(Manifest.new(step=3, files=st.entries, name=st.name))
+    RemoteStore(s3_remote.url, s3_remote.storage_options).push(ckpt)
+    fresh = tmp_path / "fresh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "CKPTSYNC_LOCAL_DIR": str(fresh),
+           "CKPTSYNC_REMOTE": s3_remote.url,
+           "CKPTSYNC_STORAGE_OPTIONS": json.dumps(s3_remote.storage_options)}
+    r = subprocess.run(["sh", "-x", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "+ exec ckptsync pull" in r.stderr  # the trace shows the commands it ran
+    for secret in (s3_remote.storage_options["secret"], s3_remote.storage_options["key"]):
+        assert secret not in r.stderr and secret not in r.stdout
+    assert [c.name for c in LocalStore(fresh).list()] == [ckpt.name]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from fault_proxy import Fault, FaultProxy
 from faults import FaultFS
 
 from ckptsync.config import TransferConfig
@@ -715,3 +716,118 @@ def test_transfer_config_precedence() -> None:
 
 def test_transfer_aborted_is_not_retryable() -> None:
     assert not TransferAborted("x").retryable
+
+
+# --------------------------------------------------------------------------- mid-body faults
+
+MIB = 1024 * 1024
+
+
+def _through(remote: Any, proxy: FaultProxy) -> dict[str, Any]:
+    """``remote``'s storage options with the endpoint pointing at ``proxy``."""
+    opts = json.loads(json.dumps(remote.storage_options))
+    opts["client_kwargs"]["endpoint_url"] = proxy.endpoint
+    return opts
+
+
+def _proxy(remote: Any, *faults: Fault) -> FaultProxy:
+    host, port = remote.extra["endpoint"].rsplit("/", 1)[1].split(":")
+    return FaultProxy(host, int(port), plan=faults, lifetime=120)
+
+
+# A ranged download (parallel ranges through botocore), a streamed one (s3fs's file object,
+# which reads in ranges too) and a whole-object GET (the manifest): each reset mid-body once.
+MID_BODY = {
+    "ranged": (TransferConfig(max_workers=2, block_size=5 * MIB, ranged_min_size=5 * MIB,
+                              retries=3, backoff_initial=0.0, backoff_max=0.0),
+               Fault(path_contains="/w.bin", ranged=True, nth=2)),
+    "streamed": (TransferConfig(max_workers=2, block_size=5 * MIB, retries=3,
+                                backoff_initial=0.0, backoff_max=0.0),
+                 Fault(path_contains="/w.bin", ranged=True, nth=1)),
+    "whole-object": (FAST, Fault(path_contains=f"/{MANIFEST_NAME}", ranged=False, nth=1)),
+}
+
+
+@pytest.mark.parametrize("kind", list(MID_BODY))
+def test_pull_survives_a_reset_mid_body(s3_remote: Any, tmp_path: Path, kind: str) -> None:
+    config, fault = MID_BODY[kind]
+    body = os.urandom(12 * MIB + 12345)
+    ckpt = make_local(LocalStore(tmp_path / "a"), 3, {"w.bin": body, "small.bin": b"x" * 100})
+    make_store(s3_remote).push(ckpt)
+    with _proxy(s3_remote, fault) as proxy:
+        store = RemoteStore(s3_remote.url, _through(s3_remote, proxy), config=config)
+        got = store.pull(None, LocalStore(tmp_path / "b"))
+    assert len(proxy.fired) == 1, proxy.requests
+    assert got.name == ckpt.name
+    assert (got.path / "w.bin").read_bytes() == body
+    assert (got.path / "small.bin").read_bytes() == b"x" * 100
+
+
+def test_verify_survives_a_reset_mid_body(s3_remote: Any, tmp_path: Path) -> None:
+    body = os.urandom(11 * MIB)
+    ckpt = make_local(LocalStore(tmp_path / "a"), 3, {"w.bin": body})
+    make_store(s3_remote).push(ckpt)
+    config = MID_BODY["streamed"][0]
+    with _proxy(s3_remote, Fault(path_contains="/w.bin", ranged=True, nth=1)) as proxy:
+        store = RemoteStore(s3_remote.url, _through(s3_remote, proxy), config=config)
+        assert store.verify(ckpt.name).name == ckpt.name
+    assert len(proxy.fired) == 1, proxy.requests
+
+
+@pytest.mark.parametrize("kind", ["ranged", "streamed"])
+def test_checkpointer_restore_survives_a_reset_mid_body(s3_remote: Any, tmp_path: Path,
+                                                        kind: str) -> None:
+    import torch
+
+    from ckptsync import Checkpointer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1024, 2048)  # model.pt is 8 MiB: two ranges of 5 MiB
+    with Checkpointer(tmp_path / "a", remote_store=make_store(s3_remote)) as c:
+        c.save(5, model=model)
+    config, fault = MID_BODY[kind]
+    fresh = torch.nn.Linear(1024, 2048)
+    with _proxy(s3_remote, Fault(path_contains="/model.pt", ranged=True, nth=fault.nth)) as proxy:
+        store = RemoteStore(s3_remote.url, _through(s3_remote, proxy), config=config)
+        with Checkpointer(tmp_path / "b", remote_store=store) as c:
+            info = c.restore(model=fresh)
+    assert len(proxy.fired) == 1, proxy.requests
+    assert info is not None and info.step == 5
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _botocore("ResponseStreamingError", error=ConnectionResetError(104, "reset")),
+    lambda: _botocore("IncompleteReadError", actual_bytes=10, expected_bytes=20),
+    lambda: _botocore("FlexibleChecksumError", error_msg="crc32 mismatch"),
+    lambda: __import__("http.client").client.IncompleteRead(b"abc", 10),
+    lambda: __import__("urllib3").exceptions.ProtocolError(
+        "Connection broken", __import__("urllib3").exceptions.IncompleteRead(3, 7)),
+    lambda: __import__("aiohttp").ClientPayloadError("Response payload is not completed"),
+])
+def test_mid_body_errors_are_retryable(make: Any) -> None:
+    err = translate_error(make(), "s3://bucket/run/x", "download from")
+    assert isinstance(err, RemoteError) and err.retryable, err
+
+
+def test_retryable_is_read_through_the_cause_chain() -> None:
+    class WrapperError(Exception):
+        pass
+
+    try:
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError as inner:
+            raise WrapperError("read failed") from inner
+    except WrapperError as e:
+        err = translate_error(e, "s3://bucket/run/x", "download from")
+    assert isinstance(err, RemoteError) and err.retryable
+    assert not translate_error(WrapperError("bad request"), "s3://b/x").retryable  # type: ignore[attr-defined]
+
+
+def _botocore(name: str, **kwargs: Any) -> BaseException:
+    import botocore.exceptions
+
+    exc: BaseException = getattr(botocore.exceptions, name)(**kwargs)
+    return exc

@@ -8,7 +8,8 @@
 #
 # Environment: CKPTSYNC_LOCAL_DIR (the shared volume), CKPTSYNC_REMOTE (the run's URL),
 # optional CKPTSYNC_STORAGE_OPTIONS (JSON), CKPTSYNC_KEEP_LAST, CKPTSYNC_RULES, ... (see
-# `ckptsync watch --help`) and the backend's own credential variables.
+# `ckptsync watch --help`) and the backend's own credential variables. Every ckptsync command
+# reads these from the environment: nothing secret is ever passed as an argument.
 #
 # `watch` execs the daemon, so it receives SIGTERM directly (no shell in between): it finishes
 # in-flight uploads within CKPTSYNC_STOP_TIMEOUT, or abandons them uncommitted, and exits 0.
@@ -26,12 +27,8 @@ watch)
     exec ckptsync watch "$CKPTSYNC_LOCAL_DIR" "$CKPTSYNC_REMOTE" "$@"
     ;;
 pull)
-    # The CLI takes storage options as -o KEY=JSON; expand CKPTSYNC_STORAGE_OPTIONS into them.
-    opts=$(python -c '
-import json, os, shlex
-o = json.loads(os.environ.get("CKPTSYNC_STORAGE_OPTIONS") or "{}")
-print(" ".join(shlex.quote("-o" + k + "=" + json.dumps(v)) for k, v in o.items()))')
-    eval "set -- $opts \"\$@\""
+    # ckptsync reads CKPTSYNC_STORAGE_OPTIONS from the environment itself: never turn it into
+    # -o arguments, which `ps` shows to every user of the node.
     if [ "$(ckptsync ls "$CKPTSYNC_REMOTE" --json --no-progress "$@")" = "[]" ]; then
         echo "ckptsync-sidecar: no checkpoint in $CKPTSYNC_REMOTE yet: a fresh start"
         exit 0
