@@ -41,7 +41,7 @@ from ckptsync.errors import (
     ManifestError,
     NoCheckpointError,
 )
-from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath
+from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, unusable_reason
 
 __all__ = ["FileOps", "HashingWriter", "LocalCheckpoint", "LocalStore", "hash_file"]
 
@@ -360,6 +360,16 @@ class Staging:
             raise
         return self.close_file(relpath)
 
+    def discard(self, relpath: str) -> None:
+        """Forget ``relpath`` (open or closed) and delete its file, so that it can be written
+        again (a download that turned out damaged in transit)."""
+        w = self._open.pop(relpath, None)
+        if w is not None:
+            w.abort()
+        for e in [e for e in self.entries if e.path == relpath]:
+            self.entries.remove(e)  # in place: other threads append their files meanwhile
+        self.path.joinpath(*relpath.split("/")).unlink(missing_ok=True)
+
     def commit(self, manifest: Manifest) -> LocalCheckpoint:
         """Write the manifest last, fsync, rename into place, fsync the parent."""
         if manifest.name != self.name:
@@ -461,8 +471,9 @@ class LocalStore:
             raise ManifestError(f"{path}: manifest names {m.name!r}, but lives in {name!r}")
         return m
 
-    def list(self) -> list[LocalCheckpoint]:
-        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped."""
+    def list(self, bad: list[tuple[str, str]] | None = None) -> list[LocalCheckpoint]:
+        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped
+        (and, given ``bad``, appended to it as ``(name, problem)``)."""
         out = []
         for p in self.directory.iterdir():
             if p.name.startswith(".") or not (p / MANIFEST_NAME).is_file():
@@ -471,6 +482,8 @@ class LocalStore:
                 out.append(LocalCheckpoint(p, self.read_manifest(p.name)))
             except ManifestError as e:
                 log.warning("skipping checkpoint with a bad manifest: %s", e)
+                if bad is not None:
+                    bad.append((p.name, str(e)))
         out.sort(key=lambda c: c.manifest.sort_key())
         return out
 
@@ -478,11 +491,15 @@ class LocalStore:
         return LocalCheckpoint(self.directory / name, self.read_manifest(name))
 
     def verify(self, ckpt: LocalCheckpoint, *, full: bool = True) -> None:
-        """Check every listed file exists with its size (and, if ``full``, its sha256).
+        """Check that the checkpoint is usable (:func:`~ckptsync.manifest.unusable_reason`) and
+        every listed file exists with its size (and, if ``full``, its sha256).
 
         Raises:
             CorruptCheckpointError: naming the first file that does not match.
         """
+        reason = unusable_reason(ckpt.manifest)
+        if reason is not None:
+            raise CorruptCheckpointError(f"{ckpt.path}: {reason}", path=str(ckpt.path))
         for entry in ckpt.manifest.files:
             path = ckpt.file(entry.path)
             try:
