@@ -27,11 +27,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -53,6 +56,8 @@ CHUNK = 8 * 1024 * 1024
 # Written by a Checkpointer that resumed: {"name", "pid"}. The daemon never deletes that
 # checkpoint remotely while the pid lives (DESIGN.md, retention).
 RESUMED_FILE = ".ckptsync-resumed.json"
+# flock'ed by the one Checkpointer writing the directory; holds {"pid", "host", "started"}.
+# The daemon has its own lock (.ckptsync-watch/lock): it reads a directory a trainer writes.
 WRITER_LOCK = ".ckptsync-writer.lock"
 # A HashingWriter asks the kernel to start writing its pages to disk every this many bytes, so
 # that the fsync at close waits for the tail, not for the whole file (see FileOps.writeback).
@@ -420,24 +425,46 @@ class LocalStore:
             )
 
     def acquire_writer_lock(self) -> bool:
-        """Hold an advisory lock marking this process as the directory's writer.
+        """Hold an advisory lock marking this store as the directory's one writer, and write
+        who holds it (pid, host, start time) into the lock file for :meth:`writer_lock_holder`.
 
-        Returns False (and takes nothing) if another live process holds it.
+        Returns False (and takes nothing) if another open store, in this process or another,
+        holds it. The lock is released by :meth:`release_writer_lock`, when this store is
+        garbage-collected, or when the process ends, however it ends.
         """
-        fd = os.open(self.directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.directory / WRITER_LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise storage_error(e, path, "create lock file") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             os.close(fd)
-            return False
-        self._lock_fd: int | None = fd  # released when the process exits or release_writer_lock()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            log.warning("cannot lock %s (%s): a second writer in this directory would not be "
+                        "refused", path, e.strerror or e)
+            return True
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._writer_lock = weakref.finalize(self, os.close, fd)
         return True
 
+    def writer_lock_holder(self) -> str:
+        """Who holds the writer lock, as its holder wrote it: ``"pid N on HOST since T"``."""
+        try:
+            info = json.loads((self.directory / WRITER_LOCK).read_text())
+            return f"pid {int(info['pid'])} on {info['host']} since {info['started']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            return "a process that did not say who it is"
+
     def release_writer_lock(self) -> None:
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._lock_fd = None
+        release = getattr(self, "_writer_lock", None)
+        if release is not None:
+            release()  # closes the file: the flock goes with it (once; later calls do nothing)
 
     def cleanup(self) -> list[str]:
         """Remove leftovers of crashed saves and deletions; return their names.
