@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import platform
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +37,7 @@ from ckptsync.local import (
     storage_error,
     write_json_atomic,
 )
-from ckptsync.manifest import Manifest, make_name, parse_name
+from ckptsync.manifest import Manifest, make_name, parse_name, unusable_reason
 from ckptsync.retention import (
     BestRule,
     CheckpointInfo,
@@ -64,6 +67,7 @@ log = logging.getLogger("ckptsync")
 
 RESERVED = frozenset({"metrics", "extra", "rng", "step", "ckptsync"})
 RNG_FILE = "rng.pt"
+_Skipped = list[tuple[str, str]]  # (name, why) of checkpoint copies restore passed over
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ class RestoreInfo:
     extra: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
     """Every object's loaded state, including names that were not passed to restore."""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """``(name, why)`` of each committed checkpoint copy, local or remote, newer than (or a
+    copy of) the one loaded that restore passed over, newest first."""
+
+    @property
+    def fell_back(self) -> bool:
+        """True when restore loaded an older checkpoint than the newest committed one."""
+        return any(n != self.name for n, _ in self.skipped)
 
 
 def _git_revision() -> str | None:
@@ -155,12 +167,6 @@ class Checkpointer:
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
         self.rank, self.world_size = _dist_info()
         self.store = LocalStore(directory, ops=file_ops)
-        if self.rank == 0:
-            if self.store.acquire_writer_lock():
-                self.store.cleanup()
-            else:
-                log.warning("another process is writing checkpoints in %s: leaving its "
-                            "unfinished saves alone", self.store.directory)
         best = parse_best(keep_best) if isinstance(keep_best, str) else keep_best
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best, keep_every=keep_every)
         self.capture_rng = rng
@@ -180,6 +186,18 @@ class Checkpointer:
             check_remote_outside(check_remote_url(remote, "remote="), self.store.directory,
                                  "remote=")
             self.remote = RemoteStore(remote, dict(storage_options or {}))
+        if self.rank == 0:
+            if not self.store.acquire_writer_lock():
+                # A second writer's retention would delete the first one's checkpoints under
+                # its feet (mid-upload), and its cleanup would take the other's saves.
+                raise ConfigError(
+                    f"another Checkpointer ({self.store.writer_lock_holder()}) is writing "
+                    f"checkpoints in {self.store.directory}; one directory holds one run: "
+                    "close() that one first (or let its process end), or use another directory"
+                )
+            self.store.cleanup()
+        # Nothing below can fail, so a refused or failed construction leaves no lock and no
+        # upload thread behind.
         if self.remote is not None and self.rank == 0:  # rank 0 alone writes, so uploads
             self._uploader = Uploader(self.remote, on_error=on_remote_error,
                                       after_push=self._after_push)
@@ -341,9 +359,12 @@ class Checkpointer:
         if not self.policy.active:
             return
         with self._retention_lock:
-            # Only checkpoints this tool wrote: anything else beside them is the user's.
+            # Only usable checkpoints this tool wrote count: a broken one must neither protect
+            # itself nor push a good one out (it is left for a human, as remote retention
+            # leaves it), and anything else beside them is the user's.
             infos = [CheckpointInfo(c.name, c.step, c.manifest.sort_key(), c.manifest.metrics)
-                     for c in self.store.list() if parse_name(c.name) is not None]
+                     for c in self.store.list()
+                     if parse_name(c.name) is not None and _usable(self.store, c)]
             # Listed first: a checkpoint committed after the listing is not deleted here.
             protect = self._uploader.protected() if self._uploader is not None else set()
             if self._resumed_from:
@@ -472,69 +493,132 @@ class Checkpointer:
     def restore(
         self, *, map_location: Any = "cpu", name: str | None = None, **objects: Any
     ) -> RestoreInfo | None:
-        """Load the newest valid checkpoint into ``objects``; None when there is none.
+        """Load the newest usable checkpoint, local or remote, into ``objects``; None when
+        there is none.
 
-        Each candidate is verified (every file's size and sha256) before anything is loaded;
-        a corrupt one is logged and skipped for the next newest. With a remote, the newest
-        valid remote checkpoint is pulled first when it is newer than the newest local one.
-        Loading uses ``torch.load(weights_only=True)``: nothing in a checkpoint can run code.
+        Candidates are every committed checkpoint, local and (with a remote) remote, newest
+        first; the same step held on both is tried locally first, then remotely. A local one
+        is verified (every file's size and sha256) before anything is loaded; a remote one is
+        pulled, verified while it downloads. A candidate that lists no files or none for an
+        object passed here, whose files do not verify, or that ``torch.load(weights_only=True)``
+        refuses (nothing in a checkpoint can run code), is skipped for the next newest
+        (nothing is loaded from it). When the one loaded is not the newest committed
+        checkpoint, restore says so: a WARNING log, a line on stderr, and
+        :attr:`RestoreInfo.fell_back` / :attr:`RestoreInfo.skipped`.
         A module's file is memory-mapped (copy-on-write: the checkpoint never changes), not
         read, since ``load_state_dict`` copies its tensors anyway.
 
         Args:
             map_location: passed to ``torch.load`` (default "cpu": a GPU checkpoint loads on a
                 CPU-only machine).
-            name: restore this checkpoint instead of the newest.
+            name: restore this checkpoint instead of the newest (no fallback).
             **objects: the objects to load into, by the names they were saved under.
 
         Raises:
             NoCheckpointError: ``name`` was given and does not exist.
-            CorruptCheckpointError: every checkpoint present is corrupt (nothing was loaded).
-            ConfigError: an object was not in the checkpoint.
+            CorruptCheckpointError: every checkpoint present is unusable (nothing was loaded),
+                or ``name`` is.
+            ConfigError: an object is in no checkpoint (or, with ``name``, not in that one).
         """
         self._check_open()
         self.wait()
-        chosen = self._choose(name) if self.rank == 0 else None
+        found = self._choose(name, map_location, objects) if self.rank == 0 else None
         if self.world_size > 1:
-            box = [chosen.name if chosen else None]
+            box: list[Any] = [(found[0].name, found[2]) if found else None]
             dist.broadcast_object_list(box, src=0)
-            chosen = self.store.get(box[0]) if box[0] else None
-        if chosen is None:
+            if self.rank != 0 and box[0] is not None:
+                ckpt = self.store.get(box[0][0])
+                found = (ckpt, self._read_states(ckpt, map_location, objects), box[0][1])
+        if found is None:
             log.info("no checkpoint in %s: starting fresh", self.store.directory)
             return None
-        info = self._load(chosen, map_location, objects)
+        chosen, states, skipped = found
+        info = self._apply(chosen, states, objects, skipped)
         self._resumed_from = chosen.name
         if self.rank == 0:
             write_json_atomic(self.store.directory / RESUMED_FILE,
                               {"name": chosen.name, "pid": os.getpid()})
+            if info.fell_back:
+                self._say_fell_back(info)
         log.info("resumed from %s (step %s)", chosen.path, chosen.step)
         return info
 
-    def _choose(self, name: str | None) -> LocalCheckpoint | None:
+    def _say_fell_back(self, info: RestoreInfo) -> None:
+        # Printed as well as logged: resuming from an older checkpoint silently throws away
+        # training, and a log line goes wherever (or nowhere) the application sends logs.
+        # Not warnings.warn: shown once per call site, and `-W error` would turn a restore
+        # that worked into a crash.
+        why = "; ".join(f"{n}: {r.splitlines()[0] if r else '?'}" for n, r in info.skipped)
+        msg = (f"restored {info.name} (step {info.step}), not the newest committed checkpoint "
+               f"{info.skipped[0][0]}: {why}")
+        log.warning("%s", msg)
+        print(f"ckptsync: WARNING: {msg}", file=sys.stderr, flush=True)
+
+    def _choose(self, name: str | None, map_location: Any, objects: Mapping[str, Any]
+                ) -> tuple[LocalCheckpoint, dict[str, Any], _Skipped] | None:
+        """Rank 0: the checkpoint to load, its states, and what was passed over on the way."""
         if name is not None:
             ckpt = self._named(name)
             self.store.verify(ckpt)
-            return ckpt
-        pulled = self._pull_if_newer() if self.remote is not None else None
-        failures = []
-        for ckpt in reversed(self.store.list()):
-            try:
-                # A checkpoint pulled just now had every byte's sha256 verified while it was
-                # downloaded and fsynced: hashing it again would only double the resume time.
-                if ckpt.name != pulled:
-                    self.store.verify(ckpt)
-            except CorruptCheckpointError as e:
-                log.warning("checkpoint %s is corrupt, falling back to an older one: %s",
-                            ckpt.name, e)
-                failures.append(str(e))
-                continue
-            return ckpt
-        if failures:
+            return ckpt, self._read_states(ckpt, map_location, objects), []
+        skipped: _Skipped = []
+        lacking: list[str] = []  # why, for each candidate without an object passed here
+        for cand in self._candidates():
+            where = "local" if cand.local is not None else "remote"
+            if cand.problem is not None:
+                why = f"{where} copy: {cand.problem}"
+            elif (missing := _missing(cand.manifest, objects)) is not None:
+                why = f"{where} copy has no state for {missing}; it holds {_held(cand.manifest)}"
+                lacking.append(why)
+            else:
+                try:
+                    if cand.local is not None:
+                        ckpt = cand.local
+                        self.store.verify(ckpt)
+                    else:
+                        assert self.remote is not None
+                        # Every byte's sha256 is verified while it is downloaded and fsynced:
+                        # hashing it again would only double the resume time.
+                        ckpt = self.remote.pull(cand.name, self.store)
+                        log.info("pulled %s from %s", cand.name, self.remote.url_of())
+                    return ckpt, self._read_states(ckpt, map_location, objects), skipped
+                except CorruptCheckpointError as e:
+                    why = str(e)
+            log.warning("checkpoint %s cannot be restored, trying an older one: %s",
+                        cand.name, why)
+            skipped.append((cand.name, why))
+        where = f"{self.store.directory}{' or ' + self.remote.url_of() if self.remote else ''}"
+        if skipped and len(lacking) == len(skipped):
+            # Every checkpoint is fine but none has an object by that name: a usage error.
+            raise ConfigError(
+                f"no checkpoint in {where} has state for every object passed to restore: the "
+                f"newest, {skipped[0][0]}: {lacking[0]}. Pass objects under the names they were "
+                "saved with"
+            )
+        if skipped:
             raise CorruptCheckpointError(
-                f"every checkpoint in {self.store.directory} is corrupt ({'; '.join(failures)}); "
-                "nothing was loaded. Restore a backup, or move the directory away to start fresh"
+                f"no checkpoint in {where} can be restored "
+                f"({'; '.join(f'{n}: {w}' for n, w in skipped)}); nothing was loaded. Restore "
+                "a backup, or move the directory away to start fresh"
             )
         return None
+
+    def _candidates(self) -> Iterator[_Candidate]:
+        """Every committed checkpoint copy, local and remote, newest first (lazily remote)."""
+        bad: _Skipped = []
+        local = [_Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
+                            unusable_reason(c.manifest))
+                 for c in self.store.list(bad)]
+        local += [_Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
+        local.sort(key=lambda c: c.key, reverse=True)
+        if self.remote is None:
+            return iter(local)
+        remote = (_Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
+                             None if e.status == "valid" else (e.problem or e.status))
+                  for e in self.remote.iter_committed())
+        # Copies of one checkpoint have equal keys, and the merge is stable: the local copy
+        # comes first (no download).
+        return heapq.merge(local, remote, key=lambda c: c.key, reverse=True)
 
     def _named(self, name: str) -> LocalCheckpoint:
         try:
@@ -544,38 +628,21 @@ class Checkpointer:
                 raise
         return self.remote.pull(name, self.store)
 
-    def _pull_if_newer(self) -> str | None:
-        """Pull the newest valid remote checkpoint if newer than every local one; its name."""
-        assert self.remote is not None
-        local = self.store.list()
-        newest_local = local[-1].manifest.sort_key() if local else None
-        candidate = self.remote.newest_valid()
-        tried: set[str] = set()
-        while candidate is not None and (newest_local is None
-                                         or candidate.sort_key() > newest_local):
-            tried.add(candidate.name)
-            try:
-                self.remote.pull(candidate.name, self.store)
-                log.info("pulled %s from %s", candidate.name, self.remote.url_of())
-                return candidate.name
-            except CorruptCheckpointError as e:
-                log.warning("remote checkpoint %s is corrupt, trying an older one: %s",
-                            candidate.name, e)
-            older = [m for m in self.remote.list() if m.name not in tried]
-            candidate = older[-1] if older else None
-        return None
+    def _read_states(self, ckpt: LocalCheckpoint, map_location: Any,
+                     objects: Mapping[str, Any]) -> dict[str, Any]:
+        """Every ``.pt`` file of ``ckpt``, loaded (weights only); nothing is loaded into
+        ``objects`` yet, so a file that fails leaves them untouched.
 
-    def _load(self, ckpt: LocalCheckpoint, map_location: Any,
-              objects: Mapping[str, Any]) -> RestoreInfo:
-        listed = {e.path for e in ckpt.manifest.files}
-        missing = [k for k in objects if f"{k}.pt" not in listed]
-        if missing:
-            held = sorted(p[:-3] for p in listed if p.endswith(".pt") and p != RNG_FILE)
+        Raises:
+            ConfigError: an object of ``objects`` has no file in ``ckpt``.
+            CorruptCheckpointError: a file cannot be loaded safely.
+        """
+        missing = _missing(ckpt.manifest, objects)
+        if missing is not None:
             raise ConfigError(
-                f"checkpoint {ckpt.path} has no state for {missing}; it holds {held}. "
-                "Pass objects under the names they were saved with"
+                f"checkpoint {ckpt.path} has no state for {missing}; it holds "
+                f"{_held(ckpt.manifest)}. Pass objects under the names they were saved with"
             )
-        # Load everything first: a file that fails to load leaves every object untouched.
         states: dict[str, Any] = {}
         for entry in ckpt.manifest.files:
             if not entry.path.endswith(".pt"):
@@ -590,6 +657,10 @@ class Checkpointer:
                     f"{path}: cannot be loaded safely ({e}); it was not written by ckptsync "
                     "or holds objects that need unsafe pickling", path=str(path)
                 ) from e
+        return states
+
+    def _apply(self, ckpt: LocalCheckpoint, states: dict[str, Any], objects: Mapping[str, Any],
+               skipped: _Skipped) -> RestoreInfo:
         for obj_name, obj in objects.items():
             load_into(obj_name, obj, states[obj_name])
         rng = states.pop(RNG_FILE[:-3], None)
@@ -601,7 +672,55 @@ class Checkpointer:
                 log.warning("checkpoint %s has no RNG state for rank %d (saved with world size "
                             "%s): RNG not restored", ckpt.name, self.rank, rng.get("world_size"))
         return RestoreInfo(ckpt.name, ckpt.step, ckpt.path, ckpt.manifest,
-                           dict(ckpt.manifest.metrics), dict(ckpt.manifest.extra), states)
+                           dict(ckpt.manifest.metrics), dict(ckpt.manifest.extra), states,
+                           tuple(skipped))
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One committed copy of a checkpoint that restore may try: local (``local`` set) or
+    remote; ``problem`` says why it cannot be used without reading a byte of it."""
+
+    key: tuple[int, int, str, str]
+    name: str
+    manifest: Manifest | None
+    local: LocalCheckpoint | None
+    problem: str | None
+
+
+def _order_key(name: str, manifest: Manifest | None) -> tuple[int, int, str, str]:
+    """Newest-last order of restore's candidates: :meth:`Manifest.sort_key`, from the name
+    where it is one of ours (its stamp is the creation time), so that copies of one
+    checkpoint, even one whose manifest cannot be read, sort together."""
+    parsed = parse_name(name)
+    if parsed is None:
+        return manifest.sort_key() if manifest is not None else (-1, -1, "", name)
+    step, stamp = parsed
+    created = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+    return (0 if step is None else 1, -1 if step is None else step, created.isoformat(), name)
+
+
+def _missing(manifest: Manifest | None, objects: Mapping[str, Any]) -> list[str] | None:
+    """The objects ``manifest`` lists no file for, or None when it has them all."""
+    listed = {e.path for e in manifest.files} if manifest is not None else set()
+    missing = [k for k in objects if f"{k}.pt" not in listed]
+    return missing or None
+
+
+def _held(m: Manifest | None) -> list[str]:
+    if m is None:
+        return []
+    return sorted(e.path[:-3] for e in m.files if e.path.endswith(".pt") and e.path != RNG_FILE)
+
+
+def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
+    """Counts for retention: usable and every file there with its size (no hashing)."""
+    try:
+        store.verify(ckpt, full=False)
+    except CorruptCheckpointError as e:
+        log.debug("retention leaves %s alone: %s", ckpt.name, e)
+        return False
+    return True
 
 
 def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:

@@ -4,8 +4,10 @@ Each subcommand is one entry of :data:`COMMANDS` (help text, an argument-adding 
 a run function returning the exit code); add new subcommands there.
 
 Exit codes: 0 success; 1 a failure (remote error, corrupt checkpoint, nothing to pull);
-2 bad usage or configuration (unknown scheme, missing optional package, bad option); 130
-interrupted. Expected errors print one message on stderr, never a traceback.
+2 bad usage or configuration (unknown scheme, missing optional package, bad option); 4
+(``pull`` only) pulled an older checkpoint than the newest committed one, which could not be
+used, unless ``--allow-fallback``; 130 interrupted. Expected errors print one message on
+stderr, never a traceback.
 
 Example::
 
@@ -31,7 +33,7 @@ from ckptsync import __version__
 from ckptsync.config import TransferConfig, storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import LocalStore
-from ckptsync.manifest import Manifest
+from ckptsync.manifest import Manifest, name_sort_key
 from ckptsync.ownership import (
     check_not_local_checkpoint_dir,
     check_remote_outside,
@@ -44,6 +46,10 @@ from ckptsync.transfer import NullProgress, Progress
 __all__ = ["COMMANDS", "Command", "TqdmProgress", "build_parser", "main"]
 
 log = logging.getLogger("ckptsync.cli")
+
+#: ``pull`` restored a valid checkpoint, but an older one than the newest committed: a script
+#: that resumes from it should know it lost training (``--allow-fallback`` makes it 0).
+EXIT_FELL_BACK = 4
 
 
 # --------------------------------------------------------------------------- progress
@@ -174,6 +180,13 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+PULL_EPILOG = f"""\
+exit codes: 0 pulled the newest committed checkpoint (or the one --name gives);
+{EXIT_FELL_BACK} pulled an older valid one because every newer one is corrupt, partial or
+unusable (named on stderr) -- pass --allow-fallback to exit 0 then; 1 failure (remote
+error, nothing valid to pull); 2 bad usage or configuration."""
+
+
 def _add_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("remote", help="remote URL")
     p.add_argument("local", help="local checkpoint directory to pull into")
@@ -182,6 +195,25 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
                    help="zero-code: restore only versions of this watch rule (repeatable), "
                         "e.g. 'file:ckpt.pt'; without it, every rule the remote names is "
                         "restored")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help=f"exit 0, not {EXIT_FELL_BACK}, when an older checkpoint than the "
+                        "newest committed one was pulled")
+    p.epilog = PULL_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, str]]) -> int:
+    """The exit code; with ``skipped`` (newer committed checkpoints passed over, newest
+    first), also say on stderr that ``pulled`` is not the newest committed checkpoint."""
+    if not skipped:
+        return 0
+    why = "; ".join(f"{n}: {r.splitlines()[0] if r else '?'}" for n, r in skipped)
+    code = 0 if args.allow_fallback else EXIT_FELL_BACK
+    print(f"ckptsync: warning: pulled {pulled}, not the newest committed checkpoint "
+          f"{skipped[0][0]}: {why}" + ("" if args.allow_fallback else
+                                       f" (exit {code}; --allow-fallback to accept it)"),
+          file=sys.stderr)
+    return code
 
 
 def _run_pull(args: argparse.Namespace) -> int:
@@ -190,19 +222,31 @@ def _run_pull(args: argparse.Namespace) -> int:
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them.
-        from ckptsync.zerocode import restore_watched
+        from ckptsync.zerocode import is_watched, restore_watched
 
         restored = restore_watched(store, args.local, name=args.name, rules=args.rule)
+        newer: list[tuple[str, str]] = []
+        if args.name is None:  # for each rule, was its newest committed version restored?
+            committed = [x for x in store.list() if is_watched(x)]
+            for m in restored:
+                newer += [(x.name, "not valid: see the warnings above") for x in committed
+                          if x.source.get("rule") == m.source.get("rule")
+                          and x.sort_key() > m.sort_key()]
+        newer.sort(key=lambda s: name_sort_key(s[0]), reverse=True)
         paths = [f.path for m in restored for f in m.files]  # exactly what was written
-        _emit(args, {"restored": [m.name for m in restored], "paths": paths},
+        _emit(args, {"restored": [m.name for m in restored], "paths": paths,
+                     "fell_back": bool(newer)},
               f"restored {', '.join(m.name for m in restored)} into {args.local}: "
               + ", ".join(paths))
-        return 0
+        return _fell_back(args, ", ".join(m.name for m in restored), newer)
     local = LocalStore(args.local)
-    ckpt = store.pull(args.name, local, progress=_progress(args))
-    summary = _manifest_summary(ckpt.manifest) | {"path": str(ckpt.path)}
+    skipped: list[tuple[str, str]] = []
+    ckpt = store.pull(args.name, local, progress=_progress(args), skipped=skipped)
+    summary = _manifest_summary(ckpt.manifest) | {
+        "path": str(ckpt.path), "fell_back": bool(skipped),
+        "skipped": [{"name": n, "problem": r} for n, r in skipped]}
     _emit(args, summary, f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}")
-    return 0
+    return _fell_back(args, ckpt.name, skipped)
 
 
 def _add_ls(p: argparse.ArgumentParser) -> None:
@@ -354,7 +398,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "push": Command("upload every committed local checkpoint not yet in the remote",
                     _add_push, _run_push),
-    "pull": Command("download the newest valid (or a named) checkpoint, sha256-verified",
+    "pull": Command("download the newest valid (or a named) checkpoint, sha256-verified; "
+                    f"exit {EXIT_FELL_BACK} if that is older than the newest committed one",
                     _add_pull, _run_pull),
     "ls": Command("list remote checkpoints: name, step, time, size, metrics, status",
                   _add_ls, _run_ls),

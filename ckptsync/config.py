@@ -8,8 +8,8 @@ Example::
 Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUNK_SIZE``,
 ``CKPTSYNC_BLOCK_SIZE``, ``CKPTSYNC_RETRIES``, ``CKPTSYNC_BACKOFF_INITIAL``,
 ``CKPTSYNC_BACKOFF_MAX``, ``CKPTSYNC_GRACE``, ``CKPTSYNC_RANGED_MIN_SIZE``,
-``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``; for the client,
-``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
+``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``, ``CKPTSYNC_DIGEST_ATTEMPTS``; for the
+client, ``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class TransferConfig:
             of ``part_size`` parts (raised where needed to stay under S3's 10,000 parts).
         parts_in_flight: multipart parts held in memory and sent at once, across every file
             of one push: upload memory is about ``part_size * parts_in_flight``.
+        digest_attempts: downloads of one file whose bytes do not match its manifest (a
+            short body, a flipped byte) before its checkpoint is declared corrupt: damage in
+            transit is not damage at rest (1 = no second download).
     """
 
     max_workers: int = 8
@@ -63,10 +66,11 @@ class TransferConfig:
     ranged_min_size: int = 64 * MiB
     part_size: int = 16 * MiB
     parts_in_flight: int = 4
+    digest_attempts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "chunk_size", "block_size", "retries", "ranged_min_size",
-                     "part_size", "parts_in_flight"):
+                     "part_size", "parts_in_flight", "digest_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"transfer setting {name} must be an integer >= 1, got {value!r}")

@@ -27,11 +27,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -41,7 +44,14 @@ from ckptsync.errors import (
     ManifestError,
     NoCheckpointError,
 )
-from ckptsync.manifest import MANIFEST_NAME, FileEntry, Manifest, check_relpath, parse_name
+from ckptsync.manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    Manifest,
+    check_relpath,
+    parse_name,
+    unusable_reason,
+)
 
 __all__ = ["FileOps", "HashingWriter", "LocalCheckpoint", "LocalStore", "hash_file"]
 
@@ -53,6 +63,8 @@ CHUNK = 8 * 1024 * 1024
 # Written by a Checkpointer that resumed: {"name", "pid"}. The daemon never deletes that
 # checkpoint remotely while the pid lives (DESIGN.md, retention).
 RESUMED_FILE = ".ckptsync-resumed.json"
+# flock'ed by the one Checkpointer writing the directory; holds {"pid", "host", "started"}.
+# The daemon has its own lock (.ckptsync-watch/lock): it reads a directory a trainer writes.
 WRITER_LOCK = ".ckptsync-writer.lock"
 # A HashingWriter asks the kernel to start writing its pages to disk every this many bytes, so
 # that the fsync at close waits for the tail, not for the whole file (see FileOps.writeback).
@@ -365,6 +377,16 @@ class Staging:
             raise
         return self.close_file(relpath)
 
+    def discard(self, relpath: str) -> None:
+        """Forget ``relpath`` (open or closed) and delete its file, so that it can be written
+        again (a download that turned out damaged in transit)."""
+        w = self._open.pop(relpath, None)
+        if w is not None:
+            w.abort()
+        for e in [e for e in self.entries if e.path == relpath]:
+            self.entries.remove(e)  # in place: other threads append their files meanwhile
+        self.path.joinpath(*relpath.split("/")).unlink(missing_ok=True)
+
     def commit(self, manifest: Manifest) -> LocalCheckpoint:
         """Write the manifest last, fsync, rename into place, fsync the parent."""
         if manifest.name != self.name:
@@ -415,24 +437,46 @@ class LocalStore:
             )
 
     def acquire_writer_lock(self) -> bool:
-        """Hold an advisory lock marking this process as the directory's writer.
+        """Hold an advisory lock marking this store as the directory's one writer, and write
+        who holds it (pid, host, start time) into the lock file for :meth:`writer_lock_holder`.
 
-        Returns False (and takes nothing) if another live process holds it.
+        Returns False (and takes nothing) if another open store, in this process or another,
+        holds it. The lock is released by :meth:`release_writer_lock`, when this store is
+        garbage-collected, or when the process ends, however it ends.
         """
-        fd = os.open(self.directory / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.directory / WRITER_LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise storage_error(e, path, "create lock file") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             os.close(fd)
-            return False
-        self._lock_fd: int | None = fd  # released when the process exits or release_writer_lock()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            log.warning("cannot lock %s (%s): a second writer in this directory would not be "
+                        "refused", path, e.strerror or e)
+            return True
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._writer_lock = weakref.finalize(self, os.close, fd)
         return True
 
+    def writer_lock_holder(self) -> str:
+        """Who holds the writer lock, as its holder wrote it: ``"pid N on HOST since T"``."""
+        try:
+            info = json.loads((self.directory / WRITER_LOCK).read_text())
+            return f"pid {int(info['pid'])} on {info['host']} since {info['started']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            return "a process that did not say who it is"
+
     def release_writer_lock(self) -> None:
-        fd = getattr(self, "_lock_fd", None)
-        if fd is not None:
-            os.close(fd)
-            self._lock_fd = None
+        release = getattr(self, "_writer_lock", None)
+        if release is not None:
+            release()  # closes the file: the flock goes with it (once; later calls do nothing)
 
     def cleanup(self) -> list[str]:
         """Remove leftovers of crashed saves and deletions; return their names.
@@ -467,10 +511,11 @@ class LocalStore:
             raise ManifestError(f"{path}: manifest names {m.name!r}, but lives in {name!r}")
         return m
 
-    def list(self) -> list[LocalCheckpoint]:
-        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped,
-        and so are symlinks (a checkpoint is a directory of this store, never a link to
-        somewhere else that retention could delete through)."""
+    def list(self, bad: list[tuple[str, str]] | None = None) -> list[LocalCheckpoint]:
+        """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped
+        (and, given ``bad``, appended to it as ``(name, problem)``), and so are symlinks (a
+        checkpoint is a directory of this store, never a link to somewhere else that
+        retention could delete through)."""
         out = []
         for p in self.directory.iterdir():
             if p.name.startswith(".") or p.is_symlink() or not (p / MANIFEST_NAME).is_file():
@@ -479,6 +524,8 @@ class LocalStore:
                 out.append(LocalCheckpoint(p, self.read_manifest(p.name)))
             except ManifestError as e:
                 log.warning("skipping checkpoint with a bad manifest: %s", e)
+                if bad is not None:
+                    bad.append((p.name, str(e)))
         out.sort(key=lambda c: c.manifest.sort_key())
         return out
 
@@ -486,11 +533,15 @@ class LocalStore:
         return LocalCheckpoint(self.directory / name, self.read_manifest(name))
 
     def verify(self, ckpt: LocalCheckpoint, *, full: bool = True) -> None:
-        """Check every listed file exists with its size (and, if ``full``, its sha256).
+        """Check that the checkpoint is usable (:func:`~ckptsync.manifest.unusable_reason`) and
+        every listed file exists with its size (and, if ``full``, its sha256).
 
         Raises:
             CorruptCheckpointError: naming the first file that does not match.
         """
+        reason = unusable_reason(ckpt.manifest)
+        if reason is not None:
+            raise CorruptCheckpointError(f"{ckpt.path}: {reason}", path=str(ckpt.path))
         for entry in ckpt.manifest.files:
             path = ckpt.file(entry.path)
             try:

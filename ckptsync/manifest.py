@@ -31,6 +31,7 @@ __all__ = [
     "make_name",
     "name_sort_key",
     "parse_name",
+    "unusable_reason",
 ]
 
 FORMAT = "ckptsync/1"
@@ -291,3 +292,15 @@ class Manifest:
             format=fmt,
             unknown={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
         )
+
+
+def unusable_reason(m: Manifest) -> str | None:
+    """Why a committed checkpoint cannot be restored whatever its files hold, or None.
+
+    The one rule restore, pull, ``scan`` and retention share (DESIGN.md: a checkpoint failing
+    any check does not exist for them): a manifest listing no files verifies trivially but
+    restores nothing, so it neither counts as the newest valid checkpoint nor protects one.
+    """
+    if not m.files:
+        return "its manifest lists no files: nothing to restore"
+    return None

@@ -67,6 +67,7 @@ from ckptsync.manifest import (
     Manifest,
     name_sort_key,
     parse_name,
+    unusable_reason,
 )
 from ckptsync.ownership import ROOT_MARKER, check_remote_url
 from ckptsync.redact import redact_url, remember, scrub, scrub_exception, secrets_of
@@ -294,7 +295,8 @@ class RemoteEntry:
 
     ``status``: ``valid`` (manifest parses, every file has its listed size), ``partial``
     (manifest present, a file missing or of the wrong size), ``corrupt`` (manifest does not
-    parse or is unsafe), ``uncommitted`` (no manifest: an upload in progress or a leftover).
+    parse, is unsafe, or cannot be used: :func:`~ckptsync.manifest.unusable_reason`; then
+    ``manifest`` is kept), ``uncommitted`` (no manifest: an upload in progress or a leftover).
     """
 
     name: str
@@ -466,6 +468,12 @@ class RemoteStore:
         return {self._rel(p, prefix): int(i.get("size") or 0) for p, i in found.items()}
 
     def _check_sizes(self, m: Manifest, sizes: Mapping[str, int] | None = None) -> None:
+        """Raise :class:`CorruptCheckpointError` unless ``m`` is usable and every file it lists
+        is there with its size: what "valid" means before any byte is read."""
+        reason = unusable_reason(m)
+        if reason is not None:
+            url = self.url_of(m.name)
+            raise CorruptCheckpointError(f"{url}: {reason}", path=url)
         sizes = self._sizes(m.name) if sizes is None else sizes
         for f in m.files:
             url = self.url_of(m.name, f.path)
@@ -708,7 +716,8 @@ class RemoteStore:
                     self._check_sizes(m, files[n])
                     out.append(RemoteEntry(n, "valid", m, m.total_size, t))
                 except CorruptCheckpointError as e:
-                    out.append(RemoteEntry(n, "partial", m, size, t, str(e)))
+                    status: Status = "corrupt" if unusable_reason(m) else "partial"
+                    out.append(RemoteEntry(n, status, m, size, t, str(e)))
 
         def key(e: RemoteEntry) -> Any:
             return e.manifest.sort_key() if e.manifest else name_sort_key(e.name)
@@ -716,14 +725,16 @@ class RemoteStore:
         out.sort(key=key)
         return out
 
-    def iter_valid(self) -> Iterator[Manifest]:
-        """Valid checkpoints, newest first, reading manifests lazily.
+    def iter_committed(self) -> Iterator[RemoteEntry]:
+        """Committed checkpoints (a manifest is there), newest first, each with its status
+        (``valid``, ``partial`` or ``corrupt``, as :meth:`scan` says; ``mtime`` not read),
+        reading manifests lazily.
 
         One listing of the root, then for each candidate one manifest read and one listing
         of its prefix, stopping as soon as the caller does. Names sort by (step, creation
         time), so the listing alone gives the order; ``LATEST`` adds its checkpoint to the
         candidates even when an eventually consistent listing does not show it yet (it is
-        still verified like any other).
+        still checked like any other).
         """
         names = set(self._names())
         hint = self.read_latest()
@@ -732,13 +743,29 @@ class RemoteStore:
         for name in sorted(names, key=name_sort_key, reverse=True):
             try:
                 m = self.read_manifest(name)
-                if m is None:
-                    continue  # uncommitted: an upload in progress or a leftover
-                self._check_sizes(m)
-            except CorruptCheckpointError as e:
-                log.warning("remote checkpoint %s is not valid, skipping it: %s", name, e)
+            except ManifestError as e:
+                yield RemoteEntry(name, "corrupt", None, 0, None, str(e))
                 continue
-            yield m
+            if m is None:
+                continue  # uncommitted: an upload in progress or a leftover
+            sizes = self._sizes(name)
+            try:
+                self._check_sizes(m, sizes)
+            except CorruptCheckpointError as e:
+                status: Status = "corrupt" if unusable_reason(m) else "partial"
+                yield RemoteEntry(name, status, m, sum(sizes.values()), None, str(e))
+                continue
+            yield RemoteEntry(name, "valid", m, m.total_size, None)
+
+    def iter_valid(self) -> Iterator[Manifest]:
+        """Valid checkpoints, newest first, reading manifests lazily (:meth:`iter_committed`);
+        the others are logged and skipped."""
+        for e in self.iter_committed():
+            if e.status == "valid" and e.manifest is not None:
+                yield e.manifest
+            else:
+                log.warning("remote checkpoint %s is not valid, skipping it: %s", e.name,
+                            e.problem)
 
     def newest_valid(self) -> Manifest | None:
         """The newest valid checkpoint, or None. Cheap: O(1) manifest reads in the usual case."""
@@ -953,8 +980,12 @@ class RemoteStore:
         newer_than: Manifest | None = None,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        skipped: list[tuple[str, str]] | None = None,
     ) -> LocalCheckpoint:
         """Download a checkpoint into ``local`` (sha256 verified while streaming) and commit it.
+
+        A file whose bytes do not match its manifest is downloaded again, up to
+        ``config.digest_attempts`` times in all, before its checkpoint counts as corrupt.
 
         Args:
             name: the checkpoint; None means the newest valid one, falling back to the next
@@ -962,6 +993,9 @@ class RemoteStore:
             local: the local store to commit into (through its staging directory: nothing
                 partial is ever visible, nothing is written outside it).
             newer_than: with ``name=None``, only consider checkpoints newer than this one.
+            skipped: with ``name=None``, given a list, ``(name, why)`` is appended to it for
+                each committed checkpoint newer than the one pulled that was passed over
+                (newest first): it is not empty exactly when pull fell back.
 
         Raises:
             NoCheckpointError: nothing (valid, newer) to pull.
@@ -974,13 +1008,22 @@ class RemoteStore:
                 raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
             self._check_sizes(m)
             return self._pull_one(m, local, progress, stop)
-        for m in self.iter_valid():
-            if newer_than is not None and m.sort_key() <= newer_than.sort_key():
+        passed: list[tuple[str, str]] = [] if skipped is None else skipped
+        for e in self.iter_committed():
+            if newer_than is not None and (
+                    e.manifest.sort_key() <= newer_than.sort_key() if e.manifest is not None
+                    else name_sort_key(e.name) <= name_sort_key(newer_than.name)):
                 break
+            if e.status != "valid" or e.manifest is None:
+                log.warning("remote checkpoint %s is not valid, skipping it: %s", e.name,
+                            e.problem)
+                passed.append((e.name, e.problem or e.status))
+                continue
             try:
-                return self._pull_one(m, local, progress, stop)
-            except CorruptCheckpointError as e:
-                log.warning("%s; falling back to the previous remote checkpoint", e)
+                return self._pull_one(e.manifest, local, progress, stop)
+            except CorruptCheckpointError as err:
+                log.warning("%s; falling back to the previous remote checkpoint", err)
+                passed.append((e.name, str(err)))
         raise NoCheckpointError(
             f"no valid checkpoint{' newer than ' + newer_than.name if newer_than else ''} "
             f"in {redact_url(self.url)}"
@@ -1000,7 +1043,11 @@ class RemoteStore:
                     "through one; remove it or pull into another directory")
         try:
             have = local.get(m.name)
-        except (NoCheckpointError, ManifestError):
+        except NoCheckpointError:
+            have = None
+        except ManifestError as e:  # a local copy with a torn manifest: replace it too
+            log.warning("local copy has a bad manifest, downloading it again: %s", e)
+            local.delete(m.name)
             have = None
         if have is not None:
             try:
@@ -1037,20 +1084,34 @@ class RemoteStore:
     ) -> None:
         entry = next(f for f in m.files if f.path == relpath)
         url = self.url_of(m.name, relpath)
-        writer = staging.open(relpath)
         path = self._path(m.name, relpath)
-        if entry.size >= self.config.ranged_min_size and self._workers > 1:
-            download_file_ranged(self.fs, path, writer, entry, url=url, config=self.config,
-                                 retrier=self._retry, slots=slots, progress=progress, stop=stop)
-        else:
-            download_file(self.fs, path, writer, entry, url=url, config=self.config,
-                          retrier=self._retry, progress=progress, stop=stop)
-        got = staging.close_file(relpath)
-        if got.sha256 != entry.sha256:
-            raise CorruptCheckpointError(
-                f"{url}: sha256 does not match the manifest (the remote file was altered)",
-                path=url,
-            )
+        attempts = self.config.digest_attempts
+        for attempt in range(1, attempts + 1):
+            writer = staging.open(relpath)
+            try:
+                if entry.size >= self.config.ranged_min_size and self._workers > 1:
+                    download_file_ranged(self.fs, path, writer, entry, url=url,
+                                         config=self.config, retrier=self._retry, slots=slots,
+                                         progress=progress, stop=stop)
+                else:
+                    download_file(self.fs, path, writer, entry, url=url, config=self.config,
+                                  retrier=self._retry, progress=progress, stop=stop)
+                got = staging.close_file(relpath)
+                if got.sha256 != entry.sha256:
+                    raise CorruptCheckpointError(
+                        f"{url}: sha256 does not match the manifest (the remote file was "
+                        f"altered: {attempts} downloads did not match)" if attempt == attempts
+                        else f"{url}: sha256 does not match the manifest", path=url)
+                return
+            except CorruptCheckpointError as e:
+                # A short body or a flipped byte in transit reads like a corrupt file: only
+                # the same mismatch, download after download, is damage at rest.
+                progress.update(-writer.size)
+                staging.discard(relpath)
+                if attempt == attempts:
+                    raise
+                log.warning("%s; downloading it again (attempt %d of %d)", e, attempt + 1,
+                            attempts)
 
     def verify(
         self,

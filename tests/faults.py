@@ -1,8 +1,10 @@
 """A fault seam for remote storage: an fsspec filesystem that delegates to a real one and fails
-(or kills the process) on the Nth call of chosen operations, and records every call.
+(or kills the process) on the Nth call of chosen operations, or changes the bytes one read
+returns, and records every call.
 
     fs = FaultFS(fsspec.filesystem("memory"))
     fs.fail_on("open:wb", nth=2, exc=PermissionError("injected"))
+    fs.damage_on("read", lambda b: b[:-1], suffix="model.pt")  # one short body
     RemoteStore("memory://bucket/run", fs=fs)
 
 Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_file``,
@@ -27,6 +29,7 @@ from fsspec.core import split_protocol
 from fsspec.spec import AbstractFileSystem
 
 Action = BaseException | Callable[[], Any]
+Damage = Callable[[bytes], bytes]
 
 
 def kill() -> None:
@@ -66,8 +69,9 @@ class _FaultyReader:
         self._path = path
 
     def read(self, *args: Any) -> Any:
-        self._fs._hit("read", self._path)
-        return self._f.read(*args)
+        damage = self._fs._hit("read", self._path)
+        data = self._f.read(*args)
+        return damage(data) if damage is not None else data
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
@@ -93,6 +97,7 @@ class FaultFS(AbstractFileSystem):
         self._faults: dict[str, tuple[int, Action]] = {}
         self._outage: BaseException | None = None
         self._delay = 0.0
+        self._damage: dict[str, tuple[str, int, Damage]] = {}  # key -> (suffix, calls left, fn)
         self._lock = threading.Lock()
 
     @classmethod
@@ -106,9 +111,17 @@ class FaultFS(AbstractFileSystem):
         with self._lock:
             self._faults[key] = (self.counts[key] + nth, exc or ConnectionError("injected fault"))
 
+    def damage_on(self, key: str, damage: Damage, *, nth: int = 1, suffix: str = "") -> None:
+        """Make the ``nth`` call (counted from now) of ``key`` (``read`` or ``cat_file``) on a
+        path ending with ``suffix`` return ``damage(data)`` instead of the bytes it read: a
+        short body whose length the transport did not notice, or a flipped byte. Once."""
+        with self._lock:
+            self._damage[key] = (suffix, nth, damage)
+
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+            self._damage.clear()
 
     def set_outage(self, exc: BaseException | None) -> None:
         """Every call (counted and recorded) raises ``exc`` from now on; None ends it."""
@@ -124,11 +137,21 @@ class FaultFS(AbstractFileSystem):
         """How many ``key`` calls were made on paths ending with ``suffix``."""
         return sum(1 for k, p in self.calls if k == key and p.endswith(suffix))
 
-    def _hit(self, key: str, path: Any) -> None:
+    def _hit(self, key: str, path: Any) -> Damage | None:
+        """Count a call; raise or run its fault if one is due; return its damage if one is."""
         with self._lock:
             self.counts[key] += 1
             self.calls.append((key, str(path)))
             delay, outage = self._delay, self._outage
+            damage: Damage | None = None
+            planned = self._damage.get(key)
+            if planned is not None and str(path).endswith(planned[0]):
+                suffix, left, fn = planned
+                if left == 1:
+                    del self._damage[key]
+                    damage = fn
+                else:
+                    self._damage[key] = (suffix, left - 1, fn)
             fault = self._faults.get(key)
             if fault is not None and fault[0] == self.counts[key]:
                 del self._faults[key]
@@ -139,11 +162,12 @@ class FaultFS(AbstractFileSystem):
         if outage is not None:
             raise type(outage)(*outage.args)  # a fresh one: threads raise it concurrently
         if fault is None:
-            return
+            return damage
         action = fault[1]
         if isinstance(action, BaseException):
             raise action
         action()
+        return damage
 
     # --- delegated operations ------------------------------------------------------------
 
@@ -167,8 +191,9 @@ class FaultFS(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None,
                  **kwargs: Any) -> Any:
-        self._hit("cat_file", path)
-        return self.target.cat_file(path, start=start, end=end, **kwargs)
+        damage = self._hit("cat_file", path)
+        data = self.target.cat_file(path, start=start, end=end, **kwargs)
+        return damage(data) if damage is not None else data
 
     def cat(self, path: Any, recursive: bool = False, on_error: str = "raise",
             **kwargs: Any) -> Any:

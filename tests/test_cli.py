@@ -105,9 +105,27 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     p = ckptsync("ls", url, "--json")
     assert json.loads(p.stdout)[-1]["status"] == "corrupt"
     path.parent.joinpath("ckptsync.json").write_bytes(ckpts[-1].manifest.to_json())
-    # Pull falls back to the previous valid checkpoint.
+    # Pull falls back to the previous valid checkpoint, and says so: on stderr, in the JSON,
+    # and with exit code 4, so that a resume script knows it lost training.
     p = ckptsync("pull", url, str(tmp_path / "restore"), "--json")
-    assert p.returncode == 0 and json.loads(p.stdout)["name"] == ckpts[1].name
+    assert p.returncode == 4 and no_traceback(p), p.stderr
+    out = json.loads(p.stdout)
+    assert out["name"] == ckpts[1].name and out["fell_back"] is True
+    assert [s["name"] for s in out["skipped"]] == [ckpts[-1].name]
+    assert "sha256" in out["skipped"][0]["problem"]
+    assert (f"pulled {ckpts[1].name}, not the newest committed checkpoint {ckpts[-1].name}"
+            in p.stderr) and "--allow-fallback" in p.stderr
+    p = ckptsync("pull", url, str(tmp_path / "restore2"), "--allow-fallback")
+    assert p.returncode == 0 and ckpts[1].name in p.stdout
+    assert "not the newest committed checkpoint" in p.stderr
+    p = ckptsync("pull", url, str(tmp_path / "restore3"), "--name", ckpts[1].name)
+    assert p.returncode == 0 and "not the newest" not in p.stderr
+
+
+def test_pull_help_documents_the_fallback_exit_code() -> None:
+    p = ckptsync("pull", "--help")
+    assert p.returncode == 0
+    assert "--allow-fallback" in p.stdout and "4 pulled an older valid one" in p.stdout
 
 
 def test_truncated_file_shows_partial(setup: Any, tmp_path: Path) -> None:

@@ -185,15 +185,54 @@ class TestConformance:
             store.verify(new.name)
         assert new.name in str(ei.value)
         store.verify(new.name, full=False)  # the size still matches
-        # Same size, so it looks valid until its bytes are hashed while downloading:
+        # Same size, so it looks valid until its bytes are hashed while downloading; it is
+        # downloaded digest_attempts times before it is declared corrupt.
         out = LocalStore(tmp_path / "b")
-        got = store.pull(None, out)
+        fs = faulty(store_remote)
+        skipped: list[tuple[str, str]] = []
+        got = make_store(store_remote, fs=fs).pull(None, out, skipped=skipped)
         assert got.name == old.name
+        assert fs.count("open:rb", f"{new.name}/model.pt") == FAST.digest_attempts == 3
+        assert [n for n, _ in skipped] == [new.name] and "sha256" in skipped[0][1]
         assert [c.name for c in out.list()] == [old.name]
         assert no_leftovers(out)
         with pytest.raises(CorruptCheckpointError, match="sha256"):
             store.pull(new.name, out)
         assert no_leftovers(out) and [c.name for c in out.list()] == [old.name]
+
+    @pytest.mark.parametrize("ranged", [False, True], ids=["streamed", "ranged"])
+    @pytest.mark.parametrize("damage", ["short-body", "flipped-byte"])
+    def test_one_damaged_download_is_fetched_again_not_taken_for_corruption(
+            self, store_remote: Any, tmp_path: Path, damage: str, ranged: bool) -> None:
+        """One response with a short body (its Content-Length consistent, so the transport
+        cannot tell) or a flipped byte is a glitch in transit, not a corrupt checkpoint: the
+        file is downloaded again and the newest checkpoint is pulled, not an older one."""
+        mib = 1024 * 1024
+        local = LocalStore(tmp_path / "a")
+        big = {"model.pt": os.urandom(6 * mib if ranged else 300_000), "rng.pt": b"r"}
+        old, new = make_local(local, 1, files_for(1)), make_local(local, 2, big)
+        store = make_store(store_remote)
+        store.push(old)
+        store.push(new)
+
+        def short(b: bytes) -> bytes:
+            return b[: len(b) // 2]
+
+        def flip(b: bytes) -> bytes:
+            return b[:10] + bytes([b[10] ^ 1]) + b[11:]
+
+        fs = faulty(store_remote)
+        # Streamed files are read through an open file; ranged ones fetched by range.
+        fs.damage_on("cat_file" if ranged else "read", short if damage == "short-body" else flip,
+                     suffix=f"{new.name}/model.pt")
+        cfg = TransferConfig(max_workers=2, chunk_size=64 * 1024, block_size=5 * mib,
+                             ranged_min_size=mib, retries=3, backoff_initial=0.0)
+        out = LocalStore(tmp_path / "b")
+        skipped: list[tuple[str, str]] = []
+        got = make_store(store_remote, fs=fs, config=cfg).pull(None, out, skipped=skipped)
+        assert got.name == new.name, "a single damaged response made pull fall back"
+        assert read_tree(got.path) == big and skipped == []
+        assert no_leftovers(out)
 
     def test_truncated_file_is_invalid(self, store_remote: Any, tmp_path: Path) -> None:
         local = LocalStore(tmp_path / "a")
@@ -443,6 +482,30 @@ class TestConformance:
         assert deleted == planned == [ckpts[3].name]
         assert [m.step for m in store.list()] == [1, 2, 4, 5]
         assert {e.status for e in store.scan()} == {"valid"}  # no half-deleted leftovers
+
+    def test_a_checkpoint_listing_no_files_is_not_valid(self, store_remote: Any,
+                                                        tmp_path: Path) -> None:
+        """A manifest with ``files: []`` verifies (nothing to check) but restores nothing: it
+        is not valid, so it neither protects nor displaces a good checkpoint in retention,
+        and pull passes over it, saying why."""
+        good = make_local(LocalStore(tmp_path / "a"), 1, {"w.bin": b"good"})
+        store = make_store(store_remote)
+        store.push(good)
+        empty = Manifest.new(step=2, files=[])
+        put(store_remote, rpath(store_remote, empty.name, MANIFEST_NAME), empty.to_json())
+
+        newest = store.newest_valid()
+        assert newest is not None and newest.name == good.name
+        assert {e.name: e.status for e in store.scan()} == {good.name: "valid",
+                                                            empty.name: "corrupt"}
+        assert store.apply_retention(RetentionPolicy(keep_last=1)) == []
+        assert [m.name for m in store.list()] == [good.name, empty.name]
+        skipped: list[tuple[str, str]] = []
+        out = LocalStore(tmp_path / "b")
+        assert store.pull(None, out, skipped=skipped).name == good.name
+        assert [n for n, _ in skipped] == [empty.name] and "no files" in skipped[0][1]
+        with pytest.raises(CorruptCheckpointError, match="no files"):
+            store.pull(empty.name, out)
 
     def test_delete_removes_manifest_first(self, store_remote: Any, tmp_path: Path) -> None:
         local = LocalStore(tmp_path / "a")
