@@ -178,7 +178,7 @@ class Checkpointer:
     ) -> SaveHandle[Manifest | None]:
         """Checkpoint ``objects`` at ``step``; returns once tensors are snapshotted to CPU.
 
-        Serialization, sha256, fsync, the local commit and any upload run in the background.
+        Serialization, hashing, fsync, the local commit and any upload run in the background.
         A save while one is in flight first waits for it. Call on every rank under
         ``torch.distributed``: rank 0 writes.
 
@@ -415,7 +415,7 @@ class Checkpointer:
     ) -> RestoreInfo | None:
         """Load the newest valid checkpoint into ``objects``; None when there is none.
 
-        Each candidate is verified (every file's size and sha256) before anything is loaded;
+        Each candidate is verified (every file's size and digest) before anything is loaded;
         a corrupt one is logged and skipped for the next newest. With a remote, the newest
         valid remote checkpoint is pulled first when it is newer than the newest local one.
         Loading uses ``torch.load(weights_only=True)``: nothing in a checkpoint can run code.
@@ -460,7 +460,7 @@ class Checkpointer:
         failures = []
         for ckpt in reversed(self.store.list()):
             try:
-                # A checkpoint pulled just now had every byte's sha256 verified while it was
+                # A checkpoint pulled just now had every byte's digest verified while it was
                 # downloaded and fsynced: hashing it again would only double the resume time.
                 if ckpt.name != pulled:
                     self.store.verify(ckpt)

@@ -21,7 +21,7 @@ Example::
     store = RemoteStore("s3://bucket/runs/exp1")
     store.push(LocalStore("ckpts").list()[-1])
     newest = store.newest_valid()
-    store.pull(None, LocalStore("/tmp/restore"))   # newest valid, sha256 verified
+    store.pull(None, LocalStore("/tmp/restore"))   # newest valid, every digest verified
 """
 
 from __future__ import annotations
@@ -56,7 +56,15 @@ from ckptsync.errors import (
     RemoteError,
 )
 from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
-from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    manifest_too_large,
+    name_sort_key,
+)
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 from ckptsync.transfer import (
     MultipartStream,
@@ -132,6 +140,20 @@ def _http_status(exc: BaseException) -> int | None:
         return int(v) if v is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _empty_range(exc: BaseException) -> bool:
+    """Whether ``exc`` is HTTP 416 (range not satisfiable), the answer of S3 and GCS to a
+    ranged read from byte 0 of an empty object; s3fs raises it as an ``OSError`` whose cause
+    is botocore's error."""
+    e: BaseException | None = exc
+    while e is not None:
+        response = getattr(e, "response", None)
+        meta = response.get("ResponseMetadata", {}) if isinstance(response, Mapping) else {}
+        if 416 in (_http_status(e), meta.get("HTTPStatusCode")):
+            return True
+        e = e.__cause__
+    return False
 
 
 def translate_error(
@@ -380,17 +402,35 @@ class RemoteStore:
         return out
 
     def _read_bytes(self, path: str, url: str) -> bytes | None:
+        """A small object's bytes (None when missing), never more than the manifest bound + 1:
+        a longer result means the object is over the bound, and it was not read whole."""
         def cat() -> bytes | None:
             try:
-                return bytes(self.fs.cat_file(path))
+                return bytes(self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1))
             except FileNotFoundError:
                 return None
+            except Exception as e:
+                if _empty_range(e):
+                    return b""
+                raise
 
         result: bytes | None = self._call(cat, url, "read")
         return result
 
+    def _size_or_none(self, path: str, url: str) -> int | None:
+        """The size of ``path`` for an error message; None if it cannot be had."""
+        try:
+            size: int = self._call(lambda: int(self.fs.size(path)), url, "stat")
+        except CkptSyncError as e:
+            log.debug("cannot stat %s: %s", url, e)
+            return None
+        return size
+
     def _parse_manifest(self, name: str, data: bytes) -> Manifest:
         where = self.url_of(name, MANIFEST_NAME)
+        if len(data) > MAX_MANIFEST_BYTES:  # only the first bound + 1 bytes were read
+            raise manifest_too_large(where, self._size_or_none(self._path(name, MANIFEST_NAME),
+                                                               where))
         m = Manifest.from_json(data, where=where)
         if m.name != name:
             raise ManifestError(f"{where}: manifest names {m.name!r} but lives under {name!r}")
@@ -446,7 +486,7 @@ class RemoteStore:
         except RemoteError as e:
             log.debug("cannot read the LATEST hint: %s", e)
             return None
-        if data is None:
+        if data is None or len(data) > MAX_MANIFEST_BYTES:
             return None
         try:
             name = json.loads(data).get("name")
@@ -544,15 +584,20 @@ class RemoteStore:
     def _read_manifests(self, names: list[str]) -> dict[str, Manifest | CkptSyncError | None]:
         if not names:
             return {}
-        paths = {self._path(n, MANIFEST_NAME): n for n in names}
+        paths = [self._path(n, MANIFEST_NAME) for n in names]
 
-        def cat() -> dict[str, Any]:
-            return dict(self.fs.cat(list(paths), on_error="return"))
+        def cat() -> list[Any]:
+            # Ranged reads (concurrent where the backend is async): a manifest over the bound
+            # shows as bound + 1 bytes and is refused, never read whole.
+            n = len(paths)
+            return list(self.fs.cat_ranges(paths, [0] * n, [MAX_MANIFEST_BYTES + 1] * n,
+                                           on_error="return"))
 
-        raw: dict[str, Any] = self._call(cat, self.url, "read manifests from")
+        raw: list[Any] = self._call(cat, self.url, "read manifests from")
         out: dict[str, Manifest | CkptSyncError | None] = {}
-        for path, name in paths.items():
-            data = raw.get(path)
+        for name, data in zip(names, raw, strict=True):
+            if isinstance(data, Exception) and _empty_range(data):
+                data = b""
             if data is None or isinstance(data, FileNotFoundError):
                 out[name] = None
             elif isinstance(data, BaseException):
@@ -719,7 +764,8 @@ class RemoteStore:
         try:
             tasks = [
                 partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
-                        source=sources.get((f.sha256, f.size)), stream=streams.get(f.path))
+                        source=sources.get((f.algo, f.digest, f.size)),
+                        stream=streams.get(f.path))
                 for f in m.files
             ]
             run_parallel(tasks, max_workers=self._workers, stop=stop)
@@ -766,8 +812,8 @@ class RemoteStore:
             )
         return remote
 
-    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, int], str]:
-        """(sha256, size) -> remote path of that content in the previous committed checkpoint.
+    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, str, int], str]:
+        """(algo, digest, size) -> remote path of that content in the previous committed checkpoint.
 
         Only on backends with a server-side copy. The previous checkpoint is the one ``LATEST``
         names, read through its manifest (committed, so its files had their listed sizes).
@@ -783,7 +829,8 @@ class RemoteStore:
             return {}
         if prev is None:
             return {}
-        return {(f.sha256, f.size): self._path(prev.name, f.path) for f in prev.files if f.size}
+        return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
+                for f in prev.files if f.size}
 
     def _copy_unchanged(self, source: str, final: str, entry: FileEntry, url: str) -> bool:
         """Server-side copy ``source`` to ``final``; False (upload instead) if it fails."""
@@ -817,8 +864,8 @@ class RemoteStore:
             with self._stats_lock:
                 self.stats["bytes_uploaded"] += entry.size
             return
-        # The previous checkpoint holds these very bytes (same sha256): copy, do not send.
-        # The copy's size is checked, and every download verifies its sha256 as usual.
+        # The previous checkpoint holds these very bytes (same digest): copy, do not send.
+        # The copy's size is checked, and every download verifies its digest as usual.
         if source is not None and self._copy_unchanged(source, final, entry, url):
             progress.update(entry.size)
             return
@@ -856,7 +903,11 @@ class RemoteStore:
         progress: Progress | None = None,
         stop: threading.Event | None = None,
     ) -> LocalCheckpoint:
-        """Download a checkpoint into ``local`` (sha256 verified while streaming) and commit it.
+        """Download a checkpoint into ``local`` (digests verified while streaming) and commit it.
+
+        The local copy keeps the remote manifest as it is: each file is hashed while written
+        with its entry's algorithm, so a ``ckptsync/1`` checkpoint stays a sha256-verified
+        ``ckptsync/1`` checkpoint locally, and a ``ckptsync/2`` one keeps its BLAKE3 digests.
 
         Args:
             name: the checkpoint; None means the newest valid one, falling back to the next
@@ -934,7 +985,7 @@ class RemoteStore:
     ) -> None:
         entry = next(f for f in m.files if f.path == relpath)
         url = self.url_of(m.name, relpath)
-        writer = staging.open(relpath)
+        writer = staging.open(relpath, entry.algo)
         path = self._path(m.name, relpath)
         if entry.size >= self.config.ranged_min_size and self._workers > 1:
             download_file_ranged(self.fs, path, writer, entry, url=url, config=self.config,
@@ -943,9 +994,10 @@ class RemoteStore:
             download_file(self.fs, path, writer, entry, url=url, config=self.config,
                           retrier=self._retry, progress=progress, stop=stop)
         got = staging.close_file(relpath)
-        if got.sha256 != entry.sha256:
+        if got.digest != entry.digest:
             raise CorruptCheckpointError(
-                f"{url}: sha256 does not match the manifest (the remote file was altered)",
+                f"{url}: {entry.algo} digest does not match the manifest (the remote file was "
+                "altered)",
                 path=url,
             )
 
@@ -957,8 +1009,8 @@ class RemoteStore:
         progress: Progress | None = None,
         stop: threading.Event | None = None,
     ) -> Manifest:
-        """Check that ``name`` is committed, every file has its size and, if ``full``, its sha256
-        (streamed, files in parallel).
+        """Check that ``name`` is committed, every file has its size and, if ``full``, its digest
+        (streamed, files in parallel; each with its entry's algorithm).
 
         Raises:
             NoCheckpointError: ``name`` is not committed.
@@ -972,20 +1024,21 @@ class RemoteStore:
             return m
         progress = progress or NullProgress()
 
-        def task(relpath: str, sha: str, ev: threading.Event) -> None:
-            url = self.url_of(name, relpath)
-            _, digest = hash_remote_file(self.fs, self._path(name, relpath), url=url,
+        def task(entry: FileEntry, ev: threading.Event) -> None:
+            url = self.url_of(name, entry.path)
+            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
                                          config=self.config, retrier=self._retry,
-                                         progress=progress, stop=ev)
-            if digest != sha:
+                                         progress=progress, stop=ev, algo=entry.algo)
+            if digest != entry.digest:
                 raise CorruptCheckpointError(
-                    f"{url}: sha256 does not match the manifest (the remote file was altered)",
+                    f"{url}: {entry.algo} digest does not match the manifest (the remote file "
+                    "was altered)",
                     path=url,
                 )
 
         progress.start(m.total_size, f"verify {name}")
         try:
-            run_parallel([partial(task, f.path, f.sha256) for f in m.files],
+            run_parallel([partial(task, f) for f in m.files],
                          max_workers=self._workers, stop=stop)
         finally:
             progress.close()

@@ -13,9 +13,9 @@ way (:func:`download_file_ranged`).
 Every upload hashes what it reads and compares it with the local manifest (a local file changed
 after its commit is never uploaded as if it were the committed one); every download writes
 through the local store's hashing writer, refuses bytes past the listed size, and checks size
-and sha256 at the end. Retries (tenacity: exponential back-off with full jitter) apply only to
-errors the translator marks retryable; an upload restarts its file, a download resumes at the
-offset it reached.
+and digest (with the entry's algorithm) at the end. Retries (tenacity: exponential back-off
+with full jitter) apply only to errors the translator marks retryable; an upload restarts its
+file, a download resumes at the offset it reached.
 
 This module does not know which backend it talks to; :mod:`ckptsync.remote` passes the
 filesystem and the one function that translates backend exceptions.
@@ -24,7 +24,6 @@ filesystem and the one function that translates backend exceptions.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from collections import deque
@@ -39,7 +38,7 @@ from fsspec.spec import AbstractBufferedFile
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, LocalStorageError, RemoteError
 from ckptsync.local import HashingWriter
-from ckptsync.manifest import FileEntry
+from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 
 __all__ = [
     "MultipartStream",
@@ -190,7 +189,7 @@ def upload_file(
     ``finish``, if given, runs after the upload completed (e.g. renaming a temporary file
     into place on backends where a file being written is visible).
 
-    The bytes read are hashed and must match ``entry`` (size and sha256), otherwise the
+    The bytes read are hashed and must match ``entry`` (size and digest), otherwise the
     remote file is abandoned and :class:`CorruptCheckpointError` names the local file.
 
     Raises:
@@ -203,7 +202,7 @@ def upload_file(
 
     def attempt() -> None:
         sent = 0
-        digest = hashlib.sha256()
+        digest = new_hasher(entry.algo)
         with _open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
             try:
@@ -221,7 +220,7 @@ def upload_file(
                     digest.update(chunk)
                     sent += len(chunk)
                     progress.update(len(chunk))
-                if sent != entry.size or digest.hexdigest() != entry.sha256:
+                if sent != entry.size or digest.hexdigest() != entry.digest:
                     raise CorruptCheckpointError(
                         f"{local_path}: content no longer matches its manifest (read {sent} "
                         f"bytes, expected {entry.size}); the file changed after its checkpoint "
@@ -482,7 +481,7 @@ def upload_file_multipart(
         finally:
             slots.sent(buf)
 
-    digest = hashlib.sha256()
+    digest = new_hasher(entry.algo)
     size = 0
     futures: list[Future[dict[str, Any]]] = []
     try:
@@ -518,7 +517,7 @@ def upload_file_multipart(
                     f.cancel()
                 raise
         # The bytes sent are the bytes hashed: complete only if they are the committed ones.
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        if size != entry.size or digest.hexdigest() != entry.digest:
             raise CorruptCheckpointError(
                 f"{local_path}: content no longer matches its manifest (read {size} bytes, "
                 f"expected {entry.size}); the file changed after its checkpoint was committed, "
@@ -716,7 +715,7 @@ def download_file(
 ) -> None:
     """Stream ``remote_path`` into ``writer``, never accepting more than ``entry.size`` bytes.
 
-    A retry resumes at the offset already written. The caller checks the writer's sha256
+    A retry resumes at the offset already written. The caller checks the writer's digest
     (computed while writing) against ``entry`` when it closes the file.
 
     Raises:
@@ -874,12 +873,13 @@ def hash_remote_file(
     retrier: Retrier,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    algo: str = WRITE_ALGO,
 ) -> tuple[int, str]:
-    """``(size, sha256)`` of a remote file, streamed (bounded memory)."""
+    """``(size, hex digest under algo)`` of a remote file, streamed (bounded memory)."""
     progress = progress or NullProgress()
 
     def attempt() -> tuple[int, str]:
-        digest = hashlib.sha256()
+        digest = new_hasher(algo)
         size = 0
         try:
             with fs.open(remote_path, "rb", block_size=config.block_size) as src:

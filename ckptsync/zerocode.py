@@ -305,7 +305,7 @@ def snapshot_version(
             if why is not None:
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
-        signature = tuple(sorted((e.path, e.sha256) for e in staging.entries))
+        signature = tuple(sorted((e.path, f"{e.algo}:{e.digest}") for e in staging.entries))
         if signature == tuple(last_signature):
             staging.abort()
             return Snapshot(None, stats, signature, skipped="identical")
@@ -327,7 +327,7 @@ def snapshot_version(
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((f.path, f.sha256) for f in m.files))
+    return tuple(sorted((f.path, f"{f.algo}:{f.digest}") for f in m.files))
 
 
 def is_watched(m: Manifest) -> bool:
@@ -449,7 +449,7 @@ def restore_watched(
     """Put the newest valid watched version(s) back at their original relative paths.
 
     With ``name``, that checkpoint; otherwise, for each watch rule found in the remote, its
-    newest version that downloads intact (sha256 verified; a corrupt one falls back to the
+    newest version that downloads intact (every digest verified; a corrupt one falls back to the
     next older). Each version is pulled into a temporary store inside ``target_dir`` (same
     file system), then every file is moved into place with ``os.replace``: a reader sees the
     old file or the new one, never a half-written one.

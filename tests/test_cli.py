@@ -94,7 +94,7 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     path.write_bytes(bytes(data))
     p = ckptsync("verify", url)
     assert p.returncode == 1 and no_traceback(p)
-    assert f"CORRUPT  {ckpts[-1].name}" in p.stdout and "sha256" in p.stdout
+    assert f"CORRUPT  {ckpts[-1].name}" in p.stdout and "blake3 digest" in p.stdout
     p = ckptsync("verify", url, "--name", ckpts[-1].name, "--json")
     assert p.returncode == 1 and json.loads(p.stdout)[0]["ok"] is False
     assert ckptsync("verify", url, "--name", ckpts[0].name).returncode == 0
