@@ -14,6 +14,7 @@ from typing import Any
 
 import blake3
 import pytest
+from formats import rewrite_as_v1
 from helpers import RecordingOps, fail_at, file_bytes, staging_dirs
 
 from ckptsync import local
@@ -351,3 +352,58 @@ def test_hashing_writer_starts_writeback_as_it_goes(tmp_path: Path) -> None:
             assert FileOps().writeback(fd, 0, 4096)
         finally:
             os.close(fd)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) and friends (``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_an_oversized_manifest_is_refused_unread(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17.6: a 1 GiB manifest (sparse) is refused from its size, naming path, size and
+    bound; the checkpoint is skipped, and no byte of the manifest is read."""
+    store = LocalStore(tmp_path)
+    good = commit(store, 1, {"a": b"1"})
+    big = commit(store, 2, {"a": b"2"})
+    path = big.path / MANIFEST_NAME
+    os.truncate(path, 1 << 30)
+    before = _bytes_read()
+    with pytest.raises(ManifestError) as e:
+        store.get(big.name)
+    assert _bytes_read() - before < 64 * 1024
+    msg = str(e.value)
+    assert str(path) in msg and "1,073,741,824 bytes" in msg and "4,194,304-byte bound" in msg
+    with caplog.at_level(logging.WARNING, logger="ckptsync"):
+        assert [c.name for c in store.list()] == [good.name]
+    assert "bound" in caplog.text
+
+
+def test_a_v1_checkpoint_verifies_with_sha256(tmp_path: Path) -> None:
+    """A checkpoint ``ckptsync/1`` wrote (sha256 entries, no self-digest) lists and verifies;
+    its sha256 still catches a flipped byte."""
+    store = LocalStore(tmp_path)
+    ckpt = commit(store, 3, {"a.bin": b"abcdef", "sub/b.bin": b"xyz"})
+    rewrite_as_v1(ckpt.path)
+    (got,) = store.list()
+    assert got.manifest.format == "ckptsync/1" and {f.algo for f in got.manifest.files} == {
+        "sha256"}
+    store.verify(got)
+    with open_verified(got.file("a.bin"), got.manifest.files[0]) as f:
+        assert f.read() == b"abcdef"
+    got.file("a.bin").write_bytes(b"abcdeF")
+    with pytest.raises(CorruptCheckpointError, match=r"a\.bin: sha256 digest does not match"):
+        store.verify(got)
+
+
+def test_an_edited_step_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    ckpt = commit(store, 101, {"a": b"1"})
+    path = ckpt.path / MANIFEST_NAME
+    path.write_bytes(path.read_bytes().replace(b'"step": 101', b'"step": 301'))
+    with pytest.raises(ManifestError, match="altered"):
+        store.get(ckpt.name)
+    assert store.list() == []
