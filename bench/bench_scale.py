@@ -3,10 +3,11 @@ files are unchanged since the previous checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from typing import Any
+
+import blake3
 
 from bench.common import Ctx, Table, Target, measure
 
@@ -20,8 +21,8 @@ def _fill(ctx: Ctx, url: str, n: int) -> None:
     last: Any = None
     for step in range(n):
         data = os.urandom(1024)
-        m = Manifest.new(step=step, files=[FileEntry("x.bin", 1024,
-                                                     hashlib.sha256(data).hexdigest())])
+        m = Manifest.new(step=step, files=[FileEntry("x.bin", 1024, "blake3",
+                                                     blake3.blake3(data).hexdigest())])
         root = url[len("s3://"):]
         blobs[f"{root}/{m.name}/x.bin"] = data
         blobs[f"{root}/{m.name}/ckptsync.json"] = m.to_json()

@@ -213,7 +213,7 @@ class Checkpointer:
     ) -> SaveHandle[Manifest | None]:
         """Checkpoint ``objects`` at ``step``; returns once tensors are snapshotted to CPU.
 
-        Serialization, sha256, fsync, the local commit and any upload run in the background.
+        Serialization, hashing, fsync, the local commit and any upload run in the background.
         A save while one is in flight first waits for it. Call on every rank under
         ``torch.distributed``: rank 0 writes. A slow or failing remote never blocks or fails a
         save (unless ``on_remote_error="raise"``): at most one upload runs and one waits, the
@@ -498,7 +498,7 @@ class Checkpointer:
 
         Candidates are every committed checkpoint, local and (with a remote) remote, newest
         first; the same step held on both is tried locally first, then remotely. A local one
-        is verified (every file's size and sha256) before anything is loaded; a remote one is
+        is verified (every file's size and digest) before anything is loaded; a remote one is
         pulled, verified while it downloads. A candidate that lists no files or none for an
         object passed here, whose files do not verify, or that ``torch.load(weights_only=True)``
         refuses (nothing in a checkpoint can run code), is skipped for the next newest
@@ -577,7 +577,7 @@ class Checkpointer:
                         self.store.verify(ckpt)
                     else:
                         assert self.remote is not None
-                        # Every byte's sha256 is verified while it is downloaded and fsynced:
+                        # Every byte's digest is verified while it is downloaded and fsynced:
                         # hashing it again would only double the resume time.
                         ckpt = self.remote.pull(cand.name, self.store)
                         log.info("pulled %s from %s", cand.name, self.remote.url_of())

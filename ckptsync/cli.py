@@ -289,7 +289,7 @@ def _run_ls(args: argparse.Namespace) -> int:
 def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("remote", help="remote URL")
     p.add_argument("--name", help="verify only this checkpoint (default: every committed one)")
-    p.add_argument("--quick", action="store_true", help="check sizes only, no sha256")
+    p.add_argument("--quick", action="store_true", help="check sizes only, no digests")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -398,12 +398,12 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "push": Command("upload every committed local checkpoint not yet in the remote",
                     _add_push, _run_push),
-    "pull": Command("download the newest valid (or a named) checkpoint, sha256-verified; "
+    "pull": Command("download the newest valid (or a named) checkpoint, digest-verified; "
                     f"exit {EXIT_FELL_BACK} if that is older than the newest committed one",
                     _add_pull, _run_pull),
     "ls": Command("list remote checkpoints: name, step, time, size, metrics, status",
                   _add_ls, _run_ls),
-    "verify": Command("check remote checkpoints' sizes and sha256 (exit 1 on a mismatch)",
+    "verify": Command("check remote checkpoints' sizes and digests (exit 1 on a mismatch)",
                       _add_verify, _run_verify),
     "gc": Command("apply retention and remove uncommitted leftovers older than a grace period; "
                   "deletes only what ckptsync wrote",

@@ -8,7 +8,7 @@ The demo plays the story ckptsync exists for, with real processes and no cloud a
    through ``file://``; ``--remote URL`` and ``-o KEY=VALUE`` for S3, GCS or Drive);
 3. the "VM" dies: trainer and daemon are SIGKILLed mid-run, and the local checkpoint
    directory is deleted;
-4. on the fresh VM: the newest valid checkpoint is pulled from the remote (sha256 verified
+4. on the fresh VM: the newest valid checkpoint is pulled from the remote (digests verified
    while streaming), a new daemon starts, the trainer resumes with ``--resume`` and finishes;
 5. a report: where it was killed, which checkpoint it resumed from, the time lost, and whether
    every loss after the resume and the final weights equal the reference bit for bit
@@ -333,7 +333,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     resumed_from = pulled.step or 0
     m = pulled.manifest
     _say(f"  pulled {m.name} (step {resumed_from}): {len(m.files)} files, "
-         f"{_mib(m.total_size)}, sha256 verified")
+         f"{_mib(m.total_size)}, digests verified")
 
     _say("[4/4] resuming on the fresh VM (trainer --resume, a new daemon syncing)")
     watcher2 = start_watcher(ckpts, url, storage_options=cfg.storage_options, interval=1,
@@ -451,7 +451,7 @@ def format_report(r: dict[str, Any]) -> str:
         + (f", {r['remote_uncommitted_at_kill']} unfinished upload(s) ignored"
            if r["remote_uncommitted_at_kill"] else ""),
         f"  resumed from         {r['resumed_from_name']} (step {r['resumed_from']}), "
-        f"{r['resumed_from_files']} files, {_mib(r['resumed_from_bytes'])}, sha256 verified",
+        f"{r['resumed_from_files']} files, {_mib(r['resumed_from_bytes'])}, digests verified",
         f"  time lost            {r['steps_redone']} steps redone ({r['seconds_redone']} s of "
         f"training), plus {r['recovery_seconds']} s to pull and restart",
         "  losses after resume  "

@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -46,9 +45,13 @@ from ckptsync.errors import (
 )
 from ckptsync.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    WRITE_ALGO,
     FileEntry,
     Manifest,
     check_relpath,
+    manifest_too_large,
+    new_hasher,
     parse_name,
     unusable_reason,
 )
@@ -165,17 +168,19 @@ def storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:
 
 
 class HashingWriter:
-    """A binary file opened for writing that computes size and sha256 as bytes go through.
+    """A binary file opened for writing that computes size and digest as bytes go through.
 
-    The hash is computed while writing, never by reading the file back. ``close()`` flushes
-    and fsyncs. Usable wherever a writable binary file object is expected (``torch.save``).
+    The hash (``algo``: BLAKE3 unless a pull keeps a ``ckptsync/1`` checkpoint's sha256) is
+    computed while writing, never by reading the file back. ``close()`` flushes and fsyncs.
+    Usable wherever a writable binary file object is expected (``torch.save``).
     """
 
-    def __init__(self, path: Path, ops: FileOps | None = None) -> None:
+    def __init__(self, path: Path, ops: FileOps | None = None, algo: str = WRITE_ALGO) -> None:
         self.path = path
+        self.algo = algo
+        self._hash = new_hasher(algo)
         self._ops = ops or FileOps()
         self._f = self._ops.open_write(path)
-        self._hash = hashlib.sha256()
         self.size = 0
         self.closed = False
         self.error: OSError | None = None
@@ -189,7 +194,7 @@ class HashingWriter:
         """Write, hash and tee ``data``; returns once all three are done with it.
 
         A large write is hashed on a helper thread while this one writes it (and tees it):
-        sha256 is about half the CPU of a save, and split over two threads it slows both of a
+        hashing is a large part of the CPU of a save, and split over two threads it slows both of a
         two-thread training loop's threads alike, instead of stopping one of them while the
         other waits for it. Hashes stay in order: each write waits for its hash.
         """
@@ -277,7 +282,7 @@ class HashingWriter:
             self._hasher = None
 
     def entry(self, relpath: str) -> FileEntry:
-        return FileEntry(relpath, self.size, self._hash.hexdigest())
+        return FileEntry(relpath, self.size, self.algo, self._hash.hexdigest())
 
     def __enter__(self) -> HashingWriter:
         return self
@@ -289,9 +294,9 @@ class HashingWriter:
             self.abort()
 
 
-def hash_file(path: Path | str, chunk: int = CHUNK) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of a file, read in chunks (bounded memory)."""
-    h = hashlib.sha256()
+def hash_file(path: Path | str, chunk: int = CHUNK, algo: str = WRITE_ALGO) -> tuple[int, str]:
+    """``(size, hex digest under algo)`` of a file, read in chunks (bounded memory)."""
+    h = new_hasher(algo)
     size = 0
     with open(path, "rb") as f:
         while True:
@@ -337,13 +342,14 @@ class Staging:
         except OSError as e:
             raise storage_error(e, self.path, "create staging directory") from e
 
-    def open(self, relpath: str) -> HashingWriter:
-        """A hashing writer for ``relpath`` inside the checkpoint; call :meth:`close_file`."""
+    def open(self, relpath: str, algo: str = WRITE_ALGO) -> HashingWriter:
+        """A writer for ``relpath`` inside the checkpoint, hashing with ``algo``; call
+        :meth:`close_file`."""
         check_relpath(relpath, where=str(self.path))
         target = self.path.joinpath(*relpath.split("/"))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            w = HashingWriter(target, self.store.ops)
+            w = HashingWriter(target, self.store.ops, algo)
         except OSError as e:
             raise storage_error(e, target, "create") from e
         self._open[relpath] = w
@@ -503,7 +509,11 @@ class LocalStore:
             raise NoCheckpointError(f"{name!r} is not a checkpoint name in {self.directory}")
         path = self.directory / name / MANIFEST_NAME
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_MANIFEST_BYTES:
+                    raise manifest_too_large(str(path), size)
+                data = f.read(MAX_MANIFEST_BYTES + 1)  # bounded even if it grows meanwhile
         except FileNotFoundError as e:
             raise NoCheckpointError(f"no committed checkpoint at {path.parent}") from e
         m = Manifest.from_json(data, where=str(path))
@@ -534,7 +544,7 @@ class LocalStore:
 
     def verify(self, ckpt: LocalCheckpoint, *, full: bool = True) -> None:
         """Check that the checkpoint is usable (:func:`~ckptsync.manifest.unusable_reason`) and
-        every listed file exists with its size (and, if ``full``, its sha256).
+        every listed file exists with its size (and, if ``full``, its digest).
 
         Raises:
             CorruptCheckpointError: naming the first file that does not match.
@@ -556,10 +566,11 @@ class LocalStore:
                     path=str(path),
                 )
             if full:
-                _, digest = hash_file(path)
-                if digest != entry.sha256:
+                _, digest = hash_file(path, algo=entry.algo)
+                if digest != entry.digest:
                     raise CorruptCheckpointError(
-                        f"{path}: sha256 does not match the manifest (the file was altered)",
+                        f"{path}: {entry.algo} digest does not match the manifest (the file "
+                        "was altered)",
                         path=str(path),
                     )
 
@@ -601,9 +612,9 @@ def _is_own_leftover(p: Path) -> bool:
 
 
 def open_verified(path: Path, entry: FileEntry) -> IO[bytes]:
-    """Open a checkpoint file after checking its size and sha256 against ``entry``."""
-    size, digest = hash_file(path)
-    if size != entry.size or digest != entry.sha256:
+    """Open a checkpoint file after checking its size and digest against ``entry``."""
+    size, digest = hash_file(path, algo=entry.algo)
+    if size != entry.size or digest != entry.digest:
         raise CorruptCheckpointError(
             f"{path}: content does not match the manifest (size {size}, expected {entry.size})",
             path=str(path),

@@ -4,47 +4,131 @@ A checkpoint is a directory of files plus this manifest, written last: a reader 
 manifest's presence as the commit. Everything here is pure (no I/O) so that the local store,
 the remote store and the daemon share one definition.
 
+Formats (DESIGN.md, "Checkpoint = a directory plus a manifest"):
+
+- ``ckptsync/2`` (written now): each file entry is ``{"path", "size", <algo>: hex}`` where
+  ``<algo>`` is ``blake3`` (what ckptsync writes) or ``sha256``. The manifest verifies itself:
+  ``manifest_digest`` is ``{"blake3": hex}``, the BLAKE3 of the canonical encoding of the whole
+  manifest object except ``manifest_digest`` itself (unknown fields included)::
+
+      json.dumps(obj_without_manifest_digest, sort_keys=True, separators=(",", ":"),
+                 ensure_ascii=True).encode("ascii")
+
+  computed over the object as JSON parses it (the writer hashes what a reader will parse). A
+  missing or wrong ``manifest_digest`` means the manifest was altered: it is refused.
+- ``ckptsync/1`` (read forever): entries carry ``sha256``; no ``manifest_digest``.
+
+For both: a name made by :func:`make_name` carries the step, and the manifest's ``step`` must
+equal it; a manifest larger than :data:`MAX_MANIFEST_BYTES` is refused without being parsed
+(readers never read more than that bound plus one byte); an entry without a digest this
+version knows raises :class:`UnsupportedFormatError`, never trusted.
+
 Example::
 
-    m = Manifest.new(step=100, files=[FileEntry("model.pt", 1024, "ab..")])
+    m = Manifest.new(step=100, files=[FileEntry("model.pt", 1024, "blake3", "ab..")])
     data = m.to_json()
     assert Manifest.from_json(data, where="run/ckpt/ckptsync.json") == m
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
+
+import blake3
 
 from ckptsync.errors import ManifestError, UnsupportedFormatError
 
 __all__ = [
+    "DIGEST_ALGOS",
     "FORMAT",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "WRITE_ALGO",
     "FileEntry",
+    "Hasher",
     "Manifest",
     "check_relpath",
     "make_name",
+    "manifest_too_large",
     "name_sort_key",
+    "new_hasher",
     "parse_name",
     "unusable_reason",
 ]
 
-FORMAT = "ckptsync/1"
-FORMAT_MAJOR = 1
+FORMAT = "ckptsync/2"
+FORMAT_MAJOR = 2
+READ_MAJORS = ("1", "2")
 MANIFEST_NAME = "ckptsync.json"
 LATEST_NAME = "LATEST"
+DIGEST_FIELD = "manifest_digest"
+#: Manifests (and the LATEST hint) larger than this are refused, never read whole. A manifest
+#: lists a few hundred bytes per file: this is room for about ten thousand files.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: The digest ckptsync writes for every file and for the manifest itself.
+WRITE_ALGO = "blake3"
+#: Digests a reader verifies, in order of preference when an entry carries several.
+DIGEST_ALGOS = ("blake3", "sha256")
 
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # step-<12 digits>-<UTC stamp>-<6 hex>  or  nostep-<UTC stamp>-<6 hex>
 _NAME_RE = re.compile(
     r"^(?:step-(?P<step>\d{12})|nostep)-(?P<stamp>\d{8}T\d{6}\d{6}Z)-(?P<suffix>[0-9a-f]{6})$"
 )
-_KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta", "source", "extra")
+_KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta", "source", "extra",
+                 DIGEST_FIELD)
+
+
+class Hasher(Protocol):
+    """What :func:`new_hasher` returns: ``hashlib``'s and ``blake3``'s common interface."""
+
+    def update(self, data: Any, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(algo: str = WRITE_ALGO) -> Hasher:
+    """A fresh hasher for ``algo`` (one of :data:`DIGEST_ALGOS`).
+
+    Every place that verifies a file hashes it with its entry's algorithm, so a
+    ``ckptsync/1`` checkpoint verifies with sha256 and a ``ckptsync/2`` one with BLAKE3.
+
+    Raises:
+        UnsupportedFormatError: an algorithm this version does not know.
+    """
+    if algo == "blake3":
+        return blake3.blake3()
+    if algo == "sha256":
+        return hashlib.sha256()
+    raise UnsupportedFormatError(
+        f"digest algorithm {algo!r} is not supported by this ckptsync (it knows "
+        f"{', '.join(DIGEST_ALGOS)}); upgrade ckptsync"
+    )
+
+
+def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
+    """The bytes ``manifest_digest`` covers: ``obj`` without that field, canonically encoded."""
+    body = {k: v for k, v in obj.items() if k != DIGEST_FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
+        "ascii"
+    )
+
+
+def manifest_too_large(where: str, size: int | None) -> ManifestError:
+    """The error for a manifest over :data:`MAX_MANIFEST_BYTES` (``size`` None: unknown)."""
+    got = f"more than {MAX_MANIFEST_BYTES:,}" if size is None else f"{size:,}"
+    return ManifestError(
+        f"{where}: manifest is {got} bytes, over the {MAX_MANIFEST_BYTES:,}-byte bound for a "
+        "ckptsync manifest; it was not read and the checkpoint will not be used (ckptsync "
+        "never writes one this large: check what wrote it, and delete it)"
+    )
 
 
 def utcnow() -> datetime:
@@ -119,16 +203,22 @@ def check_relpath(path: Any, *, where: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a checkpoint: relative POSIX path, size in bytes, sha256 hex digest."""
+    """One file of a checkpoint: relative POSIX path, size in bytes, and its digest.
+
+    ``algo`` names the digest (``blake3``, what ckptsync writes, or ``sha256``, what
+    ``ckptsync/1`` wrote); ``digest`` is its lowercase hex. In JSON the digest sits under the
+    algorithm's name: ``{"path": "model.pt", "size": 1024, "blake3": "ab.."}``.
+    """
 
     path: str
     size: int
-    sha256: str
+    algo: str
+    digest: str
     unknown: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.unknown)
-        d.update({"path": self.path, "size": self.size, "sha256": self.sha256})
+        d.update({"path": self.path, "size": self.size, self.algo: self.digest})
         return d
 
     @classmethod
@@ -139,11 +229,19 @@ class FileEntry:
         size = d.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestError(f"{where}: file {path!r} has invalid size {size!r}")
-        digest = d.get("sha256")
-        if not isinstance(digest, str) or not _SHA256_RE.match(digest):
-            raise ManifestError(f"{where}: file {path!r} has invalid sha256 {digest!r}")
-        unknown = {k: v for k, v in d.items() if k not in ("path", "size", "sha256")}
-        return cls(path, size, digest, unknown)
+        algo = next((a for a in DIGEST_ALGOS if a in d), None)
+        if algo is None:
+            others = sorted(k for k in d if k not in ("path", "size"))
+            raise UnsupportedFormatError(
+                f"{where}: file {path!r} carries no digest this ckptsync can verify (it knows "
+                f"{', '.join(DIGEST_ALGOS)}; the entry has {others or 'no other fields'}); the "
+                "file cannot be trusted: upgrade ckptsync to read this checkpoint"
+            )
+        digest = d[algo]
+        if not isinstance(digest, str) or not _HEX64_RE.match(digest):
+            raise ManifestError(f"{where}: file {path!r} has invalid {algo} digest {digest!r}")
+        unknown = {k: v for k, v in d.items() if k not in ("path", "size", algo)}
+        return cls(path, size, algo, digest, unknown)
 
 
 @dataclass(frozen=True)
@@ -189,8 +287,9 @@ class Manifest:
             source=dict(source or {"kind": "native"}),
             extra=dict(extra or {}),
         )
-        # Round-trip through the parser: one set of rules for writers and readers.
-        return cls.from_dict(m.to_dict(), where=f"manifest of {m.name}")
+        # Round-trip through the parser: one set of rules for writers and readers (a manifest
+        # a reader would refuse, such as one over the size bound, is refused here, at save).
+        return cls.from_json(m.to_json(), where=f"manifest of {m.name}")
 
     @property
     def total_size(self) -> int:
@@ -206,7 +305,13 @@ class Manifest:
         created = self.created_dt.astimezone(timezone.utc).isoformat()
         return (0 if self.step is None else 1, step_key, created, self.name)
 
+    @property
+    def major(self) -> int:
+        """The format's major version (1 or 2)."""
+        return int(self.format.split("/", 1)[1].split(".", 1)[0])
+
     def to_dict(self) -> dict[str, Any]:
+        """The manifest as a JSON object, without ``manifest_digest`` (:meth:`to_json` adds it)."""
         d: dict[str, Any] = dict(self.unknown)
         d.update(
             {
@@ -224,11 +329,27 @@ class Manifest:
         return d
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n").encode()
+        """The bytes of ``ckptsync.json``; from format 2 on, with its ``manifest_digest``."""
+        d = self.to_dict()
+        if self.major >= 2:
+            # Hash what a reader will parse (JSON turns tuples into lists, int keys into strings).
+            h = new_hasher(WRITE_ALGO)
+            h.update(canonical_bytes(json.loads(json.dumps(d))))
+            d[DIGEST_FIELD] = {WRITE_ALGO: h.hexdigest()}
+        return (json.dumps(d, indent=2, sort_keys=False) + "\n").encode()
 
     @classmethod
     def from_json(cls, data: bytes | str, *, where: str) -> Manifest:
-        """Parse and validate; ``where`` (a path or URL) is named in every error."""
+        """Parse and validate; ``where`` (a path or URL) is named in every error.
+
+        Raises:
+            ManifestError: not JSON, over :data:`MAX_MANIFEST_BYTES`, altered (its
+                ``manifest_digest`` does not match), or breaking a rule of the format.
+            UnsupportedFormatError: a major format or digest this version does not know.
+        """
+        size = len(data.encode() if isinstance(data, str) else data)
+        if size > MAX_MANIFEST_BYTES:
+            raise manifest_too_large(where, size)
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
@@ -246,17 +367,29 @@ class Manifest:
         if not isinstance(fmt, str) or not fmt.startswith("ckptsync/"):
             raise ManifestError(f"{where}: not a ckptsync manifest (format={fmt!r})")
         major = fmt.split("/", 1)[1].split(".", 1)[0]
-        if major != str(FORMAT_MAJOR):
+        if major not in READ_MAJORS:
             raise UnsupportedFormatError(
                 f"{where}: manifest format {fmt!r} is not supported by this ckptsync "
-                f"(reads {FORMAT}); upgrade ckptsync to read it"
+                f"(reads ckptsync/1 and {FORMAT}); upgrade ckptsync to read it"
             )
+        if major == "1":
+            if DIGEST_FIELD in obj:  # only format 2 writes one: this one's format was altered
+                raise ManifestError(f"{where}: a {fmt!r} manifest with a {DIGEST_FIELD!r}: the "
+                                    "manifest was altered and will not be used")
+        else:
+            _check_self_digest(obj, where)
         name = obj.get("name")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ManifestError(f"{where}: invalid checkpoint name {name!r}")
         step = obj.get("step")
         if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
             raise ManifestError(f"{where}: invalid step {step!r}")
+        named = parse_name(name)
+        if named is not None and named[0] != step:
+            raise ManifestError(
+                f"{where}: step {step!r} differs from the step in the checkpoint's name {name!r} "
+                f"({named[0]!r}); the manifest was altered and will not be used"
+            )
         created = obj.get("created")
         try:
             datetime.fromisoformat(str(created).replace("Z", "+00:00"))
@@ -304,3 +437,26 @@ def unusable_reason(m: Manifest) -> str | None:
     if not m.files:
         return "its manifest lists no files: nothing to restore"
     return None
+
+
+def _check_self_digest(obj: dict[str, Any], where: str) -> None:
+    """Raise unless ``obj[manifest_digest]`` is the digest of ``obj``'s canonical bytes."""
+    got = obj.get(DIGEST_FIELD)
+    if not isinstance(got, dict) or not got:
+        raise ManifestError(
+            f"{where}: manifest has no valid {DIGEST_FIELD!r} (a {obj.get('format')!r} manifest "
+            "always carries one); the manifest was altered or damaged and will not be used"
+        )
+    algo = next((a for a in DIGEST_ALGOS if a in got), None)
+    if algo is None:
+        raise UnsupportedFormatError(
+            f"{where}: {DIGEST_FIELD!r} uses no algorithm this ckptsync knows "
+            f"({sorted(got)}); upgrade ckptsync to read this checkpoint"
+        )
+    h = new_hasher(algo)
+    h.update(canonical_bytes(obj))
+    if got[algo] != h.hexdigest():
+        raise ManifestError(
+            f"{where}: manifest content does not match its {DIGEST_FIELD!r}: the manifest was "
+            "altered after it was written (or damaged) and will not be used"
+        )

@@ -23,7 +23,7 @@ Example::
     store = RemoteStore("s3://bucket/runs/exp1")
     store.push(LocalStore("ckpts").list()[-1])
     newest = store.newest_valid()
-    store.pull(None, LocalStore("/tmp/restore"))   # newest valid, sha256 verified
+    store.pull(None, LocalStore("/tmp/restore"))   # newest valid, every digest verified
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ from ckptsync.manifest import (
     FORMAT,
     LATEST_NAME,
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileEntry,
     Manifest,
+    manifest_too_large,
     name_sort_key,
     parse_name,
     unusable_reason,
@@ -161,6 +163,20 @@ def _transient(exc: BaseException) -> bool:
         or any(t in type(e).__name__ for t in _TRANSIENT_NAMES)
         for e in _chain(exc)
     )
+
+
+def _empty_range(exc: BaseException) -> bool:
+    """Whether ``exc`` is HTTP 416 (range not satisfiable), the answer of S3 and GCS to a
+    ranged read from byte 0 of an empty object; s3fs raises it as an ``OSError`` whose cause
+    is botocore's error."""
+    e: BaseException | None = exc
+    while e is not None:
+        response = getattr(e, "response", None)
+        meta = response.get("ResponseMetadata", {}) if isinstance(response, Mapping) else {}
+        if 416 in (_http_status(e), meta.get("HTTPStatusCode")):
+            return True
+        e = e.__cause__
+    return False
 
 
 def translate_error(
@@ -425,17 +441,35 @@ class RemoteStore:
         return out
 
     def _read_bytes(self, path: str, url: str) -> bytes | None:
+        """A small object's bytes (None when missing), never more than the manifest bound + 1:
+        a longer result means the object is over the bound, and it was not read whole."""
         def cat() -> bytes | None:
             try:
-                return bytes(self.fs.cat_file(path))
+                return bytes(self.fs.cat_file(path, start=0, end=MAX_MANIFEST_BYTES + 1))
             except FileNotFoundError:
                 return None
+            except Exception as e:
+                if _empty_range(e):
+                    return b""
+                raise
 
         result: bytes | None = self._call(cat, url, "read")
         return result
 
+    def _size_or_none(self, path: str, url: str) -> int | None:
+        """The size of ``path`` for an error message; None if it cannot be had."""
+        try:
+            size: int = self._call(lambda: int(self.fs.size(path)), url, "stat")
+        except CkptSyncError as e:
+            log.debug("cannot stat %s: %s", url, e)
+            return None
+        return size
+
     def _parse_manifest(self, name: str, data: bytes) -> Manifest:
         where = self.url_of(name, MANIFEST_NAME)
+        if len(data) > MAX_MANIFEST_BYTES:  # only the first bound + 1 bytes were read
+            raise manifest_too_large(where, self._size_or_none(self._path(name, MANIFEST_NAME),
+                                                               where))
         m = Manifest.from_json(data, where=where)
         if m.name != name:
             raise ManifestError(f"{where}: manifest names {m.name!r} but lives under {name!r}")
@@ -497,7 +531,7 @@ class RemoteStore:
         except RemoteError as e:
             log.debug("cannot read the LATEST hint: %s", e)
             return None
-        if data is None:
+        if data is None or len(data) > MAX_MANIFEST_BYTES:
             return None
         try:
             name = json.loads(data).get("name")
@@ -648,15 +682,20 @@ class RemoteStore:
     def _read_manifests(self, names: list[str]) -> dict[str, Manifest | CkptSyncError | None]:
         if not names:
             return {}
-        paths = {self._path(n, MANIFEST_NAME): n for n in names}
+        paths = [self._path(n, MANIFEST_NAME) for n in names]
 
-        def cat() -> dict[str, Any]:
-            return dict(self.fs.cat(list(paths), on_error="return"))
+        def cat() -> list[Any]:
+            # Ranged reads (concurrent where the backend is async): a manifest over the bound
+            # shows as bound + 1 bytes and is refused, never read whole.
+            n = len(paths)
+            return list(self.fs.cat_ranges(paths, [0] * n, [MAX_MANIFEST_BYTES + 1] * n,
+                                           on_error="return"))
 
-        raw: dict[str, Any] = self._call(cat, self.url, "read manifests from")
+        raw: list[Any] = self._call(cat, self.url, "read manifests from")
         out: dict[str, Manifest | CkptSyncError | None] = {}
-        for path, name in paths.items():
-            data = raw.get(path)
+        for name, data in zip(names, raw, strict=True):
+            if isinstance(data, Exception) and _empty_range(data):
+                data = b""
             if data is None or isinstance(data, FileNotFoundError):
                 out[name] = None
             elif isinstance(data, BaseException):
@@ -844,7 +883,8 @@ class RemoteStore:
         try:
             tasks = [
                 partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
-                        source=sources.get((f.sha256, f.size)), stream=streams.get(f.path))
+                        source=sources.get((f.algo, f.digest, f.size)),
+                        stream=streams.get(f.path))
                 for f in m.files
             ]
             run_parallel(tasks, max_workers=self._workers, stop=stop)
@@ -891,8 +931,8 @@ class RemoteStore:
             )
         return remote
 
-    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, int], str]:
-        """(sha256, size) -> remote path of that content in the previous committed checkpoint.
+    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, str, int], str]:
+        """(algo, digest, size) -> remote path of that content in the previous committed checkpoint.
 
         Only on backends with a server-side copy. The previous checkpoint is the one ``LATEST``
         names, read through its manifest (committed, so its files had their listed sizes).
@@ -908,7 +948,8 @@ class RemoteStore:
             return {}
         if prev is None:
             return {}
-        return {(f.sha256, f.size): self._path(prev.name, f.path) for f in prev.files if f.size}
+        return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
+                for f in prev.files if f.size}
 
     def _copy_unchanged(self, source: str, final: str, entry: FileEntry, url: str) -> bool:
         """Server-side copy ``source`` to ``final``; False (upload instead) if it fails."""
@@ -942,8 +983,8 @@ class RemoteStore:
             with self._stats_lock:
                 self.stats["bytes_uploaded"] += entry.size
             return
-        # The previous checkpoint holds these very bytes (same sha256): copy, do not send.
-        # The copy's size is checked, and every download verifies its sha256 as usual.
+        # The previous checkpoint holds these very bytes (same digest): copy, do not send.
+        # The copy's size is checked, and every download verifies its digest as usual.
         if source is not None and self._copy_unchanged(source, final, entry, url):
             progress.update(entry.size)
             return
@@ -982,7 +1023,11 @@ class RemoteStore:
         stop: threading.Event | None = None,
         skipped: list[tuple[str, str]] | None = None,
     ) -> LocalCheckpoint:
-        """Download a checkpoint into ``local`` (sha256 verified while streaming) and commit it.
+        """Download a checkpoint into ``local`` (digests verified while streaming) and commit it.
+
+        The local copy keeps the remote manifest as it is: each file is hashed while written
+        with its entry's algorithm, so a ``ckptsync/1`` checkpoint stays a sha256-verified
+        ``ckptsync/1`` checkpoint locally, and a ``ckptsync/2`` one keeps its BLAKE3 digests.
 
         A file whose bytes do not match its manifest is downloaded again, up to
         ``config.digest_attempts`` times in all, before its checkpoint counts as corrupt.
@@ -1087,7 +1132,7 @@ class RemoteStore:
         path = self._path(m.name, relpath)
         attempts = self.config.digest_attempts
         for attempt in range(1, attempts + 1):
-            writer = staging.open(relpath)
+            writer = staging.open(relpath, entry.algo)
             try:
                 if entry.size >= self.config.ranged_min_size and self._workers > 1:
                     download_file_ranged(self.fs, path, writer, entry, url=url,
@@ -1097,11 +1142,11 @@ class RemoteStore:
                     download_file(self.fs, path, writer, entry, url=url, config=self.config,
                                   retrier=self._retry, progress=progress, stop=stop)
                 got = staging.close_file(relpath)
-                if got.sha256 != entry.sha256:
+                if got.digest != entry.digest:
+                    what = f"{url}: {entry.algo} digest does not match the manifest"
                     raise CorruptCheckpointError(
-                        f"{url}: sha256 does not match the manifest (the remote file was "
-                        f"altered: {attempts} downloads did not match)" if attempt == attempts
-                        else f"{url}: sha256 does not match the manifest", path=url)
+                        f"{what} (the remote file was altered: {attempts} downloads did not "
+                        "match)" if attempt == attempts else what, path=url)
                 return
             except CorruptCheckpointError as e:
                 # A short body or a flipped byte in transit reads like a corrupt file: only
@@ -1121,8 +1166,8 @@ class RemoteStore:
         progress: Progress | None = None,
         stop: threading.Event | None = None,
     ) -> Manifest:
-        """Check that ``name`` is committed, every file has its size and, if ``full``, its sha256
-        (streamed, files in parallel).
+        """Check that ``name`` is committed, every file has its size and, if ``full``, its digest
+        (streamed, files in parallel; each with its entry's algorithm).
 
         Raises:
             NoCheckpointError: ``name`` is not committed.
@@ -1136,20 +1181,21 @@ class RemoteStore:
             return m
         progress = progress or NullProgress()
 
-        def task(relpath: str, sha: str, ev: threading.Event) -> None:
-            url = self.url_of(name, relpath)
-            _, digest = hash_remote_file(self.fs, self._path(name, relpath), url=url,
+        def task(entry: FileEntry, ev: threading.Event) -> None:
+            url = self.url_of(name, entry.path)
+            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
                                          config=self.config, retrier=self._retry,
-                                         progress=progress, stop=ev)
-            if digest != sha:
+                                         progress=progress, stop=ev, algo=entry.algo)
+            if digest != entry.digest:
                 raise CorruptCheckpointError(
-                    f"{url}: sha256 does not match the manifest (the remote file was altered)",
+                    f"{url}: {entry.algo} digest does not match the manifest (the remote file "
+                    "was altered)",
                     path=url,
                 )
 
         progress.start(m.total_size, f"verify {name}")
         try:
-            run_parallel([partial(task, f.path, f.sha256) for f in m.files],
+            run_parallel([partial(task, f) for f in m.files],
                          max_workers=self._workers, stop=stop)
         finally:
             progress.close()

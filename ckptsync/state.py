@@ -169,7 +169,7 @@ _SAVE_PARAMS = ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable
 def serialize(tree: Any, f: Any) -> None:
     """``torch.save(tree, f)``, without the CRC32 of each zip record.
 
-    The manifest holds every file's sha256, checked before every restore and while every pull
+    The manifest holds every file's digest, checked before every restore and while every pull
     downloads; ``torch.load`` never reads the CRC32 (a flipped byte loads silently). Computing it
     costs ~0.3 CPU-s per GB on the thread that competes with training, and protects nothing.
     torch's switch for it (``torch.serialization.set_crc32_options``) is process-wide: flipped

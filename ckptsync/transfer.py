@@ -13,10 +13,11 @@ way (:func:`download_file_ranged`).
 Every upload hashes what it reads and compares it with the local manifest (a local file changed
 after its commit is never uploaded as if it were the committed one); every download writes
 through the local store's hashing writer, refuses bytes past the listed size, and checks size
-and sha256 at the end. Retries (tenacity: exponential back-off with full jitter) apply only to
-errors the translator marks retryable (a connection reset or a body cut short mid-read among
-them); an upload restarts its file (a multipart upload only its part), a download or a remote
-hash resumes at the offset it reached (a ranged download refetches only its range).
+and digest (with the entry's algorithm) at the end. Retries (tenacity: exponential back-off
+with full jitter) apply only to errors the translator marks retryable (a connection reset or a
+body cut short mid-read among them); an upload restarts its file (a multipart upload only its
+part), a download or a remote hash resumes at the offset it reached (a ranged download
+refetches only its range).
 
 This module does not know which backend it talks to; :mod:`ckptsync.remote` passes the
 filesystem and the one function that translates backend exceptions.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import logging
 import threading
 import time
@@ -42,7 +42,7 @@ from fsspec.spec import AbstractBufferedFile
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, LocalStorageError, RemoteError
 from ckptsync.local import HashingWriter
-from ckptsync.manifest import FileEntry
+from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 
 __all__ = [
     "MultipartStream",
@@ -222,7 +222,7 @@ def upload_file(
     ``finish``, if given, runs after the upload completed (e.g. renaming a temporary file
     into place on backends where a file being written is visible).
 
-    The bytes read are hashed and must match ``entry`` (size and sha256), otherwise the
+    The bytes read are hashed and must match ``entry`` (size and digest), otherwise the
     remote file is abandoned and :class:`CorruptCheckpointError` names the local file.
 
     Raises:
@@ -235,7 +235,7 @@ def upload_file(
 
     def attempt() -> None:
         sent = 0
-        digest = hashlib.sha256()
+        digest = new_hasher(entry.algo)
         with _open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
             try:
@@ -253,7 +253,7 @@ def upload_file(
                     digest.update(chunk)
                     sent += len(chunk)
                     progress.update(len(chunk))
-                if sent != entry.size or digest.hexdigest() != entry.sha256:
+                if sent != entry.size or digest.hexdigest() != entry.digest:
                     raise CorruptCheckpointError(
                         f"{local_path}: content no longer matches its manifest (read {sent} "
                         f"bytes, expected {entry.size}); the file changed after its checkpoint "
@@ -514,7 +514,7 @@ def upload_file_multipart(
         finally:
             slots.sent(buf)
 
-    digest = hashlib.sha256()
+    digest = new_hasher(entry.algo)
     size = 0
     futures: list[Future[dict[str, Any]]] = []
     try:
@@ -550,7 +550,7 @@ def upload_file_multipart(
                     f.cancel()
                 raise
         # The bytes sent are the bytes hashed: complete only if they are the committed ones.
-        if size != entry.size or digest.hexdigest() != entry.sha256:
+        if size != entry.size or digest.hexdigest() != entry.digest:
             raise CorruptCheckpointError(
                 f"{local_path}: content no longer matches its manifest (read {size} bytes, "
                 f"expected {entry.size}); the file changed after its checkpoint was committed, "
@@ -748,7 +748,7 @@ def download_file(
 ) -> None:
     """Stream ``remote_path`` into ``writer``, never accepting more than ``entry.size`` bytes.
 
-    A retry resumes at the offset already written. The caller checks the writer's sha256
+    A retry resumes at the offset already written. The caller checks the writer's digest
     (computed while writing) against ``entry`` when it closes the file.
 
     Raises:
@@ -906,13 +906,14 @@ def hash_remote_file(
     retrier: Retrier,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    algo: str = WRITE_ALGO,
 ) -> tuple[int, str]:
-    """``(size, sha256)`` of a remote file, streamed (bounded memory).
+    """``(size, hex digest under algo)`` of a remote file, streamed (bounded memory).
 
     A retry resumes at the offset already hashed (the digest carries on), as downloads do.
     """
     progress = progress or NullProgress()
-    digest = hashlib.sha256()
+    digest = new_hasher(algo)
     size = 0
 
     def attempt() -> tuple[int, str]:

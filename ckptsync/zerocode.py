@@ -339,7 +339,7 @@ def snapshot_version(
             if why is not None:
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
-        signature = tuple(sorted((e.path, e.sha256) for e in staging.entries))
+        signature = tuple(sorted((e.path, f"{e.algo}:{e.digest}") for e in staging.entries))
         if signature == tuple(last_signature):
             staging.abort()
             return Snapshot(None, stats, signature, skipped="identical")
@@ -361,7 +361,7 @@ def snapshot_version(
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((f.path, f.sha256) for f in m.files))
+    return tuple(sorted((f.path, f"{f.algo}:{f.digest}") for f in m.files))
 
 
 def is_watched(m: Manifest) -> bool:

@@ -13,9 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 import torch
+from formats import seal
 from helpers import (
     Counter,
     assert_tree_equal,
@@ -80,7 +82,7 @@ def _rewrite_manifest(ckpt_dir: Path, edit: Any) -> Path:
     path = ckpt_dir / MANIFEST_NAME
     obj = json.loads(path.read_text())
     edit(obj)
-    path.write_text(json.dumps(obj))
+    path.write_text(json.dumps(seal(obj)))  # a consistent manifest, as a careful forger writes
     return path
 
 
@@ -101,7 +103,7 @@ def test_flipped_byte(run: Run, caplog: pytest.LogCaptureFixture) -> None:
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0x01
     bad.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match="sha256") as e:
+    with pytest.raises(CorruptCheckpointError, match="blake3 digest does not match") as e:
         LocalStore(run.dir).verify(LocalStore(run.dir).get(run.new.name))
     assert str(bad) in str(e.value)
     run.assert_falls_back(caplog, bad)
@@ -136,8 +138,6 @@ def test_file_needing_unsafe_unpickling_is_refused_even_with_a_matching_manifest
     run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tampered checkpoint whose manifest hashes match: loading must not run its code."""
-    import hashlib
-
     monkeypatch.chdir(tmp_path)
     bad = run.new / "table.pt"
     torch.save({"w": Evil()}, bad)
@@ -146,7 +146,7 @@ def test_file_needing_unsafe_unpickling_is_refused_even_with_a_matching_manifest
     def fix_entry(obj: dict[str, Any]) -> None:
         for f in obj["files"]:
             if f["path"] == "table.pt":
-                f["size"], f["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+                f["size"], f["blake3"] = len(data), blake3.blake3(data).hexdigest()
 
     _rewrite_manifest(run.new, fix_entry)
     fresh = run.fresh()
@@ -188,12 +188,12 @@ def test_manifest_with_paths_escaping_the_checkpoint(
 
 def test_manifest_of_an_unknown_format_version(run: Run, caplog: pytest.LogCaptureFixture) -> None:
     def edit(obj: dict[str, Any]) -> None:
-        obj["format"] = "ckptsync/2"
+        obj["format"] = "ckptsync/3"
 
     path = _rewrite_manifest(run.new, edit)
     with pytest.raises(UnsupportedFormatError, match="upgrade ckptsync") as e:
         LocalStore(run.dir).get(run.new.name)
-    assert str(path) in str(e.value) and "ckptsync/2" in str(e.value)
+    assert str(path) in str(e.value) and "ckptsync/3" in str(e.value)
     run.assert_falls_back(caplog, path)
 
 

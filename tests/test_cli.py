@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
+from formats import put_tree, rewrite_as_v1
 
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
@@ -94,7 +96,7 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     path.write_bytes(bytes(data))
     p = ckptsync("verify", url)
     assert p.returncode == 1 and no_traceback(p)
-    assert f"CORRUPT  {ckpts[-1].name}" in p.stdout and "sha256" in p.stdout
+    assert f"CORRUPT  {ckpts[-1].name}" in p.stdout and "blake3 digest" in p.stdout
     p = ckptsync("verify", url, "--name", ckpts[-1].name, "--json")
     assert p.returncode == 1 and json.loads(p.stdout)[0]["ok"] is False
     assert ckptsync("verify", url, "--name", ckpts[0].name).returncode == 0
@@ -112,7 +114,7 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     out = json.loads(p.stdout)
     assert out["name"] == ckpts[1].name and out["fell_back"] is True
     assert [s["name"] for s in out["skipped"]] == [ckpts[-1].name]
-    assert "sha256" in out["skipped"][0]["problem"]
+    assert "digest does not match" in out["skipped"][0]["problem"]
     assert (f"pulled {ckpts[1].name}, not the newest committed checkpoint {ckpts[-1].name}"
             in p.stderr) and "--allow-fallback" in p.stderr
     p = ckptsync("pull", url, str(tmp_path / "restore2"), "--allow-fallback")
@@ -234,3 +236,91 @@ def test_storage_options_from_env_and_flags(s3_remote: Any, tmp_path: Path) -> N
     assert [row["name"] for row in json.loads(p.stdout)] == [ckpt.name]
     p = ckptsync("ls", s3_remote.url, env={"CKPTSYNC_STORAGE_OPTIONS": "[1, 2]"})
     assert p.returncode == 2 and "CKPTSYNC_STORAGE_OPTIONS" in p.stderr
+
+
+def _remote_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest
+                ) -> tuple[str, dict[str, str], Any, str]:
+    """(url, env, fsspec filesystem, remote root path) of a file:// or an S3 remote."""
+    if kind == "file":
+        root = tmp_path / "remote" / "run"
+        root.mkdir(parents=True)
+        return f"file://{root}", {}, fsspec.filesystem("file"), str(root)
+    remote = request.getfixturevalue("s3_remote")
+    env = {"CKPTSYNC_STORAGE_OPTIONS": json.dumps(remote.storage_options)}
+    return remote.url, env, remote.fs(), remote.path
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_v1_checkpoint_written_the_old_way(kind: str, tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
+    """Issue 18.1: ``ls``, ``verify`` and ``pull`` read a ``ckptsync/1`` checkpoint (sha256
+    entries, no self-digest) next to format 2 ones."""
+    url, env, fs, root = _remote_for(kind, tmp_path, request)
+    local = LocalStore(tmp_path / "ckpts")
+    old = make_local(local, 1, {"val_loss": 1.0})
+    rewrite_as_v1(old.path)
+    put_tree(fs, old.path, f"{root}/{old.name}")
+    new = make_local(local, 2, {"val_loss": 0.5})
+    assert ckptsync("push", str(local.directory), url, env=env).returncode == 0
+    rows = json.loads(ckptsync("ls", url, "--json", env=env).stdout)
+    assert [(r["name"], r["step"], r["status"]) for r in rows] == [
+        (old.name, 1, "valid"), (new.name, 2, "valid")]
+    p = ckptsync("verify", url, env=env)
+    assert p.returncode == 0 and p.stdout.count("ok ") == 2, p.stdout + p.stderr
+    p = ckptsync("pull", url, str(tmp_path / "restore"), "--name", old.name, env=env)
+    assert p.returncode == 0, p.stderr
+    got = LocalStore(tmp_path / "restore").get(old.name)
+    assert got.manifest.format == "ckptsync/1"
+    assert got.file("model.pt").read_bytes() == old.file("model.pt").read_bytes()
+    fs.pipe_file(f"{root}/{old.name}/model.pt", b"x" * old.manifest.files[0].size)
+    fs.invalidate_cache()
+    p = ckptsync("verify", url, "--name", old.name, env=env)
+    assert p.returncode == 1 and "sha256 digest does not match" in p.stdout and no_traceback(p)
+
+
+def _peak_rss_kib(*args: str, env: dict[str, str]) -> tuple[int, str, int]:
+    """Run ``ckptsync ARGS`` as the only child of a small wrapper that reports the child's
+    peak RSS: (exit code, stdout, peak RSS in KiB)."""
+    wrapper = ("import resource, subprocess, sys\n"
+               "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
+               "sys.stdout.write(p.stdout)\n"
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+               "sys.exit(p.returncode)\n")
+    p = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "ckptsync.cli", *args],
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "CKPTSYNC_RETRIES": "2", **env})
+    return p.returncode, p.stdout, int(p.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_an_oversized_manifest_is_refused_without_being_read(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Issue 17.6: a 64 MiB manifest is reported (path, size, bound) by ``ls`` and ``verify``,
+    skipped by ``pull``, and none of them grows by what reading it would take."""
+    url, env, fs, root = _remote_for(kind, tmp_path, request)
+    local = LocalStore(tmp_path / "ckpts")
+    good = make_local(local, 1, {})
+    assert ckptsync("push", str(local.directory), url, env=env).returncode == 0
+    base = {cmd: _peak_rss_kib(*args, env=env)[2] for cmd, args in {
+        "ls": ("ls", url, "--json"), "verify": ("verify", url),
+        "pull": ("pull", url, str(tmp_path / "base")),
+    }.items()}
+    big, size = make_name(2), 64 * 1024 * 1024
+    fs.makedirs(f"{root}/{big}", exist_ok=True)
+    fs.pipe_file(f"{root}/{big}/model.pt", b"m")
+    fs.pipe_file(f"{root}/{big}/ckptsync.json", b" " * size)
+    fs.invalidate_cache()
+
+    code, out, ls_rss = _peak_rss_kib("ls", url, "--json", env=env)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and rows[good.name]["status"] == "valid"
+    problem = rows[big]["problem"]
+    assert rows[big]["status"] == "corrupt" and f"{big}/ckptsync.json" in problem
+    assert f"{size:,} bytes" in problem and "4,194,304-byte bound" in problem
+    code, out, verify_rss = _peak_rss_kib("verify", url, env=env)
+    assert code == 1 and f"CORRUPT  {big}" in out and "bound" in out
+    code, out, pull_rss = _peak_rss_kib("pull", url, str(tmp_path / "restore"), env=env)
+    assert code == 0 and good.name in out
+    grown = {"ls": ls_rss - base["ls"], "verify": verify_rss - base["verify"],
+             "pull": pull_rss - base["pull"]}
+    assert max(grown.values()) < 24 * 1024, f"peak RSS grew (KiB): {grown}"

@@ -60,7 +60,7 @@ def test_demo_kills_resumes_from_the_remote_and_reports_an_exact_resume(tmp_path
         text.strip() in r.stdout
     assert f"SIGKILL at step {report['killed_at']}" in text
     assert f"{report['resumed_from_name']} (step {report['resumed_from']})" in text
-    assert "sha256 verified" in text and f"{report['steps_redone']} steps redone" in text
+    assert "digests verified" in text and f"{report['steps_redone']} steps redone" in text
     # One line per sync while it ran.
     assert "synced step 10 to the remote" in r.stdout
     assert _png_size(out / "loss.png") == (800, 450)

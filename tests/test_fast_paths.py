@@ -7,11 +7,11 @@ on a real S3 server. Sizes and settings are small so that every fast path trigge
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 from conftest import Remote
@@ -65,7 +65,7 @@ def test_multipart_upload_refuses_changed_file_and_aborts(s3_remote: Remote,
     data = os.urandom(11 * MiB)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    entry = FileEntry("f.bin", len(data), hashlib.sha256(b"other").hexdigest())
+    entry = FileEntry("f.bin", len(data), "blake3", blake3.blake3(b"other").hexdigest())
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     slots = Slots(FAST.parts_in_flight)
     target = f"{store.root}/x/f.bin"
@@ -104,7 +104,7 @@ def test_part_buffers_are_reused_and_bounded(s3_remote: Remote, tmp_path: Path) 
     data = os.urandom(33 * MiB + 7)
     path = tmp_path / "f.bin"
     path.write_bytes(data)
-    entry = FileEntry("f.bin", len(data), hashlib.sha256(data).hexdigest())
+    entry = FileEntry("f.bin", len(data), "blake3", blake3.blake3(data).hexdigest())
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     target = f"{store.root}/reuse/f.bin"
     retrier = Retrier(FAST, translate_error)

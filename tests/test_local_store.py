@@ -12,7 +12,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
+from formats import rewrite_as_v1
 from helpers import RecordingOps, fail_at, file_bytes, staging_dirs
 
 from ckptsync import local
@@ -34,6 +36,10 @@ from ckptsync.local import (
 from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
 
 
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
 def commit(store: LocalStore, step: int | None, files: dict[str, bytes],
            **kw: Any) -> LocalCheckpoint:
     name = make_name(step)
@@ -52,7 +58,7 @@ def test_commit_makes_a_verified_checkpoint_and_leaves_no_staging(tmp_path: Path
     for e in ckpt.manifest.files:
         data = files[e.path]
         assert ckpt.file(e.path).read_bytes() == data
-        assert (e.size, e.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (e.size, e.algo, e.digest) == (len(data), "blake3", b3(data))
     store.verify(ckpt)
     assert store.get(ckpt.name) == ckpt
     assert Manifest.from_json((ckpt.path / MANIFEST_NAME).read_bytes(), where="x") == ckpt.manifest
@@ -62,7 +68,7 @@ def test_write_file_accepts_chunks(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     st = store.staging(make_name(1))
     e = st.write_file("a.bin", iter([b"ab", bytearray(b"cd"), memoryview(b"ef")]))
-    assert (e.size, e.sha256) == (6, hashlib.sha256(b"abcdef").hexdigest())
+    assert (e.size, e.algo, e.digest) == (6, "blake3", b3(b"abcdef"))
     st.abort()
 
 
@@ -113,7 +119,7 @@ def test_hashing_writer_handles_short_writes(tmp_path: Path) -> None:
         assert w.write(data) == len(data)
         assert w.tell() == len(data) and w.writable() and not w.seekable()
     assert (tmp_path / "f").read_bytes() == data
-    assert w.entry("f").sha256 == hashlib.sha256(data).hexdigest() == hash_file(tmp_path / "f")[1]
+    assert w.entry("f").digest == b3(data) == hash_file(tmp_path / "f")[1]
 
 
 def test_large_writes_are_hashed_on_a_helper_thread_before_write_returns(
@@ -128,9 +134,9 @@ def test_large_writes_are_hashed_on_a_helper_thread_before_write_returns(
             threads_seen.update(t.name for t in threading.enumerate())
             return f.write(data)
 
-    big = 32 * 1024 * 1024  # ~30 ms of sha256: a write that did not wait would be overtaken
+    big = 32 * 1024 * 1024  # ~10 ms of BLAKE3: a write that did not wait would be overtaken
     buf = bytearray(os.urandom(big))
-    expected = hashlib.sha256()
+    expected = blake3.blake3()
     with HashingWriter(tmp_path / "f", Ops()) as w:
         for i in range(3):
             expected.update(buf)
@@ -140,7 +146,7 @@ def test_large_writes_are_hashed_on_a_helper_thread_before_write_returns(
             w.write(b"hdr%d" % i)
         size = w.size
     assert any(n.startswith("ckptsync-hash") for n in threads_seen)
-    assert w.entry("f").sha256 == expected.hexdigest() == hash_file(tmp_path / "f")[1]
+    assert w.entry("f").digest == expected.hexdigest() == hash_file(tmp_path / "f")[1]
     assert size == (tmp_path / "f").stat().st_size == 3 * (big + 4)
 
 
@@ -154,7 +160,9 @@ def test_hashing_writer_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_hash_file_in_chunks(tmp_path: Path) -> None:
     data = b"0123456789" * 1000
     (tmp_path / "f").write_bytes(data)
-    assert hash_file(tmp_path / "f", chunk=7) == (len(data), hashlib.sha256(data).hexdigest())
+    assert hash_file(tmp_path / "f", chunk=7) == (len(data), b3(data))
+    assert hash_file(tmp_path / "f", chunk=7, algo="sha256") == (
+        len(data), hashlib.sha256(data).hexdigest())
 
 
 def test_open_verified(tmp_path: Path) -> None:
@@ -194,7 +202,7 @@ def test_verify_full_and_size_only(tmp_path: Path) -> None:
     ckpt = commit(store, 1, {"a.bin": b"abcdef", "b.bin": b"xyz"})
     ckpt.file("a.bin").write_bytes(b"abcdeF")  # same size, other bytes
     store.verify(ckpt, full=False)  # size-only check cannot see it
-    with pytest.raises(CorruptCheckpointError, match="sha256") as e:
+    with pytest.raises(CorruptCheckpointError, match="blake3 digest does not match") as e:
         store.verify(ckpt)
     assert e.value.path == str(ckpt.file("a.bin"))
     ckpt.file("b.bin").write_bytes(b"xy")
@@ -334,7 +342,7 @@ def test_hashing_writer_starts_writeback_as_it_goes(tmp_path: Path) -> None:
             for i in range(0, len(data), chunk):
                 w.write(data[i:i + chunk])
         assert path.read_bytes() == data
-        assert w.entry("f").sha256 == hashlib.sha256(data).hexdigest()
+        assert w.entry("f").digest == b3(data)
         if answer is False:
             assert len(ops.ranges) == 1
             continue
@@ -349,3 +357,58 @@ def test_hashing_writer_starts_writeback_as_it_goes(tmp_path: Path) -> None:
             assert FileOps().writeback(fd, 0, 4096)
         finally:
             os.close(fd)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) and friends (``rchar``)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def test_an_oversized_manifest_is_refused_unread(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17.6: a 1 GiB manifest (sparse) is refused from its size, naming path, size and
+    bound; the checkpoint is skipped, and no byte of the manifest is read."""
+    store = LocalStore(tmp_path)
+    good = commit(store, 1, {"a": b"1"})
+    big = commit(store, 2, {"a": b"2"})
+    path = big.path / MANIFEST_NAME
+    os.truncate(path, 1 << 30)
+    before = _bytes_read()
+    with pytest.raises(ManifestError) as e:
+        store.get(big.name)
+    assert _bytes_read() - before < 64 * 1024
+    msg = str(e.value)
+    assert str(path) in msg and "1,073,741,824 bytes" in msg and "4,194,304-byte bound" in msg
+    with caplog.at_level(logging.WARNING, logger="ckptsync"):
+        assert [c.name for c in store.list()] == [good.name]
+    assert "bound" in caplog.text
+
+
+def test_a_v1_checkpoint_verifies_with_sha256(tmp_path: Path) -> None:
+    """A checkpoint ``ckptsync/1`` wrote (sha256 entries, no self-digest) lists and verifies;
+    its sha256 still catches a flipped byte."""
+    store = LocalStore(tmp_path)
+    ckpt = commit(store, 3, {"a.bin": b"abcdef", "sub/b.bin": b"xyz"})
+    rewrite_as_v1(ckpt.path)
+    (got,) = store.list()
+    assert got.manifest.format == "ckptsync/1" and {f.algo for f in got.manifest.files} == {
+        "sha256"}
+    store.verify(got)
+    with open_verified(got.file("a.bin"), got.manifest.files[0]) as f:
+        assert f.read() == b"abcdef"
+    got.file("a.bin").write_bytes(b"abcdeF")
+    with pytest.raises(CorruptCheckpointError, match=r"a\.bin: sha256 digest does not match"):
+        store.verify(got)
+
+
+def test_an_edited_step_is_refused(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    ckpt = commit(store, 101, {"a": b"1"})
+    path = ckpt.path / MANIFEST_NAME
+    path.write_bytes(path.read_bytes().replace(b'"step": 101', b'"step": 301'))
+    with pytest.raises(ManifestError, match="altered"):
+        store.get(ckpt.name)
+    assert store.list() == []

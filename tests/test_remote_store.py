@@ -19,10 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import blake3
 import fsspec
 import pytest
 from fault_proxy import Fault, FaultProxy
 from faults import FaultFS
+from formats import put_tree, rewrite_as_v1, seal
 
 from ckptsync.config import TransferConfig
 from ckptsync.errors import (
@@ -34,7 +36,14 @@ from ckptsync.errors import (
     RemoteError,
 )
 from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, make_name
+from ckptsync.manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileEntry,
+    Manifest,
+    make_name,
+)
 from ckptsync.remote import RemoteStore, _ManifestExists, translate_error
 from ckptsync.retention import BestRule, RetentionPolicy
 from ckptsync.transfer import Retrier, TransferAborted, download_file, download_file_ranged
@@ -113,6 +122,28 @@ def no_leftovers(local: LocalStore) -> bool:
     return not any(p.name.startswith(".") for p in local.directory.iterdir())
 
 
+class ReadSizes(FaultFS):
+    """Records the largest result of any whole-or-ranged read (``cat_file``, ``cat``)."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(target)
+        self.largest = 0
+
+    def _seen(self, data: Any) -> Any:
+        for v in data.values() if isinstance(data, dict) else [data]:
+            if isinstance(v, (bytes, bytearray)):
+                self.largest = max(self.largest, len(v))
+        return data
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 **kwargs: Any) -> Any:
+        return self._seen(super().cat_file(path, start=start, end=end, **kwargs))
+
+    def cat(self, path: Any, recursive: bool = False, on_error: str = "raise",
+            **kwargs: Any) -> Any:
+        return self._seen(super().cat(path, recursive=recursive, on_error=on_error, **kwargs))
+
+
 class TestConformance:
     """The commit protocol, on every backend ``store_remote`` names."""
 
@@ -181,7 +212,8 @@ class TestConformance:
         overwrite(store_remote, path, bytes(data))
 
         store.verify(old.name)
-        with pytest.raises(CorruptCheckpointError, match=r"model\.pt.*sha256") as ei:
+        with pytest.raises(CorruptCheckpointError,
+                           match=r"model\.pt.*blake3 digest does not match") as ei:
             store.verify(new.name)
         assert new.name in str(ei.value)
         store.verify(new.name, full=False)  # the size still matches
@@ -196,7 +228,7 @@ class TestConformance:
         assert [n for n, _ in skipped] == [new.name] and "sha256" in skipped[0][1]
         assert [c.name for c in out.list()] == [old.name]
         assert no_leftovers(out)
-        with pytest.raises(CorruptCheckpointError, match="sha256"):
+        with pytest.raises(CorruptCheckpointError, match="blake3 digest does not match"):
             store.pull(new.name, out)
         assert no_leftovers(out) and [c.name for c in out.list()] == [old.name]
 
@@ -264,18 +296,21 @@ class TestConformance:
         evil_paths = ["../victim.txt", "/etc/evil", "a/../../victim.txt", "C:/evil"]
         for i, evil in enumerate(evil_paths):
             name = make_name(10 + i)
-            d = Manifest.new(step=10 + i, files=[FileEntry("w.bin", 4, "0" * 64)], name=name)
+            d = Manifest.new(step=10 + i, files=[FileEntry("w.bin", 4, "blake3", "0" * 64)],
+                             name=name)
             raw = d.to_dict()
-            raw["files"] = [{"path": evil, "size": 7, "sha256": "0" * 64}]
+            raw["files"] = [{"path": evil, "size": 7, "blake3": "0" * 64}]
             put(store_remote, rpath(store_remote, name, "w.bin"), b"hacked!")
-            put(store_remote, rpath(store_remote, name, MANIFEST_NAME), json.dumps(raw).encode())
+            put(store_remote, rpath(store_remote, name, MANIFEST_NAME),
+                json.dumps(seal(raw)).encode())
             with pytest.raises(ManifestError, match="unsafe"):
                 store.pull(name, LocalStore(target))
         fs.invalidate_cache()
         # A manifest whose sizes lie (the file is bigger than listed):
         liar = make_name(50)
         put(store_remote, rpath(store_remote, liar, "w.bin"), b"x" * 5000)
-        lie = Manifest.new(step=50, files=[FileEntry("w.bin", 10, "0" * 64)], name=liar)
+        lie = Manifest.new(step=50, files=[FileEntry("w.bin", 10, "blake3", "0" * 64)],
+                           name=liar)
         put(store_remote, rpath(store_remote, liar, MANIFEST_NAME), lie.to_json())
         fs.invalidate_cache()
         with pytest.raises(CorruptCheckpointError, match=r"w\.bin"):
@@ -304,6 +339,106 @@ class TestConformance:
             store.pull(other, LocalStore(tmp_path / "b"))
         m = store.newest_valid()
         assert m is not None and m.name == c.name
+
+    def test_v1_checkpoint_written_the_old_way_is_read(self, store_remote: Any,
+                                                       tmp_path: Path) -> None:
+        """A ``ckptsync/1`` checkpoint (sha256 entries, no self-digest) lists, verifies and
+        pulls; its local copy stays a sha256-verified format 1 checkpoint."""
+        local = LocalStore(tmp_path / "a")
+        data = files_for(3)
+        old = make_local(local, 3, data)
+        rewrite_as_v1(old.path)
+        put_tree(store_remote.fs(), old.path, rpath(store_remote, old.name))
+        new = make_local(local, 4, files_for(4))
+        store = make_store(store_remote)
+        store.push(new)  # format 2 beside format 1 in one remote
+        assert [(m.name, m.format) for m in store.list()] == [
+            (old.name, "ckptsync/1"), (new.name, "ckptsync/2")]
+        assert {e.name: e.status for e in store.scan()} == {old.name: "valid", new.name: "valid"}
+        m = store.verify(old.name)
+        assert {f.algo for f in m.files} == {"sha256"}
+        out = LocalStore(tmp_path / "b")
+        got = store.pull(old.name, out)
+        assert read_tree(got.path) == data and got.manifest == m
+        assert json.loads((got.path / MANIFEST_NAME).read_bytes())["format"] == "ckptsync/1"
+        out.verify(out.get(old.name))  # sha256 of every local byte
+        # Its sha256 still catches a flipped byte, remotely and while pulling.
+        path = rpath(store_remote, old.name, "model.pt")
+        raw = bytearray(data["model.pt"])
+        raw[4321] ^= 0x10
+        overwrite(store_remote, path, bytes(raw))
+        with pytest.raises(CorruptCheckpointError, match=r"model\.pt.*sha256 digest"):
+            store.verify(old.name)
+        with pytest.raises(CorruptCheckpointError, match="sha256 digest does not match"):
+            store.pull(old.name, LocalStore(tmp_path / "c"))
+
+    def test_oversized_manifest_is_refused_unread(self, store_remote: Any,
+                                                  tmp_path: Path) -> None:
+        """Issue 17.6: a manifest over the bound is refused with its path, size and the bound,
+        and no read returns more than the bound + 1 byte of it."""
+        local = LocalStore(tmp_path / "a")
+        good = make_local(local, 1, {"w.bin": b"good"})
+        store = make_store(store_remote)
+        store.push(good)
+        big = make_name(2)
+        size = MAX_MANIFEST_BYTES + 2 * 1024 * 1024
+        put(store_remote, rpath(store_remote, big, "w.bin"), b"good")
+        put(store_remote, rpath(store_remote, big, MANIFEST_NAME), b" " * size)
+        fs = ReadSizes(store_remote.fs())
+        wrapped = make_store(store_remote, fs=fs)
+        with pytest.raises(ManifestError) as e:
+            wrapped.read_manifest(big)
+        msg = str(e.value)
+        assert f"{big}/{MANIFEST_NAME}" in msg and f"{MAX_MANIFEST_BYTES:,}" in msg
+        assert f"{size:,} bytes" in msg
+        rows = {r.name: r for r in wrapped.scan()}
+        assert rows[big].status == "corrupt" and "bound" in (rows[big].problem or "")
+        assert [m.name for m in wrapped.list()] == [good.name]
+        m = wrapped.newest_valid()
+        assert m is not None and m.name == good.name
+        assert wrapped.pull(None, LocalStore(tmp_path / "b")).name == good.name
+        assert 0 < fs.largest <= MAX_MANIFEST_BYTES + 1
+        # LATEST is read with the same bound: a huge one is no hint at all.
+        overwrite(store_remote, rpath(store_remote, LATEST_NAME), b" " * size)
+        assert wrapped.read_latest() is None and fs.largest <= MAX_MANIFEST_BYTES + 1
+
+    def test_empty_manifest_is_corrupt(self, store_remote: Any, tmp_path: Path) -> None:
+        """Manifests are read with a range (bound + 1 bytes): an empty object, which S3 and GCS
+        answer with 416 for any range, is a corrupt manifest, not a remote failure."""
+        local = LocalStore(tmp_path / "a")
+        good = make_local(local, 1, {"w.bin": b"good"})
+        store = make_store(store_remote)
+        store.push(good)
+        empty = make_name(2)
+        put(store_remote, rpath(store_remote, empty, "w.bin"), b"good")
+        put(store_remote, rpath(store_remote, empty, MANIFEST_NAME), b"")
+        overwrite(store_remote, rpath(store_remote, LATEST_NAME), b"")
+        with pytest.raises(ManifestError, match=f"{empty}.*not valid JSON"):
+            store.read_manifest(empty)
+        rows = {r.name: r for r in store.scan()}
+        assert rows[empty].status == "corrupt" and "not valid JSON" in (rows[empty].problem or "")
+        assert store.read_latest() is None
+        m = store.newest_valid()
+        assert m is not None and m.name == good.name
+
+    def test_edited_step_is_refused(self, store_remote: Any, tmp_path: Path) -> None:
+        """Issue 17.1: "step": 101 edited to 301 in a committed manifest is never trusted."""
+        local = LocalStore(tmp_path / "a")
+        c100 = make_local(local, 100, {"w.bin": b"100"})
+        c101 = make_local(local, 101, {"w.bin": b"101"})
+        store = make_store(store_remote)
+        store.push(c100)
+        store.push(c101)
+        path = rpath(store_remote, c101.name, MANIFEST_NAME)
+        edited = store_remote.fs().cat_file(path).replace(b'"step": 101', b'"step": 301')
+        assert b'"step": 301' in edited
+        overwrite(store_remote, path, edited)
+        with pytest.raises(ManifestError, match=f"{c101.name}.*altered"):
+            store.verify(c101.name)
+        m = store.newest_valid()
+        assert m is not None and (m.name, m.step) == (c100.name, 100)
+        got = store.pull(None, LocalStore(tmp_path / "b"))
+        assert got.step == 100 and got.file("w.bin").read_bytes() == b"100"
 
     def test_pull_nothing(self, store_remote: Any, tmp_path: Path) -> None:
         store = make_store(store_remote)
@@ -395,13 +530,13 @@ class TestConformance:
         assert read_tree(got.path) == data
         if store_remote.name != "gdrive":  # one connection at a time there: no ranges
             assert fs.count("cat_file", "shard0.bin") >= 4  # 3 ranges + the end-of-file probe
-        # A flipped byte in the middle range is caught by the in-order sha256.
+        # A flipped byte in the middle range is caught by the in-order digest.
         path = rpath(store_remote, ckpt.name, "shard1.bin")
         raw = bytearray(data["shard1.bin"])
         raw[7 * mib] ^= 0x01
         overwrite(store_remote, path, bytes(raw))
         out = LocalStore(tmp_path / "c")
-        with pytest.raises(CorruptCheckpointError, match="sha256"):
+        with pytest.raises(CorruptCheckpointError, match="blake3 digest does not match"):
             make_store(store_remote, config=cfg).pull(ckpt.name, out)
         assert out.list() == [] and no_leftovers(out)
 
@@ -605,7 +740,7 @@ class TestConformance:
         fs = store_remote.fs()
         names = []
         base = 1_000
-        entry = FileEntry("w.bin", 1, "0" * 64)
+        entry = FileEntry("w.bin", 1, "blake3", "0" * 64)
         payload: dict[str, bytes] = {}
         n = 50 if store_remote.name == "gdrive" else 1000  # the Drive double is slow to fill
         for step in range(base, base + n):
@@ -642,7 +777,7 @@ def test_download_refuses_bytes_past_listed_size(tmp_path: Path) -> None:
     writer_store = LocalStore(tmp_path)
     st = writer_store.staging(make_name(1))
     w = st.open("big")
-    entry = FileEntry("big", 100, "0" * 64)
+    entry = FileEntry("big", 100, "blake3", "0" * 64)
     retrier = Retrier(FAST, lambda e, url, action: translate_error(e, url, action))
     with pytest.raises(CorruptCheckpointError, match="larger than"):
         download_file(fs, "/dl-test/big", w, entry, url="memory://dl-test/big", config=FAST,
@@ -654,8 +789,6 @@ def test_download_refuses_bytes_past_listed_size(tmp_path: Path) -> None:
 
 
 def test_ranged_download_refuses_bytes_past_listed_size(tmp_path: Path) -> None:
-    import hashlib
-
     mib = 1024 * 1024
     cfg = TransferConfig(max_workers=3, block_size=5 * mib, ranged_min_size=5 * mib,
                          retries=1)
@@ -664,7 +797,7 @@ def test_ranged_download_refuses_bytes_past_listed_size(tmp_path: Path) -> None:
     fs.pipe_file("/dl-ranged/big", body + b"extra")
     st = LocalStore(tmp_path).staging(make_name(1))
     w = st.open("big")
-    entry = FileEntry("big", len(body), hashlib.sha256(body).hexdigest())
+    entry = FileEntry("big", len(body), "blake3", blake3.blake3(body).hexdigest())
     retrier = Retrier(cfg, lambda e, url, action: translate_error(e, url, action))
     slots = threading.BoundedSemaphore(2)
     with pytest.raises(CorruptCheckpointError, match="larger than"):

@@ -7,8 +7,11 @@ a random batch sampler with its own generator), run as a subprocess exactly as a
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import pytest
 import torch
+from formats import put_tree, rewrite_as_v1
 from helpers import (
     assert_state_equal,
     committed_steps,
@@ -34,6 +38,7 @@ from helpers import (
 )
 
 from ckptsync import Checkpointer
+from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import FileOps, LocalStore
 from ckptsync.manifest import Manifest, make_name
 
@@ -191,6 +196,72 @@ def test_restore_in_process_brings_back_every_object_and_rng_stream(tmp_path: Pa
     assert state["model"].head.weight is state["model"].emb.weight
 
 
+@pytest.mark.parametrize("where", ["local", "file", "s3"])
+def test_a_v1_checkpoint_written_the_old_way_is_restored(
+        where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Issue 18.1: a ``ckptsync/1`` checkpoint (sha256 entries, no self-digest) restores,
+    from the local directory or pulled from a remote onto a fresh machine."""
+    state = make_training_state(seed=2)
+    train_steps(state, 2)
+    expected = state_trees(state)
+    with Checkpointer(tmp_path / "old") as ck:
+        ck.save(7, metrics={"loss": 0.5}, **state).wait()
+    (old,) = LocalStore(tmp_path / "old").list()
+    rewrite_as_v1(old.path)
+    train_steps(state, 2)  # move on, so that a restore has something to bring back
+    remote = None if where == "local" else request.getfixturevalue(f"{where}_remote")
+    if remote is None:
+        ck = Checkpointer(tmp_path / "old")
+    else:
+        put_tree(remote.fs(), old.path, f"{remote.path}/{old.name}")
+        ck = Checkpointer(tmp_path / "fresh", remote.url, storage_options=remote.storage_options)
+    with ck:
+        info = ck.restore(**state)
+    assert info is not None and (info.name, info.step) == (old.name, 7)
+    assert info.manifest.format == "ckptsync/1" and info.metrics == {"loss": 0.5}
+    assert_state_equal(state, expected)
+    # A flipped byte in the format 1 checkpoint is still caught by its sha256.
+    target = (info.path / "model.pt")
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    with Checkpointer(info.path.parent) as ck2, pytest.raises(
+            CorruptCheckpointError, match=r"model\.pt.*sha256 digest"):
+        ck2.restore(name=old.name, **state)
+
+
+def test_a_manifest_whose_step_was_edited_is_never_restored(tmp_path: Path,
+                                                            s3_remote: Any) -> None:
+    """Issue 17.1 on S3: "step": 101 edited to 301 in the newest manifest fails ``ckptsync
+    verify`` (exit 1, saying it was altered), and a fresh machine restores step 100."""
+    state = make_training_state(seed=4)
+    opts = s3_remote.storage_options
+    with Checkpointer(tmp_path / "a", s3_remote.url, storage_options=opts) as ck:
+        train_steps(state, 1)
+        ck.save(100, **state).wait()
+        at_100 = state_trees(state)
+        train_steps(state, 1)
+        ck.save(101, **state).wait()
+    (c101,) = [c for c in LocalStore(tmp_path / "a").list() if c.step == 101]
+    fs = s3_remote.fs()
+    path = f"{s3_remote.path}/{c101.name}/ckptsync.json"
+    edited = fs.cat_file(path).replace(b'"step": 101', b'"step": 301')
+    assert b'"step": 301' in edited
+    fs.pipe_file(path, edited)
+    fs.invalidate_cache()
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts)}
+    p = subprocess.run([sys.executable, "-m", "ckptsync.cli", "verify", s3_remote.url],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert f"CORRUPT  {c101.name}" in p.stdout and "altered" in p.stdout
+    with Checkpointer(tmp_path / "fresh", s3_remote.url, storage_options=opts) as ck:
+        info = ck.restore(**state)
+    assert info is not None and info.step == 100
+    assert_state_equal(state, at_100)
+
+
 def _mapped_files() -> set[str]:
     with open("/proc/self/maps") as f:
         rows = (line.split(None, 5) for line in f)
@@ -258,7 +329,7 @@ class _WatchCrc32Setting(FileOps):
 
 def test_saved_files_skip_zip_crc32_without_touching_the_users_torch_save(
         tmp_path: Path) -> None:
-    """Checkpoint files carry no zip CRC32 (the manifest's sha256 covers every byte; torch.load
+    """Checkpoint files carry no zip CRC32 (the manifest's digest covers every byte; torch.load
     never reads the CRC), load with plain torch.load, restore exactly, and the user's own
     torch.save calls keep their CRC32 while a save runs: torch's switch is process-wide."""
     state = make_training_state(seed=3)

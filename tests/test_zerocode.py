@@ -6,6 +6,7 @@ newest one. One test per way of writing a checkpoint (rename, in place, director
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,13 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 
 from conftest import Remote
+from formats import put_tree, rewrite_as_v1
 from watchkit import PY, SCRIPTS, child_env, live_children, wait_for
 
 from ckptsync import start_watcher  # the public name, as a notebook imports it
 from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
-from ckptsync.zerocode import WatchRule, check_complete, restore_watched
+from ckptsync.zerocode import WatchRule, check_complete, restore_watched, snapshot_version
 
 TRAINER = SCRIPTS / "zc_trainer.py"
 RULES = {"rename": "file:ckpt.pt", "inplace": "file:ckpt.pt", "dirs": "dir:checkpoint-*:DONE"}
@@ -96,7 +98,7 @@ def test_trainer_killed_mid_write_remote_holds_only_complete_versions_and_resume
     assert steps == sorted(set(steps)) and steps[-1] <= 3  # no duplicate, nothing torn
     if mode != "inplace":
         assert steps[-1] == 3  # the last complete version is never lost
-    assert len(steps) == len({tuple(sorted(f.sha256 for f in m.files)) for m in versions})
+    assert len(steps) == len({tuple(sorted(f.digest for f in m.files)) for m in versions})
 
     # A fresh machine: restore the newest version at its original paths, resume with the
     # trainer's own flag.
@@ -128,6 +130,33 @@ def test_rewrite_with_identical_content_is_not_committed_again(
     listed = RemoteStore(file_remote.url).list()
     assert len(listed) == 1 and listed[0].step == 1
     assert listed[0].source["paths"] == ["weights_1.pt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
+        kind: str, tmp_path: Path, file_remote: Remote, s3_remote: Remote) -> None:
+    """Issue 18.1: ``ckptsync pull`` puts a zero-code version that ``ckptsync/1`` wrote
+    (sha256 entries) back at its original path, verified."""
+    remote = file_remote if kind == "file" else s3_remote
+    out = tmp_path / "run"
+    (out / "sub").mkdir(parents=True)
+    torch.save({"step": 4, "w": torch.arange(10.0)}, out / "sub" / "weights_4.pt")
+    rule = WatchRule.parse("file:sub/weights_*.pt;step=weights_(\\d+)")
+    snap = snapshot_version(LocalStore(tmp_path / "spool"), out, rule, ["sub/weights_4.pt"],
+                            step=4)
+    ckpt = snap.ckpt
+    assert ckpt is not None
+    rewrite_as_v1(ckpt.path)
+    put_tree(remote.fs(), ckpt.path, f"{remote.path}/{ckpt.name}")
+    fresh = tmp_path / "fresh"
+    env = child_env(CKPTSYNC_STORAGE_OPTIONS=json.dumps(remote.storage_options))
+    p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout) == {"restored": [ckpt.name], "paths": ["sub/weights_4.pt"]}
+    restored = fresh / "sub" / "weights_4.pt"
+    assert restored.read_bytes() == (out / "sub" / "weights_4.pt").read_bytes()
+    assert torch.equal(torch.load(restored, weights_only=True)["w"], torch.arange(10.0))
 
 
 def test_rules_parse_and_torn_files_are_detected(tmp_path: Path) -> None:

@@ -78,8 +78,9 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
                         paths=["ckpt.pt"])
 
     p = ckptsync("pull", file_remote.url, str(work), "--json")
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"restored": [good.name], "paths": ["ckpt.pt"]}
+    assert p.returncode == 4, p.stderr  # it fell back from the newest committed version
+    assert json.loads(p.stdout) == {"restored": [good.name], "paths": ["ckpt.pt"],
+                                    "fell_back": True}
     assert (work / "ckpt.pt").read_bytes() == b"good weights"
     assert evil.name in p.stderr and "train.py" in p.stderr  # the refusal, logged
     assert_untouched(work, outside)

@@ -150,7 +150,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def assert_remote_sound(store: RemoteStore) -> list[Manifest]:
-    """Every committed remote checkpoint verifies in full (sizes and sha256)."""
+    """Every committed remote checkpoint verifies in full (sizes and digests)."""
     listed = store.list()
     for m in listed:
         store.verify(m.name, full=True)
