@@ -193,8 +193,11 @@ def _s3_remote(server: servers._S3Server, name: str, checks_credentials: bool) -
 
 
 @pytest.fixture
-def seaweedfs_remote(seaweedfs_server: servers.SeaweedFS, _fresh_fsspec: None) -> Remote:
-    return _s3_remote(seaweedfs_server, "seaweedfs", checks_credentials=True)
+def seaweedfs_remote(seaweedfs_server: servers.SeaweedFS,
+                     _fresh_fsspec: None) -> Iterator[Remote]:
+    remote = _s3_remote(seaweedfs_server, "seaweedfs", checks_credentials=True)
+    yield remote
+    seaweedfs_server.delete_bucket(remote.extra["bucket"])  # frees its volumes (see there)
 
 
 @pytest.fixture

@@ -153,7 +153,8 @@ def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
     p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"restored": [ckpt.name], "paths": ["sub/weights_4.pt"]}
+    assert json.loads(p.stdout) == {"restored": [ckpt.name], "paths": ["sub/weights_4.pt"],
+                                    "fell_back": False}
     restored = fresh / "sub" / "weights_4.pt"
     assert restored.read_bytes() == (out / "sub" / "weights_4.pt").read_bytes()
     assert torch.equal(torch.load(restored, weights_only=True)["w"], torch.arange(10.0))
