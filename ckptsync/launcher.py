@@ -93,6 +93,7 @@ class WatcherHandle:
                 done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))
                 local = {c.name for c in LocalStore(self.local_dir).list()}
                 if (not st.get("pending") and not st.get("uploading") and local <= done
+                        and not st.get("settling")
                         and not any(w.get("pending") for w in st.get("watch", []))):
                     return st
                 failed = [f for f in st.get("failed", []) if f["name"] in local]
@@ -102,8 +103,8 @@ class WatcherHandle:
                         + "; ".join(f"{f['name']}: {f['error']}" for f in failed)
                     )
             if deadline is not None and time.monotonic() > deadline:
-                pending = st.get("pending") if st else "unknown (no status yet)"
-                raise TimeoutError(f"checkpoints still pending after {timeout}s: {pending}")
+                raise TimeoutError(f"not everything is committed after {timeout}s: "
+                                   + _outstanding(st, self.local_dir))
             time.sleep(poll_s)
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -123,6 +124,24 @@ class WatcherHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _outstanding(st: dict[str, Any] | None, local_dir: Path) -> str:
+    """What a flush still waits for, in words."""
+    from ckptsync.local import LocalStore
+
+    if st is None:
+        return "the daemon wrote no status yet"
+    done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))
+    unseen = sorted({c.name for c in LocalStore(local_dir).list()} - done
+                    - set(st.get("pending", [])))
+    parts = [f"{key} {st[key]}" for key in ("pending", "uploading", "settling") if st.get(key)]
+    if unseen:
+        parts.append(f"not yet seen by the daemon {unseen}")
+    if st.get("last_error"):
+        parts.append(f"last error: {st['last_error']}")
+    return "; ".join(parts) or "nothing reported outstanding (the daemon's last reconcile " \
+        "predates the flush)"
 
 
 def start_watcher(

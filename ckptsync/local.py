@@ -523,15 +523,17 @@ class LocalStore:
 
     def list(self, bad: list[tuple[str, str]] | None = None) -> list[LocalCheckpoint]:
         """Committed checkpoints, oldest first. Unreadable manifests are logged and skipped
-        (and, given ``bad``, appended to it as ``(name, problem)``), and so are symlinks (a
-        checkpoint is a directory of this store, never a link to somewhere else that
-        retention could delete through)."""
+        (and, given ``bad``, appended to it as ``(name, problem)``), one deleted while it is
+        listed is skipped, and so are symlinks (a checkpoint is a directory of this store,
+        never a link to somewhere else that retention could delete through)."""
         out = []
         for p in self.directory.iterdir():
             if p.name.startswith(".") or p.is_symlink() or not (p / MANIFEST_NAME).is_file():
                 continue
             try:
                 out.append(LocalCheckpoint(p, self.read_manifest(p.name)))
+            except NoCheckpointError:
+                continue  # deleted since it was listed (say, by a trainer's retention)
             except ManifestError as e:
                 log.warning("skipping checkpoint with a bad manifest: %s", e)
                 if bad is not None:

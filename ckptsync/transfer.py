@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import logging
 import threading
 import time
@@ -557,11 +558,7 @@ def upload_file_multipart(
                 "so it is not uploaded",
                 path=str(local_path),
             )
-        retrier.call(
-            lambda: call("complete_multipart_upload", UploadId=upload_id,
-                         MultipartUpload={"Parts": parts}),
-            url=url, action="upload to",
-        )
+        complete_multipart(call, upload_id, parts, entry.size, url=url, retrier=retrier)
     except BaseException:
         with lock:
             progress.update(-reported[0])
@@ -573,6 +570,56 @@ def upload_file_multipart(
     finally:
         sender.close()
         fs.invalidate_cache(remote_path)
+
+
+def _multipart_etag(parts: list[dict[str, Any]]) -> str | None:
+    """The ETag S3 gives the object a multipart upload of ``parts`` completes into."""
+    try:
+        digests = b"".join(bytes.fromhex(str(p["ETag"]).strip('"')) for p in parts)
+    except ValueError:
+        return None  # not MD5 part ETags (e.g. SSE-KMS): compare sizes only
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"
+
+
+def complete_multipart(call: Callable[..., Any], upload_id: str | None,
+                       parts: list[dict[str, Any]], size: int, *, url: str,
+                       retrier: Retrier) -> None:
+    """CompleteMultipartUpload, retried, with an ambiguous outcome resolved by reading the
+    remote (DESIGN.md, "The daemon").
+
+    A timeout or a reset can come after S3 completed the upload; a retry then gets NoSuchUpload
+    (the upload is gone because it succeeded). So after any failed attempt, the object is
+    looked up: when it is there with ``size`` bytes (and, where S3 computes it so, the ETag
+    of exactly these parts), the upload completed and this returns; otherwise the attempt's
+    error stands (and is retried where retryable).
+
+    ``call(method, **kwargs)`` runs one S3 call on the object (Bucket and Key filled in).
+    """
+    expected = _multipart_etag(parts)
+
+    def completed() -> bool:
+        try:
+            head = call("head_object")
+        except Exception:  # not there (or unreadable): not known to be completed
+            return False
+        etag = str(head.get("ETag") or "").strip('"')
+        if int(head.get("ContentLength", -1)) != size:
+            return False
+        return expected is None or "-" not in etag or etag == expected
+
+    def attempt() -> None:
+        try:
+            call("complete_multipart_upload", UploadId=upload_id,
+                 MultipartUpload={"Parts": parts})
+        except Exception as e:
+            if completed():
+                log.info("completing the multipart upload of %s failed (%s: %s), but the "
+                         "object is there, complete: the first attempt took effect", url,
+                         type(e).__name__, e)
+                return
+            raise
+
+    retrier.call(attempt, url=url, action="upload to")
 
 
 class MultipartStream:
@@ -688,10 +735,8 @@ class MultipartStream:
                 self.slots.acquire()
                 self._send(*self.slots.body(part, self._fill))
             parts = [f.result() for f in self._futures]
-            self.retrier.call(
-                lambda: self._call("complete_multipart_upload", UploadId=self._upload_id,
-                                   MultipartUpload={"Parts": parts}),
-                url=self.url, action="upload to")
+            complete_multipart(self._call, self._upload_id, parts, entry.size, url=self.url,
+                               retrier=self.retrier)
             self._upload_id = None  # completed: nothing to abort
             if progress is not None:
                 progress.update(entry.size)

@@ -7,10 +7,15 @@ Events are hints, scans are truth (DESIGN.md, "The daemon")::
                                                          status file, retention
 
 A reconcile lists the committed local checkpoints (the native ones in ``LOCAL_DIR`` and the
-zero-code versions in the spool) and pushes every one the remote does not hold, oldest first.
-It runs at start-up, shortly after file events, and every ``interval`` seconds. The remote is
-the only record needed: pushing a committed name is a no-op and a push killed at any point
-leaves no manifest, so the daemon can be killed (even with SIGKILL) and restarted at any time.
+zero-code versions in the spool) and pushes those the remote does not hold, newest first, one
+push in flight per source (the native checkpoints; each zero-code rule): however fast a
+trainer saves, the remote is never further behind than that push plus the newest checkpoint,
+which goes next. Older ones are pushed once nothing newer waits; one the trainer deletes
+before or while it is pushed (its own retention) is dropped, not failed. A reconcile runs at
+start-up, after every push, shortly after file events, and every ``interval`` seconds. The
+remote is the only record needed: pushing a committed name is a no-op and a push killed at
+any point leaves no manifest, so the daemon can be killed (even with SIGKILL) and restarted
+at any time.
 
 Threads: the watchdog observer, one dispatcher, ``workers`` upload threads and one snapshot
 thread (zero-code copies); each stops through an :class:`threading.Event`. SIGTERM/SIGINT stop
@@ -21,9 +26,14 @@ Files in ``LOCAL_DIR/.ckptsync-watch/``: ``lock`` (flock: one daemon per directo
 pid), ``status.json`` (replaced atomically; read by ``ckptsync status``), ``spool/`` (zero-code
 versions waiting for, or kept after, their upload).
 
-Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed checkpoints,
-2 bad configuration or another daemon holds the directory, 3 a permanent remote error
-(credentials, missing bucket, a conflicting remote checkpoint).
+Errors: once running, the daemon never exits on an error: a failed push (of any exception
+type) is reported (event and ``status``) and retried with back-off, and a failing remote
+listing keeps the last known state; only start-up can end it with an error.
+
+Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed checkpoints
+(or the daemon crashed), 2 bad configuration or another daemon holds the directory, found at
+start-up, 3 a permanent remote error found at start-up (credentials, missing bucket): a
+supervisor may restart on 3 (the bucket or the credentials may be fixed meanwhile), not on 2.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ from typing import IO, TYPE_CHECKING, Any
 from ckptsync.config import storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
-from ckptsync.manifest import Manifest, parse_name
+from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
 from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.retention import (
     BestRule,
@@ -379,9 +389,9 @@ def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
     st["running"] = holder is not None
     if holder is not None and holder > 0:
         st["pid"] = holder
-    st.setdefault("synced", [])
-    st.setdefault("pending", [])
-    st.setdefault("failed", [])
+    for key in ("synced", "pending", "uploading", "settling", "failed"):
+        st.setdefault(key, [])
+    st.setdefault("in_sync", False)
     st["local_dir"] = str(d)
     return st
 
@@ -487,6 +497,12 @@ class _Failure:
     error: str
     attempts: int
     retry_at: float
+    retryable: bool = True  # the remote may be failing: its source waits for the back-off
+
+
+def _source(ckpt: LocalCheckpoint) -> str:
+    """Which stream of checkpoints ``ckpt`` belongs to: "" (native) or its zero-code rule."""
+    return str(ckpt.manifest.source.get("rule") or "")
 
 
 class Watcher:
@@ -522,6 +538,7 @@ class Watcher:
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="ckptsync-upload")
         self._snap_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-snapshot")
         self._inflight: dict[str, Future[Any]] = {}
+        self._inflight_src: dict[str, str] = {}  # name -> source (one push each)
         self._failed: dict[str, _Failure] = {}
         self._remote: dict[str, Manifest] = {}
         self._skipped: set[str] = set()
@@ -531,6 +548,8 @@ class Watcher:
         self._retention_due = False
         self._retention_running = False
         self._fatal: str | None = None
+        self._last_error: str | None = None  # the newest error reported (status)
+        self._dropped: dict[str, str] = {}  # name -> why it is not pushed (gone)
         self._drain = config.once  # finish what is there, then exit
         self._state = "starting"
         self._started = _utc()
@@ -597,15 +616,15 @@ class Watcher:
                     break
             now = time.monotonic()
             for it in batch:
-                self._handle(it, now)
+                self._guarded(f"handling {it[0]!r}", self._handle, it, now)
             if self._fatal:
                 return EXIT_REMOTE
             self._check_parent()
             now = time.monotonic()
             if self._reconcile_at is not None and now >= self._reconcile_at:
-                self._reconcile()
-            self._take_versions(now)
-            self._maybe_retention()
+                self._guarded("reconciling", self._reconcile)
+            self._guarded("taking versions", self._take_versions, now)
+            self._guarded("applying retention", self._maybe_retention)
             if self._drain and self._drained():
                 if self._retention_running or self._retention_due:
                     continue
@@ -613,6 +632,19 @@ class Watcher:
                 self._write_status()
                 return EXIT_FAILED if failed and self.config.once else EXIT_OK
         return EXIT_OK
+
+    def _guarded(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        """Run one step of the loop; an error of any type is reported, never the end of the
+        daemon (the next reconcile, at the latest ``interval`` seconds later, retries)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._last_error = f"{what}: {type(e).__name__}: {e}"
+            log.debug("error while %s", what, exc_info=True)
+            self.events("error", "internal_error", during=what, error_type=type(e).__name__,
+                        error=str(e), action="continuing; the next reconcile retries")
+            if self._reconcile_at is None:
+                self._schedule(time.monotonic() + self.config.interval)
 
     def _next_item(self) -> tuple[Any, ...] | None:
         now = time.monotonic()
@@ -666,24 +698,32 @@ class Watcher:
 
     # ------------------------------------------------------------------ remote knowledge
     def _refresh_remote(self, *, initial: bool = False) -> bool:
-        """Re-list the remote's committed checkpoints. False on a permanent error."""
+        """Re-list the remote's committed checkpoints.
+
+        At start-up (``initial``) a permanent error (credentials, missing bucket, a bad URL) is
+        a configuration error: False, the daemon exits. Any other error, and every error
+        later, is reported and leaves the last known state: a later refresh retries (a push
+        of a name that is already committed is a no-op, so a stale view costs nothing).
+        """
         attempt = 0
         while not self._stop.is_set():
             try:
                 listed = self.store.list()
-            except RemoteError as e:
-                if not e.retryable:
+            except Exception as e:
+                permanent = isinstance(e, ConfigError) or (
+                    isinstance(e, RemoteError) and not e.retryable)
+                if initial and permanent:
                     self._fail_fast(e)
                     return False
                 attempt += 1
                 delay = _backoff(attempt)
-                self.events("warning", "remote_unavailable", error=str(e), retry_in_s=delay)
+                self._last_error = f"listing the remote: {type(e).__name__}: {e}"
+                self.events("warning", "remote_unavailable", error=str(e),
+                            error_type=type(e).__name__,
+                            retry_in_s=round(delay, 2) if initial else None)
                 if not initial or self._stop.wait(delay):
                     return True
                 continue
-            except CkptSyncError as e:
-                self._fail_fast(e)
-                return False
             self._remote = {m.name: m for m in listed}
             self._remote_refreshed = time.monotonic()
             return True
@@ -722,6 +762,12 @@ class Watcher:
                 return
         local = self._local_checkpoints()
         self._local_names = [c.name for c in local]
+        present = set(self._local_names)
+        # A checkpoint deleted locally (the trainer's retention) can never be pushed: forget
+        # its failure, or status and a drain would wait for it forever.
+        for name in [n for n in self._failed if n not in present]:
+            del self._failed[name]
+        self._dropped = {n: why for n, why in self._dropped.items() if n in present}
         doomed: set[str] = set()
         policy = self.config.policy
         if policy.active:
@@ -731,15 +777,24 @@ class Watcher:
                      for m in union.values()]
             doomed = set(select_for_deletion(infos, policy, protect=self._protected()))
         self._skipped = {n for n in doomed if n not in self._remote}
-        for ckpt in local:
-            name = ckpt.name
-            if name in self._remote or name in self._inflight or name in self._skipped:
+        # Newest first, one push in flight per source: a trainer saving faster than the link
+        # uploads never queues pushes the newest has to wait behind, and the ones it deletes
+        # meanwhile are never started.
+        busy = set(self._inflight_src.values())
+        for ckpt in reversed(local):
+            name, src = ckpt.name, _source(ckpt)
+            if (src in busy or name in self._remote or name in self._inflight
+                    or name in self._skipped or name in self._dropped):
                 continue
             fail = self._failed.get(name)
-            if fail is not None and (fail.retry_at > now or (self.config.once and self._drain
-                                                              and fail.attempts >= 3)):
+            if fail is not None and self._drain and fail.attempts >= 3:
+                continue  # draining (--once, or the parent exited): given up on
+            if fail is not None and fail.retry_at > now:
+                if fail.retryable:
+                    busy.add(src)  # the remote is failing: retry the newest after its back-off
                 continue
             self._submit_push(ckpt)
+            busy.add(src)
         self._last_reconcile = time.time()
         self._write_status()
 
@@ -757,14 +812,17 @@ class Watcher:
 
         fut = self._pool.submit(job)
         self._inflight[ckpt.name] = fut
+        self._inflight_src[ckpt.name] = _source(ckpt)
         fut.add_done_callback(lambda f: self._q.put(("pushed", ckpt, (f, t0))))
 
     def _on_pushed(self, ckpt: LocalCheckpoint, info: tuple[Future[Any], float],
                    now: float) -> None:
         fut, t0 = info
         self._inflight.pop(ckpt.name, None)
+        self._inflight_src.pop(ckpt.name, None)
         if fut.cancelled():
             return
+        self._schedule(now)  # the source's next (newest) checkpoint may be waiting for this one
         exc = fut.exception()
         if exc is None:
             m = fut.result()
@@ -782,18 +840,31 @@ class Watcher:
             self.events("warning", "push_abandoned", name=ckpt.name,
                         detail="stopped before its commit: nothing partial is visible")
             return
+        if not (ckpt.path / MANIFEST_NAME).is_file():
+            # Deleted by the trainer (its own retention) before or while it was uploaded: not
+            # a failure, and nothing to retry. The push never committed it.
+            self._failed.pop(ckpt.name, None)
+            self._dropped[ckpt.name] = "gone"
+            self.events("info", "push_dropped", name=ckpt.name, step=ckpt.step, reason="gone",
+                        detail="deleted locally during its upload; nothing was committed")
+            self._write_status()
+            return
         prev = self._failed.get(ckpt.name)
         attempts = (prev.attempts if prev else 0) + 1
-        if isinstance(exc, RemoteError) and not exc.retryable:
-            self._fail_fast(exc)
-            self._stop.set()
-            return
-        delay = _backoff(attempts) if not (isinstance(exc, RemoteError) and exc.retryable) \
-            else _backoff(attempts, base=1.0, cap=120.0)
-        self._failed[ckpt.name] = _Failure(f"{type(exc).__name__}: {exc}", attempts, now + delay)
+        # Any error, of any type, once running: report it, keep syncing the rest, retry with
+        # back-off (a later scan or a fixed remote may succeed). Errors a retry is unlikely to
+        # fix (access denied, a conflicting remote checkpoint) back off longer.
+        retryable = not isinstance(exc, CkptSyncError) or (
+            isinstance(exc, RemoteError) and exc.retryable)
+        delay = _backoff(attempts, base=1.0, cap=120.0) if retryable \
+            else _backoff(attempts, base=5.0, cap=600.0)
+        error = f"{type(exc).__name__}: {exc}"
+        self._failed[ckpt.name] = _Failure(error, attempts, now + delay, retryable)
+        self._last_error = f"{ckpt.name}: {error}"
         self._any_failed_once = True
-        self.events("warning", "push_failed", name=ckpt.name, attempt=attempts,
-                    error=str(exc), retry_in_s=round(delay, 2))
+        self.events("warning" if retryable else "error", "push_failed", name=ckpt.name,
+                    attempt=attempts, error=str(exc), error_type=type(exc).__name__,
+                    retryable=retryable, retry_in_s=round(delay, 2))
         self._schedule(now + delay)
         self._write_status()
 
@@ -866,8 +937,6 @@ class Watcher:
     def _maybe_retention(self) -> None:
         if not self._retention_due or self._retention_running or self._stop.is_set():
             return
-        if self._inflight:
-            return  # apply once the batch is committed
         self._retention_due = False
         self._retention_running = True
         protect = self._protected()
@@ -912,8 +981,16 @@ class Watcher:
         return [n for n in self._local_names
                 if n not in self._remote and n not in self._skipped]
 
+    def _synced(self) -> list[str]:
+        """The committed remote checkpoints of this directory: the local checkpoints the remote
+        holds, and every zero-code version of our rules it holds (their spool copies go)."""
+        local = set(self._local_names)
+        rules = {t.rule.spec for t in self._trackers}
+        ours = [m for m in self._remote.values()
+                if m.name in local or (is_watched(m) and m.source.get("rule") in rules)]
+        return [m.name for m in sorted(ours, key=lambda m: m.sort_key())]
+
     def _write_status(self) -> None:
-        synced = [n for n in self._local_names if n in self._remote]
         now = time.monotonic()
         wall = time.time()
         # Pending also counts a finished version not yet taken (say, a file that was there
@@ -921,6 +998,12 @@ class Watcher:
         watch = [{"rule": t.rule.spec,
                   "pending": t.pending(now) or t.due(now, wall, force=True) is not None}
                  for t in self._trackers]
+        pending = self._pending_names()
+        settling = [w["rule"] for w in watch if w["pending"]]
+        # In sync only when nothing at all is outstanding: a version being written or copied
+        # has no name yet, but it is not synced either.
+        in_sync = (self._last_reconcile is not None and not pending and not self._inflight
+                   and not settling and not self._failed and self._fatal is None)
         st = {
             "pid": os.getpid(),
             "state": self._state,
@@ -931,14 +1014,18 @@ class Watcher:
             "updated_ts": time.time(),
             "last_reconcile": _utc(self._last_reconcile) if self._last_reconcile else None,
             "last_reconcile_ts": self._last_reconcile,
-            "synced": synced,
-            "pending": self._pending_names(),
+            "in_sync": in_sync,
+            "synced": self._synced(),
+            "pending": pending,
             "uploading": sorted(self._inflight),
-            "failed": [{"name": n, "error": f.error, "attempts": f.attempts}
+            "settling": settling,
+            "failed": [{"name": n, "error": f.error, "attempts": f.attempts,
+                        "retryable": f.retryable}
                        for n, f in sorted(self._failed.items())],
             "skipped_by_retention": sorted(self._skipped),
             "watch": watch,
             "error": self._fatal,
+            "last_error": self._last_error,
         }
         with contextlib.suppress(OSError):
             write_json_atomic(self.status_path, st)

@@ -34,8 +34,12 @@ zero-code rules (trainers that only call torch.save):
   --rule 'dir:checkpoint-*:DONE'   a directory per checkpoint, finished when DONE is written
   options after ';': step=REGEX (first group is the step) or step=none
 
-exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints;
-2 bad configuration or another daemon watches the directory; 3 permanent remote error."""
+once running, the daemon never exits on an error: failed uploads are reported (log and
+`ckptsync status`) and retried with back-off while the rest keeps syncing.
+
+exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints (or a
+crash); 2 bad configuration or another daemon watches the directory (at start-up: do not
+restart); 3 permanent remote error at start-up (bad credentials, no such bucket)."""
 
 
 def add_subcommands(subparsers: Any) -> None:
@@ -92,7 +96,8 @@ def run_watch(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Print the daemon status of a directory; exit 0 (1 when checkpoints failed)."""
+    """Print the daemon status of a directory; exit 0 (1 when checkpoints failed, or the
+    daemon stopped with an error)."""
     from ckptsync.watch import daemon_status
 
     st = daemon_status(args.local_dir)
@@ -100,7 +105,7 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=1, sort_keys=True))
     else:
         print(format_status(st))
-    return 1 if st.get("failed") else 0
+    return 1 if st.get("failed") or st.get("error") else 0
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -114,8 +119,13 @@ def format_status(st: dict[str, Any]) -> str:
         f"remote:    {st.get('remote')}",
         f"daemon:    {running}",
         f"last reconcile: {st.get('last_reconcile') or 'never'}",
-        f"synced:  {len(st['synced'])}" + (f" (newest {st['synced'][-1]})" if st["synced"] else ""),
-        f"pending: {len(st['pending'])}" + "".join(f"\n  {n}" for n in st["pending"]),
+        f"synced:  {len(st['synced'])}" + (f" (newest {st['synced'][-1]})" if st["synced"] else "")
+        + " committed remotely",
+        f"pending: {len(st['pending']) + len(st.get('settling', []))}"
+        + "".join(f"\n  {n}" + (" (uploading)" if n in st.get("uploading", []) else "")
+                  for n in st["pending"])
+        + "".join(f"\n  a version of rule {r} (being written, settling or copied)"
+                  for r in st.get("settling", [])),
         f"failed:  {len(st['failed'])}" + "".join(
             f"\n  {f['name']} ({f['attempts']} attempts): {f['error']}" for f in st["failed"]),
     ]
@@ -123,6 +133,13 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"rule {w['rule']}: {'writing/settling' if w['pending'] else 'idle'}")
     if st.get("error"):
         lines.append(f"error: {st['error']}")
+    elif st.get("last_error") and not st.get("in_sync"):
+        lines.append(f"last error: {st['last_error']}")
+    # "In sync" only on the daemon's own word that nothing at all is outstanding.
+    lines.append("in sync: every local checkpoint is committed remotely" if st.get("in_sync")
+                 else "NOT in sync: checkpoints are pending, uploading, settling or failed"
+                 if st["pending"] or st.get("settling") or st["failed"] or st.get("uploading")
+                 else "in sync: not known yet (no reconcile reported)")
     return "\n".join(lines)
 
 
