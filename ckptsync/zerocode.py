@@ -86,6 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WATCH_DIR",
+    "Due",
     "Snapshot",
     "VersionTracker",
     "WatchRule",
@@ -93,6 +94,7 @@ __all__ = [
     "check_watched",
     "restore_watched",
     "snapshot_version",
+    "structure_complete",
 ]
 
 log = logging.getLogger("ckptsync.zerocode")

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,10 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from conftest import Remote
 from watchkit import wait_for
 
+from ckptsync.contentstep import pickle_step
 from ckptsync.local import FileOps, LocalStore
 from ckptsync.remote import RemoteStore
 from ckptsync.watch import EventLog, WatchConfig, Watcher, read_status
-from ckptsync.zerocode import VersionTracker, WatchRule, restore_watched, snapshot_version
+from ckptsync.zerocode import (
+    VersionTracker,
+    WatchRule,
+    check_complete,
+    restore_watched,
+    snapshot_version,
+)
 
 
 class _Lines(io.StringIO):
@@ -146,6 +154,7 @@ def test_file_rewritten_faster_than_settle_is_taken_within_max_wait_never_torn(
         wait_for(lambda: len(_taken(d)) >= 2, "two versions while the trainer keeps writing",
                  timeout=8)
         assert not stop.is_set() and writer.is_alive()
+        assert d.log.events("version_forced")  # never quiet: taken because of --max-wait
         wait_for(lambda: not d.watcher._inflight and d.log.events("pushed"), "an upload")
     finally:
         stop.set()
@@ -168,6 +177,25 @@ def test_max_wait_is_a_setting(tmp_path: Path) -> None:
     assert WatchConfig.resolve(base, env={"CKPTSYNC_MAX_WAIT": "7"}).max_wait == 7.0
     assert WatchConfig.resolve({**base, "max_wait": 3}, env={"CKPTSYNC_MAX_WAIT": "7"}) \
         .max_wait == 3.0
+
+
+def _safetensors(n: int) -> bytes:
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "w": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}})
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + bytes(4 * n)
+
+
+def test_safetensors_structure_is_checked(tmp_path: Path) -> None:
+    whole = tmp_path / "model.safetensors"
+    whole.write_bytes(_safetensors(1000))
+    assert check_complete(whole) is None
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(_safetensors(1000)[:-100])
+    assert "announced by its header" in str(check_complete(torn))
+    lying = tmp_path / "lying.safetensors"  # a header length of 2**60: refused, not read
+    lying.write_bytes((2**60).to_bytes(8, "little") + b"{}")
+    assert "does not fit" in str(check_complete(lying))
 
 
 # --------------------------------------------------------------------------- item 4
@@ -200,6 +228,10 @@ def test_step_comes_from_content_not_from_an_integer_in_the_name(tmp_path: Path)
     assert _snap_step(tmp_path, root, "file:ep.pt", ["ep.pt"]) == 3
     torch.save([{"step": 5}], root / "list.pt")  # not a dict at the top
     assert _snap_step(tmp_path, root, "file:list.pt", ["list.pt"]) is None
+    with zipfile.ZipFile(root / "ckpt.pt") as z:
+        pkl = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        assert pickle_step(z.read(pkl)) == 250
+        assert pickle_step(z.read(pkl)[:-40]) is None  # a damaged pickle: no step, no error
     # Hugging Face: checkpoint-500/trainer_state.json says global_step.
     hf = root / "checkpoint-500"
     hf.mkdir()
