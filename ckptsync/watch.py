@@ -177,8 +177,8 @@ class WatchConfig:
         The config file is ``args["config"]`` or ``$CKPTSYNC_CONFIG``: TOML (``.toml``) or
         JSON, with the setting names as keys (``remote``, ``storage_options``, ``keep_last``,
         ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``max_wait``, ``rules``,
-        ``workers``,
-        ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under ``[watch]``.
+        ``workers``, ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under
+        ``[watch]``.
         ``storage_options`` are merged key by key with the same precedence.
 
         Raises:
