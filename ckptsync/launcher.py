@@ -155,6 +155,7 @@ def start_watcher(
     rules: Iterable[str] = (),
     interval: float | None = None,
     settle: float | None = None,
+    max_wait: float | None = None,
     workers: int | None = None,
     stop_timeout: float | None = None,
     nice: int | None = None,
@@ -170,8 +171,8 @@ def start_watcher(
         local: the checkpoint directory to watch.
         remote: fsspec URL.
         storage_options: fsspec options (passed through the child's environment).
-        keep_last, keep_best, keep_every, rules, interval, settle, workers, stop_timeout,
-            nice: as the ``watch`` flags of the same names.
+        keep_last, keep_best, keep_every, rules, interval, settle, max_wait, workers,
+            stop_timeout, nice: as the ``watch`` flags of the same names.
         detach: keep running after this process exits (default: stop with it, after
             uploading what is pending).
         log_path: the daemon's log (default ``LOCAL/.ckptsync-watch/daemon.log``, appended).
@@ -191,7 +192,7 @@ def start_watcher(
     cmd = [python or sys.executable, "-m", "ckptsync", "watch", str(local_dir), remote]
     flags: dict[str, Any] = {"--keep-last": keep_last, "--keep-best": keep_best,
                              "--keep-every": keep_every, "--interval": interval,
-                             "--settle": settle, "--workers": workers,
+                             "--settle": settle, "--max-wait": max_wait, "--workers": workers,
                              "--stop-timeout": stop_timeout, "--nice": nice}
     for flag, value in flags.items():
         if value is not None:

@@ -31,9 +31,10 @@ type) is reported (event and ``status``) and retried with back-off, and a failin
 listing keeps the last known state; only start-up can end it with an error.
 
 Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed checkpoints
-(or the daemon crashed), 2 bad configuration or another daemon holds the directory, found at
-start-up, 3 a permanent remote error found at start-up (credentials, missing bucket): a
-supervisor may restart on 3 (the bucket or the credentials may be fixed meanwhile), not on 2.
+(or a zero-code version it could not copy: a full disk; or the daemon crashed), 2 bad
+configuration or another daemon holds the directory, found at start-up, 3 a permanent remote
+error found at start-up (credentials, missing bucket): a supervisor may restart on 3 (the
+bucket or the credentials may be fixed meanwhile), not on 2.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import logging
 import os
 import queue
 import random
+import re
 import signal
 import sys
 import threading
@@ -61,7 +63,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ckptsync.config import storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
-from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
+from ckptsync.local import RESUMED_FILE, FileOps, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
 from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.retention import (
@@ -73,6 +75,7 @@ from ckptsync.retention import (
 )
 from ckptsync.zerocode import (
     WATCH_DIR,
+    Due,
     Snapshot,
     VersionTracker,
     WatchRule,
@@ -109,6 +112,7 @@ ENV = "CKPTSYNC_"
 _REMOTE_REFRESH_S = 60.0
 _DEBOUNCE_S = 0.2
 _PARENT_POLL_S = 1.0
+_CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl")
 
 
 def _utc(ts: float | None = None) -> str:
@@ -128,7 +132,9 @@ class WatchConfig:
         keep_last, keep_best, keep_every: remote retention (None: keep everything).
         once: reconcile, upload everything, exit.
         interval: seconds between full reconciles.
-        settle: seconds a zero-code file must stay quiet after being written in place.
+        settle: seconds a zero-code version's files must stay unchanged (stat) to be taken.
+        max_wait: a zero-code file rewritten more often than ``settle`` is still taken at
+            least this often, when a complete copy can be made (0: only once quiet).
         rules: zero-code rules (:class:`~ckptsync.zerocode.WatchRule`).
         workers: checkpoints uploaded at once.
         parent_pid: when this process exits, upload what is pending and exit.
@@ -147,6 +153,7 @@ class WatchConfig:
     once: bool = False
     interval: float = 5.0
     settle: float = 2.0
+    max_wait: float = 60.0
     rules: tuple[WatchRule, ...] = ()
     workers: int = 2
     parent_pid: int | None = None
@@ -166,8 +173,8 @@ class WatchConfig:
         return f"WatchConfig({body})"
 
     def __post_init__(self) -> None:
-        if self.interval <= 0 or self.settle < 0 or self.stop_timeout < 0:
-            raise ConfigError("interval must be > 0, settle and stop-timeout >= 0")
+        if self.interval <= 0 or min(self.settle, self.max_wait, self.stop_timeout) < 0:
+            raise ConfigError("interval must be > 0; settle, max-wait and stop-timeout >= 0")
         if not 0 <= self.nice <= 19:
             raise ConfigError(f"nice must be between 0 and 19, got {self.nice}")
         if self.workers < 1:
@@ -190,8 +197,9 @@ class WatchConfig:
 
         The config file is ``args["config"]`` or ``$CKPTSYNC_CONFIG``: TOML (``.toml``) or
         JSON, with the setting names as keys (``remote``, ``storage_options``, ``keep_last``,
-        ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``rules``, ``workers``,
-        ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under ``[watch]``.
+        ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``max_wait``, ``rules``,
+        ``workers``, ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under
+        ``[watch]``.
         ``storage_options`` are merged key by key with the same precedence.
 
         Raises:
@@ -223,7 +231,7 @@ class WatchConfig:
             for k in ("keep_last", "keep_every", "workers", "parent_pid", "nice"):
                 if merged.get(k) is not None:
                     merged[k] = int(merged[k])
-            for k in ("interval", "settle", "stop_timeout"):
+            for k in ("interval", "settle", "max_wait", "stop_timeout"):
                 if merged.get(k) is not None:
                     merged[k] = float(merged[k])
             if isinstance(merged.get("keep_best"), str):
@@ -264,7 +272,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("remote", "keep_last", "keep_best", "keep_every", "interval", "settle",
-                "workers", "stop_timeout", "log_format", "nice"):
+                "max_wait", "workers", "stop_timeout", "log_format", "nice"):
         raw = env.get(ENV + key.upper())
         if raw is not None and raw.strip():
             out[key] = raw.strip()
@@ -515,17 +523,18 @@ class Watcher:
         config: the resolved configuration.
         store: a remote store (default: built from ``config.remote``); a fault seam in tests.
         events: the structured log sink (default: stderr).
+        spool_ops: file system calls into the zero-code spool (a fault seam in tests).
     """
 
     def __init__(self, config: WatchConfig, *, store: RemoteStore | None = None,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, spool_ops: FileOps | None = None) -> None:
         self.config = config
         self.events = events or EventLog(fmt=config.log_format)
         self.local = LocalStore(config.local_dir)
         wdir = _watch_dir(self.local.directory)
         wdir.mkdir(exist_ok=True)
         self.status_path = wdir / STATUS_NAME
-        self.spool = LocalStore(wdir / SPOOL_NAME)
+        self.spool = LocalStore(wdir / SPOOL_NAME, spool_ops)
         self.spool.cleanup()  # our own crashed snapshots (never the trainer's staging dirs)
         if store is None:
             from ckptsync.remote import RemoteStore
@@ -543,8 +552,9 @@ class Watcher:
         self._remote: dict[str, Manifest] = {}
         self._skipped: set[str] = set()
         self._local_names: list[str] = []
-        self._trackers = [VersionTracker(r, self.local.directory, config.settle)
-                          for r in config.rules]
+        self._trackers = [VersionTracker(r, self.local.directory, config.settle,
+                                         config.max_wait) for r in config.rules]
+        self._warnings: list[str] = []
         self._retention_due = False
         self._retention_running = False
         self._fatal: str | None = None
@@ -606,6 +616,9 @@ class Watcher:
         self._init_signatures()
         self._state = "running"
         self._reconcile()
+        self._warn_without_rules()
+        # What was finished before the daemon started is taken now, not after an interval.
+        self._take_versions(time.monotonic())
         while not self._stop.is_set():
             item = self._next_item()
             batch = [item] if item is not None else []
@@ -628,7 +641,7 @@ class Watcher:
             if self._drain and self._drained():
                 if self._retention_running or self._retention_due:
                     continue
-                failed = bool(self._failed)
+                failed = bool(self._failed) or any(t.gave_up for t in self._trackers)
                 self._write_status()
                 return EXIT_FAILED if failed and self.config.once else EXIT_OK
         return EXIT_OK
@@ -649,7 +662,9 @@ class Watcher:
     def _next_item(self) -> tuple[Any, ...] | None:
         now = time.monotonic()
         deadlines = [self._reconcile_at] if self._reconcile_at is not None else []
-        deadlines += [d for t in self._trackers if (d := t.next_deadline(now)) is not None]
+        wall = time.time()
+        deadlines += [d for t in self._trackers
+                      if (d := t.next_deadline(now, wall)) is not None]
         if self._failed:
             deadlines.append(min(f.retry_at for f in self._failed.values()))
         timeout = max(0.0, min(deadlines, default=now + self.config.interval) - now)
@@ -880,6 +895,28 @@ class Watcher:
                 self._failed.pop(c.name, None)
 
     # ------------------------------------------------------------------ zero-code versions
+    def _warn_without_rules(self) -> None:
+        """No rule and no native checkpoint, but files there: the trainer's own, which no
+        rule syncs. Said once at start-up, and in the status while it holds."""
+        if self.config.rules or self._local_names:
+            return
+        found: list[str] = []
+        with contextlib.suppress(OSError), os.scandir(self.local.directory) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    found.append(entry.name + ("/" if entry.is_dir() else ""))
+        if not found:
+            return
+        found.sort(key=lambda n: (not n.endswith(_CKPT_SUFFIXES), n.endswith("/"), n))
+        first = found[0]
+        rule = (f"'dir:{re.sub(r'[0-9]+', '*', first.rstrip('/'))}:MARKER'"
+                if first.endswith("/") else f"'file:{first}'")
+        hint = (f"no watch rule: zero-code files are not synced ({len(found)} found here, e.g. "
+                f"{', '.join(found[:3])}); add --rule {rule} (see ckptsync watch --help)")
+        self._warnings.append(hint)
+        self.events("warning", "no_rule", local=str(self.local.directory), hint=hint)
+        self._write_status()
+
     def _take_versions(self, now: float) -> None:
         if self._stop.is_set():
             return
@@ -888,17 +925,20 @@ class Watcher:
             due = tr.due(now, wall, force=self._drain)
             if due is None:
                 continue
-            rels, step, guard = due
-            tr.busy = True
-            sig = tr.last_signature
+            tr.begin(due, now)
+            if due.forced:
+                self.events("info", "version_forced", rule=tr.rule.spec, paths=due.rels,
+                            max_wait_s=self.config.max_wait,
+                            note="still changing: copied anyway, committed only if unchanged "
+                                 "during the copy and complete")
 
-            def job(tr: VersionTracker = tr, rels: list[str] = rels, step: int | None = step,
-                    guard: list[str] = guard, sig: Any = sig) -> Snapshot:
-                return snapshot_version(self.spool, self.local.directory, tr.rule, rels,
-                                        step=step, last_signature=sig, guard=guard)
+            def job(tr: VersionTracker = tr, due: Due = due,
+                    sig: Any = tr.last_signature) -> Snapshot:
+                return snapshot_version(self.spool, self.local.directory, tr.rule, due.rels,
+                                        last_signature=sig, guard=due.guard)
 
             fut = self._snap_pool.submit(job)
-            fut.add_done_callback(self._snapshot_done(tr, rels, guard))
+            fut.add_done_callback(self._snapshot_done(tr, due.rels, due.guard))
 
     def _snapshot_done(self, tr: VersionTracker, rels: list[str],
                        guard: list[str]) -> Callable[[Future[Snapshot]], None]:
@@ -914,8 +954,13 @@ class Watcher:
             return
         exc = fut.exception()
         if exc is not None:
-            self.events("error", "version_error", rule=tr.rule.spec, error=str(exc))
-            tr.last_event = time.monotonic()
+            delay = tr.failed(time.monotonic(), str(exc))
+            give_up = self._drain and tr.gave_up
+            self.events("error", "version_error", rule=tr.rule.spec, paths=rels, error=str(exc),
+                        attempt=tr.failures,
+                        **({"action": "giving up"} if give_up else
+                           {"retry_in_s": round(delay, 2)}))
+            self._write_status()
             return
         snap = fut.result()
         tr.record(snap, rels, guard)
@@ -925,8 +970,6 @@ class Watcher:
                 self.events(level, "version_discarded", rule=tr.rule.spec, paths=rels,
                             reason=snap.skipped, detail=snap.detail,
                             note="never committed; the next version will be taken")
-            if snap.skipped in ("changed", "missing"):
-                tr.last_event = time.monotonic()
             self._write_status()
             return
         self.events("info", "version_taken", rule=tr.rule.spec, name=snap.ckpt.name,
@@ -964,7 +1007,8 @@ class Watcher:
 
     # ------------------------------------------------------------------ status / stop
     def _drained(self) -> bool:
-        if self._inflight or any(t.busy for t in self._trackers):
+        if self._inflight or any(t.busy or (t.retry_at is not None and not t.gave_up)
+                                 for t in self._trackers):
             return False
         wall, now = time.time(), time.monotonic()
         if any(t.due(now, wall, force=True) is not None for t in self._trackers):
@@ -996,7 +1040,8 @@ class Watcher:
         # Pending also counts a finished version not yet taken (say, a file that was there
         # before the daemon started): flush() must not return before it is committed.
         watch = [{"rule": t.rule.spec,
-                  "pending": t.pending(now) or t.due(now, wall, force=True) is not None}
+                  "pending": t.pending(now) or t.due(now, wall, force=True) is not None,
+                  "error": t.error}
                  for t in self._trackers]
         pending = self._pending_names()
         settling = [w["rule"] for w in watch if w["pending"]]
@@ -1024,6 +1069,7 @@ class Watcher:
                        for n, f in sorted(self._failed.items())],
             "skipped_by_retention": sorted(self._skipped),
             "watch": watch,
+            "warnings": [] if self._local_names else list(self._warnings),
             "error": self._fatal,
             "last_error": self._last_error,
         }
@@ -1162,6 +1208,7 @@ def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchCo
             "once": True if args.once else None,
             "interval": args.interval,
             "settle": args.settle,
+            "max_wait": getattr(args, "max_wait", None),
             "rules": list(args.rule or []),
             "workers": args.workers,
             "parent_pid": args.parent_pid,

@@ -26,13 +26,16 @@ STATUS_HELP = "show what a watch daemon synced, has pending or failed (running o
 WATCH_EPILOG = """\
 settings: flags > CKPTSYNC_* environment (CKPTSYNC_REMOTE, CKPTSYNC_STORAGE_OPTIONS as JSON,
 CKPTSYNC_KEEP_LAST, CKPTSYNC_KEEP_BEST, CKPTSYNC_KEEP_EVERY, CKPTSYNC_INTERVAL,
-CKPTSYNC_SETTLE, CKPTSYNC_RULES one per line, CKPTSYNC_WORKERS, CKPTSYNC_STOP_TIMEOUT,
-CKPTSYNC_LOG_FORMAT, CKPTSYNC_CONFIG) > config file (TOML or JSON) > defaults.
+CKPTSYNC_SETTLE, CKPTSYNC_MAX_WAIT, CKPTSYNC_RULES one per line, CKPTSYNC_WORKERS,
+CKPTSYNC_STOP_TIMEOUT, CKPTSYNC_LOG_FORMAT, CKPTSYNC_CONFIG) > config file (TOML or JSON)
+> defaults.
 
 zero-code rules (trainers that only call torch.save):
   --rule 'file:ckpt.pt'            a fixed file, renamed into place or rewritten in place
   --rule 'dir:checkpoint-*:DONE'   a directory per checkpoint, finished when DONE is written
-  options after ';': step=REGEX (first group is the step) or step=none
+  options after ';': step=content (default: trainer_state.json's global_step, a torch.save
+  dict's step/iter_num/global_step/epoch, else none), step=name (the name's first integer),
+  step=REGEX (its first group), step=none
 
 once running, the daemon never exits on an error: failed uploads are reported (log and
 `ckptsync status`) and retried with back-off while the rest keeps syncing.
@@ -62,7 +65,11 @@ def add_subcommands(subparsers: Any) -> None:
     w.add_argument("--interval", type=float, metavar="SECONDS",
                    help="seconds between full reconciles (default 5)")
     w.add_argument("--settle", type=float, metavar="SECONDS",
-                   help="zero-code: quiet time after an in-place write (default 2)")
+                   help="zero-code: seconds a version's files must stay unchanged (default 2)")
+    w.add_argument("--max-wait", type=float, metavar="SECONDS",
+                   help="zero-code: a file rewritten more often than --settle is still taken "
+                        "at least this often, when a complete copy can be made (default 60; "
+                        "0: only once quiet)")
     w.add_argument("--rule", action="append", default=[], metavar="RULE",
                    help="zero-code watch rule (repeatable), see below")
     w.add_argument("--config", metavar="FILE", help="config file (TOML or JSON)")
@@ -130,7 +137,10 @@ def format_status(st: dict[str, Any]) -> str:
             f"\n  {f['name']} ({f['attempts']} attempts): {f['error']}" for f in st["failed"]),
     ]
     for w in st.get("watch", []):
-        lines.append(f"rule {w['rule']}: {'writing/settling' if w['pending'] else 'idle'}")
+        state = f"error: {w['error']}" if w.get("error") else \
+            "writing/settling" if w["pending"] else "idle"
+        lines.append(f"rule {w['rule']}: {state}")
+    lines += [f"warning: {w}" for w in st.get("warnings", [])]
     if st.get("error"):
         lines.append(f"error: {st['error']}")
     elif st.get("last_error") and not st.get("in_sync"):

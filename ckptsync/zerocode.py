@@ -14,9 +14,24 @@ version is finished:
     ``MARKER`` (a path inside it, e.g. ``DONE``) exists and the directory was quiet for
     ``settle`` seconds. The newest finished directory is taken; the trainer may delete old ones.
 
-Options follow a ``;``: ``step=REGEX`` (the step is the regex's first group, or the whole
-match, searched in the relative path; default: the first integer in the file or directory
-name; ``step=none`` for no step), e.g. ``dir:run/ckpt-*:DONE;step=ckpt-(\\d+)``.
+Options follow a ``;``: ``step=`` says where a version's step comes from. ``content`` (the
+default): what the files say, never the name (:mod:`ckptsync.contentstep`: a Hugging Face
+``trainer_state.json``'s ``global_step``, a ``torch.save`` dict's top-level ``step``,
+``iter_num``, ``global_step``, else ``epoch``), else no step; ``name``: the first integer of
+the file or directory name; ``REGEX``: the regex's first group, or the whole match, searched
+in the relative path; ``none``: no step. E.g. ``dir:run/ckpt-*:DONE;step=ckpt-(\\d+)``. (A
+name's first integer is often not a step: ``pretrain_64.pth``'s 64 is a hidden size.)
+
+When is a version finished? Scans are truth, events only wake the daemon up: the tracker
+stats the rule's files itself, and a version whose files' stats (inode, size, mtime, ctime)
+are unchanged for ``settle`` seconds (or whose newest mtime is that old) is quiet, whatever
+events arrived. A file renamed into place is finished at once; so is a directory whose marker
+was written last (its mtime is the newest of the directory's). At start-up, what was already
+finished is taken at once: quiet files, directories holding their marker, and files whose
+structure (``torch.save``'s zip, safetensors) is complete. A file rewritten more often than
+``settle`` is still taken at least every ``max_wait`` seconds: when its structure looks
+complete the copy is attempted anyway, and committed only when its stat is identical before
+and after the copy and the copy's structure is complete.
 
 Each finished version is copied into a local spool (a :class:`~ckptsync.local.LocalStore`),
 hashed while copying. The source is ``stat``-ed before and after the copy (size, mtime,
@@ -42,17 +57,20 @@ import functools
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import stat
 import struct
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ckptsync.contentstep import content_step
 from ckptsync.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -68,6 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WATCH_DIR",
+    "Due",
     "Snapshot",
     "VersionTracker",
     "WatchRule",
@@ -75,6 +94,7 @@ __all__ = [
     "check_watched",
     "restore_watched",
     "snapshot_version",
+    "structure_complete",
 ]
 
 log = logging.getLogger("ckptsync.zerocode")
@@ -85,6 +105,8 @@ PRIVATE_PREFIX = ".ckptsync-"
 WATCH_DIR = f"{PRIVATE_PREFIX}watch"
 WATCHED = "watched"
 _INT_RE = re.compile(r"\d+")
+_STEP_WORDS = ("content", "name", "none")
+_MAX_SAFETENSORS_HEADER = 100 << 20
 
 StatSig = tuple[int, int, int, int]
 """(inode, size, mtime_ns, ctime_ns): changes whenever a file is rewritten or replaced."""
@@ -129,7 +151,8 @@ class WatchRule:
     kind: Literal["file", "dir"]
     pattern: str
     marker: str | None = None
-    step_regex: str | None = ""  # "" = default (first integer of the name), None = no step
+    step: str = "content"
+    """``content``, ``name``, ``none``, or a regex searched in the relative path."""
     spec: str = ""
 
     @classmethod
@@ -137,15 +160,14 @@ class WatchRule:
         """Parse a rule. Example: ``WatchRule.parse("dir:checkpoint-*:DONE")``."""
         text, _, opts = spec.partition(";")
         kind, _, rest = text.partition(":")
-        step: str | None = ""
+        step = "content"
         for opt in filter(None, (o.strip() for o in opts.split(";"))):
             key, eq, value = opt.partition("=")
-            if key != "step" or not eq:
-                raise ConfigError(
-                    f"watch rule {spec!r}: unknown option {opt!r} (known: step=REGEX)"
-                )
-            step = None if value.lower() == "none" else value
-            if step is not None:
+            if key != "step" or not eq or not value:
+                raise ConfigError(f"watch rule {spec!r}: unknown option {opt!r} (known: "
+                                  "step=content|name|none|REGEX)")
+            step = value.lower() if value.lower() in _STEP_WORDS else value
+            if step not in _STEP_WORDS:
                 try:
                     re.compile(step)
                 except re.error as e:
@@ -188,21 +210,28 @@ class WatchRule:
         return head if glob_match(head, self.pattern) else None
 
     def step_of(self, rel: str) -> int | None:
-        """The step a version's relative path names, or None."""
-        if self.step_regex is None:
+        """The step a version's relative path names (``step=name`` or a regex), or None."""
+        if self.step in ("content", "none"):
             return None
-        if self.step_regex:
-            m = re.search(self.step_regex, rel)
-            if m is None:
+        if self.step == "name":
+            m = _INT_RE.search(rel.rsplit("/", 1)[-1])
+        else:
+            found = re.search(self.step, rel)
+            if found is None:
                 return None
-            text = m.group(1) if m.groups() else m.group(0)
-            digits = _INT_RE.search(text or "")
-            return int(digits.group(0)) if digits else None
-        m = _INT_RE.search(rel.rsplit("/", 1)[-1])
+            m = _INT_RE.search((found.group(1) if found.groups() else found.group(0)) or "")
         if m is None:
             return None
         step = int(m.group(0))
         return step if step < 10**12 else None
+
+    def step_for(self, root: Path, rels: list[str]) -> int | None:
+        """The step of the version made of ``rels``: from its name or content, as ``step=``
+        says (see the module doc)."""
+        vdir = self.version_dir(rels[0]) if rels and self.kind == "dir" else None
+        if self.step == "content":
+            return content_step(root, rels, vdir)
+        return self.step_of(vdir if vdir is not None else rels[0]) if rels else None
 
     # ------------------------------------------------------------------ listing
     def current_files(self, root: Path) -> list[str]:
@@ -215,7 +244,13 @@ class WatchRule:
         assert marker is not None
         out = [rel for rel in _glob(root, self.pattern)
                if (root / rel).is_dir() and (root / rel / marker).is_file()]
-        return sorted(out, key=lambda rel: (self.step_of(rel) or -1, _mtime(root / rel / marker)))
+        return sorted(out, key=lambda rel: (self.step_of(rel) or -1, _mtime(root / rel / marker),
+                                            _natural(rel)))
+
+
+def _natural(rel: str) -> tuple[tuple[int, str], ...]:
+    """``ckpt-9`` before ``ckpt-10``: digit runs compare as numbers."""
+    return tuple((int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", rel) if t)
 
 
 def _mtime(p: Path) -> int:
@@ -245,9 +280,26 @@ def check_complete(path: Path) -> str | None:
     whose central directory is missing or points past the end; a safetensors file whose
     header does not account for its size. Other formats are opaque and pass.
     """
+    return _structure(path)[1]
+
+
+def structure_complete(path: Path) -> bool:
+    """Is ``path`` in a self-describing format (``torch.save``'s zip, safetensors) and whole?
+
+    False for an opaque format, for an incomplete file and for one that cannot be read.
+    """
+    try:
+        known, why = _structure(path)
+    except OSError:
+        return False
+    return known and why is None
+
+
+def _structure(path: Path) -> tuple[bool, str | None]:
+    """``(self-describing format, why incomplete or None)``."""
     size = path.stat().st_size
     if size == 0:
-        return "empty file"
+        return False, "empty file"
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
@@ -255,23 +307,27 @@ def check_complete(path: Path) -> str | None:
             with zipfile.ZipFile(path) as z:
                 for info in z.infolist():
                     if info.header_offset + info.compress_size > size:
-                        return f"zip member {info.filename} extends past the end of the file"
+                        return True, (f"zip member {info.filename} extends past the end of "
+                                      "the file")
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            return f"not a complete zip archive ({e})"
-        return None
+            return True, f"not a complete zip archive ({e})"
+        return True, None
     if path.suffix == ".safetensors" and len(head) == 8:
         (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            return True, f"safetensors header of {n} bytes does not fit in {size} bytes"
         try:
             with open(path, "rb") as f:
                 f.seek(8)
                 header = json.loads(f.read(n))
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
                       default=0)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            return f"safetensors header unreadable ({e})"
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            return True, f"safetensors header unreadable ({e})"
         if 8 + n + end != size:
-            return f"safetensors size {size} != {8 + n + end} announced by its header"
-    return None
+            return True, f"safetensors size {size} != {8 + n + end} announced by its header"
+        return True, None
+    return False, None
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -300,7 +356,6 @@ def snapshot_version(
     rule: WatchRule,
     rels: list[str],
     *,
-    step: int | None,
     last_signature: tuple[tuple[str, str], ...] = (),
     guard: Iterable[str] = (),
 ) -> Snapshot:
@@ -309,17 +364,29 @@ def snapshot_version(
     Each file is hashed while copied; its stat is compared before and after (and the
     ``guard`` files', e.g. a directory rule's marker). The copy is committed only if nothing
     changed, every file is structurally complete (:func:`check_complete`) and the content
-    differs from ``last_signature``.
+    differs from ``last_signature``. The step is the rule's (:meth:`WatchRule.step_for`),
+    read after every stat was taken, so the unchanged stats vouch for it too.
+
+    Raises:
+        OSError: the spool cannot be written (a :class:`LocalStorageError`: no space, ...).
     """
+    for rel in rels:
+        check_relpath(rel, where=spool.directory.as_posix())
+    try:
+        guards = {g: stat_sig(os.stat(root / g)) for g in guard}
+        first = {rel: stat_sig(os.stat(root / rel)) for rel in rels}
+    except FileNotFoundError as e:
+        return Snapshot(None, {}, skipped="missing", detail=str(e))
+    step = rule.step_for(root, rels)
     name = make_name(step)
     staging = spool.staging(name)
     stats: dict[str, StatSig] = {}
     try:
-        guards = {g: stat_sig(os.stat(root / g)) for g in guard}
         for rel in rels:
-            check_relpath(rel, where=spool.directory.as_posix())
             src = root / rel
-            before = stat_sig(os.stat(src))
+            before = first[rel]
+            if stat_sig(os.stat(src)) != before:
+                raise _Changed(f"{rel} changed while the version was read")
             with open(src, "rb") as f:
                 if stat_sig(os.fstat(f.fileno())) != before:
                     raise _Changed(f"{rel} was replaced while opening it")
@@ -335,7 +402,10 @@ def snapshot_version(
             if stat_sig(os.stat(root / g)) != sig:
                 raise _Changed(f"{g} changed while the version was copied")
         for rel in rels:
-            why = check_complete(staging.path / rel)
+            copy = staging.path / rel
+            if rule.kind == "dir" and copy.stat().st_size == 0:
+                continue  # an empty file in a finished directory: a marker, often
+            why = check_complete(copy)
             if why is not None:
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
@@ -369,111 +439,200 @@ def is_watched(m: Manifest) -> bool:
 
 
 # --------------------------------------------------------------------------- version tracking
+#: While a version is changing (or waits for a moment to be copied), rescan this often.
+POLL_S = 0.25
+#: A failed copy (no space, ...) is retried after 1, 2, 4, ... seconds, at most this many.
+RETRY_CAP_S = 60.0
+#: Failed copies after which a drain (``--once``, the parent's exit) gives a rule up.
+GIVE_UP_AFTER = 3
+
+
+@dataclass(frozen=True)
+class Due:
+    """A version to copy now: its files, the files whose stat must not change meanwhile, and
+    whether it is taken before it was quiet (``max_wait``)."""
+
+    rels: list[str]
+    guard: list[str]
+    forced: bool = False
+
+
 @dataclass
 class VersionTracker:
-    """Decides, from file events and scans, when a rule has a finished version to take.
+    """Decides, from its own scans of the rule's files, when a rule has a finished version.
+
+    Events are hints: they wake the daemon up, and a rename into place marks a file rule's
+    version finished at once. Whether a version is quiet is decided from the stats the
+    tracker observes (see the module doc), never from which events arrived: an event that
+    inotify did not deliver (a file written into a directory just created) cannot leave a
+    version waiting forever.
 
     Fed by the daemon's dispatcher thread only (not thread-safe by design).
+
+    Args:
+        rule: the watch rule.
+        root: the watched directory.
+        settle: seconds a version's stats must stay unchanged.
+        max_wait: take a version that keeps changing at least this often (0: never before
+            it is quiet).
     """
 
     rule: WatchRule
     root: Path
     settle: float
-    dirty: set[str] = field(default_factory=set)
-    last_event: float = 0.0
-    moved_in: bool = False
+    max_wait: float = 0.0
     taken: dict[str, StatSig] = field(default_factory=dict)
-    taken_dir: str | None = None
     last_signature: tuple[tuple[str, str], ...] = ()
     busy: bool = False
+    moved_in: bool = False
+    failures: int = 0
+    error: str | None = None
+    retry_at: float | None = None
+    _seen: dict[str, StatSig] | None = None
+    _stable_since: float = 0.0
+    _changed_since: float | None = None
+    _initial: dict[str, StatSig] | None = None
+    _last_forced: float = float("-inf")
 
     def on_event(self, kind: str, rel: str, now: float, is_dir: bool = False) -> bool:
-        """Record a file event; True if it concerns this rule."""
+        """Take a file event as a hint; True if it concerns this rule (wake up and rescan)."""
         if not self.rule.matches_file(rel) and self.rule.version_dir(rel) is None:
             return False
-        if is_dir:
-            pass  # a directory is never "being written"; its files are
-        elif kind in ("created", "modified"):
-            self.dirty.add(rel)
+        if not is_dir and kind in ("created", "modified"):
             self.moved_in = False
-        elif kind in ("closed", "moved_in"):
-            self.dirty.discard(rel)
-            self.moved_in = kind == "moved_in" and self.rule.kind == "file"
-        elif kind in ("deleted", "moved_away"):
-            self.dirty.discard(rel)
-        self.last_event = now
+        elif not is_dir and kind == "moved_in" and self.rule.kind == "file":
+            self.moved_in = True
         return True
 
-    def _quiet(self, now: float, wall: float, mtimes: Iterable[int]) -> bool:
-        if self.dirty:
-            return False
-        if self.moved_in:
-            return True
-        newest = max(mtimes, default=0) / 1e9
-        return now - self.last_event >= self.settle and wall - newest >= self.settle
-
-    def due(self, now: float, wall: float, *, force: bool = False) -> tuple[list[str], int | None,
-                                                                             list[str]] | None:
-        """The version to take now: ``(relpaths, step, guard paths)``, or None.
-
-        ``force`` ignores the settle time (``--once``), never the dirty state.
-        """
-        if self.busy:
-            return None
-        if self.rule.kind == "file":
-            rels = self.rule.current_files(self.root)
-            if not rels:
-                return None
-            try:
-                sigs = {r: stat_sig(os.stat(self.root / r)) for r in rels}
-            except FileNotFoundError:
-                return None
-            if sigs == self.taken:
-                return None
-            if not force and not self._quiet(now, wall, (s[2] for s in sigs.values())):
-                return None
-            step = next((s for s in map(self.rule.step_of, rels) if s is not None), None)
-            return rels, step, []
-        assert self.rule.marker is not None
-        dirs = self.rule.finished_dirs(self.root)
-        if not dirs:
-            return None
-        newest = dirs[-1]
-        marker = f"{newest}/{self.rule.marker}"
+    def _scan(self, now: float) -> tuple[list[str], list[str], dict[str, StatSig]] | None:
+        """The rule's current candidate ``(rels, guard, stats)``; updates what was observed."""
+        found: tuple[list[str], list[str], dict[str, StatSig]] | None = None
         try:
-            msig = stat_sig(os.stat(self.root / marker))
+            if self.rule.kind == "file":
+                rels = self.rule.current_files(self.root)
+                guard: list[str] = []
+            else:
+                dirs = self.rule.finished_dirs(self.root)
+                rels = _dir_files(self.root, dirs[-1]) if dirs else []
+                guard = [f"{dirs[-1]}/{self.rule.marker}"] if dirs else []
+            if rels:
+                found = rels, guard, {r: stat_sig(os.stat(self.root / r))
+                                      for r in dict.fromkeys(rels + guard)}
         except FileNotFoundError:
-            return None
-        if self.taken_dir == newest and self.taken.get(marker) == msig:
-            return None
-        if not force and not self._quiet(now, wall, [msig[2]]):
-            return None
-        return _dir_files(self.root, newest), self.rule.step_of(newest), [marker]
+            found = None  # deleted while listed: the next scan sees what is left
+        sigs = found[2] if found else {}
+        if self._initial is None:
+            self._initial = sigs
+        if sigs != self._seen:
+            self._seen, self._stable_since = sigs, now
+        if found is None or sigs == self.taken:
+            self._changed_since = None
+        elif self._changed_since is None:
+            self._changed_since = now
+        return found
 
-    def next_deadline(self, now: float) -> float | None:
-        """When a settling version may become due (monotonic), or None."""
-        if self.last_event and not self.dirty and not self.busy:
-            t = self.last_event + self.settle
-            return t if t > now else None
+    def due(self, now: float, wall: float, *, force: bool = False) -> Due | None:
+        """The version to take now, or None.
+
+        ``force`` (a drain: ``--once``, the parent's exit) ignores the settle time; a rule
+        whose copies failed :data:`GIVE_UP_AFTER` times is then given up.
+        """
+        if self.busy or (self.retry_at is not None and now < self.retry_at):
+            return None
+        if force and self.failures >= GIVE_UP_AFTER:
+            return None
+        found = self._scan(now)
+        if found is None or found[2] == self.taken:
+            return None
+        rels, guard, sigs = found
+        if force or self._finished(now, wall, rels, guard, sigs):
+            return Due(rels, guard)
+        if (self.max_wait and self._changed_since is not None
+                and now - self._changed_since >= self.max_wait
+                and now - self._last_forced >= self.max_wait
+                and all(_copyable(self.root / r, self.rule.kind == "dir") for r in rels)):
+            return Due(rels, guard, forced=True)
         return None
 
+    def _finished(self, now: float, wall: float, rels: list[str], guard: list[str],
+                  sigs: dict[str, StatSig]) -> bool:
+        if self.moved_in:
+            return True
+        newest = max(s[2] for s in sigs.values())
+        if now - self._stable_since >= self.settle or wall - newest / 1e9 >= self.settle:
+            return True  # quiet
+        at_start = sigs == self._initial
+        if self.rule.kind == "dir":
+            # The marker written last (or present at start-up): the trainer said it is done.
+            return at_start or any(sigs[g][2] >= newest for g in guard)
+        return at_start and all(structure_complete(self.root / r) for r in rels)
+
+    def begin(self, due: Due, now: float) -> None:
+        """The daemon starts copying ``due``."""
+        self.busy = True
+        if due.forced:
+            self._last_forced = now
+
+    def failed(self, now: float, error: str) -> float:
+        """A copy raised (no space, ...): back off; return the seconds until the next try."""
+        self.busy = False
+        self.failures += 1
+        self.error = error
+        delay = random.uniform(0.5, 1.0) * min(RETRY_CAP_S, 2.0 ** (self.failures - 1))
+        self.retry_at = now + delay
+        return delay
+
+    @property
+    def gave_up(self) -> bool:
+        """A drain stops trying (``--once`` then exits non-zero)."""
+        return self.failures >= GIVE_UP_AFTER
+
+    def next_deadline(self, now: float, wall: float | None = None) -> float | None:
+        """When :meth:`due` may change without any event (monotonic), or None."""
+        if self.busy:
+            return None
+        if self.retry_at is not None and self.retry_at > now:
+            return self.retry_at
+        if self._changed_since is None:
+            return None  # nothing pending; the periodic scan notices what events miss
+        wall = time.time() if wall is None else wall
+        times = [self._stable_since + self.settle]
+        if self._seen:
+            newest = max(s[2] for s in self._seen.values()) / 1e9
+            times.append(now + newest + self.settle - wall)
+        if self.max_wait:
+            times.append(max(self._changed_since, self._last_forced) + self.max_wait)
+        t = min(times)
+        return t if t > now else now + POLL_S
+
     def pending(self, now: float) -> bool:
-        """Is a version being written, settling or being copied (not yet taken)?"""
-        return self.busy or bool(self.dirty) or self.next_deadline(now) is not None
+        """Is a version being written, settling, copied or retried (not yet taken)?"""
+        return (self.busy or self._changed_since is not None
+                or (self.retry_at is not None and not self.gave_up))
 
     def record(self, snap: Snapshot, rels: list[str], guard: list[str]) -> None:
         """Remember what was taken (or found identical), so it is not taken again."""
+        self.busy = False
+        self.failures, self.error, self.retry_at = 0, None, None
+        self.moved_in = False
         if snap.skipped in ("changed", "missing"):
             return  # the next version will be taken
-        if self.rule.kind == "dir" and rels:
-            self.taken_dir = self.rule.version_dir(rels[0])
-            for g in guard:
-                with contextlib.suppress(FileNotFoundError):
-                    snap.stats[g] = stat_sig(os.stat(self.root / g))
+        for g in guard:
+            with contextlib.suppress(FileNotFoundError):
+                snap.stats.setdefault(g, stat_sig(os.stat(self.root / g)))
         self.taken = dict(snap.stats)
-        self.moved_in = False
+        self._changed_since = None
         if snap.signature and snap.skipped != "incomplete":
             self.last_signature = snap.signature
+
+
+def _copyable(path: Path, empty_ok: bool) -> bool:
+    """Worth copying before it is quiet: not visibly mid-write (a self-describing format
+    whose structure is incomplete), readable, not empty (unless ``empty_ok``)."""
+    try:
+        return (empty_ok and path.stat().st_size == 0) or check_complete(path) is None
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- restore

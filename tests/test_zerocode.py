@@ -94,7 +94,7 @@ def test_trainer_killed_mid_write_remote_holds_only_complete_versions_and_resume
                 state = torch.load(got.file(f.path), weights_only=True)  # complete, loadable
                 steps.append(int(state["step"]))
                 if mode == "dirs":
-                    assert m.step == state["step"]  # the step comes from the directory name
+                    assert m.step == state["step"]  # read from model.pt, not the name
     assert steps == sorted(set(steps)) and steps[-1] <= 3  # no duplicate, nothing torn
     if mode != "inplace":
         assert steps[-1] == 3  # the last complete version is never lost
