@@ -142,8 +142,7 @@ def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
     (out / "sub").mkdir(parents=True)
     torch.save({"step": 4, "w": torch.arange(10.0)}, out / "sub" / "weights_4.pt")
     rule = WatchRule.parse("file:sub/weights_*.pt;step=weights_(\\d+)")
-    snap = snapshot_version(LocalStore(tmp_path / "spool"), out, rule, ["sub/weights_4.pt"],
-                            step=4)
+    snap = snapshot_version(LocalStore(tmp_path / "spool"), out, rule, ["sub/weights_4.pt"])
     ckpt = snap.ckpt
     assert ckpt is not None
     rewrite_as_v1(ckpt.path)
