@@ -122,6 +122,9 @@ _TRANSIENT_NAMES = ("Timeout", "Connection", "ServerDisconnected", "ClientPayloa
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The temporary name an upload writes before renaming into place (RemoteStore._upload_task).
 _PART_FILE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
+# A temporary file untouched this long belongs to an upload that died (an upload under way
+# writes to it at least once per read timeout), so the next push of its checkpoint removes it.
+_PART_QUIET_S = 600.0
 
 Status = Literal["valid", "partial", "corrupt", "uncommitted"]
 
@@ -927,11 +930,12 @@ class RemoteStore:
             return self._same_or_conflict(existing, m)
         progress = progress or NullProgress()
         self._ensure_marker()
-        leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
-        if not self._no_overwrite:
-            # Elsewhere an upload overwrites; only the temporary files of a failed attempt
-            # (file://, mounts) would stay behind under their random names.
-            leftovers = [rel for rel in leftovers if _PART_FILE.match(rel.rsplit("/", 1)[-1])]
+        if self._no_overwrite:
+            leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
+        else:
+            # Elsewhere an upload overwrites; only the temporary files of an attempt that
+            # died (file://, mounts) stay behind under their random names.
+            leftovers = self._stale_parts(name)
         for rel in leftovers:  # a failed attempt's files (Drive would duplicate them)
             # A second writer of this very name may have committed since we looked: never
             # delete a file of a committed checkpoint. Looking again before each delete
@@ -996,6 +1000,27 @@ class RemoteStore:
         log.info("committed %s to %s", name, redact_url(self.url))
         self._update_latest(m)
         return m
+
+    def _stale_parts(self, name: str) -> list[str]:
+        """Temporary files under ``name`` that nobody has written to for
+        :data:`_PART_QUIET_S`: left by an attempt that died, not one under way (a second
+        pusher of the same checkpoint)."""
+        if not self._upload_via_temp:
+            return []
+        prefix = self._path(name)
+
+        def find() -> dict[str, Any]:
+            try:
+                self.fs.invalidate_cache(prefix)
+                return dict(self.fs.find(prefix, detail=True))
+            except FileNotFoundError:
+                return {}
+
+        found: dict[str, Any] = self._call(find, self.url_of(name), "list")
+        cutoff = time.time() - _PART_QUIET_S
+        return sorted(self._rel(p, prefix) for p, info in found.items()
+                      if _PART_FILE.match(p.rsplit("/", 1)[-1])
+                      and (t := _mtime(info)) is not None and t < cutoff)
 
     def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
         if remote.files != local.files:
@@ -1077,18 +1102,24 @@ class RemoteStore:
             head, _, base = final.rpartition("/")
             target = f"{head}/.{base}.part-{token_hex(4)}"
             finish = partial(self._durable_rename if self._local else self.fs.mv, target, final)
-        upload_file(
-            self.fs,
-            ckpt.file(relpath),
-            target,
-            entry,
-            url=self.url_of(ckpt.name, relpath),
-            config=self.config,
-            retrier=self._retry,
-            progress=progress,
-            stop=stop,
-            finish=finish,
-        )
+        try:
+            upload_file(
+                self.fs,
+                ckpt.file(relpath),
+                target,
+                entry,
+                url=self.url_of(ckpt.name, relpath),
+                config=self.config,
+                retrier=self._retry,
+                progress=progress,
+                stop=stop,
+                finish=finish,
+            )
+        except BaseException:
+            if target != final:  # a failed attempt removes its own temporary file
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(target)
+            raise
 
     def pull(
         self,

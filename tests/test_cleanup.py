@@ -78,7 +78,7 @@ def test_abandon_removes_an_uncommitted_push_and_never_a_committed_one(
 
 
 @pytest.mark.parametrize("backend", VIA_TEMP)
-def test_next_attempt_collects_the_temporary_files_of_a_failed_one(
+def test_a_failed_attempt_leaves_no_temporary_file(
         backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     store_remote = request.getfixturevalue(f"{backend}_remote")
     ckpt = make_local(LocalStore(tmp_path / "ckpts"), 3, _files(3))
@@ -88,13 +88,28 @@ def test_next_attempt_collects_the_temporary_files_of_a_failed_one(
     assert store._upload_via_temp
     with pytest.raises(RemoteError):
         store.push(ckpt)
-    left = [p for p in _under(store_remote, ckpt.name) if ".part-" in p]
-    assert left, "the failed attempt was expected to leave a temporary file"
-
-    store.push(ckpt)  # the next attempt of the same push
-
+    assert any(".part-" in p for k, p in fs.calls if k == "open:wb")  # it wrote a temp file
     assert [p for p in _under(store_remote, ckpt.name) if ".part-" in p] == []
+    store.push(ckpt)
     store.verify(ckpt.name, full=True)
+
+
+@pytest.mark.parametrize("backend", ["file", "mounted_drive"])
+def test_next_attempt_collects_the_temporary_files_of_an_attempt_that_died(
+        backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    remote = request.getfixturevalue(f"{backend}_remote")
+    ckpt = make_local(LocalStore(tmp_path / "ckpts"), 3, _files(3))
+    dead = rpath(remote, ckpt.name, ".model.pt.part-0badc0de")  # the process was killed
+    live = rpath(remote, ckpt.name, "optim", ".state.pt.part-0123abcd")  # a second pusher
+    put(remote, dead, b"half a file")
+    put(remote, live, b"being written right now")
+    an_hour_ago = time.time() - 3600
+    os.utime(dead, (an_hour_ago, an_hour_ago))
+
+    make_store(remote).push(ckpt)  # the next attempt of the same push
+
+    assert not os.path.exists(dead) and os.path.exists(live)
+    make_store(remote).verify(ckpt.name, full=True)
 
 
 @pytest.mark.parametrize("backend", VIA_TEMP)
