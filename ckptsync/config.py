@@ -8,8 +8,9 @@ Example::
 Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUNK_SIZE``,
 ``CKPTSYNC_BLOCK_SIZE``, ``CKPTSYNC_RETRIES``, ``CKPTSYNC_BACKOFF_INITIAL``,
 ``CKPTSYNC_BACKOFF_MAX``, ``CKPTSYNC_GRACE``, ``CKPTSYNC_RANGED_MIN_SIZE``,
-``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``, ``CKPTSYNC_DIGEST_ATTEMPTS``; for the
-client, ``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
+``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``, ``CKPTSYNC_DIGEST_ATTEMPTS``,
+``CKPTSYNC_CONNECT_TIMEOUT``, ``CKPTSYNC_READ_TIMEOUT``; for the client,
+``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ class TransferConfig:
         digest_attempts: downloads of one file whose bytes do not match its manifest (a
             short body, a flipped byte) before its checkpoint is declared corrupt: damage in
             transit is not damage at rest (1 = no second download).
+        connect_timeout: seconds to wait for a connection to the remote before the attempt
+            fails (and is retried): a black-holed endpoint never hangs a command.
+        read_timeout: seconds to wait for the next bytes on an open connection. It bounds one
+            socket read, not a whole request, so a large part on a slow link does not hit it;
+            only a connection that stopped moving does. Both apply to the S3 and GCS clients
+            ckptsync builds, where ``storage_options`` do not set them already.
     """
 
     max_workers: int = 8
@@ -67,6 +74,8 @@ class TransferConfig:
     part_size: int = 16 * MiB
     parts_in_flight: int = 4
     digest_attempts: int = 3
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_workers", "chunk_size", "block_size", "retries", "ranged_min_size",
@@ -79,6 +88,11 @@ class TransferConfig:
             raise ConfigError(f"block_size must be at least 5 MiB, got {self.block_size}")
         if self.part_size < 5 * MiB:
             raise ConfigError(f"part_size must be at least 5 MiB, got {self.part_size}")
+        for name in ("connect_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ConfigError(f"transfer setting {name} must be a number of seconds > 0, "
+                                  f"got {value!r}")
         for name in ("backoff_initial", "backoff_max", "grace_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
+from pathlib import Path
 from secrets import token_hex
 from typing import Any, Literal
 
@@ -58,7 +59,7 @@ from ckptsync.errors import (
     NoCheckpointError,
     RemoteError,
 )
-from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
+from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore
 from ckptsync.manifest import (
     FORMAT,
     LATEST_NAME,
@@ -119,6 +120,11 @@ _TRANSIENT_NAMES = ("Timeout", "Connection", "ServerDisconnected", "ClientPayloa
                     "ProtocolError", "ContentLengthError", "TransferEncodingError",
                     "ChunkedEncodingError", "RemoteDisconnected")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The temporary name an upload writes before renaming into place (RemoteStore._upload_task).
+_PART_FILE = re.compile(r"^\..+\.part-[0-9a-f]{8}$")
+# A temporary file untouched this long belongs to an upload that died (an upload under way
+# writes to it at least once per read timeout), so the next push of its checkpoint removes it.
+_PART_QUIET_S = 600.0
 
 Status = Literal["valid", "partial", "corrupt", "uncommitted"]
 
@@ -266,6 +272,37 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
                        retryable=retryable)
 
 
+def _with_timeouts(scheme: str, options: Mapping[str, Any],
+                   config: TransferConfig) -> dict[str, Any]:
+    """``options`` plus ckptsync's connect and read timeouts for the clients it builds, where
+    the user did not set them: without them a black-holed endpoint hangs a call for many
+    minutes (every retry layer waiting out its own long default).
+
+    S3 (s3fs over aiobotocore): botocore's ``connect_timeout`` and ``read_timeout`` (a read
+    timeout bounds each socket read, not a request), and one botocore attempt per call:
+    :class:`~ckptsync.transfer.Retrier` does the retrying, with back-off, and can be stopped.
+    GCS (gcsfs over aiohttp): ``requests_timeout`` as an aiohttp ``ClientTimeout`` with
+    ``sock_connect``/``sock_read`` (never a total, which would cut a large upload short).
+    Drive goes through googleapiclient's httplib2 transport, which already times out each
+    socket operation (60 s by default).
+    """
+    out = dict(options)
+    if scheme in ("s3", "s3a"):
+        kwargs = dict(out.get("config_kwargs") or {})
+        kwargs.setdefault("connect_timeout", config.connect_timeout)
+        kwargs.setdefault("read_timeout", config.read_timeout)
+        kwargs.setdefault("retries", {"total_max_attempts": 1})
+        out["config_kwargs"] = kwargs
+    elif scheme in ("gs", "gcs") and out.get("requests_timeout") is None:
+        try:
+            from aiohttp import ClientTimeout
+        except ImportError:  # gcsfs is not installed: opening the URL says so
+            return out
+        out["requests_timeout"] = ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                                sock_read=config.read_timeout)
+    return out
+
+
 def _open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str]) -> tuple[Any, str]:
     try:
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
@@ -333,6 +370,9 @@ class RemoteStore:
         fs: an fsspec filesystem to use instead of the one the URL names (a fault seam for
             tests, or a pre-built client); ``url`` still names the root.
         config: transfer settings (default: :meth:`TransferConfig.resolve`).
+        ops: the file system calls made where the remote is a local path (``file://``, a
+            mounted drive): its fsyncs make every file durable before the manifest (a fault
+            seam for tests).
 
     Raises:
         ConfigError: unknown scheme, or the backend's optional package is missing.
@@ -346,8 +386,10 @@ class RemoteStore:
         *,
         fs: Any = None,
         config: TransferConfig | None = None,
+        ops: FileOps | None = None,
     ) -> None:
         check_remote_url(url)
+        self._ops = ops or FileOps()
         self.url = url.rstrip("/") or url
         self.config = config or TransferConfig.resolve()
         options = dict(storage_options or {})
@@ -355,7 +397,8 @@ class RemoteStore:
         remember(self._secrets)  # for the log filter (botocore's and s3fs's records too)
         self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
         if fs is None:
-            fs, root = _open_fs(url, options, self._secrets)
+            fs, root = _open_fs(url, _with_timeouts(self.scheme, options, self.config),
+                                self._secrets)
         else:
             root = fs._strip_protocol(url)
         self.fs = fs
@@ -563,6 +606,28 @@ class RemoteStore:
 
     # ------------------------------------------------------------------ manifest commit
 
+    def _fsync_file(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._ops.fsync(fd)  # the data of every descriptor of the file, this one included
+        finally:
+            os.close(fd)
+
+    def _durable_rename(self, tmp: str, final: str) -> None:
+        """A local upload into place: its bytes on disk first, then the rename (the names
+        are made durable by :meth:`_fsync_dirs` before the manifest)."""
+        self._fsync_file(tmp)
+        os.replace(tmp, final)
+
+    def _fsync_dirs(self, m: Manifest) -> None:
+        """Make the names of ``m``'s files (and of its directory) durable: before the
+        manifest, or a power cut could leave a manifest listing files that are not there."""
+        dirs = {self._path(m.name)} | {
+            self._path(m.name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path}
+        for d in sorted(dirs, reverse=True):
+            self._ops.fsync_dir(Path(d))
+        self._ops.fsync_dir(Path(self.root))
+
     def _local_replace(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{token_hex(4)}"
         with open(tmp, "wb") as f:
@@ -589,10 +654,10 @@ class RemoteStore:
             if os.path.exists(path):
                 raise FileExistsError(path) from None
             os.replace(tmp, path)
-            return
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        self._ops.fsync_dir(Path(os.path.dirname(path)))  # the commit itself is durable
 
     def _create_only(self, path: str, url: str, data: bytes, action: str) -> None:
         """Write ``path`` only if it does not exist yet.
@@ -865,11 +930,25 @@ class RemoteStore:
             return self._same_or_conflict(existing, m)
         progress = progress or NullProgress()
         self._ensure_marker()
-        leftovers = self._sizes(name)
-        if self._no_overwrite and leftovers:
-            for rel in leftovers:  # a failed attempt's files: Drive would duplicate them
-                self._call(partial(self.fs.rm_file, self._path(name, rel)), self.url_of(name, rel),
-                           "delete")
+        if self._no_overwrite:
+            leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
+        else:
+            # Elsewhere an upload overwrites; only the temporary files of an attempt that
+            # died (file://, mounts) stay behind under their random names.
+            leftovers = self._stale_parts(name)
+        for rel in leftovers:  # a failed attempt's files (Drive would duplicate them)
+            # A second writer of this very name may have committed since we looked: never
+            # delete a file of a committed checkpoint. Looking again before each delete
+            # narrows that race to one request; should it still be lost, this push goes on
+            # to upload the same bytes again before it meets the other's manifest.
+            existing = self.read_manifest(name)
+            if existing is not None:
+                return self._same_or_conflict(existing, m)
+            def rm(path: str = self._path(name, rel)) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+
+            self._call(rm, self.url_of(name, rel), "delete")
         if self._needs_dirs:
             dirs = {self._path(name)} | {
                 self._path(name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path
@@ -900,6 +979,8 @@ class RemoteStore:
         if stop is not None and stop.is_set():
             raise RemoteError(f"push of {name} was stopped before its commit",
                               url=self.url_of(name), retryable=False)
+        if self._local:  # every file durable, under its final name, before the manifest
+            self._call(partial(self._fsync_dirs, m), self.url_of(name), "sync")
         try:
             self._create_manifest(name, m.to_json())
         except _ManifestExists:
@@ -919,6 +1000,27 @@ class RemoteStore:
         log.info("committed %s to %s", name, redact_url(self.url))
         self._update_latest(m)
         return m
+
+    def _stale_parts(self, name: str) -> list[str]:
+        """Temporary files under ``name`` that nobody has written to for
+        :data:`_PART_QUIET_S`: left by an attempt that died, not one under way (a second
+        pusher of the same checkpoint)."""
+        if not self._upload_via_temp:
+            return []
+        prefix = self._path(name)
+
+        def find() -> dict[str, Any]:
+            try:
+                self.fs.invalidate_cache(prefix)
+                return dict(self.fs.find(prefix, detail=True))
+            except FileNotFoundError:
+                return {}
+
+        found: dict[str, Any] = self._call(find, self.url_of(name), "list")
+        cutoff = time.time() - _PART_QUIET_S
+        return sorted(self._rel(p, prefix) for p, info in found.items()
+                      if _PART_FILE.match(p.rsplit("/", 1)[-1])
+                      and (t := _mtime(info)) is not None and t < cutoff)
 
     def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
         if remote.files != local.files:
@@ -999,19 +1101,25 @@ class RemoteStore:
         if self._upload_via_temp:
             head, _, base = final.rpartition("/")
             target = f"{head}/.{base}.part-{token_hex(4)}"
-            finish = partial(self.fs.mv, target, final)
-        upload_file(
-            self.fs,
-            ckpt.file(relpath),
-            target,
-            entry,
-            url=self.url_of(ckpt.name, relpath),
-            config=self.config,
-            retrier=self._retry,
-            progress=progress,
-            stop=stop,
-            finish=finish,
-        )
+            finish = partial(self._durable_rename if self._local else self.fs.mv, target, final)
+        try:
+            upload_file(
+                self.fs,
+                ckpt.file(relpath),
+                target,
+                entry,
+                url=self.url_of(ckpt.name, relpath),
+                config=self.config,
+                retrier=self._retry,
+                progress=progress,
+                stop=stop,
+                finish=finish,
+            )
+        except BaseException:
+            if target != final:  # a failed attempt removes its own temporary file
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(target)
+            raise
 
     def pull(
         self,
@@ -1225,6 +1333,50 @@ class RemoteStore:
         self.fs.invalidate_cache(self.root)
         log.info("deleted %s from %s", name, redact_url(self.url))
 
+    def abandon(self, name: str) -> list[str]:
+        """Remove what an abandoned push of ``name`` left: its files and, on S3, its unfinished
+        multipart uploads. For the pusher that gave ``name`` up (stopped, failed for good,
+        superseded), so that nothing waits for ``gc``'s grace period.
+
+        Only a ckptsync checkpoint name, under a root ckptsync marked, and only while it is
+        uncommitted: with a manifest there (committed, or an ambiguous push that did commit)
+        nothing is touched.
+
+        Returns:
+            What was removed: ``name`` (its files) and ``multipart:<key>`` entries; [] when
+            there was nothing to remove or ``name`` is committed.
+
+        Raises:
+            ConfigError: ``name`` is not a ckptsync checkpoint name (nothing is deleted).
+            RemoteError: the backend failed (what is left is still ``gc``'s).
+        """
+        if not _SAFE_NAME.match(name) or parse_name(name) is None:
+            raise ConfigError(f"refusing to abandon {self.url_of(name)!r}: {name!r} is not a "
+                              "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
+        if not self.has_marker():
+            return []  # nothing of ours was ever pushed here
+        try:
+            committed = self.read_manifest(name) is not None
+        except ManifestError:
+            committed = True  # a manifest is there, if a bad one: not ours to remove here
+        if committed:
+            log.info("%s is committed: nothing to abandon", self.url_of(name))
+            return []
+        removed = self._gc_multipart(float("inf"), False, name)
+        if self._sizes(name) or (self._needs_dirs and self._call(
+                partial(self.fs.exists, self._path(name)), self.url_of(name), "stat")):
+
+            def rm() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self._path(name), recursive=True)
+
+            self._call(rm, self.url_of(name), "delete")
+            removed.append(name)
+        self.fs.invalidate_cache(self.root)
+        if removed:
+            log.info("removed the abandoned upload of %s from %s", name, redact_url(self.url))
+        return removed
+
     def apply_retention(
         self, policy: RetentionPolicy, protect: Iterable[str] = (), *, dry_run: bool = False
     ) -> list[str]:
@@ -1277,9 +1429,43 @@ class RemoteStore:
                 path = self._path(e.name)
                 self._call(partial(self.fs.rm, path, recursive=True), self.url_of(e.name), "delete")
         removed.extend(self._gc_multipart(now - grace, dry_run))
+        removed.extend(self._gc_parts(now - grace, dry_run, skip=set(removed)))
         return removed
 
-    def _gc_multipart(self, cutoff: float, dry_run: bool) -> list[str]:
+    def _gc_parts(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
+        """Temporary files of failed uploads (``.<file>.part-<hex>``, file:// and mounts)
+        written before ``cutoff`` inside ckptsync checkpoint prefixes, committed ones too (a
+        failed attempt before the one that committed); ``part:<name>/<path>`` entries."""
+        if not self._upload_via_temp:
+            return []
+
+        def find() -> dict[str, Any]:
+            try:
+                self.fs.invalidate_cache(self.root)
+                return dict(self.fs.find(self.root, detail=True))
+            except FileNotFoundError:
+                return {}
+
+        out = []
+        found: dict[str, Any] = self._call(find, self.url, "list")
+        for path, info in sorted(found.items()):
+            rel = self._rel(path, self.root)
+            head, _, rest = rel.partition("/")
+            if not rest or head in skip or parse_name(head) is None:
+                continue
+            t = _mtime(info)
+            if not _PART_FILE.match(rest.rsplit("/", 1)[-1]) or t is None or t > cutoff:
+                continue
+            out.append(f"part:{rel}")
+            if not dry_run:
+                def rm(p: str = path) -> None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(p)
+
+                self._call(rm, self.url_of(rel), "delete")
+        return out
+
+    def _gc_multipart(self, cutoff: float, dry_run: bool, name: str | None = None) -> list[str]:
         lister = getattr(self.fs, "list_multipart_uploads", None)
         abort = getattr(self.fs, "abort_mpu", None)
         if lister is None or abort is None or self.scheme not in ("s3", "s3a"):
@@ -1295,6 +1481,8 @@ class RemoteStore:
             head = key[len(prefix) + 1:] if prefix else key
             if parse_name(head.split("/", 1)[0]) is None:
                 continue  # not inside a ckptsync checkpoint: somebody else's upload
+            if name is not None and head.split("/", 1)[0] != name:
+                continue
             if started is None or started > cutoff:
                 continue
             out.append(f"multipart:{key}")

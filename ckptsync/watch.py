@@ -19,8 +19,11 @@ at any time.
 
 Threads: the watchdog observer, one dispatcher, ``workers`` upload threads and one snapshot
 thread (zero-code copies); each stops through an :class:`threading.Event`. SIGTERM/SIGINT stop
-taking work, wait up to ``stop_timeout`` for in-flight uploads, then abandon them (never
-committed) and exit 0. SIGUSR1 asks for an immediate reconcile (used by ``flush``).
+taking work: queued uploads are cancelled (never started), in-flight ones get ``stop_timeout``
+seconds, then are abandoned (never committed) and what they wrote is removed; the daemon exits
+0 within ``stop_timeout`` + :data:`STOP_GRACE_S` whatever the remote does (a call that does not
+return is left behind: the process exits without it). SIGUSR1 asks for an immediate reconcile
+(used by ``flush``).
 
 Files in ``LOCAL_DIR/.ckptsync-watch/``: ``lock`` (flock: one daemon per directory, holds the
 pid), ``status.json`` (replaced atomically; read by ``ckptsync status``), ``spool/`` (zero-code
@@ -31,10 +34,10 @@ type) is reported (event and ``status``) and retried with back-off, and a failin
 listing keeps the last known state; only start-up can end it with an error.
 
 Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed checkpoints
-(or a zero-code version it could not copy: a full disk; or the daemon crashed), 2 bad
-configuration or another daemon holds the directory, found at start-up, 3 a permanent remote
-error found at start-up (credentials, missing bucket): a supervisor may restart on 3 (the
-bucket or the credentials may be fixed meanwhile), not on 2.
+(or could not reach the remote, or a zero-code version it could not copy: a full disk; or the
+daemon crashed), 2 bad configuration or another daemon holds the directory, found at
+start-up, 3 a permanent remote error found at start-up (credentials, missing bucket): a
+supervisor may restart on 3 (the bucket or the credentials may be fixed meanwhile), not on 2.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ from ckptsync.retention import (
     parse_best,
     select_for_deletion,
 )
+from ckptsync.transfer import stopping
 from ckptsync.zerocode import (
     WATCH_DIR,
     Due,
@@ -88,6 +92,7 @@ if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
 __all__ = [
+    "STOP_GRACE_S",
     "EXIT_CONFIG",
     "EXIT_FAILED",
     "EXIT_OK",
@@ -113,6 +118,12 @@ _REMOTE_REFRESH_S = 60.0
 _DEBOUNCE_S = 0.2
 _PARENT_POLL_S = 1.0
 _CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl")
+#: Seconds a SIGTERM may take beyond ``stop_timeout``: abandoned pushes noticing their stop,
+#: the removal of what they wrote, the last status. Past it the process exits regardless.
+STOP_GRACE_S = 15.0
+# After the stop event is set, how long an abandoned push gets to notice it (it checks between
+# chunks; a call already sent returns within the read timeout, or is left behind).
+_ABANDON_WAIT_S = 5.0
 
 
 def _utc(ts: float | None = None) -> str:
@@ -548,6 +559,7 @@ class Watcher:
         self._snap_pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-snapshot")
         self._inflight: dict[str, Future[Any]] = {}
         self._inflight_src: dict[str, str] = {}  # name -> source (one push each)
+        self._retention_job: Future[Any] | None = None  # the last retention run submitted
         self._failed: dict[str, _Failure] = {}
         self._remote: dict[str, Manifest] = {}
         self._skipped: set[str] = set()
@@ -567,6 +579,8 @@ class Watcher:
         self._remote_refreshed = 0.0
         self._reconcile_at: float | None = 0.0
         self._any_failed_once = False
+        self._unreachable = False  # --once could not list the remote
+        self.abandoned_calls = False  # a stopped push's call never returned (see _shutdown)
         self._parent = config.parent_pid
         self._parent_is_ppid = self._parent is not None and self._parent == os.getppid()
 
@@ -612,7 +626,9 @@ class Watcher:
 
     def _loop(self) -> int:
         if not self._refresh_remote(initial=True):
-            return EXIT_REMOTE
+            return EXIT_FAILED if self._unreachable else EXIT_REMOTE
+        if self._stop.is_set():  # stopped while the remote was out of reach: push nothing
+            return EXIT_OK
         self._init_signatures()
         self._state = "running"
         self._reconcile()
@@ -716,19 +732,30 @@ class Watcher:
         """Re-list the remote's committed checkpoints.
 
         At start-up (``initial``) a permanent error (credentials, missing bucket, a bad URL) is
-        a configuration error: False, the daemon exits. Any other error, and every error
-        later, is reported and leaves the last known state: a later refresh retries (a push
-        of a name that is already committed is a no-op, so a stale view costs nothing).
+        a configuration error: False, the daemon exits; so is an unreachable remote with
+        ``--once`` (``list`` has retried already). Any other error, and every error later, is
+        reported and leaves the last known state: a later refresh retries (a push of a name
+        that is already committed is a no-op, so a stale view costs nothing).
         """
         attempt = 0
         while not self._stop.is_set():
             try:
-                listed = self.store.list()
+                with stopping(self._stop):  # a stop cuts the retries' back-off short
+                    listed = self.store.list()
             except Exception as e:
+                if self._stop.is_set():
+                    return True
                 permanent = isinstance(e, ConfigError) or (
                     isinstance(e, RemoteError) and not e.retryable)
                 if initial and permanent:
                     self._fail_fast(e)
+                    return False
+                if initial and self.config.once:
+                    self._unreachable = True
+                    self._fatal = str(e)
+                    self.events("error", "remote_unreachable", error=str(e),
+                                hint="--once gives up: check the URL, the network and the "
+                                     "endpoint, then run it again; nothing was committed")
                     return False
                 attempt += 1
                 delay = _backoff(attempt)
@@ -854,6 +881,7 @@ class Watcher:
         if self._abort.is_set():
             self.events("warning", "push_abandoned", name=ckpt.name,
                         detail="stopped before its commit: nothing partial is visible")
+            self._clean_abandoned(ckpt.name)
             return
         if not (ckpt.path / MANIFEST_NAME).is_file():
             # Deleted by the trainer (its own retention) before or while it was uploaded: not
@@ -871,6 +899,8 @@ class Watcher:
         # fix (access denied, a conflicting remote checkpoint) back off longer.
         retryable = not isinstance(exc, CkptSyncError) or (
             isinstance(exc, RemoteError) and exc.retryable)
+        if self._drain and attempts >= 3:  # a drain gives this one up: clean up after it now
+            self._clean_abandoned(ckpt.name)
         delay = _backoff(attempts, base=1.0, cap=120.0) if retryable \
             else _backoff(attempts, base=5.0, cap=600.0)
         error = f"{type(exc).__name__}: {exc}"
@@ -883,6 +913,20 @@ class Watcher:
         self._schedule(now + delay)
         self._write_status()
 
+    def _clean_abandoned(self, name: str) -> None:
+        """Remove what an abandoned push of ``name`` wrote (its files, its unfinished
+        multipart uploads), now rather than at ``gc``'s grace period. Only names this daemon
+        pushed, only while uncommitted (:meth:`RemoteStore.abandon` refuses a committed one).
+        Best effort: what is left is still ``gc``'s."""
+        try:
+            removed = self.store.abandon(name)
+        except CkptSyncError as e:
+            self.events("warning", "cleanup_failed", name=name, error=str(e),
+                        note="gc collects it after its grace period")
+            return
+        if removed:
+            self.events("info", "cleaned_up", name=name, removed=removed)
+
     def _prune_spool(self, pushed: Manifest) -> None:
         """Keep the newest spooled version of a rule; older ones are superseded."""
         rule = pushed.source.get("rule")
@@ -892,7 +936,8 @@ class Watcher:
                     and c.manifest.sort_key() < pushed.sort_key()
                     and c.name not in self._inflight):
                 self.spool.delete(c.name)
-                self._failed.pop(c.name, None)
+                if self._failed.pop(c.name, None) is not None:
+                    self._clean_abandoned(c.name)  # superseded: its failed attempts' leftovers
 
     # ------------------------------------------------------------------ zero-code versions
     def _warn_without_rules(self) -> None:
@@ -989,6 +1034,7 @@ class Watcher:
             return self.store.apply_retention(policy, protect=protect)
 
         fut = self._pool.submit(job)
+        self._retention_job = fut
         fut.add_done_callback(lambda f: self._q.put(("retention", f)))
 
     def _on_retention(self, fut: Future[list[str]]) -> None:
@@ -1077,20 +1123,32 @@ class Watcher:
             write_json_atomic(self.status_path, st)
 
     def _shutdown(self) -> None:
-        """Stop every thread: snapshots finish, uploads get ``stop_timeout``, then abandon."""
+        """Stop every thread: snapshots finish, queued uploads are cancelled, in-flight ones
+        get ``stop_timeout``, then are abandoned (never committed) and cleaned up."""
         self._state = "stopping"
         self._snap_pool.shutdown(wait=True, cancel_futures=True)
-        inflight = list(self._inflight.values())
+        # Queued pushes never started: cancel them, never wait on them (a cancelled future
+        # that no worker picked up is never "done" to concurrent.futures.wait).
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if inflight:
-            self.events("info", "stopping", uploading=sorted(self._inflight),
-                        wait_s=self.config.stop_timeout)
-            _, not_done = wait_futures(inflight, timeout=self.config.stop_timeout)
-            if not_done:
-                self._abort.set()
-                wait_futures(not_done, timeout=30)
+        running = {f for f in self._inflight.values() if not f.cancel() and not f.done()}
+        if running:
+            self.events("info", "stopping", uploading=sorted(
+                n for n, f in self._inflight.items() if f in running),
+                wait_s=self.config.stop_timeout)
+            _, running = wait_futures(running, timeout=self.config.stop_timeout)
         self._abort.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # The retention job too: a delete under way gets the same bound.
+        job = self._retention_job
+        pending = [*running, *([job] if job is not None and not job.cancelled() else [])]
+        _, stuck = wait_futures(pending, timeout=_ABANDON_WAIT_S)
+        if stuck:
+            # A call to the remote that did not return: leave it behind (the process exits
+            # without it); what it may still write is never committed (no manifest follows).
+            self.abandoned_calls = True
+            self.events("warning", "stop_abandoned_calls", count=len(stuck),
+                        detail="a call to the remote did not return; exiting without it")
+        else:
+            self._pool.shutdown(wait=True)
         # Let completion messages land in the status (committed or abandoned).
         while True:
             try:
@@ -1149,16 +1207,32 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
             return EXIT_REMOTE
         if threading.current_thread() is not threading.main_thread():
             return watcher.run()
-        return _run_with_signals(watcher, events)
+        code = _run_with_signals(watcher, events)
     finally:
         lock.release()
         pkg.removeHandler(bridge)
+    if watcher.abandoned_calls:
+        # Interpreter exit would join the upload threads still blocked in a remote call
+        # (concurrent.futures does), for as long as that call takes: leave without them.
+        # Nothing they may still write is ever committed (no manifest follows a stop).
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+            sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _run_with_signals(watcher: Watcher, events: EventLog) -> int:
+    """Run ``watcher`` on a dispatcher thread; this (main) thread waits for signals.
+
+    Returns the exit code once the dispatcher is done, or at the latest ``stop_timeout`` +
+    :data:`STOP_GRACE_S` after the first SIGTERM/SIGINT (then the process must exit without
+    joining the threads left behind: :func:`run_daemon` does).
+    """
     sigs = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)  # threads started now inherit it
     result: list[int] = []
+    done = threading.Event()
 
     def target() -> None:
         try:
@@ -1167,23 +1241,36 @@ def _run_with_signals(watcher: Watcher, events: EventLog) -> int:
             events("error", "crashed", error=f"{type(e).__name__}: {e}")
             result.append(EXIT_FAILED)
         finally:
+            # Set before the signal: the main thread reads the event, never is_alive(), so
+            # the wake-up cannot be lost however the two threads interleave.
+            done.set()
             signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR2)
 
-    t = threading.Thread(target=target, name="ckptsync-dispatch")
+    t = threading.Thread(target=target, name="ckptsync-dispatch", daemon=True)
     t.start()
+    deadline: float | None = None
     try:
-        while True:
-            sig = signal.sigwait(sigs)
-            if sig == signal.SIGUSR2 and not t.is_alive():
-                break
+        while not done.is_set():
+            if deadline is None:
+                sig: int | None = signal.sigwait(sigs)
+            else:
+                info = signal.sigtimedwait(sigs, max(0.0, deadline - time.monotonic()))
+                sig = info.si_signo if info is not None else None
+                if sig is None and not done.is_set():
+                    watcher.abandoned_calls = True
+                    events("warning", "stop_forced", waited_s=round(
+                        watcher.config.stop_timeout + STOP_GRACE_S, 1),
+                        detail="the daemon did not finish stopping in time; exiting anyway "
+                               "(nothing partial is committed)")
+                    return EXIT_OK
             if sig == signal.SIGUSR1:
                 watcher.request_reconcile()
             elif sig in (signal.SIGTERM, signal.SIGINT):
                 events("info", "signal", signal=signal.Signals(sig).name,
                        action="finishing in-flight uploads, then exiting")
                 watcher.request_stop()
-            elif sig == signal.SIGUSR2:
-                continue
+                if deadline is None:
+                    deadline = time.monotonic() + watcher.config.stop_timeout + STOP_GRACE_S
         t.join()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
