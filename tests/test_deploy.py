@@ -228,9 +228,13 @@ def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # The package index is reached directly: the Drive double, once an earlier test started
+    # it, has pointed HTTPS_PROXY at itself for this whole process.
+    env = {k: v for k, v in os.environ.items()
+           if k.upper() not in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")}
     r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
                         "--disable-pip-version-check", "-c", str(CONTAINER / "constraints.txt"),
-                        f"{src}[s3]"], capture_output=True, text=True, timeout=600)
+                        f"{src}[s3]"], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return venv
 

@@ -135,8 +135,10 @@ def test_sigterm_with_queued_pushes_takes_about_stop_timeout_and_cleans_up(
     d = Daemon(local, url, "--workers", "2", "--stop-timeout", "2", log=tmp_path / "d.log",
                **slow)
     try:
-        wait_for(lambda: len(daemon_status(local).get("uploading") or []) >= 2,
-                 "uploads in flight", proc=d.proc)
+        # One push in flight (one per source, newest first), the rest waiting behind it.
+        wait_for(lambda: len(daemon_status(local).get("uploading") or []) >= 1
+                 and len(daemon_status(local).get("pending") or []) >= 3,
+                 "an upload in flight and more queued", proc=d.proc)
         start = time.monotonic()
         assert d.term(timeout=90) == 0
         took = time.monotonic() - start
