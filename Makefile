@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean bench bench-quick
+.PHONY: venv test lint demo clean bench bench-quick soak
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: lint
 # Train a tiny GPT, SIGKILL it, resume on a "fresh VM" from the remote; prints "exact resume: yes".
 demo: $(STAMP)
 	$(BIN)/ckptsync demo
+
+# Issue 16's proofs at full size: 200 randomized SIGKILL trials of trainer and daemon (~20 min),
+# then push/pull/watch through 10% and 30% injected network faults over 50 checkpoints.
+# SOAK_ARGS="--seed N" replays a run; CKPTSYNC_FAULT_SEED=N replays the fault tests.
+soak: $(STAMP)
+	$(BIN)/python tests/soak/soak.py --trials 200 $(SOAK_ARGS)
+	CKPTSYNC_FAULT_CHECKPOINTS=50 $(BIN)/python -m pytest -q -s --timeout=1200 tests/test_faults_e2e.py
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -171,6 +171,11 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
+def _not_found(exc: BaseException) -> bool:
+    """Whether ``exc``'s chain holds a "not found" (FileNotFoundError or HTTP 404)."""
+    return any(isinstance(e, FileNotFoundError) or _http_status(e) == 404 for e in _chain(exc))
+
+
 def _empty_range(exc: BaseException) -> bool:
     """Whether ``exc`` is HTTP 416 (range not satisfiable), the answer of S3 and GCS to a
     ranged read from byte 0 of an empty object; s3fs raises it as an ``OSError`` whose cause
@@ -1115,10 +1120,18 @@ class RemoteStore:
                 stop=stop,
                 finish=finish,
             )
-        except BaseException:
+        except BaseException as e:
             if target != final:  # a failed attempt removes its own temporary file
                 with contextlib.suppress(Exception):
                     self.fs.rm_file(target)
+            if isinstance(e, RemoteError) and not e.retryable and _not_found(e):
+                # This push already read the root's marker, so the bucket is there: a "not
+                # found" here is an upload session that finished while its reply was lost
+                # (gcsfs sends the last request of a resumable upload again). Ambiguous: a new
+                # upload resolves it.
+                raise RemoteError(f"cannot upload to {url}: the server no longer knew the upload "
+                                  "when its last request was sent again (the reply to it was "
+                                  "lost); retry the push", url=url, retryable=True) from e
             raise
 
     def pull(

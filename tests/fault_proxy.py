@@ -10,7 +10,14 @@ close), as a flaky network does::
         ...                                  # the second ranged GET is reset mid-body
     assert proxy.fired == ["GET /bucket/run/... (ranged): reset after 2621440 bytes"]
 
-Each fault fires once. The proxy answers ``Expect: 100-continue`` itself (and does not pass it
+Each fault fires once. For soak tests, a :class:`Chaos` plan instead faults a seeded random share
+of all requests, with every way a network or a server misbehaves::
+
+    with FaultProxy(host, port, chaos=Chaos(rate=0.3, seed=7)) as proxy:
+        ...                                  # ~30% of requests meet one of Chaos.KINDS
+    print(proxy.injected)                    # Counter({"503": 4, "drop": 3, ...})
+
+The proxy answers ``Expect: 100-continue`` itself (and does not pass it
 on), so uploads through it are not delayed. Bounded: at most ``max_connections`` client
 connections at once, every socket has a timeout, and the proxy stops by itself after
 ``lifetime`` seconds; leaving the ``with`` block stops it and joins its threads.
@@ -19,10 +26,13 @@ connections at once, every socket has a timeout, and the proxy stops by itself a
 from __future__ import annotations
 
 import contextlib
+import random
+import select
 import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -59,6 +69,79 @@ class Fault:
         if self.done or method != self.method or self.path_contains not in target:
             return False
         return self.ranged is None or self.ranged == ("range" in headers)
+
+
+# What each Chaos kind does to one request (the server "acted" when it got the request):
+#   reset      the request is read, never forwarded; the connection is reset (RST)
+#   close      the request is read, never forwarded; the connection is closed without a reply
+#   500        answered by the proxy: 500 InternalError (not forwarded)
+#   503        answered by the proxy: 503 SlowDown, S3's throttling reply (not forwarded)
+#   latency    forwarded after a random delay (Chaos.latency_s), relayed whole
+#   short      forwarded; the reply's head (its real Content-Length) and half its body are
+#              relayed, then the connection is closed: a body cut short
+#   drop       forwarded; the server's whole reply is read and thrown away, then the client's
+#              connection is reset: the server acted, the client cannot know it (ambiguous)
+#   blackhole  the request is read, never forwarded, never answered; the connection stays open
+#              until the client gives up (its read timeout) or the proxy stops
+KINDS = ("reset", "close", "500", "503", "latency", "short", "drop", "blackhole")
+
+_ERROR_BODIES = {
+    "500": (b"500 Internal Server Error", "InternalError",
+            "We encountered an internal error. Please try again."),
+    "503": (b"503 Slow Down", "SlowDown", "Please reduce your request rate."),
+}
+
+
+def _error_reply(kind: str, dialect: str) -> bytes:
+    status, code, message = _ERROR_BODIES[kind]
+    if dialect == "gcs":
+        body = (b'{"error": {"code": %s, "message": "%s", "errors": [{"reason": "%s"}]}}'
+                % (status[:3], message.encode(), code.encode()))
+        ctype = b"application/json"
+    else:
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>%s</Code>'
+                b"<Message>%s</Message><RequestId>faultproxy</RequestId></Error>"
+                % (code.encode(), message.encode()))
+        ctype = b"application/xml"
+    return (b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, ctype, len(body), body))
+
+
+@dataclass
+class Chaos:
+    """Fault a seeded random share of all requests.
+
+    Attributes:
+        rate: the probability that one request meets a fault (0.1 = 10%).
+        seed: seeds the draws (the order of concurrent requests still varies between runs,
+            so a seed fixes the sequence of faults, not which request gets which).
+        kinds: which of :data:`KINDS` to draw from (uniformly).
+        latency_s: the range of a ``latency`` fault's delay.
+        dialect: ``"s3"`` (XML error bodies) or ``"gcs"`` (JSON error bodies).
+        spare: requests whose target contains any of these are never faulted.
+    """
+
+    rate: float
+    seed: int
+    kinds: Sequence[str] = KINDS
+    latency_s: tuple[float, float] = (0.05, 0.5)
+    dialect: str = "s3"
+    spare: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {KINDS}")
+        self._rng = random.Random(self.seed)
+
+    def draw(self, target: str) -> tuple[str, float] | None:
+        """The fault for the next request (kind, delay), or None. Call under a lock."""
+        if any(s in target for s in self.spare):
+            return None
+        if self._rng.random() >= self.rate:
+            return None
+        kind = self._rng.choice(list(self.kinds))
+        return kind, self._rng.uniform(*self.latency_s)
 
 
 class _Cut(Exception):
@@ -153,24 +236,29 @@ class FaultProxy:
     Args:
         upstream_host, upstream_port: the real server.
         plan: the faults to inject (each fires once).
+        chaos: a random plan applied to every request the ``plan`` does not fault.
         lifetime: seconds after which the proxy stops by itself.
         max_connections: client connections served at once (more wait in the backlog).
         timeout: seconds any socket may stay silent before its connection is dropped.
 
     Attributes:
         endpoint: ``http://127.0.0.1:<port>``, the URL to give the client.
-        fired: one line per fault that fired (method, target, bytes relayed before the cut).
+        fired: one line per fault that fired (method, target, what was done).
+        injected: how many faults of each kind fired (a ``plan`` fault counts as "cut").
         requests: ``(method, target)`` of every request relayed, in order.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, *,
-                 plan: Sequence[Fault] = (), lifetime: float = 300.0,
+                 plan: Sequence[Fault] = (), chaos: Chaos | None = None,
+                 lifetime: float = 300.0,
                  max_connections: int = 64, timeout: float = 30.0) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.plan = list(plan)
         self.lifetime = lifetime
         self.timeout = timeout
+        self.chaos = chaos
         self.fired: list[str] = []
+        self.injected: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -240,7 +328,8 @@ class FaultProxy:
         with contextlib.suppress(OSError):
             s.close()
 
-    def _pick(self, method: str, target: str, headers: dict[str, str]) -> Fault | None:
+    def _pick(self, method: str, target: str,
+              headers: dict[str, str]) -> Fault | tuple[str, float] | None:
         with self._lock:
             self.requests.append((method, target))
             for f in self.plan:
@@ -249,7 +338,19 @@ class FaultProxy:
                     if f.seen == f.nth:
                         f.done = True
                         return f
-        return None
+            return self.chaos.draw(target) if self.chaos is not None else None
+
+    def _record(self, kind: str, line: str) -> None:
+        with self._lock:
+            self.injected[kind] += 1
+            self.fired.append(line)
+
+    def _hold(self, client: socket.socket) -> None:
+        """A black hole: say nothing until the client hangs up or the proxy stops."""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([client], [], [], 0.2)
+            if ready and not client.recv(64 * 1024):
+                return
 
     def _serve(self, client_sock: socket.socket) -> None:
         client = self._track(client_sock)
@@ -268,9 +369,28 @@ class FaultProxy:
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                     head = b"\r\n".join(ln for ln in head.split(b"\r\n")
                                         if not ln.lower().startswith(b"expect:"))
+                picked = self._pick(method, target, headers)
+                fault = picked if isinstance(picked, Fault) else None
+                kind, delay = picked if isinstance(picked, tuple) else ("", 0.0)
+                what = f"{method} {target}"
+                if kind in ("reset", "close", "500", "503", "blackhole"):
+                    # Not forwarded: the server never sees this request.
+                    _relay_body(creader, headers, lambda _b: None, to_eof=False)
+                    self._record(kind, f"{what}: {kind}")
+                    if kind in ("500", "503"):
+                        client.sendall(_error_reply(kind, self.chaos.dialect
+                                                    if self.chaos else "s3"))
+                        continue
+                    if kind == "blackhole":
+                        self._hold(client)
+                    reset = kind == "reset"
+                    return
+                if kind == "latency":
+                    self._record(kind, f"{what}: delayed {delay:.2f} s")
+                    if self._stop.wait(delay):
+                        return
                 upstream.sendall(head)
                 _relay_body(creader, headers, upstream.sendall, to_eof=False)
-                fault = self._pick(method, target, headers)
                 while True:
                     rhead = ureader.head()
                     if rhead is None:
@@ -279,26 +399,41 @@ class FaultProxy:
                     status = int(status_line.split(" ")[1])
                     if status >= 200:
                         break  # 1xx interim answers: the client already got its 100 Continue
+                no_body = method == "HEAD" or status in (204, 304)
+                size = int(rheaders.get("content-length", "0") or 0)
+                chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
+                if kind == "short" and (no_body or (size < 2 and not chunked)):
+                    kind = "drop"  # no body to cut short: lose the whole reply instead
+                if kind == "drop":
+                    if not no_body:
+                        _relay_body(ureader, rheaders, lambda _b: None, to_eof=True)
+                    self._record(kind, f"{what}: {status} dropped after the server acted")
+                    reset = True
+                    return
                 client.sendall(rhead)
-                if method == "HEAD" or status in (204, 304):
+                if no_body:
                     continue
-                send = client.sendall
+                send: Callable[[bytes], None] = client.sendall
+                budget = 0
                 if fault is not None:
-                    size = int(rheaders.get("content-length", "0") or 0)
                     budget = fault.after if fault.after is not None else max(1, size // 2)
+                    send = self._budgeted(client, budget)
+                elif kind == "short":
+                    budget = size // 2 if size else 16
                     send = self._budgeted(client, budget)
                 try:
                     _relay_body(ureader, rheaders, send, to_eof=True)
                 except _Cut:
-                    assert fault is not None
-                    what = "reset" if fault.how == "reset" else "closed"
                     ranged = " (ranged)" if "range" in headers else ""
-                    with self._lock:
-                        self.fired.append(f"{method} {target}{ranged}: {what} after "
-                                          f"{budget} bytes")
+                    if fault is not None:
+                        cut = "reset" if fault.how == "reset" else "closed"
+                        self._record("cut", f"{what}{ranged}: {cut} after {budget} bytes")
+                        reset = fault.how == "reset"
+                    else:
+                        self._record(kind, f"{what}{ranged}: closed after {budget} of "
+                                           f"{size if size else '?'} bytes")
                     # Let the client read the head and the first bytes before the cut.
                     time.sleep(0.2)
-                    reset = fault.how == "reset"
                     return
                 if "close" in (headers.get("connection", "").lower(),
                                rheaders.get("connection", "").lower()):

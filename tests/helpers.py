@@ -253,6 +253,7 @@ class RecordingOps(FileOps):
         self.calls: list[tuple[str, str]] = []
         self._hook = hook
         self._paths: dict[int, str] = {}
+        self._fds: dict[int, str] = {}  # fd -> path of the file last opened on it
 
     def _run(self, op: str, path: str, fn: Callable[[], Any]) -> Any:
         idx = len(self.calls)
@@ -268,6 +269,7 @@ class RecordingOps(FileOps):
         def go() -> Any:
             f = super(RecordingOps, self).open_write(path)
             self._paths[id(f)] = str(path)
+            self._fds[f.fileno()] = str(path)
             return f
         return self._run("open_write", str(path), go)
 
@@ -276,7 +278,9 @@ class RecordingOps(FileOps):
                          lambda: super(RecordingOps, self).write(f, data))
 
     def fsync(self, fd: int) -> None:
-        self._run("fsync", str(fd), lambda: super(RecordingOps, self).fsync(fd))
+        """Recorded with the path of the file open on ``fd`` (its number if unknown)."""
+        self._run("fsync", self._fds.get(fd, str(fd)),
+                  lambda: super(RecordingOps, self).fsync(fd))
 
     def mkdir(self, path: Path) -> None:
         self._run("mkdir", str(path), lambda: super(RecordingOps, self).mkdir(path))
@@ -462,3 +466,45 @@ def dist_worker(rank_s: str, world_s: str, port: str, directory: str, out: str, 
 
 if __name__ == "__main__":
     {"crash-driver": crash_driver, "dist-worker": dist_worker}[sys.argv[1]](*sys.argv[2:])
+
+
+# --------------------------------------------------------------------------- commit order
+def assert_durable_commit_order(calls: list[tuple[str, str]], directory: Path) -> list[str]:
+    """Check one local commit's file operations (a :class:`RecordingOps` record) in order.
+
+    DESIGN.md's local commit: every file fsynced after its last write; the manifest opened
+    after every other file's fsync, written, fsynced; the staging directory fsynced after
+    that; the rename that publishes it; the parent fsynced after the rename. Fails naming the
+    step that is missing or out of order (for instance when an fsync call was deleted).
+    Returns the relative paths of the files committed, manifest last.
+    """
+    from ckptsync.local import STAGING_PREFIX
+    from ckptsync.manifest import MANIFEST_NAME
+
+    def last(op: str, path: str) -> int:
+        hits = [i for i, (o, p) in enumerate(calls) if o == op and p == path]
+        return hits[-1] if hits else -1
+
+    renames = [(i, p) for i, (o, p) in enumerate(calls) if o == "rename"]
+    assert len(renames) == 1, f"expected one rename, got {renames}"
+    rename_at, rename = renames[0]
+    src, dst = (Path(x) for x in rename.split(" -> "))
+    assert src.parent == dst.parent == directory and src.name.startswith(STAGING_PREFIX), rename
+    opened = [p for o, p in calls if o == "open_write" and Path(p).is_relative_to(src)]
+    rels = [Path(p).relative_to(src).as_posix() for p in opened]
+    assert rels and rels[-1] == MANIFEST_NAME, f"the manifest is not written last: {rels}"
+    manifest = opened[-1]
+    manifest_open = last("open_write", manifest)
+    for path in opened:
+        wrote, synced = last("write", path), last("fsync", path)
+        assert synced >= 0, f"{path} is never fsynced"
+        assert synced > wrote, f"{path} is written after its fsync"
+        if path != manifest:
+            assert synced < manifest_open, f"{path} is fsynced after the manifest is opened"
+    staging_synced = last("fsync_dir", str(src))
+    assert staging_synced > last("fsync", manifest), (
+        "the staging directory is not fsynced after the manifest")
+    assert rename_at > staging_synced, "the rename comes before the staging directory's fsync"
+    assert last("fsync_dir", str(directory)) > rename_at, (
+        "the parent directory is not fsynced after the rename")
+    return rels
