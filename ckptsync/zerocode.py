@@ -5,10 +5,10 @@ version is finished:
 
 ``file:PATTERN``
     The files matching ``PATTERN`` (a glob relative to the watched directory, e.g. ``ckpt.pt``
-    or ``weights/*.pt``) form one checkpoint. A version is finished when a matching file is
-    renamed into place (the temp-file-and-rename pattern: finished at once), or when every
-    matching file was closed after writing and nothing touched them for ``settle`` seconds
-    (the file rewritten in place with ``open(path, "wb")``).
+    or ``weights/*.pt``) form one checkpoint. A version is finished when every matching file
+    was renamed into place since the last version (the temp-file-and-rename pattern: finished
+    at once), or when none of them changed for ``settle`` seconds (a file rewritten in place
+    with ``open(path, "wb")``).
 ``dir:GLOB:MARKER``
     Each directory matching ``GLOB`` (e.g. ``checkpoint-*``) is one version, finished when
     ``MARKER`` (a path inside it, e.g. ``DONE``) exists and the directory was quiet for
@@ -32,6 +32,23 @@ structure (``torch.save``'s zip, safetensors) is complete. A file rewritten more
 ``settle`` is still taken at least every ``max_wait`` seconds: when its structure looks
 complete the copy is attempted anyway, and committed only when its stat is identical before
 and after the copy and the copy's structure is complete.
+
+One version of a rule is a *set*: every file the rule matches (a dir rule: every file of
+one version directory), all quiet, copied while the stat of every one of them stays unchanged
+from before the first file's copy to after the last one's, and the rule still matching exactly
+that set after the last copy. Each file then held the content copied during the whole copy,
+so the set committed was on disk, as a whole, at one time; a file rewritten, a file deleted
+(the trainer's rotation) or a file added during the copy discards the attempt (no failure,
+nothing committed) and the next scan tries again. A file still being written for the first
+time is not quiet (its mtime keeps moving), so a set waits for it. The set need not be the
+one the last version had: a trainer may add or drop files. ``max_wait`` forces a set only
+when every file of it looks whole (its structure complete, or a non-empty opaque file), and
+commits it under the same whole-set check. A set is quiet only when *all* its files are, so
+``settle`` must be longer than the time the trainer takes to write all the files of one save
+(0.5 s between ``pretrain_512.pth`` and ``pretrain_512_moe.pth``: a ``settle`` of 0.5 s or
+less can take the first file new and the second still old, a set that was on disk but mixes
+two saves); a rename finishes the set only once every file of it was renamed in, and a rule
+naming one file (``file:ckpt.pt``) has no such constraint.
 
 Each finished version is copied into a local spool (a :class:`~ckptsync.local.LocalStore`),
 hashed while copying. The source is ``stat``-ed before and after the copy (size, mtime,
@@ -361,8 +378,10 @@ def snapshot_version(
 ) -> Snapshot:
     """Copy ``rels`` (paths relative to ``root``) into a new spool checkpoint.
 
-    Each file is hashed while copied; its stat is compared before and after (and the
-    ``guard`` files', e.g. a directory rule's marker). The copy is committed only if nothing
+    Each file is hashed while copied; its stat is compared before and after its copy, and
+    every file's (and the ``guard`` files', e.g. a directory rule's marker) from before the
+    first copy to after the last, and the rule must still match exactly ``rels`` then (see
+    the module doc: one version is one set). The copy is committed only if nothing
     changed, every file is structurally complete (:func:`check_complete`) and the content
     differs from ``last_signature``. The step is the rule's (:meth:`WatchRule.step_for`),
     read after every stat was taken, so the unchanged stats vouch for it too.
@@ -398,9 +417,16 @@ def snapshot_version(
             if after != before or w.size != before[1]:
                 raise _Changed(f"{rel} changed while it was copied")
             stats[rel] = after
-        for g, sig in guards.items():
+        # The whole set again, after the last copy: each file unchanged from before the first
+        # copy to after the last means the set copied was on disk, as a whole, at one time.
+        for g, sig in {**first, **guards}.items():
             if stat_sig(os.stat(root / g)) != sig:
                 raise _Changed(f"{g} changed while the version was copied")
+        listed = _listing(root, rule, rels)
+        if listed != sorted(rels):
+            odd = sorted(set(listed) ^ set(rels))
+            raise _Changed(f"the rule's files changed while the version was copied ({odd[0]} "
+                           f"{'appeared' if odd[0] in listed else 'disappeared'})")
         for rel in rels:
             copy = staging.path / rel
             if rule.kind == "dir" and copy.stat().st_size == 0:
@@ -428,6 +454,13 @@ def snapshot_version(
     except BaseException:
         staging.abort()
         raise
+
+
+def _listing(root: Path, rule: WatchRule, rels: list[str]) -> list[str]:
+    """The files that form the version of ``rels`` now: what the rule matches (a dir rule:
+    the files of the version directory), sorted."""
+    vdir = rule.version_dir(rels[0]) if rels and rule.kind == "dir" else None
+    return _dir_files(root, vdir) if vdir is not None else rule.current_files(root)
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
@@ -484,7 +517,8 @@ class VersionTracker:
     taken: dict[str, StatSig] = field(default_factory=dict)
     last_signature: tuple[tuple[str, str], ...] = ()
     busy: bool = False
-    moved_in: bool = False
+    renamed: set[str] = field(default_factory=set)
+    """A file rule's files renamed into place since the last version was taken."""
     failures: int = 0
     error: str | None = None
     retry_at: float | None = None
@@ -499,9 +533,9 @@ class VersionTracker:
         if not self.rule.matches_file(rel) and self.rule.version_dir(rel) is None:
             return False
         if not is_dir and kind in ("created", "modified"):
-            self.moved_in = False
+            self.renamed.discard(rel)
         elif not is_dir and kind == "moved_in" and self.rule.kind == "file":
-            self.moved_in = True
+            self.renamed.add(rel)
         return True
 
     def _scan(self, now: float) -> tuple[list[str], list[str], dict[str, StatSig]] | None:
@@ -556,8 +590,8 @@ class VersionTracker:
 
     def _finished(self, now: float, wall: float, rels: list[str], guard: list[str],
                   sigs: dict[str, StatSig]) -> bool:
-        if self.moved_in:
-            return True
+        if self.rule.kind == "file" and self.renamed.issuperset(rels):
+            return True  # every file of the set renamed into place: each one is whole
         newest = max(s[2] for s in sigs.values())
         if now - self._stable_since >= self.settle or wall - newest / 1e9 >= self.settle:
             return True  # quiet
@@ -614,7 +648,7 @@ class VersionTracker:
         """Remember what was taken (or found identical), so it is not taken again."""
         self.busy = False
         self.failures, self.error, self.retry_at = 0, None, None
-        self.moved_in = False
+        self.renamed.clear()
         if snap.skipped in ("changed", "missing"):
             return  # the next version will be taken
         for g in guard:

@@ -332,3 +332,99 @@ def test_finished_versions_present_at_start_up_are_taken_at_once(
         assert time.monotonic() - t0 < 2.5
     finally:
         assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- item 3
+def _gen_file(path: Path, gen: int, *, rename: bool) -> None:
+    """One file of a multi-file save, carrying its generation (a MiniMind-like trainer)."""
+    data = json.dumps({"gen": gen}).encode() + b"x" * 4096
+    if rename:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    else:
+        path.write_bytes(data)
+
+
+def _generations(store: RemoteStore, dest: Path) -> list[dict[str, int]]:
+    """For each committed version: ``{path: generation}`` of the files it restores."""
+    out: list[dict[str, int]] = []
+    for m in store.list():
+        restore_watched(store, dest / m.name, m.name)
+        out.append({f.path: json.loads((dest / m.name / f.path).read_bytes()[:20]
+                                       .split(b"}")[0] + b"}")["gen"] for f in m.files})
+    return out
+
+
+@pytest.mark.parametrize("rename", [True, False], ids=["rename", "in-place"])
+def test_multi_file_rule_commits_only_whole_generations(
+        rename: bool, tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+    """Two files of ``file:*.pth`` written 0.5 s apart (settle longer than the gap): every
+    version holds both files of one save, never one old and one new."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _gen_file(out / "pretrain_512.pth", 0, rename=rename)
+    _gen_file(out / "pretrain_512_moe.pth", 0, rename=rename)
+    d = InProcess(out, file_remote, ["file:*.pth"], settle=1.0, max_wait=0, interval=30)
+    daemons.append(d)
+    wait_for(lambda: len(_taken(d)) == 1, "generation 0")
+    for gen in (1, 2, 3):
+        _gen_file(out / "pretrain_512.pth", gen, rename=rename)
+        time.sleep(0.5)
+        _gen_file(out / "pretrain_512_moe.pth", gen, rename=rename)
+        wait_for(lambda g=gen: len(_taken(d)) >= g + 1, f"generation {gen}", timeout=8)
+    wait_for(lambda: not d.watcher._inflight and len(RemoteStore(file_remote.url).list()) >= 4,
+             "the uploads", timeout=15)
+    assert d.stop() == 0
+    gens = _generations(RemoteStore(file_remote.url), tmp_path / "back")
+    for g in gens:
+        assert len(g) == 2 and len(set(g.values())) == 1, gens
+    assert sorted(next(iter(g.values())) for g in gens) == [0, 1, 2, 3]
+
+
+class Meddle(FileOps):
+    """The trainer acts while the spool copies the set: ``action`` runs when the copy of the
+    file named ``when`` begins (the files before it are copied already)."""
+
+    def __init__(self, when: str, action: Any) -> None:
+        self.when, self.action = when, action
+
+    def open_write(self, path: Path) -> BinaryIO:
+        if path.name == self.when:
+            self.action()
+        return super().open_write(path)
+
+
+def _two_files(root: Path) -> list[str]:
+    root.mkdir()
+    _gen_file(root / "a.pth", 1, rename=False)
+    _gen_file(root / "b.pth", 1, rename=False)
+    return ["a.pth", "b.pth"]
+
+
+@pytest.mark.parametrize("meddle", ["rewrite", "rotate", "add"])
+def test_a_set_changed_during_its_copy_is_never_committed(meddle: str, tmp_path: Path) -> None:
+    """``a.pth`` is copied, then (while ``b.pth`` is copied) the trainer rewrites ``a.pth``,
+    deletes it (rotation), or adds ``c.pth``: the set copied was never on disk at one time as
+    a whole, so nothing is committed, the attempt is no failure, and the next one commits."""
+    root = tmp_path / "out"
+    rels = _two_files(root)
+    actions = {
+        "rewrite": lambda: _gen_file(root / "a.pth", 2, rename=False),
+        "rotate": lambda: os.unlink(root / "a.pth"),
+        "add": lambda: _gen_file(root / "c.pth", 2, rename=False),
+    }
+    spool = LocalStore(tmp_path / "spool", Meddle("b.pth", actions[meddle]))
+    rule = WatchRule.parse("file:*.pth")
+    tr = VersionTracker(rule, root, settle=0.0)
+    due = tr.due(time.monotonic(), time.time())
+    assert due is not None and due.rels == rels
+    tr.begin(due, time.monotonic())
+    snap = snapshot_version(spool, root, rule, due.rels)
+    tr.record(snap, due.rels, due.guard)
+    assert snap.ckpt is None and snap.skipped in ("changed", "missing"), snap
+    assert spool.list() == [] and tr.failures == 0 and tr.error is None
+    again = tr.due(time.monotonic(), time.time())
+    assert again is not None and again.rels == rule.current_files(root)
+    snap = snapshot_version(LocalStore(tmp_path / "spool"), root, rule, again.rels)
+    assert snap.ckpt is not None and [f.path for f in snap.ckpt.manifest.files] == again.rels
