@@ -535,8 +535,9 @@ class RemoteStore:
         data = self._read_bytes(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME))
         return None if data is None else self._parse_manifest(name, data)
 
-    def _sizes(self, name: str) -> dict[str, int]:
-        """Relative path -> size of every object under ``<root>/<name>/`` (one listing)."""
+    def _find(self, name: str) -> dict[str, dict[str, Any]]:
+        """Relative path -> backend info of every object under ``<root>/<name>/`` (one
+        listing, uncached)."""
         prefix = self._path(name)
 
         def find() -> dict[str, Any]:
@@ -547,7 +548,11 @@ class RemoteStore:
                 return {}
 
         found: dict[str, Any] = self._call(find, self.url_of(name), "list")
-        return {self._rel(p, prefix): int(i.get("size") or 0) for p, i in found.items()}
+        return {self._rel(p, prefix): i for p, i in found.items()}
+
+    def _sizes(self, name: str) -> dict[str, int]:
+        """Relative path -> size of every object under ``<root>/<name>/`` (one listing)."""
+        return {rel: int(i.get("size") or 0) for rel, i in self._find(name).items()}
 
     def _check_sizes(self, m: Manifest, sizes: Mapping[str, int] | None = None) -> None:
         """Raise :class:`CorruptCheckpointError` unless ``m`` is usable and every file it lists
@@ -1012,19 +1017,9 @@ class RemoteStore:
         pusher of the same checkpoint)."""
         if not self._upload_via_temp:
             return []
-        prefix = self._path(name)
-
-        def find() -> dict[str, Any]:
-            try:
-                self.fs.invalidate_cache(prefix)
-                return dict(self.fs.find(prefix, detail=True))
-            except FileNotFoundError:
-                return {}
-
-        found: dict[str, Any] = self._call(find, self.url_of(name), "list")
         cutoff = time.time() - _PART_QUIET_S
-        return sorted(self._rel(p, prefix) for p, info in found.items()
-                      if _PART_FILE.match(p.rsplit("/", 1)[-1])
+        return sorted(rel for rel, info in self._find(name).items()
+                      if _PART_FILE.match(rel.rsplit("/", 1)[-1])
                       and (t := _mtime(info)) is not None and t < cutoff)
 
     def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
