@@ -535,10 +535,10 @@ class RemoteStore:
         data = self._read_bytes(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME))
         return None if data is None else self._parse_manifest(name, data)
 
-    def _find(self, name: str) -> dict[str, dict[str, Any]]:
-        """Relative path -> backend info of every object under ``<root>/<name>/`` (one
-        listing, uncached)."""
-        prefix = self._path(name)
+    def _find(self, name: str | None = None) -> dict[str, dict[str, Any]]:
+        """Relative path -> backend info of every object under ``<root>/<name>/`` (the whole
+        root without ``name``): one listing, uncached."""
+        prefix = self.root if name is None else self._path(name)
 
         def find() -> dict[str, Any]:
             try:
@@ -547,7 +547,8 @@ class RemoteStore:
             except FileNotFoundError:
                 return {}
 
-        found: dict[str, Any] = self._call(find, self.url_of(name), "list")
+        url = self.url if name is None else self.url_of(name)
+        found: dict[str, Any] = self._call(find, url, "list")
         return {self._rel(p, prefix): i for p, i in found.items()}
 
     def _sizes(self, name: str) -> dict[str, int]:
@@ -792,19 +793,10 @@ class RemoteStore:
         names = [self._rel(e["name"], self.root) for e in top]
         names = [n for n in names if _SAFE_NAME.match(n)]
         dir_mtime = {self._rel(e["name"], self.root): _mtime(e) for e in top}
-
-        def find() -> dict[str, Any]:
-            try:
-                self.fs.invalidate_cache(self.root)
-                return dict(self.fs.find(self.root, detail=True))
-            except FileNotFoundError:
-                return {}
-
-        found: dict[str, Any] = self._call(find, self.url, "list") if names else {}
+        found = self._find() if names else {}
         files: dict[str, dict[str, int]] = {n: {} for n in names}
         mtimes: dict[str, list[float]] = {n: [] for n in names}
-        for p, info in found.items():
-            rel = self._rel(p, self.root)
+        for rel, info in found.items():
             head, _, rest = rel.partition("/")
             if head in files and rest:
                 files[head][rest] = int(info.get("size") or 0)
@@ -1446,18 +1438,8 @@ class RemoteStore:
         failed attempt before the one that committed); ``part:<name>/<path>`` entries."""
         if not self._upload_via_temp:
             return []
-
-        def find() -> dict[str, Any]:
-            try:
-                self.fs.invalidate_cache(self.root)
-                return dict(self.fs.find(self.root, detail=True))
-            except FileNotFoundError:
-                return {}
-
         out = []
-        found: dict[str, Any] = self._call(find, self.url, "list")
-        for path, info in sorted(found.items()):
-            rel = self._rel(path, self.root)
+        for rel, info in sorted(self._find().items()):
             head, _, rest = rel.partition("/")
             if not rest or head in skip or parse_name(head) is None:
                 continue
@@ -1466,7 +1448,7 @@ class RemoteStore:
                 continue
             out.append(f"part:{rel}")
             if not dry_run:
-                def rm(p: str = path) -> None:
+                def rm(p: str = self._path(rel)) -> None:
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(p)
 
