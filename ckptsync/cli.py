@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import sys
-import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from ckptsync.ownership import (
     check_remote_outside,
     check_remote_url,
 )
+from ckptsync.progress import NullProgress, Progress, TqdmProgress
 from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
-from ckptsync.transfer import NullProgress, Progress
 
 __all__ = ["COMMANDS", "Command", "TqdmProgress", "build_parser", "main"]
 
@@ -53,35 +52,6 @@ EXIT_FELL_BACK = 4
 
 
 # --------------------------------------------------------------------------- progress
-
-
-class TqdmProgress:
-    """A :class:`~ckptsync.transfer.Progress` drawing a tqdm bar on stderr (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._bar: Any = None
-        self._lock = threading.Lock()
-
-    def start(self, total: int, description: str) -> None:
-        from tqdm import tqdm
-
-        tqdm.monitor_interval = 0  # no monitor thread: our bars are closed by us
-        with self._lock:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = tqdm(total=total, desc=description[:40], unit="B", unit_scale=True,
-                             unit_divisor=1024, file=sys.stderr, leave=False)
-
-    def update(self, n: int) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.update(n)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
 
 
 def _progress(args: argparse.Namespace) -> Progress:

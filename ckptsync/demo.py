@@ -261,11 +261,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         DemoError: a trainer failed, or the remote holds nothing to resume from.
         RemoteError: the remote cannot be used.
     """
-    from ckptsync.cli import TqdmProgress
     from ckptsync.launcher import start_watcher
     from ckptsync.local import LocalStore
+    from ckptsync.progress import NullProgress, TqdmProgress
     from ckptsync.remote import RemoteStore
-    from ckptsync.transfer import NullProgress
 
     global _narration
     _narration = sys.stderr if cfg.narrate_to_stderr else sys.stdout

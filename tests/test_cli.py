@@ -203,7 +203,7 @@ def test_env_config_is_validated(tmp_path: Path) -> None:
 def test_tqdm_progress_from_threads() -> None:
     import threading
 
-    from ckptsync.cli import TqdmProgress
+    from ckptsync.progress import TqdmProgress
 
     bar = TqdmProgress()
     bar.start(4000, "push step-1")
