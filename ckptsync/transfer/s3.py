@@ -1,0 +1,290 @@
+"""The s3fs/botocore boundary: every use of their private API in ckptsync, each behind a guard.
+
+s3fs runs every request on its one event-loop thread, and botocore and aiohttp do the
+per-byte work there: the payload sha256 that SigV4 signs over plain http, the CRC32 checksum,
+copies of each body (and TLS over https). However many parts or ranges are in flight, that is
+one core for every byte moved. The bulk calls (``upload_part``, ranged ``get_object``)
+therefore go through a blocking botocore client built like s3fs's (:func:`_blocking_client`),
+from the transfer threads, which share that work between cores as boto3's transfer manager
+does; the few small calls (create, complete, abort, head) stay on s3fs (:class:`_BlockingS3`).
+
+The private API used, and where:
+
+- ``S3FileSystem._call_s3`` (:meth:`_BlockingS3.call`): the small calls, and parts when no
+  blocking client could be built;
+- ``S3FileSystem._get_s3_method_kwargs`` (:meth:`_BlockingS3.upload_part`,
+  :meth:`_BlockingS3.get_range`): s3fs's request-wide extras (SSE-C keys, RequestPayer);
+- ``S3FileSystem.get_s3``, the aiobotocore client's ``_get_credentials`` and botocore's
+  ``Config._user_provided_options`` (:func:`_blocking_client`);
+- ``s3fs.errors.translate_boto_error``: the blocking client's errors read as s3fs's.
+
+The guard: when one of these is missing, or its call raises ``AttributeError`` or
+``TypeError`` (s3fs or botocore changed), :class:`S3ApiChanged` is raised and ONE warning per
+filesystem names what failed and the s3fs and botocore versions. From then on that
+filesystem's transfers use the public fsspec API (:func:`private_api_usable` is False): a
+multipart upload becomes a plain streamed upload (:mod:`ckptsync.transfer.multipart`), a
+ranged read ``fs.cat_file`` (:func:`range_reader`). Other errors are the backend's own, and
+come out as s3fs raises them, so both paths read the same to
+:func:`ckptsync.remote.translate_error`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ckptsync.errors import CkptSyncError
+
+__all__ = ["S3ApiChanged", "is_s3fs", "private_api_usable", "range_reader"]
+
+log = logging.getLogger(__name__)
+
+RangeReader = Callable[[int, int], bytes]
+"""``read(start, end) -> bytes``: bytes ``[start, end)`` of one remote file."""
+
+# What a changed library raises: a name gone (AttributeError, ImportError), a call whose
+# signature changed (TypeError).
+_CHANGED = (AttributeError, TypeError, ImportError)
+
+
+class S3ApiChanged(CkptSyncError):
+    """s3fs or botocore no longer has (or no longer takes) a private API ckptsync uses.
+
+    Never reaches the user: the transfer that meets it goes on through the public fsspec API.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is missing or no longer works (s3fs or botocore changed)")
+        self.what = what
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _FallenBack:
+    """The filesystems (by identity, not fsspec's token equality) whose private API failed,
+    and what failed; an entry goes with its filesystem."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._what: dict[int, str] = {}
+
+    def add(self, fs: Any, what: str) -> bool:
+        """Record ``fs``; True the first time (the caller warns), False after."""
+        key = id(fs)
+        with self._lock:
+            if key in self._what:
+                return False
+            self._what[key] = what
+        # Not weak-referenceable (TypeError): kept for the life of the process.
+        with contextlib.suppress(TypeError):
+            weakref.finalize(fs, self._forget, key)
+        return True
+
+    def _forget(self, key: int) -> None:
+        with self._lock:
+            self._what.pop(key, None)
+
+    def get(self, fs: Any) -> str | None:
+        with self._lock:
+            return self._what.get(id(fs))
+
+
+_fallen_back = _FallenBack()
+
+
+def fallen_back(fs: Any) -> str | None:
+    """What private API failed on ``fs`` (its transfers now use the public API), or None."""
+    return _fallen_back.get(fs)
+
+
+@contextlib.contextmanager
+def _guard(fs: Any, what: str) -> Iterator[None]:
+    """Within the block, ``AttributeError``/``TypeError``/``ImportError`` mean that ``what``
+    changed: warn once for ``fs``, and raise :class:`S3ApiChanged`."""
+    try:
+        yield
+    except _CHANGED as e:
+        if _fallen_back.add(fs, what):
+            log.warning(
+                "%s is missing or no longer works with s3fs %s and botocore %s (%s: %s); "
+                "transfers through this filesystem use the public fsspec API from now on "
+                "(large files go slower)", what, _version("s3fs"), _version("botocore"),
+                type(e).__name__, e)
+        raise S3ApiChanged(what) from e
+
+
+def is_s3fs(fs: Any) -> bool:
+    """Is ``fs`` an s3fs filesystem whose calls :class:`_BlockingS3` can mirror?"""
+    return all(hasattr(fs, a) for a in ("_call_s3", "loop", "split_path",
+                                        "_get_s3_method_kwargs"))
+
+
+def private_api_usable(fs: Any) -> bool:
+    """Is ``fs`` an s3fs filesystem whose private API has not failed (see the module doc)?"""
+    return is_s3fs(fs) and fallen_back(fs) is None
+
+
+_botocore_lock = threading.Lock()
+_botocore_session: Any = None
+
+
+def _blocking_client(fs: Any, bucket: str, pool_size: int) -> Any:
+    """A blocking botocore S3 client equivalent to ``fs``'s own (s3fs's async one).
+
+    Same endpoint, region, botocore config and credentials: the ones the async client
+    resolved (keys, profile, environment, role), frozen for the life of this client, which
+    is one file's transfer (a temporary token that expires during it fails that transfer with
+    an access error; the next push, e.g. the daemon's retry, gets fresh credentials).
+
+    Raises:
+        S3ApiChanged: the private API it reads changed (warned about).
+        Exception: whatever else fails; the caller then keeps to s3fs.
+    """
+    import botocore.session
+    from botocore.config import Config
+    from fsspec.asyn import sync
+
+    global _botocore_session
+
+    async def resolve() -> tuple[Any, Any]:
+        await fs.set_session()
+        with _guard(fs, "S3FileSystem.get_s3"):
+            s3 = await fs.get_s3(bucket)
+        with _guard(fs, "the aiobotocore client's _get_credentials"):
+            creds = s3._get_credentials()
+        return s3, (await creds.get_frozen_credentials() if creds is not None else None)
+
+    s3, frozen = sync(fs.loop, resolve)
+    with _guard(fs, "botocore's Config._user_provided_options"):
+        options = {k: v for k, v in s3.meta.config._user_provided_options.items()
+                   if k in Config.OPTION_DEFAULTS}
+    options["max_pool_connections"] = max(pool_size, options.get("max_pool_connections") or 0)
+    kwargs: dict[str, Any] = {"region_name": s3.meta.region_name,
+                              "config": Config(**options)}
+    if fs.endpoint_url or fs.client_kwargs.get("endpoint_url"):
+        kwargs["endpoint_url"] = s3.meta.endpoint_url
+    if "verify" in fs.client_kwargs:
+        kwargs["verify"] = fs.client_kwargs["verify"]
+    if frozen is not None:
+        kwargs.update(aws_access_key_id=frozen.access_key,
+                      aws_secret_access_key=frozen.secret_key, aws_session_token=frozen.token)
+    with _botocore_lock:  # botocore sessions are not thread-safe
+        if _botocore_session is None:
+            _botocore_session = botocore.session.get_session()
+        return _botocore_session.create_client("s3", **kwargs)
+
+
+class _BlockingS3:
+    """The S3 calls for one object: the bulk ones (``upload_part``, ranged ``get_object``)
+    run in the caller's thread through a blocking client (see the module doc), the small
+    ones (:meth:`call`) on s3fs. If the blocking client cannot be built, everything goes
+    through s3fs.
+
+    Raises:
+        S3ApiChanged: from any method (and the constructor), when the private API changed.
+    """
+
+    def __init__(self, fs: Any, remote_path: str, pool_size: int) -> None:
+        self.fs = fs
+        self.path = remote_path
+        with _guard(fs, "S3FileSystem.split_path"):
+            self.bucket, self.key, _ = fs.split_path(remote_path)
+        self._client: Any = None
+        try:
+            self._client = _blocking_client(fs, self.bucket, pool_size)
+        except S3ApiChanged:
+            raise
+        except Exception:
+            log.debug("no blocking S3 client for %s; its transfer goes through s3fs",
+                      remote_path, exc_info=True)
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """``method`` on the object (Bucket and Key filled in), through s3fs."""
+        from fsspec.asyn import sync
+
+        with _guard(self.fs, "S3FileSystem._call_s3"):
+            return sync(self.fs.loop, self.fs._call_s3, method, Bucket=self.bucket,
+                        Key=self.key, **kwargs)
+
+    def _kwargs(self, method: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        # s3fs's request-wide extras (SSE-C keys, RequestPayer) apply to every request.
+        with _guard(self.fs, "S3FileSystem._get_s3_method_kwargs"):
+            kw: dict[str, Any] = self.fs._get_s3_method_kwargs(method, Bucket=self.bucket,
+                                                               Key=self.key, **kwargs)
+        return kw
+
+    def _translate(self) -> Callable[[Exception], BaseException]:
+        with _guard(self.fs, "s3fs.errors.translate_boto_error"):
+            from s3fs.errors import translate_boto_error
+        return translate_boto_error
+
+    def upload_part(self, **kwargs: Any) -> Any:
+        if self._client is None:
+            return self.call("upload_part", **kwargs)
+        from botocore.exceptions import ClientError
+
+        translate = self._translate()
+        kw = self._kwargs(self._client.upload_part, **kwargs)
+        try:
+            return self._client.upload_part(**kw)
+        except ClientError as e:
+            raise translate(e) from e
+
+    def get_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object (``end`` > ``start``).
+
+        Once the private API failed (warned about), through ``fs.cat_file``.
+        """
+        if self._client is None or fallen_back(self.fs) is not None:
+            return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        from botocore.exceptions import ClientError
+
+        try:
+            translate = self._translate()
+            kw = self._kwargs(self._client.get_object, Range=f"bytes={start}-{end - 1}")
+        except S3ApiChanged:
+            return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        try:
+            body = self._client.get_object(**kw)["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data
+        except ClientError as e:
+            raise translate(e) from e
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+@contextlib.contextmanager
+def range_reader(fs: Any, remote_path: str, pool_size: int) -> Iterator[RangeReader]:
+    """A :data:`RangeReader` of ``remote_path`` for up to ``pool_size`` threads at once.
+
+    On s3fs it reads through a blocking client (:class:`_BlockingS3`), closed when the block
+    ends; elsewhere, or once the private API failed, through ``fs.cat_file``.
+    """
+    getter: _BlockingS3 | None = None
+    if private_api_usable(fs):
+        with contextlib.suppress(S3ApiChanged):  # warned: the public API below
+            getter = _BlockingS3(fs, remote_path, pool_size)
+    if getter is None:
+        yield lambda start, end: bytes(fs.cat_file(remote_path, start=start, end=end))
+        return
+    try:
+        yield getter.get_range
+    finally:
+        getter.close()
