@@ -40,13 +40,13 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from ckptsync.checkpointer import Checkpointer
+    from ckptsync.client import Checkpointer
 
 
 def __getattr__(name: str) -> Any:
     # Lazy: the client needs torch, the daemon must not.
     if name == "Checkpointer":
-        from ckptsync.checkpointer import Checkpointer
+        from ckptsync.client import Checkpointer
 
         return Checkpointer
     raise AttributeError(f"module 'ckptsync' has no attribute {name!r}")

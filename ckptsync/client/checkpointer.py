@@ -1,34 +1,46 @@
-"""The client API: :class:`Checkpointer`, the one entry point for training code."""
+"""The client API: :class:`Checkpointer`, the one entry point for training code.
+
+Saving, waiting, closing and retention live here; choosing and loading the checkpoint to
+resume from is :mod:`ckptsync.client.restore`.
+"""
 
 from __future__ import annotations
 
-import heapq
 import logging
 import os
 import platform
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from ckptsync import __version__
-from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import (
-    CkptSyncError,
-    ConfigError,
-    CorruptCheckpointError,
-    NoCheckpointError,
+from ckptsync.client.restore import (
+    RestoreInfo,
+    Restorer,
+    load_states,
+    read_states,
+    say_fell_back,
 )
+from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
+from ckptsync.client.state import (
+    RNG_FILE,
+    SnapshotBuffers,
+    capture_rng,
+    check_safe,
+    serialize,
+    state_of,
+    to_jsonable,
+)
+from ckptsync.client.uploader import SyncStatus, Uploader
+from ckptsync.config import resolve_close_timeout
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.local import (
     RESUMED_FILE,
     FileOps,
@@ -37,7 +49,7 @@ from ckptsync.local import (
     storage_error,
     write_json_atomic,
 )
-from ckptsync.manifest import Manifest, make_name, parse_name, unusable_reason
+from ckptsync.manifest import Manifest, make_name, parse_name
 from ckptsync.retention import (
     BestRule,
     CheckpointInfo,
@@ -45,18 +57,6 @@ from ckptsync.retention import (
     parse_best,
     select_for_deletion,
 )
-from ckptsync.snapshot import BackgroundWorker, SaveHandle
-from ckptsync.state import (
-    SnapshotBuffers,
-    capture_rng,
-    check_safe,
-    load_into,
-    restore_rng,
-    serialize,
-    state_of,
-    to_jsonable,
-)
-from ckptsync.uploader import SyncStatus, Uploader
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -66,30 +66,6 @@ __all__ = ["Checkpointer", "RestoreInfo", "SyncStatus"]
 log = logging.getLogger("ckptsync")
 
 RESERVED = frozenset({"metrics", "extra", "rng", "step", "ckptsync"})
-RNG_FILE = "rng.pt"
-_Skipped = list[tuple[str, str]]  # (name, why) of checkpoint copies restore passed over
-
-
-@dataclass(frozen=True)
-class RestoreInfo:
-    """What :meth:`Checkpointer.restore` loaded."""
-
-    name: str
-    step: int | None
-    path: Path
-    manifest: Manifest
-    metrics: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    """Every object's loaded state, including names that were not passed to restore."""
-    skipped: tuple[tuple[str, str], ...] = ()
-    """``(name, why)`` of each committed checkpoint copy, local or remote, newer than (or a
-    copy of) the one loaded that restore passed over, newest first."""
-
-    @property
-    def fell_back(self) -> bool:
-        """True when restore loaded an older checkpoint than the newest committed one."""
-        return any(n != self.name for n, _ in self.skipped)
 
 
 def _git_revision() -> str | None:
@@ -522,195 +498,28 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        found = self._choose(name, map_location, objects) if self.rank == 0 else None
+        found = (Restorer(self.store, self.remote).choose(name, map_location, objects)
+                 if self.rank == 0 else None)
         if self.world_size > 1:
             box: list[Any] = [(found[0].name, found[2]) if found else None]
             dist.broadcast_object_list(box, src=0)
             if self.rank != 0 and box[0] is not None:
                 ckpt = self.store.get(box[0][0])
-                found = (ckpt, self._read_states(ckpt, map_location, objects), box[0][1])
+                found = (ckpt, read_states(ckpt, map_location, objects), box[0][1])
         if found is None:
             log.info("no checkpoint in %s: starting fresh", self.store.directory)
             return None
         chosen, states, skipped = found
-        info = self._apply(chosen, states, objects, skipped)
+        info = load_states(chosen, states, objects, skipped, rank=self.rank,
+                           rng=self.capture_rng)
         self._resumed_from = chosen.name
         if self.rank == 0:
             write_json_atomic(self.store.directory / RESUMED_FILE,
                               {"name": chosen.name, "pid": os.getpid()})
             if info.fell_back:
-                self._say_fell_back(info)
+                say_fell_back(info)
         log.info("resumed from %s (step %s)", chosen.path, chosen.step)
         return info
-
-    def _say_fell_back(self, info: RestoreInfo) -> None:
-        # Printed as well as logged: resuming from an older checkpoint silently throws away
-        # training, and a log line goes wherever (or nowhere) the application sends logs.
-        # Not warnings.warn: shown once per call site, and `-W error` would turn a restore
-        # that worked into a crash.
-        why = "; ".join(f"{n}: {r.splitlines()[0] if r else '?'}" for n, r in info.skipped)
-        msg = (f"restored {info.name} (step {info.step}), not the newest committed checkpoint "
-               f"{info.skipped[0][0]}: {why}")
-        log.warning("%s", msg)
-        print(f"ckptsync: WARNING: {msg}", file=sys.stderr, flush=True)
-
-    def _choose(self, name: str | None, map_location: Any, objects: Mapping[str, Any]
-                ) -> tuple[LocalCheckpoint, dict[str, Any], _Skipped] | None:
-        """Rank 0: the checkpoint to load, its states, and what was passed over on the way."""
-        if name is not None:
-            ckpt = self._named(name)
-            self.store.verify(ckpt)
-            return ckpt, self._read_states(ckpt, map_location, objects), []
-        skipped: _Skipped = []
-        lacking: list[str] = []  # why, for each candidate without an object passed here
-        for cand in self._candidates():
-            where = "local" if cand.local is not None else "remote"
-            if cand.problem is not None:
-                why = f"{where} copy: {cand.problem}"
-            elif (missing := _missing(cand.manifest, objects)) is not None:
-                why = f"{where} copy has no state for {missing}; it holds {_held(cand.manifest)}"
-                lacking.append(why)
-            else:
-                try:
-                    if cand.local is not None:
-                        ckpt = cand.local
-                        self.store.verify(ckpt)
-                    else:
-                        assert self.remote is not None
-                        # Every byte's digest is verified while it is downloaded and fsynced:
-                        # hashing it again would only double the resume time.
-                        ckpt = self.remote.pull(cand.name, self.store)
-                        log.info("pulled %s from %s", cand.name, self.remote.url_of())
-                    return ckpt, self._read_states(ckpt, map_location, objects), skipped
-                except CorruptCheckpointError as e:
-                    why = str(e)
-            log.warning("checkpoint %s cannot be restored, trying an older one: %s",
-                        cand.name, why)
-            skipped.append((cand.name, why))
-        where = f"{self.store.directory}{' or ' + self.remote.url_of() if self.remote else ''}"
-        if skipped and len(lacking) == len(skipped):
-            # Every checkpoint is fine but none has an object by that name: a usage error.
-            raise ConfigError(
-                f"no checkpoint in {where} has state for every object passed to restore: the "
-                f"newest, {skipped[0][0]}: {lacking[0]}. Pass objects under the names they were "
-                "saved with"
-            )
-        if skipped:
-            raise CorruptCheckpointError(
-                f"no checkpoint in {where} can be restored "
-                f"({'; '.join(f'{n}: {w}' for n, w in skipped)}); nothing was loaded. Restore "
-                "a backup, or move the directory away to start fresh"
-            )
-        return None
-
-    def _candidates(self) -> Iterator[_Candidate]:
-        """Every committed checkpoint copy, local and remote, newest first (lazily remote)."""
-        bad: _Skipped = []
-        local = [_Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
-                            unusable_reason(c.manifest))
-                 for c in self.store.list(bad)]
-        local += [_Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
-        local.sort(key=lambda c: c.key, reverse=True)
-        if self.remote is None:
-            return iter(local)
-        remote = (_Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
-                             None if e.status == "valid" else (e.problem or e.status))
-                  for e in self.remote.iter_committed())
-        # Copies of one checkpoint have equal keys, and the merge is stable: the local copy
-        # comes first (no download).
-        return heapq.merge(local, remote, key=lambda c: c.key, reverse=True)
-
-    def _named(self, name: str) -> LocalCheckpoint:
-        try:
-            return self.store.get(name)
-        except NoCheckpointError:
-            if self.remote is None:
-                raise
-        return self.remote.pull(name, self.store)
-
-    def _read_states(self, ckpt: LocalCheckpoint, map_location: Any,
-                     objects: Mapping[str, Any]) -> dict[str, Any]:
-        """Every ``.pt`` file of ``ckpt``, loaded (weights only); nothing is loaded into
-        ``objects`` yet, so a file that fails leaves them untouched.
-
-        Raises:
-            ConfigError: an object of ``objects`` has no file in ``ckpt``.
-            CorruptCheckpointError: a file cannot be loaded safely.
-        """
-        missing = _missing(ckpt.manifest, objects)
-        if missing is not None:
-            raise ConfigError(
-                f"checkpoint {ckpt.path} has no state for {missing}; it holds "
-                f"{_held(ckpt.manifest)}. Pass objects under the names they were saved with"
-            )
-        states: dict[str, Any] = {}
-        for entry in ckpt.manifest.files:
-            if not entry.path.endswith(".pt"):
-                continue
-            path = ckpt.file(entry.path)
-            try:
-                key = entry.path[:-3]
-                states[key] = _torch_load(path, map_location,
-                                          isinstance(objects.get(key), torch.nn.Module))
-            except Exception as e:
-                raise CorruptCheckpointError(
-                    f"{path}: cannot be loaded safely ({e}); it was not written by ckptsync "
-                    "or holds objects that need unsafe pickling", path=str(path)
-                ) from e
-        return states
-
-    def _apply(self, ckpt: LocalCheckpoint, states: dict[str, Any], objects: Mapping[str, Any],
-               skipped: _Skipped) -> RestoreInfo:
-        for obj_name, obj in objects.items():
-            load_into(obj_name, obj, states[obj_name])
-        rng = states.pop(RNG_FILE[:-3], None)
-        if self.capture_rng and rng is not None:
-            ranks = rng.get("ranks", [])
-            if self.rank < len(ranks) and ranks[self.rank] is not None:
-                restore_rng(ranks[self.rank])
-            else:
-                log.warning("checkpoint %s has no RNG state for rank %d (saved with world size "
-                            "%s): RNG not restored", ckpt.name, self.rank, rng.get("world_size"))
-        return RestoreInfo(ckpt.name, ckpt.step, ckpt.path, ckpt.manifest,
-                           dict(ckpt.manifest.metrics), dict(ckpt.manifest.extra), states,
-                           tuple(skipped))
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """One committed copy of a checkpoint that restore may try: local (``local`` set) or
-    remote; ``problem`` says why it cannot be used without reading a byte of it."""
-
-    key: tuple[int, int, str, str]
-    name: str
-    manifest: Manifest | None
-    local: LocalCheckpoint | None
-    problem: str | None
-
-
-def _order_key(name: str, manifest: Manifest | None) -> tuple[int, int, str, str]:
-    """Newest-last order of restore's candidates: :meth:`Manifest.sort_key`, from the name
-    where it is one of ours (its stamp is the creation time), so that copies of one
-    checkpoint, even one whose manifest cannot be read, sort together."""
-    parsed = parse_name(name)
-    if parsed is None:
-        return manifest.sort_key() if manifest is not None else (-1, -1, "", name)
-    step, stamp = parsed
-    created = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
-    return (0 if step is None else 1, -1 if step is None else step, created.isoformat(), name)
-
-
-def _missing(manifest: Manifest | None, objects: Mapping[str, Any]) -> list[str] | None:
-    """The objects ``manifest`` lists no file for, or None when it has them all."""
-    listed = {e.path for e in manifest.files} if manifest is not None else set()
-    missing = [k for k in objects if f"{k}.pt" not in listed]
-    return missing or None
-
-
-def _held(m: Manifest | None) -> list[str]:
-    if m is None:
-        return []
-    return sorted(e.path[:-3] for e in m.files if e.path.endswith(".pt") and e.path != RNG_FILE)
 
 
 def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
@@ -721,24 +530,6 @@ def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
         log.debug("retention leaves %s alone: %s", ckpt.name, e)
         return False
     return True
-
-
-def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:
-    """``torch.load(weights_only=True)``; with ``mmap``, memory-mapping the file where it can.
-
-    For a module, whose ``load_state_dict`` copies every tensor into its own parameters, a
-    mapping (private: nothing is ever written back) saves reading the whole file into fresh
-    memory first: its tensors are copied once, straight from the page cache. Not for objects
-    that keep the loaded tensors (an optimizer's moments): those would be copied anyway, a
-    page at a time as training first writes them, which costs more than one read. A file in
-    torch's legacy format, or on a file system that refuses mappings, is read.
-    """
-    if mmap and os.name == "posix":
-        try:  # torch refuses a legacy-format file before mapping anything
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-        except Exception as e:  # the read below raises what is really wrong, if anything
-            log.debug("cannot map %s (%s): reading it", path, e)
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _done_future(value: Any) -> Future[Any]:

@@ -1,4 +1,4 @@
-"""The in-process upload of a :class:`~ckptsync.checkpointer.Checkpointer` with a remote.
+"""The in-process upload of a :class:`~ckptsync.client.Checkpointer` with a remote.
 
 One thread pushes committed checkpoints, newest first, with a bounded backlog: at most one
 push in flight and one checkpoint pending. A newer checkpoint replaces the pending one, which

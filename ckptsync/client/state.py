@@ -25,6 +25,7 @@ import torch
 from ckptsync.errors import UnsafeStateError
 
 __all__ = [
+    "RNG_FILE",
     "SnapshotBuffers",
     "capture_rng",
     "check_safe",
@@ -190,6 +191,10 @@ def serialize(tree: Any, f: Any) -> None:
     _save(tree, writer, pickle, DEFAULT_PROTOCOL, False)
     writer.write_end_of_file()
     f.flush()
+
+
+RNG_FILE = "rng.pt"
+"""The file of a checkpoint holding every rank's RNG state (see :func:`capture_rng`)."""
 
 
 def capture_rng() -> dict[str, Any]:
