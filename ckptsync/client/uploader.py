@@ -20,8 +20,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
-import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import Manifest
-from ckptsync.transfer import stopping
+from ckptsync.transfer import backoff, stopping
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -368,7 +366,8 @@ class Uploader:
                 self._undelivered = err
                 delay = 0.0
             else:
-                delay = self._backoff(failures)
+                cfg = self.remote.config  # at least 0.1 s: a dead remote is never spun on
+                delay = backoff(failures, max(cfg.backoff_initial, 0.1), max(cfg.backoff_max, 0.1))
                 self._retry_at = time.monotonic() + delay
                 if self._pending is None:
                     self._pending = job  # retry it, unless a newer one arrives meanwhile
@@ -384,10 +383,3 @@ class Uploader:
             log.log(level, "uploading %s failed (%d in a row): %s; retrying the newest "
                     "checkpoint in %.1fs; training and local saves go on", job.ckpt.name,
                     failures, err, delay, exc_info=not isinstance(e, CkptSyncError))
-
-    def _backoff(self, failures: int) -> float:
-        """Exponential back-off with jitter; at least 0.1 s so a dead remote is never spun on."""
-        cfg = self.remote.config
-        base = max(cfg.backoff_initial, 0.1) * 2.0 ** min(failures - 1, 30)
-        cap = max(cfg.backoff_max, 0.1)
-        return random.uniform(0.5, 1.0) * min(cap, base) if math.isfinite(base) else cap
