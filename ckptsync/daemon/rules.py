@@ -285,6 +285,5 @@ def _structure(path: Path) -> tuple[bool, str | None]:
     return False, None
 
 
-
 def is_watched(m: Manifest) -> bool:
     return m.source.get("kind") == WATCHED

@@ -81,7 +81,6 @@ def _handler_class() -> type:
     return _Handler
 
 
-
 class Watcher(PushPipeline, VersionPipeline):
     """The daemon core: watch ``config.local_dir``, push what the remote lacks.
 

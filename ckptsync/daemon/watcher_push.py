@@ -30,7 +30,6 @@ def _source(ckpt: LocalCheckpoint) -> str:
     return str(ckpt.manifest.source.get("rule") or "")
 
 
-
 class PushPipeline(RemoteView):
     """Reconciles local checkpoints with the remote and runs their pushes."""
 

@@ -50,7 +50,6 @@ class _Failure:
     retryable: bool = True  # the remote may be failing: its source waits for the back-off
 
 
-
 class WatcherState:
     """The daemon's state; see :class:`~ckptsync.daemon.watcher.Watcher` for the arguments."""
 
