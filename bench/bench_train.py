@@ -63,7 +63,7 @@ class Daemon:
     """A long-running ``ckptsync watch`` process syncing ``directory`` to ``url``."""
 
     def __init__(self, ctx: Ctx, directory: Any, url: str, nice: int) -> None:
-        from ckptsync.watch import daemon_status
+        from ckptsync.daemon import daemon_status
 
         self.directory = directory
         env = {**ctx.env(), "CKPTSYNC_STORAGE_OPTIONS": json.dumps(ctx.storage_options)}
@@ -77,7 +77,7 @@ class Daemon:
 
     def wait_pushed(self, name: str) -> None:
         """Until the daemon reports ``name`` committed remotely (polled every 20 ms)."""
-        from ckptsync.watch import daemon_status
+        from ckptsync.daemon import daemon_status
 
         while name not in daemon_status(self.directory)["synced"]:
             assert self.proc.poll() is None, "daemon exited"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ckptsync.daemon import WatcherHandle, start_watcher
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -19,7 +20,6 @@ from ckptsync.errors import (
     UnsafeStateError,
     UnsupportedFormatError,
 )
-from ckptsync.launcher import WatcherHandle, start_watcher
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,9 @@
-"""The ``ckptsync`` command line: push, pull, ls, verify, gc (torch-free).
+"""The ``ckptsync`` command line: push, pull, ls, verify, gc, demo, watch, status (torch-free).
 
 Each subcommand is one entry of :data:`COMMANDS` (help text, an argument-adding function and
-a run function returning the exit code); add new subcommands there.
+a run function returning the exit code); add new subcommands there. The daemon's ``watch`` and
+``status`` are defined next to the daemon (:mod:`ckptsync.daemon.cli`) and added to this one
+parser by :func:`build_parser`.
 
 Exit codes: 0 success; 1 a failure (remote error, corrupt checkpoint, nothing to pull);
 2 bad usage or configuration (unknown scheme, missing optional package, bad option); 4
@@ -29,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync import __version__
-from ckptsync.config import TransferConfig, storage_options_from_env
+from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
+from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
+from ckptsync.daemon.restore import restore_watched
+from ckptsync.daemon.rules import is_watched
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, name_sort_key
@@ -63,28 +68,13 @@ def _progress(args: argparse.Namespace) -> Progress:
 # --------------------------------------------------------------------------- helpers
 
 
-def _parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for i, item in enumerate(items, 1):
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            # The text may be a secret typed without its KEY=: never echo it.
-            raise ConfigError(f"storage option #{i} (-o) is not KEY=VALUE (its text is not "
-                              "shown: it may hold a secret)")
-        try:
-            out[key] = json.loads(raw)
-        except ValueError:
-            out[key] = raw
-    return out
-
-
 def _store(args: argparse.Namespace, url: str) -> Any:
     from ckptsync.remote import RemoteStore
 
     check_remote_url(url, "the REMOTE argument")
     config = TransferConfig.resolve(max_workers=args.workers, retries=args.retries)
     # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
-    options = storage_options_from_env() | _parse_storage_options(args.storage_option)
+    options = storage_options_from_env() | parse_storage_options(args.storage_option)
     return RemoteStore(url, options, config=config)
 
 
@@ -192,8 +182,6 @@ def _run_pull(args: argparse.Namespace) -> int:
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them.
-        from ckptsync.zerocode import is_watched, restore_watched
-
         restored = restore_watched(store, args.local, name=args.name, rules=args.rule)
         newer: list[tuple[str, str]] = []
         if args.name is None:  # for each rule, was its newest committed version restored?
@@ -344,7 +332,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     report = run_demo(DemoConfig(
         out_dir=Path(args.out), remote=args.remote,
-        storage_options=_parse_storage_options(args.storage_option),
+        storage_options=parse_storage_options(args.storage_option),
         steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
         script=Path(args.script) if args.script else None,
         progress=not (args.no_progress or args.json),
@@ -363,8 +351,8 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
-#: Subcommands by name. Add new ones (e.g. demo) here; ``watch`` and ``status`` come from
-#: :mod:`ckptsync.watch_cli` (see :func:`_add_external_subcommands`).
+#: Subcommands by name. Add new ones here; ``watch`` and ``status`` come from
+#: :mod:`ckptsync.daemon.cli` (see :func:`build_parser`).
 COMMANDS: dict[str, Command] = {
     "push": Command("upload every committed local checkpoint not yet in the remote",
                     _add_push, _run_push),
@@ -384,7 +372,8 @@ COMMANDS: dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ckptsync`` argument parser, one subparser per :data:`COMMANDS` entry."""
+    """The ``ckptsync`` argument parser (the only one): one subparser per :data:`COMMANDS`
+    entry, then the daemon's ``watch`` and ``status``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("-o", "--storage-option", action="append", default=[],
@@ -408,18 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
-    _add_external_subcommands(sub)
+    # Defined next to what they drive; each sets ``_run`` like the COMMANDS entries do.
+    add_daemon_subcommands(sub)
     return parser
-
-
-def _add_external_subcommands(sub: Any) -> None:
-    """Subcommands defined next to what they drive (the daemon's ``watch`` and ``status``);
-    each sets ``_run`` like :data:`COMMANDS` entries do."""
-    try:
-        from ckptsync.watch_cli import add_subcommands
-    except ImportError:  # not part of this build
-        return
-    add_subcommands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

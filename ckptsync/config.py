@@ -11,19 +11,31 @@ Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUN
 ``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``, ``CKPTSYNC_DIGEST_ATTEMPTS``,
 ``CKPTSYNC_CONNECT_TIMEOUT``, ``CKPTSYNC_READ_TIMEOUT``; for the client,
 ``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
+
+Storage options (fsspec's, passed through unchanged) come from ``CKPTSYNC_STORAGE_OPTIONS``
+(:func:`storage_options_from_env`) and ``-o KEY=VALUE`` flags (:func:`parse_storage_options`,
+the one parser every command uses, ``watch`` included).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ckptsync.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "TransferConfig", "resolve_close_timeout", "storage_options_from_env"]
+__all__ = [
+    "ENV_PREFIX",
+    "TransferConfig",
+    "parse_storage_option",
+    "parse_storage_options",
+    "resolve_close_timeout",
+    "storage_options_from_env",
+]
 
 ENV_PREFIX = "CKPTSYNC_"
 MiB = 1024 * 1024
@@ -137,8 +149,6 @@ def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, 
     Raises:
         ConfigError: the variable is not a JSON object.
     """
-    import json
-
     name = ENV_PREFIX + "STORAGE_OPTIONS"
     raw = (os.environ if env is None else env).get(name)
     if not raw or not raw.strip():
@@ -150,6 +160,37 @@ def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, 
     if not isinstance(opts, dict):
         raise ConfigError(f"{name} must be a JSON object, got {type(opts).__name__}")
     return opts
+
+
+def parse_storage_option(text: str, index: int | None = None) -> tuple[str, Any]:
+    """``k=v`` where ``v`` is JSON when it parses (``anon=true``, ``client_kwargs={...}``).
+
+    Raises:
+        ConfigError: no ``=`` or no key; the message names the option's ``index`` (1-based)
+            and never echoes its text, which may be a secret typed without its ``KEY=``.
+    """
+    key, eq, value = text.partition("=")
+    if not eq or not key:
+        which = f" #{index}" if index is not None else ""
+        raise ConfigError(f"storage option{which} (-o) is not KEY=VALUE (its text is not "
+                          "shown: it may hold a secret)")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``-o KEY=VALUE`` flags as a dict (a later key wins), each by :func:`parse_storage_option`.
+
+    Raises:
+        ConfigError: an option is not ``KEY=VALUE`` (named by its 1-based number, not shown).
+
+    Example::
+
+        parse_storage_options(["anon=true", "endpoint_url=http://127.0.0.1:9000"])
+    """
+    return dict(parse_storage_option(text, i) for i, text in enumerate(items, 1))
 
 
 def resolve_close_timeout(value: float | None, env: Mapping[str, str] | None = None) -> float:

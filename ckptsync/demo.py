@@ -4,7 +4,7 @@ The demo plays the story ckptsync exists for, with real processes and no cloud a
 
 1. the reference: ``examples/train_tiny_lm.py`` runs uninterrupted;
 2. the same run again, its checkpoints synced by the ``ckptsync watch`` daemon (started with
-   :func:`ckptsync.launcher.start_watcher`) to a remote (default: a local directory used
+   :func:`ckptsync.daemon.start_watcher`) to a remote (default: a local directory used
    through ``file://``; ``--remote URL`` and ``-o KEY=VALUE`` for S3, GCS or Drive);
 3. the "VM" dies: trainer and daemon are SIGKILLed mid-run, and the local checkpoint
    directory is deleted;
@@ -261,7 +261,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         DemoError: a trainer failed, or the remote holds nothing to resume from.
         RemoteError: the remote cannot be used.
     """
-    from ckptsync.launcher import start_watcher
+    from ckptsync.daemon import start_watcher
     from ckptsync.local import LocalStore
     from ckptsync.progress import NullProgress, TqdmProgress
     from ckptsync.remote import RemoteStore

@@ -83,6 +83,10 @@ RESUMED_FILE = ".ckptsync-resumed.json"
 # flock'ed by the one Checkpointer writing the directory; holds {"pid", "host", "started"}.
 # The daemon has its own lock (.ckptsync-watch/lock): it reads a directory a trainer writes.
 WRITER_LOCK = ".ckptsync-writer.lock"
+#: Names ckptsync keeps for itself in a watched directory: never a trainer's file.
+PRIVATE_PREFIX = ".ckptsync-"
+#: The watch daemon's private directory inside the watched directory (spool, status, lock).
+WATCH_DIR = f"{PRIVATE_PREFIX}watch"
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

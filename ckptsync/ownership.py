@@ -26,9 +26,8 @@ import os
 from pathlib import Path
 
 from ckptsync.errors import ConfigError
-from ckptsync.local import WRITER_LOCK
+from ckptsync.local import WATCH_DIR, WRITER_LOCK
 from ckptsync.redact import redact_url
-from ckptsync.zerocode import WATCH_DIR
 
 __all__ = [
     "LOCAL_DIR_MARKERS",

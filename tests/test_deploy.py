@@ -25,10 +25,10 @@ import pytest
 import yaml
 from conftest import Remote
 
+from ckptsync.daemon import STOP_GRACE_S
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
-from ckptsync.watch import STOP_GRACE_S
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -145,7 +145,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 def test_systemd_env_example_configures_the_daemon(tmp_path: Path) -> None:
     """The env file's variables are the ones the daemon reads (a typo would be ignored)."""
-    from ckptsync.watch import WatchConfig
+    from ckptsync.daemon import WatchConfig
 
     env = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                if line and not line.startswith("#"))

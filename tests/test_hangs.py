@@ -32,8 +32,8 @@ from watchkit import (
     wait_for,
 )
 
+from ckptsync.daemon import daemon_status
 from ckptsync.remote import RemoteStore
-from ckptsync.watch import daemon_status
 
 # Short timeouts (the defaults are 10 s and 30 s) keep these tests quick; what they check is
 # that every wait is bounded at all.

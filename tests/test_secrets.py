@@ -23,12 +23,12 @@ from conftest import Remote
 from faults import FaultFS
 
 from ckptsync.config import TransferConfig
+from ckptsync.daemon import EventLog, WatchConfig
 from ckptsync.errors import CkptSyncError, RemoteError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.redact import SecretFilter, redact_url, scrub
 from ckptsync.remote import RemoteStore, translate_error
-from ckptsync.watch import EventLog, WatchConfig
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = TransferConfig(retries=1, backoff_initial=0.0, backoff_max=0.0)

@@ -35,11 +35,11 @@ from watchkit import (
     wait_for,
 )
 
+from ckptsync import start_watcher
+from ckptsync.daemon import WatchConfig, daemon_status
 from ckptsync.errors import CkptSyncError, ConfigError
-from ckptsync.launcher import start_watcher
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
-from ckptsync.watch import WatchConfig, daemon_status
 
 EXAMPLE = REPO / "examples" / "train_tiny_lm.py"
 
@@ -218,7 +218,7 @@ def test_start_watcher_uploads_pending_and_exits_with_its_parent(
     names = make_checkpoints(local, [1, 2])
     code = (
         "import sys, json\n"
-        "from ckptsync.launcher import start_watcher\n"
+        "from ckptsync import start_watcher\n"
         f"w = start_watcher({str(local)!r}, {file_remote.url!r}, interval=30)\n"
         "print(w.pid, flush=True)\n"
     )
@@ -233,7 +233,7 @@ def test_start_watcher_uploads_pending_and_exits_with_its_parent(
 def test_detached_watcher_outlives_its_parent(tmp_path: Path, file_remote: Remote) -> None:
     local = tmp_path / "ckpts"
     code = (
-        "from ckptsync.launcher import start_watcher\n"
+        "from ckptsync import start_watcher\n"
         f"w = start_watcher({str(local)!r}, {file_remote.url!r}, detach=True)\n"
         "print(w.pid, flush=True)\n"
     )

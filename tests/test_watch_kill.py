@@ -28,8 +28,8 @@ from watchkit import (
     wait_for,
 )
 
+from ckptsync.daemon import daemon_status
 from ckptsync.remote import RemoteStore
-from ckptsync.watch import daemon_status
 
 SLOW = {"CKPTSYNC_TEST_SLOW_WRITE_S": "0.01", "CKPTSYNC_CHUNK_SIZE": "65536"}
 

@@ -2,7 +2,7 @@
 while they are uploaded, errors of any kind once running, ambiguous remote outcomes, and a
 ``status`` that never says "synced" while anything is not.
 
-The daemon runs in-process (:class:`~ckptsync.watch.Watcher` on a thread, real inotify on
+The daemon runs in-process (:class:`~ckptsync.daemon.Watcher` on a thread, real inotify on
 ``tmp_path``) so that its remote can be a fault seam (tests/faults.py ``FaultFS``, or an s3fs
 subclass that loses one reply); its JSON event log is captured.
 """
@@ -32,11 +32,10 @@ from watchkit import assert_remote_sound, make_checkpoints, wait_for
 
 from ckptsync import Checkpointer
 from ckptsync.config import TransferConfig
+from ckptsync.daemon import EXIT_OK, EventLog, WatchConfig, Watcher, daemon_status, format_status
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
-from ckptsync.watch import EXIT_OK, EventLog, WatchConfig, Watcher, daemon_status
-from ckptsync.watch_cli import format_status
 
 MiB = 1024 * 1024
 
@@ -275,7 +274,7 @@ def test_failures_of_checkpoints_deleted_locally_are_pruned(
     assert st["failed"] == [] and st["pending"] == [] and st["in_sync"]
     assert "in sync: every local checkpoint is committed" in format_status(st)
     assert d.stop() == EXIT_OK
-    from ckptsync.watch_cli import main
+    from ckptsync.cli import main
 
     assert main(["status", str(local)]) == 0
 
@@ -309,7 +308,7 @@ def test_status_counts_committed_versions_and_shows_a_settling_one_as_not_synced
 
 
 def _rules(*specs: str) -> tuple[Any, ...]:
-    from ckptsync.zerocode import WatchRule
+    from ckptsync.daemon import WatchRule
 
     return tuple(WatchRule.parse(s) for s in specs)
 

@@ -24,10 +24,10 @@ from formats import put_tree, rewrite_as_v1
 from watchkit import PY, SCRIPTS, child_env, live_children, wait_for
 
 from ckptsync import start_watcher  # the public name, as a notebook imports it
+from ckptsync.daemon import WatchRule, check_complete, restore_watched, snapshot_version
 from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
-from ckptsync.zerocode import WatchRule, check_complete, restore_watched, snapshot_version
 
 TRAINER = SCRIPTS / "zc_trainer.py"
 RULES = {"rename": "file:ckpt.pt", "inplace": "file:ckpt.pt", "dirs": "dir:checkpoint-*:DONE"}

@@ -18,11 +18,11 @@ import pytest
 from conftest import Remote
 from helpers import REPO, RecordingOps, fail_at
 
+from ckptsync.daemon import WatchRule, restore_watched
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
-from ckptsync.zerocode import WatchRule, restore_watched
 
 EVIL = {
     "ckpt.pt": b"evil weights",

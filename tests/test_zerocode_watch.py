@@ -26,17 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
 from conftest import Remote
 from watchkit import wait_for
 
-from ckptsync.contentstep import pickle_step
-from ckptsync.local import FileOps, LocalStore
-from ckptsync.remote import RemoteStore
-from ckptsync.watch import EventLog, WatchConfig, Watcher, read_status
-from ckptsync.zerocode import (
+from ckptsync.daemon import (
+    EventLog,
     VersionTracker,
+    WatchConfig,
+    Watcher,
     WatchRule,
     check_complete,
+    read_status,
     restore_watched,
     snapshot_version,
 )
+from ckptsync.daemon.contentstep import pickle_step
+from ckptsync.local import FileOps, LocalStore
+from ckptsync.remote import RemoteStore
 
 
 class _Lines(io.StringIO):

@@ -2,7 +2,7 @@
 
 Example::
 
-    from ckptsync.launcher import start_watcher
+    from ckptsync import start_watcher
     w = start_watcher("ckpts", "s3://bucket/run1", keep_last=3)
     ...                                    # train; save with Checkpointer("ckpts") or torch.save
     w.flush(timeout=600)                   # every local checkpoint is committed remotely
@@ -26,9 +26,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ckptsync.daemon.runtime import daemon_status, read_status
 from ckptsync.errors import CkptSyncError
+from ckptsync.local import WATCH_DIR, LocalStore
 from ckptsync.ownership import check_remote_outside, check_remote_url
-from ckptsync.zerocode import WATCH_DIR
 
 __all__ = ["WatcherHandle", "start_watcher"]
 
@@ -50,14 +51,10 @@ class WatcherHandle:
         return self.proc.poll() is None
 
     def status(self) -> dict[str, Any]:
-        """The daemon's status (see :func:`ckptsync.watch.daemon_status`)."""
-        from ckptsync.watch import daemon_status
-
+        """The daemon's status (see :func:`ckptsync.daemon.daemon_status`)."""
         return daemon_status(self.local_dir)
 
     def _own_status(self) -> dict[str, Any] | None:
-        from ckptsync.watch import read_status
-
         st = read_status(self.local_dir)
         return st if st is not None and st.get("pid") == self.proc.pid else None
 
@@ -71,8 +68,6 @@ class WatcherHandle:
             TimeoutError: still pending after ``timeout`` seconds.
             CkptSyncError: the daemon exited, or reports failed checkpoints.
         """
-        from ckptsync.local import LocalStore
-
         t0 = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         signalled = False
@@ -128,8 +123,6 @@ class WatcherHandle:
 
 def _outstanding(st: dict[str, Any] | None, local_dir: Path) -> str:
     """What a flush still waits for, in words."""
-    from ckptsync.local import LocalStore
-
     if st is None:
         return "the daemon wrote no status yet"
     done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))

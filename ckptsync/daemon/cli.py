@@ -1,8 +1,8 @@
 """The ``watch`` and ``status`` subcommands (argparse definitions and their run functions).
 
-Wire them into another parser with one call::
+The one ``ckptsync`` parser (:func:`ckptsync.cli.build_parser`) adds them with one call::
 
-    from ckptsync.watch_cli import add_subcommands
+    from ckptsync.daemon.cli import add_subcommands
     add_subcommands(subparsers)        # each subparser sets func= (and _run=) to its runner
 
 Each runner takes the parsed ``argparse.Namespace`` and returns the exit code.
@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from typing import Any
 
-from ckptsync.errors import CkptSyncError, ConfigError
+from ckptsync.daemon.config import config_from_args
+from ckptsync.daemon.process import run_daemon
+from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status
+from ckptsync.errors import ConfigError
 
-__all__ = ["add_subcommands", "main", "run_status", "run_watch"]
+__all__ = ["add_subcommands", "format_status", "run_status", "run_watch"]
 
 WATCH_HELP = "watch a checkpoint directory and sync every finished checkpoint to a remote"
 STATUS_HELP = "show what a watch daemon synced, has pending or failed (running or stopped)"
@@ -92,8 +94,6 @@ def add_subcommands(subparsers: Any) -> None:
 
 def run_watch(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (the ``watch`` subcommand)."""
-    from ckptsync.watch import EXIT_CONFIG, config_from_args, run_daemon
-
     try:
         config = config_from_args(args)
     except ConfigError as e:
@@ -105,8 +105,6 @@ def run_watch(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     """Print the daemon status of a directory; exit 0 (1 when checkpoints failed, or the
     daemon stopped with an error)."""
-    from ckptsync.watch import daemon_status
-
     st = daemon_status(args.local_dir)
     if getattr(args, "json", False):
         print(json.dumps(st, indent=1, sort_keys=True))
@@ -152,18 +150,3 @@ def format_status(st: dict[str, Any]) -> str:
                  else "in sync: not known yet (no reconcile reported)")
     return "\n".join(lines)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``ckptsync watch|status ...`` on its own (used by ``python -m ckptsync``)."""
-    parser = argparse.ArgumentParser(prog="ckptsync")
-    add_subcommands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.func(args)
-    except ConfigError as e:
-        print(f"ckptsync: error: {e}", file=sys.stderr)
-        return 2
-    except CkptSyncError as e:
-        print(f"ckptsync: error: {e}", file=sys.stderr)
-        return 1
-    return code

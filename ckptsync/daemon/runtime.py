@@ -1,0 +1,205 @@
+"""What a running daemon shares with the outside: exit codes, its event log, its files.
+
+Files in ``LOCAL_DIR/.ckptsync-watch/``: ``lock`` (flock: one daemon per directory, holds the
+pid; :class:`DirLock`), ``status.json`` (replaced atomically; read by :func:`read_status` and
+:func:`daemon_status`, which ``ckptsync status`` prints), ``spool/`` (zero-code versions
+waiting for, or kept after, their upload).
+
+:class:`EventLog` writes one structured event per line on stderr (``key=value`` or JSON), with
+every credential scrubbed; :class:`_LogBridge` routes the library's log records into it.
+:func:`resumed_from` names the checkpoint a live trainer resumed from (retention keeps it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any
+
+from ckptsync.errors import ConfigError
+from ckptsync.local import RESUMED_FILE, WATCH_DIR
+from ckptsync.redact import scrub
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_REMOTE",
+    "DirLock",
+    "EventLog",
+    "daemon_status",
+    "read_status",
+    "resumed_from",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REMOTE = 0, 1, 2, 3
+STATUS_NAME = "status.json"
+LOCK_NAME = "lock"
+SPOOL_NAME = "spool"
+
+
+def _utc(ts: float | None = None) -> str:
+    t = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- structured logs
+class EventLog:
+    """One event per line on a stream: ``ts=... level=info event=pushed name=...`` or JSON."""
+
+    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv") -> None:
+        self.stream = stream or sys.stderr
+        self.fmt = fmt
+        self._lock = threading.Lock()
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        rec = {"ts": _utc(), "level": level, "event": event, **fields}
+        if self.fmt == "json":
+            line = json.dumps(rec, default=str)
+        else:
+            line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
+        line = scrub(line)  # no credential ever reaches the log (DESIGN.md)
+        with self._lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _kv(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    if s and not any(c in s for c in ' "=\n\t'):
+        return s
+    return json.dumps(s)
+
+
+class _LogBridge(logging.Handler):
+    """Routes ``ckptsync.*`` library log records (retries, commits) into the event log."""
+
+    def __init__(self, events: EventLog) -> None:
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.events(record.levelname.lower(), "log", logger=record.name,
+                        msg=record.getMessage())
+
+
+# --------------------------------------------------------------------------- status file
+def _watch_dir(local_dir: Path) -> Path:
+    return local_dir / WATCH_DIR
+
+
+def read_status(local_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last status the daemon wrote for ``local_dir``, or None if it never ran there."""
+    path = _watch_dir(Path(local_dir).expanduser().absolute()) / STATUS_NAME
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _lock_holder(local_dir: Path) -> int | None:
+    """The pid of the daemon holding ``local_dir``'s lock, or None if no daemon holds it."""
+    path = _watch_dir(local_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(raw) if raw.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``.
+
+    Works for a running daemon and after it stopped (the last status it wrote).
+    """
+    d = Path(local_dir).expanduser().absolute()
+    st = read_status(d) or {}
+    holder = _lock_holder(d)
+    st["running"] = holder is not None
+    if holder is not None and holder > 0:
+        st["pid"] = holder
+    for key in ("synced", "pending", "uploading", "settling", "failed"):
+        st.setdefault(key, [])
+    st.setdefault("in_sync", False)
+    st["local_dir"] = str(d)
+    return st
+
+
+class DirLock:
+    """An exclusive ``flock`` on ``<dir>/.ckptsync-watch/lock`` holding the daemon's pid.
+
+    Raises:
+        ConfigError: another daemon already watches the directory.
+    """
+
+    def __init__(self, local_dir: Path) -> None:
+        path = _watch_dir(local_dir) / LOCK_NAME
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:  # a brief shared lock is `ckptsync status`
+                    other = os.pread(self.fd, 32, 0).decode(errors="replace").strip()
+                    os.close(self.fd)
+                    raise ConfigError(
+                        f"another ckptsync watch (pid {other or '?'}) already watches "
+                        f"{local_dir}; stop it first (or use `ckptsync status {local_dir}`)"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def resumed_from(local_dir: Path) -> str | None:
+    """The checkpoint a live trainer resumed from (``RESUMED_FILE`` with a live pid), or None."""
+    try:
+        data = json.loads((local_dir / RESUMED_FILE).read_text())
+        name, pid = data["name"], int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and _pid_alive(pid) else None
