@@ -44,7 +44,7 @@ from ckptsync.manifest import (
     Manifest,
     make_name,
 )
-from ckptsync.remote import RemoteStore, _ManifestExists, translate_error
+from ckptsync.remote import ManifestExists, RemoteStore, translate_error
 from ckptsync.retention import BestRule, RetentionPolicy
 from ckptsync.transfer import Retrier, TransferAborted, download_file, download_file_ranged
 
@@ -682,7 +682,7 @@ class TestConformance:
         store.push(c)
         # The commit point refuses to overwrite (S3 If-None-Match, GCS ifGenerationMatch=0,
         # os.link locally; SeaweedFS reports the 412 as EINVAL, moto as FileExistsError).
-        with pytest.raises(_ManifestExists):
+        with pytest.raises(ManifestExists):
             store._create_manifest(c.name, b"{}")
         assert store.read_manifest(c.name) == c.manifest
         # A different checkpoint under a committed name is refused, the remote untouched.
