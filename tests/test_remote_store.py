@@ -23,7 +23,7 @@ import blake3
 import fsspec
 import pytest
 from fault_proxy import Fault, FaultProxy
-from faults import FaultFS
+from faults import FaultFS, FaultOps
 from formats import put_tree, rewrite_as_v1, seal
 
 from ckptsync.config import TransferConfig
@@ -544,10 +544,13 @@ class TestConformance:
                                                    tmp_path: Path) -> None:
         local = LocalStore(tmp_path / "a")
         ckpt = make_local(local, 7, {"w.bin": b"abc"})
-        # Local file:// commits the manifest with os.link, not through the fs; use memory.
-        fs = faulty(store_remote)
+        # A local directory commits the manifest with os.link, not through the fs: its
+        # fault goes in through the store's ops seam (the fsync right before the link).
+        fs, ops = faulty(store_remote), FaultOps()
         fs.fail_on("pipe_file", nth=1, exc=PermissionError("injected"))
-        store = make_store(store_remote, fs=fs)
+        ops.fail_on("fsync", f"{ckpt.name}/.{MANIFEST_NAME}.tmp-", PermissionError("injected"))
+        store = RemoteStore(store_remote.url, store_remote.storage_options, fs=fs, config=FAST,
+                            ops=ops)
         with pytest.raises(RemoteError):
             store.push(ckpt)
         assert store.list() == []

@@ -316,10 +316,11 @@ class PushMixin(StoreBase):
             self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER), data, "mark")
         self._marked = True
 
-    # Local directories (backend.local_paths): real paths, so plain os calls. The durability
-    # steps go through self._ops (FileOps, the store's fault seam), which a test can count or
-    # fail: the fsync of each upload right before its os.replace, the fsync of each directory
-    # before the manifest, and of the manifest's directory right after its os.link.
+    # Local directories (backend.local_paths): real paths, so plain os calls. Every fsync
+    # goes through self._ops (FileOps, the store's fault seam), so a test can count or fail
+    # each step: the fsync of a file right before its os.replace or os.link (uploads, the
+    # manifest, the marker, LATEST), the fsync of each directory before the manifest, and of
+    # the manifest's directory right after its link.
 
     def _fsync_file(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -343,13 +344,12 @@ class PushMixin(StoreBase):
             self._ops.fsync_dir(Path(d))
         self._ops.fsync_dir(Path(self.root))
 
-    @staticmethod
-    def _write_synced(path: str, data: bytes) -> None:
+    def _write_synced(self, path: str, data: bytes) -> None:
         """``data`` into the file ``path``, on disk (fsync) before this returns."""
         with open(path, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            self._ops.fsync(f.fileno())
 
     def _local_replace(self, path: str, data: bytes) -> None:
         tmp = f"{path}.tmp-{token_hex(4)}"
