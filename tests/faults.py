@@ -13,23 +13,49 @@ Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_fil
 
 ``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
 ``set_delay(seconds)`` makes every call take that much longer (a slow link).
+
+The wrapper keeps its target's capabilities, so that a store over it takes the production
+path of its backend (:func:`ckptsync.remote.choose_backend` sees the same backend):
+
+- it reports the target's ``protocol``, and forwards a server-side ``copy`` (key ``copy``);
+- over s3fs it forwards what :func:`ckptsync.transfer.is_s3fs` and the multipart path use
+  (``_call_s3``, ``loop``, ``split_path``, ``_get_s3_method_kwargs``, ``set_session``,
+  ``get_s3``, ``endpoint_url``, ``client_kwargs``) and multipart ``gc``
+  (``list_multipart_uploads``, ``abort_mpu``). Each ``_call_s3`` is a call of key
+  ``_call_s3:<method>`` (``_call_s3:create_multipart_upload``,
+  ``_call_s3:complete_multipart_upload``, ...), counted and faultable like any other; the
+  bulk ``upload_part`` and ranged ``get_object`` go through the blocking botocore client the
+  multipart path builds, not through this wrapper;
+- over a local directory the store writes through real paths: uploads still go through this
+  wrapper (``open:wb``, ``write``, ``rm_file``), but the renames into place (``os.replace``),
+  the manifest's ``os.link`` and the fsyncs do not. Those are seen through the store's other
+  seam, ``RemoteStore(ops=...)``: each comes right after an ``ops.fsync`` (of the file) or
+  before an ``ops.fsync_dir``; :class:`FaultOps` counts and fails those.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.core import split_protocol
 from fsspec.spec import AbstractFileSystem
 
+from ckptsync.local import FileOps
+
 Action = BaseException | Callable[[], Any]
 Damage = Callable[[bytes], bytes]
+
+# Forwarded from an s3fs target (absent otherwise, as on the target): called ones are counted.
+_S3_CALLED = ("_call_s3", "set_session", "get_s3", "list_multipart_uploads", "abort_mpu")
+_S3_VALUES = ("loop", "split_path", "_get_s3_method_kwargs", "endpoint_url", "client_kwargs")
 
 
 def kill() -> None:
@@ -92,6 +118,7 @@ class FaultFS(AbstractFileSystem):
     def __init__(self, target: AbstractFileSystem) -> None:
         super().__init__()
         self.target = target
+        self.protocol = target.protocol  # the store chooses the target's backend
         self.counts: Counter[str] = Counter()
         self.calls: list[tuple[str, str]] = []
         self._faults: dict[str, tuple[int, Action]] = {}
@@ -171,6 +198,38 @@ class FaultFS(AbstractFileSystem):
 
     # --- delegated operations ------------------------------------------------------------
 
+    def __getattr__(self, name: str) -> Any:
+        # Only for names the class lacks: the s3fs attributes, where the target has them.
+        target = self.__dict__.get("target")
+        if target is None or name not in _S3_CALLED + _S3_VALUES or not hasattr(target, name):
+            raise AttributeError(name)
+        value = getattr(target, name)
+        if name not in _S3_CALLED:
+            return value
+        if name == "_call_s3":
+            async def call_s3(method: str, *args: Any, **kwargs: Any) -> Any:
+                where = "/".join(str(kwargs[k]) for k in ("Bucket", "Key") if k in kwargs)
+                self._hit(f"_call_s3:{method}", where)
+                return await value(method, *args, **kwargs)
+
+            return call_s3
+        if inspect.iscoroutinefunction(value):
+            async def forward_async(*args: Any, **kwargs: Any) -> Any:
+                self._hit(name, str(args[0]) if args else "")
+                return await value(*args, **kwargs)
+
+            return forward_async
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            self._hit(name, str(args[0]) if args else "")
+            return value(*args, **kwargs)
+
+        return forward
+
+    def copy(self, path1: Any, path2: Any, *args: Any, **kwargs: Any) -> None:
+        self._hit("copy", path2)
+        self.target.copy(path1, path2, *args, **kwargs)
+
     def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
         self._hit("ls", path)
         return self.target.ls(path, detail=detail, **kwargs)
@@ -235,3 +294,41 @@ class FaultFS(AbstractFileSystem):
 
     def invalidate_cache(self, path: str | None = None) -> None:
         self.target.invalidate_cache(path)
+
+
+class FaultOps(FileOps):
+    """The store's local-path seam (``RemoteStore(ops=...)``) with faults: records
+    ``(op, path)`` for ``fsync`` (the path of the descriptor) and ``fsync_dir``, and
+    ``fail_on(op, contains, exc)`` makes the next such call on a path containing ``contains``
+    raise ``exc`` (once).
+
+        ops = FaultOps()
+        ops.fail_on("fsync", f".{MANIFEST_NAME}.tmp-", PermissionError("injected"))
+        RemoteStore("file:///mnt/backup/run", ops=ops)   # the manifest is never linked
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._faults: dict[str, tuple[str, BaseException]] = {}
+        self._lock = threading.Lock()
+
+    def fail_on(self, op: str, contains: str, exc: BaseException) -> None:
+        with self._lock:
+            self._faults[op] = (contains, exc)
+
+    def _hit(self, op: str, path: str) -> None:
+        with self._lock:
+            self.calls.append((op, path))
+            fault = self._faults.get(op)
+            if fault is None or fault[0] not in path:
+                return
+            del self._faults[op]
+        raise fault[1]
+
+    def fsync(self, fd: int) -> None:
+        self._hit("fsync", os.readlink(f"/proc/self/fd/{fd}"))
+        super().fsync(fd)
+
+    def fsync_dir(self, path: Path) -> None:
+        self._hit("fsync_dir", str(path))
+        super().fsync_dir(path)

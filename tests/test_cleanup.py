@@ -85,7 +85,7 @@ def test_a_failed_attempt_leaves_no_temporary_file(
     fs = FaultFS(store_remote.fs())
     fs.fail_on("write", nth=2, exc=PermissionError("injected: the disk went away"))
     store = make_store(store_remote, fs=fs)
-    assert store._upload_via_temp
+    assert store.backend.upload_via_temp
     with pytest.raises(RemoteError):
         store.push(ckpt)
     assert any(".part-" in p for k, p in fs.calls if k == "open:wb")  # it wrote a temp file
@@ -117,7 +117,7 @@ def test_gc_collects_old_temporary_files_only_inside_ckptsync_checkpoints(
         backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     store_remote = request.getfixturevalue(f"{backend}_remote")
     store = make_store(store_remote)
-    assert store._upload_via_temp
+    assert store.backend.upload_via_temp
     m = store.push(make_local(LocalStore(tmp_path / "ckpts"), 4, _files(4)))
     stale = rpath(store_remote, m.name, ".model.pt.part-deadbeef")
     put(store_remote, stale, b"a crashed attempt before the one that committed")

@@ -49,7 +49,7 @@ def test_multipart_upload_and_ranged_download_roundtrip(s3_remote: Remote, tmp_p
              "small.bin": os.urandom(1000), "empty.bin": b"", "sub/mid.bin": os.urandom(6 * MiB)}
     ck = commit(LocalStore(tmp_path / "src"), 1, files)
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
-    assert store._parallel_parts
+    assert store.backend.parallel_parts
     store.push(ck)
     assert store.stats["bytes_uploaded"] == sum(len(b) for b in files.values())
     assert store.verify(ck.name, full=True).files == ck.manifest.files

@@ -236,7 +236,7 @@ def test_complete_multipart_whose_reply_is_lost_commits_once_and_the_daemon_runs
     config = TransferConfig(max_workers=2, block_size=5 * MiB, part_size=5 * MiB,
                             parts_in_flight=2, retries=3, backoff_initial=0.01)
     store = RemoteStore(s3_remote.url, fs=fs, config=config)
-    assert store._parallel_parts
+    assert store.backend.parallel_parts
     local = tmp_path / "ckpts"
     lstore = LocalStore(local)
     name = make_name(7)

@@ -1,0 +1,202 @@
+"""Deleting from the remote: ``delete``, ``abandon``, retention and ``gc``.
+
+Everything here deletes only what ckptsync wrote (:mod:`ckptsync.ownership`): checkpoint
+names, under a root ckptsync marked or already holds a checkpoint of. A delete removes the
+manifest first, so a half-deleted checkpoint is merely uncommitted, and ``gc`` collects
+uncommitted prefixes, temporary upload files and (on S3) unfinished multipart uploads older
+than a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from functools import partial
+
+from ckptsync.errors import ConfigError, ManifestError
+from ckptsync.manifest import MANIFEST_NAME, parse_name
+from ckptsync.redact import redact_url
+from ckptsync.remote.listing import PART_FILE, SAFE_NAME, StoreBase, mtime, to_epoch
+from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
+
+__all__ = ["CollectMixin"]
+
+log = logging.getLogger("ckptsync.remote")
+
+
+class CollectMixin(StoreBase):
+    """Deletion, retention and ``gc`` of :class:`~ckptsync.remote.RemoteStore`."""
+
+    def delete(self, name: str) -> None:
+        """Delete a checkpoint: the manifest first (it stops existing), then its files.
+
+        Raises:
+            ConfigError: ``name`` is not a ckptsync checkpoint name (nothing is deleted).
+        """
+        if not SAFE_NAME.match(name) or parse_name(name) is None:
+            raise ConfigError(f"refusing to delete {self.url_of(name)!r}: {name!r} is not a "
+                              "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
+        manifest = self._path(name, MANIFEST_NAME)
+
+        def rm_manifest() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(manifest)
+
+        def rm_rest() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._path(name), recursive=True)
+
+        self._call(rm_manifest, self.url_of(name, MANIFEST_NAME), "delete")
+        self._call(rm_rest, self.url_of(name), "delete")
+        self.fs.invalidate_cache(self.root)
+        log.info("deleted %s from %s", name, redact_url(self.url))
+
+    def abandon(self, name: str) -> list[str]:
+        """Remove what an abandoned push of ``name`` left: its files and, on S3, its unfinished
+        multipart uploads. For the pusher that gave ``name`` up (stopped, failed for good,
+        superseded), so that nothing waits for ``gc``'s grace period.
+
+        Only a ckptsync checkpoint name, under a root ckptsync marked, and only while it is
+        uncommitted: with a manifest there (committed, or an ambiguous push that did commit)
+        nothing is touched.
+
+        Returns:
+            What was removed: ``name`` (its files) and ``multipart:<key>`` entries; [] when
+            there was nothing to remove or ``name`` is committed.
+
+        Raises:
+            ConfigError: ``name`` is not a ckptsync checkpoint name (nothing is deleted).
+            RemoteError: the backend failed (what is left is still ``gc``'s).
+        """
+        if not SAFE_NAME.match(name) or parse_name(name) is None:
+            raise ConfigError(f"refusing to abandon {self.url_of(name)!r}: {name!r} is not a "
+                              "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
+        if not self.has_marker():
+            return []  # nothing of ours was ever pushed here
+        try:
+            committed = self.read_manifest(name) is not None
+        except ManifestError:
+            committed = True  # a manifest is there, if a bad one: not ours to remove here
+        if committed:
+            log.info("%s is committed: nothing to abandon", self.url_of(name))
+            return []
+        removed = self._gc_multipart(float("inf"), False, name)
+        if self._sizes(name) or (self.backend.needs_dirs and self._call(
+                partial(self.fs.exists, self._path(name)), self.url_of(name), "stat")):
+
+            def rm() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(self._path(name), recursive=True)
+
+            self._call(rm, self.url_of(name), "delete")
+            removed.append(name)
+        self.fs.invalidate_cache(self.root)
+        if removed:
+            log.info("removed the abandoned upload of %s from %s", name, redact_url(self.url))
+        return removed
+
+    def apply_retention(
+        self, policy: RetentionPolicy, protect: Iterable[str] = (), *, dry_run: bool = False
+    ) -> list[str]:
+        """Delete the valid checkpoints ``policy`` does not keep; return their names.
+
+        Only valid checkpoints with ckptsync names count (the newest valid one is always
+        kept); partial or corrupt ones are left for a human (``ckptsync ls`` shows them), and
+        anything ckptsync did not write is never touched.
+        """
+        infos = [
+            CheckpointInfo(e.name, e.manifest.step, e.manifest.sort_key(), e.manifest.metrics)
+            for e in self.scan()
+            if e.status == "valid" and e.manifest is not None and parse_name(e.name) is not None
+        ]
+        doomed = select_for_deletion(infos, policy, protect)
+        if not dry_run:
+            for name in doomed:
+                self.delete(name)
+        return doomed
+
+    def gc(
+        self, grace_s: float | None = None, *, dry_run: bool = False, now: float | None = None
+    ) -> list[str]:
+        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds and, on S3,
+        multipart uploads under the root initiated longer ago than that.
+
+        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, and multipart
+        uploads of keys inside such prefixes, under a root that ckptsync owns
+        (:meth:`check_owned`). A prefix whose age the backend does not report is kept.
+        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names and
+        ``multipart:<key>`` entries.
+
+        Raises:
+            ConfigError: the root holds entries, none of them written by ckptsync (nothing
+                is deleted).
+        """
+        grace = self.config.grace_s if grace_s is None else grace_s
+        now = datetime.now(timezone.utc).timestamp() if now is None else now
+        removed: list[str] = []
+        entries = self.scan()
+        if not self.check_owned(entries):
+            return removed  # an empty root: nothing there at all
+        for e in entries:
+            if e.status != "uncommitted" or parse_name(e.name) is None:
+                continue
+            if e.mtime is None or now - e.mtime < grace:
+                continue
+            removed.append(e.name)
+            if not dry_run:
+                path = self._path(e.name)
+                self._call(partial(self.fs.rm, path, recursive=True), self.url_of(e.name), "delete")
+        removed.extend(self._gc_multipart(now - grace, dry_run))
+        removed.extend(self._gc_parts(now - grace, dry_run, skip=set(removed)))
+        return removed
+
+    def _gc_parts(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
+        """Temporary files of failed uploads (``.<file>.part-<hex>``, file:// and mounts)
+        written before ``cutoff`` inside ckptsync checkpoint prefixes, committed ones too (a
+        failed attempt before the one that committed); ``part:<name>/<path>`` entries."""
+        if not self.backend.upload_via_temp:
+            return []
+        out = []
+        for rel, info in sorted(self._find().items()):
+            head, _, rest = rel.partition("/")
+            if not rest or head in skip or parse_name(head) is None:
+                continue
+            t = mtime(info)
+            if not PART_FILE.match(rest.rsplit("/", 1)[-1]) or t is None or t > cutoff:
+                continue
+            out.append(f"part:{rel}")
+            if not dry_run:
+                def rm(p: str = self._path(rel)) -> None:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(p)
+
+                self._call(rm, self.url_of(rel), "delete")
+        return out
+
+    def _gc_multipart(self, cutoff: float, dry_run: bool, name: str | None = None) -> list[str]:
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        abort = getattr(self.fs, "abort_mpu", None)
+        if lister is None or abort is None or not self.backend.multipart_uploads:
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        uploads = self._call(partial(lister, bucket), self.url, "list multipart uploads in")
+        out = []
+        for u in uploads or []:
+            key = u.get("Key", "")
+            started = to_epoch(u.get("Initiated"))
+            if prefix and not key.startswith(prefix + "/"):
+                continue
+            head = key[len(prefix) + 1:] if prefix else key
+            if parse_name(head.split("/", 1)[0]) is None:
+                continue  # not inside a ckptsync checkpoint: somebody else's upload
+            if name is not None and head.split("/", 1)[0] != name:
+                continue
+            if started is None or started > cutoff:
+                continue
+            out.append(f"multipart:{key}")
+            if not dry_run:
+                self._call(partial(abort, bucket, key, u["UploadId"]), f"s3://{bucket}/{key}",
+                           "abort multipart upload of")
+        return out

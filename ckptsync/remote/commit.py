@@ -1,0 +1,437 @@
+"""Pushing a checkpoint, and the commit protocol that makes it exist remotely.
+
+:meth:`PushMixin.push` uploads every file (parallel, streamed, retried; multipart on S3; a
+server-side copy of a file unchanged since the previous checkpoint), checks each remote size,
+then writes the manifest with a create-only write (:meth:`PushMixin._create_only`): its
+presence is the commit. ``LATEST`` is updated last, as a hint. How each step is done depends
+on the backend (``self.backend``): on a local directory every file is fsynced and renamed into
+place, the directories are fsynced, and the manifest is hard-linked, so that a power cut never
+leaves a manifest listing files that are not on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from secrets import token_hex
+
+from ckptsync import __version__
+from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
+from ckptsync.local import LocalCheckpoint
+from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.ownership import ROOT_MARKER
+from ckptsync.redact import redact_url
+from ckptsync.remote.boundary import not_found
+from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, StoreBase, mtime
+from ckptsync.transfer import (
+    MultipartStream,
+    NullProgress,
+    Progress,
+    Slots,
+    run_parallel,
+    stopping,
+    upload_file,
+    upload_file_multipart,
+)
+
+__all__ = ["ManifestExists", "PushMixin"]
+
+log = logging.getLogger("ckptsync.remote")
+
+
+class ManifestExists(CkptSyncError):
+    """The create-only write of a manifest (or of the root marker) found one already there."""
+
+
+class PushMixin(StoreBase):
+    """:meth:`push` and the commit protocol of :class:`~ckptsync.remote.RemoteStore`."""
+
+    def push(
+        self,
+        ckpt: LocalCheckpoint,
+        *,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        streams: Mapping[str, MultipartStream] | None = None,
+    ) -> Manifest:
+        """Upload a committed local checkpoint and commit it remotely.
+
+        ``streams`` (relative path -> :meth:`stream_file` sink fed while the file was written)
+        are completed instead of uploading those files again; any that cannot be completed
+        is dropped and its file uploaded normally.
+
+        Files are uploaded (in parallel, retried), their remote sizes checked, then the
+        manifest is written with a create-only write, then ``LATEST`` is updated. Pushing a
+        name that is already committed is a no-op. Setting ``stop`` abandons the upload
+        (never committed).
+
+        Returns:
+            The remote manifest.
+
+        Raises:
+            RemoteError: the backend failed (after retries), or the remote holds a different
+                checkpoint under the same name.
+            LocalStorageError, CorruptCheckpointError: a local file is unreadable or changed
+                since its commit.
+        """
+        streams = dict(streams or {})
+        try:
+            with stopping(stop):  # a stop also cuts short every retry's back-off
+                return self._push(ckpt, progress, stop, streams)
+        finally:
+            for s in streams.values():  # idempotent: completed ones are already closed
+                s.abort()
+
+    def stream_file(self, name: str, relpath: str) -> MultipartStream | None:
+        """A sink uploading ``<name>/<relpath>`` while it is being written locally (S3 only;
+        None elsewhere). Pass it to :meth:`push` once the local checkpoint is committed; the
+        file stays invisible (an incomplete multipart upload) until then."""
+        if not self.backend.parallel_parts or not SAFE_NAME.match(name):
+            return None
+        return MultipartStream(self.fs, self._path(name, relpath),
+                               url=self.url_of(name, relpath), config=self.config,
+                               retrier=self._retry, slots=self._stream_slots)
+
+    def _push(self, ckpt: LocalCheckpoint, progress: Progress | None,
+              stop: threading.Event | None, streams: dict[str, MultipartStream]) -> Manifest:
+        m = ckpt.manifest
+        name = m.name
+        existing = self.read_manifest(name)
+        if existing is not None:
+            return self._same_or_conflict(existing, m)
+        progress = progress or NullProgress()
+        self._ensure_marker()
+        if not self.backend.overwrites:
+            leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
+        else:
+            # Elsewhere an upload overwrites; only the temporary files of an attempt that
+            # died (file://, mounts) stay behind under their random names.
+            leftovers = self._stale_parts(name)
+        for rel in leftovers:  # a failed attempt's files (Drive would duplicate them)
+            # A second writer of this very name may have committed since we looked: never
+            # delete a file of a committed checkpoint. Looking again before each delete
+            # narrows that race to one request; should it still be lost, this push goes on
+            # to upload the same bytes again before it meets the other's manifest.
+            existing = self.read_manifest(name)
+            if existing is not None:
+                return self._same_or_conflict(existing, m)
+            def rm(path: str = self._path(name, rel)) -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+
+            self._call(rm, self.url_of(name, rel), "delete")
+        if self.backend.needs_dirs:
+            dirs = {self._path(name)} | {
+                self._path(name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path
+            }
+            for d in sorted(dirs):
+                self._call(partial(self.fs.makedirs, d, exist_ok=True), self.url_of(name), "create")
+
+        sources = self._unchanged_sources(m)
+        slots = Slots(self.config.parts_in_flight)  # multipart parts held
+        progress.start(m.total_size, f"push {name}")
+        try:
+            tasks = [
+                partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
+                        source=sources.get((f.algo, f.digest, f.size)),
+                        stream=streams.get(f.path))
+                for f in m.files
+            ]
+            run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
+        finally:
+            progress.close()
+        # Every file is there with its size before the manifest makes the checkpoint exist.
+        sizes = self._sizes(name)
+        try:
+            self._check_sizes(m, sizes)
+        except CorruptCheckpointError as e:
+            raise RemoteError(f"upload of {name} did not land intact: {e}", url=self.url_of(name),
+                              retryable=True) from e
+        if stop is not None and stop.is_set():
+            raise RemoteError(f"push of {name} was stopped before its commit",
+                              url=self.url_of(name), retryable=False)
+        if self.backend.local_paths:
+            # Every file durable, under its final name, before the manifest.
+            self._call(partial(self._fsync_dirs, m), self.url_of(name), "sync")
+        try:
+            self._create_manifest(name, m.to_json())
+        except ManifestExists:
+            # A concurrent writer won. Its manifest may not be readable yet (S3 refuses a
+            # conditional write while another one to the key is in progress): look again.
+            other = self.read_manifest(name)
+            for delay in (0.05, 0.2, 0.5, 1.0, 2.0):
+                if other is not None:
+                    break
+                time.sleep(delay)
+                self.fs.invalidate_cache(self._path(name))
+                other = self.read_manifest(name)
+            if other is None:
+                raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
+                                  "but no manifest is there", retryable=True) from None
+            return self._same_or_conflict(other, m)
+        log.info("committed %s to %s", name, redact_url(self.url))
+        self._update_latest(m)
+        return m
+
+    def _stale_parts(self, name: str) -> list[str]:
+        """Temporary files under ``name`` that nobody has written to for
+        :data:`PART_QUIET_S`: left by an attempt that died, not one under way (a second
+        pusher of the same checkpoint)."""
+        if not self.backend.upload_via_temp:
+            return []
+        cutoff = time.time() - PART_QUIET_S
+        return sorted(rel for rel, info in self._find(name).items()
+                      if PART_FILE.match(rel.rsplit("/", 1)[-1])
+                      and (t := mtime(info)) is not None and t < cutoff)
+
+    def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
+        if remote.files != local.files:
+            raise RemoteError(
+                f"{self.url_of(local.name)} already holds a different checkpoint of the same "
+                "name; names are never reused, so the remote was written by another tool: "
+                "inspect it and delete it if it is not wanted",
+                url=self.url_of(local.name),
+                retryable=False,
+            )
+        return remote
+
+    def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, str, int], str]:
+        """(algo, digest, size) -> remote path of that content in the previous committed checkpoint.
+
+        Only on backends with a server-side copy. The previous checkpoint is the one ``LATEST``
+        names, read through its manifest (committed, so its files had their listed sizes).
+        Costs two small reads; any trouble just means uploading everything.
+        """
+        if not self.backend.server_copy:
+            return {}
+        try:
+            hint = self.read_latest()
+            prev = self.read_manifest(hint) if hint is not None and hint != m.name else None
+        except CkptSyncError as e:
+            log.debug("no previous checkpoint to copy unchanged files from: %s", e)
+            return {}
+        if prev is None:
+            return {}
+        return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
+                for f in prev.files if f.size}
+
+    def _copy_unchanged(self, source: str, final: str, entry: FileEntry, url: str) -> bool:
+        """Server-side copy ``source`` to ``final``; False (upload instead) if it fails."""
+        def copy() -> None:
+            self.fs.copy(source, final)
+            self.fs.invalidate_cache(final)
+            size = int(self.fs.info(final).get("size") or 0)
+            if size != entry.size:
+                raise CorruptCheckpointError(f"{url}: copy has {size} bytes, not {entry.size}",
+                                             path=url)
+
+        try:
+            self._call(copy, url, "copy to")
+        except CkptSyncError as e:
+            log.info("server-side copy of %s failed, uploading it instead: %s", url, e)
+            return False
+        with self._stats_lock:
+            self.stats["bytes_copied"] += entry.size
+        return True
+
+    def _upload_task(
+        self, ckpt: LocalCheckpoint, relpath: str, stop: threading.Event, *, progress: Progress,
+        slots: Slots | None = None, source: str | None = None,
+        stream: MultipartStream | None = None,
+    ) -> None:
+        entry = next(f for f in ckpt.manifest.files if f.path == relpath)
+        final = self._path(ckpt.name, relpath)
+        url = self.url_of(ckpt.name, relpath)
+        # Sent while it was serialized: the stream got exactly the bytes hashed into entry.
+        if stream is not None and stream.finish(entry, progress):
+            with self._stats_lock:
+                self.stats["bytes_uploaded"] += entry.size
+            return
+        # The previous checkpoint holds these very bytes (same digest): copy, do not send.
+        # The copy's size is checked, and every download verifies its digest as usual.
+        if source is not None and self._copy_unchanged(source, final, entry, url):
+            progress.update(entry.size)
+            return
+        with self._stats_lock:
+            self.stats["bytes_uploaded"] += entry.size
+        if self.backend.parallel_parts and slots is not None and entry.size > self.config.part_size:
+            upload_file_multipart(self.fs, ckpt.file(relpath), final, entry, url=url,
+                                  config=self.config, retrier=self._retry, slots=slots,
+                                  progress=progress, stop=stop)
+            return
+        target, finish = final, None
+        if self.backend.upload_via_temp:
+            head, _, base = final.rpartition("/")
+            target = f"{head}/.{base}.part-{token_hex(4)}"
+            rename = self._durable_rename if self.backend.local_paths else self.fs.mv
+            finish = partial(rename, target, final)
+        try:
+            upload_file(
+                self.fs,
+                ckpt.file(relpath),
+                target,
+                entry,
+                url=self.url_of(ckpt.name, relpath),
+                config=self.config,
+                retrier=self._retry,
+                progress=progress,
+                stop=stop,
+                finish=finish,
+            )
+        except BaseException as e:
+            if target != final:  # a failed attempt removes its own temporary file
+                with contextlib.suppress(Exception):
+                    self.fs.rm_file(target)
+            if isinstance(e, RemoteError) and not e.retryable and not_found(e):
+                # This push already read the root's marker, so the bucket is there: a "not
+                # found" here is an upload session that finished while its reply was lost
+                # (gcsfs sends the last request of a resumable upload again). Ambiguous: a new
+                # upload resolves it.
+                raise RemoteError(f"cannot upload to {url}: the server no longer knew the upload "
+                                  "when its last request was sent again (the reply to it was "
+                                  "lost); retry the push", url=url, retryable=True) from e
+            raise
+
+    # ------------------------------------------------------------------ the commit
+
+    def _ensure_marker(self) -> None:
+        """Mark the root as ckptsync's before the first file of the first push lands there, so
+        that ``gc`` may later collect that push's leftovers (and nothing else)."""
+        if self.has_marker():
+            return
+        if self.backend.needs_dirs:
+            self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url, "create")
+        data = (json.dumps({"format": FORMAT, "writer": f"ckptsync {__version__}",
+                            "created": datetime.now(timezone.utc).isoformat()}) + "\n").encode()
+        with contextlib.suppress(ManifestExists):  # another writer marked it first
+            self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER), data, "mark")
+        self._marked = True
+
+    # Local directories (backend.local_paths): real paths, so plain os calls. Every fsync
+    # goes through self._ops (FileOps, the store's fault seam), so a test can count or fail
+    # each step: the fsync of a file right before its os.replace or os.link (uploads, the
+    # manifest, the marker, LATEST), the fsync of each directory before the manifest, and of
+    # the manifest's directory right after its link.
+
+    def _fsync_file(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._ops.fsync(fd)  # the data of every descriptor of the file, this one included
+        finally:
+            os.close(fd)
+
+    def _durable_rename(self, tmp: str, final: str) -> None:
+        """A local upload into place: its bytes on disk first, then the rename (the names
+        are made durable by :meth:`_fsync_dirs` before the manifest)."""
+        self._fsync_file(tmp)
+        os.replace(tmp, final)
+
+    def _fsync_dirs(self, m: Manifest) -> None:
+        """Make the names of ``m``'s files (and of its directory) durable: before the
+        manifest, or a power cut could leave a manifest listing files that are not there."""
+        dirs = {self._path(m.name)} | {
+            self._path(m.name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path}
+        for d in sorted(dirs, reverse=True):
+            self._ops.fsync_dir(Path(d))
+        self._ops.fsync_dir(Path(self.root))
+
+    def _write_synced(self, path: str, data: bytes) -> None:
+        """``data`` into the file ``path``, on disk (fsync) before this returns."""
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            self._ops.fsync(f.fileno())
+
+    def _local_replace(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{token_hex(4)}"
+        self._write_synced(tmp, data)
+        os.replace(tmp, path)
+
+    def _local_create_only(self, path: str, data: bytes) -> None:
+        # Write a temporary file, then hard-link it into place: link() fails if the target
+        # exists, so this is a true create-only write and readers never see a partial file.
+        tmp = f"{os.path.dirname(path)}/.{MANIFEST_NAME}.tmp-{token_hex(4)}"
+        self._write_synced(tmp, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            # Some mounts (FUSE, e.g. a mounted Google Drive) have no hard links: fall back to
+            # check-then-rename, which is not atomic against a second writer of the same name.
+            if os.path.exists(path):
+                raise FileExistsError(path) from None
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self._ops.fsync_dir(Path(os.path.dirname(path)))  # the commit itself is durable
+
+    def _create_only(self, path: str, url: str, data: bytes, action: str) -> None:
+        """Write ``path`` only if it does not exist yet.
+
+        Raises :class:`ManifestExists` if something is already there.
+        """
+
+        def write() -> None:
+            try:
+                if self.backend.local_paths:
+                    self._local_create_only(path, data)
+                else:
+                    # S3: If-None-Match: * ; GCS: ifGenerationMatch=0 (native create-only).
+                    # Other backends (memory, Drive, ...) have no create-only write: fsspec's
+                    # pipe_file(mode="create") checks, then writes. Unique names make a second
+                    # writer of the same name a rare, benign race (both write the same bytes).
+                    self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:  # S3 on moto/AWS, GCS, local, memory
+                raise ManifestExists(path) from None
+            except OSError as e:
+                # SeaweedFS answers 412 without the If-None-Match condition, which s3fs maps
+                # to OSError(EINVAL); tell it from a real EINVAL by looking.
+                if e.errno == errno.EINVAL and self.backend.native_create_only:
+                    self.fs.invalidate_cache(path)
+                    if self.fs.exists(path):
+                        raise ManifestExists(path) from e
+                raise
+
+        self._call(write, url, action)
+
+    def _create_manifest(self, name: str, data: bytes) -> None:
+        """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
+
+        Raises :class:`ManifestExists` if a manifest is already there.
+        """
+        self._create_only(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME), data,
+                          "commit manifest to")
+
+    def _update_latest(self, m: Manifest) -> None:
+        current = self.read_latest()
+        if current is not None and name_sort_key(current) >= name_sort_key(m.name):
+            return
+        data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
+        path = self._path(LATEST_NAME)
+
+        def write() -> None:
+            if self.backend.local_paths:
+                self._local_replace(path, data)
+                return
+            if not self.backend.overwrites and self.fs.exists(path):
+                self.fs.rm_file(path)
+            self.fs.pipe_file(path, data)
+
+        try:
+            self._call(write, self.url_of(LATEST_NAME), "write")
+        except CkptSyncError as e:
+            # LATEST is only a hint: the commit already happened.
+            log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",
+                        m.name, e)
+

@@ -1,0 +1,232 @@
+"""Reading checkpoints back: :meth:`FetchMixin.pull` and :meth:`FetchMixin.verify`.
+
+A pull downloads every file (in parallel; large files as parallel ranges) into the local
+store's staging directory, hashing each while it is written with its manifest entry's
+algorithm, and commits it there; a file whose digest does not match is downloaded again (a
+body damaged in transit) before its checkpoint counts as corrupt, and ``name=None`` falls back
+to the next newest valid checkpoint. ``verify`` streams and hashes the remote files in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from functools import partial
+from typing import Any
+
+from ckptsync.errors import (
+    CorruptCheckpointError,
+    LocalStorageError,
+    ManifestError,
+    NoCheckpointError,
+)
+from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
+from ckptsync.manifest import FileEntry, Manifest, name_sort_key
+from ckptsync.redact import redact_url
+from ckptsync.remote.listing import StoreBase
+from ckptsync.transfer import (
+    NullProgress,
+    Progress,
+    download_file,
+    download_file_ranged,
+    hash_remote_file,
+    run_parallel,
+)
+
+__all__ = ["FetchMixin"]
+
+log = logging.getLogger("ckptsync.remote")
+
+
+class FetchMixin(StoreBase):
+    """:meth:`pull` and :meth:`verify` of :class:`~ckptsync.remote.RemoteStore`."""
+
+    def pull(
+        self,
+        name: str | None,
+        local: LocalStore,
+        *,
+        newer_than: Manifest | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+        skipped: list[tuple[str, str]] | None = None,
+    ) -> LocalCheckpoint:
+        """Download a checkpoint into ``local`` (digests verified while streaming) and commit it.
+
+        The local copy keeps the remote manifest as it is: each file is hashed while written
+        with its entry's algorithm, so a ``ckptsync/1`` checkpoint stays a sha256-verified
+        ``ckptsync/1`` checkpoint locally, and a ``ckptsync/2`` one keeps its BLAKE3 digests.
+
+        A file whose bytes do not match its manifest is downloaded again, up to
+        ``config.digest_attempts`` times in all, before its checkpoint counts as corrupt.
+
+        Args:
+            name: the checkpoint; None means the newest valid one, falling back to the next
+                newest when a download turns out corrupt.
+            local: the local store to commit into (through its staging directory: nothing
+                partial is ever visible, nothing is written outside it).
+            newer_than: with ``name=None``, only consider checkpoints newer than this one.
+            skipped: with ``name=None``, given a list, ``(name, why)`` is appended to it for
+                each committed checkpoint newer than the one pulled that was passed over
+                (newest first): it is not empty exactly when pull fell back.
+
+        Raises:
+            NoCheckpointError: nothing (valid, newer) to pull.
+            CorruptCheckpointError: ``name`` was given and does not verify (names the path).
+            RemoteError, LocalStorageError: transfer or local write failures.
+        """
+        if name is not None:
+            m = self.read_manifest(name)
+            if m is None:
+                raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
+            self._check_sizes(m)
+            return self._pull_one(m, local, progress, stop)
+        passed: list[tuple[str, str]] = [] if skipped is None else skipped
+        for e in self.iter_committed():
+            if newer_than is not None and (
+                    e.manifest.sort_key() <= newer_than.sort_key() if e.manifest is not None
+                    else name_sort_key(e.name) <= name_sort_key(newer_than.name)):
+                break
+            if e.status != "valid" or e.manifest is None:
+                log.warning("remote checkpoint %s is not valid, skipping it: %s", e.name,
+                            e.problem)
+                passed.append((e.name, e.problem or e.status))
+                continue
+            try:
+                return self._pull_one(e.manifest, local, progress, stop)
+            except CorruptCheckpointError as err:
+                log.warning("%s; falling back to the previous remote checkpoint", err)
+                passed.append((e.name, str(err)))
+        raise NoCheckpointError(
+            f"no valid checkpoint{' newer than ' + newer_than.name if newer_than else ''} "
+            f"in {redact_url(self.url)}"
+        )
+
+    def _pull_one(
+        self,
+        m: Manifest,
+        local: LocalStore,
+        progress: Progress | None,
+        stop: threading.Event | None,
+    ) -> LocalCheckpoint:
+        for own in (local.directory / m.name, local.directory / f"{STAGING_PREFIX}{m.name}"):
+            if own.is_symlink():  # planted: reading, deleting or committing would follow it
+                raise LocalStorageError(
+                    f"cannot pull {m.name}: {own} is a symlink, and ckptsync never writes "
+                    "through one; remove it or pull into another directory")
+        try:
+            have = local.get(m.name)
+        except NoCheckpointError:
+            have = None
+        except ManifestError as e:  # a local copy with a torn manifest: replace it too
+            log.warning("local copy has a bad manifest, downloading it again: %s", e)
+            local.delete(m.name)
+            have = None
+        if have is not None:
+            try:
+                local.verify(have, full=True)
+                if have.manifest.files == m.files:
+                    return have
+            except CorruptCheckpointError as e:
+                log.warning("local copy is corrupt, downloading it again: %s", e)
+            local.delete(m.name)
+        leftover = local.directory / f"{STAGING_PREFIX}{m.name}"
+        if leftover.exists():  # our own crashed pull of this unique name
+            shutil.rmtree(leftover, ignore_errors=True)
+        progress = progress or NullProgress()
+        staging = local.staging(m.name)
+        try:
+            progress.start(m.total_size, f"pull {m.name}")
+            slots = threading.BoundedSemaphore(self.backend.workers)  # range blocks held at once
+            tasks = [partial(self._download_task, staging, m, f.path, progress=progress,
+                             slots=slots)
+                     for f in m.files]
+            run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
+            ckpt = staging.commit(m)
+        except BaseException:
+            staging.abort()
+            raise
+        finally:
+            progress.close()
+        log.info("pulled %s from %s into %s", m.name, redact_url(self.url), local.directory)
+        return ckpt
+
+    def _download_task(
+        self, staging: Any, m: Manifest, relpath: str, stop: threading.Event, *,
+        progress: Progress, slots: threading.Semaphore,
+    ) -> None:
+        entry = next(f for f in m.files if f.path == relpath)
+        url = self.url_of(m.name, relpath)
+        path = self._path(m.name, relpath)
+        attempts = self.config.digest_attempts
+        for attempt in range(1, attempts + 1):
+            writer = staging.open(relpath, entry.algo)
+            try:
+                if entry.size >= self.config.ranged_min_size and self.backend.workers > 1:
+                    download_file_ranged(self.fs, path, writer, entry, url=url,
+                                         config=self.config, retrier=self._retry, slots=slots,
+                                         progress=progress, stop=stop)
+                else:
+                    download_file(self.fs, path, writer, entry, url=url, config=self.config,
+                                  retrier=self._retry, progress=progress, stop=stop)
+                got = staging.close_file(relpath)
+                if got.digest != entry.digest:
+                    what = f"{url}: {entry.algo} digest does not match the manifest"
+                    raise CorruptCheckpointError(
+                        f"{what} (the remote file was altered: {attempts} downloads did not "
+                        "match)" if attempt == attempts else what, path=url)
+                return
+            except CorruptCheckpointError as e:
+                # A short body or a flipped byte in transit reads like a corrupt file: only
+                # the same mismatch, download after download, is damage at rest.
+                progress.update(-writer.size)
+                staging.discard(relpath)
+                if attempt == attempts:
+                    raise
+                log.warning("%s; downloading it again (attempt %d of %d)", e, attempt + 1,
+                            attempts)
+
+    def verify(
+        self,
+        name: str,
+        *,
+        full: bool = True,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> Manifest:
+        """Check that ``name`` is committed, every file has its size and, if ``full``, its digest
+        (streamed, files in parallel; each with its entry's algorithm).
+
+        Raises:
+            NoCheckpointError: ``name`` is not committed.
+            CorruptCheckpointError: naming the first remote file that does not match.
+        """
+        m = self.read_manifest(name)
+        if m is None:
+            raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
+        self._check_sizes(m)
+        if not full:
+            return m
+        progress = progress or NullProgress()
+
+        def task(entry: FileEntry, ev: threading.Event) -> None:
+            url = self.url_of(name, entry.path)
+            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
+                                         config=self.config, retrier=self._retry,
+                                         progress=progress, stop=ev, algo=entry.algo)
+            if digest != entry.digest:
+                raise CorruptCheckpointError(
+                    f"{url}: {entry.algo} digest does not match the manifest (the remote file "
+                    "was altered)",
+                    path=url,
+                )
+
+        progress.start(m.total_size, f"verify {name}")
+        try:
+            run_parallel([partial(task, f) for f in m.files],
+                         max_workers=self.backend.workers, stop=stop)
+        finally:
+            progress.close()
+        return m
+
