@@ -55,7 +55,7 @@ class ChangedS3(s3fs.S3FileSystem):  # type: ignore[misc]
 def changed_store(remote: Remote) -> RemoteStore:
     fs = ChangedS3(skip_instance_cache=True, **remote.storage_options)
     store = RemoteStore(remote.url, fs=fs, config=FAST)
-    assert store._parallel_parts  # it looks like s3fs: the fast paths are tried
+    assert store.backend.parallel_parts  # it looks like s3fs: the fast paths are tried
     return store
 
 
