@@ -4,13 +4,13 @@ A URL's password, storage option values (a secret key, a session token, an SSE-C
 credential headers are blanked wherever ckptsync shows something: the CLI's output at every
 verbosity (botocore's and s3fs's DEBUG records at ``-vv`` included), ``str``/``repr`` of the
 errors it raises and their chained tracebacks, the daemon's event log, ``WatchConfig``'s repr.
+The redaction functions themselves: tests/unit/test_redact.py.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -24,7 +24,6 @@ from ckptsync.config import TransferConfig
 from ckptsync.errors import CkptSyncError, RemoteError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
-from ckptsync.redact import SecretFilter, redact_url, scrub
 from ckptsync.remote import RemoteStore, translate_error
 from ckptsync.watch import EventLog, WatchConfig
 from tests.support.faults import FaultFS
@@ -161,50 +160,6 @@ def test_translate_error_scrubs_url_password_and_cause() -> None:
     assert isinstance(exc, FileNotFoundError)
 
 
-def test_redact_url_and_scrub() -> None:
-    assert redact_url(f"s3://user:{PASSWORD}@bucket/run?x=1") == "s3://bucket/run"
-    assert redact_url("gs://bucket/run") == "gs://bucket/run"
-    lines = {
-        "headers={'X-Amz-Security-Token': b'AbC/123+xyz==', 'Host': 'h'}": "AbC/123+xyz==",
-        "x-amz-security-token:AbCdEf123\nhost:h": "AbCdEf123",
-        "Authorization: AWS4-HMAC-SHA256 Credential=AKIAEXAMPLE/2026, Signature=deadbeef":
-            "deadbeef",
-        "{'Bucket': 'b', 'SSECustomerKey': 'k3y-material-here'}": "k3y-material-here",
-        "GET /b/k?X-Amz-Security-Token=tok123456&X-Amz-Signature=sig987654": "tok123456",
-        f"see https://user:{PASSWORD}@host/path": PASSWORD,
-    }
-    for line, secret in lines.items():
-        assert secret not in scrub(line), line
-    assert "AKIAEXAMPLE" not in scrub("Credential=AKIAEXAMPLE/2026/us-east-1/s3/aws4_request")
-    assert scrub("Key='run/ckpt/model.pt', ContinuationToken=abc") == \
-        "Key='run/ckpt/model.pt', ContinuationToken=abc"  # ordinary fields stay readable
-
-
-def test_log_filter_scrubs_messages_args_and_tracebacks() -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.addFilter(SecretFilter([SECRET]))
-    logger = logging.getLogger("test_secrets.filter")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        logger.warning("call with %s", {"aws_session_token": TOKEN, "secret": SECRET})
-        try:
-            raise ValueError(f"boom {SECRET}")
-        except ValueError:
-            logger.exception("failed for %s", f"s3://user:{PASSWORD}@b/run")
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-access-key-value")
-            logger.debug("x")
-            logger.error("key is env-secret-access-key-value")
-    finally:
-        logger.removeHandler(handler)
-    out = stream.getvalue()
-    assert "boom" in out and "ValueError" in out
-    for secret in (TOKEN, SECRET, PASSWORD, "env-secret-access-key-value"):
-        assert secret not in out
-
-
 def test_watch_config_repr_hides_storage_options_and_url_password(tmp_path: Path) -> None:
     cfg = WatchConfig(local_dir=tmp_path, remote=f"s3://user:{PASSWORD}@bucket/run",
                       storage_options={"secret": SECRET, "client_kwargs": {"region_name": "x"}})
@@ -226,15 +181,3 @@ def test_daemon_event_log_hides_secrets(tmp_path: Path) -> None:
     assert "event=failed" in out and '"event": "failed"' in out
     for secret in (SECRET, TOKEN, PASSWORD):
         assert secret not in out
-
-
-def test_storage_options_secrets_chosen_by_key() -> None:
-    from ckptsync.redact import secrets_of
-
-    found = secrets_of({"key": "AKIAEXAMPLE", "secret": "abcdef123", "anon": False,
-                        "client_kwargs": {"endpoint_url": "https://minio:9000",
-                                          "region_name": "us-east-1",
-                                          "aws_session_token": "tok-123456"},
-                        "token": "anon"}, f"s3://user:{PASSWORD}@b/run")
-    assert {"AKIAEXAMPLE", "abcdef123", "tok-123456", PASSWORD} <= set(found)
-    assert not {"https://minio:9000", "us-east-1", "anon"} & set(found)
