@@ -30,8 +30,8 @@ demo: $(STAMP)
 # then push/pull/watch through 10% and 30% injected network faults over 50 checkpoints.
 # SOAK_ARGS="--seed N" replays a run; CKPTSYNC_FAULT_SEED=N replays the fault tests.
 soak: $(STAMP)
-	$(BIN)/python tests/soak/soak.py --trials 200 $(SOAK_ARGS)
-	CKPTSYNC_FAULT_CHECKPOINTS=50 $(BIN)/python -m pytest -q -s --timeout=1200 tests/test_faults_e2e.py
+	$(BIN)/python -m tests.support.soak.soak --trials 200 $(SOAK_ARGS)
+	CKPTSYNC_FAULT_CHECKPOINTS=50 $(BIN)/python -m pytest -q -s --timeout=1200 tests/e2e/test_faults_e2e.py
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # tests/servers.py: the SeaweedFS context manager
+sys.path.insert(0, str(ROOT))  # tests/support/servers.py: the SeaweedFS context manager
 
 MB = 1e6
 
@@ -80,7 +80,7 @@ class Ctx:
 
     def aws_env(self) -> dict[str, str]:
         """The AWS variables that point the AWS credential chain and endpoint at this server."""
-        from servers import ACCESS_KEY, REGION, SECRET_KEY
+        from tests.support.servers import ACCESS_KEY, REGION, SECRET_KEY
 
         return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                 "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint,
@@ -102,7 +102,7 @@ def default_runs(quick: bool) -> int:
 
 @contextlib.contextmanager
 def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
-    from servers import SeaweedFS, environ
+    from tests.support.servers import SeaweedFS, environ
 
     tmp = Path(tempfile.mkdtemp(prefix="ckptsync-bench-", dir=os.environ.get("BENCH_TMP")))
     try:

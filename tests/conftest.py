@@ -12,7 +12,11 @@ of them, for suites written once::
         fs, root = fsspec.core.url_to_fs(remote.url, **remote.storage_options)
         ...
 
-Every test also fails if it leaves a thread running (``allow_thread_leak`` marker to opt out).
+Every test also fails if it leaves a thread running (``allow_thread_leak`` marker to opt out);
+a module that starts processes opts in to failing when one outlives a test with
+``pytestmark = pytest.mark.usefixtures("no_process_leak")``.
+
+The layout of tests/ is in tests/__init__.py; ``Remote`` lives in tests/support/remotes.py.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import pytest
-import servers
-from drive_double import THREAD_PREFIX as DRIVE_THREAD_PREFIX
-from drive_double import DriveDouble
+
+from tests.support import servers
+from tests.support.drive_double import THREAD_PREFIX as DRIVE_THREAD_PREFIX
+from tests.support.drive_double import DriveDouble
+from tests.support.remotes import BACKENDS, Remote, clear_fsspec_caches
+from tests.support.watchkit import live_children, wait_for
 
 # gdrive-fsspec's transport (httplib2) only uses a proxy when PySocks is installed; the Drive
 # tests need it, so it is a pinned dev requirement and its absence is a broken set-up, not a skip.
@@ -44,48 +49,6 @@ try:
 except ImportError as e:
     raise ImportError("the Drive double needs PySocks (httplib2 proxies through it): "
                       "pip install -r requirements/dev.txt") from e
-
-BACKENDS = ["file", "memory", "seaweedfs", "moto", "gcs", "gdrive", "mounted_drive"]
-
-
-@dataclass(frozen=True)
-class Remote:
-    """A place a test may write checkpoints to: an fsspec URL plus its storage options.
-
-    ``wrong_credentials``: storage options that the backend rejects (None where the backend
-    does not check credentials). ``missing_url``: a URL in a bucket/folder that does not exist.
-    """
-
-    url: str
-    storage_options: dict[str, Any]
-    name: str
-    wrong_credentials: dict[str, Any] | None = None
-    missing_url: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def fs(self) -> fsspec.AbstractFileSystem:
-        """The fsspec filesystem for this remote (fsspec's cached instance)."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
-
-    @property
-    def path(self) -> str:
-        """The URL as the filesystem's own path (protocol stripped)."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
-
-
-def clear_fsspec_caches() -> None:
-    """Forget every cached filesystem instance of each backend class the tests use."""
-    from fsspec.implementations.local import LocalFileSystem
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    classes: list[Any] = [LocalFileSystem, MemoryFileSystem]
-    for module, name in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"),
-                         ("gdrive_fsspec", "GoogleDriveFileSystem")):
-        with contextlib.suppress(ImportError):
-            classes.append(getattr(__import__(module), name))
-    for cls in classes:
-        cls.clear_instance_cache()
-
 
 # --- thread-leak check ------------------------------------------------------------------------
 
@@ -120,6 +83,15 @@ def _no_thread_leak(request: pytest.FixtureRequest) -> Iterator[None]:
         left[0].join(0.05)
     if left:
         pytest.fail(f"test leaked threads: {sorted(t.name for t in left)}", pytrace=False)
+
+
+@pytest.fixture
+def no_process_leak() -> Iterator[None]:
+    """Fail a test that leaves a child process of this one running (10 s to exit)."""
+    before = set(live_children(os.getpid()))
+    yield
+    wait_for(lambda: not (set(live_children(os.getpid())) - before), "child processes to exit",
+             timeout=10)
 
 
 # --- servers (session) ----------------------------------------------------------------------

@@ -1,0 +1,143 @@
+"""When s3fs or botocore change the private API that S3's fast paths use, transfers go on.
+
+``ChangedS3`` is s3fs as a later version might be: its own requests work, but
+``_get_s3_method_kwargs`` is gone for callers outside s3fs (ckptsync's blocking client). An
+upload, a ranged download and a streamed upload through it still move exact bytes, through
+the public fsspec API, and the log holds one warning naming what is missing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import s3fs
+from fsspec.asyn import sync_wrapper
+
+from ckptsync.config import TransferConfig
+from ckptsync.local import LocalCheckpoint, LocalStore
+from ckptsync.manifest import Manifest, make_name
+from ckptsync.remote import RemoteStore
+from ckptsync.transfer import backoff
+from tests.support.remotes import Remote
+
+MiB = 1024 * 1024
+# 5 MiB parts and ranges (S3's minimum): a 13 MiB file is a 3-part upload, a 3-range download.
+FAST = TransferConfig(max_workers=4, block_size=5 * MiB, part_size=5 * MiB, parts_in_flight=3,
+                      ranged_min_size=5 * MiB, retries=2, backoff_initial=0.0)
+MISSING = "_get_s3_method_kwargs"
+
+_IN_S3FS: contextvars.ContextVar[bool] = contextvars.ContextVar("in_s3fs", default=False)
+
+
+class ChangedS3(s3fs.S3FileSystem):  # type: ignore[misc]
+    """An s3fs whose ``_get_s3_method_kwargs`` only its own requests can still use."""
+
+    async def _call_s3(self, *args: Any, **kwargs: Any) -> Any:
+        token = _IN_S3FS.set(True)
+        try:
+            return await super()._call_s3(*args, **kwargs)
+        finally:
+            _IN_S3FS.reset(token)
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs's files call its sync twin
+
+    def _get_s3_method_kwargs(self, *args: Any, **kwargs: Any) -> Any:
+        if not _IN_S3FS.get():
+            raise AttributeError(f"'S3FileSystem' object has no attribute '{MISSING}'")
+        return super()._get_s3_method_kwargs(*args, **kwargs)
+
+
+def changed_store(remote: Remote) -> RemoteStore:
+    fs = ChangedS3(skip_instance_cache=True, **remote.storage_options)
+    store = RemoteStore(remote.url, fs=fs, config=FAST)
+    assert store.backend.parallel_parts  # it looks like s3fs: the fast paths are tried
+    return store
+
+
+def commit(store: LocalStore, step: int, files: dict[str, bytes]) -> LocalCheckpoint:
+    name = make_name(step)
+    st = store.staging(name)
+    for rel, data in files.items():
+        w = st.open(rel)
+        w.write(data)
+        st.close_file(rel)
+    return st.commit(Manifest.new(step=step, files=st.entries, name=name))
+
+
+def read_all(ck: LocalCheckpoint) -> dict[str, bytes]:
+    return {f.path: ck.file(f.path).read_bytes() for f in ck.manifest.files}
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("ckptsync")]
+
+
+def assert_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    warned = warnings_of(caplog)
+    assert len(warned) == 1, warned
+    assert MISSING in warned[0] and f"s3fs {s3fs.__version__}" in warned[0], warned[0]
+
+
+def no_multipart_left(store: RemoteStore, remote: Remote) -> bool:
+    uploads = store.fs.list_multipart_uploads(remote.extra["bucket"])
+    return not [u for u in uploads if "run/" in u.get("Key", "")]
+
+
+def test_push_and_pull_go_on_through_the_public_api(s3_remote: Remote, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    files = {"big.bin": os.urandom(13 * MiB + 7), "other.bin": os.urandom(6 * MiB),
+             "small.bin": os.urandom(1000)}
+    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    store = changed_store(s3_remote)
+    with caplog.at_level(logging.WARNING):
+        store.push(ck)
+        got = store.pull(None, LocalStore(tmp_path / "dst"))
+    assert read_all(got) == files
+    assert store.stats["bytes_uploaded"] == sum(len(b) for b in files.values())
+    assert no_multipart_left(store, s3_remote)  # the multipart uploads tried were aborted
+    assert_one_warning(caplog)  # once for the filesystem, not once per file or part
+
+
+def test_a_ranged_download_goes_on_through_the_public_api(s3_remote: Remote, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    files = {"big.bin": os.urandom(12 * MiB + 3)}
+    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).push(ck)
+    with caplog.at_level(logging.WARNING):
+        got = changed_store(s3_remote).pull(None, LocalStore(tmp_path / "dst"))
+    assert read_all(got) == files
+    assert_one_warning(caplog)
+
+
+def test_a_streamed_upload_gives_way_to_a_plain_one(s3_remote: Remote, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    data = os.urandom(11 * MiB)
+    ck = commit(LocalStore(tmp_path / "src"), 1, {"big.bin": data})
+    store = changed_store(s3_remote)
+    stream = store.stream_file(ck.name, "big.bin")
+    assert stream is not None
+    with caplog.at_level(logging.WARNING):
+        stream.write(memoryview(data))  # never raises: a failed stream is left to the push
+        manifest = store.push(ck, streams={"big.bin": stream})
+        assert store.stream_file(ck.name, "other.bin").error is not None  # type: ignore[union-attr]
+    assert manifest.name == ck.name
+    got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
+        None, LocalStore(tmp_path / "dst"))
+    assert read_all(got) == {"big.bin": data}
+    assert no_multipart_left(store, s3_remote)
+    assert_one_warning(caplog)
+
+
+def test_backoff_grows_to_its_cap_with_jitter() -> None:
+    for attempt, full in ((1, 1.0), (2, 2.0), (3, 4.0), (6, 30.0), (10_000, 30.0)):
+        waits = [backoff(attempt, 1.0, 30.0) for _ in range(200)]
+        assert all(full / 2 <= w <= full for w in waits), (attempt, min(waits), max(waits))
+        assert len(set(waits)) > 1  # jittered
+    assert backoff(0, 1.0, 30.0) <= 1.0  # attempt 0 counts as the first
+    assert backoff(10**9, 0.0, 30.0) == 0.0  # no overflow, no back-off asked for

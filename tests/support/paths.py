@@ -1,0 +1,27 @@
+"""Where the repository and the test support live, and the environment of the subprocesses
+the tests start (the repository first on ``PYTHONPATH``: ``ckptsync`` and ``tests.support``
+import from this checkout). Torch-free."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SUPPORT = Path(__file__).resolve().parent
+SCRIPTS = SUPPORT / "scripts"
+TESTS = SUPPORT.parent
+REPO = TESTS.parent
+EXAMPLE = REPO / "examples" / "train_tiny_lm.py"
+PY = sys.executable
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child: the repository on ``PYTHONPATH``, unbuffered
+    output, one OpenMP thread, then ``extra``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env

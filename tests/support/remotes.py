@@ -1,0 +1,51 @@
+"""A place a test writes checkpoints to (``Remote``: an fsspec URL plus storage options), as
+the conftest's ``*_remote`` fixtures give it, and clearing fsspec's instance caches."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+BACKENDS = ["file", "memory", "seaweedfs", "moto", "gcs", "gdrive", "mounted_drive"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A place a test may write checkpoints to: an fsspec URL plus its storage options.
+
+    ``wrong_credentials``: storage options that the backend rejects (None where the backend
+    does not check credentials). ``missing_url``: a URL in a bucket/folder that does not exist.
+    """
+
+    url: str
+    storage_options: dict[str, Any]
+    name: str
+    wrong_credentials: dict[str, Any] | None = None
+    missing_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The fsspec filesystem for this remote (fsspec's cached instance)."""
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+
+    @property
+    def path(self) -> str:
+        """The URL as the filesystem's own path (protocol stripped)."""
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
+
+
+def clear_fsspec_caches() -> None:
+    """Forget every cached filesystem instance of each backend class the tests use."""
+    from fsspec.implementations.local import LocalFileSystem
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    classes: list[Any] = [LocalFileSystem, MemoryFileSystem]
+    for module, name in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"),
+                         ("gdrive_fsspec", "GoogleDriveFileSystem")):
+        with contextlib.suppress(ImportError):
+            classes.append(getattr(__import__(module), name))
+    for cls in classes:
+        cls.clear_instance_cache()

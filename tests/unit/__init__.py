@@ -1,0 +1,1 @@
+"""Unit tests: one ckptsync module through its API, each file named after the module."""

@@ -1,0 +1,272 @@
+"""The architecture stays honest: ckptsync's modules form layers without cycles, stay small,
+keep backend checks in one place, and document their packages.
+
+Everything is read from the source with ``ast`` (nothing is imported), so a failure names the
+file and line. An import inside a function counts as much as one at the top of a module (it
+runs as soon as the function does); only ``if TYPE_CHECKING:`` imports, which never run, are
+left out.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.paths import REPO, child_env
+
+PACKAGE = REPO / "ckptsync"
+MAX_LINES = 600
+#: Packages that hold the client, the remote store, transfers and the daemon: the core
+#: modules directly in ckptsync/ are the layer below them and must not import them.
+UPPER = ("ckptsync.client", "ckptsync.remote", "ckptsync.transfer", "ckptsync.daemon")
+#: Core-level files that may import the packages above: entry points, and shims that keep an
+#: old import path working.
+UPPER_ALLOWED = {"__init__.py", "__main__.py", "cli.py", "demo.py", "watch.py"}
+#: The one module that knows backends apart, and ownership.py's URL parsing.
+BACKENDS_MODULE = "ckptsync/remote/backends.py"
+BACKEND_CHECKS_ALLOWED = {BACKENDS_MODULE, "ckptsync/ownership.py"}
+
+
+@dataclass(frozen=True)
+class Import:
+    """One import statement of ``source`` that names a ckptsync module (``target``)."""
+
+    source: str
+    target: str
+    where: str  # "ckptsync/x.py:12"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement, at any depth, except under ``if TYPE_CHECKING:``."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _existing(name: str, modules: dict[str, Path]) -> str | None:
+    """``name`` or its longest prefix that is a ckptsync module."""
+    parts = name.split(".")
+    while parts:
+        candidate = ".".join(parts)
+        if candidate in modules:
+            return candidate
+        parts.pop()
+    return None
+
+
+def _imports(modules: dict[str, Path]) -> list[Import]:
+    out: list[Import] = []
+    for source, path in modules.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in _import_nodes(tree):
+            where = f"{_rel(path)}:{node.lineno}"
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                if node.level:
+                    base = source.split(".")
+                    drop = node.level - 1 if is_package else node.level
+                    base = base[: len(base) - drop] if drop else base
+                    base_name = ".".join([*base, node.module] if node.module else base)
+                else:
+                    base_name = node.module or ""
+                for alias in node.names:
+                    sub = f"{base_name}.{alias.name}"
+                    targets.append(sub if sub in modules else base_name)
+            for t in targets:
+                if t == "ckptsync" or t.startswith("ckptsync."):
+                    found = _existing(t, modules)
+                    if found is not None and found != source:
+                        out.append(Import(source, found, where))
+    return out
+
+
+def _cycles(imports: list[Import]) -> list[list[str]]:
+    """One cycle (as a closed path of modules) for every strongly connected component with
+    more than one module (Tarjan's algorithm)."""
+    graph: dict[str, set[str]] = {}
+    for imp in imports:
+        graph.setdefault(imp.source, set()).add(imp.target)
+        graph.setdefault(imp.target, set())
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    sccs: list[set[str]] = []
+
+    def strongconnect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                strongconnect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            scc = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                scc.add(w)
+                if w == v:
+                    break
+            if len(scc) > 1:
+                sccs.append(scc)
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(graph) + 100))
+    try:
+        for v in sorted(graph):
+            if v not in index:
+                strongconnect(v)
+    finally:
+        sys.setrecursionlimit(limit)
+
+    cycles = []
+    for scc in sccs:
+        start = min(scc)
+        # Shortest path back to start inside the component (breadth first).
+        prev: dict[str, str] = {}
+        frontier = [start]
+        found = None
+        while frontier and found is None:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & scc):
+                    if w == start:
+                        found = v
+                        break
+                    if w not in prev:
+                        prev[w] = v
+                        nxt.append(w)
+                if found is not None:
+                    break
+            frontier = nxt
+        assert found is not None
+        path = [found]
+        while path[-1] != start:
+            path.append(prev[path[-1]])
+        cycles.append([*reversed(path), start])
+    return cycles
+
+
+def test_no_import_cycle_among_ckptsync_modules() -> None:
+    imports = _imports(_modules())
+    where = {(i.source, i.target): i.where for i in imports}
+    problems = []
+    for cycle in _cycles(imports):
+        steps = [f"{a} -> {b} ({where[(a, b)]})" for a, b in itertools.pairwise(cycle)]
+        problems.append("import cycle:\n    " + "\n    ".join(steps))
+    assert not problems, "\n".join(problems)
+
+
+def test_no_ckptsync_module_is_over_600_lines() -> None:
+    sizes = {_rel(p): len(p.read_text().splitlines()) for p in _modules().values()}
+    over = {f: n for f, n in sizes.items() if n > MAX_LINES}
+    assert not over, f"modules over {MAX_LINES} lines: {over}"
+
+
+def test_core_modules_do_not_import_client_remote_transfer_or_daemon() -> None:
+    modules = _modules()
+    problems = set()
+    for imp in _imports(modules):
+        path = modules[imp.source]
+        if path.parent != PACKAGE or path.name in UPPER_ALLOWED:
+            continue
+        if any(imp.target == u or imp.target.startswith(u + ".") for u in UPPER):
+            problems.add(f"{imp.where}: core module {imp.source} imports {imp.target}")
+    assert not problems, "\n".join(sorted(problems))
+
+
+def _backend_checks(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """``scheme ==``/``!=``/``in``, ``type(fs).__name__`` (of a filesystem: a name ``fs`` or
+    ``*_fs``, not an exception's) and ``isinstance(x, LocalFileSystem)``."""
+
+    def name_of(node: ast.AST) -> str:
+        return node.id if isinstance(node, ast.Name) else (
+            node.attr if isinstance(node, ast.Attribute) else "")
+
+    def named(node: ast.AST, name: str) -> bool:
+        return name_of(node) == name
+
+    def a_filesystem(node: ast.AST) -> bool:
+        n = name_of(node)
+        return n == "fs" or n.endswith("_fs")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and named(node.left, "scheme") and any(
+                isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in node.ops):
+            yield node.lineno, "scheme compared"
+        elif (isinstance(node, ast.Attribute) and node.attr == "__name__"
+              and isinstance(node.value, ast.Call) and named(node.value.func, "type")
+              and len(node.value.args) == 1 and a_filesystem(node.value.args[0])):
+            yield node.lineno, "type(...).__name__"
+        elif (isinstance(node, ast.Call) and named(node.func, "isinstance")
+              and len(node.args) == 2):
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            if any(named(k, "LocalFileSystem") for k in kinds):
+                yield node.lineno, "isinstance(..., LocalFileSystem)"
+
+
+def test_backend_checks_only_in_remote_backends() -> None:
+    problems = []
+    for path in _modules().values():
+        if _rel(path) in BACKEND_CHECKS_ALLOWED:
+            continue
+        for line, what in _backend_checks(ast.parse(path.read_text(), filename=str(path))):
+            problems.append(f"{_rel(path)}:{line}: {what} (belongs in {BACKENDS_MODULE})")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_package_init_has_a_docstring_of_two_lines_or_more() -> None:
+    problems = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        if len(doc.strip().splitlines()) < 2:
+            problems.append(f"{_rel(init)}: docstring of {len(doc.strip().splitlines())} line(s)")
+    assert not problems, "\n".join(problems)
+
+
+def test_import_ckptsync_does_not_import_torch() -> None:
+    script = ("import sys\nimport ckptsync\n"
+              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    proc = subprocess.run([sys.executable, "-c", script], env=child_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"import ckptsync imported {proc.stdout.strip()}"
