@@ -20,8 +20,7 @@ from ckptsync.errors import (
     UnsafeStateError,
     UnsupportedFormatError,
 )
-
-__version__ = "0.1.0"
+from ckptsync.version import __version__
 
 __all__ = [
     "Checkpointer",

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptsync import __version__
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
 from ckptsync.daemon.restore import restore_watched
@@ -46,6 +45,7 @@ from ckptsync.ownership import (
 from ckptsync.progress import NullProgress, Progress, TqdmProgress
 from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
+from ckptsync.version import __version__
 
 __all__ = ["COMMANDS", "Command", "TqdmProgress", "build_parser", "main"]
 

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from ckptsync import __version__
 from ckptsync.client.restore import (
     RestoreInfo,
     Restorer,
@@ -57,6 +56,7 @@ from ckptsync.retention import (
     parse_best,
     select_for_deletion,
 )
+from ckptsync.version import __version__
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore

@@ -24,7 +24,6 @@ from functools import partial
 from pathlib import Path
 from secrets import token_hex
 
-from ckptsync import __version__
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
@@ -42,6 +41,7 @@ from ckptsync.transfer import (
     upload_file,
     upload_file_multipart,
 )
+from ckptsync.version import __version__
 
 __all__ = ["ManifestExists", "PushMixin"]
 
