@@ -156,7 +156,7 @@ def _s3fs_like(protocol: Any) -> Any:
 
 
 class _SlowLocal(LocalFileSystem):
-    protocol = ("slowfile",)  # tests/scripts/slowfs.py: a local directory under its own name
+    protocol = ("slowfile",)  # tests/support/slowfs.py: a local directory under its own name
 
 
 CASES: list[tuple[str, Any, str, Backend]] = [

@@ -1,6 +1,6 @@
 """Kill -9 the daemon at random moments during uploads, many times, restarting it each time.
 
-Uploads go through ``slowfile://`` (tests/scripts/slowfs.py: a local filesystem whose writes
+Uploads go through ``slowfile://`` (tests/support/slowfs.py: a local filesystem whose writes
 sleep), so each kill lands in the middle of some upload. After every kill the remote never
 shows a committed checkpoint whose files do not verify; at the end every local checkpoint is
 committed exactly once.

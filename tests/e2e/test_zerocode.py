@@ -1,4 +1,4 @@
-"""Zero-code mode: a trainer that only calls ``torch.save`` (tests/scripts/zc_trainer.py) is
+"""Zero-code mode: a trainer that only calls ``torch.save`` (tests/support/scripts/zc_trainer.py) is
 killed in the middle of a write; the remote holds only complete versions, and after
 ``restore_watched`` into an empty directory the trainer's own ``--resume`` continues from the
 newest one. One test per way of writing a checkpoint (rename, in place, directory + marker).
