@@ -94,7 +94,8 @@ class MultipartUpload:
     dropped); :meth:`parts` waits for every part; :meth:`complete` completes the upload;
     :meth:`abort` drops it (idempotent: nothing becomes visible); :meth:`close` lets the S3
     client go. Each call is retried by ``retrier``; a part first checks ``stop``, and
-    ``on_part(n)`` is told of each part of ``n`` bytes sent.
+    ``on_part(n)`` (an attribute, set before parts are sent) is told of each part of ``n``
+    bytes sent.
 
     Raises: the translated backend errors; :class:`S3ApiChanged` when s3fs's private API
     failed (already warned about).
@@ -113,7 +114,7 @@ class MultipartUpload:
         self.futures: list[Future[dict[str, Any]]] = []
         self._thread_name = thread_name
         self._stop = stop
-        self._on_part = on_part
+        self.on_part = on_part
         self._pool: ThreadPoolExecutor | None = None
         self._sender: _BlockingS3 | None = None
         self._created: Future[None] | None = None  # the create of :meth:`start`
@@ -173,8 +174,8 @@ class MultipartUpload:
                 return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data)
 
             resp = self.retrier.call(attempt, url=self.url, action="upload to")
-            if self._on_part is not None:
-                self._on_part(len(data))
+            if self.on_part is not None:
+                self.on_part(len(data))
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
             self.slots.sent(buf)
@@ -472,10 +473,20 @@ class MultipartStream:
         itself (nothing sent was completed)."""
         if self._done:
             return False
+        reported = [0]  # bytes given to progress, taken back if this fails
+        lock = threading.Lock()
+
+        def sent(n: int) -> None:  # a resumed upload can be long: show that bytes move
+            if progress is not None:
+                progress.update(n)
+            with lock:
+                reported[0] += n
+
         try:
             if (self.error is not None or not self._upload.started
                     or self.size != entry.size):
                 return False
+            self._upload.on_part = sent
             self._upload.raise_failed()
             if self.detached:
                 _send_file(self._upload, local_path, entry, part_size=self.part_size,
@@ -486,15 +497,19 @@ class MultipartStream:
                     _acquire(self.slots, stop, self.url)
                     self._send(*self.slots.body(part, self._fill))
                 self._upload.complete(self._upload.parts(), entry.size)
+            with lock:
+                rest, reported[0] = entry.size - reported[0], entry.size
             if progress is not None:
-                progress.update(entry.size)
+                progress.update(rest)  # the parts sent before this call
             return True
         except BaseException as e:
             log.info("streaming upload of %s failed, uploading the file instead: %s", self.url, e)
             self.error = e
             return False
         finally:
-            self.abort()
+            self.abort()  # every part done (a completed upload has nothing to abort)
+            if self.error is not None and progress is not None and reported[0]:
+                progress.update(-reported[0])  # the caller uploads the file: counted again
 
     def abort(self) -> None:
         """Drop the upload (idempotent); nothing becomes visible."""
