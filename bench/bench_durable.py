@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Callable
@@ -72,9 +73,52 @@ def run(ctx: Ctx) -> list[Table]:
     dcp_async.close()
     rmtree(local)
     peers = [k for k in rows if not k.startswith("ckptsync")]
-    return [Table(
+    return [*local_commit_tables(ctx, model, opt), Table(
         f"time to durable in S3, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
         baseline="torch.save+fsync+boto3 upload_file",
         targets=[Target("<= 0.8x fastest peer", "ckptsync save->remote commit", peers, 0.8)],
         notes=["every tensor is changed before each save, so no file is deduplicated"],
+    )]
+
+
+SLOW_LINK = 25e6  # bytes per second
+
+
+def local_commit_tables(ctx: Ctx, model: Any, opt: Any) -> list[Table]:
+    """The local commit of a save while a 25 MB/s link uploads it, against the same save with
+    no remote: a save is paced by the disk, never by the link (DESIGN.md, "Local side")."""
+    from ckptsync import Checkpointer
+    from tests.support.fault_proxy import FaultProxy
+
+    host, port = ctx.endpoint.rsplit("/", 1)[1].split(":")
+    with FaultProxy(host, int(port), rate=SLOW_LINK, lifetime=24 * 3600, timeout=300) as proxy:
+        slow_opts = copy.deepcopy(ctx.storage_options)
+        slow_opts.setdefault("client_kwargs", {})["endpoint_url"] = proxy.endpoint
+        slow = Checkpointer(ctx.fresh_dir("ours-slowlink"), remote=ctx.s3("slowlink"),
+                            storage_options=slow_opts, keep_last=1)
+        alone = Checkpointer(ctx.fresh_dir("ours-noremote"), keep_last=1)
+        uploads: list[float] = []
+
+        def local_commit(c: Checkpointer) -> float:
+            perturb(model, opt)
+            t0 = time.perf_counter()
+            c.save(1, model=model, optimizer=opt).wait()  # the local commit
+            t = time.perf_counter() - t0
+            c.wait()  # the upload done before the next run, so each save may stream
+            if c is slow:
+                uploads.append(time.perf_counter() - t0)
+            return t
+
+        rows = measure({
+            "ckptsync local commit, no remote": lambda: local_commit(alone),
+            "ckptsync local commit, 25 MB/s link uploading": lambda: local_commit(slow),
+        }, ctx)
+        slow.close()
+        alone.close()
+    up = sorted(uploads)[len(uploads) // 2] if uploads else float("nan")
+    return [Table(
+        f"local commit while the link uploads, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
+        baseline="ckptsync local commit, no remote",
+        notes=[f"the link: a proxy pacing upload bodies at {SLOW_LINK / 1e6:.0f} MB/s; "
+               f"save until remote commit took {up:.1f} s (median)"],
     )]

@@ -292,7 +292,9 @@ class Checkpointer:
                 relpath = f"{obj_name}.pt"
                 w = staging.open(relpath)
                 # With an S3 remote, large files are uploaded while they are serialized (the
-                # bytes hashed are the bytes sent); nothing is visible remotely before push.
+                # bytes hashed are the bytes sent) as far as the link keeps up, never waited
+                # for: the push sends the rest from the committed file. Nothing is visible
+                # remotely before the push.
                 stream = (self.remote.stream_file(name, relpath)
                           if self.remote is not None and streaming else None)
                 if stream is not None:

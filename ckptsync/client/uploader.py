@@ -191,7 +191,9 @@ class Uploader:
     def ready_to_stream(self) -> bool:
         """Whether a checkpoint written now would be pushed at once by a healthy remote: only
         then is it worth sending its bytes while they are written (a stream would otherwise
-        compete with the push in flight, or wait on a failing remote on the save thread)."""
+        compete with the push in flight, or start uploads on a failing remote that the push
+        would then drop). A stream never makes the save wait: where the link falls behind,
+        the rest of the file goes up from the committed file."""
         with self._cond:
             return (not self._closed and self._in_flight is None and self._pending is None
                     and self._failures == 0)

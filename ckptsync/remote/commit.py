@@ -251,8 +251,9 @@ class PushMixin(StoreBase):
         entry = next(f for f in ckpt.manifest.files if f.path == relpath)
         final = self._path(ckpt.name, relpath)
         url = self.url_of(ckpt.name, relpath)
-        # Sent while it was serialized: the stream got exactly the bytes hashed into entry.
-        if stream is not None and stream.finish(entry, progress):
+        # Sent while it was serialized (the bytes hashed into entry), and where the link fell
+        # behind, the rest from the committed file, verified against entry.
+        if stream is not None and stream.finish(entry, ckpt.file(relpath), progress, stop=stop):
             with self._stats_lock:
                 self.stats["bytes_uploaded"] += entry.size
             return

@@ -88,12 +88,14 @@ def complete_multipart(call: Callable[..., Any], upload_id: str | None,
 class MultipartUpload:
     """One multipart upload of one object, its parts sent on a pool of ``window`` threads.
 
-    :meth:`create` starts it; :meth:`send` queues the next part (the caller holds its slot of
+    :meth:`create` starts it (:meth:`start` starts it without waiting: the parts sent wait
+    for it on the pool); :meth:`send` queues the next part (the caller holds its slot of
     ``slots`` and its buffer, handed over: given back when the part is sent, fails or is
     dropped); :meth:`parts` waits for every part; :meth:`complete` completes the upload;
     :meth:`abort` drops it (idempotent: nothing becomes visible); :meth:`close` lets the S3
     client go. Each call is retried by ``retrier``; a part first checks ``stop``, and
-    ``on_part(n)`` is told of each part of ``n`` bytes sent.
+    ``on_part(n)`` (an attribute, set before parts are sent) is told of each part of ``n``
+    bytes sent.
 
     Raises: the translated backend errors; :class:`S3ApiChanged` when s3fs's private API
     failed (already warned about).
@@ -112,9 +114,10 @@ class MultipartUpload:
         self.futures: list[Future[dict[str, Any]]] = []
         self._thread_name = thread_name
         self._stop = stop
-        self._on_part = on_part
+        self.on_part = on_part
         self._pool: ThreadPoolExecutor | None = None
         self._sender: _BlockingS3 | None = None
+        self._created: Future[None] | None = None  # the create of :meth:`start`
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One S3 call on the object (Bucket and Key filled in)."""
@@ -123,13 +126,29 @@ class MultipartUpload:
         return self._sender.call(method, **kwargs)
 
     def create(self) -> None:
-        self.upload_id = self.retrier.call(lambda: self.call("create_multipart_upload")["UploadId"],
-                                           url=self.url, action="upload to")
+        self._create()
         self._pool = ThreadPoolExecutor(self.window, thread_name_prefix=self._thread_name)
 
+    def _create(self) -> None:
+        self.upload_id = self.retrier.call(lambda: self.call("create_multipart_upload")["UploadId"],
+                                           url=self.url, action="upload to")
+
+    def start(self) -> None:
+        """Create the upload on the pool, without waiting for it: parts sent meanwhile wait
+        for it there (a slow or failing create delays them, never the caller)."""
+        self._pool = ThreadPoolExecutor(self.window, thread_name_prefix=self._thread_name)
+        self._created = self._pool.submit(self._create)
+
+    @property
+    def started(self) -> bool:
+        return self._pool is not None or self.upload_id is not None
+
     def raise_failed(self) -> None:
-        """Raise the error of a part that failed already, if any: fail fast."""
-        failed = next((f for f in self.futures if f.done() and f.exception()), None)
+        """Raise the error of the create or a part that failed already, if any: fail fast."""
+        futures: list[Future[Any]] = [*self.futures]
+        if self._created is not None:
+            futures.insert(0, self._created)
+        failed = next((f for f in futures if f.done() and f.exception()), None)
         if failed is not None:
             failed.result()
 
@@ -145,6 +164,8 @@ class MultipartUpload:
     def _put(self, number: int, data: bytes | bytearray,
              buf: bytearray | None) -> dict[str, Any]:
         try:
+            if self._created is not None:
+                self._created.result()  # the create failed: so does every part
             assert self._sender is not None  # made by the create call
             sender = self._sender
 
@@ -153,8 +174,8 @@ class MultipartUpload:
                 return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data)
 
             resp = self.retrier.call(attempt, url=self.url, action="upload to")
-            if self._on_part is not None:
-                self._on_part(len(data))
+            if self.on_part is not None:
+                self.on_part(len(data))
             return {"PartNumber": number, "ETag": resp["ETag"]}
         finally:
             self.slots.sent(buf)
@@ -198,7 +219,7 @@ class MultipartUpload:
             self._sender.close()
 
 
-def _read_into(src: Any, buf: bytearray) -> int:
+def _read_into(src: Any, buf: bytearray | memoryview) -> int:
     """Fill ``buf`` from ``src`` (``readinto``); the bytes read (short only at the end)."""
     view = memoryview(buf)
     n = 0
@@ -208,6 +229,73 @@ def _read_into(src: Any, buf: bytearray) -> int:
             break
         n += k
     return n
+
+
+def _send_file(upload: MultipartUpload, local_path: Path, entry: FileEntry, *, part_size: int,
+               slots: Slots, url: str, stop: threading.Event | None, skip: int = 0) -> None:
+    """Read ``local_path`` in order, hashing every byte, and send it from byte ``skip`` on as
+    the next parts of ``upload`` (the bytes before ``skip`` were sent already, as whole
+    ``part_size`` parts); then wait for every part and complete the upload, but only when
+    the bytes read hash to ``entry``.
+
+    Raises: CorruptCheckpointError (the file no longer matches ``entry``: nothing completed),
+    LocalStorageError, and the errors of the parts.
+    """
+    digest = new_hasher(entry.algo)
+    size = 0
+    with _open_local(local_path) as src:
+        try:
+            if skip:  # sent already: only hashed, so that the whole file is verified
+                buf = slots.take(part_size)
+                try:
+                    while size < skip:
+                        _check_stop(stop, url)
+                        try:
+                            n = _read_into(src, memoryview(buf)[:min(part_size, skip - size)])
+                        except OSError as e:
+                            raise LocalStorageError(f"cannot read local checkpoint file "
+                                                    f"{local_path}: {e.strerror or e}") from e
+                        if not n:
+                            break
+                        digest.update(memoryview(buf)[:n])
+                        size += n
+                finally:
+                    slots.give(buf)
+            while size >= skip:  # (a file shorter than ``skip`` sends nothing: refused below)
+                _check_stop(stop, url)
+                upload.raise_failed()
+                _acquire(slots, stop, url)
+                buf = slots.take(part_size)
+                try:
+                    n = _read_into(src, buf)
+                except OSError as e:
+                    slots.sent(buf)
+                    raise LocalStorageError(
+                        f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
+                    ) from e
+                if not n:
+                    slots.sent(buf)
+                    break
+                data, lent = slots.body(buf, n)
+                digest.update(data)
+                size += n
+                upload.send(data, lent)
+                del data, buf, lent
+            parts = upload.parts()
+        except BaseException:
+            upload.cancel()
+            raise
+        finally:
+            upload.join()
+    # The bytes sent are the bytes hashed: complete only if they are the committed ones.
+    if size != entry.size or digest.hexdigest() != entry.digest:
+        raise CorruptCheckpointError(
+            f"{local_path}: content no longer matches its manifest (read {size} bytes, "
+            f"expected {entry.size}); the file changed after its checkpoint was committed, "
+            "so it is not uploaded",
+            path=str(local_path),
+        )
+    upload.complete(parts, entry.size)
 
 
 def upload_file_multipart(
@@ -267,46 +355,9 @@ def _upload_parts(fs: Any, local_path: Path, remote_path: str, entry: FileEntry,
     except BaseException:
         upload.close()
         raise
-    digest = new_hasher(entry.algo)
-    size = 0
     try:
-        with _open_local(local_path) as src:
-            try:
-                while True:
-                    _check_stop(stop, url)
-                    upload.raise_failed()
-                    _acquire(slots, stop, url)
-                    buf = slots.take(part_size)
-                    try:
-                        n = _read_into(src, buf)
-                    except OSError as e:
-                        slots.sent(buf)
-                        raise LocalStorageError(
-                            f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
-                        ) from e
-                    if not n:
-                        slots.sent(buf)
-                        break
-                    data, lent = slots.body(buf, n)
-                    digest.update(data)
-                    size += n
-                    upload.send(data, lent)
-                    del data, buf, lent
-                parts = upload.parts()
-            except BaseException:
-                upload.cancel()
-                raise
-            finally:
-                upload.join()
-        # The bytes sent are the bytes hashed: complete only if they are the committed ones.
-        if size != entry.size or digest.hexdigest() != entry.digest:
-            raise CorruptCheckpointError(
-                f"{local_path}: content no longer matches its manifest (read {size} bytes, "
-                f"expected {entry.size}); the file changed after its checkpoint was committed, "
-                "so it is not uploaded",
-                path=str(local_path),
-            )
-        upload.complete(parts, entry.size)
+        _send_file(upload, local_path, entry, part_size=part_size, slots=slots, url=url,
+                   stop=stop)
     except BaseException:
         with lock:
             progress.update(-reported[0])
@@ -318,17 +369,27 @@ def _upload_parts(fs: Any, local_path: Path, remote_path: str, entry: FileEntry,
 
 
 class MultipartStream:
-    """Uploads bytes to S3 as they are written: a parallel multipart upload fed by a writer.
+    """Uploads bytes to S3 as they are written: a parallel multipart upload fed by a writer,
+    which it never makes wait (DESIGN.md: a save never waits on the network).
 
     The checkpointer tees a file being serialized (and hashed, and written locally) into
     :meth:`write`, which copies it into a part buffer lent by ``slots``; every full
-    ``part_size`` part is sent on a small pool at once, so
-    serialization, hashing and upload overlap and the file is never read back. The multipart
-    upload is created with the first full part (a smaller file is left to the normal upload).
-    ``slots`` bound the parts held in memory; a full window makes :meth:`write` wait.
-    :meth:`write` never raises: a failure marks the stream failed, and :meth:`finish` then
-    returns False so that the caller uploads the committed file the normal way. Nothing is
-    visible remotely until :meth:`finish` completes the upload; :meth:`abort` drops it.
+    ``part_size`` part is sent on a small pool at once, so serialization, hashing and upload
+    overlap. The multipart upload is created on that pool with the first full part (a
+    smaller file is left to the normal upload). ``slots`` bound the parts held in memory.
+
+    When the window is full (the link is slower than the disk, stalled, or the create is
+    still being retried), the stream stops taking bytes: it *detaches* at the end of the
+    parts it sent, and the writer goes on at the speed of its disk. :meth:`finish`, once the
+    file is committed, then resumes the same upload from the committed file at the first byte
+    not sent (parts already sent are kept: no byte goes twice). It reads and hashes the whole
+    file (the bytes already sent included), so the upload is completed only when every byte
+    read hashes to the manifest's entry, as a fresh upload of the file is.
+
+    :meth:`write` never raises and never waits: a failure marks the stream failed, and
+    :meth:`finish` then returns False so that the caller uploads the committed file the normal
+    way. Nothing is visible remotely until :meth:`finish` completes the upload; :meth:`abort`
+    drops it.
     """
 
     def __init__(self, fs: Any, remote_path: str, *, url: str, config: TransferConfig,
@@ -339,7 +400,9 @@ class MultipartStream:
         self.retrier = retrier
         self.slots = slots
         self.part_size = config.part_size
-        self.size = 0
+        self.size = 0  # bytes written to the file
+        self.sent = 0  # bytes handed to parts (whole parts)
+        self.detached = False  # stopped taking bytes at ``sent``; finish resumes from the file
         self.error: BaseException | None = None
         what = fallen_back(fs)
         if what is not None:  # warned about: the committed file goes up the normal way
@@ -354,10 +417,10 @@ class MultipartStream:
                                        thread_name="ckptsync-stream")
 
     def write(self, data: memoryview) -> None:
-        if self.error is not None or self._done:
+        self.size += len(data)
+        if self.error is not None or self._done or self.detached:
             return
         try:
-            self.size += len(data)
             while len(data):
                 if self._part is None:
                     self._part = self.slots.take(self.part_size)
@@ -367,13 +430,24 @@ class MultipartStream:
                 self._fill += k
                 data = data[k:]
                 if self._fill == self.part_size:
+                    # Never wait for the window: the link is behind the disk, so the rest of
+                    # the file goes up from the committed file, after the local commit.
+                    if not self.slots.acquire(blocking=False):
+                        self._detach()
+                        return
                     part, self._part = self._part, None
-                    self.slots.acquire()  # back-pressure: wait while the window is full
                     self._send(part, part)
+                    self.sent += self.part_size
         except BaseException as e:  # the local save must go on: fall back to a normal upload
             log.info("streaming upload of %s stopped, will upload after commit: %s", self.url, e)
             self.error = e
             self._drop_part()
+
+    def _detach(self) -> None:
+        log.debug("streaming upload of %s: the link is behind, %d bytes sent; the rest goes "
+                  "up after the local commit", self.url, self.sent)
+        self.detached = True
+        self._drop_part()
 
     def _drop_part(self) -> None:
         if self._part is not None:
@@ -383,38 +457,59 @@ class MultipartStream:
     def _send(self, data: bytes | bytearray, buf: bytearray | None) -> None:
         """Send one part; the caller holds its slot (and ``buf``), handed to the part here."""
         try:
-            if self._upload.upload_id is None:
-                self._upload.create()
+            if not self._upload.started:
+                self._upload.start()  # created on the pool: never waited for here
             self._upload.raise_failed()
         except BaseException:
             self.slots.sent(buf)
             raise
         self._upload.send(data, buf)
 
-    def finish(self, entry: FileEntry, progress: Progress | None = None) -> bool:
-        """Send the rest and complete the upload; True if ``remote_path`` now holds exactly the
-        ``entry.size`` bytes written (the bytes hashed into ``entry``), False if the caller must
-        upload the file itself."""
+    def finish(self, entry: FileEntry, local_path: Path, progress: Progress | None = None,
+               stop: threading.Event | None = None) -> bool:
+        """Send the rest (from memory, or from ``local_path``, the committed file, where the
+        stream detached) and complete the upload; True if ``remote_path`` now holds exactly
+        the ``entry.size`` bytes of ``entry``, False if the caller must upload the file
+        itself (nothing sent was completed)."""
         if self._done:
             return False
+        reported = [0]  # bytes given to progress, taken back if this fails
+        lock = threading.Lock()
+
+        def sent(n: int) -> None:  # a resumed upload can be long: show that bytes move
+            if progress is not None:
+                progress.update(n)
+            with lock:
+                reported[0] += n
+
         try:
-            if (self.error is not None or self._upload.upload_id is None
+            if (self.error is not None or not self._upload.started
                     or self.size != entry.size):
                 return False
-            if self._part is not None:  # the short last part
-                part, self._part = self._part, None
-                self.slots.acquire()
-                self._send(*self.slots.body(part, self._fill))
-            self._upload.complete(self._upload.parts(), entry.size)
+            self._upload.on_part = sent
+            self._upload.raise_failed()
+            if self.detached:
+                _send_file(self._upload, local_path, entry, part_size=self.part_size,
+                           slots=self.slots, url=self.url, stop=stop, skip=self.sent)
+            else:
+                if self._part is not None:  # the short last part
+                    part, self._part = self._part, None
+                    _acquire(self.slots, stop, self.url)
+                    self._send(*self.slots.body(part, self._fill))
+                self._upload.complete(self._upload.parts(), entry.size)
+            with lock:
+                rest, reported[0] = entry.size - reported[0], entry.size
             if progress is not None:
-                progress.update(entry.size)
+                progress.update(rest)  # the parts sent before this call
             return True
         except BaseException as e:
             log.info("streaming upload of %s failed, uploading the file instead: %s", self.url, e)
             self.error = e
             return False
         finally:
-            self.abort()
+            self.abort()  # every part done (a completed upload has nothing to abort)
+            if self.error is not None and progress is not None and reported[0]:
+                progress.update(-reported[0])  # the caller uploads the file: counted again
 
     def abort(self) -> None:
         """Drop the upload (idempotent); nothing becomes visible."""

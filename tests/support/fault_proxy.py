@@ -17,6 +17,14 @@ of all requests, with every way a network or a server misbehaves::
         ...                                  # ~30% of requests meet one of Chaos.KINDS
     print(proxy.injected)                    # Counter({"503": 4, "drop": 3, ...})
 
+A slow or dead link: :meth:`FaultProxy.stall` holds every new request (none is forwarded,
+none answered) until :meth:`FaultProxy.unstall`; ``rate`` (bytes per second) throttles the
+request bodies relayed to the server, as an upload over a slow link::
+
+    with FaultProxy(host, port, rate=2e6) as proxy:   # uploads at ~2 MB/s
+        proxy.stall()                                 # the link goes dead ...
+        proxy.unstall()                               # ... and comes back
+
 The proxy answers ``Expect: 100-continue`` itself (and does not pass it
 on), so uploads through it are not delayed. Bounded: at most ``max_connections`` client
 connections at once, every socket has a timeout, and the proxy stops by itself after
@@ -240,19 +248,25 @@ class FaultProxy:
         lifetime: seconds after which the proxy stops by itself.
         max_connections: client connections served at once (more wait in the backlog).
         timeout: seconds any socket may stay silent before its connection is dropped.
+        rate: bytes per second at which request bodies are relayed (None: as fast as they come).
 
     Attributes:
         endpoint: ``http://127.0.0.1:<port>``, the URL to give the client.
         fired: one line per fault that fired (method, target, what was done).
         injected: how many faults of each kind fired (a ``plan`` fault counts as "cut").
         requests: ``(method, target)`` of every request relayed, in order.
+        body_bytes: request body bytes relayed to the server (what the client uploaded).
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, *,
                  plan: Sequence[Fault] = (), chaos: Chaos | None = None,
                  lifetime: float = 300.0,
-                 max_connections: int = 64, timeout: float = 30.0) -> None:
+                 max_connections: int = 64, timeout: float = 30.0,
+                 rate: float | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self.rate = rate
+        self._open = threading.Event()  # cleared while the link is stalled
+        self._open.set()
         self.plan = list(plan)
         self.lifetime = lifetime
         self.timeout = timeout
@@ -260,6 +274,7 @@ class FaultProxy:
         self.fired: list[str] = []
         self.injected: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self.body_bytes = 0
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._stop = threading.Event()
@@ -294,7 +309,41 @@ class FaultProxy:
             t.join()
         self._listener.close()
 
+    def stall(self) -> None:
+        """From now on, hold every request (not forwarded, not answered) until :meth:`unstall`;
+        a request already relayed completes."""
+        self._open.clear()
+
+    def unstall(self) -> None:
+        """Forward the held requests and every later one."""
+        self._open.set()
+
     # ------------------------------------------------------------------ internals
+
+    def _throttled(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
+        """``send`` paced at ``rate`` bytes per second (in pieces of at most 64 KiB), and
+        counted in :attr:`body_bytes`."""
+        rate = self.rate
+        start, sent = time.monotonic(), [0]
+
+        def counted(data: bytes) -> None:
+            send(data)
+            with self._lock:
+                self.body_bytes += len(data)
+
+        if rate is None:
+            return counted
+
+        def paced(data: bytes) -> None:
+            for i in range(0, len(data), 64 * 1024):
+                piece = data[i:i + 64 * 1024]
+                ahead = start + (sent[0] + len(piece)) / rate - time.monotonic()
+                if ahead > 0 and self._stop.wait(ahead):
+                    raise OSError("proxy stopped")
+                counted(piece)
+                sent[0] += len(piece)
+
+        return paced
 
     def _accept(self) -> None:
         deadline = time.monotonic() + self.lifetime
@@ -363,6 +412,9 @@ class FaultProxy:
                 head = creader.head()
                 if head is None:
                     return
+                while not self._open.wait(0.1):  # stalled: hold the request
+                    if self._stop.is_set():
+                        return
                 request_line, headers = _parse(head)
                 method, target = [*request_line.split(" "), "", ""][:2]
                 if headers.get("expect", "").lower() == "100-continue":
@@ -390,7 +442,7 @@ class FaultProxy:
                     if self._stop.wait(delay):
                         return
                 upstream.sendall(head)
-                _relay_body(creader, headers, upstream.sendall, to_eof=False)
+                _relay_body(creader, headers, self._throttled(upstream.sendall), to_eof=False)
                 while True:
                     rhead = ureader.head()
                     if rhead is None:
