@@ -134,7 +134,8 @@ def context(quick: bool, runs: int | None = None, size: tuple[Size, Size] | None
             server: SeaweedFS = SeaweedFSTLS(tmp / "weed")
         else:
             server = SeaweedFS(tmp / "weed")
-        with server as s:
+        with server:
+            s = server
             bucket = s.create_bucket()
             state, big = size or sizes(quick)
             ctx = Ctx(quick=quick, runs=runs or default_runs(quick), size=state, big=big,
