@@ -49,6 +49,7 @@ FULL = Size(2048, 19)  # ~80M params, ~0.96 GB serialized with AdamW state
 FULL_BIG = Size(2048, 76)  # ~320M params, ~3.8 GB (memory benchmark)
 QUICK = Size(1024, 12)  # ~13M params, ~0.15 GB
 QUICK_BIG = Size(1024, 16)  # ~0.2 GB
+TINY = Size(256, 3)  # ~2.4 MB: what a save costs apart from its bytes (``--sizes tiny``)
 
 
 @dataclass

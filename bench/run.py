@@ -27,6 +27,7 @@ from bench.common import (
     FULL_BIG,
     QUICK,
     QUICK_BIG,
+    TINY,
     DiskPeak,
     Table,
     context,
@@ -37,7 +38,8 @@ from bench.common import (
 
 BENCHES = ["stall", "durable", "throughput", "resume", "memory", "train", "scale", "https",
            "link"]
-SIZES = {"small": (QUICK, QUICK_BIG), "large": (FULL, FULL_BIG)}  # ~0.15 GB, ~1 GB states
+# ~0.15 GB and ~1 GB states; "tiny" (~2.4 MB, not in the defaults) shows a save's fixed costs.
+SIZES = {"small": (QUICK, QUICK_BIG), "large": (FULL, FULL_BIG), "tiny": (TINY, TINY)}
 
 
 def main() -> int:
@@ -48,7 +50,8 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated benchmarks")
     ap.add_argument("--runs", type=int, default=None, help="override the number of runs")
     ap.add_argument("--sizes", default=None,
-                    help="comma-separated state sizes: small (~0.15 GB), large (~1 GB); "
+                    help="comma-separated state sizes: small (~0.15 GB), large (~1 GB), tiny "
+                         "(~2.4 MB: fixed costs); "
                          "default: small with --quick, small,large with --full")
     ap.add_argument("--server-nice", type=int, default=0, metavar="N",
                     help="run the S3 server at this nice value, for every contender alike: a "
