@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Ctx, Table, Target, make_state, measure, state_dict
+from bench.common import Ctx, Table, Target, make_state, measure, over, state_dict
 from bench.peers import boto3_config, rmtree, torch_save_upload
 
 
@@ -51,9 +51,12 @@ def run(ctx: Ctx) -> list[Table]:
         opt.load_state_dict(sd["optimizer"])
         return time.perf_counter() - t0
 
+    cpu: dict[str, list[float]] = {}
     rows = measure({"ckptsync restore (fresh dir)": ours,
-                    "boto3 download_file+torch.load": boto3_load}, ctx)
-    return [Table(f"resume on a fresh machine, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
+                    "boto3 download_file+torch.load": boto3_load}, ctx,
+                   gb=ctx.size.nbytes / 1e9, cpu=cpu)
+    return [Table(f"resume on a fresh machine{over(ctx)}, {ctx.size.nbytes / 1e9:.2f} GB state",
+                  "s", rows, cpu=cpu,
                   baseline="boto3 download_file+torch.load",
                   targets=[Target("<= 1.2x baseline", "ckptsync restore (fresh dir)",
                                   ["boto3 download_file+torch.load"], 1.2)],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from bench.common import Ctx, Table, Target, make_state, measure
+from bench.common import Ctx, Table, Target, make_state, measure, over
 from bench.peers import boto3_download_dir, boto3_upload_dir, rmtree, s3fs_get_dir, s3fs_put_dir
 
 
@@ -46,6 +46,8 @@ def run(ctx: Ctx) -> list[Table]:
             return mbps(time.perf_counter() - t0)
         return go
 
+    up_cpu: dict[str, list[float]] = {}
+    dl_cpu: dict[str, list[float]] = {}
     up_rows = measure({
         "ckptsync push": up(lambda: RemoteStore(ctx.s3("tp-up", uuid.uuid4().hex),
                                                 ctx.storage_options).push(ckpt)),
@@ -53,7 +55,7 @@ def run(ctx: Ctx) -> list[Table]:
                                                          f"tp-boto3/{uuid.uuid4().hex}")),
         "s3fs put_file": up(lambda: s3fs_put_dir(fs, ckpt.path, ctx.s3("tp-s3fs",
                                                                        uuid.uuid4().hex))),
-    }, ctx)
+    }, ctx, gb=nbytes / 1e9, cpu=up_cpu)
     dl_rows = measure({
         "ckptsync pull (sha256+fsync)": up(lambda: RemoteStore(dl_url, ctx.storage_options)
                                            .pull(None, LocalStore(sink("dl-ours")))),
@@ -61,20 +63,21 @@ def run(ctx: Ctx) -> list[Table]:
                                                              f"tp-dl/{ckpt.name}",
                                                              sink("dl-boto3"))),
         "s3fs get_file": up(lambda: s3fs_get_dir(fs, f"{dl_url}/{ckpt.name}", sink("dl-s3fs"))),
-    }, ctx)
+    }, ctx, gb=nbytes / 1e9, cpu=dl_cpu)
     rmtree(src_dir)
-    gb = f"{nbytes / 1e9:.2f} GB"
+    gb = f"{nbytes / 1e9:.2f} GB{over(ctx)}"
     return [
         Table(f"upload throughput, {gb} checkpoint", "MB/s", up_rows, baseline="boto3 upload_file",
               higher_is_better=True,
               targets=[Target(">= 1.0x boto3", "ckptsync push", ["boto3 upload_file"], 1.0, True),
                        Target(">= 1.3x s3fs", "ckptsync push", ["s3fs put_file"], 1.3, True)],
-              notes=["ours includes re-hashing every byte sent and the manifest commit"]),
+              notes=["ours includes re-hashing every byte sent and the manifest commit"],
+              cpu=up_cpu),
         Table(f"download throughput, {gb} checkpoint", "MB/s", dl_rows,
               baseline="boto3 download_file", higher_is_better=True,
               targets=[Target(">= 1.0x boto3", "ckptsync pull (sha256+fsync)",
                               ["boto3 download_file"], 1.0, True),
                        Target(">= 2x s3fs", "ckptsync pull (sha256+fsync)", ["s3fs get_file"],
                               2.0, True)],
-              notes=["ours verifies sha256 and fsyncs; the peers do neither"]),
+              notes=["ours verifies sha256 and fsyncs; the peers do neither"], cpu=dl_cpu),
     ]

@@ -17,7 +17,17 @@ from typing import Any
 
 import torch
 
-from bench.common import ROOT, Ctx, Table, Target, make_state, measure, state_dict
+from bench.common import (
+    ROOT,
+    Ctx,
+    Table,
+    Target,
+    make_state,
+    measure,
+    over,
+    pid_cpu,
+    state_dict,
+)
 from bench.peers import DcpAsync, lightning_async_s3, rmtree, torch_save_fsync
 
 
@@ -88,9 +98,10 @@ class Daemon:
         self.proc.wait()
 
 
-def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
+def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table]:
     """Every contender; with ``local_only`` (``--only train_local``) the local ones alone,
-    with a shorter loop, so that many more rounds fit in the same time."""
+    with a shorter loop, so that many more rounds fit in the same time; with ``s3_only`` (the
+    bounded links) the S3 ones alone."""
     from ckptsync import Checkpointer
 
     model, opt = make_state(ctx.size)
@@ -162,7 +173,12 @@ def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
     }
     if local_only:
         contenders = {k: v for k, v in contenders.items() if not k.startswith("s3:")}
-    raw = measure(contenders, ctx, runs=1 if ctx.quick else None)
+    if s3_only:
+        contenders = {k: v for k, v in contenders.items() if not k.startswith("local:")}
+    raw_cpu: dict[str, list[float]] = {}
+    gb = ctx.size.nbytes / 1e9
+    raw = measure(contenders, ctx, runs=1 if ctx.quick else None, gb=gb, cpu=raw_cpu,
+                  extra_cpu=lambda: sum(pid_cpu(d.proc.pid) for _, d, _ in daemons.values()))
     for c, dmn, _ in daemons.values():
         dmn.close()
         c.close()
@@ -177,22 +193,31 @@ def run(ctx: Ctx, local_only: bool = False) -> list[Table]:
     base = statistics.median(unhurt)
     lost = {k: [x - u for x, u in zip(v, unhurt, strict=True)] if v else []
             for k, v in raw.items() if k != "no checkpoint"}
+    # The client's CPU for the checkpoint: the run's CPU (loop, save, upload, daemon) minus
+    # the paired run without one; per GB of state.
+    free = raw_cpu["no checkpoint"]
+    cpu = {k: [x - u for x, u in zip(v, free, strict=True)] if v else []
+           for k, v in raw_cpu.items() if k != "no checkpoint"}
     s3_peers = ["s3: dcp.async_save FsspecWriter", "s3: lightning-style async (buffer+pipe)"]
     local_peers = ["local: torch.save+fsync", "local: dcp.async_save"]
     return [Table(
-        f"training time lost{', local contenders only,' if local_only else ''} to one "
-        f"{ctx.size.nbytes / 1e9:.2f} GB checkpoint "
+        f"training time lost{', local contenders only,' if local_only else ''}{over(ctx)} to "
+        f"one {ctx.size.nbytes / 1e9:.2f} GB checkpoint "
         f"(loop of {loop.k} steps, {base:.1f} s without)", "s lost", lost,
-        baseline="local: torch.save+fsync",
+        baseline="s3: dcp.async_save FsspecWriter" if s3_only else "local: torch.save+fsync",
+        cpu=cpu,
         targets=[t for t in [
             Target("s3 <= 0.25x best s3 peer", "s3: ckptsync save + daemon (nice 19)",
                    s3_peers, 0.25),
             Target("s3 in-process <= 0.25x best s3 peer", "s3: ckptsync in-process upload",
                    s3_peers, 0.25),
             Target("local <= 0.7x best local peer", "local: ckptsync save", local_peers, 0.7),
-        ] if not (local_only and t.ours.startswith("s3:"))],
+        ] if not (local_only and t.ours.startswith("s3:"))
+            and not (s3_only and t.ours.startswith("local:"))],
         notes=["time lost = (loop wall time incl. waiting for durability) - the run without "
                "a checkpoint in the same round; the daemon is a long-running `ckptsync watch` "
                "process",
+               "client CPU: this process, its exited children and the daemon, minus the paired "
+               "run without a checkpoint, per GB of state",
                "runs without a checkpoint (s): " + ", ".join(f"{u:.2f}" for u in unhurt)],
     )]

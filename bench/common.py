@@ -11,6 +11,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -48,6 +49,7 @@ FULL = Size(2048, 19)  # ~80M params, ~0.96 GB serialized with AdamW state
 FULL_BIG = Size(2048, 76)  # ~320M params, ~3.8 GB (memory benchmark)
 QUICK = Size(1024, 12)  # ~13M params, ~0.15 GB
 QUICK_BIG = Size(1024, 16)  # ~0.2 GB
+TINY = Size(256, 3)  # ~2.4 MB: what a save costs apart from its bytes (``--sizes tiny``)
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Ctx:
     bucket: str = ""
     storage_options: dict[str, Any] = field(default_factory=dict)
     server: Any = None
+    ca_bundle: str = ""  # the bench's self-signed certificate, when the server speaks https
+    link: str = ""  # the bounded link between client and server, if any (bench.link)
 
     def s3(self, *parts: str) -> str:
         return "/".join([f"s3://{self.bucket}", *parts])
@@ -71,7 +75,14 @@ class Ctx:
         return d
 
     def boto3(self) -> Any:
-        return self.server.boto3_client()
+        """A boto3 client for :attr:`endpoint` (the server, or a bounded link in front of it)."""
+        import boto3
+
+        from tests.support.servers import ACCESS_KEY, REGION, SECRET_KEY
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, region_name=REGION,
+                            verify=self.ca_bundle or None)
 
     def s3fs(self) -> Any:
         import s3fs
@@ -82,13 +93,22 @@ class Ctx:
         """The AWS variables that point the AWS credential chain and endpoint at this server."""
         from tests.support.servers import ACCESS_KEY, REGION, SECRET_KEY
 
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint,
-                "AWS_ENDPOINT_URL_S3": self.endpoint}
+        env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+               "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint,
+               "AWS_ENDPOINT_URL_S3": self.endpoint}
+        if self.ca_bundle:
+            env["AWS_CA_BUNDLE"] = self.ca_bundle
+        return env
 
     def env(self) -> dict[str, str]:
         """Environment for child processes and AWS-chain clients (torchsnapshot, DCP)."""
         return {**os.environ, **self.aws_env()}
+
+
+def over(ctx: Ctx) -> str:
+    """`` over https`` / `` over <link>``: the title suffix of a table measured that way."""
+    parts = (["https"] if ctx.ca_bundle else []) + ([ctx.link] if ctx.link else [])
+    return f" over {', '.join(parts)}" if parts else ""
 
 
 def sizes(quick: bool) -> tuple[Size, Size]:
@@ -101,17 +121,28 @@ def default_runs(quick: bool) -> int:
 
 
 @contextlib.contextmanager
-def context(quick: bool, runs: int | None = None) -> Iterator[Ctx]:
+def context(quick: bool, runs: int | None = None, size: tuple[Size, Size] | None = None,
+            tls: bool = False) -> Iterator[Ctx]:
+    """A fresh SeaweedFS (S3 over https with the bench's own certificate if ``tls``) and
+    temporary directory; ``size``: (state, big state), default :func:`sizes`."""
     from tests.support.servers import SeaweedFS, environ
 
     tmp = Path(tempfile.mkdtemp(prefix="ckptsync-bench-", dir=os.environ.get("BENCH_TMP")))
     try:
-        with SeaweedFS(tmp / "weed") as s:
+        if tls:
+            from bench.tls import SeaweedFSTLS
+
+            server: SeaweedFS = SeaweedFSTLS(tmp / "weed")
+        else:
+            server = SeaweedFS(tmp / "weed")
+        with server:
+            s = server
             bucket = s.create_bucket()
-            size, big = sizes(quick)
-            ctx = Ctx(quick=quick, runs=runs or default_runs(quick), size=size, big=big,
+            state, big = size or sizes(quick)
+            ctx = Ctx(quick=quick, runs=runs or default_runs(quick), size=state, big=big,
                       tmp=tmp, endpoint=s.endpoint, bucket=bucket,
-                      storage_options=s.storage_options(), server=s)
+                      storage_options=s.storage_options(), server=s,
+                      ca_bundle=str(getattr(s, "cert", "") or ""))
             # For the libraries and children that read the environment; overwritten, not
             # defaulted, since each benchmark of a suite gets its own server (bench.run).
             with environ(ctx.aws_env()):
@@ -192,33 +223,72 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def client_cpu() -> float:
+    """CPU seconds (user + system) of this process and of its children that have exited
+    (``ckptsync watch --once``, ``torch.save`` in a child): the client's own CPU. The S3
+    server and a bounded link's proxy are children that run until the benchmark ends, so
+    they are not counted."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pid_cpu(pid: int) -> float:
+    """CPU seconds so far of a running process (``/proc/<pid>/stat``; 0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(contenders: dict[str, Callable[[], float | None]], ctx: Ctx,
-            runs: int | None = None) -> dict[str, list[float]]:
+            runs: int | None = None, *, gb: float | None = None,
+            cpu: dict[str, list[float]] | None = None, before: Callable[[], None] | None = None,
+            extra_cpu: Callable[[], float] | None = None) -> dict[str, list[float]]:
     """Run every contender ``runs`` times (default ``ctx.runs``), alternating; a contender
     returns its own sample (seconds) or None to be timed as a whole. One warm-up each, not
     counted, except in ``--quick`` runs, whose figures only show that every row runs.
-    An exception makes that contender's row ``unavailable: <error>``."""
+    An exception makes that contender's row ``unavailable: <error>``.
+
+    ``before`` runs ahead of every sample, untimed (a training step's change of the state).
+    With ``gb`` and ``cpu``, the client's CPU seconds per GB of each sample (:func:`client_cpu`
+    plus ``extra_cpu()``, e.g. a long-running daemon's) go into ``cpu[name]``."""
     runs = ctx.runs if runs is None else runs
     warmup = not ctx.quick
     out: dict[str, list[float]] = {k: [] for k in contenders}
+    if cpu is not None:
+        cpu.update({k: [] for k in contenders})
     errors: dict[str, str] = {}
+
+    def cpu_now() -> float:
+        return client_cpu() + (extra_cpu() if extra_cpu is not None else 0.0)
+
     for i in range(runs + (1 if warmup else 0)):
         for name, fn in contenders.items():
             if name in errors:
                 continue
             gc.collect()
             try:
+                if before is not None:
+                    before()
+                c0 = cpu_now()
                 t0 = time.perf_counter()
                 got = fn()
                 t = time.perf_counter() - t0 if got is None else got
+                used = cpu_now() - c0
             except Exception as e:  # a peer that cannot run here is reported, not dropped
                 first = str(e).splitlines()[0][:160] if str(e) else ""
                 errors[name] = f"{type(e).__name__}: {first}"
                 continue
             if i >= (1 if warmup else 0):
                 out[name].append(t)
+                if cpu is not None and gb:
+                    cpu[name].append(used / gb)
     for name, err in errors.items():
         out[name] = []
+        if cpu is not None:
+            cpu[name] = []
         UNAVAILABLE[name] = err
     return out
 
@@ -256,13 +326,17 @@ class Table:
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     higher_is_better: bool = False
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # client CPU-s per GB, by row
 
     def render(self) -> str:
         w = max([len(r) for r in self.rows] + [12]) + 2
+        cpu_head = f"  {'client CPU-s/GB':>15}  {'vs ' + (self.baseline or '-')[:8]:>11}" \
+            if self.cpu else ""
         lines = [f"\n== {self.title} ({self.unit}; median of n, min-max) ==",
                  f"{'':{w}}{'median':>10}  {'min-max':>19}  {'n':>2}  "
-                 f"{'vs ' + (self.baseline or '-'):>10}"]
+                 f"{'vs ' + (self.baseline or '-'):>10}{cpu_head}"]
         base = self.rows.get(self.baseline or "") or []
+        cpu_base = self.cpu.get(self.baseline or "") or []
         for name, xs in self.rows.items():
             if not xs:
                 why = UNAVAILABLE.get(name, "no samples")
@@ -270,8 +344,13 @@ class Table:
                 continue
             med = statistics.median(xs)
             ratio = f"{med / statistics.median(base):.2f}x" if base else ""
-            lines.append(f"{name:{w}}{med:10.3f}  {min(xs):8.3f}-{max(xs):<10.3f}  "
-                         f"{len(xs):>2}  {ratio:>10}")
+            line = (f"{name:{w}}{med:10.3f}  {min(xs):8.3f}-{max(xs):<10.3f}  "
+                    f"{len(xs):>2}  {ratio:>10}")
+            if self.cpu.get(name):
+                c = statistics.median(self.cpu[name])
+                b = statistics.median(cpu_base) if cpu_base else 0.0
+                line += f"  {c:15.2f}  {f'{c / b:.2f}x' if b > 0 else '':>11}"
+            lines.append(line)
         for t in self.targets:
             r = t.evaluate(self.rows)
             op = ">=" if t.higher_is_better else "<="
@@ -284,13 +363,15 @@ class Table:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
+        def stats(v: list[float]) -> dict[str, Any]:
+            return {"samples": v, "median": statistics.median(v) if v else None,
+                    "min": min(v) if v else None, "max": max(v) if v else None}
+
         return {
             "title": self.title, "unit": self.unit, "baseline": self.baseline,
-            "rows": {k: {"samples": v,
-                         "median": statistics.median(v) if v else None,
-                         "min": min(v) if v else None, "max": max(v) if v else None,
-                         "unavailable": UNAVAILABLE.get(k) if not v else None}
+            "rows": {k: stats(v) | {"unavailable": UNAVAILABLE.get(k) if not v else None}
                      for k, v in self.rows.items()},
+            "client_cpu_s_per_gb": {k: stats(v) for k, v in self.cpu.items()},
             "targets": [t.evaluate(self.rows) | {"factor": t.factor} for t in self.targets],
             "notes": self.notes,
         }
