@@ -160,3 +160,12 @@ def test_every_ranks_save_handle_returns_after_the_commit(tmp_path: Path) -> Non
     assert "No space left" in r1["handle_error"]["message"]
     assert r0["went_on_saved"] and r0["went_on_saved"] == r1["went_on_saved"]
     assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+
+
+def test_a_remote_error_on_rank0_raises_from_wait_on_every_rank(tmp_path: Path) -> None:
+    _, reports = _run_ranks(tmp_path, "", "remote")
+    r0, r1 = reports
+    assert r0["wait_error"] and r0["wait_error"]["type"] == "RemoteError", r0
+    assert r1["wait_error"] and r1["wait_error"]["type"] == "RemoteError", r1
+    assert "rank 0" in r1["wait_error"]["message"] and "denied" in r1["wait_error"]["message"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD

@@ -134,6 +134,35 @@ def scenario_handle_waits(rank: int, directory: str, report: dict[str, Any]) -> 
     ck2.close()
 
 
+def scenario_remote_fails(rank: int, directory: str, report: dict[str, Any]) -> None:
+    """With ``on_remote_error="raise"``, rank 0's upload fails for good (no permission):
+    ``wait`` raises the RemoteError on every rank, not on rank 0 alone."""
+    import fsspec
+
+    from ckptsync.remote import RemoteStore
+    from tests.support.faults import FaultFS
+
+    fs = FaultFS(fsspec.filesystem("memory"))
+    store = RemoteStore(f"memory://dist-{rank}/run", fs=fs)
+    model = torch.nn.Linear(3, 2)
+    ck = Checkpointer(directory, remote_store=store, on_remote_error="raise", close_timeout=30)
+    fs.set_outage(PermissionError(13, "Access Denied"))
+    ck.save(1, model=model).wait()
+    try:
+        ck.wait()
+        report["wait_error"] = None
+    except Exception as e:
+        report["wait_error"] = _error(e)
+    fs.set_outage(None)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    report["all_reduce"] = float(t.item())
+    try:
+        ck.close()
+    except Exception as e:
+        report["close_error"] = _error(e)
+
+
 def main(scenario: str, rank_s: str, world_s: str, port: str, directory: str, out: str) -> None:
     rank, world = int(rank_s), int(world_s)
     torch.set_num_threads(1)
@@ -147,6 +176,8 @@ def main(scenario: str, rank_s: str, world_s: str, port: str, directory: str, ou
             scenario_save_fails(rank, directory, report, OOMState())
         elif scenario == "restore":
             scenario_restore_fails(rank, directory, report)
+        elif scenario == "remote":
+            scenario_remote_fails(rank, directory, report)
         elif scenario == "handle":
             scenario_handle_waits(rank, directory, report)
         else:
