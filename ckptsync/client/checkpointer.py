@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from ckptsync.client import ranks
 from ckptsync.client.restore import (
+    Found,
     RestoreInfo,
     Restorer,
     load_states,
@@ -39,7 +41,7 @@ from ckptsync.client.state import (
 )
 from ckptsync.client.uploader import SyncStatus, Uploader
 from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.errors import ConfigError, CorruptCheckpointError
 from ckptsync.local import (
     RESUMED_FILE,
     FileOps,
@@ -151,7 +153,8 @@ class Checkpointer:
         self._uploader: Uploader | None = None
         self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
-        self._dist_pending = False
+        # The save whose outcome every rank has yet to learn (see _settle); None when none.
+        self._dist_pending: Future[Any] | None = None
         self._closed = False
         self._git = _git_revision()
         self.remote: RemoteStore | None = remote_store
@@ -190,11 +193,21 @@ class Checkpointer:
         """Checkpoint ``objects`` at ``step``; returns once tensors are snapshotted to CPU.
 
         Serialization, hashing, fsync, the local commit and any upload run in the background.
-        A save while one is in flight first waits for it. Call on every rank under
-        ``torch.distributed``: rank 0 writes. A slow or failing remote never blocks or fails a
-        save (unless ``on_remote_error="raise"``): at most one upload runs and one waits, the
-        newest replacing the waiting one, and each save while the remote cannot keep up logs
-        a warning saying how far behind it is.
+        A save while one is in flight first waits for it. A slow or failing remote never
+        blocks or fails a save (unless ``on_remote_error="raise"``): at most one upload runs
+        and one waits, the newest replacing the waiting one, and each save while the remote
+        cannot keep up logs a warning saying how far behind it is.
+
+        Under ``torch.distributed``, call it on every rank: rank 0 snapshots and writes, and
+        ``save`` is collective (the ranks meet once, every rank whether or not it failed), so
+        a failure on rank 0 (unsafe state, out of memory) raises on every rank: the same
+        ckptsync error class, naming rank 0, or a :class:`CkptSyncError` naming rank 0's
+        error; training that catches it on every rank can go on. Rank 0's commit outcome
+        reaches every rank at the first, on each rank, of: the handle's ``wait()`` /
+        ``result()``, the next ``save``, ``wait()``, ``close()`` or ``restore`` (call them on
+        every rank). So every rank's handle returns rank 0's manifest only once the commit is
+        durable, and raises on every rank if it failed; on ranks other than 0 ``done()`` stays
+        False until then.
 
         Args:
             step: training step (non-negative int; None for step-less checkpoints).
@@ -214,36 +227,47 @@ class Checkpointer:
             raise ConfigError(f"object names {sorted(bad)} are reserved; pick other names")
         if not objects:
             raise ConfigError("save() needs at least one object, e.g. save(step, model=model)")
-        self._sync()  # back-pressure: the previous save is committed before buffers are reused
-        if self._uploader is not None:
-            self._uploader.raise_error()
-            if self._uploader.lagging():
-                log.warning("%s", self._uploader.status().lag())
-        metric_values = {k: float(v.item() if isinstance(v, torch.Tensor) else v)
-                         for k, v in (metrics or {}).items()}
-        extra_json = to_jsonable(extra) if extra is not None else {}
-
-        t0 = time.perf_counter()
-        rng_state = capture_rng() if self.capture_rng else None
+        self._settle()  # back-pressure: the previous save is committed before buffers are reused
+        name = make_name(step) if self.rank == 0 else ""
+        err: Exception | None = None
+        rng_state: dict[str, Any] | None = None
+        trees: dict[str, Any] = {}
+        try:
+            if self._uploader is not None:
+                self._uploader.raise_error()
+                if self._uploader.lagging():
+                    log.warning("%s", self._uploader.status().lag())
+            metric_values = {k: float(v.item() if isinstance(v, torch.Tensor) else v)
+                             for k, v in (metrics or {}).items()}
+            extra_json = to_jsonable(extra) if extra is not None else {}
+            t0 = time.perf_counter()
+            rng_state = capture_rng() if self.capture_rng else None
+            if self.rank == 0:
+                for obj_name, obj in objects.items():
+                    tree = state_of(obj_name, obj)
+                    check_safe(tree, obj_name)
+                    trees[obj_name] = self._buffers.snapshot(obj_name, tree)
+                stall = time.perf_counter() - t0
+                meta = self._meta(objects, stall)
+        except Exception as e:
+            if self.world_size == 1:
+                raise
+            err = e
         if self.world_size > 1:
-            gathered: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(rng_state, gathered, dst=0)
-            rng_all = gathered
+            # Every rank joins, failed or not: a failure anywhere raises on every rank, and
+            # no rank is left in a collective the others never join.
+            shared = ranks.agree(self.rank, self.world_size, err, (rng_state, name),
+                                 f"save step {step}")
+            rng_all: list[Any] = [r for r, _ in shared]
+            name = shared[0][1]
         else:
             rng_all = [rng_state]
         if self.rank != 0:
-            self._dist_pending = True
-            return SaveHandle(_done_future(None), "")
+            future: Future[Manifest | None] = Future()
+            self._dist_pending = future
+            return SaveHandle(future, name, settle=self._settle)
 
-        trees: dict[str, Any] = {}
-        for obj_name, obj in objects.items():
-            tree = state_of(obj_name, obj)
-            check_safe(tree, obj_name)
-            trees[obj_name] = self._buffers.snapshot(obj_name, tree)
-        stall = time.perf_counter() - t0
-        name = make_name(step)
-        meta = self._meta(objects, stall)
-        if rng_all is not None and rng_all[0] is not None:
+        if rng_all[0] is not None:
             trees_rng: dict[str, Any] | None = {"world_size": self.world_size, "ranks": rng_all}
         else:
             trees_rng = None
@@ -251,8 +275,10 @@ class Checkpointer:
         def job() -> Manifest:
             return self._write(name, step, trees, trees_rng, metric_values, extra_json, meta)
 
-        handle = self._worker.submit(job, name)
-        self._dist_pending = self.world_size > 1
+        handle = self._worker.submit(job, name,
+                                     settle=self._settle if self.world_size > 1 else None)
+        if self.world_size > 1:
+            self._dist_pending = handle._future
         return handle  # type: ignore[return-value]
 
     def _meta(self, objects: Mapping[str, Any], stall: float) -> dict[str, Any]:
@@ -352,22 +378,24 @@ class Checkpointer:
                 log.info("retention: deleted local checkpoint %s", doomed)
 
     # ------------------------------------------------------------------ wait / close
-    def _sync(self) -> None:
-        """Drain the in-flight save; under torch.distributed, tell every rank how it went."""
+    def _settle(self) -> None:
+        """Drain the in-flight save. Under torch.distributed, when a save is pending (on every
+        rank alike: ``save`` set it on each), this is the collective that shares its outcome:
+        rank 0's manifest completes every rank's handle, or its error raises on every rank.
+        It runs at the first of the next ``save``, ``wait``, ``close`` or the handle's
+        ``wait`` on each rank, so every rank joins it exactly once per save."""
         err: BaseException | None = None
         if self.rank == 0:
             try:
                 self._worker.drain()
             except BaseException as e:
                 err = e
-        if self.world_size > 1 and self._dist_pending:
-            status = [None if err is None else f"{type(err).__name__}: {err}"]
-            dist.broadcast_object_list(status, src=0)
-            self._dist_pending = False
-            if self.rank != 0 and status[0] is not None:
-                raise CkptSyncError(f"rank 0 failed to save the checkpoint: {status[0]}")
-        if err is not None:
-            raise err
+        pending, self._dist_pending = self._dist_pending, None
+        if pending is None or self.world_size == 1:
+            if err is not None:
+                raise err
+            return
+        ranks.share_commit(self.rank, err, pending)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every save is committed locally and (with a remote) remotely.
@@ -376,7 +404,8 @@ class Checkpointer:
         makes progress; once ``timeout`` seconds (default ``close_timeout``) have passed with
         the remote failing or stalled, ``wait`` stops waiting for it (the upload goes on in the
         background) and returns False. Under ``torch.distributed`` this is collective: call it
-        on every rank.
+        on every rank; every rank returns rank 0's answer once rank 0 is done, and a failure
+        on rank 0 raises on every rank.
 
         Returns:
             True when the newest checkpoint is remote (or there is no remote).
@@ -385,14 +414,23 @@ class Checkpointer:
             CkptSyncError: a background save failed (or, with ``on_remote_error="raise"``, an
                 upload).
         """
-        self._sync()
-        if self._uploader is None:
-            return True
-        caught_up = self._uploader.wait_idle(self._timeout(timeout))
-        self._uploader.raise_error()
-        if not caught_up:
-            log.warning("stopped waiting for the remote: %s", self._uploader.status().lag())
-        return caught_up
+        self._settle()
+        caught_up = True
+        err: Exception | None = None
+        try:
+            if self._uploader is not None:
+                caught_up = self._uploader.wait_idle(self._timeout(timeout))
+                self._uploader.raise_error()
+                if not caught_up:
+                    log.warning("stopped waiting for the remote: %s",
+                                self._uploader.status().lag())
+        except Exception as e:
+            if self.world_size == 1:
+                raise
+            err = e
+        if self.world_size > 1:
+            caught_up = ranks.share_from_rank0(self.rank, err, caught_up, "sync to the remote")
+        return bool(caught_up)
 
     def _timeout(self, timeout: float | None) -> float:
         return self.close_timeout if timeout is None else resolve_close_timeout(timeout)
@@ -500,14 +538,27 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        found = (Restorer(self.store, self.remote).choose(name, map_location, objects)
-                 if self.rank == 0 else None)
+        found: Found | None = None
+        err: Exception | None = None
+        if self.rank == 0:
+            try:
+                found = Restorer(self.store, self.remote).choose(name, map_location, objects)
+            except Exception as e:
+                if self.world_size == 1:
+                    raise
+                err = e
         if self.world_size > 1:
-            box: list[Any] = [(found[0].name, found[2]) if found else None]
-            dist.broadcast_object_list(box, src=0)
-            if self.rank != 0 and box[0] is not None:
-                ckpt = self.store.get(box[0][0])
-                found = (ckpt, read_states(ckpt, map_location, objects), box[0][1])
+            # Rank 0's choice, or its error, on every rank; then every rank reads it, and
+            # nothing is loaded anywhere unless every rank could read it.
+            chosen_name = ranks.share_from_rank0(
+                self.rank, err, (found[0].name, found[2]) if found else None, "restore")
+            if self.rank != 0 and chosen_name is not None:
+                try:
+                    ckpt = self.store.get(chosen_name[0])
+                    found = (ckpt, read_states(ckpt, map_location, objects), chosen_name[1])
+                except Exception as e:
+                    err = e
+            ranks.agree(self.rank, self.world_size, err, None, "restore")
         if found is None:
             log.info("no checkpoint in %s: starting fresh", self.store.directory)
             return None
@@ -532,11 +583,3 @@ def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
         log.debug("retention leaves %s alone: %s", ckpt.name, e)
         return False
     return True
-
-
-def _done_future(value: Any) -> Future[Any]:
-    f: Future[Any] = Future()
-    f.set_result(value)
-    return f
-
-

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
+from ckptsync.errors import ConfigError
+
 __all__ = ["BackgroundWorker", "SaveHandle"]
 
 log = logging.getLogger("ckptsync.snapshot")
@@ -24,16 +26,32 @@ class SaveHandle(Generic[T]):
     """The result of one ``save``: ``wait()`` blocks until it is durable, ``done()`` polls.
 
     ``wait()`` / ``result()`` re-raise the background error, if any.
+
+    Under ``torch.distributed`` a handle has a ``settle`` step: the collective that shares
+    rank 0's commit outcome with every rank (see ``Checkpointer.save``). ``wait()`` runs it
+    first, so it returns on every rank only once rank 0's commit is durable, with rank 0's
+    manifest, and raises on every rank if the commit failed; it takes no ``timeout`` there (a
+    rank that stopped waiting would leave the others in the collective). On ranks other than
+    0, ``done()`` turns True only once the outcome was shared (by a collective ``wait``,
+    ``save`` or ``close``).
     """
 
-    def __init__(self, future: Future[T], name: str) -> None:
+    def __init__(self, future: Future[T], name: str,
+                 settle: Callable[[], object] | None = None) -> None:
         self._future = future
         self.name = name
+        self._settle = settle
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> T:
+        if self._settle is not None:
+            if timeout is not None:
+                raise ConfigError(
+                    "under torch.distributed a save handle's wait() is collective and takes "
+                    "no timeout: call it without one on every rank")
+            self._settle()  # raises on every rank if the commit failed
         try:
             return self._future.result(timeout)
         except BaseException:
@@ -77,14 +95,15 @@ class BackgroundWorker:
                 if self._current is fut:
                     self._current = None
 
-    def submit(self, fn: Callable[[], T], name: str) -> SaveHandle[T]:
+    def submit(self, fn: Callable[[], T], name: str,
+               settle: Callable[[], object] | None = None) -> SaveHandle[T]:
         if self._closed:
             raise RuntimeError("this checkpointer is closed")
         self.drain()
         fut: Future[T] = self._pool.submit(fn)
         with self._lock:
             self._current = fut  # type: ignore[assignment]
-        return SaveHandle(fut, name)
+        return SaveHandle(fut, name, settle)
 
     def close(self) -> None:
         if self._closed:

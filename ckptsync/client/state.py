@@ -121,13 +121,20 @@ class SnapshotBuffers:
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, ...], torch.Tensor] = {}
         self.allocated_bytes = 0
+        self.synchronized: set[torch.device] = set()
+        """The CUDA devices the last :meth:`snapshot` copied from, and synchronized."""
 
     def snapshot(self, name: str, tree: Any) -> Any:
         seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], torch.Tensor]
         seen = {}
-        out = self._copy(tree, (name,), seen)
-        if any(b.is_pinned() for b in seen.values()) and torch.cuda.is_available():
-            torch.cuda.synchronize()
+        devices: set[torch.device] = set()
+        out = self._copy(tree, (name,), seen, devices)
+        # Every device a non-blocking copy came from, not just the current one: a copy from
+        # another device still running when the background thread serializes the buffer
+        # would write (and hash) a mix of old and new bytes.
+        for device in sorted(devices, key=str):
+            torch.cuda.synchronize(device)
+        self.synchronized = devices
         return out
 
     def _buffer(self, key: tuple[str, ...], t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,8 @@ class SnapshotBuffers:
             self.allocated_bytes += buf.numel() * buf.element_size()
         return buf
 
-    def _copy(self, tree: Any, key: tuple[str, ...], seen: dict[Any, torch.Tensor]) -> Any:
+    def _copy(self, tree: Any, key: tuple[str, ...], seen: dict[Any, torch.Tensor],
+              devices: set[torch.device]) -> Any:
         if isinstance(tree, torch.Tensor):
             t = tree.detach()
             if t.is_sparse or t.layout != torch.strided:
@@ -150,17 +158,22 @@ class SnapshotBuffers:
             if alias in seen and t.numel() > 0:
                 return seen[alias]
             buf = self._buffer(key, t)
-            buf.copy_(t, non_blocking=t.device.type == "cuda")
+            non_blocking = t.device.type == "cuda"
+            buf.copy_(t, non_blocking=non_blocking)
+            if non_blocking:
+                devices.add(t.device)
             seen[alias] = buf
             return buf
         if isinstance(tree, OrderedDict):
-            return OrderedDict((k, self._copy(v, (*key, str(k)), seen)) for k, v in tree.items())
+            return OrderedDict((k, self._copy(v, (*key, str(k)), seen, devices))
+                               for k, v in tree.items())
         if isinstance(tree, dict):
-            return {k: self._copy(v, (*key, str(k)), seen) for k, v in tree.items()}
+            return {k: self._copy(v, (*key, str(k)), seen, devices) for k, v in tree.items()}
         if isinstance(tree, list):
-            return [self._copy(v, (*key, str(i)), seen) for i, v in enumerate(tree)]
+            return [self._copy(v, (*key, str(i)), seen, devices) for i, v in enumerate(tree)]
         if isinstance(tree, tuple):
-            return tuple(self._copy(v, (*key, str(i)), seen) for i, v in enumerate(tree))
+            return tuple(self._copy(v, (*key, str(i)), seen, devices)
+                         for i, v in enumerate(tree))
         return tree  # immutable leaf (checked by check_safe)
 
 

@@ -20,6 +20,7 @@ from tests.support.helpers import PY, child_env, staging_dirs
 from tests.support.paths import SUPPORT
 
 WORLD = 2
+BOUND_S = 150  # generous: two cold torch imports on a shared 2-core machine
 
 
 def _free_port() -> int:
@@ -28,20 +29,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_ranks(tmp_path: Path, mode: str) -> tuple[Path, list[dict[str, Any]]]:
+def _run_ranks(tmp_path: Path, mode: str, scenario: str | None = None
+               ) -> tuple[Path, list[dict[str, Any]]]:
+    """Run WORLD ranks of the DDP worker (``mode``) or of a fault ``scenario``
+    (tests/support/dist_scenarios.py); a rank still running after BOUND_S fails the test
+    (a hang is a failure, not a stuck suite)."""
     directory = tmp_path / "ckpts"
     port = _free_port()
-    procs = [
-        subprocess.Popen([PY, str(SUPPORT / "helpers.py"), "dist-worker", str(rank), str(WORLD),
-                          str(port), str(directory), str(tmp_path / f"rank{rank}.json"), mode],
-                         env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
-        for rank in range(WORLD)
-    ]
+
+    def cmd(rank: int) -> list[str]:
+        args = [str(rank), str(WORLD), str(port), str(directory),
+                str(tmp_path / f"rank{rank}.json")]
+        if scenario is not None:
+            return [PY, str(SUPPORT / "dist_scenarios.py"), scenario, *args]
+        return [PY, str(SUPPORT / "helpers.py"), "dist-worker", *args, mode]
+
+    procs = [subprocess.Popen(cmd(rank), env=child_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for rank in range(WORLD)]
     outputs = []
     try:
         for p in procs:
-            outputs.append(p.communicate(timeout=120)[0])
+            outputs.append(p.communicate(timeout=BOUND_S)[0])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -103,3 +112,60 @@ def test_a_failed_save_on_rank0_raises_on_every_rank(tmp_path: Path) -> None:
     assert "No space left" in reports[0]["save_error"]
     assert "rank 0" in reports[1]["save_error"]
     assert LocalStore(directory).list() == [] and staging_dirs(directory) == []
+
+
+# --------------------------------------------------------------------------- rank 0 fails
+@pytest.mark.parametrize(("scenario", "rank0_error", "words"), [
+    ("unsafe", "UnsafeStateError", "sampler"),
+    ("oom", "OutOfMemoryError", "out of memory"),
+])
+def test_a_snapshot_failing_on_rank0_raises_on_every_rank_and_training_goes_on(
+    tmp_path: Path, scenario: str, rank0_error: str, words: str,
+) -> None:
+    directory, reports = _run_ranks(tmp_path, "", scenario)
+    r0, r1 = reports
+    assert r0["save_error"] and r0["save_error"]["type"] == rank0_error, r0
+    assert r1["save_error"], "rank 1 did not learn that rank 0's save failed"
+    # The same error, or a CkptSyncError naming rank 0's.
+    assert r1["save_error"]["ckptsync"] or r1["save_error"]["type"] == rank0_error, r1
+    assert "rank 0" in r1["save_error"]["message"] and words in r1["save_error"]["message"]
+    # Caught on every rank, training goes on: the next save commits, collectives still work.
+    assert r0["went_on_saved"] and r0["went_on_saved"] == r1["went_on_saved"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+    assert [c.name for c in LocalStore(directory).list()] == [r0["went_on_saved"]]
+
+
+def test_a_restore_failing_on_rank0_raises_on_every_rank(tmp_path: Path) -> None:
+    _, reports = _run_ranks(tmp_path, "", "restore")
+    r0, r1 = reports
+    assert r0["restore_error"] and r0["restore_error"]["type"] == "CorruptCheckpointError", r0
+    assert r1["restore_error"], "rank 1 did not learn that rank 0's restore failed"
+    assert r1["restore_error"]["type"] == "CorruptCheckpointError", r1
+    assert "rank 0" in r1["restore_error"]["message"]
+    assert r0["went_on_saved"] and r0["went_on_saved"] == r1["went_on_saved"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+
+
+def test_every_ranks_save_handle_returns_after_the_commit(tmp_path: Path) -> None:
+    _, reports = _run_ranks(tmp_path, "", "handle")
+    r0, r1 = reports
+    name = r0["result_name"]
+    assert name and r0["visible_after_result"] == [name]
+    assert not r1["done_before_wait"], "rank 1's handle was done before rank 0 committed"
+    assert r1["result_name"] == name and r1["handle_name"] == name
+    assert r1["visible_after_result"] == [name], "rank 1's handle returned before the commit"
+    # A failed background commit raises from every rank's handle.
+    assert r0["handle_error"] and "No space left" in r0["handle_error"]["message"]
+    assert r1["handle_error"] and "rank 0" in r1["handle_error"]["message"]
+    assert "No space left" in r1["handle_error"]["message"]
+    assert r0["went_on_saved"] and r0["went_on_saved"] == r1["went_on_saved"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+
+
+def test_a_remote_error_on_rank0_raises_from_wait_on_every_rank(tmp_path: Path) -> None:
+    _, reports = _run_ranks(tmp_path, "", "remote")
+    r0, r1 = reports
+    assert r0["wait_error"] and r0["wait_error"]["type"] == "RemoteError", r0
+    assert r1["wait_error"] and r1["wait_error"]["type"] == "RemoteError", r1
+    assert "rank 0" in r1["wait_error"]["message"] and "denied" in r1["wait_error"]["message"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
