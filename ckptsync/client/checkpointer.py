@@ -27,6 +27,7 @@ from ckptsync.client.restore import (
     read_states,
     say_fell_back,
 )
+from ckptsync.client.sharded import is_sharded, restore_sharded, save_sharded
 from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
 from ckptsync.client.state import (
     RNG_FILE,
@@ -185,6 +186,7 @@ class Checkpointer:
         *,
         metrics: Mapping[str, Any] | None = None,
         extra: Any = None,
+        sharded: bool | None = None,
         **objects: Any,
     ) -> SaveHandle[Manifest | None]:
         """Checkpoint ``objects`` at ``step``; returns once tensors are snapshotted to CPU.
@@ -200,6 +202,9 @@ class Checkpointer:
             step: training step (non-negative int; None for step-less checkpoints).
             metrics: numbers (floats or 0-d tensors) stored in the manifest, used by keep_best.
             extra: JSON-able run arguments/config (a dict or ``argparse.Namespace``).
+            sharded: write through ``torch.distributed.checkpoint``, every rank its own files
+                (default: when a module or optimizer holds DTensors, as under FSDP2); see
+                :mod:`ckptsync.client.sharded`. The call returns once committed.
             **objects: objects with ``state_dict()`` (model, optimizer, GradScaler, scheduler,
                 your own) or plain dicts of tensors and values.
 
@@ -222,6 +227,9 @@ class Checkpointer:
         metric_values = {k: float(v.item() if isinstance(v, torch.Tensor) else v)
                          for k, v in (metrics or {}).items()}
         extra_json = to_jsonable(extra) if extra is not None else {}
+        # ---- sharded state: DCP, every rank writes (ckptsync/client/sharded.py)
+        if sharded or (sharded is None and is_sharded(objects)):
+            return save_sharded(self, step, objects, metric_values, extra_json)
 
         t0 = time.perf_counter()
         rng_state = capture_rng() if self.capture_rng else None
@@ -467,7 +475,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
     def restore(
-        self, *, map_location: Any = "cpu", name: str | None = None, **objects: Any
+        self, *, map_location: Any = "cpu", name: str | None = None,
+        sharded: bool | None = None, **objects: Any
     ) -> RestoreInfo | None:
         """Load the newest usable checkpoint, local or remote, into ``objects``; None when
         there is none.
@@ -488,6 +497,8 @@ class Checkpointer:
             map_location: passed to ``torch.load`` (default "cpu": a GPU checkpoint loads on a
                 CPU-only machine).
             name: restore this checkpoint instead of the newest (no fallback).
+            sharded: load a sharded (DCP) checkpoint through ``torch.distributed.checkpoint``
+                into ``objects``, on any world size (default: when they hold DTensors).
             **objects: the objects to load into, by the names they were saved under.
 
         Raises:
@@ -498,6 +509,15 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
+        # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
+        if sharded or (sharded is None and is_sharded(objects)):
+            sinfo = restore_sharded(self, name, objects)
+            if sinfo is not None:
+                self._resumed_from = sinfo.name
+                if self.rank == 0:
+                    write_json_atomic(self.store.directory / RESUMED_FILE,
+                                      {"name": sinfo.name, "pid": os.getpid()})
+            return sinfo
         found = (Restorer(self.store, self.remote).choose(name, map_location, objects)
                  if self.rank == 0 else None)
         if self.world_size > 1:
