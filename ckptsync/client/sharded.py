@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Generator, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -224,6 +225,7 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     The write is synchronous: DCP's ``async_save`` runs its collectives on a thread beside
     the trainer's, which needs a process group of its own (not done yet).
     """
+    t0 = time.perf_counter()
     rank, world = ckpt.rank, ckpt.world_size
     states = _states(objects)
     rng = capture_rng() if ckpt.capture_rng else None
@@ -248,11 +250,16 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     except Exception as e:
         mine = _describe(e)
     report = (sorted(fs.entries.values(), key=lambda e: e.path), rng, mine)
-    if world > 1:
-        gathered: list[Any] | None = [None] * world if rank == 0 else None
-        dist.gather_object(report, gathered, dst=0)
-    else:
-        gathered = [report]
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    try:
+        if world > 1:
+            dist.gather_object(report, gathered, dst=0)
+        else:
+            gathered = [report]
+    except BaseException:
+        if staging is not None:  # a rank is gone: nothing of this save may stay
+            staging.abort()
+        raise
     manifest: Manifest | None = None
     committed: LocalCheckpoint | None = None
     if rank == 0:
@@ -266,7 +273,7 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
                 w = staging.open(RNG_FILE)
                 serialize({"world_size": world, "ranks": [g[1] for g in gathered]}, w)
                 entries.append(staging.close_file(RNG_FILE))
-            meta = ckpt._meta(objects, 0.0)
+            meta = ckpt._meta(objects, time.perf_counter() - t0)  # the save blocked so long
             meta[DCP_META] = {"world_size": world, "objects": sorted(objects)}
             manifest = Manifest.new(step=step, files=entries, name=name, metrics=metrics,
                                     meta=meta, extra=extra)

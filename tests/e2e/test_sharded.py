@@ -181,3 +181,35 @@ def test_plain_dcp_directory_syncs_as_a_zero_code_dir_rule(tmp_path: Path,
     loaded = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
     dcp.load(loaded, checkpoint_id=str(fresh / "step-7"))
     assert_tree_equal(loaded, state)
+
+
+#: The README's "Distributed" commands, run exactly (``torchrun`` from this environment).
+README_TORCHRUN = [
+    "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 20",
+    "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 40",
+    "torchrun --standalone --nproc_per_node 1 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 60",
+]
+
+
+def test_readme_torchrun_example_resumes_and_reshards(tmp_path: Path) -> None:
+    torchrun = str(Path(PY).parent / "torchrun")
+    (tmp_path / "examples").symlink_to(SUPPORT.parent.parent / "examples")
+    firsts = []
+    for cmd in README_TORCHRUN:
+        args = cmd.split()
+        done = subprocess.run([torchrun, *args[1:]], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        steps = [int(line.split()[1]) for line in done.stdout.splitlines()
+                 if line.startswith("step ")]
+        firsts.append(steps[0])
+    assert firsts == [0, 20, 40]  # each run resumed where the previous one stopped
+    store = LocalStore(tmp_path / "ckpts")
+    listed = store.list()
+    for c in listed:
+        store.verify(c)
+    # keep_last=3, and retention spares the checkpoint this run resumed from (step 39).
+    assert [c.step for c in listed] == [39, 50, 55, 59]
