@@ -135,7 +135,10 @@ def test_rank_killed_mid_save_commits_nothing_and_previous_restores(tmp_path: Pa
         (out / "rank0.json").read_text()).get("save2_returned")
     store = LocalStore(directory)
     assert [c.step for c in store.list()] == [1]  # step 2 was never committed
-    assert staging_dirs(directory), "the killed save left no staging directory"
+    # Rank 0 saw its peer die (gloo: connection closed) and failed the save, within the
+    # bound, removing its staging directory; had it died too, the next start would remove it.
+    assert results[0][0] not in (0, -9) and "[killed: timed out]" not in results[0][1], \
+        results[0][1][-3000:]
     _ok(_ranks(1, "restore", directory, tmp_path / "out"))
     assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
                       torch.load(out / "expected.pt", weights_only=True))
