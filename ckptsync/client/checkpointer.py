@@ -27,13 +27,13 @@ from ckptsync.client.restore import (
     read_states,
     say_fell_back,
 )
-from ckptsync.client.sharded import is_sharded, restore_sharded, save_sharded
 from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
 from ckptsync.client.state import (
     RNG_FILE,
     SnapshotBuffers,
     capture_rng,
     check_safe,
+    is_sharded,
     serialize,
     state_of,
     to_jsonable,
@@ -229,6 +229,8 @@ class Checkpointer:
         extra_json = to_jsonable(extra) if extra is not None else {}
         # ---- sharded state: DCP, every rank writes (ckptsync/client/sharded.py)
         if sharded or (sharded is None and is_sharded(objects)):
+            from ckptsync.client.sharded import save_sharded  # imports DCP: only when used
+
             return save_sharded(self, step, objects, metric_values, extra_json)
 
         t0 = time.perf_counter()
@@ -511,6 +513,8 @@ class Checkpointer:
         self.wait()
         # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
         if sharded or (sharded is None and is_sharded(objects)):
+            from ckptsync.client.sharded import restore_sharded  # imports DCP: only when used
+
             sinfo = restore_sharded(self, name, objects)
             if sinfo is not None:
                 self._resumed_from = sinfo.name

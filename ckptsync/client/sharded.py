@@ -45,7 +45,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.tensor import DTensor
 
 from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
 from ckptsync.client.snapshot import SaveHandle
@@ -58,27 +57,12 @@ from ckptsync.manifest import FileEntry, Manifest, make_name
 if TYPE_CHECKING:
     from ckptsync.client.checkpointer import Checkpointer
 
-__all__ = ["DCP_META", "is_dcp", "is_sharded", "restore_sharded", "save_sharded"]
+__all__ = ["DCP_META", "is_dcp", "restore_sharded", "save_sharded"]
 
 log = logging.getLogger("ckptsync")
 
 DCP_META = "dcp"
 """Key in a manifest's ``meta`` marking a DCP checkpoint: ``{"world_size", "objects"}``."""
-
-
-def is_sharded(objects: Mapping[str, Any]) -> bool:
-    """True when any module or optimizer in ``objects`` holds a DTensor (FSDP2, TP)."""
-    for obj in objects.values():
-        target = unwrap(obj)
-        if isinstance(target, torch.nn.Module):
-            params = list(target.parameters())
-        elif isinstance(target, torch.optim.Optimizer):
-            params = [p for g in target.param_groups for p in g["params"]]
-        else:
-            continue
-        if any(isinstance(p, DTensor) for p in params):
-            return True
-    return False
 
 
 def is_dcp(manifest: Manifest | None) -> bool:
