@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
-
-import torch
-import torch.distributed as dist
 
 from ckptsync.client import ranks
 from ckptsync.client.restore import (
@@ -29,12 +23,14 @@ from ckptsync.client.restore import (
     read_states,
     say_fell_back,
 )
+from ckptsync.client.runinfo import dist_info, git_revision, run_meta, scalars
 from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
 from ckptsync.client.state import (
     RNG_FILE,
     SnapshotBuffers,
     capture_rng,
     check_safe,
+    is_sharded,
     serialize,
     state_of,
     to_jsonable,
@@ -58,7 +54,6 @@ from ckptsync.retention import (
     parse_best,
     select_for_deletion,
 )
-from ckptsync.version import __version__
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -68,23 +63,6 @@ __all__ = ["Checkpointer", "RestoreInfo", "SyncStatus"]
 log = logging.getLogger("ckptsync")
 
 RESERVED = frozenset({"metrics", "extra", "rng", "step", "ckptsync"})
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=2, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    rev = out.stdout.strip()
-    return rev if out.returncode == 0 and rev else None
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class Checkpointer:
@@ -143,7 +121,7 @@ class Checkpointer:
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = dist_info()
         self.store = LocalStore(directory, ops=file_ops)
         best = parse_best(keep_best) if isinstance(keep_best, str) else keep_best
         self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best, keep_every=keep_every)
@@ -156,7 +134,7 @@ class Checkpointer:
         # The save whose outcome every rank has yet to learn (see _settle); None when none.
         self._dist_pending: Future[Any] | None = None
         self._closed = False
-        self._git = _git_revision()
+        self._git = git_revision()
         self.remote: RemoteStore | None = remote_store
         if self.remote is None and remote is not None:
             from ckptsync.ownership import check_remote_outside, check_remote_url
@@ -188,6 +166,7 @@ class Checkpointer:
         *,
         metrics: Mapping[str, Any] | None = None,
         extra: Any = None,
+        sharded: bool | None = None,
         **objects: Any,
     ) -> SaveHandle[Manifest | None]:
         """Checkpoint ``objects`` at ``step``; returns once tensors are snapshotted to CPU.
@@ -213,6 +192,9 @@ class Checkpointer:
             step: training step (non-negative int; None for step-less checkpoints).
             metrics: numbers (floats or 0-d tensors) stored in the manifest, used by keep_best.
             extra: JSON-able run arguments/config (a dict or ``argparse.Namespace``).
+            sharded: write through ``torch.distributed.checkpoint``, every rank its own files
+                (default: when a module or optimizer holds DTensors, as under FSDP2); see
+                :mod:`ckptsync.client.sharded`. The call returns once committed.
             **objects: objects with ``state_dict()`` (model, optimizer, GradScaler, scheduler,
                 your own) or plain dicts of tensors and values.
 
@@ -228,6 +210,14 @@ class Checkpointer:
         if not objects:
             raise ConfigError("save() needs at least one object, e.g. save(step, model=model)")
         self._settle()  # back-pressure: the previous save is committed before buffers are reused
+        # ---- sharded state: DCP, every rank writes (ckptsync/client/sharded.py)
+        if sharded or (sharded is None and is_sharded(objects)):
+            from ckptsync.client.sharded import save_sharded  # imports DCP: only when used
+
+            # (An upload error of rank 0's uploader is not raised here, on rank 0 alone, where
+            # the other ranks would wait in DCP's collectives: wait() raises it on every rank.)
+            return save_sharded(self, step, objects, scalars(metrics),
+                                to_jsonable(extra) if extra is not None else {})
         name = make_name(step) if self.rank == 0 else ""
         err: Exception | None = None
         rng_state: dict[str, Any] | None = None
@@ -237,8 +227,7 @@ class Checkpointer:
                 self._uploader.raise_error()
                 if self._uploader.lagging():
                     log.warning("%s", self._uploader.status().lag())
-            metric_values = {k: float(v.item() if isinstance(v, torch.Tensor) else v)
-                             for k, v in (metrics or {}).items()}
+            metric_values = scalars(metrics)
             extra_json = to_jsonable(extra) if extra is not None else {}
             t0 = time.perf_counter()
             rng_state = capture_rng() if self.capture_rng else None
@@ -282,18 +271,7 @@ class Checkpointer:
         return handle  # type: ignore[return-value]
 
     def _meta(self, objects: Mapping[str, Any], stall: float) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "world_size": self.world_size,
-            "torch": torch.__version__,
-            "ckptsync": __version__,
-            "python": platform.python_version(),
-            "host": socket.gethostname(),
-            "objects": {k: type(v).__name__ for k, v in objects.items()},
-            "stall_s": round(stall, 6),
-        }
-        if self._git:
-            meta["git_revision"] = self._git
-        return meta
+        return run_meta(self.world_size, self._git, objects, stall)
 
     def _write(
         self,
@@ -507,7 +485,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
     def restore(
-        self, *, map_location: Any = "cpu", name: str | None = None, **objects: Any
+        self, *, map_location: Any = "cpu", name: str | None = None,
+        sharded: bool | None = None, **objects: Any
     ) -> RestoreInfo | None:
         """Load the newest usable checkpoint, local or remote, into ``objects``; None when
         there is none.
@@ -528,6 +507,8 @@ class Checkpointer:
             map_location: passed to ``torch.load`` (default "cpu": a GPU checkpoint loads on a
                 CPU-only machine).
             name: restore this checkpoint instead of the newest (no fallback).
+            sharded: load a sharded (DCP) checkpoint through ``torch.distributed.checkpoint``
+                into ``objects``, on any world size (default: when they hold DTensors).
             **objects: the objects to load into, by the names they were saved under.
 
         Raises:
@@ -538,6 +519,17 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
+        # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
+        if sharded or (sharded is None and is_sharded(objects)):
+            from ckptsync.client.sharded import restore_sharded  # imports DCP: only when used
+
+            sinfo = restore_sharded(self, name, objects)
+            if sinfo is not None:
+                self._resumed_from = sinfo.name
+                if self.rank == 0:
+                    write_json_atomic(self.store.directory / RESUMED_FILE,
+                                      {"name": sinfo.name, "pid": os.getpid()})
+            return sinfo
         found: Found | None = None
         err: Exception | None = None
         if self.rank == 0:

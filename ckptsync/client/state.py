@@ -15,6 +15,7 @@ import argparse
 import inspect
 import pickle
 import random
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +64,26 @@ def state_of(name: str, obj: Any) -> Any:
         f"cannot checkpoint {name!r}: a {type(obj).__name__} has no state_dict(); pass an object "
         "with state_dict()/load_state_dict() or a dict of tensors and plain values"
     )
+
+
+def is_sharded(objects: Mapping[str, Any]) -> bool:
+    """True when a module or optimizer in ``objects`` holds a DTensor (FSDP2, tensor
+    parallel): such state is saved through :mod:`ckptsync.client.sharded`."""
+    # Whoever holds a DTensor imported its module; nobody else pays for importing it.
+    tensor_mod = sys.modules.get("torch.distributed.tensor")
+    if tensor_mod is None:
+        return False
+    for obj in objects.values():
+        target = unwrap(obj)
+        if isinstance(target, torch.nn.Module):
+            params = list(target.parameters())
+        elif isinstance(target, torch.optim.Optimizer):
+            params = [p for g in target.param_groups for p in g["params"]]
+        else:
+            continue
+        if any(isinstance(p, tensor_mod.DTensor) for p in params):
+            return True
+    return False
 
 
 def check_safe(tree: Any, path: str) -> None:

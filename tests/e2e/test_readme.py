@@ -40,6 +40,15 @@ MIRRORED = {
                  "(and .ci/run runs it; tests/e2e/test_demo.py runs the demo itself)",
     "make test": "tests/e2e/test_readme.py::test_make_targets_are_what_the_readme_says "
                  "(.ci/run runs it)",
+    **{cmd: "tests/e2e/test_sharded.py::test_readme_torchrun_example_resumes_and_reshards "
+              "(README_TORCHRUN there)"
+       for cmd in (
+           "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+           "--ckpt-dir ckpts --steps 20",
+           "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+           "--ckpt-dir ckpts --steps 40",
+           "torchrun --standalone --nproc_per_node 1 examples/distributed/train_fsdp.py "
+           "--ckpt-dir ckpts --steps 60")},
     'pip install ".[torch,s3]"': "tests/e2e/test_readme.py::test_install_extras_exist",
     'pip install ".[s3]"': "tests/e2e/test_deploy.py::"
                            "test_sidecar_entrypoint_is_torch_free_and_syncs_another_process_"

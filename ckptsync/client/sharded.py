@@ -1,0 +1,359 @@
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` (DCP).
+
+DESIGN.md, "Distributed": sharded state (FSDP2 ``fully_shard``, tensor parallel: DTensors)
+is written by DCP, each rank its own files, into the one checkpoint's staging directory.
+ckptsync adds what DCP lacks: every file's BLAKE3 digest, computed while DCP writes it (DCP's
+writer opens its files through a ``FileSystem`` object; ours hands it a
+:class:`~ckptsync.hashing.HashingWriter`, so nothing is read back), one manifest listing every
+rank's files, and the atomic commit:
+
+1. rank 0 names the checkpoint and creates the staging directory; every rank learns the name;
+2. every rank runs ``dcp.save`` into it (DCP's own collectives plan the files; its
+   coordinator, rank 0, writes ``.metadata`` after every rank's data files are written);
+3. every rank sends rank 0 its files' ``(path, size, digest)``, its RNG state and any error;
+4. rank 0 writes ``rng.pt`` and the manifest and commits (fsync, manifest, rename, fsync
+   parent), then tells every rank how it went: a failure anywhere is raised on every rank.
+
+A rank that dies mid-save leaves a staging directory and no manifest: the checkpoint does not
+exist, and the next Checkpointer removes the leftover. The manifest marks the checkpoint as
+DCP in ``meta["dcp"]``; for ``ckptsync verify``, ``ls`` and the remote it is just files and
+digests. ``restore`` loads through ``dcp.load`` into the caller's (sharded) objects, so a
+checkpoint saved by N ranks resumes on M: that is DCP's resharding.
+
+Models and optimizers go through DCP's ``get_state_dict`` helpers (fully-qualified names, so
+an optimizer resumes onto another sharding); other objects through their ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Generator, Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
+from ckptsync.client.snapshot import SaveHandle
+from ckptsync.client.state import RNG_FILE, capture_rng, load_into, restore_rng, serialize, unwrap
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.hashing import HashingWriter, WriteOps
+from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, storage_error
+from ckptsync.manifest import FileEntry, Manifest, make_name
+
+if TYPE_CHECKING:
+    from ckptsync.client.checkpointer import Checkpointer
+
+__all__ = ["DCP_META", "is_dcp", "restore_sharded", "save_sharded"]
+
+log = logging.getLogger("ckptsync")
+
+DCP_META = "dcp"
+"""Key in a manifest's ``meta`` marking a DCP checkpoint: ``{"world_size", "objects"}``."""
+
+
+def is_dcp(manifest: Manifest | None) -> bool:
+    """True for the manifest of a checkpoint written through DCP."""
+    return manifest is not None and isinstance(manifest.meta.get(DCP_META), dict)
+
+
+# ---------------------------------------------------------------------- hashing DCP's files
+class _Stream(io.RawIOBase):
+    """What DCP writes a file through: a :class:`HashingWriter` (hashed while written,
+    fsynced on close) with the ``fileno``/``tell`` DCP asks for."""
+
+    def __init__(self, w: HashingWriter) -> None:
+        super().__init__()
+        self.w = w
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        return self.w.write(b)
+
+    def tell(self) -> int:
+        return self.w.size
+
+    def fileno(self) -> int:
+        return self.w._f.fileno()
+
+    def close(self) -> None:
+        self.w.close()  # flush + fsync (idempotent)
+        super().close()
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local ``FileSystem`` whose writes go through :class:`HashingWriter`; records
+    each file's manifest entry, relative to ``root``, once it is closed (and fsynced)."""
+
+    def __init__(self, root: Path, ops: WriteOps) -> None:
+        self.root = root
+        self.ops = ops
+        self.entries: dict[str, FileEntry] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Generator[io.IOBase, None, None]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as s:
+                yield s
+            return
+        relpath = Path(path).relative_to(self.root).as_posix()
+        try:
+            w = HashingWriter(Path(path), self.ops)
+        except OSError as e:
+            raise storage_error(e, Path(path), "create") from e
+        try:
+            yield _Stream(w)
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        self.entries[relpath] = w.entry(relpath)
+
+    def rename(self, path: Any, new_path: Any) -> None:
+        # DCP writes .metadata as .metadata.tmp, then renames it.
+        super().rename(path, new_path)
+        old = Path(path).relative_to(self.root).as_posix()
+        new = Path(new_path).relative_to(self.root).as_posix()
+        entry = self.entries.pop(old)
+        self.entries[new] = FileEntry(new, entry.size, entry.algo, entry.digest)
+
+
+class _Writer(FileSystemWriter):
+    def __init__(self, fs: _HashingFileSystem) -> None:
+        # sync_files=False: every file is fsynced by its HashingWriter on close (DCP would
+        # fall back to a machine-wide os.sync() for a stream without a usable fileno).
+        super().__init__(fs.root, sync_files=False, overwrite=False)
+        self.fs = fs
+
+
+# ---------------------------------------------------------------------- state dicts
+def _states(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """Each object's state dict in DCP's form: FQN keys for modules and optimizers."""
+    modules = [unwrap(o) for o in objects.values() if isinstance(unwrap(o), torch.nn.Module)]
+    out: dict[str, Any] = {}
+    for name, obj in objects.items():
+        target = unwrap(obj)
+        if isinstance(target, torch.nn.Module):
+            out[name] = get_model_state_dict(target)
+        elif isinstance(target, torch.optim.Optimizer):
+            out[name] = get_optimizer_state_dict(_model_of(name, modules), target)
+        elif hasattr(target, "state_dict") and callable(target.state_dict):
+            out[name] = target.state_dict()
+        elif isinstance(target, dict):
+            out[name] = dict(target)
+        else:
+            raise ConfigError(f"cannot checkpoint {name!r}: a {type(obj).__name__} has no "
+                              "state_dict(); pass a module, optimizer, or dict")
+    return out
+
+
+def _model_of(name: str, modules: list[torch.nn.Module]) -> torch.nn.Module:
+    if len(modules) != 1:
+        raise ConfigError(
+            f"a sharded save or restore of optimizer {name!r} needs exactly one model among the "
+            f"objects (DCP keys optimizer state by the model's parameter names); got "
+            f"{len(modules)}: pass the model it optimizes, e.g. save(step, model=m, optim=o)")
+    return modules[0]
+
+
+def _load_states(objects: Mapping[str, Any], states: Mapping[str, Any]) -> None:
+    modules = [unwrap(o) for o in objects.values() if isinstance(unwrap(o), torch.nn.Module)]
+    for name, obj in objects.items():
+        target = unwrap(obj)
+        if isinstance(target, torch.nn.Module):
+            set_model_state_dict(target, states[name])
+        elif isinstance(target, torch.optim.Optimizer):
+            set_optimizer_state_dict(_model_of(name, modules), target, states[name])
+        else:
+            load_into(name, obj, states[name])
+
+
+# ---------------------------------------------------------------------- save
+def _rank0_says(ckpt: Checkpointer, what: Any) -> Any:
+    """Rank 0's ``what`` on every rank."""
+    box = [what]
+    if ckpt.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _raise_everywhere(err: str | None) -> None:
+    if err is not None:
+        raise CkptSyncError(f"sharded save failed: {err}")
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any],
+                 metrics: dict[str, float], extra: dict[str, Any]) -> SaveHandle[Manifest | None]:
+    """:meth:`Checkpointer.save` of sharded state; call on every rank. Returns once the
+    checkpoint is committed locally (every rank's files durable) or raises on every rank.
+
+    The write is synchronous: DCP's ``async_save`` runs its collectives on a thread beside
+    the trainer's, which needs a process group of its own (not done yet).
+    """
+    t0 = time.perf_counter()
+    rank, world = ckpt.rank, ckpt.world_size
+    states = _states(objects)
+    rng = capture_rng() if ckpt.capture_rng else None
+    staging = None
+    name: str | None = None
+    err: str | None = None
+    if rank == 0:
+        name = make_name(step)
+        try:
+            staging = ckpt.store.staging(name)
+        except CkptSyncError as e:
+            err = _describe(e)
+    name, err = _rank0_says(ckpt, (name, err))
+    _raise_everywhere(err)
+    assert name is not None
+    root = ckpt.store.directory / f"{STAGING_PREFIX}{name}"
+    fs = _HashingFileSystem(root, ckpt.store.ops)
+    mine: str | None = None
+    try:
+        # DCP's collectives report a failure on any rank to every rank (CheckpointException).
+        dcp.save(states, storage_writer=_Writer(fs))
+    except Exception as e:
+        mine = _describe(e)
+    report = (sorted(fs.entries.values(), key=lambda e: e.path), rng, mine)
+    gathered: list[Any] | None = [None] * world if rank == 0 else None
+    try:
+        if world > 1:
+            dist.gather_object(report, gathered, dst=0)
+        else:
+            gathered = [report]
+    except BaseException:
+        if staging is not None:  # a rank is gone: nothing of this save may stay
+            staging.abort()
+        raise
+    manifest: Manifest | None = None
+    committed: LocalCheckpoint | None = None
+    if rank == 0:
+        assert gathered is not None and staging is not None
+        errors = [f"rank {r}: {g[2]}" for r, g in enumerate(gathered) if g[2] is not None]
+        try:
+            if errors:
+                raise CkptSyncError("; ".join(errors))
+            entries = [e for g in gathered for e in g[0]]
+            if rng is not None:
+                w = staging.open(RNG_FILE)
+                serialize({"world_size": world, "ranks": [g[1] for g in gathered]}, w)
+                entries.append(staging.close_file(RNG_FILE))
+            meta = ckpt._meta(objects, time.perf_counter() - t0)  # the save blocked so long
+            meta[DCP_META] = {"world_size": world, "objects": sorted(objects)}
+            manifest = Manifest.new(step=step, files=entries, name=name, metrics=metrics,
+                                    meta=meta, extra=extra)
+            # Every rank's files were fsynced before it reported: the manifest, written by
+            # the commit, comes last.
+            committed = staging.commit(manifest)
+        except BaseException as e:
+            staging.abort()
+            err = _describe(e)
+    _raise_everywhere(_rank0_says(ckpt, err))
+    if committed is not None and manifest is not None:
+        log.info("saved sharded %s (step %s, %d ranks, %.1f MB)", committed.path, step, world,
+                 manifest.total_size / 1e6)
+        if ckpt._uploader is not None:
+            ckpt._uploader.offer(committed, {})
+        ckpt._apply_local_retention()
+    done: Future[Manifest | None] = Future()
+    done.set_result(manifest)
+    return SaveHandle(done, name)
+
+
+# ---------------------------------------------------------------------- restore
+def _choose(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any]
+            ) -> tuple[str, Skipped] | None:
+    """Rank 0: the DCP checkpoint to load (verified; pulled if remote), or None."""
+    restorer = Restorer(ckpt.store, ckpt.remote)
+    if name is not None:
+        chosen = restorer._named(name)
+        ckpt.store.verify(chosen)
+        return chosen.name, []
+    skipped: Skipped = []
+    for cand in restorer._candidates():
+        m = cand.manifest
+        held = m.meta[DCP_META].get("objects", []) if m is not None and is_dcp(m) else []
+        if cand.problem is not None:
+            why = cand.problem
+        elif not is_dcp(cand.manifest):
+            why = "not a sharded (DCP) checkpoint"
+        elif missing := sorted(set(objects) - set(held)):
+            why = f"has no state for {missing}; it holds {sorted(held)}"
+        else:
+            try:
+                if cand.local is not None:
+                    ckpt.store.verify(cand.local)
+                else:
+                    assert ckpt.remote is not None
+                    ckpt.remote.pull(cand.name, ckpt.store)  # digests verified while pulled
+                return cand.name, skipped
+            except CorruptCheckpointError as e:
+                why = str(e)
+        log.warning("checkpoint %s cannot be restored here, trying an older one: %s",
+                    cand.name, why)
+        skipped.append((cand.name, why))
+    if skipped:
+        raise CorruptCheckpointError(
+            f"no sharded checkpoint in {ckpt.store.directory} can be restored "
+            f"({'; '.join(f'{n}: {w}' for n, w in skipped)}); nothing was loaded")
+    return None
+
+
+def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any]
+                    ) -> RestoreInfo | None:
+    """:meth:`Checkpointer.restore` of sharded state; call on every rank. Rank 0 chooses
+    (and pulls) the checkpoint, then every rank loads its shards through ``dcp.load``, on
+    whatever world size this run has."""
+    found: tuple[str, Skipped] | None = None
+    err: str | None = None
+    if ckpt.rank == 0:
+        try:
+            found = _choose(ckpt, name, objects)
+        except CkptSyncError as e:
+            err = _describe(e)
+    found, err = _rank0_says(ckpt, (found, err))
+    if err is not None:
+        raise CkptSyncError(f"rank 0 could not choose a checkpoint to restore: {err}")
+    if found is None:
+        log.info("no checkpoint in %s: starting fresh", ckpt.store.directory)
+        return None
+    chosen = ckpt.store.get(found[0])
+    states = _states(objects)
+    dcp.load(states, storage_reader=FileSystemReader(chosen.path))
+    _load_states(objects, states)
+    rng_path = chosen.path / RNG_FILE
+    if ckpt.capture_rng and rng_path.is_file():
+        rngs = torch.load(rng_path, weights_only=True)
+        ranks = rngs.get("ranks", [])
+        if rngs.get("world_size") == ckpt.world_size and ranks[ckpt.rank] is not None:
+            restore_rng(ranks[ckpt.rank])
+        else:
+            log.warning("checkpoint %s was saved by %s ranks, this run has %d: RNG not "
+                        "restored", chosen.name, rngs.get("world_size"), ckpt.world_size)
+    info = RestoreInfo(chosen.name, chosen.step, chosen.path, chosen.manifest,
+                       dict(chosen.manifest.metrics), dict(chosen.manifest.extra), states,
+                       tuple(found[1]))
+    if ckpt.rank == 0 and info.fell_back:
+        say_fell_back(info)
+    log.info("resumed from sharded %s (step %s) on %d ranks", chosen.path, chosen.step,
+             ckpt.world_size)
+    return info

@@ -1,0 +1,218 @@
+"""Sharded checkpoints through torch.distributed.checkpoint: FSDP2 (``fully_shard``) on CPU
+with gloo, each rank a process started as ``torchrun`` would (tests/support/sharded_worker.py).
+
+Saved by 2 ranks, the checkpoint lists every rank's files with digests and resumes bit-exact
+(the full, gathered state) on 2, 1 and 4 ranks; saved by 1, it resumes on 2. A rank killed
+mid-save leaves no committed checkpoint, and the previous one restores. A plain DCP directory
+from a trainer that knows nothing of ckptsync syncs as a zero-code ``dir:`` rule with DCP's
+``.metadata`` as the completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckptsync import start_watcher
+from ckptsync.daemon import restore_watched
+from ckptsync.local import LocalStore
+from ckptsync.remote import RemoteStore
+from tests.support.helpers import PY, assert_tree_equal, child_env, staging_dirs
+from tests.support.paths import SUPPORT
+from tests.support.remotes import Remote
+
+WORKER = SUPPORT / "sharded_worker.py"
+TIMEOUT_S = 300  # per job: generous for 2 shared cores; a hang fails, it never blocks
+
+pytestmark = pytest.mark.usefixtures("no_process_leak")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ranks(world: int, mode: str, directory: Path, out: Path, remote: str | None = None
+           ) -> list[tuple[int, str]]:
+    """Run ``world`` ranks of the worker (torchrun's environment); (returncode, output)."""
+    out.mkdir(parents=True, exist_ok=True)
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [PY, str(WORKER), mode, str(directory), str(out), *([remote] if remote else [])],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    results = []
+    try:
+        for p in procs:
+            try:
+                results.append((p.communicate(timeout=TIMEOUT_S)[0], p))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                results.append((p.communicate()[0] + "\n[killed: timed out]", p))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, text) for text, p in results]
+
+
+def _ok(results: list[tuple[int, str]]) -> None:
+    for rank, (rc, text) in enumerate(results):
+        assert rc == 0, f"rank {rank} exited {rc}:\n{text[-4000:]}"
+
+
+def _reports(out: Path, world: int) -> list[dict[str, Any]]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("sharded")
+    _ok(_ranks(2, "save", base / "ckpts", base / "save"))
+    return base / "ckpts", base / "save"
+
+
+def test_manifest_lists_every_ranks_files_with_digests(saved: tuple[Path, Path]) -> None:
+    directory, out = saved
+    store = LocalStore(directory)
+    (ckpt,) = store.list()
+    store.verify(ckpt)  # every file's size and BLAKE3 digest
+    assert ckpt.step == 3 and staging_dirs(directory) == []
+    assert {f.path for f in ckpt.manifest.files} == {
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt"}
+    assert ckpt.manifest.meta["dcp"] == {"world_size": 2, "objects": ["model", "optim"]}
+    assert all(r["handle_done"] for r in _reports(out, 2))  # returned once committed
+    # The CLI needs nothing DCP-specific: it is files and digests.
+    for cmd in (["verify", str(directory)], ["ls", str(directory)]):
+        done = subprocess.run([PY, "-m", "ckptsync", *cmd], env=child_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and ckpt.name in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("world", [2, 1, 4])
+def test_resumes_bit_exact_on_any_world_size(saved: tuple[Path, Path], tmp_path: Path,
+                                             world: int) -> None:
+    directory, save_out = saved
+    mine = tmp_path / "ckpts"
+    shutil.copytree(directory, mine)  # restore marks the directory: each test its own copy
+    _ok(_ranks(world, "restore", mine, tmp_path / "out"))
+    expected = torch.load(save_out / "expected.pt", weights_only=True)
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True), expected)
+    reports, before = _reports(tmp_path / "out", world), _reports(save_out, 2)
+    assert {r["step"] for r in reports} == {3}
+    assert reports[0]["extra"] == {"lr": 0.05} and reports[0]["metrics"] == {"loss": 1.5}
+    if world == 2:  # same world size: the same losses and each rank's own RNG stream
+        assert [r["losses"] for r in reports] == [r["losses"] for r in before]
+        assert [r["draws"] for r in reports] == [r["draws"] for r in before]
+
+
+def test_saved_by_one_rank_resumes_on_two(tmp_path: Path) -> None:
+    _ok(_ranks(1, "save", tmp_path / "ckpts", tmp_path / "save"))
+    _ok(_ranks(2, "restore", tmp_path / "ckpts", tmp_path / "out"))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
+
+
+def test_rank_killed_mid_save_commits_nothing_and_previous_restores(tmp_path: Path) -> None:
+    directory, out = tmp_path / "ckpts", tmp_path / "kill"
+    results = _ranks(2, "kill", directory, out)
+    assert results[1][0] == -9, results[1][1][-3000:]  # rank 1 SIGKILLed itself mid-write
+    assert (out / "rank0-ready").exists()
+    # Rank 0 never reports a save of step 2 as done (it fails or is killed by the bound).
+    assert not (out / "rank0.json").exists() or not json.loads(
+        (out / "rank0.json").read_text()).get("save2_returned")
+    store = LocalStore(directory)
+    assert [c.step for c in store.list()] == [1]  # step 2 was never committed
+    # Rank 0 saw its peer die (gloo: connection closed) and failed the save, within the
+    # bound, removing its staging directory; had it died too, the next start would remove it.
+    assert results[0][0] not in (0, -9) and "[killed: timed out]" not in results[0][1], \
+        results[0][1][-3000:]
+    _ok(_ranks(1, "restore", directory, tmp_path / "out"))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
+    assert staging_dirs(directory) == []  # the next Checkpointer removed the leftover
+
+
+def test_remote_holds_every_ranks_files_and_a_fresh_machine_resumes(
+        tmp_path: Path, file_remote: Remote) -> None:
+    _ok(_ranks(2, "save", tmp_path / "ckpts", tmp_path / "save", file_remote.url))
+    store = RemoteStore(file_remote.url, file_remote.storage_options)
+    (m,) = store.list()
+    store.verify(m.name, full=True)
+    assert {f.path for f in m.files} >= {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    # A fresh machine: an empty local directory; rank 0 pulls, both ranks load.
+    _ok(_ranks(2, "restore", tmp_path / "fresh", tmp_path / "out", file_remote.url))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
+
+
+def test_plain_dcp_directory_syncs_as_a_zero_code_dir_rule(tmp_path: Path,
+                                                           file_remote: Remote) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rule = "dir:step-*:.metadata;step=name"
+    w = start_watcher(run, file_remote.url, storage_options=file_remote.storage_options,
+                      rules=[rule], settle=0.3, interval=1, log_path=tmp_path / "daemon.log")
+    try:
+        state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5)}
+        # What a trainer that knows nothing of ckptsync does (DCP without a process group):
+        # data files first, .metadata last (written as .metadata.tmp, then renamed).
+        dcp.save(state, checkpoint_id=str(run / "step-7"))
+        w.flush(timeout=120)
+    finally:
+        assert w.stop() == 0
+    store = RemoteStore(file_remote.url, file_remote.storage_options)
+    versions = [m for m in store.list() if m.source.get("kind") == "watched"]
+    assert [m.step for m in versions] == [7], (tmp_path / "daemon.log").read_text()
+    assert {f.path for f in versions[0].files} == {"step-7/.metadata", "step-7/__0_0.distcp"}
+    fresh = tmp_path / "fresh"
+    restore_watched(store, fresh)
+    loaded = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
+    dcp.load(loaded, checkpoint_id=str(fresh / "step-7"))
+    assert_tree_equal(loaded, state)
+
+
+#: The README's "Distributed" commands, run exactly (``torchrun`` from this environment).
+README_TORCHRUN = [
+    "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 20",
+    "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 40",
+    "torchrun --standalone --nproc_per_node 1 examples/distributed/train_fsdp.py "
+    "--ckpt-dir ckpts --steps 60",
+]
+
+
+def test_readme_torchrun_example_resumes_and_reshards(tmp_path: Path) -> None:
+    torchrun = str(Path(PY).parent / "torchrun")
+    (tmp_path / "examples").symlink_to(SUPPORT.parent.parent / "examples")
+    firsts = []
+    for cmd in README_TORCHRUN:
+        args = cmd.split()
+        done = subprocess.run([torchrun, *args[1:]], cwd=tmp_path, env=child_env(),
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        steps = [int(line.split()[1]) for line in done.stdout.splitlines()
+                 if line.startswith("step ")]
+        firsts.append(steps[0])
+    assert firsts == [0, 20, 40]  # each run resumed where the previous one stopped
+    store = LocalStore(tmp_path / "ckpts")
+    listed = store.list()
+    for c in listed:
+        store.verify(c)
+    # keep_last=3, and retention spares the checkpoint this run resumed from (step 39).
+    assert [c.step for c in listed] == [39, 50, 55, 59]

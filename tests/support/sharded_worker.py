@@ -1,0 +1,124 @@
+"""One rank of a sharded (FSDP2, gloo, CPU) job for tests/e2e/test_sharded.py.
+
+Run as ``python tests/support/sharded_worker.py MODE DIR OUT [REMOTE]`` with torchrun's
+environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
+
+- ``save``: train 3 steps, save step 3, train 2 more (their losses are the reference), write
+  the full (gathered) state at step 3 to ``OUT/expected.pt`` and a JSON report per rank;
+- ``restore``: build the model with other weights, restore, write the full state to
+  ``OUT/restored.pt``, train 2 steps (their losses) and report;
+- ``kill``: save step 1, then save step 2 while rank 1 SIGKILLs itself at its first write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from ckptsync import Checkpointer
+from ckptsync.local import FileOps
+
+
+class _KillAtFirstWrite(FileOps):
+    armed = False
+
+    def write(self, f: Any, data: Any) -> int:
+        if self.armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().write(f, data)
+
+
+def _model(seed: int, world: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
+                            torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in m:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
+    return m
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> float:
+    # The global batch is the same whatever the world size; each rank takes its slice.
+    g = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(8, 8, generator=g), torch.randn(8, 3, generator=g)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n = 8 // world
+    loss = (model(x[rank * n:(rank + 1) * n]) - y[rank * n:(rank + 1) * n]).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return float(total) / world
+
+
+def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    msd, osd = get_state_dict(model, opt,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": msd, "optim": osd}
+
+
+def main(mode: str, directory: str, out: str, remote: str | None = None) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    outdir = Path(out)
+    report: dict[str, Any] = {"rank": rank, "world": world}
+    ops = _KillAtFirstWrite()
+    model = _model(0 if mode != "restore" else 7, world)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    ck = Checkpointer(directory, remote=remote, file_ops=ops)
+    if mode in ("save", "kill"):
+        for step in range(3):
+            _step(model, opt, step)
+        torch.manual_seed(500 + rank)  # each rank's own RNG stream
+        if mode == "kill":
+            ck.save(1, model=model, optim=opt)
+            ops.armed = rank == 1
+            report["expected"] = True
+            full = _full(model, opt)
+            if rank == 0:
+                torch.save(full, outdir / "expected.pt")
+                (outdir / "rank0-ready").write_text("")
+            ck.save(2, model=model, optim=opt)  # rank 1 dies inside; rank 0 must not commit
+            report["save2_returned"] = True
+        else:
+            h = ck.save(3, model=model, optim=opt, metrics={"loss": 1.5}, extra={"lr": 0.05})
+            report["handle_done"] = h.done()
+            report["draws"] = torch.rand(3).tolist()
+            full = _full(model, opt)
+            if rank == 0:
+                torch.save(full, outdir / "expected.pt")
+            report["losses"] = [_step(model, opt, s) for s in (3, 4)]
+    else:
+        torch.manual_seed(999)
+        info = ck.restore(model=model, optim=opt)
+        assert info is not None, "nothing restored"
+        report["step"] = info.step
+        report["extra"] = info.extra
+        report["metrics"] = info.metrics
+        report["draws"] = torch.rand(3).tolist()
+        full = _full(model, opt)
+        if rank == 0:
+            torch.save(full, outdir / "restored.pt")
+        report["losses"] = [_step(model, opt, s) for s in (3, 4)]
+    ck.close()
+    (outdir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
