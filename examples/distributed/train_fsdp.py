@@ -78,6 +78,7 @@ def main() -> None:
         if step % args.save_every == 0 or step == args.steps - 1:
             ckpt.save(step, model=model, optimizer=opt)  # ckptsync: every rank writes its shards
     ckpt.close()  # ckptsync
+    dist.barrier()  # gloo: no rank tears down while a peer still talks to it
     dist.destroy_process_group()
 
 

@@ -117,6 +117,7 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
         report["losses"] = [_step(model, opt, s) for s in (3, 4)]
     ck.close()
     (outdir / f"rank{rank}.json").write_text(json.dumps(report))
+    dist.barrier()  # gloo: no rank tears down while a peer still talks to it
     dist.destroy_process_group()
 
 
