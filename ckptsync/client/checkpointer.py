@@ -15,14 +15,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.client import ranks
-from ckptsync.client.restore import (
-    Found,
-    RestoreInfo,
-    Restorer,
-    load_states,
-    read_states,
-    say_fell_back,
-)
+from ckptsync.client.restore import RestoreInfo, restore_replicated
 from ckptsync.client.runinfo import dist_info, git_revision, run_meta, scalars
 from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
 from ckptsync.client.state import (
@@ -37,7 +30,7 @@ from ckptsync.client.state import (
 )
 from ckptsync.client.uploader import SyncStatus, Uploader
 from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import ConfigError, CorruptCheckpointError
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.local import (
     RESUMED_FILE,
     FileOps,
@@ -118,22 +111,52 @@ class Checkpointer:
         on_remote_error: str = "warn",
         close_timeout: float | None = None,
     ) -> None:
+        self.rank, self.world_size = dist_info()
+        self._uploader: Uploader | None = None
+        self._closed = False
+        err: Exception | None = None
+        try:
+            best = parse_best(keep_best) if isinstance(keep_best, str) else keep_best
+            self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
+                                          keep_every=keep_every)
+            self._construct(directory, remote, storage_options, file_ops, remote_store,
+                            on_remote_error, close_timeout)
+        except Exception as e:
+            if self.world_size == 1:
+                self._release_lock()
+                raise
+            err = e
+        self.capture_rng = rng
+        if self.world_size > 1:
+            # Every rank learns how every rank's construction went (the lock and cleanup are
+            # rank 0's alone): a rank that constructed while rank 0 failed would otherwise
+            # wait at its first save for a rank 0 that never comes.
+            try:
+                ranks.agree(self.rank, self.world_size, err, None, "create the Checkpointer")
+            except BaseException:
+                self._release_lock()
+                raise
+        # Nothing below can fail, so a refused or failed construction (on any rank) leaves no
+        # lock and no upload thread behind.
+        if self.remote is not None and self.rank == 0:  # rank 0 alone writes, so uploads
+            self._uploader = Uploader(self.remote, on_error=on_remote_error,
+                                      after_push=self._after_push)
+
+    def _construct(self, directory: str | os.PathLike[str], remote: str | None,
+                   storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
+                   remote_store: RemoteStore | None, on_remote_error: str,
+                   close_timeout: float | None) -> None:
+        """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
-        self.rank, self.world_size = dist_info()
         self.store = LocalStore(directory, ops=file_ops)
-        best = parse_best(keep_best) if isinstance(keep_best, str) else keep_best
-        self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best, keep_every=keep_every)
-        self.capture_rng = rng
         self._buffers = SnapshotBuffers()
         self._worker = BackgroundWorker()
-        self._uploader: Uploader | None = None
         self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
         # The save whose outcome every rank has yet to learn (see _settle); None when none.
         self._dist_pending: Future[Any] | None = None
-        self._closed = False
         self._git = git_revision()
         self.remote: RemoteStore | None = remote_store
         if self.remote is None and remote is not None:
@@ -153,11 +176,10 @@ class Checkpointer:
                     "close() that one first (or let its process end), or use another directory"
                 )
             self.store.cleanup()
-        # Nothing below can fail, so a refused or failed construction leaves no lock and no
-        # upload thread behind.
-        if self.remote is not None and self.rank == 0:  # rank 0 alone writes, so uploads
-            self._uploader = Uploader(self.remote, on_error=on_remote_error,
-                                      after_push=self._after_push)
+
+    def _release_lock(self) -> None:
+        if hasattr(self, "store"):
+            self.store.release_writer_lock()
 
     # ------------------------------------------------------------------ save
     def save(
@@ -436,12 +458,31 @@ class Checkpointer:
         try:
             self.wait(timeout)
         finally:
-            self._closed = True
-            self._worker.close()
-            if self._uploader is not None:
-                self._uploader.close()
-            self.store.release_writer_lock()
+            self._shutdown()
         return self.status()
+
+    def _close_alone(self) -> None:
+        """:meth:`close` without its collectives: this rank's own background commit and
+        upload (bounded by ``close_timeout``), then its threads and lock."""
+        if self._closed:
+            return
+        pending, self._dist_pending = self._dist_pending, None
+        if pending is not None and self.rank != 0:  # no rank will share rank 0's outcome now
+            pending.set_exception(CkptSyncError(
+                "closed after an error before rank 0's commit outcome reached this rank"))
+        try:
+            self._worker.drain()
+            if self._uploader is not None:
+                self._uploader.wait_idle(self.close_timeout)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        self._worker.close()
+        if self._uploader is not None:
+            self._uploader.close()
+        self.store.release_writer_lock()
 
     def status(self) -> SyncStatus:
         """Where the upload to the remote stands: the newest local and remote checkpoints,
@@ -455,14 +496,21 @@ class Checkpointer:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        """Leaving ``with`` normally is :meth:`close`. Leaving it by an exception keeps that
+        exception and still finishes what was in flight; under ``torch.distributed`` it joins
+        no collective (the other ranks may be anywhere: in a save, in a gradient all-reduce,
+        or leaving by the same exception): rank 0 still waits for its own background commit
+        and upload (bounded by ``close_timeout``), the other ranks just stop. So a rank that
+        raises never hangs or garbles the process group; the others learn of it through your
+        own code (or its process ending), and should leave their ``with`` by an exception
+        too, since a normal ``close`` is collective and waits for every rank."""
         if exc_type is None:
             self.close()
-        else:
-            # Keep the original exception; still finish what was in flight.
-            try:
-                self.close()
-            except Exception as e:
-                log.error("while closing after an error: %s", e)
+            return
+        try:
+            self.close() if self.world_size == 1 else self._close_alone()
+        except Exception as e:
+            log.error("while closing after an error: %s", e)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -530,40 +578,10 @@ class Checkpointer:
                     write_json_atomic(self.store.directory / RESUMED_FILE,
                                       {"name": sinfo.name, "pid": os.getpid()})
             return sinfo
-        found: Found | None = None
-        err: Exception | None = None
-        if self.rank == 0:
-            try:
-                found = Restorer(self.store, self.remote).choose(name, map_location, objects)
-            except Exception as e:
-                if self.world_size == 1:
-                    raise
-                err = e
-        if self.world_size > 1:
-            # Rank 0's choice, or its error, on every rank; then every rank reads it, and
-            # nothing is loaded anywhere unless every rank could read it.
-            chosen_name = ranks.share_from_rank0(
-                self.rank, err, (found[0].name, found[2]) if found else None, "restore")
-            if self.rank != 0 and chosen_name is not None:
-                try:
-                    ckpt = self.store.get(chosen_name[0])
-                    found = (ckpt, read_states(ckpt, map_location, objects), chosen_name[1])
-                except Exception as e:
-                    err = e
-            ranks.agree(self.rank, self.world_size, err, None, "restore")
-        if found is None:
-            log.info("no checkpoint in %s: starting fresh", self.store.directory)
-            return None
-        chosen, states, skipped = found
-        info = load_states(chosen, states, objects, skipped, rank=self.rank,
-                           rng=self.capture_rng)
-        self._resumed_from = chosen.name
-        if self.rank == 0:
-            write_json_atomic(self.store.directory / RESUMED_FILE,
-                              {"name": chosen.name, "pid": os.getpid()})
-            if info.fell_back:
-                say_fell_back(info)
-        log.info("resumed from %s (step %s)", chosen.path, chosen.step)
+        info = restore_replicated(self.store, self.remote, self.rank, self.world_size, name,
+                                  map_location, objects, rng=self.capture_rng)
+        if info is not None:
+            self._resumed_from = info.name
         return info
 
 

@@ -22,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ckptsync.client import ranks
 from ckptsync.client.state import RNG_FILE, load_into, restore_rng
 from ckptsync.errors import ConfigError, CorruptCheckpointError, NoCheckpointError
-from ckptsync.local import LocalCheckpoint, LocalStore
+from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import Manifest, parse_name, unusable_reason
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["Found", "RestoreInfo", "Restorer", "load_states", "read_states", "say_fell_back"]
+__all__ = ["Found", "RestoreInfo", "Restorer", "load_states", "read_states",
+           "restore_replicated", "say_fell_back"]
 
 log = logging.getLogger("ckptsync")
 
@@ -212,6 +214,45 @@ def say_fell_back(info: RestoreInfo) -> None:
            f"{info.skipped[0][0]}: {why}")
     log.warning("%s", msg)
     print(f"ckptsync: WARNING: {msg}", file=sys.stderr, flush=True)
+
+def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
+                       world_size: int, name: str | None, map_location: Any,
+                       objects: Mapping[str, Any], *, rng: bool) -> RestoreInfo | None:
+    """:meth:`Checkpointer.restore` of replicated (not sharded) state: rank 0 chooses, every
+    rank reads and loads; collective under ``torch.distributed``."""
+    found: Found | None = None
+    err: Exception | None = None
+    if rank == 0:
+        try:
+            found = Restorer(store, remote).choose(name, map_location, objects)
+        except Exception as e:
+            if world_size == 1:
+                raise
+            err = e
+    if world_size > 1:
+        # Rank 0's choice, or its error, on every rank; then every rank reads it, and
+        # nothing is loaded anywhere unless every rank could read it.
+        chosen_name = ranks.share_from_rank0(
+            rank, err, (found[0].name, found[2]) if found else None, "restore")
+        if rank != 0 and chosen_name is not None:
+            try:
+                ckpt = store.get(chosen_name[0])
+                found = (ckpt, read_states(ckpt, map_location, objects), chosen_name[1])
+            except Exception as e:
+                err = e
+        ranks.agree(rank, world_size, err, None, "restore")
+    if found is None:
+        log.info("no checkpoint in %s: starting fresh", store.directory)
+        return None
+    chosen, states, skipped = found
+    info = load_states(chosen, states, objects, skipped, rank=rank, rng=rng)
+    if rank == 0:
+        write_json_atomic(store.directory / RESUMED_FILE,
+                          {"name": chosen.name, "pid": os.getpid()})
+        if info.fell_back:
+            say_fell_back(info)
+    log.info("resumed from %s (step %s)", chosen.path, chosen.step)
+    return info
 
 
 @dataclass(frozen=True)

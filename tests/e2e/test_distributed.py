@@ -169,3 +169,33 @@ def test_a_remote_error_on_rank0_raises_from_wait_on_every_rank(tmp_path: Path) 
     assert r1["wait_error"] and r1["wait_error"]["type"] == "RemoteError", r1
     assert "rank 0" in r1["wait_error"]["message"] and "denied" in r1["wait_error"]["message"]
     assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+
+
+def test_a_constructor_failing_on_rank0_alone_raises_on_every_rank(tmp_path: Path) -> None:
+    _, reports = _run_ranks(tmp_path, "", "init")
+    r0, r1 = reports
+    assert r0["init_error"] and r0["init_error"]["type"] == "ConfigError", r0
+    assert "another Checkpointer" in r0["init_error"]["message"]
+    # Rank 1 could construct its own, yet raises the same error type, naming rank 0's.
+    assert r1["init_error"] and r1["init_error"]["type"] == "ConfigError", r1
+    assert "rank 0" in r1["init_error"]["message"]
+    assert "another Checkpointer" in r1["init_error"]["message"]
+    assert r0["went_on_saved"] and r0["went_on_saved"] == r1["went_on_saved"]
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+
+
+def test_a_rank_raising_inside_with_does_not_hang_the_others(tmp_path: Path) -> None:
+    directory, reports = _run_ranks(tmp_path, "", "exit")
+    r0, r1 = reports
+    # Each rank left its ``with`` by the training code's error, not by a ckptsync one.
+    assert r1["with_error"] and r1["with_error"]["message"] == "rank 1: bad batch", r1
+    assert r0["with_error"] and r0["with_error"]["type"] == "BadBatch", r0
+    # Rank 1's exit joined no collective: its all-reduce met rank 0's, and the group works.
+    assert r0["failed_ranks"] == r1["failed_ranks"] == 1
+    assert r0["all_reduce"] == r1["all_reduce"] == WORLD
+    # Rank 0 still finished its own background commit when it left its ``with``.
+    assert r0["committed"] == [r0["save_name"]]
+    assert staging_dirs(directory) == []
+    store = LocalStore(directory)
+    (ckpt,) = store.list()
+    store.verify(ckpt)

@@ -163,6 +163,60 @@ def scenario_remote_fails(rank: int, directory: str, report: dict[str, Any]) -> 
         report["close_error"] = _error(e)
 
 
+def scenario_init_fails(rank: int, directory: str, report: dict[str, Any]) -> None:
+    """Rank 0 alone cannot construct its Checkpointer (another writer holds the directory's
+    lock): every rank's constructor must raise, so no rank goes on to a save that rank 0 never
+    joins. Training that catches it goes on with another directory."""
+    model = torch.nn.Linear(3, 2)
+    holder = LocalStore(directory)  # another writer, as another process would be
+    if rank == 0:
+        assert holder.acquire_writer_lock()
+    try:
+        ck = Checkpointer(directory)
+        report["init_error"] = None
+        ck.save(1, model=model).wait()  # what training does next (a hang on the old code)
+        ck.close()
+    except Exception as e:
+        report["init_error"] = _error(e)
+    holder.release_writer_lock()
+    ck2 = Checkpointer(str(Path(directory).parent / "ckpts2"))
+    _go_on(ck2, model, 2, report)
+    ck2.close()
+
+
+class BadBatch(RuntimeError):
+    """The training code's own error on one rank."""
+
+
+def scenario_exit_raises(rank: int, directory: str, report: dict[str, Any]) -> None:
+    """Rank 1 raises inside ``with Checkpointer(...)`` while rank 0 goes on to the training
+    loop's next collective (an all-reduce of a failure flag, as training that agrees on
+    failures does). Leaving the ``with`` by an exception must join no collective: rank 1's
+    all-reduce after catching its error then meets rank 0's, rank 0 raises the same error and
+    leaves its ``with``, and rank 0's own background commit of the save is still finished."""
+    model = torch.nn.Linear(3, 2)
+    failed = torch.zeros(1)
+    try:
+        with Checkpointer(directory) as ck:
+            h = ck.save(1, model=model)  # in flight when rank 1 raises
+            report["save_name"] = h.name if rank == 0 else None
+            if rank == 1:
+                raise BadBatch("rank 1: bad batch")
+            dist.all_reduce(failed)  # the loop's next collective
+            if failed.item():
+                raise BadBatch(f"{int(failed.item())} rank(s) failed")
+    except BadBatch as e:
+        report["with_error"] = _error(e)
+        if rank == 1:
+            failed += 1
+            dist.all_reduce(failed)
+    report["failed_ranks"] = float(failed.item())
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    report["all_reduce"] = float(t.item())
+    report["committed"] = [c.name for c in LocalStore(directory).list()]
+
+
 def main(scenario: str, rank_s: str, world_s: str, port: str, directory: str, out: str) -> None:
     rank, world = int(rank_s), int(world_s)
     torch.set_num_threads(1)
@@ -180,6 +234,10 @@ def main(scenario: str, rank_s: str, world_s: str, port: str, directory: str, ou
             scenario_remote_fails(rank, directory, report)
         elif scenario == "handle":
             scenario_handle_waits(rank, directory, report)
+        elif scenario == "init":
+            scenario_init_fails(rank, directory, report)
+        elif scenario == "exit":
+            scenario_exit_raises(rank, directory, report)
         else:
             raise SystemExit(f"unknown scenario {scenario}")
     finally:
