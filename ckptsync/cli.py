@@ -323,7 +323,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill-at", type=int, default=130, metavar="STEP",
                    help="SIGKILL the trainer once this step is done (default 130)")
     p.add_argument("--script", metavar="PATH",
-                   help="trainer to run (default: examples/train_tiny_lm.py of the checkout)")
+                   help="trainer to run (default: the packaged ckptsync.examples.train_tiny_lm)")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 The demo plays the story ckptsync exists for, with real processes and no cloud account:
 
-1. the reference: ``examples/train_tiny_lm.py`` runs uninterrupted;
+1. the reference: the tiny GPT trainer (:mod:`ckptsync.examples.train_tiny_lm`, shipped in
+   the package, so the demo needs no source checkout) runs uninterrupted;
 2. the same run again, its checkpoints synced by the ``ckptsync watch`` daemon (started with
    :func:`ckptsync.daemon.start_watcher`) to a remote (default: a local directory used
    through ``file://``; ``--remote URL`` and ``-o KEY=VALUE`` for S3, GCS or Drive);
@@ -58,8 +59,12 @@ class DemoError(CkptSyncError):
 
 
 def default_script() -> Path:
-    """``examples/train_tiny_lm.py`` of the source checkout this package runs from."""
-    return Path(__file__).resolve().parent.parent / "examples" / "train_tiny_lm.py"
+    """The trainer the demo runs: ``ckptsync/examples/train_tiny_lm.py`` of this installation.
+
+    Found beside this module (not imported: it imports torch), so that a wheel install runs the
+    demo as a source checkout does.
+    """
+    return Path(__file__).resolve().parent / "examples" / "train_tiny_lm.py"
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,7 @@ class DemoConfig:
             ``save_every``, SIGKILL once step ``kill_at`` is logged.
         seed: the trainer's seed.
         script: the trainer (default: :func:`default_script`); it must take the flags of
-            ``examples/train_tiny_lm.py``.
+            :mod:`ckptsync.examples.train_tiny_lm`.
         progress: draw progress bars (stderr).
         narrate_to_stderr: print the running commentary on stderr (stdout stays clean for
             ``--json``).
@@ -101,10 +106,10 @@ class DemoConfig:
                 f"{self.save_every}) and before the end (step {self.steps})")
         script = self.script or default_script()
         if not script.is_file():
-            raise ConfigError(
-                f"the demo trainer {script} does not exist: `ckptsync demo` runs "
-                "examples/train_tiny_lm.py from a source checkout (git clone the project), "
-                "or pass --script PATH")
+            hint = ("check the --script path, or leave --script out" if self.script else
+                    "this installation of ckptsync is incomplete: reinstall it "
+                    "(pip install --force-reinstall \"ckptsync[torch,demo]\")")
+            raise ConfigError(f"the demo trainer {script} does not exist: {hint}")
 
 
 # --------------------------------------------------------------------------- output

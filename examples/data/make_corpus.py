@@ -1,4 +1,4 @@
-"""Regenerate ``tiny_corpus.txt``, the small English corpus the example trains on.
+"""Regenerate ``ckptsync/examples/data/tiny_corpus.txt``, the corpus the example trains on.
 
 The text is written from the fragments below by a seeded random generator, so it is
 deterministic, free of any copyright, and needs no download. Run from the repository root::
@@ -84,6 +84,7 @@ def make(size: int = 48_000, seed: int = 1234) -> str:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("tiny_corpus.txt")
+    # The corpus ships in the package, beside the trainer that reads it.
+    out = Path(__file__).resolve().parents[2] / "ckptsync" / "examples" / "data" / "tiny_corpus.txt"
     out.write_text(make())
     print(f"wrote {out} ({out.stat().st_size} bytes)")
