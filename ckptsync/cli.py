@@ -383,7 +383,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         storage_options=parse_storage_options(args.storage_option),
         steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
         script=Path(args.script) if args.script else None,
-        progress=not (args.no_progress or args.json),
+        progress=isinstance(_progress(args), TqdmProgress),  # bars only on a terminal
         narrate_to_stderr=args.json,
     ))
     _emit(args, report, format_report(report))

@@ -285,3 +285,12 @@ def test_watch_json_logs_one_object_per_line(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in p.stderr.splitlines()]  # each line one object
     assert lines and all(isinstance(x, dict) for x in lines)
     assert [m.name for m in RemoteStore(url).list()] == [ckpt.name]
+
+
+def test_demo_draws_no_bars_off_a_terminal(tmp_path: Path) -> None:
+    """``ckptsync demo 2>log`` (no ``--no-progress``): the log gets no progress bar."""
+    p = subprocess.run([sys.executable, "-m", "ckptsync", "demo", "--out", str(tmp_path / "out"),
+                        "--steps", "40", "--save-every", "10", "--kill-at", "25"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "\r" not in p.stderr and "step/s" not in p.stderr and "%|" not in p.stderr, p.stderr
