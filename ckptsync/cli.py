@@ -5,11 +5,16 @@ a run function returning the exit code); add new subcommands there. The daemon's
 ``status`` are defined next to the daemon (:mod:`ckptsync.daemon.cli`) and added to this one
 parser by :func:`build_parser`.
 
-Exit codes: 0 success; 1 a failure (remote error, corrupt checkpoint, nothing to pull);
-2 bad usage or configuration (unknown scheme, missing optional package, bad option); 4
-(``pull`` only) pulled an older checkpoint than the newest committed one, which could not be
-used, unless ``--allow-fallback``; 130 interrupted. Expected errors print one message on
-stderr, never a traceback.
+Every subcommand, ``watch`` and ``status`` included, takes the common flags of
+:func:`common_parser` (``--json``, ``-o KEY=VALUE``, ``-v``, ``--no-progress``).
+
+Exit codes (the one table is the README's "The command line"): 0 success; 1 a failure
+(remote error, corrupt checkpoint, nothing valid to pull); 2 bad usage or configuration
+(unknown scheme, missing optional package, bad option); 3 the remote refused the credentials
+or denied access (``watch``: any permanent remote error at start-up); 4 (``pull``) pulled an
+older checkpoint than the newest committed one, unless ``--allow-fallback``; 5 nothing to do
+(``pull`` of a remote that holds no checkpoint); 130 interrupted (SIGINT). Expected errors
+print one message on stderr, never a traceback.
 
 Example::
 
@@ -34,7 +39,13 @@ from ckptsync.config import TransferConfig, parse_storage_options, storage_optio
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import is_watched
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, NoCheckpointError
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    RemoteError,
+)
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, name_sort_key
 from ckptsync.ownership import (
@@ -47,13 +58,35 @@ from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.version import __version__
 
-__all__ = ["COMMANDS", "Command", "TqdmProgress", "build_parser", "main"]
+__all__ = [
+    "COMMANDS",
+    "EXIT_DENIED",
+    "EXIT_FAILED",
+    "EXIT_FELL_BACK",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOTHING_TO_DO",
+    "EXIT_USAGE",
+    "Command",
+    "TqdmProgress",
+    "build_parser",
+    "common_parser",
+    "main",
+]
 
 log = logging.getLogger("ckptsync.cli")
 
+EXIT_FAILED = 1
+#: Bad usage or configuration (argparse's own code for a bad command line too).
+EXIT_USAGE = 2
+#: The remote refused the credentials or denied access; the daemon's ``EXIT_REMOTE`` (3, any
+#: permanent remote error at start-up) is the same code.
+EXIT_DENIED = 3
 #: ``pull`` restored a valid checkpoint, but an older one than the newest committed: a script
 #: that resumes from it should know it lost training (``--allow-fallback`` makes it 0).
 EXIT_FELL_BACK = 4
+#: Nothing to do: ``pull`` of a remote that holds no committed checkpoint (a fresh run).
+EXIT_NOTHING_TO_DO = 5
+EXIT_INTERRUPTED = 130
 
 
 # --------------------------------------------------------------------------- progress
@@ -116,6 +149,8 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _add_push(p: argparse.ArgumentParser) -> None:
     p.add_argument("local", help="local checkpoint directory (as given to Checkpointer)")
     p.add_argument("remote", help="remote URL, e.g. s3://bucket/run1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only print what would be uploaded; write nothing")
 
 
 def _run_push(args: argparse.Namespace) -> int:
@@ -125,26 +160,34 @@ def _run_push(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     pushed, skipped = [], []
     progress = _progress(args)
+    verb = "would push" if args.dry_run else "pushed"
     for ckpt in local.list():
         # One manifest read per local checkpoint (a few, with retention), not a remote scan.
         if store.read_manifest(ckpt.name) is not None:
-            store.push(ckpt)  # a no-op, but refuses a different checkpoint of the same name
+            if not args.dry_run:
+                store.push(ckpt)  # a no-op, but refuses a different checkpoint of the same name
             skipped.append(ckpt.name)
             continue
-        store.push(ckpt, progress=progress)
+        if not args.dry_run:
+            store.push(ckpt, progress=progress)
         pushed.append(ckpt.name)
         if not args.json:
-            print(f"pushed {ckpt.name}")
-    _emit(args, {"pushed": pushed, "skipped": skipped},
-          f"{len(pushed)} pushed, {len(skipped)} already in {redact_url(args.remote)}")
+            print(f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})")
+    result: dict[str, Any] = {"pushed": pushed, "skipped": skipped}
+    if args.dry_run:
+        result = {"dry_run": True, "would_push": pushed, "skipped": skipped}
+    _emit(args, result,
+          f"{len(pushed)} {verb}, {len(skipped)} already in {redact_url(args.remote)}")
     return 0
 
 
 PULL_EPILOG = f"""\
 exit codes: 0 pulled the newest committed checkpoint (or the one --name gives);
 {EXIT_FELL_BACK} pulled an older valid one because every newer one is corrupt, partial or
-unusable (named on stderr) -- pass --allow-fallback to exit 0 then; 1 failure (remote
-error, nothing valid to pull); 2 bad usage or configuration."""
+unusable (named on stderr) -- pass --allow-fallback to exit 0 then; {EXIT_NOTHING_TO_DO} nothing
+to do: the remote holds no checkpoint (a fresh run); 1 failure (remote error, nothing valid
+to pull); 2 bad usage or configuration; {EXIT_DENIED} credentials refused or access denied;
+{EXIT_INTERRUPTED} interrupted."""
 
 
 def _add_pull(p: argparse.ArgumentParser) -> None:
@@ -179,6 +222,11 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
 def _run_pull(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     head = store.read_manifest(args.name) if args.name else store.newest_valid()
+    if head is None and args.name is None and all(e.status == "uncommitted"
+                                                   for e in store.scan()):
+        print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
+              f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
+        return EXIT_NOTHING_TO_DO
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them.
@@ -335,7 +383,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         storage_options=parse_storage_options(args.storage_option),
         steps=args.steps, save_every=args.save_every, kill_at=args.kill_at,
         script=Path(args.script) if args.script else None,
-        progress=not (args.no_progress or args.json),
+        progress=isinstance(_progress(args), TqdmProgress),  # bars only on a terminal
         narrate_to_stderr=args.json,
     ))
     _emit(args, report, format_report(report))
@@ -371,21 +419,37 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ckptsync`` argument parser (the only one): one subparser per :data:`COMMANDS`
-    entry, then the daemon's ``watch`` and ``status``."""
+def common_parser() -> argparse.ArgumentParser:
+    """The flags every subcommand takes, ``watch`` and ``status`` included (an argparse
+    parent): ``--json``, ``-o/--storage-option``, ``--no-progress``, ``-v/--verbose``."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--json", action="store_true",
+                        help="machine-readable output on stdout (watch: JSON log lines)")
     common.add_argument("-o", "--storage-option", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="fsspec storage option (VALUE parsed as JSON when it parses); "
                              "repeatable. Prefer the backend's credential chain for secrets")
-    common.add_argument("--workers", type=int, help="parallel file transfers "
-                        "(default: CKPTSYNC_MAX_WORKERS or 8)")
-    common.add_argument("--retries", type=int, help="attempts per operation "
-                        "(default: CKPTSYNC_RETRIES or 5)")
-    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (there are none when stderr is not a terminal)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    return common
+
+
+def _transfer_parser() -> argparse.ArgumentParser:
+    """Transfer flags of the one-shot commands (``watch`` has its own ``--workers``)."""
+    transfer = argparse.ArgumentParser(add_help=False)
+    transfer.add_argument("--workers", type=int, help="parallel file transfers "
+                          "(default: CKPTSYNC_MAX_WORKERS or 8)")
+    transfer.add_argument("--retries", type=int, help="attempts per operation "
+                          "(default: CKPTSYNC_RETRIES or 5)")
+    return transfer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ckptsync`` argument parser (the only one): one subparser per :data:`COMMANDS`
+    entry, then the daemon's ``watch`` and ``status``; each takes :func:`common_parser`'s
+    flags."""
+    common, transfer = common_parser(), _transfer_parser()
 
     parser = argparse.ArgumentParser(
         prog="ckptsync",
@@ -394,12 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ckptsync {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help, parents=[common])
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help,
+                           parents=[common, transfer])
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     # Defined next to what they drive; each sets ``_run`` like the COMMANDS entries do.
-    add_daemon_subcommands(sub)
+    add_daemon_subcommands(sub, parents=[common])
     return parser
+
+
+def _exit_code(e: CkptSyncError) -> int:
+    if isinstance(e, ConfigError):
+        return EXIT_USAGE
+    if isinstance(e, RemoteError) and e.denied:
+        return EXIT_DENIED
+    return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -422,14 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptsync: error: {scrub(str(e))}", file=sys.stderr)
         # -vv: where it came from, with the backend's exception (scrubbed by the filter).
         log.debug("traceback of the error above", exc_info=True)
-        return 2 if isinstance(e, ConfigError) else 1
+        return _exit_code(e)
     except KeyboardInterrupt:
         print("ckptsync: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # a bug: its traceback, without the secrets it may hold
         trace = "".join(traceback.format_exception(e))
         print(f"ckptsync: internal error (please report it):\n{scrub(trace)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUN
 ``CKPTSYNC_CONNECT_TIMEOUT``, ``CKPTSYNC_READ_TIMEOUT``; for the client,
 ``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
 
-Storage options (fsspec's, passed through unchanged) come from ``CKPTSYNC_STORAGE_OPTIONS``
-(:func:`storage_options_from_env`) and ``-o KEY=VALUE`` flags (:func:`parse_storage_options`,
-the one parser every command uses, ``watch`` included).
+The remote URL comes from ``CKPTSYNC_REMOTE`` (:func:`remote_from_env`) where no argument
+gives one. Storage options (fsspec's, passed through unchanged) come from
+``CKPTSYNC_STORAGE_OPTIONS`` (:func:`storage_options_from_env`) and ``-o KEY=VALUE`` flags
+(:func:`parse_storage_options`, the one parser every command uses, ``watch`` included); both
+apply to ``Checkpointer(...)`` too when its ``remote=``/``storage_options=`` are not given.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "TransferConfig",
     "parse_storage_option",
     "parse_storage_options",
+    "remote_from_env",
     "resolve_close_timeout",
     "storage_options_from_env",
 ]
@@ -139,6 +142,12 @@ class TransferConfig:
                     f"environment variable {var}={raw!r} is not a valid {kind.__name__}"
                 ) from None
         return cls(**values)
+
+
+def remote_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """``CKPTSYNC_REMOTE`` (stripped); None when unset or blank, as for the daemon."""
+    raw = (os.environ if env is None else env).get(ENV_PREFIX + "REMOTE")
+    return raw.strip() if raw is not None and raw.strip() else None
 
 
 def storage_options_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -61,12 +61,15 @@ class LocalStorageError(CkptSyncError, OSError):
 
 
 class RemoteError(CkptSyncError):
-    """Remote storage failed. ``retryable`` says whether trying again may help.
+    """Remote storage failed. ``retryable`` says whether trying again may help; ``denied``
+    that the remote refused the credentials or denied access (the CLI's exit 3).
 
     The backend's exception is kept as ``__cause__``.
     """
 
-    def __init__(self, message: str, *, url: str | None = None, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, url: str | None = None, retryable: bool = False,
+                 denied: bool = False) -> None:
         super().__init__(message)
         self.url = url
         self.retryable = retryable
+        self.denied = denied

@@ -29,7 +29,7 @@ from ckptsync.client.state import (
     to_jsonable,
 )
 from ckptsync.client.uploader import SyncStatus, Uploader
-from ckptsync.config import resolve_close_timeout
+from ckptsync.config import remote_from_env, resolve_close_timeout, storage_options_from_env
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.local import (
     RESUMED_FILE,
@@ -66,7 +66,9 @@ class Checkpointer:
         remote: optional fsspec URL (``s3://bucket/run``, ``gs://...``, ``gdrive://...``,
             ``file:///mnt/drive/run``). Saves are uploaded in the background; ``restore`` pulls
             the newest valid remote checkpoint when it is newer than the newest local one.
-        storage_options: passed unchanged to fsspec for ``remote``.
+            Default: ``CKPTSYNC_REMOTE`` where set, as for the CLI (else no remote).
+        storage_options: passed unchanged to fsspec for ``remote`` (default: the JSON object
+            in ``CKPTSYNC_STORAGE_OPTIONS``, else none).
         keep_last, keep_best, keep_every: retention (applied locally and, with a remote,
             remotely). ``keep_best`` is ``"METRIC:min|max:K"`` or a :class:`BestRule`.
         rng: capture and restore python/numpy/torch/CUDA RNG states (default True).
@@ -159,13 +161,16 @@ class Checkpointer:
         self._dist_pending: Future[Any] | None = None
         self._git = git_revision()
         self.remote: RemoteStore | None = remote_store
+        if remote_store is None and remote is None:  # like the CLI: CKPTSYNC_REMOTE
+            remote = remote_from_env()
         if self.remote is None and remote is not None:
             from ckptsync.ownership import check_remote_outside, check_remote_url
             from ckptsync.remote import RemoteStore
 
             check_remote_outside(check_remote_url(remote, "remote="), self.store.directory,
                                  "remote=")
-            self.remote = RemoteStore(remote, dict(storage_options or {}))
+            options = storage_options_from_env() if storage_options is None else storage_options
+            self.remote = RemoteStore(remote, dict(options))
         if self.rank == 0:
             if not self.store.acquire_writer_lock():
                 # A second writer's retention would delete the first one's checkpoints under

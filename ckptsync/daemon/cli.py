@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
@@ -47,16 +49,21 @@ crash); 2 bad configuration or another daemon watches the directory (at start-up
 restart); 3 permanent remote error at start-up (bad credentials, no such bucket)."""
 
 
-def add_subcommands(subparsers: Any) -> None:
-    """Add ``watch`` and ``status`` to an ``argparse`` subparsers object."""
+def add_subcommands(subparsers: Any,
+                    parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add ``watch`` and ``status`` to an ``argparse`` subparsers object; ``parents`` hold
+    the flags every command takes (:func:`ckptsync.cli.common_parser`: ``--json``, ``-o``,
+    ``-v``, ``--no-progress``)."""
     w = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_HELP,
-                              epilog=WATCH_EPILOG,
+                              epilog=WATCH_EPILOG, parents=list(parents),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("local_dir", metavar="LOCAL_DIR", help="directory the trainer writes to")
     w.add_argument("remote", metavar="REMOTE_URL", nargs="?", default=None,
                    help="fsspec URL (s3://bucket/run, gs://..., gdrive://..., file:///...)")
-    w.add_argument("-o", "--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option (VALUE parsed as JSON when it parses); repeatable")
+    if not any(a.dest == "storage_option" for a in w._actions):  # called without parents
+        w.add_argument("-o", "--storage-option", action="append", default=[],
+                       metavar="KEY=VALUE",
+                       help="fsspec storage option (VALUE parsed as JSON when it parses)")
     w.add_argument("--keep-last", type=int, help="remote retention: keep the last N")
     w.add_argument("--keep-best", metavar="METRIC:min|max:K",
                    help="remote retention: keep the best K by a metric")
@@ -80,20 +87,27 @@ def add_subcommands(subparsers: Any) -> None:
                    help="on SIGTERM, wait this long for in-flight uploads (default 30)")
     w.add_argument("--parent-pid", type=int, metavar="PID",
                    help="when PID exits, upload what is pending and exit")
-    w.add_argument("--log-format", choices=("kv", "json"), help="log line format (default kv)")
+    w.add_argument("--log-format", choices=("kv", "json"),
+                   help="log line format on stderr (default kv; --json: json)")
     w.add_argument("--nice", type=int, metavar="N",
                    help="lower the daemon's CPU priority by N (0-19) so training gets the CPU "
                         "first (default 0)")
     w.set_defaults(func=run_watch, _run=run_watch)
 
-    s = subparsers.add_parser("status", help=STATUS_HELP, description=STATUS_HELP)
+    s = subparsers.add_parser("status", help=STATUS_HELP, description=STATUS_HELP,
+                              parents=list(parents))
     s.add_argument("local_dir", metavar="LOCAL_DIR", help="the watched directory")
-    s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    if not any(a.dest == "json" for a in s._actions):
+        s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_status, _run=run_status)
 
 
 def run_watch(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (the ``watch`` subcommand)."""
+    if getattr(args, "json", False) and args.log_format is None:
+        args.log_format = "json"  # a streaming command: one JSON object per line
+    if (getattr(args, "verbose", 0) or 0) >= 2:  # -vv: the daemon's own debug records too
+        logging.getLogger("ckptsync").setLevel(logging.DEBUG)
     try:
         config = config_from_args(args)
     except ConfigError as e:

@@ -169,14 +169,16 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
             "or memory:// (or another installed fsspec protocol)"
         )
 
-    retryable = False
+    retryable = denied = False
     if name in _CREDENTIAL_ERRORS:
         what, hint = "no usable credentials", (
             "configure the backend's credentials (AWS env/profile/role, Google ADC, "
             "Drive service account)"
         )
+        denied = True
     elif isinstance(exc, PermissionError) or status in (401, 403):
-        what, hint = "access denied", "check the credentials and their permissions on this path"
+        what, hint, denied = ("access denied",
+                              "check the credentials and their permissions on this path", True)
     elif isinstance(exc, FileNotFoundError) or status == 404:
         what, hint = "not found", "check that the bucket and the path exist"
     elif isinstance(exc, FileExistsError):
@@ -190,11 +192,11 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
     elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what, hint = "no space left", "free space on the remote or raise its quota"
     elif isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        what, hint = "access denied", "check the permissions on this path"
+        what, hint, denied = "access denied", "check the permissions on this path", True
     else:
         what, hint = "failed", "check the URL, the credentials and the backend's status"
     return RemoteError(f"cannot {action} {where}: {what} ({detail}); {hint}", url=where,
-                       retryable=retryable)
+                       retryable=retryable, denied=denied)
 
 
 def open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str]) -> tuple[Any, str]:

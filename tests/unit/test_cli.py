@@ -143,7 +143,7 @@ def test_truncated_file_shows_partial(setup: Any, tmp_path: Path) -> None:
     ("args", "code", "message"),
     [
         (["ls", "nosuch://bucket/run"], 2, "unknown URL scheme"),
-        (["pull", "{url}", "{tmp}/out"], 1, "no valid checkpoint"),
+        (["pull", "{url}", "{tmp}/out"], 5, "nothing to pull"),  # an empty remote
         (["verify", "{url}", "--name", "step-000000000001-20260101T000000000000Z-abcdef"], 1,
          "no committed checkpoint"),
         (["push", "{tmp}/does-not-exist", "{url}"], 1, "does not exist"),
@@ -156,7 +156,8 @@ def test_errors_exit_codes_without_traceback(tmp_path: Path, args: list[str], co
     url = f"file://{tmp_path}/remote/run"
     p = ckptsync(*[a.format(url=url, tmp=tmp_path) for a in args])
     assert p.returncode == code, (p.stdout, p.stderr)
-    assert message in p.stderr and p.stderr.startswith("ckptsync: error:")
+    assert message in p.stderr
+    assert p.stderr.startswith("ckptsync: nothing" if code == 5 else "ckptsync: error:")
     assert no_traceback(p)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +75,48 @@ def test_watch_arguments_parse_through_the_one_parser(tmp_path: Path) -> None:
     assert args.storage_option == ["anon=true"]
     args = build_parser().parse_args(["status", str(tmp_path), "--json"])
     assert args.command == "status" and args.json
+
+
+#: The smallest positional arguments of each subcommand.
+POSITIONALS = {"push": ["ckpts", "file:///r"], "pull": ["file:///r", "out"], "ls": ["file:///r"],
+               "verify": ["file:///r"], "gc": ["file:///r"], "demo": [],
+               "watch": ["ckpts", "file:///r"], "status": ["ckpts"]}
+
+
+def _readme_common_flags() -> list[str]:
+    """The flags the README's command-line section says every command takes."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("Every command, `watch` and `status` included, takes")
+    sentence = text[start:text.index("\n\n", start)].split("`push`, `pull`", 1)[0]
+    sentence = re.sub(r"\([^)]*\)", "", sentence)  # what a flag does, not a flag promised
+    return sorted({m.split()[0].split("/")[0].split("=")[0]
+                   for m in re.findall(r"`(-[^`]*)`", sentence)})
+
+
+def test_readme_promises_the_common_flags() -> None:
+    assert _readme_common_flags() == ["--json", "--no-progress", "-o", "-v", "-vv"]
+    assert set(POSITIONALS) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_readme_common_flag_parses_on_every_subcommand(name: str) -> None:
+    parser = build_parser()
+    args = parser.parse_args([name, *POSITIONALS[name], "--json", "-o", "anon=true", "-vv",
+                              "--no-progress"])
+    assert args.command == name
+    assert args.json and args.no_progress and args.verbose == 2
+    assert args.storage_option == ["anon=true"]
+    for flag in _readme_common_flags():
+        extra = ["k=v"] if flag == "-o" else []
+        parser.parse_args([name, *POSITIONALS[name], flag, *extra])
+
+
+@pytest.mark.parametrize("name", ["push", "gc"])
+def test_dry_run_parses(name: str) -> None:
+    assert build_parser().parse_args([name, *POSITIONALS[name], "--dry-run"]).dry_run
+
+
+def test_status_takes_the_common_flags_when_run(tmp_path: Path) -> None:
+    r = _ckptsync("status", str(tmp_path), "-v", "-o", "anon=true", "--no-progress", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "state" not in json.loads(r.stdout)  # no daemon ran there
