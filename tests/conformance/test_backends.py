@@ -20,23 +20,18 @@ from fsspec.implementations.local import LocalFileSystem
 from ckptsync.config import TransferConfig
 from ckptsync.errors import RemoteError
 from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
+from ckptsync.manifest import MANIFEST_NAME
 from ckptsync.remote import RemoteStore, choose_backend, translate_error
 from ckptsync.remote.backends import FSSPEC, GCS, GDRIVE, LOCAL_DIR, S3, Backend
 from tests.support.faults import FaultFS, FaultOps
 from tests.support.remotes import Remote
+from tests.support.stores import make_local
 
 MiB = 1024 * 1024
 FAST = TransferConfig(max_workers=3, retries=3, backoff_initial=0.0, backoff_max=0.0,
                       part_size=5 * MiB, block_size=5 * MiB, parts_in_flight=2)
 
 
-def commit(store: LocalStore, step: int, files: dict[str, bytes]) -> LocalCheckpoint:
-    name = make_name(step)
-    st = store.staging(name)
-    for rel, data in files.items():
-        st.write_file(rel, data)
-    return st.commit(Manifest.new(step=step, files=st.entries, name=name))
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -55,7 +50,7 @@ def test_a_store_over_the_fault_wrapper_chooses_its_targets_backend(remote: Remo
 def test_a_push_through_the_wrapper_on_file_commits_by_durable_rename_and_link(
         file_remote: Remote, tmp_path: Path) -> None:
     files = {"model.pt": os.urandom(3000), "optim/state.pt": os.urandom(2000)}
-    ckpt = commit(LocalStore(tmp_path / "ckpts"), 3, files)
+    ckpt = make_local(LocalStore(tmp_path / "ckpts"), 3, files)
     fs, ops = FaultFS(file_remote.fs()), FaultOps()
     store = RemoteStore(file_remote.url, fs=fs, config=FAST, ops=ops)
     store.push(ckpt)
@@ -82,7 +77,7 @@ def test_a_push_through_the_wrapper_on_file_commits_by_durable_rename_and_link(
 
 def test_a_fault_in_the_local_commit_commits_nothing(file_remote: Remote,
                                                      tmp_path: Path) -> None:
-    ckpt = commit(LocalStore(tmp_path / "ckpts"), 4, {"model.pt": os.urandom(1000)})
+    ckpt = make_local(LocalStore(tmp_path / "ckpts"), 4, {"model.pt": os.urandom(1000)})
     ops = FaultOps()
     ops.fail_on("fsync", f"{ckpt.name}/.{MANIFEST_NAME}.tmp-",
                 PermissionError(13, "injected: read-only file system"))
@@ -96,7 +91,7 @@ def test_a_fault_in_the_local_commit_commits_nothing(file_remote: Remote,
 
 def _big_checkpoint(tmp_path: Path) -> tuple[LocalCheckpoint, dict[str, bytes]]:
     files = {"big.bin": os.urandom(6 * MiB), "small.bin": os.urandom(1000)}  # big: 2 parts
-    return commit(LocalStore(tmp_path / "ckpts"), 5, files), files
+    return make_local(LocalStore(tmp_path / "ckpts"), 5, files), files
 
 
 def test_a_push_through_the_wrapper_on_s3_takes_the_multipart_path(

@@ -13,7 +13,6 @@ not seen: the ckptsync that runs is the wheel's, and the test checks it.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import REPO
+from tests.support.paths import package_source
 
 SHORT = ["--steps", "80", "--save-every", "10", "--kill-at", "55", "--no-progress"]
 
@@ -45,12 +44,7 @@ def _run(cmd: list[str], *, cwd: Path | None = None,
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
-    src = root / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "ckptsync", src / "ckptsync",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    src = package_source(root)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
           "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"),
           str(src)], timeout=300)

@@ -28,7 +28,7 @@ from ckptsync.daemon import STOP_GRACE_S
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
-from tests.support.paths import REPO
+from tests.support.paths import REPO, package_source
 from tests.support.remotes import Remote
 
 DEPLOY = REPO / "deploy"
@@ -220,12 +220,7 @@ def test_sidecar_pull_passes_no_storage_option_as_an_argument(s3_remote: Remote,
 def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv built the way the Dockerfile builds the image (``[s3]`` only, to stay fast)."""
     root = tmp_path_factory.mktemp("image")
-    src = root / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "ckptsync", src / "ckptsync",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    src = package_source(root)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     # The package index is reached directly: the Drive double, once an earlier test started

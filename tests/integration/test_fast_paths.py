@@ -18,11 +18,12 @@ import torch
 from ckptsync import Checkpointer
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError
-from ckptsync.local import HashingWriter, LocalCheckpoint, LocalStore
-from ckptsync.manifest import FileEntry, Manifest, make_name
+from ckptsync.local import HashingWriter, LocalStore
+from ckptsync.manifest import FileEntry
 from ckptsync.remote import RemoteStore, translate_error
 from ckptsync.transfer import Retrier, Slots, download_file_ranged, upload_file_multipart
 from tests.support.remotes import Remote
+from tests.support.stores import make_local, read_tree
 
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum), ranges from 5 MiB: a 13 MiB file is 3 parts / 3 ranges.
@@ -30,31 +31,21 @@ FAST = TransferConfig(max_workers=4, block_size=5 * MiB, part_size=5 * MiB, part
                       ranged_min_size=5 * MiB, retries=2, backoff_initial=0.0)
 
 
-def commit(store: LocalStore, step: int, files: dict[str, bytes]) -> LocalCheckpoint:
-    name = make_name(step)
-    st = store.staging(name)
-    for rel, data in files.items():
-        w = st.open(rel)
-        w.write(data)
-        st.close_file(rel)
-    return st.commit(Manifest.new(step=step, files=st.entries, name=name))
 
 
-def read_all(ck: LocalCheckpoint) -> dict[str, bytes]:
-    return {f.path: ck.file(f.path).read_bytes() for f in ck.manifest.files}
 
 
 def test_multipart_upload_and_ranged_download_roundtrip(s3_remote: Remote, tmp_path: Path) -> None:
     files = {"big.bin": os.urandom(13 * MiB + 123), "exact.bin": os.urandom(10 * MiB),
              "small.bin": os.urandom(1000), "empty.bin": b"", "sub/mid.bin": os.urandom(6 * MiB)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     assert store.backend.parallel_parts
     store.push(ck)
     assert store.stats["bytes_uploaded"] == sum(len(b) for b in files.values())
     assert store.verify(ck.name, full=True).files == ck.manifest.files
     got = store.pull(None, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == files
+    assert read_tree(got.path) == files
     # No multipart upload is left behind.
     bucket = s3_remote.extra["bucket"]
     assert not [u for u in store.fs.list_multipart_uploads(bucket) if "run/" in u.get("Key", "")]
@@ -124,9 +115,9 @@ def test_unchanged_files_are_copied_server_side(s3_remote: Remote, tmp_path: Pat
     local = LocalStore(tmp_path / "src")
     files = {f"f{i}.bin": os.urandom(64 * 1024 + i) for i in range(10)}
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
-    store.push(commit(local, 1, files))
+    store.push(make_local(local, 1, files))
     files2 = dict(files, **{"f3.bin": os.urandom(5000)})
-    ck2 = commit(local, 2, files2)
+    ck2 = make_local(local, 2, files2)
     before = dict(store.stats)
     store.push(ck2)
     sent = store.stats["bytes_uploaded"] - before["bytes_uploaded"]
@@ -135,7 +126,7 @@ def test_unchanged_files_are_copied_server_side(s3_remote: Remote, tmp_path: Pat
     assert copied == sum(len(b) for k, b in files.items() if k != "f3.bin")
     got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
         ck2.name, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == files2
+    assert read_tree(got.path) == files2
 
 
 def test_checkpointer_restores_exact_tensors_through_fast_paths(s3_remote: Remote,
@@ -176,7 +167,7 @@ def test_streamed_upload_is_used_and_falls_back_when_incomplete(s3_remote: Remot
     for step in (1, 2):
         files = {"a.bin": os.urandom(12 * MiB + 7), "b.bin": os.urandom(11 * MiB),
                  **{f"s{i}.bin": os.urandom(1000 + i) for i in range(FAST.parts_in_flight)}}
-        ck = commit(LocalStore(tmp_path / f"src{step}"), step, files)
+        ck = make_local(LocalStore(tmp_path / f"src{step}"), step, files)
         streams = {}
         for rel, data in files.items():  # fed the whole file, as torch.save would ...
             stream = streams[rel] = store.stream_file(ck.name, rel)
@@ -188,7 +179,7 @@ def test_streamed_upload_is_used_and_falls_back_when_incomplete(s3_remote: Remot
         store.push(ck, streams=streams)
         got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
             ck.name, LocalStore(tmp_path / f"dst{step}"))
-        assert read_all(got) == files
+        assert read_tree(got.path) == files
     bucket = s3_remote.extra["bucket"]
     assert not [u for u in store.fs.list_multipart_uploads(bucket) if "run/" in u.get("Key", "")]
     slots = store._stream_slots
@@ -209,10 +200,10 @@ def test_parts_go_through_a_blocking_client_with_credentials_from_the_environmen
     assert sender._client is not None  # not the single-thread s3fs fallback
     sender.close()
     files = {"big.bin": os.urandom(12 * MiB + 5)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
     store.push(ck)
-    assert read_all(RemoteStore(s3_remote.url, options, config=FAST).pull(
-        None, LocalStore(tmp_path / "dst"))) == files
+    assert read_tree(RemoteStore(s3_remote.url, options, config=FAST).pull(
+        None, LocalStore(tmp_path / "dst")).path) == files
 
 
 def test_a_failed_part_is_a_clear_error_and_nothing_is_visible(s3_remote: Remote,
@@ -239,7 +230,7 @@ def test_a_failed_part_is_a_clear_error_and_nothing_is_visible(s3_remote: Remote
 def test_truncated_or_missing_big_file_fails_the_ranged_download(s3_remote: Remote,
                                                                  tmp_path: Path) -> None:
     files = {"big.bin": os.urandom(12 * MiB), "other.bin": os.urandom(11 * MiB)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     store.push(ck)
     store.fs.pipe_file(f"{store.root}/{ck.name}/big.bin", files["big.bin"][: 7 * MiB])

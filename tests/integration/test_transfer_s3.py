@@ -19,11 +19,11 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 
 from ckptsync.config import TransferConfig
-from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import Manifest, make_name
+from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
 from ckptsync.transfer import backoff
 from tests.support.remotes import Remote
+from tests.support.stores import make_local, read_tree
 
 MiB = 1024 * 1024
 # 5 MiB parts and ranges (S3's minimum): a 13 MiB file is a 3-part upload, a 3-range download.
@@ -59,18 +59,8 @@ def changed_store(remote: Remote) -> RemoteStore:
     return store
 
 
-def commit(store: LocalStore, step: int, files: dict[str, bytes]) -> LocalCheckpoint:
-    name = make_name(step)
-    st = store.staging(name)
-    for rel, data in files.items():
-        w = st.open(rel)
-        w.write(data)
-        st.close_file(rel)
-    return st.commit(Manifest.new(step=step, files=st.entries, name=name))
 
 
-def read_all(ck: LocalCheckpoint) -> dict[str, bytes]:
-    return {f.path: ck.file(f.path).read_bytes() for f in ck.manifest.files}
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -93,12 +83,12 @@ def test_push_and_pull_go_on_through_the_public_api(s3_remote: Remote, tmp_path:
                                                     caplog: pytest.LogCaptureFixture) -> None:
     files = {"big.bin": os.urandom(13 * MiB + 7), "other.bin": os.urandom(6 * MiB),
              "small.bin": os.urandom(1000)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
     store = changed_store(s3_remote)
     with caplog.at_level(logging.WARNING):
         store.push(ck)
         got = store.pull(None, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == files
+    assert read_tree(got.path) == files
     assert store.stats["bytes_uploaded"] == sum(len(b) for b in files.values())
     assert no_multipart_left(store, s3_remote)  # the multipart uploads tried were aborted
     assert_one_warning(caplog)  # once for the filesystem, not once per file or part
@@ -107,18 +97,18 @@ def test_push_and_pull_go_on_through_the_public_api(s3_remote: Remote, tmp_path:
 def test_a_ranged_download_goes_on_through_the_public_api(s3_remote: Remote, tmp_path: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     files = {"big.bin": os.urandom(12 * MiB + 3)}
-    ck = commit(LocalStore(tmp_path / "src"), 1, files)
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
     RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).push(ck)
     with caplog.at_level(logging.WARNING):
         got = changed_store(s3_remote).pull(None, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == files
+    assert read_tree(got.path) == files
     assert_one_warning(caplog)
 
 
 def test_a_streamed_upload_gives_way_to_a_plain_one(s3_remote: Remote, tmp_path: Path,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     data = os.urandom(11 * MiB)
-    ck = commit(LocalStore(tmp_path / "src"), 1, {"big.bin": data})
+    ck = make_local(LocalStore(tmp_path / "src"), 1, {"big.bin": data})
     store = changed_store(s3_remote)
     stream = store.stream_file(ck.name, "big.bin")
     assert stream is not None
@@ -129,7 +119,7 @@ def test_a_streamed_upload_gives_way_to_a_plain_one(s3_remote: Remote, tmp_path:
     assert manifest.name == ck.name
     got = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST).pull(
         None, LocalStore(tmp_path / "dst"))
-    assert read_all(got) == {"big.bin": data}
+    assert read_tree(got.path) == {"big.bin": data}
     assert no_multipart_left(store, s3_remote)
     assert_one_warning(caplog)
 

@@ -5,6 +5,7 @@ import from this checkout). Torch-free."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,3 +26,15 @@ def child_env(**extra: str) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def package_source(dest: Path) -> Path:
+    """Copy what a pip build of ckptsync reads (pyproject.toml, README.md, ckptsync/) into
+    ``dest/src``, so that a build writes nothing into the checkout; returns ``dest/src``."""
+    src = dest / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "ckptsync", src / "ckptsync",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return src
