@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.daemon import VersionTracker, WatchRule, restore_watched, snapshot_version
+from ckptsync.daemon import (
+    VersionTracker,
+    WatchRule,
+    read_status,
+    restore_watched,
+    snapshot_version,
+)
 from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import FileOps, LocalStore, hash_file
 from ckptsync.remote import RemoteStore
@@ -55,8 +61,7 @@ def test_renamed_into_place_version_is_spooled_by_hard_link_not_copied(
     out.mkdir()
     d = InProcess(out, file_remote, ["file:ckpt.bin"], settle=5.0, interval=30)
     daemons.append(d)
-    wait_for(lambda: d.watcher._trackers, "the daemon to start")
-    time.sleep(0.3)  # the watch is set up before the trainer renames its file in
+    wait_for(lambda: read_status(out), "the daemon to start")  # its inotify watch is set
     _rename_in(out / "ckpt.bin", _payload(1))
     wait_for(lambda: _taken(d), "the renamed version (finished at once: no settle)")
     src = (out / "ckpt.bin").stat()
@@ -158,8 +163,7 @@ def test_in_place_rewrite_racing_a_hard_linked_spool_is_never_committed(
     ops = RewriteAtCommit(out / "ckpt.bin")
     d = InProcess(out, file_remote, ["file:ckpt.bin"], spool_ops=ops, settle=1.0, interval=30)
     daemons.append(d)
-    wait_for(lambda: d.watcher._trackers, "the daemon to start")
-    time.sleep(0.3)
+    wait_for(lambda: read_status(out), "the daemon to start")
     _rename_in(out / "ckpt.bin", _payload(1))
     wait_for(lambda: d.log.events("push_dropped"), "the changed spool version to be dropped",
              timeout=20)
