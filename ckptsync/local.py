@@ -119,6 +119,10 @@ class FileOps(WriteOps):
         file there (a rename never follows a symlink in its last component)."""
         os.replace(src, dst_name, dst_dir_fd=dst_dir_fd)
 
+    def link(self, src: Path, dst: Path) -> None:
+        """Hard-link ``src`` as ``dst`` (never following a symlink at ``src``)."""
+        os.link(src, dst, follow_symlinks=False)
+
     def fsync_dir(self, path: Path) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
@@ -191,6 +195,34 @@ class Staging:
         except OSError as e:
             raise storage_error(e, w.path, "write") from e
         entry = w.entry(relpath)
+        self.entries.append(entry)
+        return entry
+
+    def link_file(self, relpath: str, src: Path) -> Path | None:
+        """Hard-link ``src`` as ``relpath`` (no copy: the checkpoint shares ``src``'s inode).
+
+        Returns the link, or None where the file system refuses one (another file system:
+        EXDEV; EPERM, EMLINK, no links at all): the caller copies instead. The caller hashes
+        the link's content and records it with :meth:`add_entry`.
+        """
+        check_relpath(relpath, where=str(self.path))
+        target = self.path.joinpath(*relpath.split("/"))
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, target, "create") from e
+        try:
+            self.store.ops.link(src, target)
+        except FileNotFoundError:
+            raise  # the source went away: the caller's business, not a refused link
+        except OSError as e:
+            log.debug("cannot hard-link %s to %s (%s): copying instead", src, target, e)
+            return None
+        return target
+
+    def add_entry(self, entry: FileEntry) -> FileEntry:
+        """Record a file placed by :meth:`link_file`, hashed by the caller."""
+        check_relpath(entry.path, where=str(self.path))
         self.entries.append(entry)
         return entry
 

@@ -35,6 +35,16 @@ version is taken instead. Files in a self-describing format (``torch.save``'s zi
 safetensors) are also checked to be structurally complete, so a file left half-written by a
 killed trainer is never committed. A version identical to the last one committed is skipped.
 
+A file renamed into place (the temp-file-and-rename pattern: its inode is never written
+again) is spooled by hard link instead of a copy, so the spool does not double the disk: the
+link is read once to hash it, and the same stat check holds (inode, size and mtime unchanged
+from before the link to after the read; the link itself moves the ctime). A trainer that
+later rewrites that very file in place (``open(path, "wb")`` keeps the inode) changes the
+spooled bytes too: the upload hashes what it reads and refuses a file that no longer matches
+its manifest, so such a version is never committed, and the daemon drops it for the next one
+(``push_dropped``, reason ``changed``). Where a link is refused (another file system,
+EPERM, no links), the file is copied.
+
 :class:`VersionTracker` decides when a version is due (the daemon's dispatcher feeds it);
 :func:`snapshot_version` copies one into the spool.
 
@@ -59,8 +69,8 @@ from ckptsync.daemon.rules import (
     stat_sig,
     structure_complete,
 )
-from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore
-from ckptsync.manifest import Manifest, check_relpath, make_name
+from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
+from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
 from ckptsync.transfer import backoff
 
 __all__ = [
@@ -103,6 +113,7 @@ def snapshot_version(
     *,
     last_signature: tuple[tuple[str, str], ...] = (),
     guard: Iterable[str] = (),
+    link: Iterable[str] = (),
 ) -> Snapshot:
     """Copy ``rels`` (paths relative to ``root``) into a new spool checkpoint.
 
@@ -113,6 +124,9 @@ def snapshot_version(
     changed, every file is structurally complete (:func:`check_complete`) and the content
     differs from ``last_signature``. The step is the rule's (:meth:`WatchRule.step_for`),
     read after every stat was taken, so the unchanged stats vouch for it too.
+
+    The files in ``link`` (renamed into place since the last version) are hard-linked into
+    the spool instead of copied where the file system allows (see the module doc).
 
     Raises:
         OSError: the spool cannot be written (a :class:`LocalStorageError`: no space, ...).
@@ -128,12 +142,16 @@ def snapshot_version(
     name = make_name(step)
     staging = spool.staging(name)
     stats: dict[str, StatSig] = {}
+    linkable = set(link)
     try:
         for rel in rels:
             src = root / rel
             before = first[rel]
             if stat_sig(os.stat(src)) != before:
                 raise _Changed(f"{rel} changed while the version was read")
+            if rel in linkable and (linked := _link(staging, rel, src, before)) is not None:
+                first[rel] = stats[rel] = linked  # the link moved its ctime, nothing else
+                continue
             with open(src, "rb") as f:
                 if stat_sig(os.fstat(f.fileno())) != before:
                     raise _Changed(f"{rel} was replaced while opening it")
@@ -184,6 +202,30 @@ def snapshot_version(
         raise
 
 
+def _link(staging: Staging, rel: str, src: Path, before: StatSig) -> StatSig | None:
+    """Hard-link ``src`` (stat-ed as ``before``) into ``staging`` and hash the link; its
+    stat after the read, or None where no link can be made (the caller copies)."""
+    target = staging.link_file(rel, src)
+    if target is None:
+        return None
+    digest, size = new_hasher(WRITE_ALGO), 0
+    with open(target, "rb") as f:
+        linked = stat_sig(os.fstat(f.fileno()))
+        # Inode, size, mtime: the very file stat-ed, not written since (a link moves only the
+        # ctime, which must then hold until after the read).
+        if linked[:3] != before[:3]:
+            raise _Changed(f"{rel} was replaced or rewritten while it was linked")
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(f.fileno())  # the trainer's bytes durable before the spool commit says so
+    after = stat_sig(os.stat(src))
+    if after != linked or size != before[1]:
+        raise _Changed(f"{rel} changed while it was read")
+    staging.add_entry(FileEntry(rel, size, WRITE_ALGO, digest.hexdigest()))
+    return after
+
+
 def _listing(root: Path, rule: WatchRule, rels: list[str]) -> list[str]:
     """The files that form the version of ``rels`` now: what the rule matches (a dir rule:
     the files of the version directory), sorted."""
@@ -211,6 +253,9 @@ class Due:
     rels: list[str]
     guard: list[str]
     forced: bool = False
+    link: frozenset[str] = frozenset()
+    """Files renamed into place since the last version (and not written since): each may be
+    spooled by hard link."""
 
 
 @dataclass
@@ -302,8 +347,10 @@ class VersionTracker:
         if found is None or found[2] == self.taken:
             return None
         rels, guard, sigs = found
+        link = frozenset(self.renamed.intersection(rels)) if self.rule.kind == "file" \
+            else frozenset()
         if force or self._finished(now, wall, rels, guard, sigs):
-            return Due(rels, guard)
+            return Due(rels, guard, link=link)
         if (self.max_wait and self._changed_since is not None
                 and now - self._changed_since >= self.max_wait
                 and now - self._last_forced >= self.max_wait

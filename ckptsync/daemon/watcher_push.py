@@ -13,9 +13,10 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+from ckptsync.daemon.versions import signature_of
 from ckptsync.daemon.watcher_remote import RemoteView
 from ckptsync.daemon.watcher_state import _Failure
-from ckptsync.errors import CkptSyncError, RemoteError
+from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
 from ckptsync.retention import CheckpointInfo, select_for_deletion
@@ -134,6 +135,9 @@ class PushPipeline(RemoteView):
                         detail="deleted locally during its upload; nothing was committed")
             self._write_status()
             return
+        if isinstance(exc, CorruptCheckpointError) and ckpt.path.parent == self.spool.directory:
+            self._drop_changed_spool(ckpt, exc)
+            return
         prev = self._failed.get(ckpt.name)
         attempts = (prev.attempts if prev else 0) + 1
         # Any error, of any type, once running: report it, keep syncing the rest, retry with
@@ -153,6 +157,23 @@ class PushPipeline(RemoteView):
                     attempt=attempts, error=str(exc), error_type=type(exc).__name__,
                     retryable=retryable, retry_in_s=round(delay, 2))
         self._schedule(now + delay)
+        self._write_status()
+
+    def _drop_changed_spool(self, ckpt: LocalCheckpoint, exc: BaseException) -> None:
+        """A spooled version no longer matches its manifest: a file hard-linked into the spool
+        was rewritten in place by the trainer since (the upload refused it: nothing was
+        committed). Not a failure to retry: drop it; the rewrite is the rule's next version."""
+        self._failed.pop(ckpt.name, None)
+        self._dropped[ckpt.name] = "changed"
+        self._clean_abandoned(ckpt.name)
+        self.spool.delete(ckpt.name)
+        dropped = signature_of(ckpt.manifest)
+        for tr in self._trackers:
+            if tr.last_signature == dropped:
+                tr.last_signature = ()  # the same bytes again would be a version to take
+        self.events("warning", "push_dropped", name=ckpt.name, step=ckpt.step, reason="changed",
+                    error=str(exc), note="the trainer rewrote a spooled file in place during "
+                    "its upload: never committed; its next version will be taken")
         self._write_status()
 
     def _clean_abandoned(self, name: str) -> None:

@@ -84,10 +84,12 @@ class Backend:
         S3 (s3fs over aiobotocore): botocore's ``connect_timeout`` and ``read_timeout`` (a
         read timeout bounds each socket read, not a request), and one botocore attempt per
         call: :class:`~ckptsync.transfer.Retrier` does the retrying, with back-off, and can be
-        stopped. GCS (gcsfs over aiohttp): ``requests_timeout`` as an aiohttp
-        ``ClientTimeout`` with ``sock_connect``/``sock_read`` (never a total, which would cut
-        a large upload short). Drive goes through googleapiclient's httplib2 transport, which
-        already times out each socket operation (60 s by default).
+        stopped; and botocore's own request checksums only where an operation requires one
+        (ckptsync sends its own with every upload). GCS (gcsfs over aiohttp):
+        ``requests_timeout`` as an aiohttp ``ClientTimeout`` with ``sock_connect``/``sock_read``
+        (never a total, which would cut a large upload short). Drive goes through
+        googleapiclient's httplib2 transport, which already times out each socket operation
+        (60 s by default).
         """
         out = dict(options)
         if self.timeouts == "botocore":
@@ -95,6 +97,10 @@ class Backend:
             kwargs.setdefault("connect_timeout", config.connect_timeout)
             kwargs.setdefault("read_timeout", config.read_timeout)
             kwargs.setdefault("retries", {"total_max_attempts": 1})
+            # ckptsync sends its own checksum with every upload's body (computed in the pass
+            # that reads it: transfer/checksums.py); botocore's default computes a CRC32 of
+            # every body again. Where an operation requires one, botocore still adds it.
+            kwargs.setdefault("request_checksum_calculation", "when_required")
             out["config_kwargs"] = kwargs
         elif self.timeouts == "aiohttp" and out.get("requests_timeout") is None:
             try:

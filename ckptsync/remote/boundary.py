@@ -91,6 +91,21 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
+#: S3 error codes for a body whose checksum did not match what the server received: the bytes
+#: were damaged in transit, and sending them again may well succeed.
+_DAMAGED_CODES = ("BadDigest", "XAmzContentSHA256Mismatch")
+
+
+def _damaged_in_transit(exc: BaseException) -> bool:
+    """The server refused a body whose checksum did not match (anywhere in the chain)."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        error = response.get("Error", {}) if isinstance(response, Mapping) else {}
+        if isinstance(error, Mapping) and error.get("Code") in _DAMAGED_CODES:
+            return True
+    return False
+
+
 def not_found(exc: BaseException) -> bool:
     """Whether ``exc``'s chain holds a "not found" (FileNotFoundError or HTTP 404)."""
     return any(isinstance(e, FileNotFoundError) or _http_status(e) == 404 for e in _chain(exc))
@@ -185,6 +200,9 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
         what, hint = "already exists", "a checkpoint name is never reused; this is a conflict"
     elif _transient(exc):
         what, hint, retryable = "temporary failure", "retry later", True
+    elif _damaged_in_transit(exc):
+        what, hint, retryable = ("refused by the server: the bytes it received do not match "
+                                 "their checksum (damaged in transit)", "retry", True)
     elif status is not None and (status >= 500 or status in (408, 429)):
         what, hint, retryable = f"server error {status}", "retry later", True
     elif isinstance(exc, OSError) and exc.errno in _RETRYABLE_ERRNOS:

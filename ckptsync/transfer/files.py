@@ -33,8 +33,9 @@ from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.local import HashingWriter
 from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
+from ckptsync.transfer.checksums import checksum, checksum_field, encode
 from ckptsync.transfer.retry import Retrier, _check_stop
-from ckptsync.transfer.s3 import range_reader
+from ckptsync.transfer.s3 import range_reader, single_put_extras
 
 __all__ = ["download_file", "download_file_ranged", "hash_remote_file", "upload_file"]
 
@@ -96,8 +97,11 @@ def upload_file(
     def attempt() -> None:
         sent = 0
         digest = new_hasher(entry.algo)
+        crc = 0
         with _open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
+            # The backend's own checksum of a one-request upload, computed in this pass.
+            extras = single_put_extras(dst) if entry.size < config.block_size else None
             try:
                 while True:
                     _check_stop(stop, url)
@@ -111,6 +115,8 @@ def upload_file(
                         break
                     dst.write(chunk)
                     digest.update(chunk)
+                    if extras is not None:
+                        crc = checksum(chunk, crc)
                     sent += len(chunk)
                     progress.update(len(chunk))
                 if sent != entry.size or digest.hexdigest() != entry.digest:
@@ -124,6 +130,8 @@ def upload_file(
                 progress.update(-sent)
                 _abandon(dst)
                 raise
+            if extras is not None and single_put_extras(dst) is extras:
+                extras[checksum_field()] = encode(crc)  # the server refuses a damaged body
             dst.close()  # completes the upload (the last multipart part, the resumable PUT)
         if finish is not None:
             finish()

@@ -13,6 +13,7 @@ the public fsspec API instead (:func:`~ckptsync.transfer.files.upload_file`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import threading
@@ -25,6 +26,7 @@ from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.manifest import FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
+from ckptsync.transfer.checksums import PartChecksums, full_object_args
 from ckptsync.transfer.files import _open_local, upload_file
 from ckptsync.transfer.parallel import Slots, _acquire
 from ckptsync.transfer.retry import Retrier, _check_stop
@@ -46,7 +48,7 @@ def _multipart_etag(parts: list[dict[str, Any]]) -> str | None:
 
 def complete_multipart(call: Callable[..., Any], upload_id: str | None,
                        parts: list[dict[str, Any]], size: int, *, url: str,
-                       retrier: Retrier) -> None:
+                       retrier: Retrier, extra: dict[str, Any] | None = None) -> None:
     """CompleteMultipartUpload, retried, with an ambiguous outcome resolved by reading the
     remote (DESIGN.md, "The daemon").
 
@@ -57,6 +59,7 @@ def complete_multipart(call: Callable[..., Any], upload_id: str | None,
     error stands (and is retried where retryable).
 
     ``call(method, **kwargs)`` runs one S3 call on the object (Bucket and Key filled in).
+    ``extra``: more arguments (the full-object checksum: :meth:`PartChecksums.complete_args`).
     """
     expected = _multipart_etag(parts)
 
@@ -73,7 +76,7 @@ def complete_multipart(call: Callable[..., Any], upload_id: str | None,
     def attempt() -> None:
         try:
             call("complete_multipart_upload", UploadId=upload_id,
-                 MultipartUpload={"Parts": parts})
+                 **{"MultipartUpload": {"Parts": parts}, **(extra or {})})
         except Exception as e:
             if completed():
                 log.info("completing the multipart upload of %s failed (%s: %s), but the "
@@ -97,6 +100,11 @@ class MultipartUpload:
     ``on_part(n)`` (an attribute, set before parts are sent) is told of each part of ``n``
     bytes sent.
 
+    Each part carries its CRC, computed over the body sent, and the upload is created and
+    completed with the full-object CRC (:mod:`~ckptsync.transfer.checksums`), so that the
+    server refuses a part or an object damaged in transit; a server that refuses to create
+    such an upload gets one without checksums (logged).
+
     Raises: the translated backend errors; :class:`S3ApiChanged` when s3fs's private API
     failed (already warned about).
     """
@@ -118,6 +126,7 @@ class MultipartUpload:
         self._pool: ThreadPoolExecutor | None = None
         self._sender: _BlockingS3 | None = None
         self._created: Future[None] | None = None  # the create of :meth:`start`
+        self.checksums: PartChecksums | None = PartChecksums()
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One S3 call on the object (Bucket and Key filled in)."""
@@ -130,8 +139,22 @@ class MultipartUpload:
         self._pool = ThreadPoolExecutor(self.window, thread_name_prefix=self._thread_name)
 
     def _create(self) -> None:
-        self.upload_id = self.retrier.call(lambda: self.call("create_multipart_upload")["UploadId"],
-                                           url=self.url, action="upload to")
+        def attempt() -> str:
+            if self.checksums is not None:
+                try:
+                    return str(self.call("create_multipart_upload",
+                                         **full_object_args())["UploadId"])
+                except (ValueError, NotImplementedError, OSError) as e:
+                    if not isinstance(e, (ValueError, NotImplementedError)) \
+                            and e.errno not in (errno.EINVAL, errno.ENOSYS):
+                        raise
+                    log.warning("%s: the server refused a multipart upload with a full-object "
+                                "checksum (%s); uploading without one (the manifest's digest "
+                                "still verifies every download)", self.url, e)
+                    self.checksums = None
+            return str(self.call("create_multipart_upload")["UploadId"])
+
+        self.upload_id = self.retrier.call(attempt, url=self.url, action="upload to")
 
     def start(self) -> None:
         """Create the upload on the pool, without waiting for it: parts sent meanwhile wait
@@ -168,10 +191,13 @@ class MultipartUpload:
                 self._created.result()  # the create failed: so does every part
             assert self._sender is not None  # made by the create call
             sender = self._sender
+            # The part's CRC, once, over the very bytes sent: the server checks the body.
+            crc = self.checksums.part(number, data) if self.checksums is not None else {}
 
             def attempt() -> Any:
                 _check_stop(self._stop, self.url)
-                return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data)
+                return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data,
+                                          **crc)
 
             resp = self.retrier.call(attempt, url=self.url, action="upload to")
             if self.on_part is not None:
@@ -186,8 +212,9 @@ class MultipartUpload:
 
     def complete(self, parts: list[dict[str, Any]], size: int) -> None:
         """Complete the upload of ``parts``, ``size`` bytes (see :func:`complete_multipart`)."""
+        extra = self.checksums.complete_args(parts) if self.checksums is not None else {}
         complete_multipart(self.call, self.upload_id, parts, size, url=self.url,
-                           retrier=self.retrier)
+                           retrier=self.retrier, extra=extra)
         self.upload_id = None  # completed: nothing to abort
 
     def cancel(self) -> None:

@@ -16,7 +16,9 @@ The private API used, and where:
   :meth:`_BlockingS3.get_range`): s3fs's request-wide extras (SSE-C keys, RequestPayer);
 - ``S3FileSystem.get_s3``, the aiobotocore client's ``_get_credentials`` and botocore's
   ``Config._user_provided_options`` (:func:`_blocking_client`);
-- ``s3fs.errors.translate_boto_error``: the blocking client's errors read as s3fs's.
+- ``s3fs.errors.translate_boto_error``: the blocking client's errors read as s3fs's;
+- ``S3File.s3_additional_kwargs``, ``mpu``, ``blocksize`` (:func:`single_put_extras`): the
+  checksum of a small file's one PUT (without them, that PUT goes without it).
 
 The guard: when one of these is missing, or its call raises ``AttributeError`` or
 ``TypeError`` (s3fs or botocore changed), :class:`S3ApiChanged` is raised and ONE warning per
@@ -40,7 +42,7 @@ from typing import Any
 
 from ckptsync.errors import CkptSyncError
 
-__all__ = ["S3ApiChanged", "is_s3fs", "private_api_usable", "range_reader"]
+__all__ = ["S3ApiChanged", "is_s3fs", "private_api_usable", "range_reader", "single_put_extras"]
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,21 @@ def is_s3fs(fs: Any) -> bool:
     """Is ``fs`` an s3fs filesystem whose calls :class:`_BlockingS3` can mirror?"""
     return all(hasattr(fs, a) for a in ("_call_s3", "loop", "split_path",
                                         "_get_s3_method_kwargs"))
+
+
+def single_put_extras(f: Any) -> dict[str, Any] | None:
+    """The arguments an s3fs file sends with the one PUT it makes at close (the file is under
+    its block size, no multipart upload begun): add the body's checksum there. None when
+    ``f`` makes no such PUT (another backend, a multipart upload) or s3fs changed (its
+    private ``S3File.s3_additional_kwargs``, ``mpu`` and ``blocksize``)."""
+    if not is_s3fs(getattr(f, "fs", None)) or fallen_back(f.fs) is not None:
+        return None
+    extras = getattr(f, "s3_additional_kwargs", None)
+    try:
+        single = getattr(f, "mpu", ...) is None and f.tell() < int(f.blocksize)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return extras if single and isinstance(extras, dict) else None
 
 
 def private_api_usable(fs: Any) -> bool:

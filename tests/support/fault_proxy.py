@@ -61,7 +61,9 @@ class Fault:
         ranged: True: only requests with a ``Range`` header; False: only without; None: any.
         after: body bytes relayed before the cut (None: half the body, at least one byte).
         how: ``"reset"`` (TCP RST, as a dropped connection) or ``"close"`` (a clean FIN, a
-            truncated body).
+            truncated body); or ``"flip"``: the *request* body (one with a Content-Length)
+            reaches the server with one byte flipped, at offset ``after`` (None: its middle),
+            as bytes damaged in transit, and the reply is relayed whole (its status recorded).
     """
 
     method: str = "GET"
@@ -69,7 +71,7 @@ class Fault:
     path_contains: str = ""
     ranged: bool | None = None
     after: int | None = None
-    how: Literal["reset", "close"] = "reset"
+    how: Literal["reset", "close", "flip"] = "reset"
     seen: int = field(default=0, init=False)
     done: bool = field(default=False, init=False)
 
@@ -236,6 +238,21 @@ def _relay_body(src: _Reader, headers: dict[str, str], send: Callable[[bytes], N
         src.relay(int(headers["content-length"]), send)
     elif to_eof:
         src.relay_to_eof(send)
+
+
+def _flipping(send: Callable[[bytes], None], at: int) -> Callable[[bytes], None]:
+    """``send``, with the byte at offset ``at`` of what goes through it inverted."""
+    seen = [0]
+
+    def flip(data: bytes) -> None:
+        start, seen[0] = seen[0], seen[0] + len(data)
+        if start <= at < seen[0]:
+            b = bytearray(data)
+            b[at - start] ^= 0xFF
+            data = bytes(b)
+        send(data)
+
+    return flip
 
 
 class FaultProxy:
@@ -442,7 +459,13 @@ class FaultProxy:
                     if self._stop.wait(delay):
                         return
                 upstream.sendall(head)
-                _relay_body(creader, headers, self._throttled(upstream.sendall), to_eof=False)
+                forward = self._throttled(upstream.sendall)
+                flipped: int | None = None
+                if fault is not None and fault.how == "flip" and "content-length" in headers:
+                    length = int(headers["content-length"])
+                    flipped = fault.after if fault.after is not None else length // 2
+                    forward = _flipping(forward, flipped)
+                _relay_body(creader, headers, forward, to_eof=False)
                 while True:
                     rhead = ureader.head()
                     if rhead is None:
@@ -462,6 +485,9 @@ class FaultProxy:
                     self._record(kind, f"{what}: {status} dropped after the server acted")
                     reset = True
                     return
+                if flipped is not None:
+                    self._record("flip", f"{what}: byte {flipped} flipped, answered {status}")
+                    fault = None  # the reply goes back whole
                 client.sendall(rhead)
                 if no_body:
                     continue
