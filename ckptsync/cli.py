@@ -136,7 +136,8 @@ def _human(n: int) -> str:
 
 def _manifest_summary(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "step": m.step, "created": m.created, "size": m.total_size,
-            "files": len(m.files), "metrics": m.metrics}
+            "files": len(m.files), "metrics": m.metrics,
+            "key_ids": sorted({f.encryption.key_id for f in m.files if f.encryption})}
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

@@ -167,6 +167,7 @@ def test_ls_verify_and_gc_need_no_key(enc_remote: Any, tmp_path: Path,
         assert main(["ls", enc_remote.url, "--json", *opts]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [e["name"] for e in listed] == names and {e["status"] for e in listed} == {"valid"}
+        assert all(e["key_ids"] == [A.current_id] for e in listed)  # which key restores it
         assert main(["verify", enc_remote.url, *opts]) == 0
         assert main(["gc", enc_remote.url, "--keep-last", "1", *opts]) == 0
         capsys.readouterr()
