@@ -6,7 +6,8 @@ a run function returning the exit code); add new subcommands there. The daemon's
 parser by :func:`build_parser`.
 
 Every subcommand, ``watch`` and ``status`` included, takes the common flags of
-:func:`common_parser` (``--json``, ``-o KEY=VALUE``, ``-v``, ``--no-progress``).
+:func:`common_parser` (``--json``, ``-o KEY=VALUE``, ``-v``, ``--no-progress``,
+``--key-file F``).
 
 Exit codes (the one table is the README's "The command line"): 0 success; 1 a failure
 (remote error, corrupt checkpoint, nothing valid to pull); 2 bad usage or configuration
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
+from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import is_watched
@@ -108,7 +110,8 @@ def _store(args: argparse.Namespace, url: str) -> Any:
     config = TransferConfig.resolve(max_workers=args.workers, retries=args.retries)
     # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
     options = storage_options_from_env() | parse_storage_options(args.storage_option)
-    return RemoteStore(url, options, config=config)
+    keys = KeyRing.resolve(getattr(args, "key_file", None))  # else CKPTSYNC_KEY(_FILE)
+    return RemoteStore(url, options, config=config, keys=keys)
 
 
 def _existing_local(path: str) -> LocalStore:
@@ -133,7 +136,8 @@ def _human(n: int) -> str:
 
 def _manifest_summary(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "step": m.step, "created": m.created, "size": m.total_size,
-            "files": len(m.files), "metrics": m.metrics}
+            "files": len(m.files), "metrics": m.metrics,
+            "key_ids": sorted({f.encryption.key_id for f in m.files if f.encryption})}
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -432,7 +436,16 @@ def common_parser() -> argparse.ArgumentParser:
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bars (there are none when stderr is not a terminal)")
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    add_key_file(common)
     return common
+
+
+def add_key_file(p: argparse.ArgumentParser) -> None:
+    """``--key-file F`` (repeatable): client-side encryption keys (:mod:`ckptsync.crypto`)."""
+    p.add_argument("--key-file", action="append", default=[], metavar="FILE",
+                   help="encryption key (32 bytes, hex or base64); repeatable for rotation: "
+                        "the first encrypts what is pushed, each decrypts by key id. "
+                        f"Default: {ENV_KEY_FILE} or {ENV_KEY}")
 
 
 def _transfer_parser() -> argparse.ArgumentParser:

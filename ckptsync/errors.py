@@ -11,6 +11,7 @@ __all__ = [
     "CkptSyncError",
     "ConfigError",
     "CorruptCheckpointError",
+    "EncryptionKeyError",
     "LocalStorageError",
     "ManifestError",
     "NoCheckpointError",
@@ -27,6 +28,20 @@ class CkptSyncError(Exception):
 class ConfigError(CkptSyncError, ValueError):
     """Bad configuration or arguments: an unknown URL scheme, a missing optional package,
     a malformed retention rule."""
+
+
+class EncryptionKeyError(ConfigError):
+    """A checkpoint is encrypted with a key that was not given (a missing or wrong key).
+
+    Never a :class:`CorruptCheckpointError`: restore does not fall back to an older checkpoint
+    because of it (that would resume from the wrong place); it raises. ``key_id`` is the
+    id the checkpoint needs, ``name`` the checkpoint.
+    """
+
+    def __init__(self, message: str, *, key_id: str, name: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+        self.name = name
 
 
 class UnsafeStateError(CkptSyncError, TypeError):

@@ -47,10 +47,12 @@ from ckptsync.errors import ManifestError, UnsupportedFormatError
 
 __all__ = [
     "DIGEST_ALGOS",
+    "ENC_FIELD",
     "FORMAT",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "WRITE_ALGO",
+    "Encryption",
     "FileEntry",
     "Hasher",
     "Manifest",
@@ -77,6 +79,8 @@ WRITE_ALGO = "blake3"
 #: Digests a reader verifies, in order of preference when an entry carries several.
 DIGEST_ALGOS = ("blake3", "sha256")
 
+#: The file entry field of an encrypted file (:class:`Encryption`): only in a remote manifest.
+ENC_FIELD = "enc"
 _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 # step-<12 digits>-<UTC stamp>-<6 hex>  or  nostep-<UTC stamp>-<6 hex>
 _NAME_RE = re.compile(
@@ -202,6 +206,21 @@ def check_relpath(path: Any, *, where: str) -> str:
 
 
 @dataclass(frozen=True)
+class Encryption:
+    """How a stored file is encrypted (:mod:`ckptsync.crypto`), from its entry's ``enc``
+    field: ``{"alg": ..., "key_id": ..., "size": <plaintext bytes>}``. The entry's own
+    ``size`` and digest describe the stored (encrypted) bytes, so ``ls``, ``verify`` and
+    ``gc`` need no key."""
+
+    alg: str
+    key_id: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"alg": self.alg, "key_id": self.key_id, "size": self.size}
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """One file of a checkpoint: relative POSIX path, size in bytes, and its digest.
 
@@ -220,6 +239,14 @@ class FileEntry:
         d = dict(self.unknown)
         d.update({"path": self.path, "size": self.size, self.algo: self.digest})
         return d
+
+    @property
+    def encryption(self) -> Encryption | None:
+        """How the stored file is encrypted, or None (plaintext). Validated when parsed."""
+        enc = self.unknown.get(ENC_FIELD)
+        if not isinstance(enc, dict):
+            return None
+        return Encryption(enc["alg"], enc["key_id"], enc["size"])
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> FileEntry:
@@ -241,6 +268,14 @@ class FileEntry:
         if not isinstance(digest, str) or not _HEX64_RE.match(digest):
             raise ManifestError(f"{where}: file {path!r} has invalid {algo} digest {digest!r}")
         unknown = {k: v for k, v in d.items() if k not in ("path", "size", algo)}
+        enc = unknown.get(ENC_FIELD)
+        if enc is not None and not (
+                isinstance(enc, dict) and isinstance(enc.get("alg"), str)
+                and isinstance(enc.get("key_id"), str)
+                and isinstance(enc.get("size"), int) and not isinstance(enc["size"], bool)
+                and 0 <= enc["size"] <= size):
+            raise ManifestError(f"{where}: file {path!r} has an invalid {ENC_FIELD!r} field "
+                                f"{enc!r}; the manifest was altered and will not be used")
         return cls(path, size, algo, digest, unknown)
 
 

@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.client import ranks
+from ckptsync.client.remote_open import KeyArg, open_remote
 from ckptsync.client.restore import RestoreInfo, restore_replicated
 from ckptsync.client.runinfo import dist_info, git_revision, run_meta, scalars
 from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
@@ -29,7 +30,7 @@ from ckptsync.client.state import (
     to_jsonable,
 )
 from ckptsync.client.uploader import SyncStatus, Uploader
-from ckptsync.config import remote_from_env, resolve_close_timeout, storage_options_from_env
+from ckptsync.config import resolve_close_timeout
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.local import (
     RESUMED_FILE,
@@ -81,6 +82,9 @@ class Checkpointer:
         close_timeout: how long :meth:`close` and :meth:`wait` wait for a failing or stalled
             remote, in seconds (default ``CKPTSYNC_CLOSE_TIMEOUT``, else 60; ``math.inf``: for
             ever). A healthy upload that is still sending is always waited for.
+        encryption_key: encrypt every file before it leaves the machine (AES-256-GCM): 32
+            key bytes (raw, hex or base64), or a list for rotation (the first encrypts, each
+            restores by key id). Default: ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE``, else none.
 
     Raises:
         LocalStorageError: the directory cannot be created or written.
@@ -112,6 +116,7 @@ class Checkpointer:
         remote_store: RemoteStore | None = None,
         on_remote_error: str = "warn",
         close_timeout: float | None = None,
+        encryption_key: KeyArg = None,
     ) -> None:
         self.rank, self.world_size = dist_info()
         self._uploader: Uploader | None = None
@@ -122,7 +127,7 @@ class Checkpointer:
             self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
-                            on_remote_error, close_timeout)
+                            on_remote_error, close_timeout, encryption_key)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
@@ -147,7 +152,7 @@ class Checkpointer:
     def _construct(self, directory: str | os.PathLike[str], remote: str | None,
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
-                   close_timeout: float | None) -> None:
+                   close_timeout: float | None, encryption_key: KeyArg) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
@@ -160,17 +165,8 @@ class Checkpointer:
         # The save whose outcome every rank has yet to learn (see _settle); None when none.
         self._dist_pending: Future[Any] | None = None
         self._git = git_revision()
-        self.remote: RemoteStore | None = remote_store
-        if remote_store is None and remote is None:  # like the CLI: CKPTSYNC_REMOTE
-            remote = remote_from_env()
-        if self.remote is None and remote is not None:
-            from ckptsync.ownership import check_remote_outside, check_remote_url
-            from ckptsync.remote import RemoteStore
-
-            check_remote_outside(check_remote_url(remote, "remote="), self.store.directory,
-                                 "remote=")
-            options = storage_options_from_env() if storage_options is None else storage_options
-            self.remote = RemoteStore(remote, dict(options))
+        self.remote: RemoteStore | None = remote_store if remote_store is not None else (
+            open_remote(remote, storage_options, self.store.directory, encryption_key))
         if self.rank == 0:
             if not self.store.acquire_writer_lock():
                 # A second writer's retention would delete the first one's checkpoints under

@@ -64,6 +64,9 @@ def add_subcommands(subparsers: Any,
         w.add_argument("-o", "--storage-option", action="append", default=[],
                        metavar="KEY=VALUE",
                        help="fsspec storage option (VALUE parsed as JSON when it parses)")
+    if not any(a.dest == "key_file" for a in w._actions):
+        w.add_argument("--key-file", action="append", default=[], metavar="FILE",
+                       help="encryption key file; repeatable (the first encrypts)")
     w.add_argument("--keep-last", type=int, help="remote retention: keep the last N")
     w.add_argument("--keep-best", metavar="METRIC:min|max:K",
                    help="remote retention: keep the best K by a metric")

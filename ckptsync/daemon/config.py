@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.config import ENV_PREFIX, parse_storage_option, storage_options_from_env
+from ckptsync.crypto import KeyRing
 from ckptsync.daemon.rules import WatchRule
 from ckptsync.errors import ConfigError
 from ckptsync.ownership import check_remote_outside, check_remote_url
@@ -49,6 +50,8 @@ class WatchConfig:
         log_format: ``"kv"`` (key=value) or ``"json"`` lines on stderr.
         nice: added to the daemon process's CPU niceness at start (0-19; 0 leaves it), so
             that a trainer on the same cores gets the CPU first (Unix only).
+        keys: encrypt every upload (``--key-file``, else ``CKPTSYNC_KEY`` /
+            ``CKPTSYNC_KEY_FILE``; :mod:`ckptsync.crypto`); None: no encryption.
     """
 
     local_dir: Path
@@ -67,6 +70,7 @@ class WatchConfig:
     stop_timeout: float = 30.0
     log_format: str = "kv"
     nice: int = 0
+    keys: KeyRing | None = None
 
     def __repr__(self) -> str:
         # Storage options hold credentials and a URL may hold a password: show neither.
@@ -124,6 +128,8 @@ class WatchConfig:
                     merged.setdefault(k, {}).update(v)
                 else:
                     merged[k] = v
+        if merged.get("keys") is None:
+            merged["keys"] = KeyRing.from_env(env)
         if "local_dir" not in merged:
             raise ConfigError("no LOCAL_DIR to watch")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -216,6 +222,7 @@ def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchCo
             "stop_timeout": args.stop_timeout,
             "log_format": args.log_format,
             "nice": getattr(args, "nice", None),
+            "keys": KeyRing.load(getattr(args, "key_file", None) or []),
         },
         env,
     )

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,7 @@ def start_watcher(
     env: Mapping[str, str] | None = None,
     python: str | None = None,
     wait_ready: float = 30.0,
+    key_files: Sequence[str | os.PathLike[str]] = (),
 ) -> WatcherHandle:
     """Start ``ckptsync watch LOCAL REMOTE`` as a background process; return its handle.
 
@@ -172,6 +173,8 @@ def start_watcher(
         env: extra environment for the daemon.
         python: interpreter (default: this one).
         wait_ready: seconds to wait for the daemon's first status (0: do not wait).
+        key_files: ``--key-file`` flags: encrypt every upload (default: the daemon reads
+            ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE`` like any command).
 
     Raises:
         ConfigError: ``remote`` is empty, or is inside ``local`` (nothing is started).
@@ -192,6 +195,8 @@ def start_watcher(
             cmd += [flag, str(value)]
     for rule in rules:
         cmd += ["--rule", rule]
+    for key_file in key_files:
+        cmd += ["--key-file", str(key_file)]
     if not detach:
         cmd += ["--parent-pid", str(os.getpid())]
     child_env = dict(os.environ)

@@ -65,7 +65,7 @@ class WatcherState:
         if store is None:
             from ckptsync.remote import RemoteStore
 
-            store = RemoteStore(config.remote, dict(config.storage_options))
+            store = RemoteStore(config.remote, dict(config.storage_options), keys=config.keys)
         self.store = store
         self._q: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._stop = threading.Event()

@@ -23,13 +23,16 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from secrets import token_hex
+from typing import Any
 
+from ckptsync.crypto import stored_size
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
 from ckptsync.ownership import ROOT_MARKER
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
+from ckptsync.remote.encrypted import same_content, sealed_manifest
 from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, StoreBase, mtime
 from ckptsync.transfer import (
     MultipartStream,
@@ -41,6 +44,8 @@ from ckptsync.transfer import (
     upload_file,
     upload_file_multipart,
 )
+from ckptsync.transfer.s3 import S3ApiChanged, private_api_usable
+from ckptsync.transfer.sealed import upload_sealed_multipart
 from ckptsync.version import __version__
 
 __all__ = ["ManifestExists", "PushMixin"]
@@ -94,8 +99,11 @@ class PushMixin(StoreBase):
     def stream_file(self, name: str, relpath: str) -> MultipartStream | None:
         """A sink uploading ``<name>/<relpath>`` while it is being written locally (S3 only;
         None elsewhere). Pass it to :meth:`push` once the local checkpoint is committed; the
-        file stays invisible (an incomplete multipart upload) until then."""
-        if not self.backend.parallel_parts or not SAFE_NAME.match(name):
+        file stays invisible (an incomplete multipart upload) until then.
+
+        None under a key too: encrypted files are uploaded from the committed local files
+        (the stream sends the plaintext as torch.save writes it)."""
+        if not self.backend.parallel_parts or not SAFE_NAME.match(name) or self.keys:
             return None
         return MultipartStream(self.fs, self._path(name, relpath),
                                url=self.url_of(name, relpath), config=self.config,
@@ -103,7 +111,7 @@ class PushMixin(StoreBase):
 
     def _push(self, ckpt: LocalCheckpoint, progress: Progress | None,
               stop: threading.Event | None, streams: dict[str, MultipartStream]) -> Manifest:
-        m = ckpt.manifest
+        m = local_m = ckpt.manifest
         name = m.name
         existing = self.read_manifest(name)
         if existing is not None:
@@ -123,7 +131,7 @@ class PushMixin(StoreBase):
             # to upload the same bytes again before it meets the other's manifest.
             existing = self.read_manifest(name)
             if existing is not None:
-                return self._same_or_conflict(existing, m)
+                return self._same_or_conflict(existing, local_m)
             def rm(path: str = self._path(name, rel)) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
@@ -138,17 +146,22 @@ class PushMixin(StoreBase):
 
         sources = self._unchanged_sources(m)
         slots = Slots(self.config.parts_in_flight)  # multipart parts held
+        sealed: dict[str, Any] | None = {} if self.keys else None  # relpath -> its Encryptor
         progress.start(m.total_size, f"push {name}")
         try:
             tasks = [
                 partial(self._upload_task, ckpt, f.path, progress=progress, slots=slots,
                         source=sources.get((f.algo, f.digest, f.size)),
-                        stream=streams.get(f.path))
+                        stream=streams.get(f.path), sealed=sealed)
                 for f in m.files
             ]
             run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
         finally:
             progress.close()
+        if self.keys and sealed is not None:
+            # The remote manifest lists the stored bytes (so that verify, ls and gc need no
+            # key) and, per file, the key id and plaintext size.
+            m = sealed_manifest(m, sealed, self.keys.current_id)
         # Every file is there with its size before the manifest makes the checkpoint exist.
         sizes = self._sizes(name)
         try:
@@ -177,7 +190,7 @@ class PushMixin(StoreBase):
             if other is None:
                 raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
                                   "but no manifest is there", retryable=True) from None
-            return self._same_or_conflict(other, m)
+            return self._same_or_conflict(other, local_m)
         log.info("committed %s to %s", name, redact_url(self.url))
         self._update_latest(m)
         return m
@@ -194,7 +207,7 @@ class PushMixin(StoreBase):
                       and (t := mtime(info)) is not None and t < cutoff)
 
     def _same_or_conflict(self, remote: Manifest, local: Manifest) -> Manifest:
-        if remote.files != local.files:
+        if not same_content(remote, local):
             raise RemoteError(
                 f"{self.url_of(local.name)} already holds a different checkpoint of the same "
                 "name; names are never reused, so the remote was written by another tool: "
@@ -211,7 +224,7 @@ class PushMixin(StoreBase):
         names, read through its manifest (committed, so its files had their listed sizes).
         Costs two small reads; any trouble just means uploading everything.
         """
-        if not self.backend.server_copy:
+        if not self.backend.server_copy or self.keys:  # each encrypted file is bound to its name
             return {}
         try:
             hint = self.read_latest()
@@ -246,9 +259,16 @@ class PushMixin(StoreBase):
     def _upload_task(
         self, ckpt: LocalCheckpoint, relpath: str, stop: threading.Event, *, progress: Progress,
         slots: Slots | None = None, source: str | None = None,
-        stream: MultipartStream | None = None,
+        stream: MultipartStream | None = None, sealed: dict[str, Any] | None = None,
     ) -> None:
         entry = next(f for f in ckpt.manifest.files if f.path == relpath)
+        wrap = None
+        if self.keys is not None and sealed is not None:
+            keys, name = self.keys, ckpt.name
+
+            def wrap(dst: Any) -> Any:  # each attempt encrypts afresh; the last one counts
+                sealed[relpath] = keys.encryptor(dst, name=name, relpath=relpath)
+                return sealed[relpath]
         final = self._path(ckpt.name, relpath)
         url = self.url_of(ckpt.name, relpath)
         # Sent while it was serialized (the bytes hashed into entry), and where the link fell
@@ -264,7 +284,16 @@ class PushMixin(StoreBase):
             return
         with self._stats_lock:
             self.stats["bytes_uploaded"] += entry.size
-        if self.backend.parallel_parts and slots is not None and entry.size > self.config.part_size:
+        if (self.backend.parallel_parts and slots is not None and wrap is not None
+                and entry.size > self.config.part_size and private_api_usable(self.fs)):
+            with contextlib.suppress(S3ApiChanged):  # warned about: the plain way below
+                upload_sealed_multipart(self.fs, ckpt.file(relpath), final, entry, url=url,
+                                        config=self.config, retrier=self._retry, slots=slots,
+                                        seal=wrap, stored=stored_size(entry.size),
+                                        progress=progress, stop=stop)
+                return
+        if (self.backend.parallel_parts and slots is not None and wrap is None
+                and entry.size > self.config.part_size):
             upload_file_multipart(self.fs, ckpt.file(relpath), final, entry, url=url,
                                   config=self.config, retrier=self._retry, slots=slots,
                                   progress=progress, stop=stop)
@@ -287,6 +316,7 @@ class PushMixin(StoreBase):
                 progress=progress,
                 stop=stop,
                 finish=finish,
+                wrap=wrap,
             )
         except BaseException as e:
             if target != final:  # a failed attempt removes its own temporary file

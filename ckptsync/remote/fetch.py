@@ -15,6 +15,7 @@ import threading
 from functools import partial
 from typing import Any
 
+from ckptsync.crypto import Decryptor
 from ckptsync.errors import (
     CorruptCheckpointError,
     LocalStorageError,
@@ -22,8 +23,9 @@ from ckptsync.errors import (
     NoCheckpointError,
 )
 from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
-from ckptsync.manifest import FileEntry, Manifest, name_sort_key
+from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, name_sort_key
 from ckptsync.redact import redact_url
+from ckptsync.remote.encrypted import check_keys, plain_manifest, same_content
 from ckptsync.remote.listing import StoreBase
 from ckptsync.transfer import (
     NullProgress,
@@ -71,8 +73,14 @@ class FetchMixin(StoreBase):
                 each committed checkpoint newer than the one pulled that was passed over
                 (newest first): it is not empty exactly when pull fell back.
 
+        An encrypted checkpoint is decrypted while it downloads (its stored digest checked in
+        the same pass) with the store's key of the id its manifest names, and committed
+        locally as plaintext.
+
         Raises:
             NoCheckpointError: nothing (valid, newer) to pull.
+            EncryptionKeyError: the checkpoint chosen is encrypted under a key id the store
+                does not have: raised, never a reason to pull an older checkpoint instead.
             CorruptCheckpointError: ``name`` was given and does not verify (names the path).
             RemoteError, LocalStorageError: transfer or local write failures.
         """
@@ -115,6 +123,7 @@ class FetchMixin(StoreBase):
                 raise LocalStorageError(
                     f"cannot pull {m.name}: {own} is a symlink, and ckptsync never writes "
                     "through one; remove it or pull into another directory")
+        check_keys(m, self.keys, self.url_of(m.name))  # before anything is downloaded
         try:
             have = local.get(m.name)
         except NoCheckpointError:
@@ -126,7 +135,7 @@ class FetchMixin(StoreBase):
         if have is not None:
             try:
                 local.verify(have, full=True)
-                if have.manifest.files == m.files:
+                if same_content(m, have.manifest):
                     return have
             except CorruptCheckpointError as e:
                 log.warning("local copy is corrupt, downloading it again: %s", e)
@@ -143,6 +152,8 @@ class FetchMixin(StoreBase):
                              slots=slots)
                      for f in m.files]
             run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
+            if any(f.encryption for f in m.files):  # locally, the plaintext's manifest
+                m = plain_manifest(m, staging.entries, self.url_of(m.name))
             ckpt = staging.commit(m)
         except BaseException:
             staging.abort()
@@ -160,8 +171,13 @@ class FetchMixin(StoreBase):
         url = self.url_of(m.name, relpath)
         path = self._path(m.name, relpath)
         attempts = self.config.digest_attempts
+        enc = entry.encryption
         for attempt in range(1, attempts + 1):
-            writer = staging.open(relpath, entry.algo)
+            writer = staging.open(relpath, WRITE_ALGO if enc else entry.algo)
+            if enc is not None and self.keys is not None:
+                # Stored bytes in (hashed for the manifest's digest), plaintext out to writer.
+                writer = self.keys.decryptor(writer, kid=enc.key_id, name=m.name,
+                                             relpath=relpath, where=url)
             try:
                 if entry.size >= self.config.ranged_min_size and self.backend.workers > 1:
                     download_file_ranged(self.fs, path, writer, entry, url=url,
@@ -170,8 +186,11 @@ class FetchMixin(StoreBase):
                 else:
                     download_file(self.fs, path, writer, entry, url=url, config=self.config,
                                   retrier=self._retry, progress=progress, stop=stop)
+                stored = writer.hexdigest() if isinstance(writer, Decryptor) else None
+                if isinstance(writer, Decryptor) and stored == entry.digest:
+                    writer.finish()  # the last chunk, authenticated with its flag
                 got = staging.close_file(relpath)
-                if got.digest != entry.digest:
+                if (stored or got.digest) != entry.digest:
                     what = f"{url}: {entry.algo} digest does not match the manifest"
                     raise CorruptCheckpointError(
                         f"{what} (the remote file was altered: {attempts} downloads did not "

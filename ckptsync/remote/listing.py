@@ -22,6 +22,7 @@ from typing import Any, Literal
 from fsspec.core import split_protocol
 
 from ckptsync.config import TransferConfig
+from ckptsync.crypto import KeyRing
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -115,8 +116,12 @@ class StoreBase:
         fs: Any = None,
         config: TransferConfig | None = None,
         ops: FileOps | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         check_remote_url(url)
+        self.keys = keys
+        """Encrypt pushes with the first key, decrypt pulls by key id (:mod:`ckptsync.crypto`);
+        None: files are stored as they are, and encrypted checkpoints cannot be pulled."""
         self._ops = ops or FileOps()
         self.url = url.rstrip("/") or url
         self.config = config or TransferConfig.resolve()

@@ -10,6 +10,7 @@ for S3's fast paths, kept in two modules.
 - ``s3``: every use of s3fs/botocore private API, each behind a guard that falls back to the
   public API with one warning; the blocking S3 client; ranged reads.
 - ``multipart``: S3 multipart uploads (one state machine) of a file or of a stream.
+- ``sealed``: encrypted uploads as S3 multipart uploads with parallel parts (a part sink).
 
 Progress reporters live in :mod:`ckptsync.progress` (re-exported here).
 """

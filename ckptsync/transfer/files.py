@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 def _abandon(f: Any) -> None:
     """Close a half-written remote file without committing it, where the backend allows."""
     try:
-        if isinstance(f, AbstractBufferedFile):
+        if callable(getattr(f, "abandon", None)):  # a stream wrapper (upload_file's ``wrap``)
+            f.abandon()
+        elif isinstance(f, AbstractBufferedFile):
             # Aborts the multipart/resumable upload (S3, GCS, Drive); nothing becomes visible.
             f.discard()
             f.closed = True
@@ -77,11 +79,14 @@ def upload_file(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
     finish: Callable[[], None] | None = None,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> None:
     """Stream ``local_path`` to ``remote_path`` (multipart where the backend does it).
 
     ``finish``, if given, runs after the upload completed (e.g. renaming a temporary file
-    into place on backends where a file being written is visible).
+    into place on backends where a file being written is visible). ``wrap``, if given, wraps
+    each attempt's remote file in a writer of the same shape (``write``, ``close``, and
+    ``abandon`` to drop it): e.g. :meth:`ckptsync.crypto.KeyRing.encryptor`.
 
     The bytes read are hashed and must match ``entry`` (size and digest), otherwise the
     remote file is abandoned and :class:`CorruptCheckpointError` names the local file.
@@ -100,8 +105,13 @@ def upload_file(
         crc = 0
         with _open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
-            # The backend's own checksum of a one-request upload, computed in this pass.
-            extras = single_put_extras(dst) if entry.size < config.block_size else None
+            # The backend's own checksum of a one-request upload, computed in this pass over
+            # the bytes sent (so not where ``wrap`` encrypts them on the way: the GCM tags and
+            # the stored digest guard those).
+            small = entry.size < config.block_size
+            extras = single_put_extras(dst) if wrap is None and small else None
+            if wrap is not None:
+                dst = wrap(dst)
             try:
                 while True:
                     _check_stop(stop, url)

@@ -9,6 +9,7 @@ the public fsspec API, and the log holds one warning naming what is missing.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -131,3 +132,51 @@ def test_backoff_grows_to_its_cap_with_jitter() -> None:
         assert len(set(waits)) > 1  # jittered
     assert backoff(0, 1.0, 30.0) <= 1.0  # attempt 0 counts as the first
     assert backoff(10**9, 0.0, 30.0) == 0.0  # no overflow, no back-off asked for
+
+
+def test_encrypted_uploads_use_parallel_parts_and_go_on_through_the_public_api(
+        s3_remote: Remote, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An encrypted file larger than a part goes up as a parallel multipart upload of its
+    ciphertext (transfer/sealed.py); with s3fs's private API gone, through s3fs's file."""
+    from ckptsync.crypto import KeyRing
+
+    keys = KeyRing((os.urandom(32),))
+    files = {"big.bin": os.urandom(13 * MiB + 7), "small.bin": os.urandom(1000)}
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
+    # s3fs's own file would send block_size (7 MiB) parts: two; ours are part_size: three.
+    config = dataclasses.replace(FAST, block_size=7 * MiB)
+    fast = RemoteStore(s3_remote.url, s3_remote.storage_options, config=config, keys=keys)
+    m = fast.push(ck)
+    big = next(f for f in m.files if f.path == "big.bin")
+    info = fast.fs.info(f"{fast.root}/{m.name}/big.bin")
+    assert str(info.get("ETag", "")).strip('"').endswith("-3")  # 5 + 5 + 3 MiB parts
+    stored = fast.fs.cat_file(f"{fast.root}/{m.name}/big.bin")
+    assert len(stored) == big.size and files["big.bin"][4096:4160] not in stored
+    got = fast.pull(None, LocalStore(tmp_path / "dst"))
+    assert read_tree(got.path) == files
+
+    ck2 = make_local(LocalStore(tmp_path / "src"), 2, files)
+    changed = changed_store(s3_remote)
+    changed.keys = keys
+    with caplog.at_level(logging.WARNING):
+        changed.push(ck2)
+    got = fast.pull(ck2.name, LocalStore(tmp_path / "dst2"))
+    assert read_tree(got.path) == files
+    assert no_multipart_left(changed, s3_remote)
+
+
+def test_an_encrypted_multipart_upload_of_a_changed_file_is_aborted(
+        s3_remote: Remote, tmp_path: Path) -> None:
+    from ckptsync.crypto import KeyRing
+    from ckptsync.errors import CorruptCheckpointError
+
+    files = {"big.bin": os.urandom(11 * MiB)}
+    ck = make_local(LocalStore(tmp_path / "src"), 1, files)
+    (ck.path / "big.bin").write_bytes(os.urandom(11 * MiB))  # changed after its commit
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST,
+                        keys=KeyRing((os.urandom(32),)))
+    with pytest.raises(CorruptCheckpointError, match="no longer matches its manifest"):
+        store.push(ck)
+    assert no_multipart_left(store, s3_remote)
+    assert store.list() == []
+    assert not store.fs.exists(f"{store.root}/{ck.name}/big.bin")

@@ -1,0 +1,88 @@
+"""What a key changes in push and pull: the remote manifest of an encrypted checkpoint.
+
+A checkpoint pushed under a :class:`~ckptsync.crypto.KeyRing` has, remotely, one entry per file
+with the size and digest of the *stored* (encrypted) bytes, plus ``enc`` (algorithm, key id,
+plaintext size): :func:`sealed_manifest`. Everything else in the manifest (name, step, metrics,
+meta) stays readable, so ``ls``, ``verify``, ``gc`` and retention need no key. A pull decrypts
+while downloading and commits locally the plaintext manifest of what it wrote
+(:func:`plain_manifest`): local checkpoints stay plaintext.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+from ckptsync.crypto import ALG, Encryptor, KeyRing, missing_key
+from ckptsync.errors import CorruptCheckpointError, UnsupportedFormatError
+from ckptsync.manifest import ENC_FIELD, Encryption, FileEntry, Manifest
+
+__all__ = ["check_keys", "plain_manifest", "same_content", "sealed_manifest"]
+
+
+def _plain_view(m: Manifest) -> list[tuple[str, int]]:
+    return [(f.path, f.encryption.size if f.encryption else f.size) for f in m.files]
+
+
+def same_content(remote: Manifest, local: Manifest) -> bool:
+    """Whether ``remote`` is ``local``'s checkpoint. Names are unique and never reused; an
+    encrypted copy differs in every digest (a fresh salt per upload), so there it is the same
+    files with the same plaintext sizes."""
+    if remote.files == local.files:
+        return True
+    if not any(f.encryption for f in (*remote.files, *local.files)):
+        return False
+    return _plain_view(remote) == _plain_view(local)
+
+
+def sealed_manifest(m: Manifest, stored: Mapping[str, Encryptor], kid: str) -> Manifest:
+    """The remote manifest of local ``m`` whose files were uploaded through ``stored``
+    (relative path -> the encryptor of its completed upload)."""
+    files = []
+    for f in m.files:
+        w = stored[f.path]
+        enc = Encryption(ALG, kid, f.size)
+        files.append(FileEntry(f.path, w.size, w.algo, w.hexdigest(),
+                               {**f.unknown, ENC_FIELD: enc.to_dict()}))
+    return dataclasses.replace(m, files=tuple(files))
+
+
+def check_keys(m: Manifest, keys: KeyRing | None, where: str) -> None:
+    """Raise before any download unless every encrypted file of ``m`` can be decrypted.
+
+    Raises:
+        EncryptionKeyError: a key id none of ``keys`` has (or no keys): names both.
+        UnsupportedFormatError: an encryption this version does not know.
+    """
+    for f in m.files:
+        enc = f.encryption
+        if enc is None:
+            continue
+        if enc.alg != ALG:
+            raise UnsupportedFormatError(
+                f"{where}: file {f.path!r} is encrypted with {enc.alg!r}, which this ckptsync "
+                f"does not know (it knows {ALG}); upgrade ckptsync to read it")
+        if keys is None or keys.get(enc.key_id) is None:
+            raise missing_key(enc.key_id, m.name, where, keys)
+
+
+def plain_manifest(m: Manifest, written: Iterable[FileEntry], where: str) -> Manifest:
+    """The local manifest of remote ``m`` once its files were decrypted into ``written``.
+
+    Raises:
+        CorruptCheckpointError: a decrypted size differs from the one ``m`` lists.
+    """
+    by_path = {e.path: e for e in written}
+    files = []
+    for f in m.files:
+        got = by_path[f.path]
+        want = f.encryption.size if f.encryption else f.size
+        if got.size != want:
+            raise CorruptCheckpointError(
+                f"{where}/{f.path}: decrypts to {got.size} bytes, its manifest lists {want}",
+                path=f"{where}/{f.path}")
+        if f.encryption is None:
+            got = f
+        files.append(FileEntry(got.path, got.size, got.algo, got.digest,
+                               {k: v for k, v in f.unknown.items() if k != ENC_FIELD}))
+    return dataclasses.replace(m, files=tuple(files))
