@@ -1,0 +1,175 @@
+"""Sync what 🤗 Accelerate's ``Accelerator.save_state`` writes; resume from the remote.
+
+With ``ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)`` every
+``save_state()`` writes ``project_dir/checkpoints/checkpoint_N/``. :class:`CkptSync` hands
+each finished directory to a ``ckptsync watch`` daemon (started on the main process, in its
+own process: training never waits on the network) that watches ``project_dir`` with the
+``accelerate`` preset, so the remote holds exactly what ``ckptsync watch --preset
+accelerate`` would upload and ``ckptsync pull`` restores it. :meth:`CkptSync.load_state`
+pulls the newest valid remote checkpoint into ``project_dir`` (main process) and loads it on
+every process.
+
+Example::
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+    from ckptsync.integrations.accelerate import CkptSync
+
+    acc = Accelerator(project_config=ProjectConfiguration(
+        project_dir="run", automatic_checkpoint_naming=True, total_limit=3))
+    model, opt = acc.prepare(model, opt)
+    sync = CkptSync(acc, "s3://bucket/run1")
+    sync.load_state()                      # resume if the remote holds a checkpoint
+    for step in ...:
+        ...
+        sync.save_state()                  # returns once the local files are written
+    sync.close()                           # waits until the remote holds the last one
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ckptsync.daemon.launcher import WatcherHandle, start_watcher
+from ckptsync.daemon.presets import preset_rule
+from ckptsync.daemon.restore import restore_watched
+from ckptsync.daemon.rules import WatchRule
+from ckptsync.errors import ConfigError, NoCheckpointError
+from ckptsync.remote import RemoteStore
+
+__all__ = ["PRESET", "CkptSync"]
+
+PRESET = "accelerate"
+_N_RE = re.compile(r"checkpoint_(\d+)$")
+
+
+def _require_accelerate() -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("ckptsync.integrations.accelerate needs Hugging Face Accelerate: "
+                          "pip install 'ckptsync[accelerate]'") from e
+
+
+class CkptSync:
+    """Upload every ``accelerator.save_state()`` checkpoint; resume from the newest one.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` whose ``ProjectConfiguration`` has a
+            ``project_dir`` and ``automatic_checkpoint_naming=True``.
+        remote: fsspec URL of the run's remote prefix (one prefix per run).
+        storage_options: fsspec options (credentials stay out of the daemon's command line).
+        keep_last: remote retention; default: the ``ProjectConfiguration``'s ``total_limit``
+            (None: keep everything). ``keep_best``/``keep_every`` as ``ckptsync watch``.
+        settle, interval: as ``ckptsync watch``.
+        watcher_options: more :func:`ckptsync.start_watcher` arguments (``log_path``, ...).
+
+    Raises:
+        ConfigError: Accelerate is not installed, or automatic checkpoint naming is off.
+    """
+
+    def __init__(self, accelerator: Any, remote: str, *,
+                 storage_options: Mapping[str, Any] | None = None,
+                 keep_last: int | None = None, keep_best: str | None = None,
+                 keep_every: int | None = None, settle: float | None = None,
+                 interval: float | None = None, **watcher_options: Any) -> None:
+        _require_accelerate()
+        config = accelerator.project_configuration
+        if not config.automatic_checkpoint_naming or not config.project_dir:
+            raise ConfigError(
+                "CkptSync needs Accelerator(project_config=ProjectConfiguration(project_dir="
+                "..., automatic_checkpoint_naming=True)): it syncs project_dir/checkpoints/")
+        self.accelerator = accelerator
+        self.remote = remote
+        self.storage_options = dict(storage_options or {})
+        self.project_dir = Path(config.project_dir).expanduser().absolute()
+        self.keep_last = keep_last if keep_last is not None else config.total_limit
+        self._watch_args: dict[str, Any] = dict(
+            keep_best=keep_best, keep_every=keep_every, settle=settle, interval=interval,
+            **watcher_options)
+        self._watcher: WatcherHandle | None = None
+
+    # ------------------------------------------------------------------ save
+    def save_state(self, **kwargs: Any) -> str:
+        """``accelerator.save_state(**kwargs)`` on every process (as Accelerate requires),
+        then, on the main process, the finished directory goes to the background uploader.
+        Returns the checkpoint directory."""
+        path: str = self.accelerator.save_state(**kwargs)
+        if self.accelerator.is_main_process:
+            self._ensure_watcher()
+        return path
+
+    def _ensure_watcher(self) -> WatcherHandle:
+        if self._watcher is None or not self._watcher.running():
+            self._watcher = start_watcher(
+                self.project_dir, self.remote, storage_options=self.storage_options,
+                presets=[PRESET], keep_last=self.keep_last, **self._watch_args)
+        return self._watcher
+
+    @property
+    def watcher(self) -> WatcherHandle | None:
+        """The daemon's handle on the main process (None elsewhere, or before a save)."""
+        return self._watcher
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the remote holds every finished local checkpoint (main process; other
+        processes return at once). Raises ``TimeoutError`` or ``CkptSyncError`` (the daemon's
+        failures) like :meth:`ckptsync.WatcherHandle.flush`."""
+        if self._watcher is not None:
+            self._watcher.flush(timeout=timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """:meth:`wait`, then stop the daemon."""
+        try:
+            self.wait(timeout)
+        finally:
+            if self._watcher is not None:
+                self._watcher.stop()
+
+    # ------------------------------------------------------------------ resume
+    def pull_latest(self) -> str | None:
+        """Pull the newest valid remote checkpoint into ``project_dir/checkpoints/`` (main
+        process), then ``wait_for_everyone()``. Returns its directory, or None when the
+        remote holds none. Every process must call it (a single node, or a ``project_dir``
+        shared by every node)."""
+        if self.accelerator.is_main_process:
+            store = RemoteStore(self.remote, self.storage_options)
+            with contextlib.suppress(NoCheckpointError):  # a fresh run: nothing to resume
+                restore_watched(store, self.project_dir, rules=[preset_rule(PRESET)])
+        self.accelerator.wait_for_everyone()
+        # The newest finished directory: the one pulled, or a newer one this machine wrote
+        # and had not uploaded yet (the daemon uploads it once started).
+        return self._newest_local()
+
+    def _newest_local(self) -> str | None:
+        rule = WatchRule.parse(preset_rule(PRESET))
+        dirs = [d for d in rule.finished_dirs(self.project_dir) if _N_RE.search(d)]
+        dirs.sort(key=lambda d: int(_N_RE.search(d).group(1)))  # type: ignore[union-attr]
+        return str(self.project_dir / dirs[-1]) if dirs else None
+
+    def load_state(self, **kwargs: Any) -> str | None:
+        """Resume: :meth:`pull_latest`, then ``accelerator.load_state`` on it, and continue
+        Accelerate's checkpoint numbering after it (``load_state`` leaves
+        ``project_configuration.iteration`` at 0, so the next save would otherwise be
+        ``checkpoint_0`` again). Returns the directory loaded, or None (nothing to resume:
+        the state is left as it is)."""
+        path = self.pull_latest()
+        if path is None:
+            return None
+        self.accelerator.load_state(path, **kwargs)
+        m = _N_RE.search(os.path.basename(path))
+        if m is not None:
+            config = self.accelerator.project_configuration
+            config.iteration = max(config.iteration, int(m.group(1)) + 1)
+        return path
+
+    def __enter__(self) -> CkptSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
