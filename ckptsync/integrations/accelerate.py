@@ -28,8 +28,7 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import os
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,10 +38,12 @@ from ckptsync.daemon.launcher import WatcherHandle, start_watcher
 from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import WatchRule
-from ckptsync.errors import ConfigError, NoCheckpointError
+from ckptsync.errors import ConfigError, CorruptCheckpointError
 from ckptsync.remote import RemoteStore
 
 __all__ = ["PRESET", "CkptSync"]
+
+log = logging.getLogger("ckptsync.accelerate")
 
 PRESET = "accelerate"
 _N_RE = re.compile(r"checkpoint_(\d+)$")
@@ -138,17 +139,45 @@ class CkptSync:
         remote holds none. Every process must call it (a single node, or a ``project_dir``
         shared by every node)."""
         if self.accelerator.is_main_process:
-            store = RemoteStore(self.remote, self.storage_options)
-            with contextlib.suppress(NoCheckpointError):  # a fresh run: nothing to resume
-                restore_watched(store, self.project_dir, rules=[preset_rule(PRESET)])
+            self._pull_newest_whole(RemoteStore(self.remote, self.storage_options))
         self.accelerator.wait_for_everyone()
         # The newest finished directory: the one pulled, or a newer one this machine wrote
         # and had not uploaded yet (the daemon uploads it once started).
         return self._newest_local()
 
+    def _required(self) -> set[str]:
+        """The files every process's load_state reads besides the weights: each process's
+        RNG file and each registered object's file (written after the marker)."""
+        objects = len(getattr(self.accelerator, "_custom_objects", []))
+        return ({f"random_states_{i}.pkl" for i in range(self.accelerator.num_processes)}
+                | {f"custom_checkpoint_{i}.pkl" for i in range(objects)})
+
+    def _pull_newest_whole(self, store: RemoteStore) -> None:
+        """Restore the newest remote version that holds every file load_state reads and
+        verifies; an older one when the newest lacks one (the trainer was killed between the
+        marker and a registered object's file) or does not verify."""
+        rule = preset_rule(PRESET)
+        versions = [m for m in store.list() if m.source.get("rule") == rule]
+        required = self._required()
+        for m in reversed(versions):
+            names = {f.path.rsplit("/", 1)[-1] for f in m.files}
+            missing = sorted(required - names)
+            if missing:
+                log.warning("skipping %s: it lacks %s (the trainer stopped while writing it)",
+                            store.url_of(m.name), ", ".join(missing))
+                continue
+            try:
+                restore_watched(store, self.project_dir, m.name, rules=[rule])
+                return
+            except CorruptCheckpointError as e:
+                log.warning("skipping %s: %s", store.url_of(m.name), e)
+        # Nothing to resume from: a fresh run (with nothing local either, load_state is a no-op).
+
     def _newest_local(self) -> str | None:
         rule = WatchRule.parse(preset_rule(PRESET))
-        dirs = [d for d in rule.finished_dirs(self.project_dir) if _N_RE.search(d)]
+        required = self._required()
+        dirs = [d for d in rule.finished_dirs(self.project_dir) if _N_RE.search(d)
+                and all((self.project_dir / d / f).is_file() for f in required)]
         dirs.sort(key=lambda d: int(_N_RE.search(d).group(1)))  # type: ignore[union-attr]
         return str(self.project_dir / dirs[-1]) if dirs else None
 
@@ -156,16 +185,18 @@ class CkptSync:
         """Resume: :meth:`pull_latest`, then ``accelerator.load_state`` on it, and continue
         Accelerate's checkpoint numbering after it (``load_state`` leaves
         ``project_configuration.iteration`` at 0, so the next save would otherwise be
-        ``checkpoint_0`` again). Returns the directory loaded, or None (nothing to resume:
-        the state is left as it is)."""
+        ``checkpoint_0`` again); a directory that lacks a file ``load_state`` reads (a save
+        interrupted after the marker) is skipped, locally and remotely. Returns the directory
+        loaded, or None (nothing to resume: the state is left as it is)."""
         path = self.pull_latest()
         if path is None:
             return None
         self.accelerator.load_state(path, **kwargs)
-        m = _N_RE.search(os.path.basename(path))
-        if m is not None:
-            config = self.accelerator.project_configuration
-            config.iteration = max(config.iteration, int(m.group(1)) + 1)
+        # After every checkpoint_N here, the one loaded and any an interrupted save left.
+        base = self.project_dir / "checkpoints"
+        taken = [int(m.group(1)) for p in base.iterdir() if (m := _N_RE.search(p.name))]
+        config = self.accelerator.project_configuration
+        config.iteration = max([config.iteration, *(n + 1 for n in taken)])
         return path
 
     def __enter__(self) -> CkptSync:

@@ -16,7 +16,7 @@ import torch
 from ckptsync.errors import ConfigError
 from ckptsync.remote import RemoteStore
 from tests.support.remotes import Remote
-from tests.support.watchkit import PY, SCRIPTS, child_env, pid_alive, wait_for
+from tests.support.watchkit import PY, SCRIPTS, child_env, pid_alive, run_cli, wait_for
 
 pytestmark = pytest.mark.usefixtures("no_process_leak")
 
@@ -109,3 +109,33 @@ def test_without_automatic_checkpoint_naming_is_a_config_error(tmp_path: Path) -
 
     with pytest.raises(ConfigError, match="automatic_checkpoint_naming=True"):
         CkptSync(Accelerator(cpu=True), f"file://{tmp_path}/remote")
+
+
+@pytest.mark.slow
+def test_a_version_cut_between_marker_and_registered_objects_is_skipped_on_resume(
+        tmp_path: Path, file_remote: Remote) -> None:
+    # Machine 1 saved step 2 (checkpoint_0) and uploaded it.
+    project = tmp_path / "run"
+    _run(project, file_remote, "--steps", "2")
+    # It then saved step 4 (checkpoint_1) and was killed after random_states_0.pkl (the
+    # preset's marker) and custom_checkpoint_0.pkl, before custom_checkpoint_1.pkl; the
+    # daemon took the quiet directory as it was.
+    # (Made in a copy with another remote, then moved in: a daemon's spool is per directory.)
+    other = tmp_path / "other"
+    shutil.copytree(project / "checkpoints", other / "checkpoints")
+    _run(other, Remote(f"file://{tmp_path}/scratch", {}, "file", None), "--steps", "4")
+    cut = project / "checkpoints" / "checkpoint_1"
+    shutil.copytree(other / "checkpoints" / "checkpoint_1", cut)
+    (cut / "custom_checkpoint_1.pkl").unlink()
+    once = run_cli("watch", str(project), file_remote.url, "--preset", "accelerate", "--once",
+                   "--settle", "0.2")
+    assert once.returncode == 0, once.stderr
+    newest = RemoteStore(file_remote.url).list()[-1]
+    assert newest.step == 4
+    assert "checkpoint_1/custom_checkpoint_1.pkl" not in [f.path.split("/", 1)[1]
+                                                          for f in newest.files]
+
+    fresh = tmp_path / "fresh"
+    out = _run(fresh, file_remote, "--steps", "6")
+    assert "resumed from step 2" in out, out  # the whole one, not the cut one
+    assert "saved 4 checkpoint_1" in out and "saved 6 checkpoint_2" in out, out

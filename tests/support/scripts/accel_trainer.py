@@ -33,6 +33,19 @@ class Counter:
         self.step = int(d["step"])
 
 
+class Extra:
+    """A second registered object: its file (custom_checkpoint_1.pkl) is written last."""
+
+    def __init__(self) -> None:
+        self.scale = 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.scale = int(d["scale"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--project", required=True)
@@ -54,7 +67,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, opt = acc.prepare(model, opt)
     counter = Counter()
-    acc.register_for_checkpointing(counter)
+    acc.register_for_checkpointing(counter, Extra())
     sync = CkptSync(acc, args.remote, storage_options=opts, settle=0.2, interval=0.5)
     if sync.load_state() is not None:
         print(f"resumed from step {counter.step}", flush=True)
