@@ -38,7 +38,8 @@ from ckptsync.daemon.launcher import WatcherHandle, start_watcher
 from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import WatchRule
-from ckptsync.errors import ConfigError, CorruptCheckpointError
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.redact import redact_url
 from ckptsync.remote import RemoteStore
 
 __all__ = ["PRESET", "CkptSync"]
@@ -135,12 +136,30 @@ class CkptSync:
     # ------------------------------------------------------------------ resume
     def pull_latest(self) -> str | None:
         """Pull the newest valid remote checkpoint into ``project_dir/checkpoints/`` (main
-        process), then ``wait_for_everyone()``. Returns its directory, or None when the
+        process), then every process waits for it. Returns its directory, or None when the
         remote holds none. Every process must call it (a single node, or a ``project_dir``
-        shared by every node)."""
+        shared by every node).
+
+        Raises:
+            CkptSyncError: the pull failed (on every process: none is left waiting).
+        """
+        from accelerate.utils import broadcast_object_list
+
+        failure: BaseException | None = None
         if self.accelerator.is_main_process:
-            self._pull_newest_whole(RemoteStore(self.remote, self.storage_options))
-        self.accelerator.wait_for_everyone()
+            try:
+                self._pull_newest_whole(RemoteStore(self.remote, self.storage_options))
+            except Exception as e:  # reported on every process below
+                failure = e
+        # In place of wait_for_everyone(): every process learns whether the pull failed, so
+        # a failure is raised on each of them instead of leaving the others waiting forever.
+        said = broadcast_object_list([None if failure is None else
+                                      f"{type(failure).__name__}: {failure}"])[0]
+        if failure is not None:
+            raise failure
+        if said is not None:
+            raise CkptSyncError(f"the main process could not pull the newest checkpoint from "
+                                f"{redact_url(self.remote)} into {self.project_dir}: {said}")
         # The newest finished directory: the one pulled, or a newer one this machine wrote
         # and had not uploaded yet (the daemon uploads it once started).
         return self._newest_local()

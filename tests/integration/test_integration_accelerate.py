@@ -139,3 +139,40 @@ def test_a_version_cut_between_marker_and_registered_objects_is_skipped_on_resum
     out = _run(fresh, file_remote, "--steps", "6")
     assert "resumed from step 2" in out, out  # the whole one, not the cut one
     assert "saved 4 checkpoint_1" in out and "saved 6 checkpoint_2" in out, out
+
+
+def _torchrun(project: Path, remote: Remote, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(TRAINER), "--project", str(project),
+                           "--remote", remote.url, *args], env=_env(remote),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_main_uploads_every_process_resumes(
+        tmp_path: Path, file_remote: Remote) -> None:
+    first = _torchrun(tmp_path / "a", file_remote, "--steps", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = RemoteStore(file_remote.url).list()[-1]
+    assert newest.step == 4
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
+        f.path.rsplit("/", 1)[-1] for f in newest.files}
+    second = _torchrun(tmp_path / "b", file_remote, "--steps", "6")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("resumed from step 4") == 2, second.stdout  # both processes
+
+
+@pytest.mark.slow
+def test_a_failed_pull_fails_every_process_instead_of_hanging(
+        tmp_path: Path, file_remote: Remote) -> None:
+    first = _torchrun(tmp_path / "a", file_remote, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    fresh = tmp_path / "b"
+    fresh.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (fresh / "checkpoints").symlink_to(tmp_path / "elsewhere")  # a pull refuses to write there
+    failed = _torchrun(fresh, file_remote, "--steps", "4")  # times out if a process hangs
+    assert failed.returncode != 0
+    assert "symlink" in failed.stderr and "could not pull" in failed.stderr, \
+        failed.stderr[-3000:]
+    assert not list((tmp_path / "elsewhere").iterdir())
