@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
+from ckptsync.daemon.presets import PRESETS
 from ckptsync.daemon.process import run_daemon
 from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status
 from ckptsync.errors import ConfigError
@@ -30,7 +31,8 @@ STATUS_HELP = "show what a watch daemon synced, has pending or failed (running o
 WATCH_EPILOG = """\
 settings: flags > CKPTSYNC_* environment (CKPTSYNC_REMOTE, CKPTSYNC_STORAGE_OPTIONS as JSON,
 CKPTSYNC_KEEP_LAST, CKPTSYNC_KEEP_BEST, CKPTSYNC_KEEP_EVERY, CKPTSYNC_INTERVAL,
-CKPTSYNC_SETTLE, CKPTSYNC_MAX_WAIT, CKPTSYNC_RULES one per line, CKPTSYNC_WORKERS,
+CKPTSYNC_SETTLE, CKPTSYNC_MAX_WAIT, CKPTSYNC_RULES one per line, CKPTSYNC_PRESETS
+comma-separated, CKPTSYNC_WORKERS,
 CKPTSYNC_STOP_TIMEOUT, CKPTSYNC_LOG_FORMAT, CKPTSYNC_CONFIG) > config file (TOML or JSON)
 > defaults.
 
@@ -41,12 +43,26 @@ zero-code rules (trainers that only call torch.save):
   dict's step/iter_num/global_step/epoch, else none), step=name (the name's first integer),
   step=REGEX (its first group), step=none
 
+presets (--preset NAME, repeatable, combinable with --rule; LOCAL_DIR is the directory
+named below):
+{presets}
+
 once running, the daemon never exits on an error: failed uploads are reported (log and
 `ckptsync status`) and retried with back-off while the rest keeps syncing.
 
 exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints (or a
 crash); 2 bad configuration or another daemon watches the directory (at start-up: do not
 restart); 3 permanent remote error at start-up (bad credentials, no such bucket)."""
+
+_PRESET_DIRS = {
+    "hf-trainer": "TrainingArguments(output_dir=LOCAL_DIR)",
+    "accelerate": "ProjectConfiguration(project_dir=LOCAL_DIR, automatic naming)",
+    "lightning": "the Trainer's default_root_dir (or ModelCheckpoint's dirpath)",
+    "dcp": "dcp.save(state, checkpoint_id=LOCAL_DIR/<one dir per step>)",
+}
+WATCH_EPILOG = WATCH_EPILOG.format(presets="\n".join(
+    f"  --preset {name:<11} = --rule '{rule}'\n{'':16}LOCAL_DIR: {_PRESET_DIRS.get(name, '')}"
+    for name, rule in PRESETS.items()))
 
 
 def add_subcommands(subparsers: Any,
@@ -84,6 +100,9 @@ def add_subcommands(subparsers: Any,
                         "0: only once quiet)")
     w.add_argument("--rule", action="append", default=[], metavar="RULE",
                    help="zero-code watch rule (repeatable), see below")
+    w.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="zero-code rule of a framework's own checkpoints (repeatable): "
+                        + ", ".join(PRESETS) + "; see below")
     w.add_argument("--config", metavar="FILE", help="config file (TOML or JSON)")
     w.add_argument("--workers", type=int, help="checkpoints uploaded at once (default 2)")
     w.add_argument("--stop-timeout", type=float, metavar="SECONDS",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from ckptsync.config import ENV_PREFIX, parse_storage_option, storage_options_from_env
 from ckptsync.crypto import KeyRing
+from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.rules import WatchRule
 from ckptsync.errors import ConfigError
 from ckptsync.ownership import check_remote_outside, check_remote_url
@@ -107,8 +109,10 @@ class WatchConfig:
         The config file is ``args["config"]`` or ``$CKPTSYNC_CONFIG``: TOML (``.toml``) or
         JSON, with the setting names as keys (``remote``, ``storage_options``, ``keep_last``,
         ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``max_wait``, ``rules``,
-        ``workers``, ``stop_timeout``, ``log_format``, ``nice``); TOML may nest them under
-        ``[watch]``.
+        ``workers``, ``stop_timeout``, ``log_format``, ``nice``, ``presets``); TOML may nest
+        them under ``[watch]``.
+        ``presets`` (names from :data:`ckptsync.daemon.presets.PRESETS`; the environment's
+        ``CKPTSYNC_PRESETS`` separated by commas) expand to their rules, added to ``rules``.
         ``storage_options`` are merged key by key with the same precedence.
 
         Raises:
@@ -119,8 +123,9 @@ class WatchConfig:
         file_vals = _read_config_file(Path(cfg_path)) if cfg_path else {}
         env_vals = _env_values(env)
         arg_vals = {k: v for k, v in args.items() if v is not None and k != "config"}
-        if arg_vals.get("rules") == []:
-            del arg_vals["rules"]
+        for key in ("rules", "presets"):
+            if arg_vals.get(key) == []:
+                del arg_vals[key]
         merged: dict[str, Any] = {}
         for layer in (file_vals, env_vals, arg_vals):
             for k, v in layer.items():
@@ -130,6 +135,12 @@ class WatchConfig:
                     merged[k] = v
         if merged.get("keys") is None:
             merged["keys"] = KeyRing.from_env(env)
+        presets = merged.pop("presets", None) or []
+        if isinstance(presets, str):
+            presets = [p for p in re.split(r"[,\s]+", presets) if p]
+        if presets:
+            rules = list(merged.get("rules", ()))
+            merged["rules"] = rules + [r for r in map(preset_rule, presets) if r not in rules]
         if "local_dir" not in merged:
             raise ConfigError("no LOCAL_DIR to watch")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -183,7 +194,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("remote", "keep_last", "keep_best", "keep_every", "interval", "settle",
-                "max_wait", "workers", "stop_timeout", "log_format", "nice"):
+                "max_wait", "workers", "stop_timeout", "log_format", "nice", "presets"):
         raw = env.get(ENV + key.upper())
         if raw is not None and raw.strip():
             out[key] = raw.strip()
@@ -217,6 +228,7 @@ def config_from_args(args: Any, env: Mapping[str, str] | None = None) -> WatchCo
             "settle": args.settle,
             "max_wait": getattr(args, "max_wait", None),
             "rules": list(args.rule or []),
+            "presets": list(getattr(args, "preset", None) or []),
             "workers": args.workers,
             "parent_pid": args.parent_pid,
             "stop_timeout": args.stop_timeout,

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.runtime import daemon_status, read_status
 from ckptsync.errors import CkptSyncError
 from ckptsync.local import WATCH_DIR, LocalStore
@@ -146,6 +147,7 @@ def start_watcher(
     keep_best: str | None = None,
     keep_every: int | None = None,
     rules: Iterable[str] = (),
+    presets: Iterable[str] = (),
     interval: float | None = None,
     settle: float | None = None,
     max_wait: float | None = None,
@@ -167,6 +169,8 @@ def start_watcher(
         storage_options: fsspec options (passed through the child's environment).
         keep_last, keep_best, keep_every, rules, interval, settle, max_wait, workers,
             stop_timeout, nice: as the ``watch`` flags of the same names.
+        presets: framework presets (``"hf-trainer"``, ``"lightning"``, ``"accelerate"``,
+            ``"dcp"``), as ``watch --preset``.
         detach: keep running after this process exits (default: stop with it, after
             uploading what is pending).
         log_path: the daemon's log (default ``LOCAL/.ckptsync-watch/daemon.log``, appended).
@@ -177,11 +181,15 @@ def start_watcher(
             ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE`` like any command).
 
     Raises:
-        ConfigError: ``remote`` is empty, or is inside ``local`` (nothing is started).
+        ConfigError: ``remote`` is empty, or is inside ``local``, or a preset is unknown
+            (nothing is started).
         CkptSyncError: the daemon exited during start-up (bad configuration, permanent remote
             error, another daemon on the directory); the message includes its log's tail.
     """
     check_remote_outside(check_remote_url(remote, "remote"), local, "remote")
+    presets = list(presets)
+    for name in presets:
+        preset_rule(name)  # an unknown name fails here, not in the child's log
     local_dir = Path(local).expanduser().absolute()
     (local_dir / WATCH_DIR).mkdir(parents=True, exist_ok=True)
     log_file = Path(log_path) if log_path else local_dir / WATCH_DIR / "daemon.log"
@@ -197,6 +205,8 @@ def start_watcher(
         cmd += ["--rule", rule]
     for key_file in key_files:
         cmd += ["--key-file", str(key_file)]
+    for name in presets:
+        cmd += ["--preset", name]
     if not detach:
         cmd += ["--parent-pid", str(os.getpid())]
     child_env = dict(os.environ)

@@ -14,13 +14,25 @@ __all__ = ["PRESETS", "preset_rule"]
 
 #: preset name -> watch rule (see :mod:`ckptsync.daemon.rules` for the syntax).
 PRESETS: dict[str, str] = {
-    # Trainer._save_checkpoint writes trainer_state.json after the weights and optimizer.
+    # Checked against transformers 5.23 (Trainer._save_checkpoint): config, weights (safetensors
+    # renamed in from a .tmp file), training_args, optimizer, scheduler, rng_state, and
+    # trainer_state.json last; old checkpoint-N/ are deleted by save_total_limit.
     "hf-trainer": "dir:checkpoint-*:trainer_state.json",
-    # Accelerator.save_state with ProjectConfiguration(automatic_checkpoint_naming=True).
+    # Checked against accelerate 1.15 (Accelerator.save_state with ProjectConfiguration(
+    # automatic_checkpoint_naming=True)): model, optimizer, scheduler, sampler, then
+    # random_states_<process>.pkl; the register_for_checkpointing objects
+    # (custom_checkpoint_<i>.pkl) follow in the same call, so no file is always last: the
+    # marker is process 0's RNG file and the quiet time (--settle) takes the rest. A kill in
+    # the instant between the two can leave a version without custom_checkpoint_<i>.pkl.
     "accelerate": "dir:checkpoints/checkpoint_*:random_states_0.pkl",
-    # ModelCheckpoint's files, written in place by torch.save through fsspec.
+    # Checked against lightning 2.6.6: ModelCheckpoint saves through fsspec in a transaction:
+    # a temp file in the system temp dir moved into place (a rename on the same file system,
+    # a copy, i.e. written in place, across file systems), epoch=E-step=S.ckpt then
+    # last.ckpt, the older one deleted. The rule takes every .ckpt under the root dir
+    # (lightning_logs/version_N/checkpoints/ or dirpath) as one version.
     "lightning": "file:**/*.ckpt",
-    # torch.distributed.checkpoint writes .metadata last (after every rank's files).
+    # Checked against torch 2.13: dcp.save writes __<rank>_<n>.distcp, then .metadata.tmp
+    # renamed to .metadata last (after every rank's files). One directory per checkpoint_id.
     "dcp": "dir:*:.metadata",
 }
 
