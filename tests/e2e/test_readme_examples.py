@@ -60,7 +60,9 @@ def test_readme_example_trains_then_resumes_on_a_fresh_machine(name: str,
         assert not examples
         return
     body = examples[name].replace("s3://my-bucket/", f"file://{tmp_path}/bucket/")
-    script = tmp_path / f"{name}.py"
+    # Not NAME.py: the script's folder comes first on sys.path, and a transformers.py there
+    # would shadow the transformers package it imports.
+    script = tmp_path / f"readme_example_{name}.py"
     script.write_text(body)
     first = _run(script, tmp_path / "machine-1")
     assert first.returncode == 0, f"{name} run 1:\n{first.stdout}\n{first.stderr[-4000:]}"
