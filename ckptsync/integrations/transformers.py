@@ -5,7 +5,7 @@ Two names:
 - :class:`CkptSyncCallback`, a ``transformers.TrainerCallback``: the ``checkpoint-N/``
   directories the Trainer writes in ``args.output_dir`` are uploaded in the background, one
   ckptsync checkpoint each (step ``N``), by the zero-code daemon (``ckptsync watch --preset
-  hf-trainer``, started with :func:`ckptsync.start_watcher`): training never waits on the
+  hf-trainer``'s rule, started with :func:`ckptsync.start_watcher`): training never waits on the
   network, and the remote layout is the one ``ckptsync watch``/``ckptsync pull`` use.
 - :func:`pull_latest_checkpoint`: before training, the newest valid remote checkpoint back
   into ``output_dir/checkpoint-N/``, so that ``trainer.train(resume_from_checkpoint=True)``
@@ -95,9 +95,9 @@ class CkptSyncCallback(TrainerCallback):
 
     Only the main process (``state.is_world_process_zero``) uploads; the others do nothing.
     At train begin it starts the ``ckptsync watch`` daemon on ``args.output_dir`` with the
-    ``hf-trainer`` preset's rule; each ``on_save`` wakes it (and restarts it, loudly, if it
-    died); at train end it waits for the uploads (at most ``close_timeout`` seconds) and
-    reports loudly which checkpoint is not remote.
+    ``hf-trainer`` preset's rule (its file events wake it); each ``on_save`` checks that it
+    is alive (and restarts it, loudly, if it died); at train end it waits for the uploads
+    (at most ``close_timeout`` seconds) and reports loudly which checkpoint is not remote.
 
     Args:
         remote: fsspec URL of the run (default ``CKPTSYNC_REMOTE``). One prefix holds one run.
@@ -167,12 +167,11 @@ class CkptSyncCallback(TrainerCallback):
             watcher.stop()
         missing = self._not_remote()
         if missing or problem:
-            msg = (f"ckptsync: {missing or 'some checkpoint'} of {self._output_dir} "
+            msg = (f"ckptsync: {', '.join(missing) or 'some checkpoint'} of {self._output_dir} "
                    f"{'is' if len(missing) <= 1 else 'are'} not in {self.remote}"
                    + (f" ({problem})" if problem else "")
                    + f"; see {watcher.log_path}; to upload it, run: ckptsync watch "
-                   f"{self._output_dir} {self.remote} --preset {PRESET} (it uploads what the "
-                   "remote lacks; stop it with Ctrl-C once `ckptsync status` says in sync)")
+                   f"{self._output_dir} {self.remote} --rule '{self.rule}' --once")
             if self.on_error == "raise":
                 raise CkptSyncError(msg)
             log.error("%s", msg)

@@ -266,3 +266,25 @@ def test_a_checkpoint_whose_trainer_state_is_still_being_written_is_not_committe
     (vdir / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     snap = snapshot_version(LocalStore(tmp_path / "spool"), tmp_path / "out", rule, rels)
     assert snap.ckpt is not None and snap.ckpt.step == 4
+
+
+def test_a_daemon_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"
+    run = train(out, remote, "--kill-daemon-at", "8")
+    assert "starting a new one" in run.stderr  # said loudly, training went on
+    wait_daemon_gone(out)
+    assert remote_steps(remote)[-1] == 15
+
+
+def test_train_end_names_the_checkpoint_not_remote_and_the_command_that_uploads_it(
+        tmp_path: Path) -> None:
+    remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"
+    # The daemon dies right after the last save: no later save restarts it.
+    run = train(out, remote, "--kill-daemon-at", "15", check=False)
+    assert run.returncode != 0
+    assert f"checkpoint-15 of {out} is not in {remote}" in run.stderr, run.stderr[-3000:]
+    assert 15 not in remote_steps(remote)
+    fix = run.stderr.split("to upload it, run: ")[1].splitlines()[0]
+    cmd = fix.replace("ckptsync ", f"{sys.executable} -m ckptsync ", 1)
+    subprocess.run(cmd, shell=True, check=True, timeout=120, env=child_env())
+    assert remote_steps(remote)[-1] == 15

@@ -4,7 +4,8 @@
 trains a small MLP (dropout on, so the RNG state matters) on a fixed random regression set,
 3 epochs of 5 steps, saving every ``--save-steps``. ``--pull`` first pulls the newest remote
 checkpoint and resumes from it (prints ``resumed from step N`` or ``fresh start``);
-``--kill-at`` SIGKILLs this process at the end of that step (a crash mid-run); at the end the
+``--kill-at`` SIGKILLs this process at the end of that step (a crash mid-run),
+``--kill-daemon-at`` the upload daemon right after that step's save; at the end the
 final weights go to ``OUT/final.pt``. No download, no network but the remote.
 """
 
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from ckptsync.daemon import read_status
 from ckptsync.integrations.transformers import (
     CkptSyncCallback,
     pull_latest_checkpoint,
@@ -55,12 +57,26 @@ class KillAt(TrainerCallback):  # type: ignore[misc]
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillDaemonAt(TrainerCallback):
+    """SIGKILL the upload daemon right after the save of ``step`` (a fault seam)."""
+
+    def __init__(self, out: str, step: int) -> None:
+        self.out, self.step = out, step
+
+    def on_save(self, args: object, state: object, control: object, **kw: object) -> None:
+        if getattr(state, "global_step", None) == self.step:
+            st = read_status(self.out)
+            assert st is not None
+            os.kill(st["pid"], signal.SIGKILL)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("remote")
     p.add_argument("--pull", action="store_true")
     p.add_argument("--kill-at", type=int)
+    p.add_argument("--kill-daemon-at", type=int)
     p.add_argument("--save-steps", type=int, default=4)
     p.add_argument("--save-limit", type=int)
     p.add_argument("--keep-last", type=int)
@@ -83,6 +99,8 @@ def main() -> int:
                                                          on_error="raise")]
     if a.kill_at is not None:
         callbacks.append(KillAt(a.kill_at))
+    if a.kill_daemon_at is not None:
+        callbacks.append(KillDaemonAt(a.out, a.kill_daemon_at))
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume or None)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
