@@ -44,7 +44,12 @@ from ckptsync.daemon.launcher import WatcherHandle, start_watcher
 from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import is_watched
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+)
 from ckptsync.manifest import Manifest
 
 try:
@@ -139,9 +144,15 @@ class CkptSyncCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self._output_dir = Path(args.output_dir).expanduser().absolute()
-            self._start(args)
+        if not state.is_world_process_zero:
+            return
+        out = Path(args.output_dir).expanduser().absolute()
+        if self.watcher is not None and self.watcher.running() and out == self._output_dir:
+            return  # a train() that raised never reached on_train_end: its daemon goes on
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._output_dir = out
+        self._start(args)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.watcher is None:
@@ -260,7 +271,7 @@ def pull_latest_checkpoint(
     for m in reversed(candidates):
         try:
             restore_watched(store, out, m.name, rules=[rule])
-        except CorruptCheckpointError as e:
+        except (CorruptCheckpointError, NoCheckpointError) as e:  # damaged, or just deleted
             log.warning("ckptsync: remote checkpoint %s is not usable, trying an older one: %s",
                         m.name, e)
             continue
