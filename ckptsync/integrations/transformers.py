@@ -163,7 +163,10 @@ class CkptSyncCallback(TrainerCallback):
             log.error("ckptsync: the upload daemon (pid %d) exited with code %s (see %s); "
                       "starting a new one", self.watcher.pid, self.watcher.proc.returncode,
                       self.watcher.log_path)
-            self._start(args)
+            try:
+                self._start(args)
+            except CkptSyncError as e:  # training goes on; the next save, train end retry
+                log.error("ckptsync: cannot restart the upload daemon: %s", e)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.watcher is None:
