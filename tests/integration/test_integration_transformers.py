@@ -134,6 +134,7 @@ def test_every_save_is_uploaded_whole_and_pulls_back_byte_equal(
             (ref_out / "checkpoint-15" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_s3_remote_from_the_environment_keeps_save_total_limit(s3_remote: Remote,
                                                                 tmp_path: Path) -> None:
     env = {"CKPTSYNC_REMOTE": s3_remote.url,
@@ -268,6 +269,7 @@ def test_a_checkpoint_whose_trainer_state_is_still_being_written_is_not_committe
     assert snap.ckpt is not None and snap.ckpt.step == 4
 
 
+@pytest.mark.slow
 def test_a_daemon_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
     remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"
     run = train(out, remote, "--kill-daemon-at", "8")
@@ -276,6 +278,7 @@ def test_a_daemon_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path
     assert remote_steps(remote)[-1] == 15
 
 
+@pytest.mark.slow
 def test_train_end_names_the_checkpoint_not_remote_and_the_command_that_uploads_it(
         tmp_path: Path) -> None:
     remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"
