@@ -62,6 +62,7 @@ WATCHED = "watched"
 _INT_RE = re.compile(r"\d+")
 _STEP_WORDS = ("content", "name", "none")
 _MAX_SAFETENSORS_HEADER = 100 << 20
+_MAX_JSON = 64 << 20
 
 StatSig = tuple[int, int, int, int]
 """(inode, size, mtime_ns, ctime_ns): changes whenever a file is rewritten or replaced."""
@@ -231,9 +232,10 @@ def _dir_files(root: Path, rel_dir: str) -> list[str]:
 def check_complete(path: Path) -> str | None:
     """Why ``path`` is visibly incomplete, or None when it looks whole.
 
-    Torch-free structural checks: an empty file; a zip archive (``torch.save``'s format)
-    whose central directory is missing or points past the end; a safetensors file whose
-    header does not account for its size. Other formats are opaque and pass.
+    Torch-free structural checks: an empty file; a ``.json`` file that does not parse; a zip
+    archive (``torch.save``'s format) whose central directory is missing or points past the
+    end; a safetensors file whose header does not account for its size. Other formats are
+    opaque and pass.
     """
     return _structure(path)[1]
 
@@ -253,6 +255,16 @@ def structure_complete(path: Path) -> bool:
 def _structure(path: Path) -> tuple[bool, str | None]:
     """``(self-describing format, why incomplete or None)``."""
     size = path.stat().st_size
+    if path.suffix == ".json":
+        # A JSON document is whole when it parses: Hugging Face's trainer_state.json (the
+        # hf-trainer preset's marker) is created empty, then written, not renamed into place.
+        if size > _MAX_JSON:
+            return False, None
+        try:
+            json.loads(path.read_bytes())
+        except ValueError as e:
+            return True, f"not a complete JSON document ({e})"
+        return True, None
     if size == 0:
         return False, "empty file"
     with open(path, "rb") as f:

@@ -175,7 +175,7 @@ def snapshot_version(
                            f"{'appeared' if odd[0] in listed else 'disappeared'})")
         for rel in rels:
             copy = staging.path / rel
-            if rule.kind == "dir" and copy.stat().st_size == 0:
+            if rule.kind == "dir" and copy.stat().st_size == 0 and copy.suffix != ".json":
                 continue  # an empty file in a finished directory: a marker, often
             why = check_complete(copy)
             if why is not None:

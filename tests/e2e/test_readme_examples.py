@@ -60,7 +60,8 @@ def test_readme_example_trains_then_resumes_on_a_fresh_machine(name: str,
         assert not examples
         return
     body = examples[name].replace("s3://my-bucket/", f"file://{tmp_path}/bucket/")
-    # Not NAME.py: a script named accelerate.py would shadow the accelerate package.
+    # Not NAME.py: the script's folder comes first on sys.path, and a transformers.py there
+    # would shadow the transformers package it imports.
     script = tmp_path / f"readme_example_{name}.py"
     script.write_text(body)
     first = _run(script, tmp_path / "machine-1")
