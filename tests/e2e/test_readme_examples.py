@@ -60,7 +60,8 @@ def test_readme_example_trains_then_resumes_on_a_fresh_machine(name: str,
         assert not examples
         return
     body = examples[name].replace("s3://my-bucket/", f"file://{tmp_path}/bucket/")
-    script = tmp_path / f"{name}.py"
+    script = tmp_path / f"readme_example_{name}.py"  # not {name}.py: it would shadow the
+    # framework it imports (the script's directory comes first on sys.path)
     script.write_text(body)
     first = _run(script, tmp_path / "machine-1")
     assert first.returncode == 0, f"{name} run 1:\n{first.stdout}\n{first.stderr[-4000:]}"
