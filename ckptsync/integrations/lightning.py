@@ -45,6 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+from ckptsync.config import (
+    ENV_PREFIX,
+    remote_from_env,
+    resolve_close_timeout,
+    storage_options_from_env,
+)
 from ckptsync.daemon.contentstep import torch_save_step
 from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.restore import restore_watched
@@ -67,6 +73,8 @@ log = logging.getLogger("ckptsync.lightning")
 #: The watch rule every uploaded ``.ckpt`` is a version of (the ``lightning`` preset).
 RULE = preset_rule("lightning")
 SPOOL_DIR = f"{PRIVATE_PREFIX}lightning"
+DEFAULT_TEARDOWN_TIMEOUT = 600.0
+_CLOSE_ENV = f"{ENV_PREFIX}CLOSE_TIMEOUT"
 _BASES = ("lightning.fabric.plugins", "lightning_fabric.plugins")
 
 
@@ -210,26 +218,37 @@ class CkptSyncCheckpointIO:
     """A Lightning ``CheckpointIO``: atomic local ``.ckpt`` files, uploaded in the background.
 
     Args:
-        remote: fsspec URL of the run's remote root (one prefix per run).
-        storage_options: fsspec options for ``remote``.
+        remote: fsspec URL of the run's remote root (one prefix per run; default
+            ``CKPTSYNC_REMOTE``).
+        storage_options: fsspec options for ``remote`` (default ``CKPTSYNC_STORAGE_OPTIONS``).
         root: the directory the remote paths are relative to (default: the directory of the
             first checkpoint saved or loaded, i.e. ``ModelCheckpoint``'s ``dirpath``).
-        teardown_timeout: seconds :meth:`teardown` waits for the uploads.
+        teardown_timeout: seconds :meth:`teardown` waits for the uploads (default
+            ``CKPTSYNC_CLOSE_TIMEOUT``, else 600).
 
     Raises:
-        ConfigError: Lightning is not installed, or ``remote`` is empty.
+        ConfigError: Lightning is not installed, or no remote is given.
 
     Example::
 
         trainer = pl.Trainer(plugins=[CkptSyncCheckpointIO("s3://bucket/run1")], ...)
     """
 
-    def __init__(self, remote: str, *, storage_options: Mapping[str, Any] | None = None,
+    def __init__(self, remote: str | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None,
                  root: str | os.PathLike[str] | None = None,
-                 teardown_timeout: float = 600.0) -> None:
+                 teardown_timeout: float | None = None) -> None:
         _register()
-        self.store = RemoteStore(remote, storage_options)
+        url = remote if remote is not None else remote_from_env()
+        if not url:
+            raise ConfigError("CkptSyncCheckpointIO needs a remote: pass remote='s3://bucket/run' "
+                              "or set CKPTSYNC_REMOTE")
+        options = storage_options if storage_options is not None else storage_options_from_env()
+        self.store = RemoteStore(url, options)
         self.root = None if root is None else Path(root).expanduser().absolute()
+        if teardown_timeout is None:
+            teardown_timeout = (resolve_close_timeout(None) if os.environ.get(_CLOSE_ENV)
+                                else DEFAULT_TEARDOWN_TIMEOUT)
         self.teardown_timeout = teardown_timeout
         self._cv = threading.Condition()
         self._queue: deque[_Pending] = deque()
@@ -460,11 +479,14 @@ class CkptSyncCheckpointIO:
     def _run(self) -> None:
         while True:
             with self._cv:
-                p = self._next()
+                p = None
                 while p is None and not self._abort.is_set():
-                    self._cv.wait(0.5)
                     p = self._next()
-                if p is None:
+                    if p is None:
+                        self._cv.wait(0.5)
+                if p is None or self._abort.is_set():
+                    if p is not None:
+                        self._queue.appendleft(p)  # stays in the spool: the next run's
                     return
                 self._busy = p
             try:
@@ -476,6 +498,9 @@ class CkptSyncCheckpointIO:
                 log.warning("upload of %s to %s failed (attempt %d): %s", p.rel,
                             self.store.url_of(), p.attempts, p.error)
                 p.retry_at = time.monotonic() + backoff(p.attempts, 1.0, 60.0)
+                if self._abort.is_set():  # stopped mid-upload: never committed; tidy up now
+                    with contextlib.suppress(CkptSyncError):
+                        self.store.abandon(p.ckpt.name)
                 with self._cv:
                     self._busy = None
                     self._queue.appendleft(p)  # kept in the spool: retried, or next run's
