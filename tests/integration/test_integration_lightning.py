@@ -158,3 +158,34 @@ def test_teardown_names_the_files_that_are_not_remote(tmp_path: Path) -> None:
     assert torch.equal(torch.load(tmp_path / "ck" / "last.ckpt")["w"], torch.ones(2))
     with pytest.warns(RuntimeWarning, match=r"NOT in .*not-a-dir.*last\.ckpt"):
         io.teardown()
+
+
+def test_what_a_run_could_not_upload_is_uploaded_by_the_next_run(tmp_path: Path) -> None:
+    blocker = tmp_path / "bucket"
+    blocker.write_text("a file where the bucket will be")  # the remote is unreachable...
+    url = f"file://{blocker}/run"
+    io = CkptSyncCheckpointIO(url, teardown_timeout=2)
+    io.save_checkpoint({"global_step": 7, "w": torch.ones(2)}, tmp_path / "ck" / "last.ckpt")
+    with pytest.warns(RuntimeWarning, match="last.ckpt"):
+        io.teardown()
+    blocker.unlink()  # ... until the next run
+
+    io2 = CkptSyncCheckpointIO(url)
+    io2.save_checkpoint({"global_step": 8, "w": torch.zeros(2)}, tmp_path / "ck" / "best.ckpt")
+    io2.teardown()
+    assert remote_files(url) == {"last.ckpt": 7, "best.ckpt": 8}
+
+
+def test_without_lightning_the_error_names_the_extra(tmp_path: Path) -> None:
+    code = ("import sys\n"
+            "for m in ('lightning', 'lightning_fabric', 'pytorch_lightning'):\n"
+            "    sys.modules[m] = None\n"
+            "from ckptsync.errors import ConfigError\n"
+            "from ckptsync.integrations.lightning import CkptSyncCheckpointIO\n"
+            "try:\n"
+            "    CkptSyncCheckpointIO('file:///tmp/x/run')\n"
+            "except ConfigError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=child_env(), cwd=tmp_path)
+    assert "ckptsync[lightning]" in out.stdout, out.stderr[-2000:]
