@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean bench bench-quick soak
+.PHONY: venv test test-floors lint demo clean bench bench-quick soak
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,44 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Issue 20: the declared dependency floors are true. A separate venv holds the LOWEST version
+# each floor in pyproject.toml admits (requirements/floors.txt; tests/unit/test_floors.py keeps
+# the two equal); the remote conformance suite runs with them on file:// and S3 (SeaweedFS),
+# with torch made unimportable (the daemon side is torch-free), then the torch-using client
+# tests run with torch's and numpy's floors (requirements/floors-torch.txt). The venv is
+# rebuilt from scratch whenever a floor changes, so nothing newer lingers in it.
+FLOORS_VENV ?= .venv-floors
+FLOORS_BIN := $(FLOORS_VENV)/bin
+FLOORS_STAMP := $(FLOORS_VENV)/.installed
+FLOORS_TORCH_STAMP := $(FLOORS_VENV)/.torch-installed
+# file:// and SeaweedFS only (the other backends need servers or packages of their own); the
+# Checkpointer tests run in the torch phase; and s3fs open("xb") is left out: ckptsync never
+# opens a remote file "xb" (its create-only write is pipe_file(mode="create"), tested here),
+# and s3fs 2024.12 does not refuse a second open("xb"), a fact about s3fs, not a need of ours.
+FLOORS_SELECT := not moto and not gcs and not drive and not memory and not process_group \
+	and not checkpointer and not open_xb
+FLOORS_TORCH_TESTS := tests/unit/test_local.py tests/integration/test_restore.py \
+	tests/integration/test_checkpointer_remote.py \
+	tests/conformance/test_faults.py::test_checkpointer_restore_survives_a_reset_mid_body
+
+$(FLOORS_STAMP): pyproject.toml requirements/floors.txt
+	rm -rf $(FLOORS_VENV)
+	$(PY) -m venv $(FLOORS_VENV)
+	$(FLOORS_BIN)/python -m pip install -q -r requirements/floors.txt
+	$(FLOORS_BIN)/python -m pip install -q --no-deps -e .
+	$(FLOORS_BIN)/python -m pip check
+	touch $(FLOORS_STAMP)
+
+$(FLOORS_TORCH_STAMP): $(FLOORS_STAMP) requirements/floors-torch.txt
+	$(FLOORS_BIN)/python -m pip install -q -r requirements/floors-torch.txt
+	touch $(FLOORS_TORCH_STAMP)
+
+test-floors: $(FLOORS_STAMP)
+	CKPTSYNC_STORE_BACKENDS=file,seaweedfs $(FLOORS_BIN)/python -m pytest -q \
+		-p tests.support.no_torch tests/conformance -k "$(FLOORS_SELECT)" $(PYTEST_ARGS)
+	$(MAKE) $(FLOORS_TORCH_STAMP)
+	$(FLOORS_BIN)/python -m pytest -q $(FLOORS_TORCH_TESTS) $(PYTEST_ARGS)
 
 # Train a tiny GPT, SIGKILL it, resume on a "fresh VM" from the remote; prints "exact resume: yes".
 demo: $(STAMP)
@@ -47,4 +85,4 @@ bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOORS_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,10 @@ older checkpoint than the newest committed one, unless ``--allow-fallback``; 5 n
 (``pull`` of a remote that holds no checkpoint); 130 interrupted (SIGINT). Expected errors
 print one message on stderr, never a traceback.
 
+``--json``: the commands in :data:`STREAMING` write JSON Lines (:mod:`ckptsync.output`), one
+object per checkpoint as it is done and a last ``"event": "summary"`` line with the counts and
+the exit code; ``status`` and ``demo`` write one object.
+
 Example::
 
     ckptsync push ./ckpts s3://bucket/run1
@@ -50,6 +54,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, name_sort_key
+from ckptsync.output import Output
 from ckptsync.ownership import (
     check_not_local_checkpoint_dir,
     check_remote_outside,
@@ -122,7 +127,20 @@ def _existing_local(path: str) -> LocalStore:
 
 
 def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    """The one result of a command that does one thing (``demo``): one JSON object."""
     print(json.dumps(obj, indent=2) if args.json else text)
+
+
+#: The commands that work through several checkpoints: with ``--json``, JSON Lines (one
+#: object per item as it finishes, then a summary line), see :mod:`ckptsync.output`.
+STREAMING = ("push", "pull", "ls", "verify", "gc")
+
+
+def _out(args: argparse.Namespace) -> Output:
+    out: Output | None = getattr(args, "output", None)
+    if out is None:
+        out = args.output = Output(args.command, args.json)
+    return out
 
 
 def _human(n: int) -> str:
@@ -162,7 +180,8 @@ def _run_push(args: argparse.Namespace) -> int:
     local = _existing_local(args.local)
     check_remote_outside(args.remote, local.directory, "the REMOTE argument")
     store = _store(args, args.remote)
-    pushed, skipped = [], []
+    out = _out(args)
+    pushed = skipped = 0
     progress = _progress(args)
     verb = "would push" if args.dry_run else "pushed"
     for ckpt in local.list():
@@ -170,19 +189,20 @@ def _run_push(args: argparse.Namespace) -> int:
         if store.read_manifest(ckpt.name) is not None:
             if not args.dry_run:
                 store.push(ckpt)  # a no-op, but refuses a different checkpoint of the same name
-            skipped.append(ckpt.name)
+            skipped += 1
+            out.event("skipped", None, name=ckpt.name, reason="already in the remote")
             continue
         if not args.dry_run:
             store.push(ckpt, progress=progress)
-        pushed.append(ckpt.name)
-        if not args.json:
-            print(f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})")
-    result: dict[str, Any] = {"pushed": pushed, "skipped": skipped}
-    if args.dry_run:
-        result = {"dry_run": True, "would_push": pushed, "skipped": skipped}
-    _emit(args, result,
-          f"{len(pushed)} {verb}, {len(skipped)} already in {redact_url(args.remote)}")
-    return 0
+        pushed += 1
+        out.event("would_push" if args.dry_run else "pushed",
+                  f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})",
+                  name=ckpt.name, step=ckpt.step, size=ckpt.manifest.total_size,
+                  files=len(ckpt.manifest.files))
+    return out.summary(
+        0, f"{pushed} {verb}, {skipped} already in {redact_url(args.remote)}",
+        dry_run=args.dry_run, **{"would_push" if args.dry_run else "pushed": pushed},
+        skipped=skipped)
 
 
 PULL_EPILOG = f"""\
@@ -225,12 +245,13 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
 
 def _run_pull(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
+    out = _out(args)
     head = store.read_manifest(args.name) if args.name else store.newest_valid()
     if head is None and args.name is None and all(e.status == "uncommitted"
                                                    for e in store.scan()):
         print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
               f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
-        return EXIT_NOTHING_TO_DO
+        return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them.
@@ -243,20 +264,25 @@ def _run_pull(args: argparse.Namespace) -> int:
                           if x.source.get("rule") == m.source.get("rule")
                           and x.sort_key() > m.sort_key()]
         newer.sort(key=lambda s: name_sort_key(s[0]), reverse=True)
-        paths = [f.path for m in restored for f in m.files]  # exactly what was written
-        _emit(args, {"restored": [m.name for m in restored], "paths": paths,
-                     "fell_back": bool(newer)},
-              f"restored {', '.join(m.name for m in restored)} into {args.local}: "
-              + ", ".join(paths))
-        return _fell_back(args, ", ".join(m.name for m in restored), newer)
+        for n, problem in newer:
+            out.event("skipped", None, name=n, problem=problem)
+        for m in restored:  # exactly the paths written
+            out.event("restored", None, name=m.name, step=m.step, rule=m.source.get("rule"),
+                      paths=[f.path for f in m.files])
+        paths = [f.path for m in restored for f in m.files]
+        code = _fell_back(args, ", ".join(m.name for m in restored), newer)
+        return out.summary(code, f"restored {', '.join(m.name for m in restored)} into "
+                           f"{args.local}: " + ", ".join(paths),
+                           restored=len(restored), skipped=len(newer), fell_back=bool(newer))
     local = LocalStore(args.local)
     skipped: list[tuple[str, str]] = []
     ckpt = store.pull(args.name, local, progress=_progress(args), skipped=skipped)
-    summary = _manifest_summary(ckpt.manifest) | {
-        "path": str(ckpt.path), "fell_back": bool(skipped),
-        "skipped": [{"name": n, "problem": r} for n, r in skipped]}
-    _emit(args, summary, f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}")
-    return _fell_back(args, ckpt.name, skipped)
+    for n, problem in skipped:  # newest first, each passed over for the reason given
+        out.event("skipped", None, name=n, problem=problem)
+    out.event("pulled", f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}",
+              **_manifest_summary(ckpt.manifest), path=str(ckpt.path))
+    code = _fell_back(args, ckpt.name, skipped)
+    return out.summary(code, None, pulled=1, skipped=len(skipped), fell_back=bool(skipped))
 
 
 def _add_ls(p: argparse.ArgumentParser) -> None:
@@ -268,15 +294,16 @@ def _run_ls(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     entries = [e for e in store.scan() if args.all or e.status != "uncommitted"]
     if args.json:
-        out = []
+        out = _out(args)
         for e in entries:
             d: dict[str, Any] = {"name": e.name, "status": e.status, "size": e.size,
                                  "problem": e.problem}
             if e.manifest is not None:
                 d.update(_manifest_summary(e.manifest), status=e.status, size=e.size)
-            out.append(d)
-        print(json.dumps(out, indent=2))
-        return 0
+            out.event("checkpoint", None, **d)
+        by_status = {s: sum(e.status == s for e in entries)
+                     for s in ("valid", "partial", "corrupt", "uncommitted")}
+        return out.summary(0, None, checkpoints=len(entries), **by_status)
     rows = []
     for e in entries:
         m = e.manifest
@@ -308,24 +335,20 @@ def _run_verify(args: argparse.Namespace) -> int:
         e.name for e in store.scan() if e.status != "uncommitted"]
     if not names:
         raise NoCheckpointError(f"no committed checkpoint in {redact_url(args.remote)}")
-    results = []
+    out = _out(args)
+    bad = 0
     progress = _progress(args)
     for name in names:
         try:
             store.verify(name, full=not args.quick, progress=progress)
-            results.append({"name": name, "ok": True, "problem": None})
-            if not args.json:
-                print(f"ok       {name}")
+            out.event("verified", f"ok       {name}", name=name, ok=True, problem=None)
         except CorruptCheckpointError as e:
-            results.append({"name": name, "ok": False, "problem": str(e)})
-            if not args.json:
-                print(f"CORRUPT  {name}: {e}")
-    bad = sum(not r["ok"] for r in results)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    elif bad:
-        print(f"{bad} of {len(results)} checkpoint(s) failed verification", file=sys.stderr)
-    return 1 if bad else 0
+            bad += 1
+            out.event("verified", f"CORRUPT  {name}: {e}", name=name, ok=False, problem=str(e))
+    if bad and not args.json:
+        print(f"{bad} of {len(names)} checkpoint(s) failed verification", file=sys.stderr)
+    return out.summary(1 if bad else 0, None, verified=len(names), ok=len(names) - bad,
+                       corrupt=bad)
 
 
 def _add_gc(p: argparse.ArgumentParser) -> None:
@@ -348,19 +371,22 @@ def _run_gc(args: argparse.Namespace) -> int:
     check_remote_url(args.remote, "the REMOTE argument")
     check_not_local_checkpoint_dir(args.remote, "the REMOTE argument")
     store = _store(args, args.remote)
+    out = _out(args)
     # Before anything is deleted: a root that ckptsync never wrote to is refused (exit 2).
     if not store.check_owned():
-        _emit(args, {"dry_run": args.dry_run, "deleted": [], "leftovers": []},
-              f"nothing to collect: {store.url_of()} is empty")
-        return 0
-    deleted = store.apply_retention(policy, dry_run=args.dry_run) if policy.active else []
-    leftovers = store.gc(args.grace, dry_run=args.dry_run)
+        return out.summary(0, f"nothing to collect: {store.url_of()} is empty",
+                           dry_run=args.dry_run, deleted=0, leftovers=0)
     verb = "would delete" if args.dry_run else "deleted"
-    lines = [f"{verb} {n}" for n in deleted] + [f"{verb} leftover {n}" for n in leftovers]
-    lines.append(f"{len(deleted)} checkpoint(s) and {len(leftovers)} leftover(s) {verb}")
-    _emit(args, {"dry_run": args.dry_run, "deleted": deleted, "leftovers": leftovers},
-          "\n".join(lines))
-    return 0
+    event = "would_delete" if args.dry_run else "deleted"
+    deleted = store.apply_retention(policy, dry_run=args.dry_run) if policy.active else []
+    for n in deleted:  # each phase reports once it is done: retention, then leftovers
+        out.event(event, f"{verb} {n}", name=n, kind="checkpoint")
+    leftovers = store.gc(args.grace, dry_run=args.dry_run)
+    for n in leftovers:
+        out.event(event, f"{verb} leftover {n}", name=n, kind="leftover")
+    return out.summary(
+        0, f"{len(deleted)} checkpoint(s) and {len(leftovers)} leftover(s) {verb}",
+        dry_run=args.dry_run, deleted=len(deleted), leftovers=len(leftovers))
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
@@ -428,7 +454,10 @@ def common_parser() -> argparse.ArgumentParser:
     parent): ``--json``, ``-o/--storage-option``, ``--no-progress``, ``-v/--verbose``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true",
-                        help="machine-readable output on stdout (watch: JSON log lines)")
+                        help="machine-readable output on stdout: push, pull, ls, verify "
+                             "and gc write JSON Lines (an object per checkpoint as it is done, "
+                             "then a summary); status and demo one object; watch logs JSON "
+                             "lines on stderr")
     common.add_argument("-o", "--storage-option", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="fsspec storage option (VALUE parsed as JSON when it parses); "
@@ -501,6 +530,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING if verbose == 0 else (logging.INFO if verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="ckptsync: %(levelname)s: %(message)s")
     install_filter(logging.getLogger().handlers)
+    # JSON Lines end with a summary line on a failure too (the error is on stderr as well).
+    out = Output(args.command, bool(getattr(args, "json", False)))
+    if args.command in STREAMING:
+        args.output = out
     try:
         code: int = args._run(args)
         return code
@@ -508,14 +541,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ckptsync: error: {scrub(str(e))}", file=sys.stderr)
         # -vv: where it came from, with the backend's exception (scrubbed by the filter).
         log.debug("traceback of the error above", exc_info=True)
-        return _exit_code(e)
+        return _failed(out, _exit_code(e), scrub(str(e)))
     except KeyboardInterrupt:
         print("ckptsync: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _failed(out, EXIT_INTERRUPTED, "interrupted")
     except Exception as e:  # a bug: its traceback, without the secrets it may hold
         trace = "".join(traceback.format_exception(e))
         print(f"ckptsync: internal error (please report it):\n{scrub(trace)}", file=sys.stderr)
-        return EXIT_FAILED
+        return _failed(out, EXIT_FAILED, f"internal error: {scrub(repr(e))}")
+
+
+def _failed(out: Output, code: int, error: str) -> int:
+    if out.command in STREAMING:
+        out.failed(code, error)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,10 +29,16 @@ watch)
 pull)
     # ckptsync reads CKPTSYNC_STORAGE_OPTIONS from the environment itself: never turn it into
     # -o arguments, which `ps` shows to every user of the node.
-    if [ "$(ckptsync ls "$CKPTSYNC_REMOTE" --json --no-progress "$@")" = "[]" ]; then
+    # `ls --json` writes one line per checkpoint (JSON Lines), then a summary; a failed ls
+    # stops the script here (set -e), so an unreachable remote is never taken for an empty one.
+    listing="$(ckptsync ls "$CKPTSYNC_REMOTE" --json --no-progress "$@")"
+    case "$listing" in
+    *'"event": "checkpoint"'*) ;;
+    *)
         echo "ckptsync-sidecar: no checkpoint in $CKPTSYNC_REMOTE yet: a fresh start"
         exit 0
-    fi
+        ;;
+    esac
     exec ckptsync pull "$CKPTSYNC_REMOTE" "$CKPTSYNC_LOCAL_DIR" --no-progress "$@"
     ;;
 *)

@@ -19,8 +19,7 @@ from ckptsync.errors import ConfigError, RemoteError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import MANIFEST_NAME, make_name
 from ckptsync.remote import RemoteStore
-from tests.support.faults import FaultFS
-from tests.support.helpers import RecordingOps
+from tests.support.faults import FaultFS, RecordingOps
 from tests.support.stores import make_local, make_store, put, rpath
 
 # Backends where a file being uploaded is visible, so it is written under a temporary name.

@@ -216,6 +216,23 @@ def test_sidecar_pull_passes_no_storage_option_as_an_argument(s3_remote: Remote,
     assert [c.name for c in LocalStore(fresh).list()] == [ckpt.name]
 
 
+def test_sidecar_pull_of_an_empty_remote_is_a_fresh_start_and_a_failed_listing_is_not(
+        tmp_path: Path) -> None:
+    """The entrypoint reads ``ls --json`` (JSON Lines): no checkpoint line is a fresh start
+    (exit 0); a listing that fails stops the pod's init with its exit code, never a silent
+    fresh start that would train from step 0 over a run it could not see."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(REPO), "CKPTSYNC_LOCAL_DIR": str(tmp_path / "fresh"),
+           "CKPTSYNC_REMOTE": f"file://{tmp_path}/empty/run"}
+    r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "a fresh start" in r.stdout, r.stderr
+    r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
+                       env={**env, "CKPTSYNC_REMOTE": "nosuchscheme://bucket/run"}, timeout=120)
+    assert r.returncode == 2 and "a fresh start" not in r.stdout, (r.stdout, r.stderr)
+    assert "nosuchscheme" in r.stderr
+
+
 @pytest.fixture(scope="module")
 def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv built the way the Dockerfile builds the image (``[s3]`` only, to stay fast)."""

@@ -20,6 +20,7 @@ from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
 from tests.support.formats import put_tree, rewrite_as_v1
+from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote
 from tests.support.watchkit import PY, SCRIPTS, child_env, wait_for
 
@@ -141,8 +142,9 @@ def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
     p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json"],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"restored": [ckpt.name], "paths": ["sub/weights_4.pt"],
-                                    "fell_back": False}
+    assert [(e["event"], e["name"], e["paths"]) for e in events(p.stdout)] == [
+        ("restored", ckpt.name, ["sub/weights_4.pt"])]
+    assert summary(p.stdout)["fell_back"] is False and summary(p.stdout)["exit_code"] == 0
     restored = fresh / "sub" / "weights_4.pt"
     assert restored.read_bytes() == (out / "sub" / "weights_4.pt").read_bytes()
     assert torch.equal(torch.load(restored, weights_only=True)["w"], torch.arange(10.0))

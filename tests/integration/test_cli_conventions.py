@@ -30,6 +30,7 @@ from ckptsync.cli import EXIT_DENIED, EXIT_INTERRUPTED, EXIT_NOTHING_TO_DO
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
+from tests.support.jsonlines import events, summary
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
 
@@ -81,8 +82,10 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
 
     p = cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"dry_run": True, "would_push": [c.name for c in ckpts],
-                                    "skipped": []}
+    assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
+        ("would_push", c.name) for c in ckpts]
+    assert summary(p.stdout) == {"event": "summary", "command": "push", "dry_run": True,
+                                 "would_push": 2, "skipped": 0, "exit_code": 0}
     assert remote_files(remote) == before
 
     # Once one is pushed, a dry run names only the other.
@@ -91,7 +94,7 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
     after = remote_files(remote)
     new = make_local(local, 4)
     p = cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
-    assert json.loads(p.stdout)["would_push"] == [new.name]
+    assert [e["name"] for e in events(p.stdout, "would_push")] == [new.name]
     assert remote_files(remote) == after
 
 

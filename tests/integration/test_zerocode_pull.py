@@ -8,7 +8,6 @@ directory holding a planted symlink, and checks what is on disk after the pull.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
 from tests.support.helpers import REPO, RecordingOps, fail_at
+from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote
 
 EVIL = {
@@ -79,8 +79,11 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
 
     p = ckptsync("pull", file_remote.url, str(work), "--json")
     assert p.returncode == 4, p.stderr  # it fell back from the newest committed version
-    assert json.loads(p.stdout) == {"restored": [good.name], "paths": ["ckpt.pt"],
-                                    "fell_back": True}
+    assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
+        ("skipped", evil.name), ("restored", good.name)]
+    assert events(p.stdout, "restored")[0]["paths"] == ["ckpt.pt"]
+    assert summary(p.stdout) == {"event": "summary", "command": "pull", "restored": 1,
+                                 "skipped": 1, "fell_back": True, "exit_code": 4}
     assert (work / "ckpt.pt").read_bytes() == b"good weights"
     assert evil.name in p.stderr and "train.py" in p.stderr  # the refusal, logged
     assert_untouched(work, outside)
@@ -132,7 +135,7 @@ def test_pinned_rule_ignores_versions_of_other_rules(tmp_path: Path, file_remote
     push_watched(file_remote, tmp_path / "spool", "file:train.py", {"train.py": b"evil"}, step=2)
     p = ckptsync("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["paths"] == ["ckpt.pt"]
+    assert [e["paths"] for e in events(p.stdout, "restored")] == [["ckpt.pt"]]
     assert (work / "ckpt.pt").read_bytes() == b"w"
     assert_untouched(work, outside)
 

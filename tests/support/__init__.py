@@ -12,6 +12,8 @@ fault_proxy.py   ``FaultProxy``: a fault-injecting TCP/HTTP proxy in front of a 
 faultkit.py      seeded chaos runs through ``FaultProxy`` and what they must leave behind
 formats.py       writing checkpoints in older formats (v1) and sealing manifests, torch-free
 helpers.py       training states, exact comparisons, ``FileOps`` seams, crash and DDP drivers
+jsonlines.py     reading the CLI's ``--json`` output (JSON Lines, a summary last)
+no_torch.py      a pytest plugin (``-p tests.support.no_torch``) under which torch cannot load
 stores.py        the conformance suite's ``store_remote`` backends and its small helpers
 watchkit.py      ``ckptsync watch`` subprocesses, torch-free checkpoints, /proc readings
 slowfs.py        ``slowfile://``: a local fsspec filesystem whose writes sleep

@@ -24,6 +24,7 @@ request bodies relayed to the server, as an upload over a slow link::
     with FaultProxy(host, port, rate=2e6) as proxy:   # uploads at ~2 MB/s
         proxy.stall()                                 # the link goes dead ...
         proxy.unstall()                               # ... and comes back
+        proxy.stall(path_contains="/step-2/")         # only these requests hang
 
 The proxy answers ``Expect: 100-continue`` itself (and does not pass it
 on), so uploads through it are not delayed. Bounded: at most ``max_connections`` client
@@ -284,6 +285,7 @@ class FaultProxy:
         self.rate = rate
         self._open = threading.Event()  # cleared while the link is stalled
         self._open.set()
+        self._stall_match: str | None = None
         self.plan = list(plan)
         self.lifetime = lifetime
         self.timeout = timeout
@@ -326,9 +328,11 @@ class FaultProxy:
             t.join()
         self._listener.close()
 
-    def stall(self) -> None:
+    def stall(self, path_contains: str | None = None) -> None:
         """From now on, hold every request (not forwarded, not answered) until :meth:`unstall`;
-        a request already relayed completes."""
+        a request already relayed completes. With ``path_contains``, hold only the requests
+        whose target contains it (one checkpoint's uploads, say) and relay the others."""
+        self._stall_match = path_contains
         self._open.clear()
 
     def unstall(self) -> None:
@@ -429,11 +433,12 @@ class FaultProxy:
                 head = creader.head()
                 if head is None:
                     return
-                while not self._open.wait(0.1):  # stalled: hold the request
-                    if self._stop.is_set():
-                        return
                 request_line, headers = _parse(head)
                 method, target = [*request_line.split(" "), "", ""][:2]
+                while (self._stall_match is None or self._stall_match in target) \
+                        and not self._open.wait(0.1):  # stalled: hold the request
+                    if self._stop.is_set():
+                        return
                 if headers.get("expect", "").lower() == "100-continue":
                     client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                     head = b"\r\n".join(ln for ln in head.split(b"\r\n")

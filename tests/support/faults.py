@@ -11,6 +11,9 @@ Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_fil
 ``open:rb``, ``open:wb``, ``read``/``write`` (calls on an opened file), ``rm_file``,
 ``rm``, ``makedirs``, ``mv``. ``calls`` lists ``(key, path)`` in order.
 
+:class:`RecordingOps` is the local counterpart, a :class:`ckptsync.local.FileOps` that records
+every file operation (here, torch-free, so the conformance suite can run without torch).
+
 ``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
 ``set_delay(seconds)`` makes every call take that much longer (a slow link).
 
@@ -332,3 +335,59 @@ class FaultOps(FileOps):
     def fsync_dir(self, path: Path) -> None:
         self._hit("fsync_dir", str(path))
         super().fsync_dir(path)
+
+
+# --------------------------------------------------------------------------- local FileOps
+
+
+class RecordingOps(FileOps):
+    """Calls every real file operation, and records ``(op, path)`` for each, in order.
+
+    ``hook(index, op, path, when)`` runs before (``when="before"``) and after each call.
+    """
+
+    def __init__(self, hook: Callable[[int, str, str, str], None] | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self._hook = hook
+        self._paths: dict[int, str] = {}
+        self._fds: dict[int, str] = {}  # fd -> path of the file last opened on it
+
+    def _run(self, op: str, path: str, fn: Callable[[], Any]) -> Any:
+        idx = len(self.calls)
+        self.calls.append((op, path))
+        if self._hook:
+            self._hook(idx, op, path, "before")
+        result = fn()
+        if self._hook:
+            self._hook(idx, op, path, "after")
+        return result
+
+    def open_write(self, path: Path) -> Any:
+        def go() -> Any:
+            f = super(RecordingOps, self).open_write(path)
+            self._paths[id(f)] = str(path)
+            self._fds[f.fileno()] = str(path)
+            return f
+        return self._run("open_write", str(path), go)
+
+    def write(self, f: Any, data: Any) -> int:
+        return self._run("write", self._paths.get(id(f), "?"),
+                         lambda: super(RecordingOps, self).write(f, data))
+
+    def fsync(self, fd: int) -> None:
+        """Recorded with the path of the file open on ``fd`` (its number if unknown)."""
+        self._run("fsync", self._fds.get(fd, str(fd)),
+                  lambda: super(RecordingOps, self).fsync(fd))
+
+    def mkdir(self, path: Path) -> None:
+        self._run("mkdir", str(path), lambda: super(RecordingOps, self).mkdir(path))
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._run("rename", f"{src} -> {dst}", lambda: super(RecordingOps, self).rename(src, dst))
+
+    def fsync_dir(self, path: Path) -> None:
+        self._run("fsync_dir", str(path), lambda: super(RecordingOps, self).fsync_dir(path))
+
+    def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
+        self._run("replace_at", f"{src} -> {dst_name}",
+                  lambda: super(RecordingOps, self).replace_at(src, dst_dir_fd, dst_name))

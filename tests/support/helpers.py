@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ckptsync.local import FileOps
+from tests.support.faults import RecordingOps
 from tests.support.paths import EXAMPLE, PY, REPO, child_env
 
 # --------------------------------------------------------------------------- subprocesses
@@ -229,59 +229,6 @@ def assert_state_equal(state: Mapping[str, Any], expected: Mapping[str, Any]) ->
 
 # --------------------------------------------------------------------------- fault seams
 _OPS = ("open_write", "write", "fsync", "mkdir", "rename", "fsync_dir")
-
-
-class RecordingOps(FileOps):
-    """Calls every real file operation, and records ``(op, path)`` for each, in order.
-
-    ``hook(index, op, path, when)`` runs before (``when="before"``) and after each call.
-    """
-
-    def __init__(self, hook: Callable[[int, str, str, str], None] | None = None) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self._hook = hook
-        self._paths: dict[int, str] = {}
-        self._fds: dict[int, str] = {}  # fd -> path of the file last opened on it
-
-    def _run(self, op: str, path: str, fn: Callable[[], Any]) -> Any:
-        idx = len(self.calls)
-        self.calls.append((op, path))
-        if self._hook:
-            self._hook(idx, op, path, "before")
-        result = fn()
-        if self._hook:
-            self._hook(idx, op, path, "after")
-        return result
-
-    def open_write(self, path: Path) -> Any:
-        def go() -> Any:
-            f = super(RecordingOps, self).open_write(path)
-            self._paths[id(f)] = str(path)
-            self._fds[f.fileno()] = str(path)
-            return f
-        return self._run("open_write", str(path), go)
-
-    def write(self, f: Any, data: Any) -> int:
-        return self._run("write", self._paths.get(id(f), "?"),
-                         lambda: super(RecordingOps, self).write(f, data))
-
-    def fsync(self, fd: int) -> None:
-        """Recorded with the path of the file open on ``fd`` (its number if unknown)."""
-        self._run("fsync", self._fds.get(fd, str(fd)),
-                  lambda: super(RecordingOps, self).fsync(fd))
-
-    def mkdir(self, path: Path) -> None:
-        self._run("mkdir", str(path), lambda: super(RecordingOps, self).mkdir(path))
-
-    def rename(self, src: Path, dst: Path) -> None:
-        self._run("rename", f"{src} -> {dst}", lambda: super(RecordingOps, self).rename(src, dst))
-
-    def fsync_dir(self, path: Path) -> None:
-        self._run("fsync_dir", str(path), lambda: super(RecordingOps, self).fsync_dir(path))
-
-    def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
-        self._run("replace_at", f"{src} -> {dst_name}",
-                  lambda: super(RecordingOps, self).replace_at(src, dst_dir_fd, dst_name))
 
 
 def kill_at(n: int, when: str) -> RecordingOps:

@@ -15,6 +15,7 @@ import pytest
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from tests.support.formats import put_tree, rewrite_as_v1
+from tests.support.jsonlines import events, json_lines, summary
 from tests.support.paths import REPO
 
 
@@ -49,14 +50,24 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
     local, ckpts, url = setup
     p = ckptsync("push", str(local.directory), url, "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"pushed": [c.name for c in ckpts], "skipped": []}
+    assert [(e["event"], e["name"], e["step"]) for e in events(p.stdout)] == [
+        ("pushed", c.name, c.step) for c in ckpts]
+    assert summary(p.stdout) == {"event": "summary", "command": "push", "dry_run": False,
+                                 "pushed": 3, "skipped": 0, "exit_code": 0}
     p = ckptsync("push", str(local.directory), url)
     assert p.returncode == 0 and "0 pushed, 3 already" in p.stdout
+    p = ckptsync("push", str(local.directory), url, "--json")
+    assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
+        ("skipped", c.name) for c in ckpts]
+    assert summary(p.stdout)["pushed"] == 0 and summary(p.stdout)["skipped"] == 3
 
     p = ckptsync("ls", url, "--json")
-    rows = json.loads(p.stdout)
+    rows = events(p.stdout, "checkpoint")
     assert [(r["name"], r["step"], r["status"]) for r in rows] == [
         (c.name, c.step, "valid") for c in ckpts]
+    assert summary(p.stdout) == {"event": "summary", "command": "ls", "checkpoints": 3,
+                                 "valid": 3, "partial": 0, "corrupt": 0, "uncommitted": 0,
+                                 "exit_code": 0}
     assert rows[0]["metrics"] == {"val_loss": 1.0} and rows[0]["size"] == 50_008
     p = ckptsync("ls", url)
     assert p.returncode == 0
@@ -67,7 +78,8 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
 
     p = ckptsync("pull", url, str(tmp_path / "restore"), "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["name"] == ckpts[-1].name
+    assert [e["name"] for e in events(p.stdout, "pulled")] == [ckpts[-1].name]
+    assert summary(p.stdout)["pulled"] == 1 and summary(p.stdout)["exit_code"] == 0
     got = LocalStore(tmp_path / "restore").get(ckpts[-1].name)
     assert got.file("model.pt").read_bytes() == ckpts[-1].file("model.pt").read_bytes()
     p = ckptsync("pull", url, str(tmp_path / "restore1"), "--name", ckpts[0].name)
@@ -75,14 +87,22 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
 
     p = ckptsync("verify", url)
     assert p.returncode == 0 and p.stdout.count("ok ") == 3
+    p = ckptsync("verify", url, "--json")
+    assert [(e["name"], e["ok"]) for e in events(p.stdout, "verified")] == [
+        (c.name, True) for c in ckpts]
+    assert summary(p.stdout) == {"event": "summary", "command": "verify", "verified": 3,
+                                 "ok": 3, "corrupt": 0, "exit_code": 0}
 
     p = ckptsync("gc", url, "--keep-last", "1", "--keep-best", "val_loss:max:1", "--dry-run",
                  "--json")
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["deleted"] == [ckpts[1].name]
+    assert [(e["event"], e["name"], e["kind"]) for e in events(p.stdout)] == [
+        ("would_delete", ckpts[1].name, "checkpoint")]
+    assert summary(p.stdout) == {"event": "summary", "command": "gc", "dry_run": True,
+                                 "deleted": 1, "leftovers": 0, "exit_code": 0}
     p = ckptsync("gc", url, "--keep-last", "1", "--keep-best", "val_loss:max:1")
     assert p.returncode == 0 and f"deleted {ckpts[1].name}" in p.stdout
-    rows = json.loads(ckptsync("ls", url, "--json").stdout)
+    rows = events(ckptsync("ls", url, "--json").stdout)
     assert [r["name"] for r in rows] == [ckpts[0].name, ckpts[2].name]
 
 
@@ -97,23 +117,26 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     assert p.returncode == 1 and no_traceback(p)
     assert f"CORRUPT  {ckpts[-1].name}" in p.stdout and "blake3 digest" in p.stdout
     p = ckptsync("verify", url, "--name", ckpts[-1].name, "--json")
-    assert p.returncode == 1 and json.loads(p.stdout)[0]["ok"] is False
+    assert p.returncode == 1 and events(p.stdout, "verified")[0]["ok"] is False
+    assert summary(p.stdout)["corrupt"] == 1 and summary(p.stdout)["exit_code"] == 1
     assert ckptsync("verify", url, "--name", ckpts[0].name).returncode == 0
     assert ckptsync("verify", url, "--quick").returncode == 0  # sizes still match
     (path.parent / "ckptsync.json").write_text("{not json")
     p = ckptsync("verify", url, "--quick")
     assert p.returncode == 1 and "not valid JSON" in p.stdout and no_traceback(p)
     p = ckptsync("ls", url, "--json")
-    assert json.loads(p.stdout)[-1]["status"] == "corrupt"
+    assert events(p.stdout)[-1]["status"] == "corrupt" and summary(p.stdout)["corrupt"] == 1
     path.parent.joinpath("ckptsync.json").write_bytes(ckpts[-1].manifest.to_json())
     # Pull falls back to the previous valid checkpoint, and says so: on stderr, in the JSON,
     # and with exit code 4, so that a resume script knows it lost training.
     p = ckptsync("pull", url, str(tmp_path / "restore"), "--json")
     assert p.returncode == 4 and no_traceback(p), p.stderr
-    out = json.loads(p.stdout)
-    assert out["name"] == ckpts[1].name and out["fell_back"] is True
-    assert [s["name"] for s in out["skipped"]] == [ckpts[-1].name]
-    assert "digest does not match" in out["skipped"][0]["problem"]
+    lines = json_lines(p.stdout)
+    assert [(o["event"], o.get("name")) for o in lines] == [
+        ("skipped", ckpts[-1].name), ("pulled", ckpts[1].name), ("summary", None)]
+    assert "digest does not match" in lines[0]["problem"]
+    assert lines[-1] == {"event": "summary", "command": "pull", "pulled": 1, "skipped": 1,
+                         "fell_back": True, "exit_code": 4}
     assert (f"pulled {ckpts[1].name}, not the newest committed checkpoint {ckpts[-1].name}"
             in p.stderr) and "--allow-fallback" in p.stderr
     p = ckptsync("pull", url, str(tmp_path / "restore2"), "--allow-fallback")
@@ -134,7 +157,7 @@ def test_truncated_file_shows_partial(setup: Any, tmp_path: Path) -> None:
     assert ckptsync("push", str(local.directory), url).returncode == 0
     path = tmp_path / "remote" / "run" / ckpts[-1].name / "model.pt"
     path.write_bytes(path.read_bytes()[:100])
-    rows = json.loads(ckptsync("ls", url, "--json").stdout)
+    rows = events(ckptsync("ls", url, "--json").stdout)
     assert rows[-1]["status"] == "partial" and "truncated" in rows[-1]["problem"]
     assert "partial" in ckptsync("ls", url).stdout
 
@@ -190,7 +213,8 @@ def test_help_without_torch() -> None:
 
 def test_empty_remote_ls(tmp_path: Path) -> None:
     p = ckptsync("ls", f"file://{tmp_path}/nothing", "--json")
-    assert p.returncode == 0 and json.loads(p.stdout) == []
+    assert p.returncode == 0 and events(p.stdout) == []
+    assert summary(p.stdout)["checkpoints"] == 0
     p = ckptsync("ls", f"file://{tmp_path}/nothing")
     assert p.returncode == 0 and "no checkpoints" in p.stdout
 
@@ -233,7 +257,7 @@ def test_storage_options_from_env_and_flags(s3_remote: Any, tmp_path: Path) -> N
     p = ckptsync("ls", s3_remote.url, "--json", "-o", f"secret={opts['secret']}",
                  env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(bad)})
     assert p.returncode == 0, p.stderr
-    assert [row["name"] for row in json.loads(p.stdout)] == [ckpt.name]
+    assert [row["name"] for row in events(p.stdout)] == [ckpt.name]
     p = ckptsync("ls", s3_remote.url, env={"CKPTSYNC_STORAGE_OPTIONS": "[1, 2]"})
     assert p.returncode == 2 and "CKPTSYNC_STORAGE_OPTIONS" in p.stderr
 
@@ -262,7 +286,7 @@ def test_v1_checkpoint_written_the_old_way(kind: str, tmp_path: Path,
     put_tree(fs, old.path, f"{root}/{old.name}")
     new = make_local(local, 2, {"val_loss": 0.5})
     assert ckptsync("push", str(local.directory), url, env=env).returncode == 0
-    rows = json.loads(ckptsync("ls", url, "--json", env=env).stdout)
+    rows = events(ckptsync("ls", url, "--json", env=env).stdout)
     assert [(r["name"], r["step"], r["status"]) for r in rows] == [
         (old.name, 1, "valid"), (new.name, 2, "valid")]
     p = ckptsync("verify", url, env=env)
@@ -312,7 +336,7 @@ def test_an_oversized_manifest_is_refused_without_being_read(
     fs.invalidate_cache()
 
     code, out, ls_rss = _peak_rss_kib("ls", url, "--json", env=env)
-    rows = {r["name"]: r for r in json.loads(out)}
+    rows = {r["name"]: r for r in events(out)}
     assert code == 0 and rows[good.name]["status"] == "valid"
     problem = rows[big]["problem"]
     assert rows[big]["status"] == "corrupt" and f"{big}/ckptsync.json" in problem

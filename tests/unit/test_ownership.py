@@ -22,6 +22,7 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.ownership import ROOT_MARKER
 from ckptsync.remote import RemoteStore
 from ckptsync.retention import RetentionPolicy
+from tests.support.jsonlines import events, summary
 
 OLD = time.time() - 30 * 86400  # foreign entries a month old: well past any grace period
 FUTURE = time.time() + 10**7  # gc(now=FUTURE): every leftover counts as old
@@ -191,8 +192,11 @@ def test_cli_gc_and_push_leave_foreign_entries(cli_remote: Any, tmp_path: Path) 
     p = cli("gc", cli_remote.url, "--keep-last", "1", "--grace", "0", "--dry-run", "--json",
             cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == {"dry_run": True, "deleted": [c.name for c in ckpts[:2]],
-                                    "leftovers": [ours]}
+    assert [(e["event"], e["name"], e["kind"]) for e in events(p.stdout)] == [
+        *[("would_delete", c.name, "checkpoint") for c in ckpts[:2]],
+        ("would_delete", ours, "leftover")]
+    assert summary(p.stdout) == {"event": "summary", "command": "gc", "dry_run": True,
+                                 "deleted": 2, "leftovers": 1, "exit_code": 0}
     p = cli("gc", cli_remote.url, "--keep-last", "1", "--grace", "0", cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr
     assert f"deleted leftover {ours}" in p.stdout
