@@ -31,6 +31,7 @@ from ckptsync.remote import RemoteStore
 from tests.support.helpers import PY, assert_tree_equal, child_env, staging_dirs
 from tests.support.paths import SUPPORT
 from tests.support.remotes import Remote
+from tests.support.watchkit import wait_for
 
 WORKER = SUPPORT / "sharded_worker.py"
 TIMEOUT_S = 300  # per job: generous for 2 shared cores; a hang fails, it never blocks
@@ -268,6 +269,43 @@ def _two_nodes(tmp_path: Path, remote: Remote) -> None:
                       torch.load(out / "expected.pt", weights_only=True))
     assert [r["losses"] for r in _reports(tmp_path / "out", 2)] == \
         [r["losses"] for r in _reports(out, 2)]
+
+
+def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
+    """Two simulated nodes save without a remote; a ``ckptsync watch`` per node uploads its
+    part. Node 1's daemon starts late: until it has uploaded, the checkpoint does not exist
+    remotely; then it exists once, whole, and resumes on two fresh nodes bit-exact."""
+    ckpts, out = tmp_path / "ckpts", tmp_path / "save"
+    _ok(_ranks(2, "nodes-save", ckpts, out))
+    store = RemoteStore(file_remote.url, file_remote.storage_options)
+    logs = [tmp_path / "watch0.log", tmp_path / "watch1.log"]
+
+    def watch(node: int) -> Any:
+        return start_watcher(ckpts / f"node{node}", file_remote.url,
+                             storage_options=file_remote.storage_options, interval=1,
+                             log_path=logs[node])
+
+    first = watch(0)
+    try:
+        wait_for(lambda: _markers(file_remote, 0), "node 0's part to be uploaded",
+                 timeout=TIMEOUT_S)
+        assert store.list() == [] and not _markers(file_remote, 1)
+        second = watch(1)
+        try:
+            second.flush(timeout=TIMEOUT_S)
+        finally:
+            assert second.stop() == 0
+        first.flush(timeout=TIMEOUT_S)
+    finally:
+        assert first.stop() == 0
+    (m,) = store.list()
+    store.verify(m.name, full=True)
+    assert {f.path for f in m.files} == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt"}
+    text = logs[0].read_text() + logs[1].read_text()
+    assert text.count(f"committed {m.name}") == 1, text[-4000:]
+    _ok(_ranks(2, "nodes-restore", tmp_path / "fresh", tmp_path / "out", file_remote.url))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
 
 
 def test_plain_dcp_directory_syncs_as_a_zero_code_dir_rule(tmp_path: Path,
