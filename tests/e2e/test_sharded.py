@@ -269,6 +269,11 @@ def _two_nodes(tmp_path: Path, remote: Remote) -> None:
                       torch.load(out / "expected.pt", weights_only=True))
     assert [r["losses"] for r in _reports(tmp_path / "out", 2)] == \
         [r["losses"] for r in _reports(out, 2)]
+    # The same nodes again: each holds only its part, so it gathers the whole from the remote.
+    _ok(_ranks(2, "nodes-restore", tmp_path / "ckpts", tmp_path / "again", remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=env["CKPTSYNC_STORAGE_OPTIONS"]))
+    assert_tree_equal(torch.load(tmp_path / "again" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
 
 
 def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
