@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import logging
 import socket
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from ckptsync.client.uploader import Uploader
-from ckptsync.errors import CkptSyncError, NoCheckpointError
+from ckptsync.errors import CkptSyncError, ConfigError, NoCheckpointError
 from ckptsync.parts import part_of
 
 if TYPE_CHECKING:
     from ckptsync.client.checkpointer import Checkpointer
 
-__all__ = ["Nodes", "ensure_uploader", "ensure_whole", "nodes_of"]
+__all__ = ["Nodes", "adopt", "ensure_uploader", "ensure_whole", "nodes_of"]
 
 log = logging.getLogger("ckptsync")
 
@@ -58,6 +59,28 @@ def nodes_of(ckpt: Checkpointer) -> Nodes:
         dist.all_gather_object(keys, key)
     index: dict[tuple[str, str], int] = {}
     return Nodes(tuple(index.setdefault(k, len(index)) for k in keys), ckpt.rank)
+
+
+_adopted: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+def adopt(ckpt: Checkpointer, nodes: Nodes) -> None:
+    """The first time this rank leads a node other than rank 0's: hold the node directory's
+    writer lock and remove the leftovers of crashed saves there, as rank 0 does for its own
+    directory when the Checkpointer is built (the lock goes when it closes).
+
+    Raises:
+        ConfigError: another Checkpointer writes in this node's directory.
+    """
+    if not nodes.leader or ckpt.rank == 0 or ckpt in _adopted:
+        return
+    if not ckpt.store.acquire_writer_lock():
+        raise ConfigError(
+            f"another Checkpointer ({ckpt.store.writer_lock_holder()}) is writing checkpoints "
+            f"in {ckpt.store.directory} (node {nodes.mine}'s directory); one directory holds "
+            "one run: give each run its own directory")
+    ckpt.store.cleanup()
+    _adopted.add(ckpt)
 
 
 def ensure_uploader(ckpt: Checkpointer) -> None:

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ckptsync.client import ranks
-from ckptsync.client.nodes import Nodes, ensure_uploader, ensure_whole, nodes_of
+from ckptsync.client.nodes import Nodes, adopt, ensure_uploader, ensure_whole, nodes_of
 from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
 from ckptsync.client.snapshot import SaveHandle
 from ckptsync.client.state import RNG_FILE, capture_rng, load_into, restore_rng, serialize, unwrap
@@ -223,6 +223,7 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     err: BaseException | None = None
     if nodes.leader:
         try:
+            adopt(ckpt, nodes)
             staging = ckpt.store.staging(name)
         except CkptSyncError as e:
             err = e
@@ -261,15 +262,17 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
         except BaseException as e:
             failed = _describe(e)
     manifests, failed = _rank0_says(ckpt, (manifests, failed))
+    if failed is not None:  # every rank knows: the same error everywhere, no collective
+        if staging is not None:
+            staging.abort()
+        raise CkptSyncError(f"sharded save failed: {failed}")
+    assert manifests is not None
     committed: LocalCheckpoint | None = None
-    err = None if failed is None else CkptSyncError(f"sharded save failed: {failed}")
     if staging is not None:
         try:
-            if err is None:
-                assert manifests is not None
-                # Every rank's files were fsynced before it reported: the manifest, written
-                # by the commit, comes last.
-                committed = staging.commit(manifests[nodes.mine])
+            # Every rank's files were fsynced before it reported: the manifest, written by
+            # the commit, comes last.
+            committed = staging.commit(manifests[nodes.mine])
         except BaseException as e:
             err = e
         finally:
@@ -281,7 +284,7 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
         if committed is not None:  # another node failed: this part can never be whole
             ckpt.store.delete(committed.name)
         raise
-    manifest = None if manifests is None else manifests[0]
+    manifest: Manifest | None = manifests[0]
     if committed is not None:
         m = committed.manifest
         log.info("saved sharded %s (step %s, %d ranks, %.1f MB%s)", committed.path, step, world,
@@ -395,6 +398,7 @@ def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, 
         failed: BaseException | None = None
         if nodes.leader:
             try:
+                adopt(ckpt, nodes)
                 ensure_whole(ckpt, found[0])
             except BaseException as e:
                 failed = e

@@ -27,6 +27,7 @@ import torch
 from ckptsync import start_watcher
 from ckptsync.daemon import restore_watched
 from ckptsync.local import LocalStore
+from ckptsync.manifest import make_name
 from ckptsync.remote import RemoteStore
 from tests.support.helpers import PY, assert_tree_equal, child_env, staging_dirs
 from tests.support.paths import SUPPORT
@@ -269,11 +270,15 @@ def _two_nodes(tmp_path: Path, remote: Remote) -> None:
                       torch.load(out / "expected.pt", weights_only=True))
     assert [r["losses"] for r in _reports(tmp_path / "out", 2)] == \
         [r["losses"] for r in _reports(out, 2)]
-    # The same nodes again: each holds only its part, so it gathers the whole from the remote.
+    # The same nodes again: each holds only its part, so it gathers the whole from the remote;
+    # node 1 also removes what a crashed save left in its own directory.
+    leftover = tmp_path / "ckpts" / "node1" / f".staging-{make_name(9)}"
+    leftover.mkdir()
     _ok(_ranks(2, "nodes-restore", tmp_path / "ckpts", tmp_path / "again", remote.url,
                CKPTSYNC_STORAGE_OPTIONS=env["CKPTSYNC_STORAGE_OPTIONS"]))
     assert_tree_equal(torch.load(tmp_path / "again" / "restored.pt", weights_only=True),
                       torch.load(out / "expected.pt", weights_only=True))
+    assert not leftover.exists()
 
 
 def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
