@@ -46,13 +46,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ckptsync.client import ranks
+from ckptsync.client.nodes import Nodes, adopt, ensure_uploader, ensure_whole, nodes_of
 from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
 from ckptsync.client.snapshot import SaveHandle
 from ckptsync.client.state import RNG_FILE, capture_rng, load_into, restore_rng, serialize, unwrap
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.hashing import HashingWriter, WriteOps
-from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, storage_error
+from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, Staging, storage_error
 from ckptsync.manifest import FileEntry, Manifest, make_name
+from ckptsync.parts import make_parts, part_of
 
 if TYPE_CHECKING:
     from ckptsync.client.checkpointer import Checkpointer
@@ -192,11 +195,6 @@ def _rank0_says(ckpt: Checkpointer, what: Any) -> Any:
     return box[0]
 
 
-def _raise_everywhere(err: str | None) -> None:
-    if err is not None:
-        raise CkptSyncError(f"sharded save failed: {err}")
-
-
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
@@ -206,6 +204,10 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     """:meth:`Checkpointer.save` of sharded state; call on every rank. Returns once the
     checkpoint is committed locally (every rank's files durable) or raises on every rank.
 
+    On several nodes (:mod:`ckptsync.client.nodes`) each node's leader commits its node's
+    part (:mod:`ckptsync.parts`) in its own directory and uploads it; the checkpoint exists
+    remotely once every part is there.
+
     The write is synchronous: DCP's ``async_save`` runs its collectives on a thread beside
     the trainer's, which needs a process group of its own (not done yet).
     """
@@ -213,18 +215,24 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     rank, world = ckpt.rank, ckpt.world_size
     states = _states(objects)
     rng = capture_rng() if ckpt.capture_rng else None
+    nodes = nodes_of(ckpt)
+    name: str | None = make_name(step) if rank == 0 else None
+    name = _rank0_says(ckpt, name)
+    assert name is not None
     staging = None
-    name: str | None = None
-    err: str | None = None
-    if rank == 0:
-        name = make_name(step)
+    err: BaseException | None = None
+    if nodes.leader:
         try:
+            adopt(ckpt, nodes)
             staging = ckpt.store.staging(name)
         except CkptSyncError as e:
-            err = _describe(e)
-    name, err = _rank0_says(ckpt, (name, err))
-    _raise_everywhere(err)
-    assert name is not None
+            err = e
+    try:
+        _agree(ckpt, err, "create the checkpoint's staging directory")
+    except BaseException:
+        if staging is not None:
+            staging.abort()
+        raise
     root = ckpt.store.directory / f"{STAGING_PREFIX}{name}"
     fs = _HashingFileSystem(root, ckpt.store.ops)
     mine: str | None = None
@@ -244,39 +252,88 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
         if staging is not None:  # a rank is gone: nothing of this save may stay
             staging.abort()
         raise
-    manifest: Manifest | None = None
-    committed: LocalCheckpoint | None = None
+    manifests: list[Manifest] | None = None
+    failed: str | None = None
     if rank == 0:
         assert gathered is not None and staging is not None
-        errors = [f"rank {r}: {g[2]}" for r, g in enumerate(gathered) if g[2] is not None]
         try:
-            if errors:
-                raise CkptSyncError("; ".join(errors))
-            entries = [e for g in gathered for e in g[0]]
-            if rng is not None:
-                w = staging.open(RNG_FILE)
-                serialize({"world_size": world, "ranks": [g[1] for g in gathered]}, w)
-                entries.append(staging.close_file(RNG_FILE))
-            meta = ckpt._meta(objects, time.perf_counter() - t0)  # the save blocked so long
-            meta[DCP_META] = {"world_size": world, "objects": sorted(objects)}
-            manifest = Manifest.new(step=step, files=entries, name=name, metrics=metrics,
-                                    meta=meta, extra=extra)
+            manifests = _manifests(ckpt, staging, gathered, nodes, step, name, objects,
+                                   metrics, extra, rng, t0)
+        except BaseException as e:
+            failed = _describe(e)
+    manifests, failed = _rank0_says(ckpt, (manifests, failed))
+    if failed is not None:  # every rank knows: the same error everywhere, no collective
+        if staging is not None:
+            staging.abort()
+        raise CkptSyncError(f"sharded save failed: {failed}")
+    assert manifests is not None
+    committed: LocalCheckpoint | None = None
+    if staging is not None:
+        try:
             # Every rank's files were fsynced before it reported: the manifest, written by
             # the commit, comes last.
-            committed = staging.commit(manifest)
+            committed = staging.commit(manifests[nodes.mine])
         except BaseException as e:
-            staging.abort()
-            err = _describe(e)
-    _raise_everywhere(_rank0_says(ckpt, err))
-    if committed is not None and manifest is not None:
-        log.info("saved sharded %s (step %s, %d ranks, %.1f MB)", committed.path, step, world,
-                 manifest.total_size / 1e6)
+            err = e
+        finally:
+            if committed is None:
+                staging.abort()
+    try:
+        _agree(ckpt, err, "commit its node's part of the checkpoint")
+    except BaseException:
+        if committed is not None:  # another node failed: this part can never be whole
+            ckpt.store.delete(committed.name)
+        raise
+    manifest: Manifest | None = manifests[0]
+    if committed is not None:
+        m = committed.manifest
+        log.info("saved sharded %s (step %s, %d ranks, %.1f MB%s)", committed.path, step, world,
+                 m.total_size / 1e6,
+                 "" if nodes.count == 1 else f", part {nodes.mine} of {nodes.count} nodes")
+        if nodes.count > 1:
+            ensure_uploader(ckpt)
         if ckpt._uploader is not None:
             ckpt._uploader.offer(committed, {})
         ckpt._apply_local_retention()
+    if manifest is not None and nodes.count > 1:
+        part = part_of(manifest)
+        manifest = part.whole if part is not None else manifest
     done: Future[Manifest | None] = Future()
     done.set_result(manifest)
     return SaveHandle(done, name)
+
+
+def _agree(ckpt: Checkpointer, err: BaseException | None, what: str) -> None:
+    """Raise ``err`` here and a failure on every other rank (a collective)."""
+    if ckpt.world_size > 1:
+        ranks.agree(ckpt.rank, ckpt.world_size, err, None, what)
+    elif err is not None:
+        raise err
+
+
+def _manifests(ckpt: Checkpointer, staging: Staging, gathered: list[Any], nodes: Nodes,
+               step: int | None, name: str, objects: Mapping[str, Any],
+               metrics: dict[str, float], extra: dict[str, Any], rng: Any, t0: float
+               ) -> list[Manifest]:
+    """Rank 0: the manifest each node commits (one node: the whole checkpoint's; several:
+    each node's part, :func:`~ckptsync.parts.make_parts`). Writes ``rng.pt`` (node 0)."""
+    errors = [f"rank {r}: {g[2]}" for r, g in enumerate(gathered) if g[2] is not None]
+    if errors:
+        raise CkptSyncError("; ".join(errors))
+    by_node: list[list[FileEntry]] = [[] for _ in range(nodes.count)]
+    for r, g in enumerate(gathered):
+        by_node[nodes.of[r]].extend(g[0])
+    if rng is not None:
+        w = staging.open(RNG_FILE)
+        serialize({"world_size": ckpt.world_size, "ranks": [g[1] for g in gathered]}, w)
+        by_node[0].append(staging.close_file(RNG_FILE))
+    meta = ckpt._meta(objects, time.perf_counter() - t0)  # the save blocked so long
+    meta[DCP_META] = {"world_size": ckpt.world_size, "objects": sorted(objects)}
+    if nodes.count > 1:
+        meta[DCP_META]["nodes"] = nodes.count
+    whole = Manifest.new(step=step, files=[e for files in by_node for e in files], name=name,
+                         metrics=metrics, meta=meta, extra=extra)
+    return [whole] if nodes.count == 1 else make_parts(whole, by_node)
 
 
 # ---------------------------------------------------------------------- restore
@@ -336,6 +393,16 @@ def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, 
     if found is None:
         log.info("no checkpoint in %s: starting fresh", ckpt.store.directory)
         return None
+    nodes = nodes_of(ckpt)
+    if nodes.count > 1 or part_of(ckpt.store.get(found[0]).manifest) is not None:
+        failed: BaseException | None = None
+        if nodes.leader:
+            try:
+                adopt(ckpt, nodes)
+                ensure_whole(ckpt, found[0])
+            except BaseException as e:
+                failed = e
+        _agree(ckpt, failed, f"gather checkpoint {found[0]} on its node")
     chosen = ckpt.store.get(found[0])
     states = _states(objects)
     dcp.load(states, storage_reader=FileSystemReader(chosen.path))

@@ -26,10 +26,11 @@ from secrets import token_hex
 from typing import Any
 
 from ckptsync.crypto import stored_size
-from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
 from ckptsync.ownership import ROOT_MARKER
+from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
 from ckptsync.remote.encrypted import same_content, sealed_manifest
@@ -113,9 +114,19 @@ class PushMixin(StoreBase):
               stop: threading.Event | None, streams: dict[str, MultipartStream]) -> Manifest:
         m = local_m = ckpt.manifest
         name = m.name
+        part = part_of(m)
+        if part is not None and self.keys:
+            # The whole manifest a part carries lists plaintext digests, and each node seals
+            # its files with its own salts: nothing could write an honest whole manifest.
+            raise ConfigError(
+                f"{self.url_of(name)}: checkpoint {name} is one node's part of a multi-node "
+                "checkpoint, and encrypted multi-node checkpoints are not supported yet; "
+                "upload it without a key, or train on one node")
         existing = self.read_manifest(name)
         if existing is not None:
-            return self._same_or_conflict(existing, m)
+            return self._same_or_conflict(existing, m if part is None else part.whole)
+        if part is not None and self._part_uploaded(name, m, part.node):
+            return self._commit_part(name, m, part)  # e.g. a daemon's next scan
         progress = progress or NullProgress()
         self._ensure_marker()
         if not self.backend.overwrites:
@@ -124,6 +135,9 @@ class PushMixin(StoreBase):
             # Elsewhere an upload overwrites; only the temporary files of an attempt that
             # died (file://, mounts) stay behind under their random names.
             leftovers = self._stale_parts(name)
+        if part is not None:  # the other nodes' files are theirs
+            own = {f.path for f in m.files} | {marker_name(part.node)}
+            leftovers = [rel for rel in leftovers if rel in own]
         for rel in leftovers:  # a failed attempt's files (Drive would duplicate them)
             # A second writer of this very name may have committed since we looked: never
             # delete a file of a committed checkpoint. Looking again before each delete
@@ -131,7 +145,7 @@ class PushMixin(StoreBase):
             # to upload the same bytes again before it meets the other's manifest.
             existing = self.read_manifest(name)
             if existing is not None:
-                return self._same_or_conflict(existing, local_m)
+                return self._same_or_conflict(existing, local_m if part is None else part.whole)
             def rm(path: str = self._path(name, rel)) -> None:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm_file(path)
@@ -175,6 +189,12 @@ class PushMixin(StoreBase):
         if self.backend.local_paths:
             # Every file durable, under its final name, before the manifest.
             self._call(partial(self._fsync_dirs, m), self.url_of(name), "sync")
+        if part is not None:
+            return self._commit_part(name, m, part)
+        return self._commit(name, m)
+
+    def _commit(self, name: str, m: Manifest) -> Manifest:
+        """Write ``m`` with the create-only write (the commit), then the ``LATEST`` hint."""
         try:
             self._create_manifest(name, m.to_json())
         except ManifestExists:
@@ -190,10 +210,55 @@ class PushMixin(StoreBase):
             if other is None:
                 raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
                                   "but no manifest is there", retryable=True) from None
-            return self._same_or_conflict(other, local_m)
+            return self._same_or_conflict(other, m)
         log.info("committed %s to %s", name, redact_url(self.url))
         self._update_latest(m)
         return m
+
+    # ------------------------------------------------------------------ multi-node parts
+
+    def _part_uploaded(self, name: str, m: Manifest, node: int) -> bool:
+        """This node's marker and every file of its part ``m`` are there, with their sizes."""
+        sizes = self._sizes(name)
+        try:
+            self._check_sizes(m, sizes)
+        except CorruptCheckpointError:
+            return False
+        return marker_name(node) in sizes
+
+    def _commit_part(self, name: str, m: Manifest, part: Part) -> Manifest:
+        """After node ``part.node``'s files are all there: write its marker, then commit the
+        whole checkpoint if every node's marker and file is there (:mod:`ckptsync.parts`).
+
+        Returns the whole manifest once committed (here or by another node), else ``m``.
+        """
+        marker = self._path(name, marker_name(part.node))
+        data = m.to_json()
+
+        def write() -> None:
+            if self.backend.local_paths:
+                self._local_replace(marker, data)
+                return
+            if not self.backend.overwrites and self.fs.exists(marker):
+                self.fs.rm_file(marker)
+            self.fs.pipe_file(marker, data)
+
+        # Marker before looking at the others': whichever node writes its marker last sees
+        # every marker, so some node always commits.
+        self._call(write, self.url_of(name, marker_name(part.node)), "write")
+        self.fs.invalidate_cache(self._path(name))
+        sizes = self._sizes(name)
+        done = {int(x.group(1)) for rel in sizes if (x := PART_MARKER.match(rel))}
+        if not done >= set(range(part.nodes)):
+            log.info("uploaded part %d of %d of %s to %s; the node that uploads last commits it",
+                     part.node, part.nodes, name, redact_url(self.url))
+            return m
+        try:
+            self._check_sizes(part.whole, sizes)
+        except CorruptCheckpointError as e:
+            raise RemoteError(f"every node's part of {name} says it is uploaded, but: {e}",
+                              url=self.url_of(name), retryable=True) from e
+        return self._commit(name, part.whole)
 
     def _stale_parts(self, name: str) -> list[str]:
         """Temporary files under ``name`` that nobody has written to for

@@ -2,18 +2,22 @@
 with gloo, each rank a process started as ``torchrun`` would (tests/support/sharded_worker.py).
 
 Saved by 2 ranks, the checkpoint lists every rank's files with digests and resumes bit-exact
-(the full, gathered state) on 2, 1 and 4 ranks; saved by 1, it resumes on 2. A rank killed
-mid-save leaves no committed checkpoint, and the previous one restores. A plain DCP directory
-from a trainer that knows nothing of ckptsync syncs as a zero-code ``dir:`` rule with DCP's
-``.metadata`` as the completion marker.
+(the full, gathered state) on 2, 1 and 4 ranks; saved by 1, it resumes on 2; saved by 4, on
+2. A rank killed mid-save (at once, or stalled in its write and then SIGKILLed) leaves no
+committed checkpoint, locally or remotely, its peer raises, and the previous one restores. A
+plain DCP directory from a trainer that knows nothing of ckptsync syncs as a zero-code
+``dir:`` rule with DCP's ``.metadata`` as the completion marker.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,12 @@ import torch
 from ckptsync import start_watcher
 from ckptsync.daemon import restore_watched
 from ckptsync.local import LocalStore
+from ckptsync.manifest import make_name
 from ckptsync.remote import RemoteStore
 from tests.support.helpers import PY, assert_tree_equal, child_env, staging_dirs
 from tests.support.paths import SUPPORT
 from tests.support.remotes import Remote
+from tests.support.watchkit import wait_for
 
 WORKER = SUPPORT / "sharded_worker.py"
 TIMEOUT_S = 300  # per job: generous for 2 shared cores; a hang fails, it never blocks
@@ -40,20 +46,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ranks(world: int, mode: str, directory: Path, out: Path, remote: str | None = None
+def _ranks(world: int, mode: str, directory: Path, out: Path, remote: str | None = None,
+           *, kill_at: tuple[int, Path] | None = None, **env_extra: str
            ) -> list[tuple[int, str]]:
-    """Run ``world`` ranks of the worker (torchrun's environment); (returncode, output)."""
+    """Run ``world`` ranks of the worker (torchrun's environment); (returncode, output).
+    ``kill_at=(rank, marker)``: SIGKILL that rank once it creates ``marker``."""
     out.mkdir(parents=True, exist_ok=True)
-    port = str(_free_port())
+    master_port = str(_free_port())
     procs = []
     for rank in range(world):
         env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+                        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=master_port, **env_extra)
         procs.append(subprocess.Popen(
             [PY, str(WORKER), mode, str(directory), str(out), *([remote] if remote else [])],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     try:
+        if kill_at is not None:
+            victim, marker = kill_at
+            deadline = time.monotonic() + TIMEOUT_S
+            while not marker.exists() and time.monotonic() < deadline \
+                    and procs[victim].poll() is None:
+                time.sleep(0.1)
+            procs[victim].send_signal(signal.SIGKILL)
         for p in procs:
             try:
                 results.append((p.communicate(timeout=TIMEOUT_S)[0], p))
@@ -101,7 +117,7 @@ def test_manifest_lists_every_ranks_files_with_digests(saved: tuple[Path, Path])
         assert done.returncode == 0 and ckpt.name in done.stdout, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("world", [2, 1, 4])
+@pytest.mark.parametrize("world", [2, 1, pytest.param(4, marks=pytest.mark.slow)])
 def test_resumes_bit_exact_on_any_world_size(saved: tuple[Path, Path], tmp_path: Path,
                                              world: int) -> None:
     directory, save_out = saved
@@ -125,6 +141,18 @@ def test_saved_by_one_rank_resumes_on_two(tmp_path: Path) -> None:
                       torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
 
 
+@pytest.mark.slow
+def test_saved_by_four_resumes_bit_exact_on_two(tmp_path: Path) -> None:
+    """4 -> 2: DCP reshards four ranks' shards onto two (each loads parts of two files)."""
+    _ok(_ranks(4, "save", tmp_path / "ckpts", tmp_path / "save"))
+    (ckpt,) = LocalStore(tmp_path / "ckpts").list()
+    assert {f.path for f in ckpt.manifest.files} >= {f"__{r}_0.distcp" for r in range(4)}
+    _ok(_ranks(2, "restore", tmp_path / "ckpts", tmp_path / "out"))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
+    assert {r["step"] for r in _reports(tmp_path / "out", 2)} == {3}
+
+
 def test_rank_killed_mid_save_commits_nothing_and_previous_restores(tmp_path: Path) -> None:
     directory, out = tmp_path / "ckpts", tmp_path / "kill"
     results = _ranks(2, "kill", directory, out)
@@ -145,6 +173,31 @@ def test_rank_killed_mid_save_commits_nothing_and_previous_restores(tmp_path: Pa
     assert staging_dirs(directory) == []  # the next Checkpointer removed the leftover
 
 
+def test_rank_stalled_then_killed_mid_save_commits_nothing_locally_or_remotely(
+        tmp_path: Path, s3_remote: Remote) -> None:
+    """Rank 1's disk stops answering mid-save and the rank is SIGKILLed there: rank 0's save
+    raises (within the bound, not a hang), step 2 exists neither locally nor remotely, and a
+    fresh machine resumes step 1 bit-exact from the remote."""
+    directory, out = tmp_path / "ckpts", tmp_path / "stall"
+    results = _ranks(2, "stall", directory, out, s3_remote.url,
+                     kill_at=(1, out / "rank1-stalled"),
+                     CKPTSYNC_STORAGE_OPTIONS=json.dumps(s3_remote.storage_options))
+    assert (out / "rank1-stalled").exists(), results[1][1][-3000:]
+    assert results[1][0] == -9
+    assert results[0][0] == 3, results[0][1][-3000:]  # rank 0 raised and went on
+    report = json.loads((out / "rank0.json").read_text())
+    # It raised (gloo: the connection to rank 1 closed) instead of hanging or committing.
+    assert "save2_returned" not in report and report.get("save2_error"), report
+    assert [c.step for c in LocalStore(directory).list()] == [1]
+    store = RemoteStore(s3_remote.url, s3_remote.storage_options)
+    assert [m.step for m in store.list()] == [1]  # nothing of step 2 was committed
+    assert [e.status for e in store.scan()] == ["valid"]
+    _ok(_ranks(2, "restore", tmp_path / "fresh", tmp_path / "out", s3_remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=json.dumps(s3_remote.storage_options)))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
+
+
 def test_remote_holds_every_ranks_files_and_a_fresh_machine_resumes(
         tmp_path: Path, file_remote: Remote) -> None:
     _ok(_ranks(2, "save", tmp_path / "ckpts", tmp_path / "save", file_remote.url))
@@ -156,6 +209,113 @@ def test_remote_holds_every_ranks_files_and_a_fresh_machine_resumes(
     _ok(_ranks(2, "restore", tmp_path / "fresh", tmp_path / "out", file_remote.url))
     assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
                       torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
+
+
+def _markers(remote: Remote, node: int) -> list[str]:
+    fs = remote.fs()
+    fs.invalidate_cache()
+    return list(fs.glob(f"{remote.path}/*/ckptsync-part-{node}.json"))
+
+
+def test_two_nodes_commit_once_when_every_part_is_remote(tmp_path: Path,
+                                                         file_remote: Remote) -> None:
+    _two_nodes(tmp_path, file_remote)
+
+
+def test_two_nodes_commit_once_when_every_part_is_remote_s3(tmp_path: Path,
+                                                            s3_remote: Remote) -> None:
+    _two_nodes(tmp_path, s3_remote)
+
+
+def _two_nodes(tmp_path: Path, remote: Remote) -> None:
+    """Two simulated nodes (a rank each, each its own directory and uploader), one remote:
+    node 1's upload stalls; the checkpoint is not visible remotely until node 1's files are
+    there, then it is committed exactly once with both nodes' files, and two fresh nodes
+    resume from it bit-exact."""
+    gate, out = tmp_path / "gate", tmp_path / "save"
+    env = {"CKPTSYNC_STORAGE_OPTIONS": json.dumps(remote.storage_options),
+           "CKPT_TEST_GATE": str(gate)}
+    out.mkdir()
+    results: list[list[tuple[int, str]]] = []
+    job = threading.Thread(target=lambda: results.append(_ranks(
+        2, "nodes-save", tmp_path / "ckpts", out, remote.url, **env)))
+    job.start()
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not _markers(remote, 0) and time.monotonic() < deadline and job.is_alive():
+            time.sleep(0.2)
+        assert len(_markers(remote, 0)) == 1  # node 0's part is up: its files are all there
+        store = RemoteStore(remote.url, remote.storage_options)
+        assert store.list() == []  # ... but the checkpoint does not exist yet
+        assert not _markers(remote, 1)
+        assert [e.status for e in store.scan()] == ["uncommitted"]
+    finally:
+        gate.touch()
+        job.join(TIMEOUT_S + 30)
+    _ok(results[0])
+    (m,) = store.list()
+    store.verify(m.name, full=True)
+    assert {f.path for f in m.files} == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt"}
+    assert m.meta["dcp"]["nodes"] == 2 and "part" not in m.meta
+    logs = results[0][0][1] + results[0][1][1]
+    assert logs.count(f"committed {m.name}") == 1, logs[-4000:]
+    # Each node's directory holds its own part, committed locally.
+    parts = [LocalStore(tmp_path / "ckpts" / f"node{n}").list() for n in (0, 1)]
+    assert [[f.path for f in p[0].manifest.files] for p in parts] == [
+        [".metadata", "__0_0.distcp", "rng.pt"], ["__1_0.distcp"]]
+    # Two fresh nodes: each pulls the checkpoint, both ranks load their shards.
+    _ok(_ranks(2, "nodes-restore", tmp_path / "fresh", tmp_path / "out", remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=env["CKPTSYNC_STORAGE_OPTIONS"]))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
+    assert [r["losses"] for r in _reports(tmp_path / "out", 2)] == \
+        [r["losses"] for r in _reports(out, 2)]
+    # The same nodes again: each holds only its part, so it gathers the whole from the remote;
+    # node 1 also removes what a crashed save left in its own directory.
+    leftover = tmp_path / "ckpts" / "node1" / f".staging-{make_name(9)}"
+    leftover.mkdir()
+    _ok(_ranks(2, "nodes-restore", tmp_path / "ckpts", tmp_path / "again", remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=env["CKPTSYNC_STORAGE_OPTIONS"]))
+    assert_tree_equal(torch.load(tmp_path / "again" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
+    assert not leftover.exists()
+
+
+def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
+    """Two simulated nodes save without a remote; a ``ckptsync watch`` per node uploads its
+    part. Node 1's daemon starts late: until it has uploaded, the checkpoint does not exist
+    remotely; then it exists once, whole, and resumes on two fresh nodes bit-exact."""
+    ckpts, out = tmp_path / "ckpts", tmp_path / "save"
+    _ok(_ranks(2, "nodes-save", ckpts, out))
+    store = RemoteStore(file_remote.url, file_remote.storage_options)
+    logs = [tmp_path / "watch0.log", tmp_path / "watch1.log"]
+
+    def watch(node: int) -> Any:
+        return start_watcher(ckpts / f"node{node}", file_remote.url,
+                             storage_options=file_remote.storage_options, interval=1,
+                             log_path=logs[node])
+
+    first = watch(0)
+    try:
+        wait_for(lambda: _markers(file_remote, 0), "node 0's part to be uploaded",
+                 timeout=TIMEOUT_S)
+        assert store.list() == [] and not _markers(file_remote, 1)
+        second = watch(1)
+        try:
+            second.flush(timeout=TIMEOUT_S)
+        finally:
+            assert second.stop() == 0
+        first.flush(timeout=TIMEOUT_S)
+    finally:
+        assert first.stop() == 0
+    (m,) = store.list()
+    store.verify(m.name, full=True)
+    assert {f.path for f in m.files} == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt"}
+    text = logs[0].read_text() + logs[1].read_text()
+    assert text.count(f"committed {m.name}") == 1, text[-4000:]
+    _ok(_ranks(2, "nodes-restore", tmp_path / "fresh", tmp_path / "out", file_remote.url))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
 
 
 def test_plain_dcp_directory_syncs_as_a_zero_code_dir_rule(tmp_path: Path,

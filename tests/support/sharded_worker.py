@@ -7,18 +7,27 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
   the full (gathered) state at step 3 to ``OUT/expected.pt`` and a JSON report per rank;
 - ``restore``: build the model with other weights, restore, write the full state to
   ``OUT/restored.pt``, train 2 steps (their losses) and report;
-- ``kill``: save step 1, then save step 2 while rank 1 SIGKILLs itself at its first write.
+- ``kill``: save step 1, then save step 2 while rank 1 SIGKILLs itself at its first write;
+- ``stall``: save step 1 (and wait for its upload), then save step 2 while rank 1 stalls in
+  its first write, saying so in ``OUT/rank1-stalled``, until the test SIGKILLs it; the
+  others record the error their save raised and exit 3;
+- ``nodes-save``, ``nodes-restore``: ``save``, ``restore`` with each rank a simulated node of
+  its own (directory ``DIR/node<rank>``, its own uploader); with ``CKPT_TEST_GATE`` set,
+  rank 1's remote stalls at its first call until that file exists (a slow node's upload).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -26,13 +35,21 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from ckptsync import Checkpointer
+from ckptsync.config import storage_options_from_env
 from ckptsync.local import FileOps
+from ckptsync.remote import RemoteStore
+from tests.support.faults import FaultFS
 
 
 class _KillAtFirstWrite(FileOps):
     armed = False
+    stall_marker: Path | None = None  # stall (say so here) instead of dying
 
     def write(self, f: Any, data: Any) -> int:
+        if self.armed and self.stall_marker is not None:
+            self.stall_marker.write_text("")
+            while True:  # a disk that stopped answering, until the test kills this rank
+                time.sleep(1)
         if self.armed:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().write(f, data)
@@ -71,6 +88,24 @@ def _full(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     return {"model": msd, "optim": osd}
 
 
+class _GatedStore(RemoteStore):
+    gate: Any
+
+
+def _gated_store(url: str, gate: Path) -> RemoteStore:
+    """The remote through a :class:`FaultFS` whose first call of any kind waits for ``gate``."""
+    options = storage_options_from_env()
+    fs = FaultFS(fsspec.core.url_to_fs(url, **options)[0])
+    store = _GatedStore(url, options, fs=fs)
+
+    def wait() -> None:
+        while not gate.exists():
+            time.sleep(0.1)
+
+    store.gate = wait
+    return store
+
+
 def main(mode: str, directory: str, out: str, remote: str | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -78,21 +113,42 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
     outdir = Path(out)
     report: dict[str, Any] = {"rank": rank, "world": world}
     ops = _KillAtFirstWrite()
+    store = None
+    if mode.startswith("nodes-"):
+        mode, directory = mode[len("nodes-"):], str(Path(directory) / f"node{rank}")
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+        gate = os.environ.get("CKPT_TEST_GATE")
+        if gate and rank == 1 and remote:
+            store = _gated_store(remote, Path(gate))
     model = _model(0 if mode != "restore" else 7, world)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    ck = Checkpointer(directory, remote=remote, file_ops=ops)
-    if mode in ("save", "kill"):
+    ck = Checkpointer(directory, remote=remote, file_ops=ops, remote_store=store)
+    if store is not None:
+        for key in ("cat_file", "cat", "exists", "info", "ls", "find", "open:rb", "open:wb"):
+            store.fs.fail_on(key, nth=1, exc=store.gate)  # type: ignore[attr-defined]
+    if mode in ("save", "kill", "stall"):
         for step in range(3):
             _step(model, opt, step)
         torch.manual_seed(500 + rank)  # each rank's own RNG stream
-        if mode == "kill":
+        if mode in ("kill", "stall"):
             ck.save(1, model=model, optim=opt)
+            ck.wait()  # step 1 durable (and remote, with a remote) before step 2
             ops.armed = rank == 1
+            if mode == "stall":
+                ops.stall_marker = outdir / "rank1-stalled"
             report["expected"] = True
             full = _full(model, opt)
             if rank == 0:
                 torch.save(full, outdir / "expected.pt")
                 (outdir / "rank0-ready").write_text("")
+            if mode == "stall":
+                try:
+                    ck.save(2, model=model, optim=opt)  # rank 1 is killed inside
+                    report["save2_returned"] = True
+                except Exception as e:
+                    report["save2_error"] = f"{type(e).__name__}: {e}"
+                (outdir / f"rank{rank}.json").write_text(json.dumps(report))
+                os._exit(3)  # the process group lost a rank: no orderly teardown
             ck.save(2, model=model, optim=opt)  # rank 1 dies inside; rank 0 must not commit
             report["save2_returned"] = True
         else:

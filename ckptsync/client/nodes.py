@@ -1,0 +1,121 @@
+"""Which ranks share a local directory (a "node"), for sharded saves over several nodes.
+
+A node is a (host, local directory) pair: the ranks of one machine that pass one directory
+share it; another machine, or another directory on this one (two simulated nodes in the
+tests), is another node. The lowest rank of each node leads it: it creates and commits that
+node's part of a checkpoint (:mod:`ckptsync.parts`), applies local retention there, and
+uploads it through its own uploader. Rank 0 leads node 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch.distributed as dist
+
+from ckptsync.client.uploader import Uploader
+from ckptsync.errors import CkptSyncError, ConfigError, NoCheckpointError
+from ckptsync.parts import part_of
+
+if TYPE_CHECKING:
+    from ckptsync.client.checkpointer import Checkpointer
+
+__all__ = ["Nodes", "adopt", "ensure_uploader", "ensure_whole", "nodes_of"]
+
+log = logging.getLogger("ckptsync")
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """``of[r]``: the node index of rank ``r`` (in order of each node's lowest rank)."""
+
+    of: tuple[int, ...]
+    rank: int
+
+    @property
+    def count(self) -> int:
+        return max(self.of) + 1
+
+    @property
+    def mine(self) -> int:
+        return self.of[self.rank]
+
+    @property
+    def leader(self) -> bool:
+        """This rank is the lowest rank of its node."""
+        return self.of.index(self.mine) == self.rank
+
+
+def nodes_of(ckpt: Checkpointer) -> Nodes:
+    """Collective (under ``torch.distributed``): every rank's node."""
+    key = (socket.gethostname(), str(ckpt.store.directory.resolve()))
+    keys: list[tuple[str, str]] = [key]
+    if ckpt.world_size > 1:
+        keys = [key] * ckpt.world_size
+        dist.all_gather_object(keys, key)
+    index: dict[tuple[str, str], int] = {}
+    return Nodes(tuple(index.setdefault(k, len(index)) for k in keys), ckpt.rank)
+
+
+_adopted: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+
+
+def adopt(ckpt: Checkpointer, nodes: Nodes) -> None:
+    """The first time this rank leads a node other than rank 0's: hold the node directory's
+    writer lock and remove the leftovers of crashed saves there, as rank 0 does for its own
+    directory when the Checkpointer is built (the lock goes when it closes).
+
+    Raises:
+        ConfigError: another Checkpointer writes in this node's directory.
+    """
+    if not nodes.leader or ckpt.rank == 0 or ckpt in _adopted:
+        return
+    if not ckpt.store.acquire_writer_lock():
+        raise ConfigError(
+            f"another Checkpointer ({ckpt.store.writer_lock_holder()}) is writing checkpoints "
+            f"in {ckpt.store.directory} (node {nodes.mine}'s directory); one directory holds "
+            "one run: give each run its own directory")
+    ckpt.store.cleanup()
+    _adopted.add(ckpt)
+
+
+def ensure_uploader(ckpt: Checkpointer) -> None:
+    """A node leader other than rank 0 uploads its node's part: give it an uploader (rank 0
+    has had one since construction)."""
+    if ckpt.remote is not None and ckpt._uploader is None:
+        ckpt._uploader = Uploader(ckpt.remote, after_push=ckpt._after_push)
+
+
+def ensure_whole(ckpt: Checkpointer, name: str) -> None:
+    """Make this node's directory hold the whole checkpoint ``name`` (a node leader, before
+    its ranks load it): a local part of it (or nothing) is replaced by the whole checkpoint
+    pulled from the remote, every file verified while downloaded.
+
+    Each node pulls the whole checkpoint, not only the files its ranks read: DCP plans which
+    bytes a rank reads while it loads, after the files must be there.
+
+    Raises:
+        CkptSyncError: the checkpoint is split across nodes and there is no remote to
+            gather it from; or the pull failed.
+    """
+    try:
+        local = ckpt.store.get(name)
+    except NoCheckpointError:
+        local = None
+    part = part_of(local.manifest) if local is not None else None
+    if local is not None and part is None:
+        return
+    if ckpt.remote is None:
+        where = (f"holds only part {part.node} of {part.nodes} of it" if part is not None
+                 else "does not hold it")
+        raise CkptSyncError(
+            f"checkpoint {name} was saved by several nodes and {ckpt.store.directory} {where}; "
+            "restoring it needs the remote its parts were uploaded to: pass remote=")
+    if local is not None:
+        ckpt.store.delete(name)  # a subset of what the pull brings
+    ckpt.remote.pull(name, ckpt.store)
+    log.info("pulled %s from %s for this node's ranks", name, ckpt.remote.url)
