@@ -32,8 +32,10 @@ CONFIG = TransferConfig(max_workers=1, block_size=5 * MiB, chunk_size=MiB, retri
                         backoff_initial=0.0)
 
 
-def _checkpoint(tmp_path: Path) -> tuple[Any, dict[str, bytes]]:
+def _checkpoint(tmp_path: Path, *, edges: bool = False) -> tuple[Any, dict[str, bytes]]:
     files = {"big.bin": os.urandom(11 * MiB + 17), "small.bin": os.urandom(300_000)}
+    if edges:  # finalized by a request without a body ("bytes */N"); an empty object
+        files |= {"exact.bin": os.urandom(10 * MiB), "empty.bin": b""}
     store = LocalStore(tmp_path / "local")
     name = make_name(7)
     staging = store.staging(name)
@@ -70,7 +72,7 @@ def _pulled(remote: Remote, name: str, dest: Path) -> dict[str, bytes]:
 
 def test_gcs_uploads_declare_the_crc32c_of_their_bytes_on_the_finalizing_request(
         gcs_remote: Remote, tmp_path: Path) -> None:
-    ckpt, files = _checkpoint(tmp_path)
+    ckpt, files = _checkpoint(tmp_path, edges=True)
     with _proxy(gcs_remote) as proxy:
         RemoteStore(gcs_remote.url, _through(gcs_remote, proxy), config=CONFIG).push(ckpt)
     for rel, data in files.items():
