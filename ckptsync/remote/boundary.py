@@ -94,11 +94,16 @@ def _transient(exc: BaseException) -> bool:
 #: S3 error codes for a body whose checksum did not match what the server received: the bytes
 #: were damaged in transit, and sending them again may well succeed.
 _DAMAGED_CODES = ("BadDigest", "XAmzContentSHA256Mismatch")
+#: GCS's 400 for an upload whose declared CRC32C (or MD5) is not that of the bytes received
+#: (gcsfs raises it as ``ValueError("Bad Request: ...")``, its reason being "invalid").
+_DAMAGED_GCS = ("doesn't match calculated CRC32C", "doesn't match calculated MD5")
 
 
 def _damaged_in_transit(exc: BaseException) -> bool:
     """The server refused a body whose checksum did not match (anywhere in the chain)."""
     for e in _chain(exc):
+        if any(m in str(e) for m in _DAMAGED_GCS):
+            return True
         response = getattr(e, "response", None)
         error = response.get("Error", {}) if isinstance(response, Mapping) else {}
         if isinstance(error, Mapping) and error.get("Code") in _DAMAGED_CODES:

@@ -1,7 +1,7 @@
 """Parallel, streaming, retried file transfers between a local directory and an fsspec
 filesystem. :mod:`ckptsync.remote` passes the filesystem and the one function that translates
 backend exceptions; this package does not otherwise know which backend it talks to, except
-for S3's fast paths, kept in two modules.
+for S3's fast paths, kept in two modules, and the CRC32C that GCS uploads declare (``gcs``).
 
 - ``retry``: :class:`Retrier` (back-off, translation), :func:`stopping`, :func:`backoff`.
 - ``parallel``: :func:`run_parallel` (bounded pool, stop on first failure), :class:`Slots`.
@@ -9,6 +9,8 @@ for S3's fast paths, kept in two modules.
   download, remote hash).
 - ``s3``: every use of s3fs/botocore private API, each behind a guard that falls back to the
   public API with one warning; the blocking S3 client; ranged reads.
+- ``gcs``: the CRC32C a GCS upload declares on its finalizing request, through gcsfs's
+  private API behind a guard that falls back (uploads without it) with one warning.
 - ``multipart``: S3 multipart uploads (one state machine) of a file or of a stream.
 - ``sealed``: encrypted uploads as S3 multipart uploads with parallel parts (a part sink).
 

@@ -34,6 +34,7 @@ from ckptsync.local import HashingWriter
 from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
 from ckptsync.transfer.checksums import checksum, checksum_field, encode
+from ckptsync.transfer.gcs import crc32c_sender
 from ckptsync.transfer.retry import Retrier, _check_stop
 from ckptsync.transfer.s3 import range_reader, single_put_extras
 
@@ -110,6 +111,8 @@ def upload_file(
             # the stored digest guard those).
             small = entry.size < config.block_size
             extras = single_put_extras(dst) if wrap is None and small else None
+            # GCS: the request that finalizes the upload carries the CRC32C (transfer/gcs.py).
+            crc32c = crc32c_sender(dst) if wrap is None else None
             if wrap is not None:
                 dst = wrap(dst)
             try:
@@ -127,6 +130,8 @@ def upload_file(
                     digest.update(chunk)
                     if extras is not None:
                         crc = checksum(chunk, crc)
+                    if crc32c is not None:
+                        crc32c.update(chunk)
                     sent += len(chunk)
                     progress.update(len(chunk))
                 if sent != entry.size or digest.hexdigest() != entry.digest:
@@ -142,7 +147,11 @@ def upload_file(
                 raise
             if extras is not None and single_put_extras(dst) is extras:
                 extras[checksum_field()] = encode(crc)  # the server refuses a damaged body
+            if crc32c is not None:
+                crc32c.seal()
             dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+            if crc32c is not None:
+                crc32c.check()
         if finish is not None:
             finish()
 

@@ -273,6 +273,8 @@ class FaultProxy:
         fired: one line per fault that fired (method, target, what was done).
         injected: how many faults of each kind fired (a ``plan`` fault counts as "cut").
         requests: ``(method, target)`` of every request relayed, in order.
+        heads: ``(method, target, headers)`` of every request, in order (header names in
+            lower case): what the client sent, e.g. the checksum it declared.
         body_bytes: request body bytes relayed to the server (what the client uploaded).
     """
 
@@ -293,6 +295,7 @@ class FaultProxy:
         self.fired: list[str] = []
         self.injected: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
+        self.heads: list[tuple[str, str, dict[str, str]]] = []
         self.body_bytes = 0
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -402,6 +405,7 @@ class FaultProxy:
               headers: dict[str, str]) -> Fault | tuple[str, float] | None:
         with self._lock:
             self.requests.append((method, target))
+            self.heads.append((method, target, dict(headers)))
             for f in self.plan:
                 if f.matches(method, target, headers):
                     f.seen += 1

@@ -1,0 +1,176 @@
+"""The gcsfs boundary: the CRC32C that GCS checks on an upload, and every use of gcsfs's
+private API that sending it takes, behind one guard.
+
+GCS keeps a CRC32C of every object and, when an upload request declares one, refuses the
+upload whose bytes do not match it (400 "Provided CRC32C ... doesn't match calculated
+CRC32C"): bytes damaged in transit never become an object. gcsfs 2026.10 offers no way to
+declare it: its files write every object as a JSON-API resumable upload (``GCSFile.flush``
+initiates one even for a small file, at close) whose initiating metadata is limited to
+``metadata`` (custom key/values, never checked) and ``fixed_key_metadata`` (filtered to
+five known keys by ``_convert_fixed_key_metadata``); its ``consistency="crc32c"`` check
+is the client's, after the object exists (and needs crcmod, a second pass). And the CRC of a
+large file is not known when its upload is initiated. So :func:`crc32c_sender` declares it
+the way Google's own client does: an ``X-Goog-Hash: crc32c=<base64>`` header on the request
+that finalizes the resumable upload (the one whose ``Content-Range`` gives the total size),
+which GCS checks before it creates the object. The CRC is computed by the caller in the pass
+that reads and hashes the file (:meth:`Crc32cSender.update`), with ``google-crc32c``
+(installed with gcsfs through google-cloud-storage; its C implementation only: the pure
+Python one would cost more than the upload).
+
+Since the server stores the CRC32C of what it received, the reply to the finalizing request
+(the object's metadata) is also compared with the CRC sent: a server that does not check
+the header (fake-gcs-server 1.x does not) still cannot keep a damaged object unseen; the
+upload fails, retryable, and is sent again (the object is overwritten, and its checkpoint
+is not committed meanwhile).
+
+The private API used, and where: the ``gcsfs`` attribute of a ``gcsfs.core.GCSFile`` (the
+filesystem whose ``call`` sends each chunk), replaced on that one file by
+:class:`_Finalizing`, which adds the header. The guard: when that attribute or its ``call``
+is missing, or an upload completes without a finalizing request going through it (gcsfs
+changed how it uploads), ONE warning per filesystem names what failed and the gcsfs version,
+and that filesystem's uploads go without a declared CRC32C from then on (the manifest's
+digest still verifies every download).
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import json
+import logging
+from typing import Any
+
+from ckptsync.errors import RemoteError
+from ckptsync.transfer.s3 import _FallenBack
+
+__all__ = ["Crc32cSender", "crc32c_sender"]
+
+log = logging.getLogger(__name__)
+
+_fallen_back = _FallenBack()
+
+
+def _fall_back(fs: Any, what: str, why: str) -> None:
+    if _fallen_back.add(fs, what):
+        try:
+            version = importlib.metadata.version("gcsfs")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        log.warning("%s (gcsfs %s: %s); uploads through this filesystem go without a CRC32C "
+                    "for the server to check (the manifest's digest still verifies every "
+                    "download)", what, version, why)
+
+
+def _encode(crc: int) -> str:
+    """A CRC32C as GCS carries it: base64 of its 4 big-endian bytes."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
+
+
+class Crc32cSender:
+    """The CRC32C of one upload through a gcsfs file, computed by :meth:`update` over the
+    bytes written, in order; :meth:`seal` fixes it before the file is closed, so that the
+    request finalizing the upload carries it; :meth:`check` (after the close) falls back,
+    warned about, if no finalizing request went through.
+    """
+
+    def __init__(self, f: Any, extend: Any) -> None:
+        self._file = f
+        self._extend = extend
+        self.crc = 0
+        self.sealed: str | None = None
+        self.sent = False
+
+    def update(self, chunk: bytes) -> None:
+        """Carry the CRC on over ``chunk`` (``bytes``: google-crc32c takes no other buffer)."""
+        self.crc = self._extend(self.crc, chunk)
+
+    def seal(self) -> None:
+        self.sealed = _encode(self.crc)
+
+    def check(self) -> None:
+        """After a close that completed the upload: the finalizing request carried the CRC."""
+        if not self.sent:
+            _fall_back(self._file.fs, "no request finalizing a GCS upload went through "
+                       "GCSFile.gcsfs.call", "gcsfs changed how it uploads")
+
+    def finalizing(self, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` plus the CRC, for the request that finalizes the upload."""
+        if self.sealed is None:
+            return headers
+        self.sent = True
+        return {**headers, "X-Goog-Hash": f"crc32c={self.sealed}"}
+
+    def verify_reply(self, path: str, contents: Any) -> None:
+        """The object the server created holds the bytes sent, by its CRC32C (where the reply
+        says): otherwise they were damaged on the way, and the upload is to be sent again."""
+        if self.sealed is None or not contents:
+            return
+        try:
+            stored = json.loads(contents).get("crc32c")
+        except (ValueError, AttributeError, TypeError):
+            return
+        if stored is not None and stored != self.sealed:
+            raise RemoteError(
+                f"cannot upload to gs://{self._file.path}: refused: the server stored an object "
+                f"whose CRC32C ({stored}) is not that of the bytes sent ({self.sealed}): they "
+                "were damaged in transit; retry", url=f"gs://{self._file.path}", retryable=True)
+
+
+class _Finalizing:
+    """A stand-in for one ``GCSFile``'s filesystem: every attribute is the filesystem's, but
+    ``call`` adds the CRC to the request that finalizes the resumable upload (a POST whose
+    ``Content-Range`` gives the total size: ``bytes a-b/N`` or ``bytes */N``)."""
+
+    def __init__(self, fs: Any, sender: Crc32cSender) -> None:
+        self._fs = fs
+        self._sender = sender
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fs, name)
+
+    def call(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        headers = kwargs.get("headers")
+        final = False
+        if method == "POST" and isinstance(headers, dict):
+            final = not str(headers.get("Content-Range", "/*")).endswith("/*")
+            if final:
+                kwargs["headers"] = self._sender.finalizing(headers)
+        out = self._fs.call(method, path, *args, **kwargs)
+        if final and isinstance(out, tuple) and len(out) == 2:
+            self._sender.verify_reply(path, out[1])
+        return out
+
+
+def _extend() -> Any:
+    """google-crc32c's ``extend``; None (the caller sends no CRC) without its C code."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return None
+    return google_crc32c.extend if google_crc32c.implementation == "c" else None
+
+
+def crc32c_sender(f: Any) -> Crc32cSender | None:
+    """A :class:`Crc32cSender` for ``f``, a gcsfs file just opened for writing (nothing sent
+    yet); None for any other file, or once gcsfs's private API failed on its filesystem, or
+    without google-crc32c's C code."""
+    try:
+        from gcsfs.core import GCSFile
+    except ImportError:
+        return None
+    if type(f) is not GCSFile or "w" not in str(getattr(f, "mode", "")):
+        return None  # not a plain GCS object (a zonal bucket's file appends over gRPC)
+    if _fallen_back.get(f.fs) is not None:
+        return None
+    extend = _extend()
+    if extend is None:
+        _fall_back(f.fs, "google-crc32c's C implementation is not installed",
+                   "pip install google-crc32c")
+        return None
+    fs = getattr(f, "gcsfs", None)
+    if fs is None or not callable(getattr(fs, "call", None)) or getattr(f, "offset", None):
+        _fall_back(f.fs, "GCSFile.gcsfs.call is missing", "gcsfs changed")
+        return None
+    sender = Crc32cSender(f, extend)
+    f.gcsfs = _Finalizing(fs, sender)
+    return sender
