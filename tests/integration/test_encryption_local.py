@@ -41,14 +41,22 @@ def local_blobs(d: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in d.rglob("*") if p.is_file()}
 
 
+def sparse_windows(plain: bytes, every: int = 1 << 20) -> bytes:
+    """Every ``every``-th 64-byte window of a large plaintext, for :func:`plaintext_in`."""
+    return b"".join(plain[s:s + 1024] for s in range(0, len(plain) - 1024, every))
+
+
 def test_encrypt_local_round_trip_local_and_fresh_machine(tmp_path: Path, remote: Remote) -> None:
     m1 = model(1)
+    # 24 MB: many chunks, and on S3 a multipart upload of the stored bytes
+    big = {"w": torch.randn(6_000_000, generator=torch.Generator().manual_seed(5))}
     with Checkpointer(tmp_path / "a", remote.url, storage_options=remote.storage_options,
                       encryption_key=KEY_A, encrypt_local=True, on_remote_error="raise") as ck:
-        ck.save(1, model=m1).wait()
+        ck.save(1, model=m1, big=big).wait()
     plain = tensor_bytes(m1)
-    assert plaintext_in(local_blobs(tmp_path / "a"), plain) == []
-    assert plaintext_in(remote_blobs(remote), plain) == []
+    big_plain = sparse_windows(big["w"].numpy().tobytes())
+    for blobs in (local_blobs(tmp_path / "a"), remote_blobs(remote)):
+        assert plaintext_in(blobs, plain) == [] and plaintext_in(blobs, big_plain) == []
     # verify of the local directory needs no key: the digests cover the stored bytes
     store = LocalStore(tmp_path / "a")
     (local,) = store.list()
@@ -58,20 +66,23 @@ def test_encrypt_local_round_trip_local_and_fresh_machine(tmp_path: Path, remote
     (rm,) = RemoteStore(remote.url, remote.storage_options).list()
     assert rm.files == local.manifest.files
 
-    m = model(99)
+    m, b = model(99), {}
     with Checkpointer(tmp_path / "a", encryption_key=KEY_A, encrypt_local=True) as ck:
-        info = ck.restore(model=m)
+        info = ck.restore(model=m, big=b)
     assert info is not None and info.step == 1 and not info.fell_back
     assert torch.equal(m.weight, m1.weight) and torch.equal(m.bias, m1.bias)
+    assert torch.equal(b["w"], big["w"])
 
     # a fresh machine: pulled as stored (still no plaintext on its disk), loaded bit-exact
-    m = model(98)
+    m, b = model(98), {}
     with Checkpointer(tmp_path / "b", remote.url, storage_options=remote.storage_options,
                       encryption_key=KEY_A, encrypt_local=True) as ck:
-        info = ck.restore(model=m)
+        info = ck.restore(model=m, big=b)
     assert info is not None and info.step == 1
     assert torch.equal(m.weight, m1.weight) and torch.equal(m.bias, m1.bias)
-    assert plaintext_in(local_blobs(tmp_path / "b"), plain) == []
+    assert torch.equal(b["w"], big["w"])
+    blobs = local_blobs(tmp_path / "b")
+    assert plaintext_in(blobs, plain) == [] and plaintext_in(blobs, big_plain) == []
 
 
 def _forge(ckpt_dir: Path, relpath: str, at: int) -> None:
