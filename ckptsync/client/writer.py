@@ -66,7 +66,8 @@ class SealingWriter:
 def local_keys(encryption_key: KeyArg, encrypt_local: bool,
                remote: RemoteStore | None) -> KeyRing | None:
     """The keys a Checkpointer reads (and, with ``encrypt_local``, writes) local files with:
-    ``encryption_key``, else the remote's, else (only with ``encrypt_local``) the environment.
+    ``encryption_key``, else the remote's, else ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE`` (a
+    directory saved with ``encrypt_local`` restores without it too, given a key).
 
     Raises:
         ConfigError: ``encrypt_local`` without any key.
@@ -76,7 +77,7 @@ def local_keys(encryption_key: KeyArg, encrypt_local: bool,
     elif remote is not None and remote.keys is not None:
         keys = remote.keys
     else:
-        keys = KeyRing.from_env() if encrypt_local else None
+        keys = KeyRing.from_env()
     if encrypt_local and keys is None:
         raise ConfigError("encrypt_local=True needs a key: pass encryption_key=... or set "
                           "CKPTSYNC_KEY / CKPTSYNC_KEY_FILE (32 bytes, 64 hex chars)")

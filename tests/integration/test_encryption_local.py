@@ -102,7 +102,8 @@ def _forge(ckpt_dir: Path, relpath: str, at: int) -> None:
         step=m.step, files=files, name=m.name, metrics=m.metrics, meta=m.meta).to_json())
 
 
-def test_encrypt_local_wrong_or_missing_key_and_tampering(tmp_path: Path) -> None:
+def test_encrypt_local_wrong_or_missing_key_and_tampering(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "run"
     m1, m2 = model(1), model(2)
     with Checkpointer(d, encryption_key=KEY_A, encrypt_local=True) as ck:
@@ -120,6 +121,12 @@ def test_encrypt_local_wrong_or_missing_key_and_tampering(tmp_path: Path) -> Non
             ck.restore(model=m)
         assert ID_A in str(ei.value) and newest.name in str(ei.value)
         assert torch.equal(m.weight, before)
+    monkeypatch.setenv("CKPTSYNC_KEY", KEY_A.hex())  # the key from the environment reads it
+    m = model(94)
+    with Checkpointer(d) as ck:
+        info = ck.restore(model=m)
+    assert info is not None and info.step == 2 and torch.equal(m.weight, m2.weight)
+    monkeypatch.delenv("CKPTSYNC_KEY")
     with pytest.raises(Exception, match="encrypt_local=True needs a key"):
         Checkpointer(tmp_path / "nokey", encrypt_local=True)
 
