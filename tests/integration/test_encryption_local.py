@@ -61,6 +61,8 @@ def test_encrypt_local_round_trip_local_and_fresh_machine(tmp_path: Path, remote
     store = LocalStore(tmp_path / "a")
     (local,) = store.list()
     store.verify(local, full=True)
+    p = _cli("verify", str(tmp_path / "a"))  # the CLI too, with no key anywhere
+    assert p.returncode == 0 and local.name in p.stdout, p.stderr
     assert all(f.encryption and f.encryption.key_id == ID_A for f in local.manifest.files)
     # sent as stored, not encrypted again: the remote manifest is the local one
     (rm,) = RemoteStore(remote.url, remote.storage_options).list()
