@@ -17,6 +17,12 @@ Every file that leaves the machine under a key is stored as::
 - Both directions stream (one chunk buffered); :func:`stored_size` gives the stored size of a
   plaintext size without encrypting.
 
+A file read back from a local checkpoint written with ``encrypt_local=True`` is decrypted on
+demand, chunk by chunk, by :class:`SealedReader` (a seekable file for ``torch.load``: no
+plaintext copy on disk). :func:`content_mac` is a keyed BLAKE3 of a file's plaintext digest,
+bound to its checkpoint and path: the daemon recognises a version it already uploaded by it,
+and without the key it confirms nothing about the content.
+
 Keys are 32 random bytes, given as hex or base64 (``CKPTSYNC_KEY``, a file named by
 ``CKPTSYNC_KEY_FILE`` or ``--key-file``). A key is known by its id (:func:`key_id`): 16 hex chars
 of a BLAKE3 of a fixed label and the key, safe to show; the key itself is never logged or
@@ -37,6 +43,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import secrets
 import struct
@@ -58,6 +65,8 @@ __all__ = [
     "Decryptor",
     "Encryptor",
     "KeyRing",
+    "SealedReader",
+    "content_mac",
     "key_id",
     "parse_key",
     "stored_size",
@@ -80,6 +89,7 @@ HEADER_SIZE = _HEADER.size
 _MIN_CHUNK, _MAX_CHUNK = 4096, 64 * 1024 * 1024
 _ID_LABEL = b"ckptsync key id v1\x00"
 _FILE_KEY_LABEL = b"ckptsync file key v1"
+_MAC_CONTEXT = "ckptsync content mac v1"
 _HINT = (f"give the key with --key-file FILE, {ENV_KEY_FILE}=FILE or {ENV_KEY}=<64 hex chars>; "
          "make one with: python -c 'import secrets; print(secrets.token_hex(32))'")
 
@@ -122,6 +132,17 @@ def parse_key(text: str | bytes, *, where: str) -> bytes:
 def key_id(key: bytes) -> str:
     """The key's public fingerprint: 16 hex chars of BLAKE3(label + key). Never the key."""
     return blake3.blake3(_ID_LABEL + key).digest(KEY_ID_BYTES).hex()
+
+
+def content_mac(key: bytes, name: str, relpath: str, algo: str, digest: str) -> str:
+    """A keyed BLAKE3 (under a key derived from ``key``) of a file's plaintext digest, bound
+    to its checkpoint ``name`` and ``relpath``: equal only for the same content at the same
+    place. Without the key it is no oracle: it confirms no guess of the content, and two
+    files (or two checkpoints) with the same content have unrelated values."""
+    mac_key = blake3.blake3(key, derive_key_context=_MAC_CONTEXT).digest()
+    n, p, d = name.encode(), relpath.encode(), f"{algo}:{digest}".encode()
+    msg = b"".join(struct.pack(">I", len(x)) + x for x in (n, p, d))
+    return blake3.blake3(msg, key=mac_key).hexdigest()
 
 
 def stored_size(plain_size: int, chunk_size: int = CHUNK_SIZE) -> int:
@@ -230,6 +251,11 @@ class KeyRing:
         """``--key-file`` flags where given, else the environment."""
         files = list(key_files or [])
         return cls.load(files) if files else cls.from_env(env)
+
+    def mac(self, kid: str, name: str, relpath: str, algo: str, digest: str) -> str | None:
+        """:func:`content_mac` under the key of id ``kid``; None when no key has that id."""
+        key = self.get(kid)
+        return None if key is None else content_mac(key, name, relpath, algo, digest)
 
     def encryptor(self, dst: Any, *, name: str, relpath: str,
                   chunk_size: int = CHUNK_SIZE) -> Encryptor:
@@ -450,3 +476,99 @@ class Decryptor(_Chunker):
         if self._aead is None:
             raise self._corrupt("is shorter than its header")
         self._flush_last()
+
+
+class SealedReader(io.RawIOBase):
+    """A stored (encrypted) file read back as its plaintext: seekable, read-only, one chunk
+    decrypted (and authenticated) at a time as it is read, never a plaintext copy on disk.
+    What ``torch.load`` reads an ``encrypt_local=True`` checkpoint's file through.
+
+    Raises (constructor, reads): CorruptCheckpointError naming ``where``: a bad header, a
+    size no chunk sequence has, a chunk that fails authentication. ``error`` keeps the first
+    one (``torch.load`` wraps what a read raises).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], key: bytes, *, kid: str, name: str,
+                 relpath: str, where: str) -> None:
+        super().__init__()
+        self.where = where
+        self.error: CorruptCheckpointError | None = None
+        self._f = open(path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            stored = os.fstat(self._f.fileno()).st_size
+            header = self._f.read(HEADER_SIZE)
+            if len(header) < HEADER_SIZE:
+                raise self._corrupt("is shorter than its header")
+            magic, version, chunk, hkid, salt = _HEADER.unpack(header)
+            if magic != MAGIC or version != VERSION:
+                raise self._corrupt("has no valid ckptsync encryption header")
+            if not _MIN_CHUNK <= chunk <= _MAX_CHUNK:
+                raise self._corrupt(f"header names an impossible chunk size {chunk}")
+            if hkid.hex() != kid:
+                raise self._corrupt(f"header names key id {hkid.hex()}, its manifest {kid}")
+            body, block = stored - HEADER_SIZE, chunk + TAG
+            self._chunks = max(1, -(-body // block))
+            if body - (self._chunks - 1) * block < TAG:
+                raise self._corrupt("ends without its last chunk")
+        except BaseException:
+            self._f.close()
+            raise
+        self.plain_size = body - self._chunks * TAG
+        self._chunk, self._block = chunk, block
+        self._aead = _aead(_file_key(key, salt))
+        self._context = _context(header, name, relpath)
+        self._pos = 0
+        self._cached: tuple[int, bytes] | None = None
+
+    def _corrupt(self, why: str) -> CorruptCheckpointError:
+        self.error = self.error or CorruptCheckpointError(
+            f"{self.where}: encrypted file {why}; the stored bytes were altered, moved or cut "
+            "short", path=self.where)
+        return self.error
+
+    def _plain(self, index: int) -> bytes:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        from cryptography.exceptions import InvalidTag
+
+        self._f.seek(HEADER_SIZE + index * self._block)
+        sealed = self._f.read(self._block)
+        try:
+            plain = self._aead.decrypt(_nonce(index), sealed,
+                                       _ad(self._context, index, index == self._chunks - 1))
+        except InvalidTag:
+            raise self._corrupt(f"chunk {index} fails authentication") from None
+        self._cached = (index, plain)
+        return plain
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.plain_size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        done = 0
+        while done < len(out) and self._pos < self.plain_size:
+            index, off = divmod(self._pos, self._chunk)
+            plain = self._plain(index)
+            k = min(len(out) - done, len(plain) - off)
+            out[done:done + k] = plain[off:off + k]
+            done += k
+            self._pos += k
+        return done
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()

@@ -208,16 +208,21 @@ def check_relpath(path: Any, *, where: str) -> str:
 @dataclass(frozen=True)
 class Encryption:
     """How a stored file is encrypted (:mod:`ckptsync.crypto`), from its entry's ``enc``
-    field: ``{"alg": ..., "key_id": ..., "size": <plaintext bytes>}``. The entry's own
-    ``size`` and digest describe the stored (encrypted) bytes, so ``ls``, ``verify`` and
-    ``gc`` need no key."""
+    field: ``{"alg": ..., "key_id": ..., "size": <plaintext bytes>, "mac": ...}``. The
+    entry's own ``size`` and digest describe the stored (encrypted) bytes, so ``ls``,
+    ``verify`` and ``gc`` need no key. ``mac`` (optional): the keyed MAC of the plaintext
+    digest (:func:`ckptsync.crypto.content_mac`), which the daemon compares a new version with."""
 
     alg: str
     key_id: str
     size: int
+    mac: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alg": self.alg, "key_id": self.key_id, "size": self.size}
+        d: dict[str, Any] = {"alg": self.alg, "key_id": self.key_id, "size": self.size}
+        if self.mac is not None:
+            d["mac"] = self.mac
+        return d
 
 
 @dataclass(frozen=True)
@@ -246,7 +251,7 @@ class FileEntry:
         enc = self.unknown.get(ENC_FIELD)
         if not isinstance(enc, dict):
             return None
-        return Encryption(enc["alg"], enc["key_id"], enc["size"])
+        return Encryption(enc["alg"], enc["key_id"], enc["size"], enc.get("mac"))
 
     @classmethod
     def from_dict(cls, d: Any, *, where: str) -> FileEntry:
@@ -273,7 +278,9 @@ class FileEntry:
                 isinstance(enc, dict) and isinstance(enc.get("alg"), str)
                 and isinstance(enc.get("key_id"), str)
                 and isinstance(enc.get("size"), int) and not isinstance(enc["size"], bool)
-                and 0 <= enc["size"] <= size):
+                and 0 <= enc["size"] <= size
+                and (enc.get("mac") is None or (isinstance(enc["mac"], str)
+                                                and _HEX64_RE.match(enc["mac"]) is not None))):
             raise ManifestError(f"{where}: file {path!r} has an invalid {ENC_FIELD!r} field "
                                 f"{enc!r}; the manifest was altered and will not be used")
         return cls(path, size, algo, digest, unknown)

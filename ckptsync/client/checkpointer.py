@@ -25,11 +25,11 @@ from ckptsync.client.state import (
     capture_rng,
     check_safe,
     is_sharded,
-    serialize,
     state_of,
     to_jsonable,
 )
 from ckptsync.client.uploader import SyncStatus, Uploader
+from ckptsync.client.writer import local_keys, write_checkpoint
 from ckptsync.config import resolve_close_timeout
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.local import (
@@ -37,7 +37,6 @@ from ckptsync.local import (
     FileOps,
     LocalCheckpoint,
     LocalStore,
-    storage_error,
     write_json_atomic,
 )
 from ckptsync.manifest import Manifest, make_name, parse_name
@@ -85,6 +84,9 @@ class Checkpointer:
         encryption_key: encrypt every file before it leaves the machine (AES-256-GCM): 32
             key bytes (raw, hex or base64), or a list for rotation (the first encrypts, each
             restores by key id). Default: ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE``, else none.
+        encrypt_local: also write the local checkpoint files encrypted (same format, needs a
+            key; digests cover the stored bytes, restore decrypts while loading, the upload
+            sends them as they are). Default False: local files are plaintext.
 
     Raises:
         LocalStorageError: the directory cannot be created or written.
@@ -117,6 +119,7 @@ class Checkpointer:
         on_remote_error: str = "warn",
         close_timeout: float | None = None,
         encryption_key: KeyArg = None,
+        encrypt_local: bool = False,
     ) -> None:
         self.rank, self.world_size = dist_info()
         self._uploader: Uploader | None = None
@@ -127,7 +130,7 @@ class Checkpointer:
             self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
-                            on_remote_error, close_timeout, encryption_key)
+                            on_remote_error, close_timeout, encryption_key, encrypt_local)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
@@ -152,7 +155,8 @@ class Checkpointer:
     def _construct(self, directory: str | os.PathLike[str], remote: str | None,
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
-                   close_timeout: float | None, encryption_key: KeyArg) -> None:
+                   close_timeout: float | None, encryption_key: KeyArg,
+                   encrypt_local: bool) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
@@ -167,6 +171,8 @@ class Checkpointer:
         self._git = git_revision()
         self.remote: RemoteStore | None = remote_store if remote_store is not None else (
             open_remote(remote, storage_options, self.store.directory, encryption_key))
+        self.encrypt_local = encrypt_local
+        self.keys = local_keys(encryption_key, encrypt_local, self.remote)
         if self.rank == 0:
             if not self.store.acquire_writer_lock():
                 # A second writer's retention would delete the first one's checkpoints under
@@ -237,6 +243,10 @@ class Checkpointer:
         if sharded or (sharded is None and is_sharded(objects)):
             from ckptsync.client.sharded import save_sharded  # imports DCP: only when used
 
+            if self.encrypt_local:
+                raise ConfigError("encrypt_local=True does not cover sharded (DCP) checkpoints "
+                                  "yet: save them without it, or unsharded")
+
             # (An upload error of rank 0's uploader is not raised here, on rank 0 alone, where
             # the other ranks would wait in DCP's collectives: wait() raises it on every rank.)
             return save_sharded(self, step, objects, scalars(metrics),
@@ -296,52 +306,20 @@ class Checkpointer:
     def _meta(self, objects: Mapping[str, Any], stall: float) -> dict[str, Any]:
         return run_meta(self.world_size, self._git, objects, stall)
 
-    def _write(
-        self,
-        name: str,
-        step: int | None,
-        trees: dict[str, Any],
-        rng: dict[str, Any] | None,
-        metrics: dict[str, float],
-        extra: dict[str, Any],
-        meta: dict[str, Any],
-    ) -> Manifest:
+    def _write(self, name: str, step: int | None, trees: dict[str, Any],
+               rng: dict[str, Any] | None, metrics: dict[str, float], extra: dict[str, Any],
+               meta: dict[str, Any]) -> Manifest:
         t0 = time.perf_counter()
-        staging = self.store.staging(name)
-        streams: dict[str, Any] = {}
+        files = dict(trees)
+        if rng is not None:
+            files[RNG_FILE[:-3]] = rng
         # Only a checkpoint that a healthy remote will push at once is worth streaming.
         streaming = self._uploader is not None and self._uploader.ready_to_stream()
-        try:
-            files = dict(trees)
-            if rng is not None:
-                files[RNG_FILE[:-3]] = rng
-            for obj_name, tree in files.items():
-                relpath = f"{obj_name}.pt"
-                w = staging.open(relpath)
-                # With an S3 remote, large files are uploaded while they are serialized (the
-                # bytes hashed are the bytes sent) as far as the link keeps up, never waited
-                # for: the push sends the rest from the committed file. Nothing is visible
-                # remotely before the push.
-                stream = (self.remote.stream_file(name, relpath)
-                          if self.remote is not None and streaming else None)
-                if stream is not None:
-                    streams[relpath] = stream
-                    w.tee = stream.write
-                try:
-                    serialize(tree, w)  # hashed while written
-                except Exception:
-                    if w.error is not None:  # torch wraps OSError: report the real cause
-                        raise storage_error(w.error, w.path, "write") from w.error
-                    raise
-                staging.close_file(relpath)  # fsync
-            manifest = Manifest.new(step=step, files=staging.entries, name=name,
-                                    metrics=metrics, meta=meta, extra=extra)
-            ckpt = staging.commit(manifest)
-        except BaseException:
-            staging.abort()
-            for stream in streams.values():
-                stream.abort()
-            raise
+        ckpt, streams = write_checkpoint(
+            self.store, name, files, remote=self.remote if streaming else None,
+            seal=self.keys if self.encrypt_local else None,
+            manifest={"step": step, "metrics": metrics, "meta": meta, "extra": extra})
+        manifest = ckpt.manifest
         log.info("saved %s (step %s, %.1f MB) in %.2fs", ckpt.path, step,
                  manifest.total_size / 1e6, time.perf_counter() - t0)
         if self._uploader is not None:
@@ -580,7 +558,8 @@ class Checkpointer:
                                       {"name": sinfo.name, "pid": os.getpid()})
             return sinfo
         info = restore_replicated(self.store, self.remote, self.rank, self.world_size, name,
-                                  map_location, objects, rng=self.capture_rng)
+                                  map_location, objects, rng=self.capture_rng, keys=self.keys,
+                                  keep_encrypted=self.encrypt_local)
         if info is not None:
             self._resumed_from = info.name
         return info

@@ -24,9 +24,11 @@ import torch
 
 from ckptsync.client import ranks
 from ckptsync.client.state import RNG_FILE, load_into, restore_rng
+from ckptsync.crypto import KeyRing, SealedReader
 from ckptsync.errors import ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
-from ckptsync.manifest import Manifest, parse_name, unusable_reason
+from ckptsync.manifest import FileEntry, Manifest, parse_name, unusable_reason
+from ckptsync.remote.encrypted import check_keys
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -67,9 +69,12 @@ class Restorer:
     """Finds the checkpoint to restore in ``store`` and (when given) ``remote``: rank 0's
     half of :meth:`Checkpointer.restore`."""
 
-    def __init__(self, store: LocalStore, remote: RemoteStore | None) -> None:
+    def __init__(self, store: LocalStore, remote: RemoteStore | None,
+                 keys: KeyRing | None = None, keep_encrypted: bool = False) -> None:
         self.store = store
         self.remote = remote
+        self.keys = keys  # what decrypts local files written with encrypt_local=True
+        self.keep_encrypted = keep_encrypted  # pull encrypted checkpoints as they are stored
 
     def choose(self, name: str | None, map_location: Any, objects: Mapping[str, Any]
                ) -> Found | None:
@@ -84,7 +89,7 @@ class Restorer:
         if name is not None:
             ckpt = self._named(name)
             self.store.verify(ckpt)
-            return ckpt, read_states(ckpt, map_location, objects), []
+            return ckpt, read_states(ckpt, map_location, objects, self.keys), []
         skipped: Skipped = []
         lacking: list[str] = []  # why, for each candidate without an object passed here
         for cand in self._candidates():
@@ -103,9 +108,10 @@ class Restorer:
                         assert self.remote is not None
                         # Every byte's digest is verified while it is downloaded and fsynced:
                         # hashing it again would only double the resume time.
-                        ckpt = self.remote.pull(cand.name, self.store)
+                        ckpt = self.remote.pull(cand.name, self.store,
+                                                keep_encrypted=self.keep_encrypted)
                         log.info("pulled %s from %s", cand.name, self.remote.url_of())
-                    return ckpt, read_states(ckpt, map_location, objects), skipped
+                    return ckpt, read_states(ckpt, map_location, objects, self.keys), skipped
                 except CorruptCheckpointError as e:
                     why = str(e)
             log.warning("checkpoint %s cannot be restored, trying an older one: %s",
@@ -150,17 +156,20 @@ class Restorer:
         except NoCheckpointError:
             if self.remote is None:
                 raise
-        return self.remote.pull(name, self.store)
+        return self.remote.pull(name, self.store, keep_encrypted=self.keep_encrypted)
 
 
-def read_states(ckpt: LocalCheckpoint, map_location: Any,
-                objects: Mapping[str, Any]) -> dict[str, Any]:
+def read_states(ckpt: LocalCheckpoint, map_location: Any, objects: Mapping[str, Any],
+                keys: KeyRing | None = None) -> dict[str, Any]:
     """Every ``.pt`` file of ``ckpt``, loaded (weights only); nothing is loaded into
-    ``objects`` yet, so a file that fails leaves them untouched.
+    ``objects`` yet, so a file that fails leaves them untouched. A file stored encrypted
+    (``encrypt_local=True``) is decrypted by ``keys`` while it is read.
 
     Raises:
         ConfigError: an object of ``objects`` has no file in ``ckpt``.
-        CorruptCheckpointError: a file cannot be loaded safely.
+        EncryptionKeyError: a file is encrypted under a key id none of ``keys`` has (checked
+            before anything is loaded; never a reason to fall back).
+        CorruptCheckpointError: a file cannot be loaded safely (or fails authentication).
     """
     missing = _missing(ckpt.manifest, objects)
     if missing is not None:
@@ -168,6 +177,7 @@ def read_states(ckpt: LocalCheckpoint, map_location: Any,
             f"checkpoint {ckpt.path} has no state for {missing}; it holds "
             f"{_held(ckpt.manifest)}. Pass objects under the names they were saved with"
         )
+    check_keys(ckpt.manifest, keys, str(ckpt.path))
     states: dict[str, Any] = {}
     for entry in ckpt.manifest.files:
         if not entry.path.endswith(".pt"):
@@ -175,8 +185,13 @@ def read_states(ckpt: LocalCheckpoint, map_location: Any,
         path = ckpt.file(entry.path)
         try:
             key = entry.path[:-3]
-            states[key] = _torch_load(path, map_location,
-                                      isinstance(objects.get(key), torch.nn.Module))
+            if entry.encryption is not None and keys is not None:
+                states[key] = load_sealed(path, entry, ckpt.name, keys, map_location)
+            else:
+                states[key] = _torch_load(path, map_location,
+                                          isinstance(objects.get(key), torch.nn.Module))
+        except CorruptCheckpointError:
+            raise
         except Exception as e:
             raise CorruptCheckpointError(
                 f"{path}: cannot be loaded safely ({e}); it was not written by ckptsync "
@@ -217,14 +232,16 @@ def say_fell_back(info: RestoreInfo) -> None:
 
 def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
                        world_size: int, name: str | None, map_location: Any,
-                       objects: Mapping[str, Any], *, rng: bool) -> RestoreInfo | None:
+                       objects: Mapping[str, Any], *, rng: bool, keys: KeyRing | None = None,
+                       keep_encrypted: bool = False) -> RestoreInfo | None:
     """:meth:`Checkpointer.restore` of replicated (not sharded) state: rank 0 chooses, every
     rank reads and loads; collective under ``torch.distributed``."""
     found: Found | None = None
     err: Exception | None = None
     if rank == 0:
         try:
-            found = Restorer(store, remote).choose(name, map_location, objects)
+            found = Restorer(store, remote, keys, keep_encrypted).choose(name, map_location,
+                                                                         objects)
         except Exception as e:
             if world_size == 1:
                 raise
@@ -237,7 +254,7 @@ def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
         if rank != 0 and chosen_name is not None:
             try:
                 ckpt = store.get(chosen_name[0])
-                found = (ckpt, read_states(ckpt, map_location, objects), chosen_name[1])
+                found = (ckpt, read_states(ckpt, map_location, objects, keys), chosen_name[1])
             except Exception as e:
                 err = e
         ranks.agree(rank, world_size, err, None, "restore")
@@ -290,6 +307,29 @@ def _held(m: Manifest | None) -> list[str]:
     if m is None:
         return []
     return sorted(e.path[:-3] for e in m.files if e.path.endswith(".pt") and e.path != RNG_FILE)
+
+
+def load_sealed(path: Path, entry: FileEntry, name: str, keys: KeyRing,
+                map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` of a file stored encrypted, through a
+    :class:`~ckptsync.crypto.SealedReader`: decrypted a chunk at a time as torch reads it.
+
+    Raises:
+        CorruptCheckpointError: a chunk fails authentication (altered, moved, cut short).
+    """
+    enc = entry.encryption
+    assert enc is not None
+    key = keys.get(enc.key_id)
+    assert key is not None  # check_keys ran first
+    with SealedReader(path, key, kid=enc.key_id, name=name, relpath=entry.path,
+                      where=str(path)) as reader:
+        try:
+            return torch.load(reader,  # type: ignore[arg-type]
+                              map_location=map_location, weights_only=True)
+        except Exception:
+            if reader.error is not None:  # torch wraps what a read raised: say what it was
+                raise reader.error from None
+            raise
 
 
 def _torch_load(path: Path, map_location: Any, mmap: bool) -> Any:

@@ -33,7 +33,9 @@ hashed while copying. The source is ``stat``-ed before and after the copy (size,
 inode, ctime): a file rewritten during the copy is discarded, never committed, and the next
 version is taken instead. Files in a self-describing format (``torch.save``'s zip format,
 safetensors) are also checked to be structurally complete, so a file left half-written by a
-killed trainer is never committed. A version identical to the last one committed is skipped.
+killed trainer is never committed. A version identical to the last one committed is skipped
+(under a key too, after a restart: an encrypted remote manifest holds each file's keyed MAC,
+see :func:`same_version`).
 
 A file renamed into place (the temp-file-and-rename pattern: its inode is never written
 again) is spooled by hard link instead of a copy, so the spool does not double the disk: the
@@ -59,6 +61,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ckptsync.daemon.rules import (
     WATCHED,
@@ -73,6 +76,9 @@ from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
 from ckptsync.transfer import backoff
 
+if TYPE_CHECKING:
+    from ckptsync.crypto import KeyRing
+
 __all__ = [
     "GIVE_UP_AFTER",
     "POLL_S",
@@ -80,6 +86,7 @@ __all__ = [
     "Due",
     "Snapshot",
     "VersionTracker",
+    "same_version",
     "signature_of",
     "snapshot_version",
 ]
@@ -114,6 +121,7 @@ def snapshot_version(
     last_signature: tuple[tuple[str, str], ...] = (),
     guard: Iterable[str] = (),
     link: Iterable[str] = (),
+    keys: KeyRing | None = None,
 ) -> Snapshot:
     """Copy ``rels`` (paths relative to ``root``) into a new spool checkpoint.
 
@@ -122,7 +130,8 @@ def snapshot_version(
     first copy to after the last, and the rule must still match exactly ``rels`` then (see
     the module doc: one version is one set). The copy is committed only if nothing
     changed, every file is structurally complete (:func:`check_complete`) and the content
-    differs from ``last_signature``. The step is the rule's (:meth:`WatchRule.step_for`),
+    differs from ``last_signature`` (:func:`same_version`, with ``keys`` where it came from an
+    encrypted remote manifest). The step is the rule's (:meth:`WatchRule.step_for`),
     read after every stat was taken, so the unchanged stats vouch for it too.
 
     The files in ``link`` (renamed into place since the last version) are hard-linked into
@@ -182,7 +191,7 @@ def snapshot_version(
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
         signature = tuple(sorted((e.path, f"{e.algo}:{e.digest}") for e in staging.entries))
-        if signature == tuple(last_signature):
+        if same_version(signature, tuple(last_signature), keys):
             staging.abort()
             return Snapshot(None, stats, signature, skipped="identical")
         manifest = Manifest.new(
@@ -234,11 +243,46 @@ def _listing(root: Path, rule: WatchRule, rels: list[str]) -> list[str]:
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((f.path, f"{f.algo}:{f.digest}") for f in m.files))
+    """What a version's content is known by: per file, ``algo:digest`` of its plaintext; for
+    a file of an encrypted remote manifest (whose digest covers ciphertext under a fresh salt
+    per upload), ``mac:<key id>:<name>:<mac>``, the keyed MAC of its plaintext digest
+    (:func:`ckptsync.crypto.content_mac`) that :func:`same_version` checks with the key."""
+    def sig(f: FileEntry) -> str:
+        enc = f.encryption
+        if enc is not None and enc.mac is not None:
+            return f"{_MAC}:{enc.key_id}:{m.name}:{enc.mac}"
+        return f"{f.algo}:{f.digest}"
+
+    return tuple(sorted((f.path, sig(f)) for f in m.files))
+
+
+def same_version(new: tuple[tuple[str, str], ...], last: tuple[tuple[str, str], ...],
+                 keys: KeyRing | None) -> bool:
+    """Whether ``new`` (plaintext digests, from a copy) is the content ``last`` describes. So
+    a daemon restarted under a key knows the version it uploaded before from the remote
+    manifest alone: each MAC of ``last`` is recomputed from ``new``'s digest with the key of
+    its id (a key not at hand: not the same, it is uploaded again)."""
+    if new == last:
+        return True
+    if keys is None or [p for p, _ in new] != [p for p, _ in last]:
+        return False
+    for (path, sig), (_, was) in zip(new, last, strict=True):
+        if not was.startswith(_MAC + ":"):
+            if sig != was:
+                return False
+            continue
+        head, mac = was.rsplit(":", 1)
+        _, kid, name = head.split(":", 2)
+        algo, digest = sig.split(":", 1)
+        if keys.mac(kid, name, path, algo, digest) != mac:
+            return False
+    return True
+
 
 # --------------------------------------------------------------------------- version tracking
 #: While a version is changing (or waits for a moment to be copied), rescan this often.
 POLL_S = 0.25
+_MAC = "mac"
 #: A failed copy (no space, ...) is retried after 1, 2, 4, ... seconds, at most this many.
 RETRY_CAP_S = 60.0
 #: Failed copies after which a drain (``--once``, the parent's exit) gives a rule up.

@@ -80,7 +80,8 @@ class VersionPipeline(WatcherState):
             def job(tr: VersionTracker = tr, due: Due = due,
                     sig: Any = tr.last_signature) -> Snapshot:
                 return snapshot_version(self.spool, self.local.directory, tr.rule, due.rels,
-                                        last_signature=sig, guard=due.guard, link=due.link)
+                                        last_signature=sig, guard=due.guard, link=due.link,
+                                        keys=self.config.keys)
 
             fut = self._snap_pool.submit(job)
             fut.add_done_callback(self._snapshot_done(tr, due.rels, due.guard))

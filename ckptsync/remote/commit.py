@@ -175,7 +175,7 @@ class PushMixin(StoreBase):
         if self.keys and sealed is not None:
             # The remote manifest lists the stored bytes (so that verify, ls and gc need no
             # key) and, per file, the key id and plaintext size.
-            m = sealed_manifest(m, sealed, self.keys.current_id)
+            m = sealed_manifest(m, sealed, self.keys)
         # Every file is there with its size before the manifest makes the checkpoint exist.
         sizes = self._sizes(name)
         try:
@@ -328,7 +328,8 @@ class PushMixin(StoreBase):
     ) -> None:
         entry = next(f for f in ckpt.manifest.files if f.path == relpath)
         wrap = None
-        if self.keys is not None and sealed is not None:
+        # A file stored encrypted (encrypt_local=True) goes up as it is: never sealed twice.
+        if self.keys is not None and sealed is not None and entry.encryption is None:
             keys, name = self.keys, ckpt.name
 
             def wrap(dst: Any) -> Any:  # each attempt encrypts afresh; the last one counts

@@ -5,7 +5,9 @@ with the size and digest of the *stored* (encrypted) bytes, plus ``enc`` (algori
 plaintext size): :func:`sealed_manifest`. Everything else in the manifest (name, step, metrics,
 meta) stays readable, so ``ls``, ``verify``, ``gc`` and retention need no key. A pull decrypts
 while downloading and commits locally the plaintext manifest of what it wrote
-(:func:`plain_manifest`): local checkpoints stay plaintext.
+(:func:`plain_manifest`): local checkpoints stay plaintext, unless asked
+(``encrypt_local=True``: then a pull keeps the stored bytes and the remote manifest as they are,
+and the push of such a checkpoint sends its stored bytes as they are).
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ def same_content(remote: Manifest, local: Manifest) -> bool:
     return _plain_view(remote) == _plain_view(local)
 
 
-def sealed_manifest(m: Manifest, stored: Mapping[str, Encryptor], kid: str) -> Manifest:
-    """The remote manifest of local ``m`` whose files were uploaded through ``stored``
-    (relative path -> the encryptor of its completed upload)."""
+def sealed_manifest(m: Manifest, stored: Mapping[str, Encryptor], keys: KeyRing) -> Manifest:
+    """The remote manifest of local ``m`` whose plaintext files were uploaded through
+    ``stored`` (relative path -> the encryptor of its completed upload). A file that ``m``
+    already lists as encrypted (``encrypt_local=True``) went up as it is stored: its entry is
+    kept. Each file sealed here also gets the keyed MAC of its plaintext digest
+    (:func:`~ckptsync.crypto.content_mac`), by which the daemon knows its own upload again."""
     files = []
+    kid = keys.current_id
     for f in m.files:
+        if f.encryption is not None:
+            files.append(f)
+            continue
         w = stored[f.path]
-        enc = Encryption(ALG, kid, f.size)
+        enc = Encryption(ALG, kid, f.size, keys.mac(kid, m.name, f.path, f.algo, f.digest))
         files.append(FileEntry(f.path, w.size, w.algo, w.hexdigest(),
                                {**f.unknown, ENC_FIELD: enc.to_dict()}))
     return dataclasses.replace(m, files=tuple(files))

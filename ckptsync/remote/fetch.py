@@ -53,6 +53,7 @@ class FetchMixin(StoreBase):
         progress: Progress | None = None,
         stop: threading.Event | None = None,
         skipped: list[tuple[str, str]] | None = None,
+        keep_encrypted: bool = False,
     ) -> LocalCheckpoint:
         """Download a checkpoint into ``local`` (digests verified while streaming) and commit it.
 
@@ -75,7 +76,9 @@ class FetchMixin(StoreBase):
 
         An encrypted checkpoint is decrypted while it downloads (its stored digest checked in
         the same pass) with the store's key of the id its manifest names, and committed
-        locally as plaintext.
+        locally as plaintext; with ``keep_encrypted`` (a ``Checkpointer(encrypt_local=True)``)
+        its stored bytes and remote manifest are kept as they are (the key is still checked
+        first: such a copy is pulled to be loaded).
 
         Raises:
             NoCheckpointError: nothing (valid, newer) to pull.
@@ -89,7 +92,7 @@ class FetchMixin(StoreBase):
             if m is None:
                 raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
             self._check_sizes(m)
-            return self._pull_one(m, local, progress, stop)
+            return self._pull_one(m, local, progress, stop, keep_encrypted)
         passed: list[tuple[str, str]] = [] if skipped is None else skipped
         for e in self.iter_committed():
             if newer_than is not None and (
@@ -102,7 +105,7 @@ class FetchMixin(StoreBase):
                 passed.append((e.name, e.problem or e.status))
                 continue
             try:
-                return self._pull_one(e.manifest, local, progress, stop)
+                return self._pull_one(e.manifest, local, progress, stop, keep_encrypted)
             except CorruptCheckpointError as err:
                 log.warning("%s; falling back to the previous remote checkpoint", err)
                 passed.append((e.name, str(err)))
@@ -117,6 +120,7 @@ class FetchMixin(StoreBase):
         local: LocalStore,
         progress: Progress | None,
         stop: threading.Event | None,
+        keep_encrypted: bool = False,
     ) -> LocalCheckpoint:
         for own in (local.directory / m.name, local.directory / f"{STAGING_PREFIX}{m.name}"):
             if own.is_symlink():  # planted: reading, deleting or committing would follow it
@@ -149,10 +153,10 @@ class FetchMixin(StoreBase):
             progress.start(m.total_size, f"pull {m.name}")
             slots = threading.BoundedSemaphore(self.backend.workers)  # range blocks held at once
             tasks = [partial(self._download_task, staging, m, f.path, progress=progress,
-                             slots=slots)
+                             slots=slots, keep=keep_encrypted)
                      for f in m.files]
             run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
-            if any(f.encryption for f in m.files):  # locally, the plaintext's manifest
+            if not keep_encrypted and any(f.encryption for f in m.files):  # plaintext locally
                 m = plain_manifest(m, staging.entries, self.url_of(m.name))
             ckpt = staging.commit(m)
         except BaseException:
@@ -165,13 +169,13 @@ class FetchMixin(StoreBase):
 
     def _download_task(
         self, staging: Any, m: Manifest, relpath: str, stop: threading.Event, *,
-        progress: Progress, slots: threading.Semaphore,
+        progress: Progress, slots: threading.Semaphore, keep: bool = False,
     ) -> None:
         entry = next(f for f in m.files if f.path == relpath)
         url = self.url_of(m.name, relpath)
         path = self._path(m.name, relpath)
         attempts = self.config.digest_attempts
-        enc = entry.encryption
+        enc = None if keep else entry.encryption  # keep: stored bytes in, stored bytes out
         for attempt in range(1, attempts + 1):
             writer = staging.open(relpath, WRITE_ALGO if enc else entry.algo)
             if enc is not None and self.keys is not None:
