@@ -217,7 +217,7 @@ class Checkpointer:
             extra: JSON-able run arguments/config (a dict or ``argparse.Namespace``).
             sharded: write through ``torch.distributed.checkpoint``, every rank its own files
                 (default: when a module or optimizer holds DTensors, as under FSDP2); see
-                :mod:`ckptsync.client.sharded`. The call returns once committed.
+                :mod:`ckptsync.client.sharded`. Returns once staged in CPU memory.
             **objects: objects with ``state_dict()`` (model, optimizer, GradScaler, scheduler,
                 your own) or plain dicts of tensors and values.
 
@@ -386,11 +386,10 @@ class Checkpointer:
         It runs at the first of the next ``save``, ``wait``, ``close`` or the handle's
         ``wait`` on each rank, so every rank joins it exactly once per save."""
         err: BaseException | None = None
-        if self.rank == 0:
-            try:
-                self._worker.drain()
-            except BaseException as e:
-                err = e
+        try:  # rank 0's replicated save; every rank's own sharded one (agreed on every rank)
+            self._worker.drain()
+        except BaseException as e:
+            err = e
         pending, self._dist_pending = self._dist_pending, None
         if pending is None or self.world_size == 1:
             if err is not None:
