@@ -5,14 +5,18 @@ is written by DCP, each rank its own files, into the one checkpoint's staging di
 ckptsync adds what DCP lacks: every file's BLAKE3 digest, computed while DCP writes it (DCP's
 writer opens its files through a ``FileSystem`` object; ours hands it a
 :class:`~ckptsync.hashing.HashingWriter`, so nothing is read back), one manifest listing every
-rank's files, and the atomic commit:
+rank's files, and the atomic commit. ``save`` returns once this rank's state is copied into
+CPU buffers that DCP's stager reuses from save to save (the stall); the rest runs on
+ckptsync's background thread, every collective over a gloo process group of its own (so it
+never interleaves with the trainer's collectives on the default group):
 
-1. rank 0 names the checkpoint and creates the staging directory; every rank learns the name;
+1. each node's leader creates the staging directory (rank 0 named the checkpoint);
 2. every rank runs ``dcp.save`` into it (DCP's own collectives plan the files; its
    coordinator, rank 0, writes ``.metadata`` after every rank's data files are written);
 3. every rank sends rank 0 its files' ``(path, size, digest)``, its RNG state and any error;
 4. rank 0 writes ``rng.pt`` and the manifest and commits (fsync, manifest, rename, fsync
-   parent), then tells every rank how it went: a failure anywhere is raised on every rank.
+   parent), then tells every rank how it went: a failure anywhere is raised on every rank,
+   by the handle's ``wait()`` or the next ``save``/``wait``/``close``.
 
 A rank that dies mid-save leaves a staging directory and no manifest: the checkpoint does not
 exist, and the next Checkpointer removes the leftover. The manifest marks the checkpoint as
