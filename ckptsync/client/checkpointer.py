@@ -157,6 +157,7 @@ class Checkpointer:
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
+        self.on_remote_error = on_remote_error  # every uploader's (node leaders' too)
         self.store = LocalStore(directory, ops=file_ops)
         self._buffers = SnapshotBuffers()
         self._worker = BackgroundWorker()
@@ -404,8 +405,8 @@ class Checkpointer:
         makes progress; once ``timeout`` seconds (default ``close_timeout``) have passed with
         the remote failing or stalled, ``wait`` stops waiting for it (the upload goes on in the
         background) and returns False. Under ``torch.distributed`` this is collective: call it
-        on every rank; every rank returns rank 0's answer once rank 0 is done, and a failure
-        on rank 0 raises on every rank.
+        on every rank; every rank returns once every rank is done (True where every uploader
+        caught up), and a failure on any rank (a node leader's upload) raises on every rank.
 
         Returns:
             True when the newest checkpoint is remote (or there is no remote).
@@ -429,7 +430,9 @@ class Checkpointer:
                 raise
             err = e
         if self.world_size > 1:
-            caught_up = ranks.share_from_rank0(self.rank, err, caught_up, "sync to the remote")
+            # Every rank's: a node leader's uploader (sharded, several nodes) fails there.
+            caught_up = all(ranks.agree(self.rank, self.world_size, err, caught_up,
+                                        "sync to the remote"))
         return bool(caught_up)
 
     def _timeout(self, timeout: float | None) -> float:

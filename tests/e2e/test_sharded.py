@@ -307,6 +307,19 @@ def _two_nodes(tmp_path: Path, remote: Remote) -> None:
     assert not leftover.exists()
 
 
+def test_a_node_leaders_upload_error_raises_on_every_rank(tmp_path: Path,
+                                                          file_remote: Remote) -> None:
+    """With ``on_remote_error="raise"``, node 1's leader (rank 1) uploads its part through a
+    remote that refuses it: ``wait()`` raises on both ranks (not only on rank 1, and not
+    swallowed as a warning there), and the checkpoint never exists remotely."""
+    out = tmp_path / "out"
+    _ok(_ranks(2, "nodes-remotefail", tmp_path / "ckpts", out, file_remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=json.dumps(file_remote.storage_options)))
+    for r in _reports(out, 2):
+        assert "waited" not in r and "Access Denied" in r.get("wait_error", ""), r
+    assert RemoteStore(file_remote.url, file_remote.storage_options).list() == []
+
+
 def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
     """Two simulated nodes save without a remote; a ``ckptsync watch`` per node uploads its
     part. Node 1's daemon starts late: until it has uploaded, the checkpoint does not exist

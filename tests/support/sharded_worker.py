@@ -14,6 +14,8 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
   others record the error their save raised and exit 3;
 - ``fail``: save step 1, then step 2 while rank 1's first write fails (ENOSPC); the next
   ``save`` (step 3) raises on every rank (recorded), then step 4 is saved and closed;
+- ``nodes-remotefail``: two nodes, ``on_remote_error="raise"``, node 1's remote refuses
+  every call: save step 1, ``wait()`` (its error recorded);
 - ``nodes-save``, ``nodes-restore``: ``save``, ``restore`` with each rank a simulated node of
   its own (directory ``DIR/node<rank>``, its own uploader); with ``CKPT_TEST_GATE`` set,
   rank 1's remote stalls at its first call until that file exists (a slow node's upload).
@@ -138,10 +140,16 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
         gate = os.environ.get("CKPT_TEST_GATE")
         if gate and rank == 1 and remote:
             store = _gated_store(remote, Path(gate))
+    raising = mode == "remotefail"
+    if raising and rank == 1 and remote:  # node 1's credentials are refused
+        store = RemoteStore(remote, storage_options_from_env(), fs=FaultFS(
+            fsspec.core.url_to_fs(remote, **storage_options_from_env())[0]))
+        store.fs.set_outage(PermissionError(13, "Access Denied (injected)"))  # type: ignore[attr-defined]
     model = _model(0 if mode != "restore" else 7, world)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    ck = Checkpointer(directory, remote=remote, file_ops=ops, remote_store=store)
-    if store is not None:
+    ck = Checkpointer(directory, remote=remote, file_ops=ops, remote_store=store,
+                      on_remote_error="raise" if raising else "warn", close_timeout=30)
+    if isinstance(store, _GatedStore):
         for key in ("cat_file", "cat", "exists", "info", "ls", "find", "open:rb", "open:wb"):
             store.fs.fail_on(key, nth=1, exc=store.gate)  # type: ignore[attr-defined]
     if mode in ("save", "kill", "stall"):
@@ -190,6 +198,14 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
             report["waited"] = m.name if m is not None else None
             report["committed_after_wait"] = [m.step for m in ck.list()]
             ops.hold = None
+    elif mode == "remotefail":
+        _step(model, opt, 0)
+        ck.save(1, model=model, optim=opt)
+        try:
+            ck.wait()  # node 1's upload fails: raised on every rank
+            report["waited"] = True
+        except Exception as e:
+            report["wait_error"] = f"{type(e).__name__}: {e}"
     elif mode == "fail":
         for step in range(3):
             _step(model, opt, step)
