@@ -37,7 +37,7 @@ from bench.common import (
 )
 
 BENCHES = ["stall", "durable", "throughput", "resume", "memory", "train", "scale", "https",
-           "link", "encrypt"]
+           "link", "encrypt", "sharded"]
 # ~0.15 GB and ~1 GB states; "tiny" (~2.4 MB, not in the defaults) shows a save's fixed costs.
 SIZES = {"small": (QUICK, QUICK_BIG), "large": (FULL, FULL_BIG), "tiny": (TINY, TINY)}
 

@@ -161,6 +161,7 @@ class Checkpointer:
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
+        self.on_remote_error = on_remote_error  # every uploader's (node leaders' too)
         self.store = LocalStore(directory, ops=file_ops)
         self._buffers = SnapshotBuffers()
         self._worker = BackgroundWorker()
@@ -223,7 +224,7 @@ class Checkpointer:
             extra: JSON-able run arguments/config (a dict or ``argparse.Namespace``).
             sharded: write through ``torch.distributed.checkpoint``, every rank its own files
                 (default: when a module or optimizer holds DTensors, as under FSDP2); see
-                :mod:`ckptsync.client.sharded`. The call returns once committed.
+                :mod:`ckptsync.client.sharded`. Returns once staged in CPU memory.
             **objects: objects with ``state_dict()`` (model, optimizer, GradScaler, scheduler,
                 your own) or plain dicts of tensors and values.
 
@@ -364,11 +365,10 @@ class Checkpointer:
         It runs at the first of the next ``save``, ``wait``, ``close`` or the handle's
         ``wait`` on each rank, so every rank joins it exactly once per save."""
         err: BaseException | None = None
-        if self.rank == 0:
-            try:
-                self._worker.drain()
-            except BaseException as e:
-                err = e
+        try:  # rank 0's replicated save; every rank's own sharded one (agreed on every rank)
+            self._worker.drain()
+        except BaseException as e:
+            err = e
         pending, self._dist_pending = self._dist_pending, None
         if pending is None or self.world_size == 1:
             if err is not None:
@@ -383,8 +383,8 @@ class Checkpointer:
         makes progress; once ``timeout`` seconds (default ``close_timeout``) have passed with
         the remote failing or stalled, ``wait`` stops waiting for it (the upload goes on in the
         background) and returns False. Under ``torch.distributed`` this is collective: call it
-        on every rank; every rank returns rank 0's answer once rank 0 is done, and a failure
-        on rank 0 raises on every rank.
+        on every rank; every rank returns once every rank is done (True where every uploader
+        caught up), and a failure on any rank (a node leader's upload) raises on every rank.
 
         Returns:
             True when the newest checkpoint is remote (or there is no remote).
@@ -408,7 +408,9 @@ class Checkpointer:
                 raise
             err = e
         if self.world_size > 1:
-            caught_up = ranks.share_from_rank0(self.rank, err, caught_up, "sync to the remote")
+            # Every rank's: a node leader's uploader (sharded, several nodes) fails there.
+            caught_up = all(ranks.agree(self.rank, self.world_size, err, caught_up,
+                                        "sync to the remote"))
         return bool(caught_up)
 
     def _timeout(self, timeout: float | None) -> float:

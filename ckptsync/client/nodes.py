@@ -87,7 +87,8 @@ def ensure_uploader(ckpt: Checkpointer) -> None:
     """A node leader other than rank 0 uploads its node's part: give it an uploader (rank 0
     has had one since construction)."""
     if ckpt.remote is not None and ckpt._uploader is None:
-        ckpt._uploader = Uploader(ckpt.remote, after_push=ckpt._after_push)
+        ckpt._uploader = Uploader(ckpt.remote, on_error=ckpt.on_remote_error,
+                                  after_push=ckpt._after_push)
 
 
 def ensure_whole(ckpt: Checkpointer, name: str) -> None:

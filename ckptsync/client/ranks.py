@@ -62,11 +62,12 @@ def share_from_rank0(rank: int, err: BaseException | None, payload: Any, what: s
 
 
 def agree(rank: int, world_size: int, err: BaseException | None, payload: Any,
-          what: str) -> list[Any]:
-    """Collective: every rank's ``payload``, by rank; raises on every rank if any failed
-    (its own ``err`` where it failed, else the lowest failed rank's, named)."""
+          what: str, group: Any = None) -> list[Any]:
+    """Collective (over ``group``, default: every rank): every rank's ``payload``, by rank;
+    raises on every rank if any failed (its own ``err`` where it failed, else the lowest
+    failed rank's, named)."""
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, (Failure.of(rank, err), payload))
+    dist.all_gather_object(gathered, (Failure.of(rank, err), payload), group=group)
     if err is not None:
         raise err
     for failure, _ in gathered:

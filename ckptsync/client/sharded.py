@@ -5,14 +5,18 @@ is written by DCP, each rank its own files, into the one checkpoint's staging di
 ckptsync adds what DCP lacks: every file's BLAKE3 digest, computed while DCP writes it (DCP's
 writer opens its files through a ``FileSystem`` object; ours hands it a
 :class:`~ckptsync.hashing.HashingWriter`, so nothing is read back), one manifest listing every
-rank's files, and the atomic commit:
+rank's files, and the atomic commit. ``save`` returns once this rank's state is copied into
+CPU buffers that DCP's stager reuses from save to save (the stall); the rest runs on
+ckptsync's background thread, every collective over a gloo process group of its own (so it
+never interleaves with the trainer's collectives on the default group):
 
-1. rank 0 names the checkpoint and creates the staging directory; every rank learns the name;
+1. each node's leader creates the staging directory (rank 0 named the checkpoint);
 2. every rank runs ``dcp.save`` into it (DCP's own collectives plan the files; its
    coordinator, rank 0, writes ``.metadata`` after every rank's data files are written);
 3. every rank sends rank 0 its files' ``(path, size, digest)``, its RNG state and any error;
 4. rank 0 writes ``rng.pt`` and the manifest and commits (fsync, manifest, rename, fsync
-   parent), then tells every rank how it went: a failure anywhere is raised on every rank.
+   parent), then tells every rank how it went: a failure anywhere is raised on every rank,
+   by the handle's ``wait()`` or the next ``save``/``wait``/``close``.
 
 A rank that dies mid-save leaves a staging directory and no manifest: the checkpoint does not
 exist, and the next Checkpointer removes the leftover. The manifest marks the checkpoint as
@@ -30,15 +34,18 @@ import contextlib
 import io
 import logging
 import time
+import weakref
 from collections.abc import Generator, Mapping
-from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -49,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ckptsync.client import ranks
 from ckptsync.client.nodes import Nodes, adopt, ensure_uploader, ensure_whole, nodes_of
 from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
+from ckptsync.client.runinfo import run_meta
 from ckptsync.client.snapshot import SaveHandle
 from ckptsync.client.state import RNG_FILE, capture_rng, load_into, restore_rng, serialize, unwrap
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
@@ -86,7 +94,10 @@ class _Stream(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        return self.w.write(b)
+        try:
+            return self.w.write(b)
+        except OSError as e:  # DCP reports it on every rank: name the file and the fix
+            raise storage_error(e, self.w.path, "write") from e
 
     def tell(self) -> int:
         return self.w.size
@@ -187,11 +198,52 @@ def _load_states(objects: Mapping[str, Any], states: Mapping[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- save
-def _rank0_says(ckpt: Checkpointer, what: Any) -> Any:
+@dataclass
+class _Session:
+    """What one Checkpointer's sharded saves keep from save to save: the process group of
+    the background thread's collectives, DCP's stager (its CPU buffers are reused: keyed by
+    the source tensor's storage, so the steady state allocates nothing), and the nodes."""
+
+    group: Any
+    stager: DefaultStager
+    nodes: Nodes
+
+    def close(self) -> None:
+        self.stager.close()
+        if self.group is not None and dist.is_initialized():
+            with contextlib.suppress(Exception):  # the job may be tearing down already
+                dist.destroy_process_group(self.group)
+
+
+_sessions: weakref.WeakKeyDictionary[Checkpointer, _Session] = weakref.WeakKeyDictionary()
+
+
+def _session(ckpt: Checkpointer) -> _Session:
+    """Collective the first time (every rank is in ``save``): the session of ``ckpt``."""
+    sess = _sessions.get(ckpt)
+    if sess is None:
+        # The background thread's collectives need a group of their own: on the default one
+        # they would interleave with the trainer's (FSDP's all-gathers) in another order on
+        # each rank. Gloo: DCP's collectives are on CPU objects whatever the devices.
+        group = (dist.new_group(backend="gloo")
+                 if dist.is_available() and dist.is_initialized() else None)
+        cuda = torch.cuda.is_available()
+        # Pinned buffers where there is a GPU; a blocking copy, so every device the state
+        # lives on has finished copying before save returns.
+        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                              use_async_staging=False,
+                                              use_non_blocking_copy=False))
+        sess = _Session(group, stager, nodes_of(ckpt))
+        _sessions[ckpt] = sess
+        ckpt._worker.at_close(sess.close)
+    return sess
+
+
+def _rank0_says(ckpt: Checkpointer, what: Any, group: Any = None) -> Any:
     """Rank 0's ``what`` on every rank."""
     box = [what]
     if ckpt.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -201,51 +253,100 @@ def _describe(e: BaseException) -> str:
 
 def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any],
                  metrics: dict[str, float], extra: dict[str, Any]) -> SaveHandle[Manifest | None]:
-    """:meth:`Checkpointer.save` of sharded state; call on every rank. Returns once the
-    checkpoint is committed locally (every rank's files durable) or raises on every rank.
+    """:meth:`Checkpointer.save` of sharded state; call on every rank. Returns once this
+    rank's state is copied into CPU buffers (the stall); DCP writes the files (hashed while
+    written), and rank 0 commits, on a background thread. The handle's ``wait()`` (or the
+    next ``save``, ``wait``, ``close``) returns on every rank only once the checkpoint is
+    committed locally (every rank's files durable), or raises on every rank.
+
+    Not DCP's ``async_save`` itself: that is this staging (DCP's ``DefaultStager``) plus
+    ``dcp.save`` on a thread of its own that ends when DCP is done, while the commit (every
+    rank's digests to rank 0, the manifest, the rename, every rank told the outcome) must
+    follow on the same thread and group, with ckptsync's back-pressure and error delivery.
 
     On several nodes (:mod:`ckptsync.client.nodes`) each node's leader commits its node's
     part (:mod:`ckptsync.parts`) in its own directory and uploads it; the checkpoint exists
     remotely once every part is there.
-
-    The write is synchronous: DCP's ``async_save`` runs its collectives on a thread beside
-    the trainer's, which needs a process group of its own (not done yet).
     """
     t0 = time.perf_counter()
-    rank, world = ckpt.rank, ckpt.world_size
-    states = _states(objects)
+    sess = _session(ckpt)
+    name: str | None = make_name(step) if ckpt.rank == 0 else None
     rng = capture_rng() if ckpt.capture_rng else None
-    nodes = nodes_of(ckpt)
-    name: str | None = make_name(step) if rank == 0 else None
-    name = _rank0_says(ckpt, name)
+    staged: dict[str, Any] = {}
+    err: Exception | None = None
+    try:
+        staged = sess.stager.stage(_states(objects))  # type: ignore[assignment]
+    except Exception as e:
+        err = e
+    stall = time.perf_counter() - t0
+    # Every rank joins, staged or not: a rank that failed to stage (out of memory) raises
+    # on every rank, and no background job waits for a rank that never starts one.
+    name = _agree(ckpt, err, name, f"stage step {step}'s state in CPU memory")[0]
     assert name is not None
+    names = sorted(objects)
+    kinds = {k: type(v).__name__ for k, v in objects.items()}
+
+    def job() -> Manifest | None:
+        return _write(ckpt, sess, staged, _Save(step, name, names, kinds, metrics, extra,
+                                                rng, stall))
+
+    return ckpt._worker.submit(job, name)
+
+
+@dataclass(frozen=True)
+class _Save:
+    step: int | None
+    name: str
+    objects: list[str]
+    kinds: dict[str, str]  # object name -> type name, for the manifest's meta
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    rng: Any
+    stall: float
+
+
+def _write(ckpt: Checkpointer, sess: _Session, staged: dict[str, Any], s: _Save
+           ) -> Manifest | None:
+    """The background half of a sharded save, on every rank; every collective over
+    ``sess.group``, joined by every rank whether or not it failed.
+
+    1. each node's leader creates the staging directory; every rank learns how it went;
+    2. every rank runs ``dcp.save`` into it (DCP's own collectives plan the files; its
+       coordinator, rank 0, writes ``.metadata`` after every rank's data files);
+    3. every rank sends rank 0 its files' ``(path, size, digest)``, its RNG state, any error;
+    4. rank 0 writes ``rng.pt`` and the manifests; each node's leader commits; every rank
+       learns how it went: a failure anywhere is raised on every rank.
+    """
+    rank, world, nodes, group = ckpt.rank, ckpt.world_size, sess.nodes, sess.group
     staging = None
     err: BaseException | None = None
     if nodes.leader:
         try:
             adopt(ckpt, nodes)
-            staging = ckpt.store.staging(name)
-        except CkptSyncError as e:
+            staging = ckpt.store.staging(s.name)
+        except Exception as e:
             err = e
     try:
-        _agree(ckpt, err, "create the checkpoint's staging directory")
+        _agree(ckpt, err, None, "create the checkpoint's staging directory", group)
     except BaseException:
         if staging is not None:
             staging.abort()
         raise
-    root = ckpt.store.directory / f"{STAGING_PREFIX}{name}"
+    root = ckpt.store.directory / f"{STAGING_PREFIX}{s.name}"
     fs = _HashingFileSystem(root, ckpt.store.ops)
     mine: str | None = None
     try:
         # DCP's collectives report a failure on any rank to every rank (CheckpointException).
-        dcp.save(states, storage_writer=_Writer(fs))
+        dcp.save(staged, storage_writer=_Writer(fs), process_group=group)
+    except CheckpointException as e:  # a BaseException; alike on every rank DCP reached
+        mine = "; ".join(f"rank {r}: {_describe(x)}" for r, (x, _) in e.failures.items())
     except Exception as e:
-        mine = _describe(e)
-    report = (sorted(fs.entries.values(), key=lambda e: e.path), rng, mine)
+        mine = f"rank {rank}: {_describe(e)}"
+    report = (sorted(fs.entries.values(), key=lambda e: e.path), s.rng, mine)
     gathered: list[Any] | None = [None] * world if rank == 0 else None
     try:
         if world > 1:
-            dist.gather_object(report, gathered, dst=0)
+            dist.gather_object(report, gathered, dst=0, group=group)
         else:
             gathered = [report]
     except BaseException:
@@ -257,15 +358,14 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     if rank == 0:
         assert gathered is not None and staging is not None
         try:
-            manifests = _manifests(ckpt, staging, gathered, nodes, step, name, objects,
-                                   metrics, extra, rng, t0)
+            manifests = _manifests(ckpt, staging, gathered, nodes, s)
         except BaseException as e:
             failed = _describe(e)
-    manifests, failed = _rank0_says(ckpt, (manifests, failed))
+    manifests, failed = _rank0_says(ckpt, (manifests, failed), group)
     if failed is not None:  # every rank knows: the same error everywhere, no collective
         if staging is not None:
             staging.abort()
-        raise CkptSyncError(f"sharded save failed: {failed}")
+        raise CkptSyncError(f"sharded save of {s.name} failed, nothing was committed: {failed}")
     assert manifests is not None
     committed: LocalCheckpoint | None = None
     if staging is not None:
@@ -279,7 +379,7 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
             if committed is None:
                 staging.abort()
     try:
-        _agree(ckpt, err, "commit its node's part of the checkpoint")
+        _agree(ckpt, err, None, "commit its node's part of the checkpoint", group)
     except BaseException:
         if committed is not None:  # another node failed: this part can never be whole
             ckpt.store.delete(committed.name)
@@ -287,8 +387,8 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     manifest: Manifest | None = manifests[0]
     if committed is not None:
         m = committed.manifest
-        log.info("saved sharded %s (step %s, %d ranks, %.1f MB%s)", committed.path, step, world,
-                 m.total_size / 1e6,
+        log.info("saved sharded %s (step %s, %d ranks, %.1f MB%s)", committed.path, s.step,
+                 world, m.total_size / 1e6,
                  "" if nodes.count == 1 else f", part {nodes.mine} of {nodes.count} nodes")
         if nodes.count > 1:
             ensure_uploader(ckpt)
@@ -298,41 +398,41 @@ def save_sharded(ckpt: Checkpointer, step: int | None, objects: Mapping[str, Any
     if manifest is not None and nodes.count > 1:
         part = part_of(manifest)
         manifest = part.whole if part is not None else manifest
-    done: Future[Manifest | None] = Future()
-    done.set_result(manifest)
-    return SaveHandle(done, name)
+    return manifest
 
 
-def _agree(ckpt: Checkpointer, err: BaseException | None, what: str) -> None:
-    """Raise ``err`` here and a failure on every other rank (a collective)."""
+def _agree(ckpt: Checkpointer, err: BaseException | None, payload: Any, what: str,
+           group: Any = None) -> list[Any]:
+    """Every rank's ``payload``; raise ``err`` here and a failure on every other rank (a
+    collective over ``group``)."""
     if ckpt.world_size > 1:
-        ranks.agree(ckpt.rank, ckpt.world_size, err, None, what)
-    elif err is not None:
+        return ranks.agree(ckpt.rank, ckpt.world_size, err, payload, what, group)
+    if err is not None:
         raise err
+    return [payload]
 
 
 def _manifests(ckpt: Checkpointer, staging: Staging, gathered: list[Any], nodes: Nodes,
-               step: int | None, name: str, objects: Mapping[str, Any],
-               metrics: dict[str, float], extra: dict[str, Any], rng: Any, t0: float
-               ) -> list[Manifest]:
+               s: _Save) -> list[Manifest]:
     """Rank 0: the manifest each node commits (one node: the whole checkpoint's; several:
     each node's part, :func:`~ckptsync.parts.make_parts`). Writes ``rng.pt`` (node 0)."""
-    errors = [f"rank {r}: {g[2]}" for r, g in enumerate(gathered) if g[2] is not None]
+    errors = list(dict.fromkeys(g[2] for g in gathered if g[2] is not None))  # deduplicated
     if errors:
         raise CkptSyncError("; ".join(errors))
     by_node: list[list[FileEntry]] = [[] for _ in range(nodes.count)]
     for r, g in enumerate(gathered):
         by_node[nodes.of[r]].extend(g[0])
-    if rng is not None:
+    if s.rng is not None:
         w = staging.open(RNG_FILE)
         serialize({"world_size": ckpt.world_size, "ranks": [g[1] for g in gathered]}, w)
         by_node[0].append(staging.close_file(RNG_FILE))
-    meta = ckpt._meta(objects, time.perf_counter() - t0)  # the save blocked so long
-    meta[DCP_META] = {"world_size": ckpt.world_size, "objects": sorted(objects)}
+    meta = run_meta(ckpt.world_size, ckpt._git, {}, s.stall)  # the save blocked so long
+    meta["objects"] = s.kinds
+    meta[DCP_META] = {"world_size": ckpt.world_size, "objects": s.objects}
     if nodes.count > 1:
         meta[DCP_META]["nodes"] = nodes.count
-    whole = Manifest.new(step=step, files=[e for files in by_node for e in files], name=name,
-                         metrics=metrics, meta=meta, extra=extra)
+    whole = Manifest.new(step=s.step, files=[e for files in by_node for e in files],
+                         name=s.name, metrics=s.metrics, meta=meta, extra=s.extra)
     return [whole] if nodes.count == 1 else make_parts(whole, by_node)
 
 
@@ -402,7 +502,7 @@ def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, 
                 ensure_whole(ckpt, found[0])
             except BaseException as e:
                 failed = e
-        _agree(ckpt, failed, f"gather checkpoint {found[0]} on its node")
+        _agree(ckpt, failed, None, f"gather checkpoint {found[0]} on its node")
     chosen = ckpt.store.get(found[0])
     states = _states(objects)
     dcp.load(states, storage_reader=FileSystemReader(chosen.path))

@@ -77,6 +77,11 @@ class BackgroundWorker:
         self._current: Future[object] | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._at_close: list[Callable[[], object]] = []
+
+    def at_close(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` once :meth:`close` has stopped the thread (releases what jobs used)."""
+        self._at_close.append(fn)
 
     def drain(self) -> None:
         """Wait for the in-flight job; raise its error if it failed and was not yet raised."""
@@ -113,3 +118,5 @@ class BackgroundWorker:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            for fn in self._at_close:
+                fn()

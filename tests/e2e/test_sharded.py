@@ -109,7 +109,12 @@ def test_manifest_lists_every_ranks_files_with_digests(saved: tuple[Path, Path])
     assert {f.path for f in ckpt.manifest.files} == {
         ".metadata", "__0_0.distcp", "__1_0.distcp", "rng.pt"}
     assert ckpt.manifest.meta["dcp"] == {"world_size": 2, "objects": ["model", "optim"]}
-    assert all(r["handle_done"] for r in _reports(out, 2))  # returned once committed
+    # save() returned on every rank before its files could be written (each write was held
+    # until then, and training changed the weights meanwhile: the checkpoint holds the state
+    # at save time, see the restore tests); wait() returned on every rank once committed.
+    for r in _reports(out, 2):
+        assert not r["handle_done"] and r["committed_at_return"] == [], r
+        assert r["waited"] == ckpt.name and r["committed_after_wait"] == [3], r
     # The CLI needs nothing DCP-specific: it is files and digests.
     for cmd in (["verify", str(directory)], ["ls", str(directory)]):
         done = subprocess.run([PY, "-m", "ckptsync", *cmd], env=child_env(),
@@ -171,6 +176,27 @@ def test_rank_killed_mid_save_commits_nothing_and_previous_restores(tmp_path: Pa
     assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
                       torch.load(out / "expected.pt", weights_only=True))
     assert staging_dirs(directory) == []  # the next Checkpointer removed the leftover
+
+
+def test_write_failure_on_one_rank_raises_on_every_rank_at_the_next_call(tmp_path: Path
+                                                                         ) -> None:
+    """Rank 1's disk is full for one write of the (asynchronous) save of step 2: the save
+    returned on both ranks; the next call (save of step 3) raises on both, naming rank 1's
+    file and error; step 2 is not committed; the process group is still usable: step 4 is
+    saved and restores bit-exact."""
+    directory, out = tmp_path / "ckpts", tmp_path / "fail"
+    _ok(_ranks(2, "fail", directory, out))
+    reports = _reports(out, 2)
+    for r in reports:
+        assert r["save2_returned"], r
+        err = r.get("save3_error", "")
+        assert "rank 1" in err and "No space left on device" in err and ".distcp" in err, r
+        assert r["steps"] == [1, 4], r
+    assert [c.step for c in LocalStore(directory).list()] == [1, 4]
+    assert staging_dirs(directory) == []
+    _ok(_ranks(2, "restore", directory, tmp_path / "out"))
+    assert_tree_equal(torch.load(tmp_path / "out" / "restored.pt", weights_only=True),
+                      torch.load(out / "expected.pt", weights_only=True))
 
 
 def test_rank_stalled_then_killed_mid_save_commits_nothing_locally_or_remotely(
@@ -279,6 +305,19 @@ def _two_nodes(tmp_path: Path, remote: Remote) -> None:
     assert_tree_equal(torch.load(tmp_path / "again" / "restored.pt", weights_only=True),
                       torch.load(out / "expected.pt", weights_only=True))
     assert not leftover.exists()
+
+
+def test_a_node_leaders_upload_error_raises_on_every_rank(tmp_path: Path,
+                                                          file_remote: Remote) -> None:
+    """With ``on_remote_error="raise"``, node 1's leader (rank 1) uploads its part through a
+    remote that refuses it: ``wait()`` raises on both ranks (not only on rank 1, and not
+    swallowed as a warning there), and the checkpoint never exists remotely."""
+    out = tmp_path / "out"
+    _ok(_ranks(2, "nodes-remotefail", tmp_path / "ckpts", out, file_remote.url,
+               CKPTSYNC_STORAGE_OPTIONS=json.dumps(file_remote.storage_options)))
+    for r in _reports(out, 2):
+        assert "waited" not in r and "Access Denied" in r.get("wait_error", ""), r
+    assert RemoteStore(file_remote.url, file_remote.storage_options).list() == []
 
 
 def test_two_nodes_each_with_its_own_watch_daemon(tmp_path: Path, file_remote: Remote) -> None:
