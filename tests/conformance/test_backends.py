@@ -203,7 +203,12 @@ def test_open_options_add_client_timeouts_unless_set() -> None:
     config = TransferConfig(connect_timeout=3.0, read_timeout=9.0)
     s3 = S3.open_options({"config_kwargs": {"read_timeout": 99}}, config)
     assert s3["config_kwargs"] == {"connect_timeout": 3.0, "read_timeout": 99,
-                                   "retries": {"total_max_attempts": 1}}
+                                   "retries": {"total_max_attempts": 1},
+                                   # ckptsync sends its own CRC32; botocore's second pass off
+                                   "request_checksum_calculation": "when_required"}
+    mine = S3.open_options({"config_kwargs": {"request_checksum_calculation": "when_supported"}},
+                           config)
+    assert mine["config_kwargs"]["request_checksum_calculation"] == "when_supported"
     pytest.importorskip("aiohttp")
     timeout = GCS.open_options({}, config)["requests_timeout"]
     assert (timeout.total, timeout.sock_connect, timeout.sock_read) == (None, 3.0, 9.0)
