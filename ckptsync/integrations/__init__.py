@@ -4,8 +4,9 @@
 - ``lightning``: a Lightning ``CheckpointIO`` plugin.
 - ``accelerate``: sync what ``Accelerator.save_state`` writes, pull before ``load_state``.
 
-Each module imports its framework lazily (inside functions or on first use), so importing
-``ckptsync`` never imports a framework, and a module whose framework is missing fails with a
-:class:`~ckptsync.errors.ConfigError` naming the extra to install (``ckptsync[hf]``,
-``ckptsync[lightning]``, ``ckptsync[accelerate]``).
+Importing ``ckptsync`` never imports a framework or this package. ``lightning`` and
+``accelerate`` import their framework on first use; ``transformers`` imports it with the
+module (its callback subclasses ``transformers.TrainerCallback``). A module whose framework is
+missing fails with a :class:`~ckptsync.errors.ConfigError` naming the extra to install
+(``ckptsync[hf]``, ``ckptsync[lightning]``, ``ckptsync[accelerate]``).
 """
