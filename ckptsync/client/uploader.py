@@ -109,12 +109,16 @@ class SyncStatus:
         return line + "; saves go on locally"
 
 
-def waiting_line(name: str, nodes: tuple[int, ...]) -> str:
-    """Why ``name``, of which this node's part is uploaded, is not remote yet."""
+def waiting_reason(nodes: tuple[int, ...]) -> str:
+    """Why a checkpoint of which this node's part is uploaded is not remote yet."""
     if not nodes:
-        return f"{name}: part uploaded, every node's part is up, its commit is under way"
-    return (f"{name}: part uploaded, waiting for nodes {list(nodes)} to upload theirs (not "
+        return "part uploaded, every node's part is up, its commit is under way"
+    return (f"part uploaded, waiting for nodes {list(nodes)} to upload theirs (not "
             "restorable until then)")
+
+
+def waiting_line(name: str, nodes: tuple[int, ...]) -> str:
+    return f"{name}: {waiting_reason(nodes)}"
 
 
 class _Job:
@@ -322,13 +326,13 @@ class Uploader:
             left = tuple(n for seq, n in sorted(queued.items()) if seq > self._remote_seq)
             self._not_remote = left
             self._not_remote_why = {
-                n: waiting_line(n, self._waiting[n][2]) if n in self._waiting
+                n: waiting_reason(self._waiting[n][2]) if n in self._waiting
                 else "its upload did not finish before close()" for n in left}
         if left:
             url = self.status().remote
             log.error("closing with checkpoints not on the remote %s: %s (it holds %s); they "
                       "stay in %s: upload them later with `ckptsync push %s %s`",
-                      url, "; ".join(self._not_remote_why.values()),
+                      url, ", ".join(f"{n} ({why})" for n, why in self._not_remote_why.items()),
                       self._newest_remote[0] if self._newest_remote else "none of this run's",
                       self._local_dir, self._local_dir, url)
         return left
