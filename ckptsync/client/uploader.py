@@ -118,6 +118,7 @@ def waiting_reason(nodes: tuple[int, ...]) -> str:
 
 
 def waiting_line(name: str, nodes: tuple[int, ...]) -> str:
+    """:func:`waiting_reason`, naming the checkpoint."""
     return f"{name}: {waiting_reason(nodes)}"
 
 
@@ -416,7 +417,7 @@ class Uploader:
         name = job.ckpt.name
         try:
             missing = self.remote.waiting_for(part)
-        except CkptSyncError as e:
+        except Exception as e:  # the next look tells; the thread must never die of it
             log.warning("after uploading this node's part of %s: %s", name, e)
             missing = ()
         with self._cond:
@@ -453,7 +454,7 @@ class Uploader:
             try:
                 with stopping(self._stop):
                     seen[name] = self.remote.waiting_for(part)
-            except CkptSyncError as e:
+            except Exception as e:  # looked at again later; the thread must never die of it
                 log.warning("looking whether %s is committed: %s; looking again later", name, e)
         with self._cond:
             for name, missing in sorted(seen.items(), key=lambda x: self._order(x[0])):
