@@ -193,7 +193,12 @@ def _run_push(args: argparse.Namespace) -> int:
             out.event("skipped", None, name=ckpt.name, reason="already in the remote")
             continue
         if not args.dry_run:
-            store.push(ckpt, progress=progress)
+            missing = store.waiting_for(store.push(ckpt, progress=progress))
+            if missing is not None:  # one node's part: the checkpoint is not committed yet
+                out.event("part_pushed", f"{ckpt.name}: part uploaded, waiting for nodes "
+                          f"{list(missing)} (not restorable until every node's part is up)",
+                          name=ckpt.name, step=ckpt.step, waiting_for_nodes=list(missing))
+                continue
         pushed += 1
         out.event("would_push" if args.dry_run else "pushed",
                   f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})",

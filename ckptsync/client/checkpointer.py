@@ -420,8 +420,9 @@ class Checkpointer:
         """Commit the last save locally, wait (bounded, as :meth:`wait`) for the remote, then
         stop the background threads. An upload still unfinished is abandoned uncommitted;
         what is not remote is logged as an error, named in the returned status's
-        ``not_remote``, and stays in the local directory (``ckptsync push`` uploads it).
-        Idempotent.
+        ``not_remote`` (why: ``not_remote_why``), and stays in the local directory
+        (``ckptsync push`` uploads it). A node's part of a multi-node checkpoint counts as
+        remote only once the whole checkpoint is committed. Idempotent.
 
         Args:
             timeout: seconds to wait for a failing or stalled remote (default

@@ -9,6 +9,11 @@ checkpoints plus these two. A failed push is retried with back-off (``TransferCo
 nothing is raised into the training loop unless ``on_error="raise"``. Every thread stops
 through an ``Event``; an abandoned push is never committed.
 
+One node's part of a multi-node checkpoint (:mod:`ckptsync.parts`) is not remote once it is
+uploaded: it is restorable only when the node that uploads last commits the whole. Until the
+thread sees the whole manifest remote (it looks again, with back-off, between pushes), such a
+checkpoint is listed in ``SyncStatus.waiting_for_nodes``, never as ``newest_remote``.
+
 Example::
 
     up = Uploader(store, on_error="warn", after_push=lambda m: None)
@@ -23,12 +28,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import Manifest
+from ckptsync.parts import part_of
 from ckptsync.transfer import backoff, stopping
 
 if TYPE_CHECKING:
@@ -43,6 +49,10 @@ OnRemoteError = Literal["warn", "raise"]
 ON_REMOTE_ERROR: tuple[OnRemoteError, ...] = ("warn", "raise")
 STOP_GRACE_S = 10.0
 """How long :meth:`Uploader.close` waits for a stopped push to unwind (one network call)."""
+MAX_WAITING = 16
+"""Parts waiting for other nodes that the uploader keeps looking at (the newest ones)."""
+RECHECK_MAX_S = 5.0
+"""The longest pause between two looks at a part waiting for other nodes."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,11 @@ class SyncStatus:
     ``newest_remote`` is the newest checkpoint this checkpointer committed remotely (None before
     its first). ``behind`` is True while the newest checkpoint saved is not yet remote.
     ``superseded`` counts checkpoints never uploaded because a newer one replaced them.
-    ``not_remote`` names what ``close()`` left off the remote (it stays on the local disk).
+    ``not_remote`` names what ``close()`` left off the remote (it stays on the local disk),
+    ``not_remote_why`` says why for each.
+    ``waiting_for_nodes`` maps each checkpoint of which this node's part is uploaded but
+    which is not committed (not restorable) to the nodes whose part is missing (empty while
+    the last node's commit is under way); it becomes ``newest_remote`` once committed.
     """
 
     remote: str | None = None
@@ -69,6 +83,8 @@ class SyncStatus:
     last_error_time: float | None = None
     """``time.time()`` of ``last_error``."""
     not_remote: tuple[str, ...] = ()
+    not_remote_why: Mapping[str, str] = field(default_factory=dict)
+    waiting_for_nodes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def lag(self) -> str:
         """One line saying how far behind the remote is, for logs."""
@@ -82,6 +98,8 @@ class SyncStatus:
                 f"is {at(self.newest_local, self.newest_local_step)}")
         if self.newest_local_step is not None and self.newest_remote_step is not None:
             line += f" ({self.newest_local_step - self.newest_remote_step} steps behind)"
+        for name, nodes in self.waiting_for_nodes.items():
+            line += f"; {waiting_line(name, nodes)}"
         if self.superseded:
             line += f"; {self.superseded} checkpoints superseded before upload"
         if self.consecutive_failures:
@@ -89,6 +107,19 @@ class SyncStatus:
             line += (f"; failed uploads in a row: {self.consecutive_failures}, the last "
                      f"{ago:.0f}s ago: {self.last_error}")
         return line + "; saves go on locally"
+
+
+def waiting_reason(nodes: tuple[int, ...]) -> str:
+    """Why a checkpoint of which this node's part is uploaded is not remote yet."""
+    if not nodes:
+        return "part uploaded, every node's part is up, its commit is under way"
+    return (f"part uploaded, waiting for nodes {list(nodes)} to upload theirs (not "
+            "restorable until then)")
+
+
+def waiting_line(name: str, nodes: tuple[int, ...]) -> str:
+    """:func:`waiting_reason`, naming the checkpoint."""
+    return f"{name}: {waiting_reason(nodes)}"
 
 
 class _Job:
@@ -156,6 +187,12 @@ class Uploader:
         self._seq = 0  # checkpoints offered so far
         self._remote_seq = 0  # the commit order of the newest one pushed
         self._not_remote: tuple[str, ...] = ()
+        self._not_remote_why: dict[str, str] = {}
+        # Parts uploaded, not committed: name -> (its part manifest, commit order, the nodes
+        # still missing); looked at again from ``_recheck_at``, with back-off.
+        self._waiting: dict[str, tuple[Manifest, int, tuple[int, ...]]] = {}
+        self._recheck_at = 0.0
+        self._rechecks = 0
         self._last_progress = time.monotonic()
         self._closed = False
 
@@ -237,6 +274,8 @@ class Uploader:
                 last_error=self._last_error,
                 last_error_time=self._last_error_time,
                 not_remote=self._not_remote,
+                not_remote_why=dict(self._not_remote_why),
+                waiting_for_nodes={n: w[2] for n, w in self._waiting.items()},
             )
 
     # ------------------------------------------------------------------ waiting, stopping
@@ -249,7 +288,9 @@ class Uploader:
         """
         start = time.monotonic()
         with self._cond:
-            while self._in_flight is not None or self._pending is not None:
+            # The newest checkpoint is remote only once committed: a part of it is not enough.
+            while (self._in_flight is not None or self._pending is not None
+                   or self._remote_seq < self._seq):
                 if self._undelivered is not None or self._closed:
                     return False
                 now = time.monotonic()
@@ -285,11 +326,14 @@ class Uploader:
             # Pushed in commit order: all up to the newest one pushed are there or superseded.
             left = tuple(n for seq, n in sorted(queued.items()) if seq > self._remote_seq)
             self._not_remote = left
+            self._not_remote_why = {
+                n: waiting_reason(self._waiting[n][2]) if n in self._waiting
+                else "its upload did not finish before close()" for n in left}
         if left:
             url = self.status().remote
             log.error("closing with checkpoints not on the remote %s: %s (it holds %s); they "
                       "stay in %s: upload them later with `ckptsync push %s %s`",
-                      url, ", ".join(left),
+                      url, ", ".join(f"{n} ({why})" for n, why in self._not_remote_why.items()),
                       self._newest_remote[0] if self._newest_remote else "none of this run's",
                       self._local_dir, self._local_dir, url)
         return left
@@ -311,7 +355,11 @@ class Uploader:
                     job, self._pending = self._pending, None
                     self._in_flight = job
                     return job
-                self._cond.wait(self._retry_at - now if self._pending is not None else None)
+                if self._waiting and now >= self._recheck_at:
+                    return None  # look at the waiting parts, then come back
+                deadlines = ([self._retry_at] if self._pending is not None else []) + (
+                    [self._recheck_at] if self._waiting else [])
+                self._cond.wait(min(deadlines) - now if deadlines else None)
             return None
 
     def _run(self) -> None:
@@ -320,6 +368,8 @@ class Uploader:
             self._abort_streams()
             if job is not None:
                 self._push(job)
+            elif not self._stop.is_set():
+                self._recheck()
 
     def _push(self, job: _Job) -> None:
         name = job.ckpt.name
@@ -332,12 +382,14 @@ class Uploader:
             return
         finally:
             job.streams.clear()  # push completed or aborted them
+        if part_of(manifest) is not None:  # only this node's part: not restorable yet
+            self._part_uploaded(job, manifest)
+            return
         with self._cond:
             recovered = self._failures
             self._failures = 0
             self._retry_at = 0.0
-            self._newest_remote = (manifest.name, manifest.step)
-            self._remote_seq = job.seq
+            self._committed(manifest, job.seq)
             self._last_progress = time.monotonic()
         if recovered:
             log.warning("remote %s is reachable again: %s committed after %d failed uploads",
@@ -351,6 +403,77 @@ class Uploader:
         with self._cond:
             self._in_flight = None
             self._cond.notify_all()
+
+    def _committed(self, manifest: Manifest, seq: int) -> None:
+        """``manifest`` (commit order ``seq``) is committed remotely (the lock is held)."""
+        if seq > self._remote_seq:
+            self._newest_remote = (manifest.name, manifest.step)
+            self._remote_seq = seq
+        # Parts of older checkpoints still waiting are superseded by this one.
+        self._waiting = {n: w for n, w in self._waiting.items() if w[1] > seq}
+
+    def _part_uploaded(self, job: _Job, part: Manifest) -> None:
+        """The push of ``job`` uploaded this node's part only; the whole is not committed."""
+        name = job.ckpt.name
+        try:
+            missing = self.remote.waiting_for(part)
+        except Exception as e:  # the next look tells; the thread must never die of it
+            log.warning("after uploading this node's part of %s: %s", name, e)
+            missing = ()
+        with self._cond:
+            self._failures = 0
+            self._retry_at = 0.0
+            self._last_progress = time.monotonic()
+            if missing is None:  # another node committed it meanwhile
+                self._committed(part_of(part).whole, job.seq)  # type: ignore[union-attr]
+            else:
+                self._waiting[name] = (part, job.seq, missing)
+                for old in sorted(self._waiting, key=lambda n: self._waiting[n][1])[
+                        :-MAX_WAITING]:
+                    del self._waiting[old]
+                self._rechecks = 0
+                self._recheck_at = time.monotonic() + self._recheck_delay()
+            self._in_flight = None
+            self._cond.notify_all()
+        if missing is not None:
+            log.warning("%s (remote %s)", waiting_line(name, missing), self.remote.url)
+
+    def _recheck_delay(self) -> float:
+        cfg = self.remote.config  # at least 0.1 s: a remote is never spun on
+        return max(0.1, min(max(cfg.backoff_initial, 0.1) * 2 ** min(self._rechecks, 16),
+                            max(cfg.backoff_max, 0.1), RECHECK_MAX_S))
+
+    def _recheck(self) -> None:
+        """Look again at the parts waiting for other nodes: committed ones become remote."""
+        with self._cond:
+            if not self._waiting or time.monotonic() < self._recheck_at:
+                return
+            waiting = list(self._waiting.items())
+        seen: dict[str, tuple[int, ...] | None] = {}
+        for name, (part, _, _) in waiting:
+            try:
+                with stopping(self._stop):
+                    seen[name] = self.remote.waiting_for(part)
+            except Exception as e:  # looked at again later; the thread must never die of it
+                log.warning("looking whether %s is committed: %s; looking again later", name, e)
+        with self._cond:
+            for name, missing in sorted(seen.items(), key=lambda x: self._order(x[0])):
+                if name not in self._waiting:
+                    continue
+                part, seq, _ = self._waiting[name]
+                if missing is None:
+                    log.info("%s is committed on %s: every node's part is there", name,
+                             self.remote.url)
+                    self._committed(part_of(part).whole, seq)  # type: ignore[union-attr]
+                else:
+                    self._waiting[name] = (part, seq, missing)
+            self._rechecks += 1
+            self._recheck_at = time.monotonic() + self._recheck_delay()
+            self._cond.notify_all()
+
+    def _order(self, name: str) -> int:
+        w = self._waiting.get(name)
+        return w[1] if w is not None else 0
 
     def _failed(self, job: _Job, e: Exception) -> None:
         err = e if isinstance(e, CkptSyncError) else RemoteError(

@@ -170,6 +170,12 @@ def format_status(st: dict[str, Any]) -> str:
         f"failed:  {len(st['failed'])}" + "".join(
             f"\n  {f['name']} ({f['attempts']} attempts): {f['error']}" for f in st["failed"]),
     ]
+    waiting = st.get("waiting_for_nodes") or {}
+    if waiting:  # multi-node parts: this node's is up, the checkpoint is not committed
+        lines.append(f"waiting for other nodes: {len(waiting)}" + "".join(
+            f"\n  {n}: part uploaded, waiting for nodes {nodes} (not restorable until then)"
+            if nodes else f"\n  {n}: every node's part is uploaded, its commit is under way"
+            for n, nodes in waiting.items()))
     for w in st.get("watch", []):
         state = f"error: {w['error']}" if w.get("error") else \
             "writing/settling" if w["pending"] else "idle"
@@ -181,8 +187,10 @@ def format_status(st: dict[str, Any]) -> str:
         lines.append(f"last error: {st['last_error']}")
     # "In sync" only on the daemon's own word that nothing at all is outstanding.
     lines.append("in sync: every local checkpoint is committed remotely" if st.get("in_sync")
-                 else "NOT in sync: checkpoints are pending, uploading, settling or failed"
+                 else "NOT in sync: checkpoints are pending, uploading, settling, waiting for "
+                 "other nodes or failed"
                  if st["pending"] or st.get("settling") or st["failed"] or st.get("uploading")
+                 or st.get("waiting_for_nodes")
                  else "in sync: not known yet (no reconcile reported)")
     return "\n".join(lines)
 

@@ -145,6 +145,7 @@ def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
         st["pid"] = holder
     for key in ("synced", "pending", "uploading", "settling", "failed"):
         st.setdefault(key, [])
+    st.setdefault("waiting_for_nodes", {})
     st.setdefault("in_sync", False)
     st["local_dir"] = str(d)
     return st

@@ -126,7 +126,8 @@ class Watcher(PushPipeline, VersionPipeline):
         self._state = "failed" if self._fatal else "stopped"
         self._write_status()
         self.events("info" if code == EXIT_OK else "error", "exit", code=code,
-                    pending=self._pending_names(), failed=sorted(self._failed))
+                    pending=self._pending_names(), failed=sorted(self._failed),
+                    waiting_for_nodes=sorted(self._waiting))
         return code
 
     def _loop(self) -> int:
@@ -162,7 +163,9 @@ class Watcher(PushPipeline, VersionPipeline):
             if self._drain and self._drained():
                 if self._retention_running or self._retention_due:
                     continue
-                failed = bool(self._failed) or any(t.gave_up for t in self._trackers)
+                # A part still waiting for other nodes is not restorable: not a success.
+                failed = (bool(self._failed) or bool(self._waiting)
+                          or any(t.gave_up for t in self._trackers))
                 self._write_status()
                 return EXIT_FAILED if failed and self.config.once else EXIT_OK
         return EXIT_OK

@@ -5,6 +5,11 @@ checkpoints (the native ones and the zero-code versions in the spool) and pushes
 remote does not hold, newest first, one push in flight per source (the native checkpoints;
 each zero-code rule). A failed push is reported and retried with back-off; one the trainer
 deleted meanwhile is dropped; one abandoned at a stop is cleaned up.
+
+A push of one node's part of a multi-node checkpoint (:mod:`ckptsync.parts`) that finds
+other nodes' parts missing is not a sync: the checkpoint is "waiting for nodes" (status),
+and each reconcile (every ``interval``) pushes it again, which commits it where every part
+is there and is a no-op once it is committed; it is synced once its whole manifest is.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from ckptsync.daemon.watcher_state import _Failure
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
+from ckptsync.parts import part_of
 from ckptsync.retention import CheckpointInfo, select_for_deletion
 from ckptsync.transfer import backoff
 
@@ -57,6 +63,8 @@ class PushPipeline(RemoteView):
         for name in [n for n in self._failed if n not in present]:
             del self._failed[name]
         self._dropped = {n: why for n, why in self._dropped.items() if n in present}
+        self._waiting = {n: w for n, w in self._waiting.items()
+                         if n in present and n not in self._remote}
         doomed: set[str] = set()
         policy = self.config.policy
         if policy.active:
@@ -75,6 +83,9 @@ class PushPipeline(RemoteView):
             if (src in busy or name in self._remote or name in self._inflight
                     or name in self._skipped or name in self._dropped):
                 continue
+            waiting = self._waiting.get(name)
+            if waiting is not None and (waiting[1] > now or self._drain):
+                continue  # looked at again at the next periodic scan (not while draining)
             fail = self._failed.get(name)
             if fail is not None and self._drain and fail.attempts >= 3:
                 continue  # draining (--once, or the parent exited): given up on
@@ -92,8 +103,10 @@ class PushPipeline(RemoteView):
         self.events("info", "push_start", name=ckpt.name, step=ckpt.step,
                     bytes=ckpt.manifest.total_size)
 
-        def job() -> Manifest:
-            return self.store.push(ckpt, stop=self._abort)
+        def job() -> tuple[Manifest, tuple[int, ...] | None]:
+            m = self.store.push(ckpt, stop=self._abort)
+            # One node's part, not committed: which nodes' parts are missing.
+            return m, self.store.waiting_for(m) if part_of(m) is not None else None
 
         fut = self._pool.submit(job)
         self._inflight[ckpt.name] = fut
@@ -110,7 +123,13 @@ class PushPipeline(RemoteView):
         self._schedule(now)  # the source's next (newest) checkpoint may be waiting for this one
         exc = fut.exception()
         if exc is None:
-            m = fut.result()
+            m, missing = fut.result()
+            if missing is not None:
+                self._on_part_pushed(ckpt, m, missing, now)
+                return
+            if part_of(m) is not None:  # another node committed it meanwhile
+                m = part_of(m).whole  # type: ignore[union-attr]
+            self._waiting.pop(m.name, None)
             self._remote[m.name] = m
             self._failed.pop(ckpt.name, None)
             self.events("info", "pushed", name=m.name, step=m.step, bytes=m.total_size,
@@ -157,6 +176,19 @@ class PushPipeline(RemoteView):
                     attempt=attempts, error=str(exc), error_type=type(exc).__name__,
                     retryable=retryable, retry_in_s=round(delay, 2))
         self._schedule(now + delay)
+        self._write_status()
+
+    def _on_part_pushed(self, ckpt: LocalCheckpoint, part: Manifest, missing: tuple[int, ...],
+                        now: float) -> None:
+        """This node's part of ``ckpt`` is uploaded, the whole is not committed: not synced."""
+        first = ckpt.name not in self._waiting
+        self._waiting[ckpt.name] = (missing, now + self.config.interval / 2)  # next scan
+        self._failed.pop(ckpt.name, None)
+        if first:
+            self.events("warning", "part_pushed", name=ckpt.name, step=ckpt.step,
+                        waiting_for_nodes=list(missing),
+                        detail=f"part uploaded, waiting for nodes {list(missing)}: not "
+                        "restorable until every node's part is uploaded (the last one commits)")
         self._write_status()
 
     def _drop_changed_spool(self, ckpt: LocalCheckpoint, exc: BaseException) -> None:

@@ -87,6 +87,8 @@ class WatcherState:
         self._fatal: str | None = None
         self._last_error: str | None = None  # the newest error reported (status)
         self._dropped: dict[str, str] = {}  # name -> why it is not pushed (gone)
+        # Node parts uploaded, not committed: name -> (nodes missing, when to look again).
+        self._waiting: dict[str, tuple[tuple[int, ...], float]] = {}
         self._drain = config.once  # finish what is there, then exit
         self._state = "starting"
         self._started = _utc()
@@ -112,7 +114,7 @@ class WatcherState:
 
     def _pending_names(self) -> list[str]:
         return [n for n in self._local_names
-                if n not in self._remote and n not in self._skipped]
+                if n not in self._remote and n not in self._skipped and n not in self._waiting]
 
     def _synced(self) -> list[str]:
         """The committed remote checkpoints of this directory: the local checkpoints the remote
@@ -137,7 +139,8 @@ class WatcherState:
         # In sync only when nothing at all is outstanding: a version being written or copied
         # has no name yet, but it is not synced either.
         in_sync = (self._last_reconcile is not None and not pending and not self._inflight
-                   and not settling and not self._failed and self._fatal is None)
+                   and not settling and not self._failed and not self._waiting
+                   and self._fatal is None)
         st = {
             "pid": os.getpid(),
             "state": self._state,
@@ -152,6 +155,9 @@ class WatcherState:
             "synced": self._synced(),
             "pending": pending,
             "uploading": sorted(self._inflight),
+            # This node's part uploaded, the checkpoint not committed (not restorable):
+            # name -> the nodes whose part is missing.
+            "waiting_for_nodes": {n: list(w[0]) for n, w in sorted(self._waiting.items())},
             "settling": settling,
             "failed": [{"name": n, "error": f.error, "attempts": f.attempts,
                         "retryable": f.retryable}

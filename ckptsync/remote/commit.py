@@ -81,7 +81,10 @@ class PushMixin(StoreBase):
         (never committed).
 
         Returns:
-            The remote manifest.
+            The remote manifest; for one node's part of a multi-node checkpoint
+            (:mod:`ckptsync.parts`) that is not committed yet (another node's part is not
+            uploaded), the part's own manifest (``part_of(result)`` is not None): it is not
+            restorable yet, and :meth:`waiting_for` says which nodes it waits for.
 
         Raises:
             RemoteError: the backend failed (after retries), or the remote holds a different
@@ -250,8 +253,10 @@ class PushMixin(StoreBase):
         sizes = self._sizes(name)
         done = {int(x.group(1)) for rel in sizes if (x := PART_MARKER.match(rel))}
         if not done >= set(range(part.nodes)):
-            log.info("uploaded part %d of %d of %s to %s; the node that uploads last commits it",
-                     part.node, part.nodes, name, redact_url(self.url))
+            log.info("part %d of %d of %s uploaded to %s, waiting for nodes %s: not restorable "
+                     "until then (the node that uploads last commits it)", part.node,
+                     part.nodes, name, redact_url(self.url),
+                     sorted(set(range(part.nodes)) - done))
             return m
         try:
             self._check_sizes(part.whole, sizes)
@@ -259,6 +264,24 @@ class PushMixin(StoreBase):
             raise RemoteError(f"every node's part of {name} says it is uploaded, but: {e}",
                               url=self.url_of(name), retryable=True) from e
         return self._commit(name, part.whole)
+
+    def waiting_for(self, m: Manifest) -> tuple[int, ...] | None:
+        """Where the checkpoint of the part ``m`` stands remotely, after :meth:`push` returned
+        ``m`` (a node's part, not committed): None once the whole checkpoint is committed
+        (its manifest is there), else the nodes whose part marker is missing (empty: every
+        part is up and the last node's commit is under way). One read and one listing.
+
+        Raises:
+            RemoteError: the backend failed.
+        """
+        part = part_of(m)
+        if part is None:
+            return None
+        self.fs.invalidate_cache(self._path(m.name))
+        if self.read_manifest(m.name) is not None:
+            return None
+        done = {int(x.group(1)) for rel in self._sizes(m.name) if (x := PART_MARKER.match(rel))}
+        return tuple(sorted(set(range(part.nodes)) - done))
 
     def _stale_parts(self, name: str) -> list[str]:
         """Temporary files under ``name`` that nobody has written to for
