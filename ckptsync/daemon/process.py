@@ -59,6 +59,15 @@ __all__ = ["STOP_GRACE_S", "run_daemon"]
 STOP_GRACE_S = 15.0
 
 
+class _WatchdogStopRace(logging.Filter):
+    """Drops the ERROR watchdog 7 logs when its own observer stop races its inotify reader
+    thread (``watchdog/observers/inotify.py``: ``queue_events() called when the thread is
+    inactive``): the daemon stopped the observer itself, nothing is lost or wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
 def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
     """Run the daemon in this process (the ``ckptsync watch`` command); return the exit code.
 
@@ -79,6 +88,15 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
         pkg.setLevel(logging.INFO)
     pkg.propagate = False
     logging.getLogger("watchdog").setLevel(logging.ERROR)
+    logging.getLogger("watchdog.observers.inotify").addFilter(_WatchdogStopRace())
+    if threading.current_thread() is threading.main_thread():
+        # The ``ckptsync watch`` process: what other libraries log (botocore, gcsfs,
+        # watchdog) goes through the event log too, so that every stderr line has one format
+        # (with --json, one JSON object per line, as a reader of them expects).
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(bridge)
     try:
         config.local_dir.mkdir(parents=True, exist_ok=True)
         _watch_dir(config.local_dir).mkdir(exist_ok=True)

@@ -297,3 +297,43 @@ def test_demo_draws_no_bars_off_a_terminal(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_env())
     assert p.returncode == 0, p.stdout + p.stderr
     assert "\r" not in p.stderr and "step/s" not in p.stderr and "%|" not in p.stderr, p.stderr
+
+
+NOISY_WATCH = r'''
+import logging, sys
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from ckptsync.cli import main
+
+class NoisyFS(LocalFileSystem):
+    """A backend whose library logs (as botocore, gcsfs or watchdog do) while the daemon runs."""
+    protocol = "noisy"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        logging.getLogger("noisy.lib").warning("a third-party library speaks")
+        # watchdog 7 logs this when its own stop races its reader thread (inotify.py)
+        logging.getLogger("watchdog.observers.inotify").error(
+            "InotifyEmitter.queue_events() called when the thread is inactive")
+
+fsspec.register_implementation("noisy", NoisyFS, clobber=True)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_watch_json_third_party_log_records_are_json_lines_too(tmp_path: Path) -> None:
+    """``watch --json``: every stderr line is one JSON object, also a record another library
+    logs (it was printed as plain text, breaking a reader of the JSON lines); watchdog's
+    benign stop-race message is not reported as an error."""
+    local = LocalStore(tmp_path / "ckpts")
+    make_local(local, 1)
+    script = tmp_path / "noisy_watch.py"
+    script.write_text(NOISY_WATCH)
+    p = subprocess.run([sys.executable, str(script), "watch", str(local.directory),
+                        f"noisy://{tmp_path}/remote/run", "--once", "--json", "--no-progress",
+                        "-o", "auto_mkdir=true"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(line) for line in p.stderr.splitlines()]  # each line one object
+    assert any(x.get("msg") == "a third-party library speaks" and x.get("logger") == "noisy.lib"
+               for x in lines), p.stderr
+    assert not any("thread is inactive" in json.dumps(x) for x in lines), p.stderr
