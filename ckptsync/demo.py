@@ -154,16 +154,38 @@ class _DaemonLines:
 
     def __init__(self, path: Path) -> None:
         self.tail = _LogTail(path)
+        self.pushed = 0  # checkpoints the daemon committed to the remote so far
 
     def pump(self) -> None:
         for line in self.tail.lines():
             kv = {k: v.strip('"') for k, v in _KV.findall(line)}
             event = kv.get("event")
             if event == "pushed":
+                self.pushed += 1
                 _say(f"  synced step {kv.get('step')} to the remote "
                      f"({_mib(int(kv.get('bytes', 0)))} in {kv.get('seconds')} s)")
             elif kv.get("level") in ("warning", "error") and event != "log":
                 _say(f"  daemon: {line}")
+
+
+#: How long the demo pauses the trainer at the kill step for its first checkpoint to be remote.
+SYNC_WAIT_S = 300.0
+
+
+def _wait_for_first_sync(proc: subprocess.Popen[bytes], synced: Callable[[], bool],
+                         tick: Callable[[], None], bar: Any) -> None:
+    """Pause the trainer (SIGSTOP) until ``synced()``; DemoError after ``SYNC_WAIT_S``."""
+    bar.clear()
+    _say("  no checkpoint is on the remote yet: pausing the trainer until the first one is")
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + SYNC_WAIT_S
+    while not synced():
+        tick()
+        if time.monotonic() > deadline:
+            os.kill(proc.pid, signal.SIGKILL)
+            raise DemoError(f"no checkpoint reached the remote in {SYNC_WAIT_S:.0f} s: see the "
+                            "daemon's log in the output directory")
+        time.sleep(0.05)
 
 
 @dataclass
@@ -181,8 +203,14 @@ class _Run:
 def _trainer(cfg: DemoConfig, args: list[str], log: Path, desc: str, *,
              kill_at: int | None = None, first_step: int = 1,
              tick: Callable[[], None] = lambda: None,
-             on_kill: Callable[[], None] = lambda: None) -> _Run:
-    """Run the trainer; follow its per-step log with a progress bar; SIGKILL at ``kill_at``."""
+             on_kill: Callable[[], None] = lambda: None,
+             synced: Callable[[], bool] = lambda: True) -> _Run:
+    """Run the trainer; follow its per-step log with a progress bar; SIGKILL at ``kill_at``.
+
+    The kill waits for ``synced()``: a demo of resuming needs a checkpoint on the remote. On a
+    slow link or a loaded machine none may be there yet at ``kill_at``; the trainer is then
+    paused (SIGSTOP) until the first one is, for at most ``SYNC_WAIT_S``, and the demo says so.
+    """
     from tqdm import tqdm
 
     script = cfg.script or default_script()
@@ -217,6 +245,8 @@ def _trainer(cfg: DemoConfig, args: list[str], log: Path, desc: str, *,
                     read()
                     tick()
                     if kill_at is not None and losses and max(losses) >= kill_at:
+                        if not synced():
+                            _wait_for_first_sync(proc, synced, tick, bar)
                         # The Colab timeout: no warning, no cleanup, no atexit.
                         os.kill(proc.pid, signal.SIGKILL)
                         proc.wait()
@@ -310,7 +340,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     try:
         run1 = _trainer(cfg, ["--ckpt-dir", str(ckpts)], vm / "losses-1.jsonl",
                         "run (to be killed)", kill_at=cfg.kill_at, tick=lines.pump,
-                        on_kill=vm_dies)
+                        on_kill=vm_dies, synced=lambda: lines.pushed > 0)
     finally:
         watcher.stop(timeout=10)
     killed_at = max(run1.losses)

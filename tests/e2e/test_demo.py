@@ -121,3 +121,23 @@ def test_demo_is_registered_without_importing_torch() -> None:
             "build_parser().parse_args(['demo', '--remote', 's3://b/p', '-o', 'anon=true'])\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_demo_on_a_slow_link_kills_only_once_a_checkpoint_is_remote(
+        tmp_path: Path, seaweedfs_remote: Remote) -> None:
+    """On a link slower than the trainer (a loaded machine, a far bucket) no checkpoint is
+    remote yet at the kill step: the demo pauses the trainer until the first one is, says so,
+    and still resumes exactly (it failed with 'nothing to resume from' on a loaded CI run)."""
+    from tests.support.fault_proxy import FaultProxy
+    from tests.support.faultkit import upstream_of
+
+    with FaultProxy(*upstream_of(seaweedfs_remote.extra["endpoint"]), lifetime=400,
+                    rate=150_000) as proxy:  # request bodies at 150 kB/s
+        opts = json.loads(json.dumps(seaweedfs_remote.storage_options))
+        opts["client_kwargs"]["endpoint_url"] = proxy.endpoint
+        r = _demo(tmp_path, "--steps", "40", "--save-every", "10", "--kill-at", "25",
+                  "--no-progress", "--remote", seaweedfs_remote.url,
+                  *[f"-o{k}={json.dumps(v)}" for k, v in opts.items()], timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pausing the trainer until the first one is" in r.stdout, r.stdout
+    assert r.stdout.rstrip().splitlines()[-1] == "exact resume: yes", r.stdout
