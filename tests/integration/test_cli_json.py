@@ -18,21 +18,13 @@ import pytest
 
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
+from tests.support.cli import cli
+from tests.support.cli import cli_env as _env
 from tests.support.fault_proxy import FaultProxy
 from tests.support.faultkit import upstream_of
 from tests.support.jsonlines import events, json_lines, summary
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CKPTSYNC_RETRIES": "2",
-            "CKPTSYNC_BACKOFF_INITIAL": "0", **extra}
-
-
-def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptsync.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO, env=_env(**env))
 
 
 def make_local(store: LocalStore, step: int, size: int = 50_000) -> LocalCheckpoint:

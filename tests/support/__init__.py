@@ -3,6 +3,7 @@
 subprocess that needs one module does not load torch or start anything.
 
 paths.py         REPO, PY and ``child_env``: where things are and how subprocesses find them
+cli.py           ``cli``/``cli_env``: the ``ckptsync`` command line in a subprocess
 remotes.py       ``Remote`` (an fsspec URL plus storage options) and fsspec cache clearing
 servers.py       SeaweedFS, moto and fake-gcs-server on 127.0.0.1, and the exception table
 drive_double.py  an in-process Google Drive v3 double (HTTPS proxy, TLS, token endpoint)
