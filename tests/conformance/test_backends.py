@@ -199,13 +199,38 @@ def test_flags_of_each_family() -> None:
     }
 
 
+def test_s3_bodies_are_signed_only_over_plain_http() -> None:
+    """Over TLS the CRC sent with every upload body stands in for botocore's sha256 payload
+    signature (as botocore's own checksums do); over plain http the signature stays."""
+    config = TransferConfig()
+
+    def signing(options: dict[str, object]) -> object:
+        return S3.open_options(options, config)["config_kwargs"].get("s3", {}).get(
+            "payload_signing_enabled")
+
+    assert signing({}) is False
+    assert signing({"client_kwargs": {"endpoint_url": "https://s3.example.com"}}) is False
+    assert signing({"endpoint_url": "HTTPS://minio.lan:9000"}) is False
+    assert signing({"client_kwargs": {"endpoint_url": "http://127.0.0.1:8333"}}) is None
+    assert signing({"endpoint_url": "http://minio.lan:9000"}) is None
+    assert signing({"use_ssl": False}) is None
+    assert signing({"client_kwargs": {"use_ssl": False}}) is None
+    # The user's own s3 settings are kept, and their choice wins.
+    kept = S3.open_options({"config_kwargs": {"s3": {"addressing_style": "path"}}}, config)
+    assert kept["config_kwargs"]["s3"] == {"addressing_style": "path",
+                                           "payload_signing_enabled": False}
+    assert signing({"config_kwargs": {"s3": {"payload_signing_enabled": True}}}) is True
+
+
 def test_open_options_add_client_timeouts_unless_set() -> None:
     config = TransferConfig(connect_timeout=3.0, read_timeout=9.0)
     s3 = S3.open_options({"config_kwargs": {"read_timeout": 99}}, config)
     assert s3["config_kwargs"] == {"connect_timeout": 3.0, "read_timeout": 99,
                                    "retries": {"total_max_attempts": 1},
                                    # ckptsync sends its own CRC32; botocore's second pass off
-                                   "request_checksum_calculation": "when_required"}
+                                   "request_checksum_calculation": "when_required",
+                                   # AWS is https: the CRC'd bodies need no sha256 signature
+                                   "s3": {"payload_signing_enabled": False}}
     mine = S3.open_options({"config_kwargs": {"request_checksum_calculation": "when_supported"}},
                            config)
     assert mine["config_kwargs"]["request_checksum_calculation"] == "when_supported"

@@ -22,6 +22,7 @@ from ckptsync.remote import RemoteStore
 from tests.support.fault_proxy import Fault, FaultProxy
 from tests.support.remotes import Remote
 from tests.support.servers import SeaweedFS
+from tests.support.tls import make_cert
 
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum): big.bin is a 3-part upload, small.bin one PUT.
@@ -52,9 +53,16 @@ def _through(remote: Remote, proxy: FaultProxy) -> dict[str, Any]:
     return opts
 
 
-def _proxy(remote: Remote, *faults: Fault) -> FaultProxy:
+def _proxy(remote: Remote, *faults: Fault, tls: tuple[Path, Path] | None = None) -> FaultProxy:
     host, port = remote.extra["endpoint"].rsplit("/", 1)[1].split(":")
-    return FaultProxy(host, int(port), plan=faults, lifetime=120)
+    return FaultProxy(host, int(port), plan=faults, lifetime=120, tls=tls)
+
+
+def _data_puts(proxy: FaultProxy) -> list[tuple[str, dict[str, str]]]:
+    """The requests that carried a data file's bytes (PutObject and UploadPart)."""
+    return [(target, h) for method, target, h in proxy.heads
+            if method == "PUT" and ("/big.bin?" in target or target.endswith("/small.bin"))
+            and "x-amz-copy-source" not in h]
 
 
 def _pulled(store: RemoteStore, name: str, dest: Path) -> dict[str, bytes]:
@@ -100,5 +108,57 @@ def test_a_small_file_damaged_in_transit_is_refused_by_the_server_and_sent_again
                             config=CONFIG)
         store.push(ckpt)
         assert len(proxy.fired) == 1 and proxy.fired[0].endswith("answered 400"), proxy.fired
+    assert _pulled(RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options),
+                   ckpt.name, tmp_path / "back") == files
+
+
+def test_over_tls_upload_bodies_carry_the_crc_and_no_second_sha256(
+        seaweedfs_remote: Remote, tmp_path: Path) -> None:
+    """Over https every part and small file goes up with ``UNSIGNED-PAYLOAD`` and its CRC32,
+    as botocore does with its own checksums: not signed with a sha256 of the body too, a
+    second pass over every byte (~0.9 CPU-s per GB) on the trainer's cores."""
+    _, ckpt, files = _checkpoint(tmp_path)
+    cert, key = make_cert(tmp_path / "tls")
+    with _proxy(seaweedfs_remote, tls=(cert, key)) as proxy:
+        opts = _through(seaweedfs_remote, proxy)
+        opts["client_kwargs"]["verify"] = str(cert)
+        store = RemoteStore(seaweedfs_remote.url, opts, config=CONFIG)
+        store.push(ckpt)
+        puts = _data_puts(proxy)
+        assert _pulled(store, ckpt.name, tmp_path / "back") == files
+    assert len(puts) == 4, [t for t, _ in puts]  # 3 parts of big.bin, small.bin's PUT
+    for target, h in puts:
+        assert h.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD", (target, h)
+        assert h.get("x-amz-checksum-crc32"), (target, h)
+
+
+def test_over_plain_http_upload_bodies_stay_signed(seaweedfs_remote: Remote,
+                                                   tmp_path: Path) -> None:
+    """Without TLS nothing else guards a body against a change on the way: it stays signed."""
+    _, ckpt, _files = _checkpoint(tmp_path)
+    with _proxy(seaweedfs_remote) as proxy:
+        RemoteStore(seaweedfs_remote.url, _through(seaweedfs_remote, proxy),
+                    config=CONFIG).push(ckpt)
+        puts = _data_puts(proxy)
+    assert len(puts) == 4, [t for t, _ in puts]
+    for target, h in puts:
+        signed = h.get("x-amz-content-sha256", "")
+        assert len(signed) == 64 and int(signed, 16) >= 0, (target, h)
+
+
+def test_over_tls_a_part_damaged_in_transit_is_still_refused(seaweedfs_remote: Remote,
+                                                             tmp_path: Path) -> None:
+    """With no payload signature, the part's CRC32 is what makes the server refuse it."""
+    _, ckpt, files = _checkpoint(tmp_path)
+    cert, key = make_cert(tmp_path / "tls")
+    with _proxy(seaweedfs_remote, Fault(method="PUT", path_contains="partNumber=2", how="flip"),
+                tls=(cert, key)) as proxy:
+        opts = _through(seaweedfs_remote, proxy)
+        opts["client_kwargs"]["verify"] = str(cert)
+        RemoteStore(seaweedfs_remote.url, opts, config=CONFIG).push(ckpt)
+        assert len(proxy.fired) == 1 and proxy.fired[0].endswith("answered 400"), proxy.fired
+        second = [h for t, h in _data_puts(proxy) if "partNumber=2" in t]
+        assert len(second) == 2, second  # refused, then sent again
+        assert all(h.get("x-amz-content-sha256") == "UNSIGNED-PAYLOAD" for h in second)
     assert _pulled(RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options),
                    ckpt.name, tmp_path / "back") == files

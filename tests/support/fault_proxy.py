@@ -38,12 +38,14 @@ import contextlib
 import random
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
@@ -267,9 +269,12 @@ class FaultProxy:
         max_connections: client connections served at once (more wait in the backlog).
         timeout: seconds any socket may stay silent before its connection is dropped.
         rate: bytes per second at which request bodies are relayed (None: as fast as they come).
+        tls: ``(certificate, key)`` files: clients speak https to the proxy (it terminates TLS
+            and relays plain http upstream), so it sees what a client sends over TLS.
 
     Attributes:
-        endpoint: ``http://127.0.0.1:<port>``, the URL to give the client.
+        endpoint: ``http://127.0.0.1:<port>`` (``https://`` with ``tls``), the URL to give
+            the client.
         fired: one line per fault that fired (method, target, what was done).
         injected: how many faults of each kind fired (a ``plan`` fault counts as "cut").
         requests: ``(method, target)`` of every request relayed, in order.
@@ -282,8 +287,13 @@ class FaultProxy:
                  plan: Sequence[Fault] = (), chaos: Chaos | None = None,
                  lifetime: float = 300.0,
                  max_connections: int = 64, timeout: float = 30.0,
-                 rate: float | None = None) -> None:
+                 rate: float | None = None,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
+        self._tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(str(tls[0]), str(tls[1]))
         self.rate = rate
         self._open = threading.Event()  # cleared while the link is stalled
         self._open.set()
@@ -305,7 +315,7 @@ class FaultProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.port: int = self._listener.getsockname()[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._acceptor = threading.Thread(target=self._accept, name=f"{THREAD_PREFIX}-accept",
                                           daemon=True)
 
@@ -431,6 +441,12 @@ class FaultProxy:
         upstream: socket.socket | None = None
         reset = False
         try:
+            if self._tls is not None:
+                wrapped = self._tls.wrap_socket(client, server_side=True)  # handshakes
+                with self._lock:
+                    self._socks.discard(client)
+                    self._socks.add(wrapped)
+                client = wrapped
             upstream = self._track(socket.create_connection(self.upstream, timeout=self.timeout))
             creader, ureader = _Reader(client), _Reader(upstream)
             while not self._stop.is_set():
