@@ -128,6 +128,7 @@ class _Job:
         self.ckpt = ckpt
         self.streams = dict(streams or {})
         self.seq = seq  # commit order
+        self.fresh = True  # never pushed: the push need not look for a committed copy first
 
 
 class _Activity:
@@ -375,8 +376,9 @@ class Uploader:
         name = job.ckpt.name
         self._last_progress = time.monotonic()
         try:
+            fresh, job.fresh = job.fresh, False  # a retry looks (the last try may have won)
             manifest = self.remote.push(job.ckpt, streams=job.streams, stop=self._stop,
-                                        progress=_Activity(self))
+                                        progress=_Activity(self), fresh=fresh)
         except Exception as e:
             self._failed(job, e)
             return

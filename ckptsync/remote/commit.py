@@ -68,6 +68,7 @@ class PushMixin(StoreBase):
         progress: Progress | None = None,
         stop: threading.Event | None = None,
         streams: Mapping[str, MultipartStream] | None = None,
+        fresh: bool = False,
     ) -> Manifest:
         """Upload a committed local checkpoint and commit it remotely.
 
@@ -79,6 +80,11 @@ class PushMixin(StoreBase):
         manifest is written with a create-only write, then ``LATEST`` is updated. Pushing a
         name that is already committed is a no-op. Setting ``stop`` abandons the upload
         (never committed).
+
+        ``fresh``: the caller named this checkpoint itself and never pushed it before (a save's
+        first upload), so the look for an already committed copy is skipped: one round trip
+        less per save. Nothing else changes: should a copy be there after all, the create-only
+        commit meets it and compares, as it does with a concurrent writer.
 
         Returns:
             The remote manifest; for one node's part of a multi-node checkpoint
@@ -95,7 +101,7 @@ class PushMixin(StoreBase):
         streams = dict(streams or {})
         try:
             with stopping(stop):  # a stop also cuts short every retry's back-off
-                return self._push(ckpt, progress, stop, streams)
+                return self._push(ckpt, progress, stop, streams, fresh)
         finally:
             for s in streams.values():  # idempotent: completed ones are already closed
                 s.abort()
@@ -114,7 +120,8 @@ class PushMixin(StoreBase):
                                retrier=self._retry, slots=self._stream_slots)
 
     def _push(self, ckpt: LocalCheckpoint, progress: Progress | None,
-              stop: threading.Event | None, streams: dict[str, MultipartStream]) -> Manifest:
+              stop: threading.Event | None, streams: dict[str, MultipartStream],
+              fresh: bool = False) -> Manifest:
         m = local_m = ckpt.manifest
         name = m.name
         part = part_of(m)
@@ -125,7 +132,7 @@ class PushMixin(StoreBase):
                 f"{self.url_of(name)}: checkpoint {name} is one node's part of a multi-node "
                 "checkpoint, and encrypted multi-node checkpoints are not supported yet; "
                 "upload it without a key, or train on one node")
-        existing = self.read_manifest(name)
+        existing = None if fresh and part is None else self.read_manifest(name)
         if existing is not None:
             return self._same_or_conflict(existing, m if part is None else part.whole)
         if part is not None and self._part_uploaded(name, m, part.node):
@@ -215,6 +222,7 @@ class PushMixin(StoreBase):
                                   "but no manifest is there", retryable=True) from None
             return self._same_or_conflict(other, m)
         log.info("committed %s to %s", name, redact_url(self.url))
+        self._last_commit = m
         self._update_latest(m)
         return m
 
@@ -308,12 +316,18 @@ class PushMixin(StoreBase):
     def _unchanged_sources(self, m: Manifest) -> dict[tuple[str, str, int], str]:
         """(algo, digest, size) -> remote path of that content in the previous committed checkpoint.
 
-        Only on backends with a server-side copy. The previous checkpoint is the one ``LATEST``
-        names, read through its manifest (committed, so its files had their listed sizes).
-        Costs two small reads; any trouble just means uploading everything.
+        Only on backends with a server-side copy. The previous checkpoint is the last one this
+        store committed, or else the one ``LATEST`` names, read through its manifest
+        (committed, so its files had their listed sizes): two small reads. Any trouble just
+        means uploading everything; a copy from a checkpoint deleted since (retention, gc)
+        fails, and that file is uploaded instead.
         """
         if not self.backend.server_copy or self.keys:  # each encrypted file is bound to its name
             return {}
+        prev = self._last_commit
+        if prev is not None and prev.name != m.name:
+            return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
+                    for f in prev.files if f.size}
         try:
             hint = self.read_latest()
             prev = self.read_manifest(hint) if hint is not None and hint != m.name else None

@@ -143,6 +143,9 @@ class StoreBase:
         self._marked = False  # this store has seen (or written) the root marker
         self._stream_slots = Slots(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
+        # The newest checkpoint this store committed itself: the next push copies unchanged
+        # files from it without reading LATEST and its manifest first (two round trips).
+        self._last_commit: Manifest | None = None
         """Totals over this store's pushes: bytes sent, and bytes copied server-side instead."""
 
     def __repr__(self) -> str:
