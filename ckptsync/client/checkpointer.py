@@ -551,7 +551,7 @@ class Checkpointer:
         self.wait()
         # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
         if sharded or (sharded is None and is_sharded(objects)):
-            from ckptsync.client.sharded import restore_sharded  # imports DCP: only when used
+            from ckptsync.client.sharded_restore import restore_sharded  # imports DCP: if used
 
             sinfo = restore_sharded(self, name, objects)
             if sinfo is not None:

@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from ckptsync.client.uploader import Uploader
-from ckptsync.errors import CkptSyncError, ConfigError, NoCheckpointError
-from ckptsync.parts import part_of
+from ckptsync.errors import ConfigError
 
 if TYPE_CHECKING:
     from ckptsync.client.checkpointer import Checkpointer
 
-__all__ = ["Nodes", "adopt", "ensure_uploader", "ensure_whole", "nodes_of"]
+__all__ = ["Nodes", "adopt", "ensure_uploader", "nodes_of"]
 
 log = logging.getLogger("ckptsync")
 
@@ -89,34 +88,3 @@ def ensure_uploader(ckpt: Checkpointer) -> None:
     if ckpt.remote is not None and ckpt._uploader is None:
         ckpt._uploader = Uploader(ckpt.remote, on_error=ckpt.on_remote_error,
                                   after_push=ckpt._after_push)
-
-
-def ensure_whole(ckpt: Checkpointer, name: str) -> None:
-    """Make this node's directory hold the whole checkpoint ``name`` (a node leader, before
-    its ranks load it): a local part of it (or nothing) is replaced by the whole checkpoint
-    pulled from the remote, every file verified while downloaded.
-
-    Each node pulls the whole checkpoint, not only the files its ranks read: DCP plans which
-    bytes a rank reads while it loads, after the files must be there.
-
-    Raises:
-        CkptSyncError: the checkpoint is split across nodes and there is no remote to
-            gather it from; or the pull failed.
-    """
-    try:
-        local = ckpt.store.get(name)
-    except NoCheckpointError:
-        local = None
-    part = part_of(local.manifest) if local is not None else None
-    if local is not None and part is None:
-        return
-    if ckpt.remote is None:
-        where = (f"holds only part {part.node} of {part.nodes} of it" if part is not None
-                 else "does not hold it")
-        raise CkptSyncError(
-            f"checkpoint {name} was saved by several nodes and {ckpt.store.directory} {where}; "
-            "restoring it needs the remote its parts were uploaded to: pass remote=")
-    if local is not None:
-        ckpt.store.delete(name)  # a subset of what the pull brings
-    ckpt.remote.pull(name, ckpt.store)
-    log.info("pulled %s from %s for this node's ranks", name, ckpt.remote.url)

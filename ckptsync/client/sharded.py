@@ -21,8 +21,9 @@ never interleaves with the trainer's collectives on the default group):
 A rank that dies mid-save leaves a staging directory and no manifest: the checkpoint does not
 exist, and the next Checkpointer removes the leftover. The manifest marks the checkpoint as
 DCP in ``meta["dcp"]``; for ``ckptsync verify``, ``ls`` and the remote it is just files and
-digests. ``restore`` loads through ``dcp.load`` into the caller's (sharded) objects, so a
-checkpoint saved by N ranks resumes on M: that is DCP's resharding.
+digests. ``restore`` (:mod:`ckptsync.client.sharded_restore`) loads through ``dcp.load``
+into the caller's (sharded) objects, so a checkpoint saved by N ranks resumes on M: that is
+DCP's resharding.
 
 Models and optimizers go through DCP's ``get_state_dict`` helpers (fully-qualified names, so
 an optimizer resumes onto another sharding); other objects through their ``state_dict()``.
@@ -44,7 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -54,12 +56,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ckptsync.client import ranks
-from ckptsync.client.nodes import Nodes, adopt, ensure_uploader, ensure_whole, nodes_of
-from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
+from ckptsync.client.nodes import Nodes, adopt, ensure_uploader, nodes_of
 from ckptsync.client.runinfo import run_meta
 from ckptsync.client.snapshot import SaveHandle
-from ckptsync.client.state import RNG_FILE, capture_rng, load_into, restore_rng, serialize, unwrap
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.client.state import RNG_FILE, capture_rng, load_into, serialize, unwrap
+from ckptsync.errors import CkptSyncError, ConfigError
 from ckptsync.hashing import HashingWriter, WriteOps
 from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, Staging, storage_error
 from ckptsync.manifest import FileEntry, Manifest, make_name
@@ -68,7 +69,7 @@ from ckptsync.parts import make_parts, part_of
 if TYPE_CHECKING:
     from ckptsync.client.checkpointer import Checkpointer
 
-__all__ = ["DCP_META", "is_dcp", "restore_sharded", "save_sharded"]
+__all__ = ["DCP_META", "is_dcp", "save_sharded"]
 
 log = logging.getLogger("ckptsync")
 
@@ -337,7 +338,12 @@ def _write(ckpt: Checkpointer, sess: _Session, staged: dict[str, Any], s: _Save
     mine: str | None = None
     try:
         # DCP's collectives report a failure on any rank to every rank (CheckpointException).
-        dcp.save(staged, storage_writer=_Writer(fs), process_group=group)
+        # Replicated state (optimizer step counters, param groups, unsharded tensors) is
+        # written once, in rank 0's file, not spread over every rank's: the other files hold
+        # only their rank's shards, so a resume from the remote pulls, per rank, the files
+        # its shards are in plus rank 0's (sharded_restore), not every file.
+        dcp.save(staged, storage_writer=_Writer(fs), process_group=group,
+                 planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
     except CheckpointException as e:  # a BaseException; alike on every rank DCP reached
         mine = "; ".join(f"rank {r}: {_describe(x)}" for r, (x, _) in e.failures.items())
     except Exception as e:
@@ -434,93 +440,3 @@ def _manifests(ckpt: Checkpointer, staging: Staging, gathered: list[Any], nodes:
     whole = Manifest.new(step=s.step, files=[e for files in by_node for e in files],
                          name=s.name, metrics=s.metrics, meta=meta, extra=s.extra)
     return [whole] if nodes.count == 1 else make_parts(whole, by_node)
-
-
-# ---------------------------------------------------------------------- restore
-def _choose(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any]
-            ) -> tuple[str, Skipped] | None:
-    """Rank 0: the DCP checkpoint to load (verified; pulled if remote), or None."""
-    restorer = Restorer(ckpt.store, ckpt.remote)
-    if name is not None:
-        chosen = restorer._named(name)
-        ckpt.store.verify(chosen)
-        return chosen.name, []
-    skipped: Skipped = []
-    for cand in restorer._candidates():
-        m = cand.manifest
-        held = m.meta[DCP_META].get("objects", []) if m is not None and is_dcp(m) else []
-        if cand.problem is not None:
-            why = cand.problem
-        elif not is_dcp(cand.manifest):
-            why = "not a sharded (DCP) checkpoint"
-        elif missing := sorted(set(objects) - set(held)):
-            why = f"has no state for {missing}; it holds {sorted(held)}"
-        else:
-            try:
-                if cand.local is not None:
-                    ckpt.store.verify(cand.local)
-                else:
-                    assert ckpt.remote is not None
-                    ckpt.remote.pull(cand.name, ckpt.store)  # digests verified while pulled
-                return cand.name, skipped
-            except CorruptCheckpointError as e:
-                why = str(e)
-        log.warning("checkpoint %s cannot be restored here, trying an older one: %s",
-                    cand.name, why)
-        skipped.append((cand.name, why))
-    if skipped:
-        raise CorruptCheckpointError(
-            f"no sharded checkpoint in {ckpt.store.directory} can be restored "
-            f"({'; '.join(f'{n}: {w}' for n, w in skipped)}); nothing was loaded")
-    return None
-
-
-def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any]
-                    ) -> RestoreInfo | None:
-    """:meth:`Checkpointer.restore` of sharded state; call on every rank. Rank 0 chooses
-    (and pulls) the checkpoint, then every rank loads its shards through ``dcp.load``, on
-    whatever world size this run has."""
-    found: tuple[str, Skipped] | None = None
-    err: str | None = None
-    if ckpt.rank == 0:
-        try:
-            found = _choose(ckpt, name, objects)
-        except CkptSyncError as e:
-            err = _describe(e)
-    found, err = _rank0_says(ckpt, (found, err))
-    if err is not None:
-        raise CkptSyncError(f"rank 0 could not choose a checkpoint to restore: {err}")
-    if found is None:
-        log.info("no checkpoint in %s: starting fresh", ckpt.store.directory)
-        return None
-    nodes = nodes_of(ckpt)
-    if nodes.count > 1 or part_of(ckpt.store.get(found[0]).manifest) is not None:
-        failed: BaseException | None = None
-        if nodes.leader:
-            try:
-                adopt(ckpt, nodes)
-                ensure_whole(ckpt, found[0])
-            except BaseException as e:
-                failed = e
-        _agree(ckpt, failed, None, f"gather checkpoint {found[0]} on its node")
-    chosen = ckpt.store.get(found[0])
-    states = _states(objects)
-    dcp.load(states, storage_reader=FileSystemReader(chosen.path))
-    _load_states(objects, states)
-    rng_path = chosen.path / RNG_FILE
-    if ckpt.capture_rng and rng_path.is_file():
-        rngs = torch.load(rng_path, weights_only=True)
-        ranks = rngs.get("ranks", [])
-        if rngs.get("world_size") == ckpt.world_size and ranks[ckpt.rank] is not None:
-            restore_rng(ranks[ckpt.rank])
-        else:
-            log.warning("checkpoint %s was saved by %s ranks, this run has %d: RNG not "
-                        "restored", chosen.name, rngs.get("world_size"), ckpt.world_size)
-    info = RestoreInfo(chosen.name, chosen.step, chosen.path, chosen.manifest,
-                       dict(chosen.manifest.metrics), dict(chosen.manifest.extra), states,
-                       tuple(found[1]))
-    if ckpt.rank == 0 and info.fell_back:
-        say_fell_back(info)
-    log.info("resumed from sharded %s (step %s) on %d ranks", chosen.path, chosen.step,
-             ckpt.world_size)
-    return info

@@ -10,9 +10,13 @@ to the next newest valid checkpoint. ``verify`` streams and hashes the remote fi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
+import uuid
+from collections.abc import Iterable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from ckptsync.crypto import Decryptor
@@ -22,8 +26,9 @@ from ckptsync.errors import (
     ManifestError,
     NoCheckpointError,
 )
-from ckptsync.local import STAGING_PREFIX, LocalCheckpoint, LocalStore
-from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, name_sort_key
+from ckptsync.hashing import HashingWriter, WriteOps
+from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
+from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, name_sort_key
 from ckptsync.redact import redact_url
 from ckptsync.remote.encrypted import check_keys, plain_manifest, same_content
 from ckptsync.remote.listing import StoreBase
@@ -210,6 +215,68 @@ class FetchMixin(StoreBase):
                 log.warning("%s; downloading it again (attempt %d of %d)", e, attempt + 1,
                             attempts)
 
+    def fetch_files(
+        self,
+        m: Manifest,
+        relpaths: Iterable[str],
+        directory: Path,
+        *,
+        ops: WriteOps | None = None,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> list[FileEntry]:
+        """Download some of checkpoint ``m``'s files into ``directory``: not a checkpoint (no
+        manifest, nothing committed), a place to read them from (a rank's sharded restore).
+
+        Each file streams through the same path as :meth:`pull` (digest checked while
+        written, downloaded again on a mismatch, decrypted where encrypted) into a temporary
+        name, and is renamed into place once it matches its manifest entry: a file already
+        there was verified by whoever put it there (another rank on this host), and is not
+        downloaded again.
+
+        Returns:
+            the entries of the files this call downloaded (those already there left out).
+
+        Raises:
+            CorruptCheckpointError: a file is missing remotely, not listed in ``m``, or does
+                not match its digest (names the URL).
+            EncryptionKeyError, RemoteError, LocalStorageError: as :meth:`pull`.
+        """
+        check_keys(m, self.keys, self.url_of(m.name))
+        entries = {f.path: f for f in m.files}
+        wanted: list[FileEntry] = []
+        for relpath in dict.fromkeys(relpaths):
+            entry = entries.get(relpath)
+            if entry is None:
+                url = self.url_of(m.name, relpath)
+                raise CorruptCheckpointError(
+                    f"{url}: needed to load {m.name} but not listed in its manifest", path=url)
+            check_relpath(relpath, where=str(directory))
+            there = directory.joinpath(*relpath.split("/"))
+            # Renamed into place only once verified (a decrypted file has another size).
+            if not (there.is_file() and (entry.encryption is not None
+                                         or there.stat().st_size == entry.size)):
+                wanted.append(entry)
+        if not wanted:
+            return []
+        self._check_sizes(m)  # a missing or truncated remote file, before any byte moves
+        drop = _FileDrop(directory, ops or FileOps())
+        progress = progress or NullProgress()
+        slots = threading.BoundedSemaphore(self.backend.workers)
+
+        def task(relpath: str, ev: threading.Event) -> None:
+            self._download_task(drop, m, relpath, ev, progress=progress, slots=slots)
+            drop.publish(relpath)
+
+        progress.start(sum(f.size for f in wanted), f"fetch {m.name}")
+        try:
+            run_parallel([partial(task, f.path) for f in wanted],
+                         max_workers=self.backend.workers, stop=stop)
+        finally:
+            drop.abort()  # the temporary files of downloads that did not finish
+            progress.close()
+        return wanted
+
     def verify(
         self,
         name: str,
@@ -253,3 +320,60 @@ class FetchMixin(StoreBase):
             progress.close()
         return m
 
+
+
+class _FileDrop:
+    """Where :meth:`FetchMixin.fetch_files` downloads: the ``open``/``close_file``/``discard``
+    a download task writes through (as a :class:`~ckptsync.local.Staging`), each file under a
+    temporary name of its own, renamed into place by :meth:`publish` once verified (two
+    processes may fetch one file: each its own temporary, the same verified bytes)."""
+
+    def __init__(self, directory: Path, ops: WriteOps) -> None:
+        self.directory = directory
+        self.ops = ops
+        self.entries: list[FileEntry] = []
+        self._open: dict[str, HashingWriter] = {}
+        self._lock = threading.Lock()
+
+    def _target(self, relpath: str) -> Path:
+        return self.directory.joinpath(*relpath.split("/"))
+
+    def open(self, relpath: str, algo: str = WRITE_ALGO) -> HashingWriter:
+        target = self._target(relpath)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            w = HashingWriter(tmp, self.ops, algo)
+        except OSError as e:
+            raise storage_error(e, tmp, "create") from e
+        with self._lock:
+            self._open[relpath] = w
+        return w
+
+    def close_file(self, relpath: str) -> FileEntry:
+        w = self._open[relpath]  # kept until published or discarded
+        try:
+            w.close()
+        except OSError as e:
+            raise storage_error(e, w.path, "write") from e
+        return w.entry(relpath)
+
+    def discard(self, relpath: str) -> None:
+        with self._lock:
+            w = self._open.pop(relpath, None)
+        if w is not None:
+            if not w.closed:
+                w.abort()
+            w.path.unlink(missing_ok=True)
+
+    def publish(self, relpath: str) -> None:
+        with self._lock:
+            w = self._open.pop(relpath)
+        try:
+            os.replace(w.path, self._target(relpath))
+        except OSError as e:
+            raise storage_error(e, self._target(relpath), "rename into place") from e
+
+    def abort(self) -> None:
+        for relpath in list(self._open):
+            self.discard(relpath)

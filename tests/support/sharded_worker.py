@@ -7,7 +7,8 @@ environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
   train 2 more (their losses are the reference) while it is written, write the full
   (gathered) state at step 3 to ``OUT/expected.pt`` and a JSON report per rank;
 - ``restore``: build the model with other weights, restore, write the full state to
-  ``OUT/restored.pt``, train 2 steps (their losses) and report;
+  ``OUT/restored.pt``, train 2 steps (their losses) and report (with a remote: the name of
+  every remote path this rank reached, ``remote_files``);
 - ``kill``: save step 1, then save step 2 while rank 1 SIGKILLs itself at its first write;
 - ``stall``: save step 1 (and wait for its upload), then save step 2 while rank 1 stalls in
   its first write, saying so in ``OUT/rank1-stalled``, until the test SIGKILLs it; the
@@ -145,6 +146,9 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
         store = RemoteStore(remote, storage_options_from_env(), fs=FaultFS(
             fsspec.core.url_to_fs(remote, **storage_options_from_env())[0]))
         store.fs.set_outage(PermissionError(13, "Access Denied (injected)"))  # type: ignore[attr-defined]
+    if mode == "restore" and remote and store is None:  # records every path it reaches
+        store = RemoteStore(remote, storage_options_from_env(), fs=FaultFS(
+            fsspec.core.url_to_fs(remote, **storage_options_from_env())[0]))
     model = _model(0 if mode != "restore" else 7, world)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     ck = Checkpointer(directory, remote=remote, file_ops=ops, remote_store=store,
@@ -230,6 +234,7 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
         info = ck.restore(model=model, optim=opt)
         assert info is not None, "nothing restored"
         report["step"] = info.step
+        report["name"] = info.name
         report["extra"] = info.extra
         report["metrics"] = info.metrics
         report["draws"] = torch.rand(3).tolist()
@@ -237,6 +242,8 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
         if rank == 0:
             torch.save(full, outdir / "restored.pt")
         report["losses"] = [_step(model, opt, s) for s in (3, 4)]
+        if store is not None and isinstance(store.fs, FaultFS):
+            report["remote_files"] = sorted({Path(p).name for _, p in store.fs.calls})
     ck.close()
     (outdir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # gloo: no rank tears down while a peer still talks to it
