@@ -99,6 +99,7 @@ def _worker(spec_path: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from bench.bench_durable import perturb
     from ckptsync import Checkpointer
 
     spec = json.loads(Path(spec_path).read_text())
@@ -159,7 +160,8 @@ def _worker(spec_path: str) -> None:
             if name in errors:
                 continue
             step += 1
-            dist.barrier()
+            perturb(model, opt)  # every tensor changes, as after a training step: no file
+            dist.barrier()       # is unchanged (else the S3 rows copy it server-side)
             try:
                 got = fn()
             except (Exception, CheckpointException) as e:  # alike on every rank (collective)
