@@ -325,15 +325,13 @@ class PushMixin(StoreBase):
         if not self.backend.server_copy or self.keys:  # each encrypted file is bound to its name
             return {}
         prev = self._last_commit
-        if prev is not None and prev.name != m.name:
-            return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
-                    for f in prev.files if f.size}
-        try:
-            hint = self.read_latest()
-            prev = self.read_manifest(hint) if hint is not None and hint != m.name else None
-        except CkptSyncError as e:
-            log.debug("no previous checkpoint to copy unchanged files from: %s", e)
-            return {}
+        if prev is None or prev.name == m.name:
+            try:
+                hint = self.read_latest()
+                prev = self.read_manifest(hint) if hint is not None and hint != m.name else None
+            except CkptSyncError as e:
+                log.debug("no previous checkpoint to copy unchanged files from: %s", e)
+                return {}
         if prev is None:
             return {}
         return {(f.algo, f.digest, f.size): self._path(prev.name, f.path)
