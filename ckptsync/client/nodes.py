@@ -9,7 +9,6 @@ uploads it through its own uploader. Rank 0 leads node 0.
 
 from __future__ import annotations
 
-import logging
 import socket
 import weakref
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Nodes", "adopt", "ensure_uploader", "nodes_of"]
 
-log = logging.getLogger("ckptsync")
 
 
 @dataclass(frozen=True)

@@ -321,7 +321,6 @@ class FetchMixin(StoreBase):
         return m
 
 
-
 class _FileDrop:
     """Where :meth:`FetchMixin.fetch_files` downloads: the ``open``/``close_file``/``discard``
     a download task writes through (as a :class:`~ckptsync.local.Staging`), each file under a
@@ -331,7 +330,6 @@ class _FileDrop:
     def __init__(self, directory: Path, ops: WriteOps) -> None:
         self.directory = directory
         self.ops = ops
-        self.entries: list[FileEntry] = []
         self._open: dict[str, HashingWriter] = {}
         self._lock = threading.Lock()
 
