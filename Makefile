@@ -1,10 +1,11 @@
-# Two entry points a newcomer needs: `make demo` (the main job) and `make test` (the whole suite).
+# Two entry points a newcomer needs: `make demo` (the main job) and `make test` (the core tier of
+# the suite, under 10 minutes); `make test-full` runs every tier (what CI runs).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-floors lint demo clean bench bench-quick soak
+.PHONY: venv test test-full test-floors lint demo clean bench bench-quick soak
 
 $(STAMP): pyproject.toml requirements/dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,8 +20,23 @@ lint: $(STAMP)
 	$(BIN)/ruff check ckptsync tests examples deploy bench
 	$(BIN)/mypy
 
+# Tiers (tests/support/tiers.py): `make test` runs the core tier; `make test-full` runs `make
+# test`, then the full tier (every test is in exactly one of them).
+# Each runs in two passes: the tests on both cores (pytest-xdist, one module per worker, so a
+# module's servers and fixtures are set up once), then the `serial` tests (a kill at a moment,
+# pacing, CPU use) alone. Exit code 5 is "no test selected" (a tier without serial tests).
+XDIST ?= -n 2 --dist loadfile
+PYTEST := $(BIN)/python -m pytest --durations=15
+define run_tier
+	$(PYTEST) --tier $(1) -m "not serial" $(XDIST) $(PYTEST_ARGS)
+	$(PYTEST) --tier $(1) -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]
+endef
+
 test: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(call run_tier,core)
+
+test-full: test
+	$(call run_tier,full)
 
 # Issue 20: the declared dependency floors are true. A separate venv holds the LOWEST version
 # each floor in pyproject.toml admits (requirements/floors.txt; tests/unit/test_floors.py keeps

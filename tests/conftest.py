@@ -39,7 +39,8 @@ import pytest
 from tests.support import servers
 from tests.support.drive_double import THREAD_PREFIX as DRIVE_THREAD_PREFIX
 from tests.support.drive_double import DriveDouble
-from tests.support.remotes import BACKENDS, Remote, clear_fsspec_caches
+from tests.support.remotes import BACKENDS, Remote, backend_params, clear_fsspec_caches
+from tests.support.tiers import SELECTS, SERIAL, TIERS, tier_of
 from tests.support.watchkit import live_children, wait_for
 
 # gdrive-fsspec's transport (httplib2) only uses a proxy when PySocks is installed; the Drive
@@ -63,6 +64,31 @@ IGNORED_THREAD_PREFIXES = (
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "allow_thread_leak: skip the thread-leak check")
+    config.addinivalue_line("markers", "core: tier of `make test` (tests/support/tiers.py)")
+    config.addinivalue_line("markers", "full: tier of `make test-full` only")
+    config.addinivalue_line("markers", f"{SERIAL}: timing-sensitive: run after the parallel "
+                            "pass, alone")
+
+
+# --- tiers (tests/support/tiers.py) ---------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--tier", choices=sorted(SELECTS), default="all",
+                     help="run one tier: core (make test) or full (the rest of make test-full); "
+                          "all (the default): both")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    untiered = [item.nodeid for item in items if tier_of(item) is None]
+    if untiered:
+        raise pytest.UsageError(
+            f"{len(untiered)} tests have no tier (one of {', '.join(TIERS)}), e.g. "
+            f"{untiered[0]}: give the module a pytestmark (tests/support/tiers.py)")
+    wanted = SELECTS[config.getoption("--tier")]
+    keep = [item for item in items if tier_of(item) in wanted]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if tier_of(i) not in wanted])
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)
@@ -219,7 +245,7 @@ def mounted_drive_remote(tmp_path: Path, _fresh_fsspec: None) -> Remote:
     return Remote(str(mount / "ckptsync" / "run"), {}, "mounted_drive")
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backend_params(BACKENDS))
 def remote(request: pytest.FixtureRequest) -> Remote:
     """One remote per backend: a conformance suite written once runs on all of them."""
     value: Remote = request.getfixturevalue(f"{request.param}_remote")

@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.remotes import backend_params
 from tests.support.stores import STORE_BACKENDS
 
 
-@pytest.fixture(params=STORE_BACKENDS)
+@pytest.fixture(params=backend_params(STORE_BACKENDS))
 def store_remote(request: pytest.FixtureRequest) -> Any:
     """A conftest ``Remote`` for each backend in ``STORE_BACKENDS``."""
     return request.getfixturevalue(f"{request.param}_remote")

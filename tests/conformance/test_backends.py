@@ -27,6 +27,8 @@ from tests.support.faults import FaultFS, FaultOps
 from tests.support.remotes import Remote
 from tests.support.stores import make_local
 
+pytestmark = pytest.mark.core
+
 MiB = 1024 * 1024
 FAST = TransferConfig(max_workers=3, retries=3, backoff_initial=0.0, backoff_max=0.0,
                       part_size=5 * MiB, block_size=5 * MiB, parts_in_flight=2)

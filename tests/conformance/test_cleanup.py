@@ -22,6 +22,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.faults import FaultFS, RecordingOps
 from tests.support.stores import make_local, make_store, put, rpath
 
+pytestmark = pytest.mark.core
+
 # Backends where a file being uploaded is visible, so it is written under a temporary name.
 VIA_TEMP = ["file", "memory", "mounted_drive"]
 

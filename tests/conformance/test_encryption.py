@@ -19,13 +19,16 @@ from ckptsync.errors import CorruptCheckpointError, EncryptionKeyError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import ENC_FIELD, MANIFEST_NAME, FileEntry, Manifest
 from ckptsync.remote import RemoteStore
+from tests.support.remotes import backend_params
 from tests.support.stores import FAST, STORE_BACKENDS, make_local, overwrite, read_tree, rpath
+
+pytestmark = pytest.mark.core
 
 A, B = KeyRing((os.urandom(32),)), KeyRing((os.urandom(32),))
 BACKENDS = [b for b in ("file", "seaweedfs", "gcs") if b in STORE_BACKENDS]
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backend_params(BACKENDS))
 def enc_remote(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue(f"{request.param}_remote")
 

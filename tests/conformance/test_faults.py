@@ -31,6 +31,8 @@ from tests.support.stores import (
     secret_values,
 )
 
+pytestmark = pytest.mark.core
+
 
 class TestFaults:
     """Faults, on every backend ``store_remote`` names."""

@@ -17,6 +17,8 @@ from ckptsync.manifest import make_name
 from ckptsync.retention import BestRule, RetentionPolicy
 from tests.support.stores import faulty, files_for, make_local, make_store, put, rpath
 
+pytestmark = pytest.mark.core
+
 
 class TestGcRetention:
     """Retention, delete and gc, on every backend ``store_remote`` names."""

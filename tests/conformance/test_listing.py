@@ -18,6 +18,8 @@ from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, m
 from ckptsync.retention import RetentionPolicy
 from tests.support.stores import faulty, make_local, make_store, overwrite, put, rpath
 
+pytestmark = pytest.mark.core
+
 
 class TestListing:
     """Listing, on every backend ``store_remote`` names."""

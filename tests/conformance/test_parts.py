@@ -20,6 +20,8 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.parts import make_parts, part_of
 from tests.support.stores import make_store
 
+pytestmark = pytest.mark.core
+
 NODE_FILES = [{".metadata": b"meta", "__0_0.distcp": os.urandom(70_000)},
               {"__1_0.distcp": os.urandom(90_000), "sub/__1_1.distcp": b"x"}]
 

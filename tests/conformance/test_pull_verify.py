@@ -28,6 +28,8 @@ from tests.support.stores import (
     rpath,
 )
 
+pytestmark = pytest.mark.core
+
 
 class TestPullVerify:
     """Pulling and verifying, on every backend ``store_remote`` names."""

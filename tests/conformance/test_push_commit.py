@@ -33,6 +33,8 @@ from tests.support.stores import (
     rpath,
 )
 
+pytestmark = pytest.mark.core
+
 
 class TestPushCommit:
     """Pushing and committing, on every backend ``store_remote`` names."""

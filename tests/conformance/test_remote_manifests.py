@@ -33,6 +33,8 @@ from tests.support.stores import (
     rpath,
 )
 
+pytestmark = pytest.mark.core
+
 
 class TestRemoteManifests:
     """Reading the manifests a remote holds, on every backend ``store_remote`` names."""

@@ -16,10 +16,12 @@ import fsspec
 import pytest
 
 from tests.support import servers
-from tests.support.remotes import Remote
+from tests.support.remotes import Remote, backend_params
 
-S3_BACKENDS = ["seaweedfs", "moto"]
-BUCKET_BACKENDS = [*S3_BACKENDS, "gcs"]
+pytestmark = pytest.mark.core
+
+S3_BACKENDS = backend_params(["seaweedfs", "moto"])
+BUCKET_BACKENDS = backend_params(["seaweedfs", "moto", "gcs"])
 
 
 def _fs_root(remote: Remote) -> tuple[fsspec.AbstractFileSystem, str]:

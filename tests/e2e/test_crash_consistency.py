@@ -31,6 +31,8 @@ from tests.support.helpers import (
 )
 from tests.support.paths import SUPPORT
 
+pytestmark = pytest.mark.full
+
 
 @pytest.fixture(scope="module", params=["after-a-complete-checkpoint", "first-save"])
 def crashes(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from ckptsync import Checkpointer
@@ -20,6 +21,8 @@ from ckptsync.local import LocalStore
 from ckptsync.manifest import MANIFEST_NAME
 from ckptsync.remote import RemoteStore
 from tests.support.helpers import RecordingOps, assert_durable_commit_order, crash_state
+
+pytestmark = pytest.mark.core
 
 
 def test_a_save_fsyncs_each_file_then_the_manifest_then_the_directory_then_renames(

@@ -12,9 +12,13 @@ import sys
 import zlib
 from pathlib import Path
 
+import pytest
+
 from ckptsync.remote import RemoteStore
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
+
+pytestmark = pytest.mark.core
 
 SHORT = ["--steps", "80", "--save-every", "10", "--kill-at", "55", "--no-progress"]
 
@@ -71,6 +75,7 @@ def test_demo_kills_resumes_from_the_remote_and_reports_an_exact_resume(tmp_path
         store.verify(m.name)
 
 
+@pytest.mark.full
 def test_demo_against_s3_with_storage_options(tmp_path: Path, s3_remote: Remote) -> None:
     opts = [f"-o{k}={json.dumps(v)}" for k, v in s3_remote.storage_options.items()]
     r = _demo(tmp_path, *SHORT, "--remote", s3_remote.url, *opts, "--json")
@@ -88,6 +93,7 @@ def test_demo_against_s3_with_storage_options(tmp_path: Path, s3_remote: Remote)
             assert s3_remote.storage_options["secret"] not in f.read_text(errors="replace")
 
 
+@pytest.mark.full
 def test_demo_exits_1_when_the_resume_is_not_exact(tmp_path: Path) -> None:
     # A trainer that forgets to restore its data sampler's position: a classic resume bug.
     script = tmp_path / "forgetful_trainer.py"
@@ -123,6 +129,8 @@ def test_demo_is_registered_without_importing_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+@pytest.mark.full
+@pytest.mark.serial
 def test_demo_on_a_slow_link_kills_only_once_a_checkpoint_is_remote(
         tmp_path: Path, seaweedfs_remote: Remote) -> None:
     """On a link slower than the trainer (a loaded machine, a far bucket) no checkpoint is

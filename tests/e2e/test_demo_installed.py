@@ -23,6 +23,8 @@ import pytest
 
 from tests.support.paths import package_source
 
+pytestmark = pytest.mark.full
+
 SHORT = ["--steps", "80", "--save-every", "10", "--kill-at", "55", "--no-progress"]
 
 

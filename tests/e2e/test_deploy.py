@@ -31,6 +31,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.paths import REPO, package_source
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 DEPLOY = REPO / "deploy"
 NOTEBOOK = DEPLOY / "colab" / "ckptsync_colab.ipynb"
 UNIT = DEPLOY / "systemd" / "ckptsync-watch.service"
@@ -63,6 +65,7 @@ def _execute_notebook(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.allow_thread_leak  # nbclient's kernel manager keeps a zmq I/O thread per process
+@pytest.mark.full
 def test_colab_notebook_runs_headless_and_a_new_runtime_resumes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kernels = tmp_path / "jupyter" / "kernels" / "ckptsync-test"
@@ -269,6 +272,7 @@ def sidecar_procs() -> Iterator[list[subprocess.Popen[str]]]:
             p.wait()
 
 
+@pytest.mark.full
 def test_sidecar_entrypoint_is_torch_free_and_syncs_another_process_checkpoint(
         torch_free_venv: Path, s3_remote: Remote, tmp_path: Path,
         sidecar_procs: list[subprocess.Popen[str]]) -> None:

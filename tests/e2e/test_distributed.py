@@ -19,6 +19,8 @@ from ckptsync.local import LocalStore
 from tests.support.helpers import PY, child_env, staging_dirs
 from tests.support.paths import SUPPORT
 
+pytestmark = pytest.mark.full
+
 WORLD = 2
 BOUND_S = 150  # generous: two cold torch imports on a shared 2-core machine
 
@@ -66,6 +68,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[s
     return _run_ranks(tmp_path_factory.mktemp("ddp"), "ok")
 
 
+@pytest.mark.core
 def test_rank0_alone_writes_one_checkpoint(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
     directory, reports = ddp_run
     # Hidden bookkeeping (the writer lock, the resumed-from marker) is not a checkpoint.
@@ -83,12 +86,14 @@ def test_rank0_alone_writes_one_checkpoint(ddp_run: tuple[Path, list[dict[str, A
     assert model_state and not any(k.startswith("module.") for k in model_state)
 
 
+@pytest.mark.core
 def test_every_rank_returns_after_the_commit(ddp_run: tuple[Path, list[dict[str, Any]]]) -> None:
     _, reports = ddp_run
     names = [r["visible_after_wait"] for r in reports]
     assert len(names[0]) == 1 and names[0] == names[1]
 
 
+@pytest.mark.core
 def test_restore_gives_equal_params_and_each_rank_its_own_rng(
     ddp_run: tuple[Path, list[dict[str, Any]]],
 ) -> None:

@@ -35,6 +35,8 @@ from tests.support.faultkit import (
 from tests.support.remotes import Remote
 from tests.support.watchkit import make_checkpoints, run_cli
 
+pytestmark = pytest.mark.full
+
 # The quick form (make test) pushes 20 checkpoints to SeaweedFS and 10 to fake-gcs-server:
 # gcsfs retries each failed request itself, 6 times, sleeping 1, 2, 4, 8, 16 s (fixed in gcsfs),
 # so at 30% faults one GCS checkpoint can take ~10 s. make soak sets 50 (or more) for both.
@@ -119,6 +121,7 @@ def test_watch_once_through_30pct_faults_commits_every_checkpoint(
 
 
 
+@pytest.mark.core
 def test_an_upload_whose_reply_was_cut_after_the_server_acted_commits(
         gcs_remote: Remote, tmp_path: Path) -> None:
     """gcsfs's resumable upload: the last request completes the object, its reply is cut

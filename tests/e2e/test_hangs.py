@@ -34,7 +34,8 @@ from tests.support.watchkit import (
 QUICK = {"CKPTSYNC_CONNECT_TIMEOUT": "1", "CKPTSYNC_READ_TIMEOUT": "1"}
 
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")  # conftest: no child outlives a test
+# conftest: no child outlives a test
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.full, pytest.mark.serial]
 
 
 @pytest.fixture
@@ -115,6 +116,7 @@ def test_daemon_against_a_black_hole_waits_quietly_and_stops_at_once(
     assert took < 12, f"SIGTERM took {took:.1f}s"
 
 
+@pytest.mark.core
 def test_sigterm_with_queued_pushes_takes_about_stop_timeout_and_cleans_up(
         tmp_path: Path) -> None:
     local, remote_dir = tmp_path / "ckpts", tmp_path / "remote"

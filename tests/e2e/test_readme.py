@@ -32,6 +32,8 @@ from ckptsync.local import LocalStore
 from ckptsync.watch import daemon_status
 from tests.support.paths import REPO
 
+pytestmark = pytest.mark.core
+
 READMES = [REPO / "README.md", REPO / "examples" / "zero_code" / "README.md"]
 
 #: README command -> the test that mirrors it exactly (file::test).
@@ -104,8 +106,13 @@ def test_make_targets_are_what_the_readme_says() -> None:
     assert demo.returncode == 0 and ".venv/bin/ckptsync demo" in demo.stdout
     test = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True)
     assert test.returncode == 0 and "-m pytest" in test.stdout and "ruff check" in test.stdout
+    assert "--tier core" in test.stdout and "--tier full" not in test.stdout
+    # The full tier runs `make test` first (the core tier), then the rest: CI runs both.
+    full = subprocess.run(["make", "-n", "test-full"], cwd=REPO, capture_output=True, text=True)
+    assert full.returncode == 0
+    assert full.stdout.index("--tier core") < full.stdout.index("--tier full")
     ci = (REPO / ".ci" / "run").read_text()
-    assert ci.index("make test") < ci.index("make demo")
+    assert ci.index("make test-full") < ci.index("make demo")
 
 
 def test_install_extras_exist() -> None:
@@ -188,6 +195,7 @@ class Sandbox:
             proc.wait()
 
 
+@pytest.mark.full
 def test_readme_commands_run_in_order(tmp_path: Path) -> None:
     box = Sandbox(tmp_path)
     try:

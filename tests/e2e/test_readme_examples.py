@@ -25,6 +25,8 @@ import pytest
 
 from tests.support.paths import REPO, child_env
 
+pytestmark = pytest.mark.full
+
 README = REPO / "README.md"
 MARK = re.compile(r"```python\n# readme-example: ([\w-]+)\n(.*?)```", re.S)
 
@@ -40,6 +42,7 @@ def integrations() -> list[str]:
     return sorted(p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_"))
 
 
+@pytest.mark.core
 def test_every_integration_has_a_readme_example() -> None:
     missing = [name for name in integrations() if name not in readme_examples()]
     assert not missing, f"ckptsync.integrations modules with no README example: {missing}"
@@ -51,7 +54,6 @@ def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600, env=child_env(CKPTSYNC_CLOSE_TIMEOUT="60"))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(readme_examples()) or ["<none>"])
 def test_readme_example_trains_then_resumes_on_a_fresh_machine(name: str,
                                                               tmp_path: Path) -> None:

@@ -42,6 +42,8 @@ from tests.support.helpers import (
     wait_until,
 )
 
+pytestmark = pytest.mark.core
+
 STEPS = 90
 
 
@@ -139,6 +141,7 @@ def test_fresh_vm_resume_from_the_remote_is_bit_exact(
     _assert_resumed_exactly(reference, log2, weights, newest.step)
 
 
+@pytest.mark.full
 def test_sigkill_during_a_save_resumes_from_previous_checkpoint_exactly(
     tmp_path: Path, reference: tuple[dict[int, str], dict[str, torch.Tensor]]
 ) -> None:

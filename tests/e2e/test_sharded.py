@@ -37,7 +37,7 @@ from tests.support.watchkit import wait_for
 WORKER = SUPPORT / "sharded_worker.py"
 TIMEOUT_S = 300  # per job: generous for 2 shared cores; a hang fails, it never blocks
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.full]
 
 
 def _free_port() -> int:
@@ -100,6 +100,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base / "ckpts", base / "save"
 
 
+@pytest.mark.core
 def test_manifest_lists_every_ranks_files_with_digests(saved: tuple[Path, Path]) -> None:
     directory, out = saved
     store = LocalStore(directory)
@@ -122,7 +123,7 @@ def test_manifest_lists_every_ranks_files_with_digests(saved: tuple[Path, Path])
         assert done.returncode == 0 and ckpt.name in done.stdout, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("world", [2, 1, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.core), 1, 4])
 def test_resumes_bit_exact_on_any_world_size(saved: tuple[Path, Path], tmp_path: Path,
                                              world: int) -> None:
     directory, save_out = saved
@@ -146,7 +147,6 @@ def test_saved_by_one_rank_resumes_on_two(tmp_path: Path) -> None:
                       torch.load(tmp_path / "save" / "expected.pt", weights_only=True))
 
 
-@pytest.mark.slow
 def test_saved_by_four_resumes_bit_exact_on_two(tmp_path: Path) -> None:
     """4 -> 2: DCP reshards four ranks' shards onto two (each loads parts of two files)."""
     _ok(_ranks(4, "save", tmp_path / "ckpts", tmp_path / "save"))

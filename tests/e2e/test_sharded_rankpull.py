@@ -24,7 +24,7 @@ from tests.e2e.test_sharded import _ok, _ranks, _reports
 from tests.support.helpers import assert_tree_equal, staging_dirs
 from tests.support.remotes import Remote
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.full]
 
 RANK1_FILE = "__1_0.distcp"
 FETCH_DIR = ".ckptsync-fetch"  # where a rank fetches into, in its directory

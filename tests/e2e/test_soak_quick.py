@@ -11,8 +11,9 @@ from tests.support import servers
 from tests.support.faultkit import seed_from_env
 from tests.support.soak import soak
 
+pytestmark = [pytest.mark.full, pytest.mark.serial]
 
-@pytest.mark.slow
+
 def test_randomized_sigkills_never_lose_or_corrupt_a_committed_checkpoint(
         tmp_path: Path, seaweedfs_server: servers.SeaweedFS) -> None:
     seed = seed_from_env(16)

@@ -33,7 +33,8 @@ from tests.support.watchkit import (
     wait_for,
 )
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")  # conftest: no child outlives a test
+# conftest: no child outlives a test
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.core]
 
 
 def _store(remote: Remote) -> RemoteStore:
@@ -182,6 +183,7 @@ def test_permanent_remote_error_fails_fast_with_a_clear_message(
     assert r.returncode == 3 and "no such bucket" in r.stderr
 
 
+@pytest.mark.serial
 def test_idle_daemon_uses_little_cpu(tmp_path: Path, file_remote: Remote) -> None:
     local = tmp_path / "ckpts"
     make_checkpoints(local, [1])

@@ -27,10 +27,10 @@ from tests.support.watchkit import (
 SLOW = {"CKPTSYNC_TEST_SLOW_WRITE_S": "0.01", "CKPTSYNC_CHUNK_SIZE": "65536"}
 
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")  # conftest: no child outlives a test
+# conftest: no child outlives a test
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.core]
 
 
-@pytest.mark.slow
 def test_sigkill_during_uploads_never_commits_a_partial_and_commits_each_once(
         tmp_path: Path) -> None:
     rng = random.Random(1234)

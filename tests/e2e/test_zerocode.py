@@ -28,7 +28,8 @@ TRAINER = SCRIPTS / "zc_trainer.py"
 RULES = {"rename": "file:ckpt.pt", "inplace": "file:ckpt.pt", "dirs": "dir:checkpoint-*:DONE"}
 
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")  # conftest: no child outlives a test
+# conftest: no child outlives a test
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.core]
 
 
 def _trainer(out: Path, mode: str, *args: str) -> subprocess.Popen[str]:
@@ -36,7 +37,8 @@ def _trainer(out: Path, mode: str, *args: str) -> subprocess.Popen[str]:
                             env=child_env(), stdout=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("mode", ["rename", "inplace", "dirs"])
+@pytest.mark.parametrize("mode", ["rename", pytest.param("inplace", marks=pytest.mark.full),
+                                  pytest.param("dirs", marks=pytest.mark.full)])
 def test_trainer_killed_mid_write_remote_holds_only_complete_versions_and_resumes(
         tmp_path: Path, s3_remote: Remote, mode: str) -> None:
     out = tmp_path / "run"

@@ -40,6 +40,8 @@ from tests.support.helpers import (
     state_trees,
 )
 
+pytestmark = pytest.mark.core
+
 
 class Run:
     """A directory with two good checkpoints (steps 1 and 2) and their reference states."""

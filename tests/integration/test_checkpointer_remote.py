@@ -24,6 +24,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.faults import FaultFS
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 MiB = 1024 * 1024
 QUICK = TransferConfig(max_workers=2, retries=2, backoff_initial=0.05, backoff_max=0.5)
 T = TypeVar("T")

@@ -30,11 +30,13 @@ from ckptsync.cli import EXIT_DENIED, EXIT_INTERRUPTED, EXIT_NOTHING_TO_DO
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
-from tests.support.cli import cli
+from tests.support.cli import cli, run_cli
 from tests.support.cli import cli_env as _env
 from tests.support.jsonlines import events, summary
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
+
+pytestmark = pytest.mark.core
 
 
 def make_local(store: LocalStore, step: int, size: int = 50_000) -> LocalCheckpoint:
@@ -66,13 +68,13 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
     ckpts = [make_local(local, s) for s in (1, 2)]
     env = options_env(remote)
     before = remote_files(remote)
-    p = cli("push", str(local.directory), remote.url, "--dry-run", **env)
+    p = run_cli("push", str(local.directory), remote.url, "--dry-run", **env)
     assert p.returncode == 0, p.stderr
     assert all(f"would push {c.name}" in p.stdout for c in ckpts), p.stdout
     assert "2 would push, 0 already" in p.stdout
     assert remote_files(remote) == before  # nothing written, not even the root marker
 
-    p = cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
+    p = run_cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
     assert p.returncode == 0, p.stderr
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("would_push", c.name) for c in ckpts]
@@ -82,10 +84,10 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
 
     # Once one is pushed, a dry run names only the other.
     make_local(local, 3)
-    assert cli("push", str(local.directory), remote.url, **env).returncode == 0
+    assert run_cli("push", str(local.directory), remote.url, **env).returncode == 0
     after = remote_files(remote)
     new = make_local(local, 4)
-    p = cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
+    p = run_cli("push", str(local.directory), remote.url, "--dry-run", "--json", **env)
     assert [e["name"] for e in events(p.stdout, "would_push")] == [new.name]
     assert remote_files(remote) == after
 
@@ -141,28 +143,28 @@ def test_wrong_credentials_exit_3(seaweedfs_remote: Remote, tmp_path: Path,
             "pull": ["pull", seaweedfs_remote.url, str(tmp_path / "out")],
             "push": ["push", str(local.directory), seaweedfs_remote.url],
             "verify": ["verify", seaweedfs_remote.url]}[command]
-    p = cli(*argv, **options_env(seaweedfs_remote, seaweedfs_remote.wrong_credentials))
+    p = run_cli(*argv, **options_env(seaweedfs_remote, seaweedfs_remote.wrong_credentials))
     assert p.returncode == EXIT_DENIED, (p.returncode, p.stderr)
     assert "access denied" in p.stderr or "credentials" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and "wrong-secret" not in p.stderr
     # The right credentials: not a "denied" (exit 0 for ls).
     if command == "ls":
-        assert cli(*argv, **options_env(seaweedfs_remote)).returncode == 0
+        assert run_cli(*argv, **options_env(seaweedfs_remote)).returncode == 0
 
 
 @pytest.mark.parametrize("remote", ["file", "seaweedfs"], indirect=True)
 def test_pull_of_an_empty_remote_is_nothing_to_do(remote: Remote, tmp_path: Path) -> None:
-    p = cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
+    p = run_cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
     assert p.returncode == EXIT_NOTHING_TO_DO, (p.returncode, p.stderr)
     assert "nothing to pull" in p.stderr and "holds no checkpoint" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     # A remote with only corrupt checkpoints is a failure, not "nothing to do".
     local = LocalStore(tmp_path / "ckpts")
     ckpt = make_local(local, 1)
-    assert cli("push", str(local.directory), remote.url, **options_env(remote)).returncode == 0
+    assert run_cli("push", str(local.directory), remote.url, **options_env(remote)).returncode == 0
     fs = fsspec.core.url_to_fs(remote.url, **remote.storage_options)[0]
     fs.rm_file(f"{remote.path}/{ckpt.name}/model.pt")
-    p = cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
+    p = run_cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
     assert p.returncode == 1, (p.returncode, p.stderr)
 
 
@@ -282,6 +284,7 @@ def test_watch_json_logs_one_object_per_line(tmp_path: Path) -> None:
     assert [m.name for m in RemoteStore(url).list()] == [ckpt.name]
 
 
+@pytest.mark.full
 def test_demo_draws_no_bars_off_a_terminal(tmp_path: Path) -> None:
     """``ckptsync demo 2>log`` (no ``--no-progress``): the log gets no progress bar."""
     p = subprocess.run([sys.executable, "-m", "ckptsync", "demo", "--out", str(tmp_path / "out"),

@@ -18,13 +18,15 @@ import pytest
 
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
-from tests.support.cli import cli
+from tests.support.cli import cli, run_cli
 from tests.support.cli import cli_env as _env
 from tests.support.fault_proxy import FaultProxy
 from tests.support.faultkit import upstream_of
 from tests.support.jsonlines import events, json_lines, summary
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
+
+pytestmark = pytest.mark.core
 
 
 def make_local(store: LocalStore, step: int, size: int = 50_000) -> LocalCheckpoint:
@@ -95,14 +97,14 @@ def test_every_line_of_every_streaming_command_is_one_json_object(
         "gc": ["gc", remote.url, "--keep-last", "2"],
     }
     for command, argv in runs.items():
-        p = cli(*argv, "--json", **env)
+        p = run_cli(*argv, "--json", **env)
         assert p.returncode == 0, (command, p.stderr)
         assert all(line.startswith("{") and "\n" not in line
                    and json.loads(line) == json.loads(json.dumps(json.loads(line)))
                    for line in p.stdout.splitlines()), p.stdout
         out = summary(p.stdout)
         assert out["command"] == command and out["exit_code"] == 0, p.stdout
-    assert [e["name"] for e in events(cli(*runs["ls"], "--json", **env).stdout)] == [
+    assert [e["name"] for e in events(run_cli(*runs["ls"], "--json", **env).stdout)] == [
         c.name for c in ckpts[1:]]
 
 
@@ -112,22 +114,22 @@ def test_a_failure_ends_the_stream_with_a_summary_naming_it(tmp_path: Path) -> N
     local = LocalStore(tmp_path / "ckpts")
     ckpts = [make_local(local, s) for s in (1, 2)]
     url = f"file://{tmp_path}/remote/run"
-    assert cli("push", str(local.directory), url).returncode == 0
+    assert run_cli("push", str(local.directory), url).returncode == 0
     model = tmp_path / "remote" / "run" / ckpts[0].name / "model.pt"
     model.write_bytes(b"x" * model.stat().st_size)
-    p = cli("verify", url, "--json")
+    p = run_cli("verify", url, "--json")
     assert p.returncode == 1
     assert [(e["name"], e["ok"]) for e in events(p.stdout, "verified")] == [
         (ckpts[0].name, False), (ckpts[1].name, True)]
     assert summary(p.stdout) == {"event": "summary", "command": "verify", "verified": 2,
                                  "ok": 1, "corrupt": 1, "exit_code": 1}
 
-    p = cli("pull", url, str(tmp_path / "restore"), "--name", "step-nope", "--json")
+    p = run_cli("pull", url, str(tmp_path / "restore"), "--name", "step-nope", "--json")
     assert p.returncode == 1 and "step-nope" in p.stderr and "Traceback" not in p.stderr
     last = summary(p.stdout)
     assert last["command"] == "pull" and last["exit_code"] == 1 and "step-nope" in last["error"]
 
-    p = cli("pull", f"file://{tmp_path}/empty", str(tmp_path / "restore"), "--json")
+    p = run_cli("pull", f"file://{tmp_path}/empty", str(tmp_path / "restore"), "--json")
     assert p.returncode == 5 and summary(p.stdout)["exit_code"] == 5
 
 
@@ -137,28 +139,28 @@ def test_gc_dry_run_writes_nothing(tmp_path: Path) -> None:
     local = LocalStore(tmp_path / "ckpts")
     ckpts = [make_local(local, s) for s in (1, 2, 3)]
     url = f"file://{tmp_path}/remote/run"
-    assert cli("push", str(local.directory), url).returncode == 0
+    assert run_cli("push", str(local.directory), url).returncode == 0
     root = tmp_path / "remote" / "run"
     leftover = make_name(9)
     (root / leftover).mkdir()
     (root / leftover / "model.pt").write_bytes(b"an upload that never committed")
     before = tree(root)
-    p = cli("gc", url, "--keep-last", "1", "--grace", "0", "--dry-run", "--json")
+    p = run_cli("gc", url, "--keep-last", "1", "--grace", "0", "--dry-run", "--json")
     assert p.returncode == 0, p.stderr
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("would_delete", ckpts[0].name), ("would_delete", ckpts[1].name),
         ("would_delete", leftover)]
     assert tree(root) == before
-    p = cli("gc", url, "--keep-last", "1", "--grace", "0", "--dry-run")
+    p = run_cli("gc", url, "--keep-last", "1", "--grace", "0", "--dry-run")
     assert p.returncode == 0 and f"would delete {ckpts[0].name}" in p.stdout
     assert tree(root) == before
-    assert cli("gc", url, "--keep-last", "1", "--grace", "0").returncode == 0
+    assert run_cli("gc", url, "--keep-last", "1", "--grace", "0").returncode == 0
     assert sorted(p.name for p in root.iterdir() if p.name.startswith("step")) == [
         ckpts[2].name]
 
 
 def test_status_json_is_one_object(tmp_path: Path) -> None:
-    p = cli("status", str(tmp_path), "--json")
+    p = run_cli("status", str(tmp_path), "--json")
     assert p.returncode == 0, p.stderr
     st = json.loads(p.stdout)
     assert isinstance(st, dict) and st["local_dir"] == str(tmp_path)

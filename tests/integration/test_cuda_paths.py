@@ -22,6 +22,8 @@ import torch
 from ckptsync import Checkpointer
 from ckptsync.client.state import SnapshotBuffers
 
+pytestmark = pytest.mark.core
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 

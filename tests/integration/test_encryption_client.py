@@ -22,6 +22,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.helpers import child_env
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 KEY_A, KEY_B = os.urandom(32), os.urandom(32)
 ID_A, ID_B = KeyRing((KEY_A,)).current_id, KeyRing((KEY_B,)).current_id
 

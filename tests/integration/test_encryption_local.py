@@ -30,6 +30,8 @@ from tests.integration.test_encryption_client import (
 )
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.full
+
 
 @pytest.fixture(params=["file", "seaweedfs"])
 def remote(request: pytest.FixtureRequest) -> Remote:
@@ -104,6 +106,7 @@ def _forge(ckpt_dir: Path, relpath: str, at: int) -> None:
         step=m.step, files=files, name=m.name, metrics=m.metrics, meta=m.meta).to_json())
 
 
+@pytest.mark.core
 def test_encrypt_local_wrong_or_missing_key_and_tampering(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = tmp_path / "run"

@@ -25,6 +25,8 @@ from ckptsync.transfer import Retrier, Slots, download_file_ranged, upload_file_
 from tests.support.remotes import Remote
 from tests.support.stores import make_local, read_tree
 
+pytestmark = pytest.mark.core
+
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum), ranges from 5 MiB: a 13 MiB file is 3 parts / 3 ranges.
 FAST = TransferConfig(max_workers=4, block_size=5 * MiB, part_size=5 * MiB, parts_in_flight=3,

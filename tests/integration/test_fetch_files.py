@@ -21,6 +21,8 @@ from tests.support.faults import FaultFS
 from tests.support.remotes import Remote
 from tests.support.stores import FAST, files_for, make_local, overwrite, rpath
 
+pytestmark = pytest.mark.core
+
 
 def _pushed(tmp_path: Path, remote: Remote, keys: KeyRing | None = None
             ) -> tuple[RemoteStore, FaultFS, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import pytest
 
 from ckptsync.config import TransferConfig
 from ckptsync.local import LocalStore
@@ -25,6 +26,8 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
 from tests.support.fault_proxy import Fault, FaultProxy
 from tests.support.remotes import Remote
+
+pytestmark = pytest.mark.full
 
 MiB = 1024 * 1024
 # 5 MiB blocks: big.bin goes up in several chunks of one resumable upload, small.bin in one.

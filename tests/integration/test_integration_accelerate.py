@@ -18,7 +18,7 @@ from ckptsync.remote import RemoteStore
 from tests.support.remotes import Remote
 from tests.support.watchkit import PY, SCRIPTS, child_env, pid_alive, run_cli, wait_for
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.full]
 
 TRAINER = SCRIPTS / "accel_trainer.py"
 
@@ -41,13 +41,11 @@ def _weights(project: Path) -> dict[str, torch.Tensor]:
     return torch.load(project / "final.pt", weights_only=True)
 
 
-@pytest.mark.slow
 def test_sigkilled_run_resumes_from_a_file_remote_to_the_same_weights(
         tmp_path: Path, file_remote: Remote) -> None:
     _kill_and_resume(tmp_path, file_remote)
 
 
-@pytest.mark.slow
 def test_sigkilled_run_resumes_from_s3_to_the_same_weights(
         tmp_path: Path, s3_remote: Remote) -> None:
     _kill_and_resume(tmp_path, s3_remote)
@@ -89,7 +87,7 @@ def _kill_and_resume(tmp_path: Path, remote: Remote) -> None:
     assert newest.step == 12
 
 
-@pytest.mark.slow
+@pytest.mark.core
 def test_resume_continues_numbering_and_remote_keeps_total_limit(
         tmp_path: Path, file_remote: Remote) -> None:
     _run(tmp_path / "a", file_remote, "--steps", "6", "--total-limit", "2")
@@ -102,6 +100,7 @@ def test_resume_continues_numbering_and_remote_keeps_total_limit(
     assert len(listed) <= 2
 
 
+@pytest.mark.core
 def test_without_automatic_checkpoint_naming_is_a_config_error(tmp_path: Path) -> None:
     from accelerate import Accelerator
 
@@ -111,7 +110,6 @@ def test_without_automatic_checkpoint_naming_is_a_config_error(tmp_path: Path) -
         CkptSync(Accelerator(cpu=True), f"file://{tmp_path}/remote")
 
 
-@pytest.mark.slow
 def test_a_version_cut_between_marker_and_registered_objects_is_skipped_on_resume(
         tmp_path: Path, file_remote: Remote) -> None:
     # Machine 1 saved step 2 (checkpoint_0) and uploaded it.
@@ -148,7 +146,6 @@ def _torchrun(project: Path, remote: Remote, *args: str) -> subprocess.Completed
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 def test_two_processes_main_uploads_every_process_resumes(
         tmp_path: Path, file_remote: Remote) -> None:
     first = _torchrun(tmp_path / "a", file_remote, "--steps", "4")
@@ -162,7 +159,6 @@ def test_two_processes_main_uploads_every_process_resumes(
     assert second.stdout.count("resumed from step 4") == 2, second.stdout  # both processes
 
 
-@pytest.mark.slow
 def test_a_failed_pull_fails_every_process_instead_of_hanging(
         tmp_path: Path, file_remote: Remote) -> None:
     first = _torchrun(tmp_path / "a", file_remote, "--steps", "2")

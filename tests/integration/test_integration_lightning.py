@@ -24,6 +24,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.paths import child_env
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 pl = pytest.importorskip("lightning.pytorch")
 
 
@@ -48,7 +50,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
 
 
-@pytest.mark.slow
+@pytest.mark.full
+@pytest.mark.full
 def test_killed_run_resumes_from_the_remote_to_the_same_final_weights(tmp_path: Path) -> None:
     ref = run(tmp_path, "--dir", "a", "--remote", f"file://{tmp_path}/ra", "--out", "wa.pt")
     assert ref.returncode == 0, ref.stderr[-3000:]

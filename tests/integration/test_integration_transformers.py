@@ -36,6 +36,8 @@ from ckptsync.integrations.transformers import (
     pull_latest_checkpoint,
 )
 
+pytestmark = pytest.mark.full
+
 TRAIN = SCRIPTS / "hf_train.py"
 CKPT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
               "trainer_state.json", "training_args.bin"}
@@ -97,7 +99,6 @@ def bucket_copy(reference: tuple[Path, Path], tmp_path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- end to end
-@pytest.mark.slow
 def test_sigkill_then_resume_on_an_empty_machine_reaches_the_same_weights(
         reference: tuple[Path, Path], tmp_path: Path) -> None:
     remote = f"file://{tmp_path}/bucket"
@@ -116,6 +117,7 @@ def test_sigkill_then_resume_on_an_empty_machine_reaches_the_same_weights(
         assert torch.equal(ref[k], got[k]), k
 
 
+@pytest.mark.core
 def test_every_save_is_uploaded_whole_and_pulls_back_byte_equal(
         reference: tuple[Path, Path], tmp_path: Path) -> None:
     ref_out, bucket = reference
@@ -134,7 +136,6 @@ def test_every_save_is_uploaded_whole_and_pulls_back_byte_equal(
             (ref_out / "checkpoint-15" / name).read_bytes(), name
 
 
-@pytest.mark.slow
 def test_s3_remote_from_the_environment_keeps_save_total_limit(s3_remote: Remote,
                                                                 tmp_path: Path) -> None:
     env = {"CKPTSYNC_REMOTE": s3_remote.url,
@@ -149,7 +150,6 @@ def test_s3_remote_from_the_environment_keeps_save_total_limit(s3_remote: Remote
                                   storage_options=s3_remote.storage_options) == 15
 
 
-@pytest.mark.slow
 def test_rotation_during_uploads_never_leaves_a_broken_remote_checkpoint(
         tmp_path: Path) -> None:
     # A save every step and save_total_limit=1: each save's rotation deletes the previous
@@ -269,7 +269,6 @@ def test_a_checkpoint_whose_trainer_state_is_still_being_written_is_not_committe
     assert snap.ckpt is not None and snap.ckpt.step == 4
 
 
-@pytest.mark.slow
 def test_a_daemon_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
     remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"
     run = train(out, remote, "--kill-daemon-at", "8")
@@ -278,7 +277,6 @@ def test_a_daemon_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path
     assert remote_steps(remote)[-1] == 15
 
 
-@pytest.mark.slow
 def test_train_end_names_the_checkpoint_not_remote_and_the_command_that_uploads_it(
         tmp_path: Path) -> None:
     remote, out = f"file://{tmp_path}/bucket", tmp_path / "out"

@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import IO, cast
 
+import pytest
+
 from ckptsync.client.uploader import Uploader
 from ckptsync.config import TransferConfig
 from ckptsync.daemon import (
@@ -31,6 +33,8 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.parts import make_parts, part_of
 from ckptsync.remote import RemoteStore
 from tests.support.watchkit import wait_for
+
+pytestmark = pytest.mark.core
 
 NODE_FILES = [{".metadata": b"meta", "__0_0.distcp": os.urandom(20_000)},
               {"__1_0.distcp": os.urandom(30_000)}]

@@ -18,7 +18,7 @@ from ckptsync.remote import RemoteStore
 from tests.support.remotes import Remote
 from tests.support.watchkit import PY, SCRIPTS, child_env, run_cli
 
-pytestmark = pytest.mark.usefixtures("no_process_leak")
+pytestmark = [pytest.mark.usefixtures("no_process_leak"), pytest.mark.full]
 
 FRAMEWORKS = SCRIPTS / "preset_frameworks.py"
 #: preset -> the files of the newest version after 4 steps saved every 2
@@ -40,7 +40,6 @@ def _framework(name: str, out: Path, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_syncs_the_frameworks_checkpoints_and_the_framework_resumes_from_a_pull(
         tmp_path: Path, file_remote: Remote, preset: str) -> None:
@@ -72,6 +71,7 @@ def test_preset_syncs_the_frameworks_checkpoints_and_the_framework_resumes_from_
         assert "resumed from step 4" in resumed and "trained to step 6" in resumed, resumed
 
 
+@pytest.mark.core
 def test_unknown_preset_is_a_usage_error_naming_the_presets(tmp_path: Path) -> None:
     done = run_cli("watch", str(tmp_path), f"file://{tmp_path}/remote", "--once",
                    "--preset", "keras")
@@ -79,6 +79,7 @@ def test_unknown_preset_is_a_usage_error_naming_the_presets(tmp_path: Path) -> N
     assert "keras" in done.stderr and all(name in done.stderr for name in PRESETS)
 
 
+@pytest.mark.core
 def test_help_lists_every_preset_with_its_rule() -> None:
     done = run_cli("watch", "--help")
     assert done.returncode == 0
@@ -86,6 +87,7 @@ def test_help_lists_every_preset_with_its_rule() -> None:
         assert f"--preset {name}" in done.stdout and rule in done.stdout
 
 
+@pytest.mark.core
 def test_presets_from_flags_env_and_config_file_add_to_the_rules(tmp_path: Path) -> None:
     cfg = tmp_path / "watch.toml"
     cfg.write_text('[watch]\npresets = ["dcp"]\n')

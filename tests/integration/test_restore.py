@@ -22,6 +22,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.helpers import child_env
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 
 def _state(seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)

@@ -27,6 +27,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.fault_proxy import FaultProxy
 from tests.support.remotes import Remote
 
+pytestmark = [pytest.mark.core, pytest.mark.serial]
+
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum), two in flight: a ~20 MB state fills the window after two parts.
 # A long read timeout: a held request is waited for, not given up on (the old code then
@@ -129,6 +131,7 @@ def test_a_stalled_link_does_not_hold_the_local_commit(s3_remote: Remote, proxy_
     assert proxy.body_bytes < manifest.total_size + MiB
 
 
+@pytest.mark.full
 def test_a_slow_link_uploads_after_the_local_commit(s3_remote: Remote, proxy_of: Any,
                                                     tmp_path: Path) -> None:
     proxy = proxy_of(rate=2e6)  # 2 MB/s: the upload of ~21 MB takes ~10 s
@@ -165,6 +168,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.full
 def test_a_trainer_killed_mid_upload_leaves_a_local_checkpoint_to_upload_later(
         s3_remote: Remote, proxy_of: Any, tmp_path: Path) -> None:
     proxy = proxy_of(rate=1e6)  # ~21 s of upload: the kill comes mid-upload

@@ -14,12 +14,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from ckptsync import Checkpointer
 from ckptsync.remote import RemoteStore
 from tests.support.fault_proxy import FaultProxy
 from tests.support.remotes import Remote
+
+pytestmark = pytest.mark.core
 
 
 def _proxy(remote: Remote) -> FaultProxy:

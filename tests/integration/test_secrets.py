@@ -30,6 +30,8 @@ from tests.support.faults import FaultFS
 from tests.support.paths import REPO
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 FAST = TransferConfig(retries=1, backoff_initial=0.0, backoff_max=0.0)
 PASSWORD = "SECRETPW"
 SECRET = "s3cr3t-storage-option-value"

@@ -14,6 +14,8 @@ import torch
 
 from ckptsync.client.state import SnapshotBuffers
 
+pytestmark = pytest.mark.core
+
 
 def test_cpu_tensors_need_no_device_synchronized() -> None:
     bufs = SnapshotBuffers()

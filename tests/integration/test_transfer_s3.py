@@ -26,6 +26,8 @@ from ckptsync.transfer import backoff
 from tests.support.remotes import Remote
 from tests.support.stores import make_local, read_tree
 
+pytestmark = pytest.mark.core
+
 MiB = 1024 * 1024
 # 5 MiB parts and ranges (S3's minimum): a 13 MiB file is a 3-part upload, a 3-range download.
 FAST = TransferConfig(max_workers=4, block_size=5 * MiB, part_size=5 * MiB, parts_in_flight=3,

@@ -16,6 +16,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ckptsync.config import TransferConfig
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
@@ -23,6 +25,8 @@ from tests.support.fault_proxy import Fault, FaultProxy
 from tests.support.remotes import Remote
 from tests.support.servers import SeaweedFS
 from tests.support.tls import make_cert
+
+pytestmark = pytest.mark.core
 
 MiB = 1024 * 1024
 # 5 MiB parts (S3's minimum): big.bin is a 3-part upload, small.bin one PUT.

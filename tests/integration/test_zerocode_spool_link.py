@@ -29,6 +29,8 @@ from tests.integration.test_zerocode_watch import InProcess, _taken
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for
 
+pytestmark = pytest.mark.core
+
 SIZE = 256 * 1024
 
 

@@ -37,6 +37,8 @@ from ckptsync.remote import RemoteStore
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for
 
+pytestmark = pytest.mark.core
+
 
 class _Lines(io.StringIO):
     """The daemon's JSON event lines, readable while it runs."""

@@ -8,8 +8,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import pytest
 
 BACKENDS = ["file", "memory", "seaweedfs", "moto", "gcs", "gdrive", "mounted_drive"]
+#: The backends of the ``core`` tier (``make test``): a local directory and a real S3. The
+#: others (``memory://``, moto, GCS, Drive, a mounted Drive) run in ``make test-full``
+#: (tests/support/tiers.py).
+CORE_BACKENDS = ("file", "seaweedfs")
+
+
+def backend_params(names: list[str]) -> list[Any]:
+    """``names`` as fixture or test parameters, each backend outside :data:`CORE_BACKENDS`
+    in the ``full`` tier."""
+    return [name if name in CORE_BACKENDS else pytest.param(name, marks=pytest.mark.full)
+            for name in names]
 
 
 @dataclass(frozen=True)

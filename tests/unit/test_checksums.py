@@ -10,6 +10,8 @@ import pytest
 
 from ckptsync.transfer.checksums import PartChecksums, crc32_combine
 
+pytestmark = pytest.mark.core
+
 
 @pytest.mark.parametrize("sizes", [[1], [0, 5], [7, 1, 3], [5 << 20, 5 << 20, 12345]])
 def test_full_object_crc_is_the_crc_of_all_the_bytes(sizes: list[int]) -> None:

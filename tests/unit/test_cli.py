@@ -1,4 +1,6 @@
-"""The ``ckptsync`` command line, run as a user runs it: a subprocess, exit codes, stdout/stderr."""
+"""The ``ckptsync`` command line: what each command prints and its exit code, through its
+entry point in this process (tests/support/cli.py ``run_cli``); a subprocess where the test is
+about the process (a missing package, torch-free help, peak memory)."""
 
 from __future__ import annotations
 
@@ -14,18 +16,16 @@ import pytest
 
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
+from tests.support.cli import run_cli
 from tests.support.formats import put_tree, rewrite_as_v1
 from tests.support.jsonlines import events, json_lines, summary
 from tests.support.paths import REPO
 
+pytestmark = pytest.mark.core
+
 
 def ckptsync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptsync.cli", *args],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-        env={**os.environ, "CKPTSYNC_RETRIES": "2", "CKPTSYNC_BACKOFF_INITIAL": "0",
-             **(env or {})},
-    )
+    return run_cli(*args, env=env)
 
 
 def make_local(store: LocalStore, step: int, metrics: dict[str, float]) -> LocalCheckpoint:
@@ -316,7 +316,7 @@ def _peak_rss_kib(*args: str, env: dict[str, str]) -> tuple[int, str, int]:
     return p.returncode, p.stdout, int(p.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kind", ["file", "s3"])
+@pytest.mark.parametrize("kind", ["file", pytest.param("s3", marks=pytest.mark.full)])
 def test_an_oversized_manifest_is_refused_without_being_read(
         kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Issue 17.6: a 64 MiB manifest is reported (path, size, bound) by ``ls`` and ``verify``,

@@ -6,24 +6,24 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import ckptsync
 from ckptsync.cli import build_parser
+from tests.support.cli import run_cli
+
+pytestmark = pytest.mark.core
 
 REPO = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ("push", "pull", "ls", "verify", "gc", "demo", "watch", "status")
 
 
 def _ckptsync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptsync", *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO, env=dict(os.environ))
+    return run_cli(*args)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

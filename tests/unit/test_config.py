@@ -8,6 +8,8 @@ import pytest
 from ckptsync.config import TransferConfig
 from ckptsync.errors import ConfigError
 
+pytestmark = pytest.mark.core
+
 
 def test_transfer_config_precedence() -> None:
     env = {"CKPTSYNC_MAX_WORKERS": "3", "CKPTSYNC_RETRIES": "9", "CKPTSYNC_GRACE": "60"}

@@ -20,6 +20,8 @@ from ckptsync.crypto import (
 )
 from ckptsync.errors import ConfigError, CorruptCheckpointError, EncryptionKeyError
 
+pytestmark = pytest.mark.core
+
 KEY = bytes(range(32))
 RING = KeyRing((KEY,))
 C = 4096  # a small chunk size (the header carries it) keeps these tests fast

@@ -14,6 +14,8 @@ from ckptsync.crypto import HEADER_SIZE, KeyRing, SealedReader, content_mac
 from ckptsync.errors import CorruptCheckpointError
 from tests.unit.test_crypto import KEY, RING, C, chunks, seal
 
+pytestmark = pytest.mark.core
+
 
 def reader(path: Path, data: bytes, *, name: str = "ck", relpath: str = "model.pt",
            ring: KeyRing = RING) -> SealedReader:

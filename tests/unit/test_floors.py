@@ -7,11 +7,14 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from tests.support.paths import REPO
+
+pytestmark = pytest.mark.core
 
 #: The extras the floors job installs at their floors, besides the core dependencies.
 FLOOR_EXTRAS = ("torch", "s3", "gcs")
@@ -66,4 +69,4 @@ def test_make_test_floors_runs_the_conformance_suite_with_the_floors() -> None:
     assert "-p tests.support.no_torch tests/conformance" in p.stdout
     assert "CKPTSYNC_STORE_BACKENDS=file,seaweedfs" in p.stdout
     ci = (REPO / ".ci" / "run").read_text().splitlines()
-    assert ci.index("make test") < ci.index("make test-floors")
+    assert ci.index("make test-full") < ci.index("make test-floors")

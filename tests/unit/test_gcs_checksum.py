@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ckptsync.errors import RemoteError
 from ckptsync.remote import translate_error
+
+pytestmark = pytest.mark.core
 
 
 def test_a_gcs_refusal_of_damaged_bytes_is_retryable_and_says_so() -> None:

@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.support.paths import REPO, child_env
+
+pytestmark = pytest.mark.core
 
 PACKAGE = REPO / "ckptsync"
 MAX_LINES = 600

@@ -35,6 +35,8 @@ from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
 from tests.support.formats import rewrite_as_v1
 from tests.support.helpers import RecordingOps, fail_at, file_bytes, staging_dirs
 
+pytestmark = pytest.mark.core
+
 
 def b3(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()

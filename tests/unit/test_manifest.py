@@ -23,6 +23,8 @@ from ckptsync.manifest import (
 )
 from tests.support.formats import seal
 
+pytestmark = pytest.mark.core
+
 SHA = "ab" * 32
 B3 = "cd" * 32
 WHERE = "/runs/a/step-x/ckptsync.json"

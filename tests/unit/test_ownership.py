@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,12 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.ownership import ROOT_MARKER
 from ckptsync.remote import RemoteStore
 from ckptsync.retention import RetentionPolicy
+from tests.support.cli import cli as subprocess_cli
+from tests.support.cli import run_cli
 from tests.support.jsonlines import events, summary
+from tests.support.remotes import backend_params
+
+pytestmark = pytest.mark.core
 
 OLD = time.time() - 30 * 86400  # foreign entries a month old: well past any grace period
 FUTURE = time.time() + 10**7  # gc(now=FUTURE): every leftover counts as old
@@ -80,7 +84,7 @@ def tree(path: Path) -> dict[str, tuple[bytes | str, float]]:
     return out
 
 
-@pytest.fixture(params=["file", "memory", "seaweedfs"])
+@pytest.fixture(params=backend_params(["file", "memory", "seaweedfs"]))
 def owned_remote(request: pytest.FixtureRequest) -> Any:
     return request.getfixturevalue(f"{request.param}_remote")
 
@@ -160,12 +164,7 @@ def test_gc_aborts_only_multipart_uploads_inside_our_checkpoints(s3_remote: Any,
 
 def cli(*args: str, cwd: Path,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ckptsync.cli", *args], capture_output=True, text=True,
-        timeout=120, cwd=cwd,
-        env={**os.environ, "CKPTSYNC_RETRIES": "2", "CKPTSYNC_BACKOFF_INITIAL": "0",
-             **(env or {})},
-    )
+    return run_cli(*args, cwd=cwd, env=env)
 
 
 @pytest.fixture(params=["file", "seaweedfs"])
@@ -348,8 +347,8 @@ def test_watch_once_leaves_foreign_entries_remote_and_in_the_spool(tmp_path: Pat
     (remote_root / "other" / "data.bin").write_bytes(b"d")
     for step in (1, 2):
         make_local(LocalStore(d), step)
-    p = cli("watch", str(d), f"file://{remote_root}", "--once", "--keep-last", "1",
-            "--rule", "file:ckpt.bin", "--settle", "0", cwd=tmp_path)
+    p = subprocess_cli("watch", str(d), f"file://{remote_root}", "--once", "--keep-last", "1",
+                       "--rule", "file:ckpt.bin", "--settle", "0", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert (remote_root / "other" / "data.bin").read_bytes() == b"d"
     assert (spool / "user.txt").read_bytes() == b"u"

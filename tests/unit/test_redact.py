@@ -10,6 +10,8 @@ import pytest
 
 from ckptsync.redact import SecretFilter, redact_url, scrub
 
+pytestmark = pytest.mark.core
+
 PASSWORD = "SECRETPW"
 SECRET = "s3cr3t-storage-option-value"
 TOKEN = "FwoGZXIvYXdzSESSIONTOKEN0123456789"

@@ -18,6 +18,8 @@ from tests.support.faults import FaultFS
 from tests.support.paths import REPO
 from tests.support.stores import FAST
 
+pytestmark = pytest.mark.core
+
 
 def test_unknown_scheme() -> None:
     with pytest.raises(ConfigError, match="unknown URL scheme 'nosuch'"):

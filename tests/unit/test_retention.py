@@ -14,6 +14,8 @@ from ckptsync.retention import (
     select_for_deletion,
 )
 
+pytestmark = pytest.mark.core
+
 
 def infos(losses: list[float | None], steps: list[int] | None = None) -> list[CheckpointInfo]:
     steps = steps if steps is not None else [10 * (i + 1) for i in range(len(losses))]

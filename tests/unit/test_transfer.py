@@ -19,6 +19,8 @@ from ckptsync.remote import translate_error
 from ckptsync.transfer import Retrier, TransferAborted, download_file, download_file_ranged
 from tests.support.stores import FAST
 
+pytestmark = pytest.mark.core
+
 
 def test_download_refuses_bytes_past_listed_size(tmp_path: Path) -> None:
     fs = fsspec.filesystem("memory")
