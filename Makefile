@@ -44,6 +44,10 @@ test-full: test
 # with torch made unimportable (the daemon side is torch-free), then the torch-using client
 # tests run with torch's and numpy's floors (requirements/floors-torch.txt). The venv is
 # rebuilt from scratch whenever a floor changes, so nothing newer lingers in it.
+# torch is the exception: its floor in pyproject.toml (2.9) is the oldest torch with every API
+# ckptsync uses, listed there, but this job runs torch 2.13.0, the lowest torch it can install
+# here: PyPI serves torch 2.9 to 2.12 for Linux x86_64 only as CUDA builds (a 0.9 GB wheel that
+# pulls several GB of nvidia-* libraries), and 2.13.0 is the CPU wheel these machines have.
 FLOORS_VENV ?= .venv-floors
 FLOORS_BIN := $(FLOORS_VENV)/bin
 FLOORS_STAMP := $(FLOORS_VENV)/.installed

@@ -95,6 +95,23 @@ EXIT_FELL_BACK = 4
 EXIT_NOTHING_TO_DO = 5
 EXIT_INTERRUPTED = 130
 
+#: The end of ``ckptsync --help``: the install line (the same as the README's) and the exit
+#: codes (the README's table, in short).
+HELP_EPILOG = f"""\
+install (torch first, the way you normally do; the daemon alone needs no torch):
+  pip install "ckptsync[torch,s3]"      or gcs, gdrive instead of s3
+  pip install "ckptsync[s3]"            the daemon and the CLI only
+
+exit codes:
+  0    success
+  {EXIT_FAILED}    failure (a remote error, a corrupt checkpoint, nothing valid to pull)
+  {EXIT_USAGE}    bad usage or configuration
+  {EXIT_DENIED}    the remote refused the credentials or denied access
+  {EXIT_FELL_BACK}    pull fell back to an older checkpoint (--allow-fallback: 0)
+  {EXIT_NOTHING_TO_DO}    nothing to do: pull of a remote that holds no checkpoint
+  {EXIT_INTERRUPTED}  interrupted (SIGINT)
+"""
+
 
 # --------------------------------------------------------------------------- progress
 
@@ -501,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckptsync",
         description="Crash-safe PyTorch checkpoints, synced atomically to S3, GCS or Drive.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"ckptsync {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -104,6 +105,11 @@ class DemoConfig:
             raise ConfigError(
                 f"--kill-at {self.kill_at} must lie after the first checkpoint (step "
                 f"{self.save_every}) and before the end (step {self.steps})")
+        if importlib.util.find_spec("torch") is None:
+            raise ConfigError(
+                f"the demo trains a model with torch, which {sys.executable} cannot import: "
+                "install torch first, the way you normally do, then "
+                "pip install \"ckptsync[torch,demo]\"")
         script = self.script or default_script()
         if not script.is_file():
             hint = ("check the --script path, or leave --script out" if self.script else
@@ -446,7 +452,7 @@ def _plot(report: dict[str, Any], ref: _Run, run1: _Run, run2: _Run, path: Path)
         matplotlib.use("Agg")  # no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        _say("  (no loss plot: matplotlib is not installed; pip install matplotlib)")
+        _say("  (no loss plot: matplotlib is not installed; pip install \"ckptsync[demo]\")")
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     r = sorted(ref.losses)

@@ -2,9 +2,9 @@
 entrypoint runs torch-free against a real S3-compatible server.
 
 No Docker engine here: the sidecar test builds a venv exactly as deploy/container/Dockerfile
-builds the image (copy pyproject.toml, README.md and ckptsync/; ``pip install -c
-constraints.txt ".[s3]"`` into a fresh venv without system site packages) and runs the
-image's entrypoint script with that venv first on PATH.
+builds the image (copy pyproject.toml, README.md, LICENSE and ckptsync/; ``pip install -c
+constraints.txt "ckptsync[s3] @ file:///src"`` into a fresh venv without system site packages)
+and runs the image's entrypoint script with that venv first on PATH.
 """
 
 from __future__ import annotations
@@ -185,7 +185,8 @@ def test_dockerfile_copies_what_exists_and_pins_like_dev_requirements() -> None:
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
                 assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
-    assert '"/src[s3,gcs]"' in text and "torch" not in text.split("RUN", 1)[1].split("&&")[1]
+    assert '"ckptsync[s3,gcs] @ file:///src"' in text
+    assert "torch" not in text.split("RUN", 1)[1].split("&&")[1]
     dev = {ln.split("==")[0]: ln for ln in (REPO / "requirements" / "dev.txt").read_text()
            .splitlines() if "==" in ln and not ln.startswith("#")}
     pins = [ln for ln in (CONTAINER / "constraints.txt").read_text().splitlines()
@@ -249,7 +250,8 @@ def torch_free_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
            if k.upper() not in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")}
     r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
                         "--disable-pip-version-check", "-c", str(CONTAINER / "constraints.txt"),
-                        f"{src}[s3]"], capture_output=True, text=True, timeout=600, env=env)
+                        f"ckptsync[s3] @ {src.as_uri()}"], capture_output=True, text=True,
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return venv
 

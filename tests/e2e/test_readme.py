@@ -1,8 +1,11 @@
-"""Every shell command in README.md (and examples/zero_code/README.md) is exercised.
+"""Every shell command in README.md, docs/*.md and examples/zero_code/README.md is exercised,
+and every link in them resolves.
 
-Commands are extracted from the ```bash blocks. Each is either run here, in README order, in a
-sandbox (``RUN``), or mirrored exactly by another test (``MIRRORED``). The test fails when a
-README command is in neither table, so a new command cannot go untested.
+Commands are extracted from the ```bash blocks. Each is either run here, in a sandbox
+(``RUN``), or mirrored exactly by another test (``MIRRORED``). The test fails when a command is
+in neither table, so a new command cannot go untested. They run in the order of ``DOCS``: the
+README, then the guides in docs/ by file name, then the zero-code recipe (the order matters: a
+``ckptsync pull`` moves to a new machine, see below).
 
 How a command is run here (the substitutions, nothing else changes):
 - ``s3://my-bucket/`` -> ``file://<tmp>/bucket/`` (a local remote; every backend is covered by
@@ -12,7 +15,8 @@ How a command is run here (the substitutions, nothing else changes):
 - ``CMD &`` starts a background daemon (``CKPTSYNC_INTERVAL=1`` in its environment);
 - a ``ckptsync pull`` is the "new machine": first every background daemon is left to finish
   its uploads and is stopped with SIGTERM (exit 0), then commands run in a fresh empty
-  directory.
+  directory; ``ls``, ``verify`` and ``gc`` also wait for the daemons to finish (and stop them),
+  so that they see what was uploaded.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from ckptsync.local import LocalStore
 from ckptsync.watch import daemon_status
@@ -34,14 +39,34 @@ from tests.support.paths import REPO
 
 pytestmark = pytest.mark.core
 
-READMES = [REPO / "README.md", REPO / "examples" / "zero_code" / "README.md"]
+#: The documents whose commands run, in this order; every docs/*.md is one of them.
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")),
+        REPO / "examples" / "zero_code" / "README.md"]
+#: What ``python -m build`` names the wheel (the docs name it exactly).
+WHEEL = f"ckptsync-{tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']}" \
+        "-py3-none-any.whl"
+INSTALLED = ("tests/e2e/test_demo_installed.py::"
+             "test_pip_install_beside_torch_keeps_it_and_runs_the_demo")
 
 #: README command -> the test that mirrors it exactly (file::test).
 MIRRORED = {
     "make demo": "tests/e2e/test_readme.py::test_make_targets_are_what_the_readme_says "
                  "(and .ci/run runs it; tests/e2e/test_demo.py runs the demo itself)",
+    "ckptsync demo": f"{INSTALLED} (from an installed wheel, in an empty directory; "
+                     "shorter, as tests/e2e/test_demo.py; .ci/run's make demo runs the default)",
+    'pip install "ckptsync[torch,s3]"': f"{INSTALLED} (with every extra it names)",
+    'pip install "ckptsync[torch,s3,gcs,gdrive]"': f"{INSTALLED} (with every extra it names)",
+    f'pip install "dist/{WHEEL}[torch,s3]"': f"{INSTALLED} (installs the built wheel's path)",
+    "python -m build": "tests/e2e/test_demo_installed.py::"
+                       "test_build_makes_a_wheel_and_an_sdist_that_twine_accepts",
+    **{cmd: "tests/integration/test_s3_endpoint_env.py::"
+            "test_aws_endpoint_url_in_the_environment_is_the_s3_endpoint"
+       for cmd in ("export AWS_ENDPOINT_URL=https://minio.internal:9000",
+                   "export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...")},
     "make test": "tests/e2e/test_readme.py::test_make_targets_are_what_the_readme_says "
-                 "(.ci/run runs it)",
+                 "(.ci/run runs it, as the first half of make test-full)",
+    "make test-full": "tests/e2e/test_readme.py::test_make_targets_are_what_the_readme_says "
+                      "(.ci/run runs it)",
     **{cmd: "tests/e2e/test_sharded.py::test_readme_torchrun_example_resumes_and_reshards "
               "(README_TORCHRUN there)"
        for cmd in (
@@ -52,23 +77,20 @@ MIRRORED = {
            "torchrun --standalone --nproc_per_node 1 examples/distributed/train_fsdp.py "
            "--ckpt-dir ckpts --steps 60")},
     'pip install ".[torch,s3]"': "tests/e2e/test_readme.py::test_install_extras_exist",
-    'pip install ".[s3]"': "tests/e2e/test_deploy.py::"
-                           "test_sidecar_entrypoint_is_torch_free_and_syncs_another_process_"
-                           "checkpoint (builds a venv with exactly this install)",
 }
 
 #: README command -> a substring its output must contain when run here ("" = exit 0 only).
 RUN = {
     "ckptsync watch checkpoints s3://my-bucket/run-17 --keep-last 3 &": "",
-    "python examples/train_tiny_lm.py --ckpt-dir checkpoints --steps 200 --save-every 20":
-        "done: 40 steps",
+    "python -m ckptsync.examples.train_tiny_lm --ckpt-dir checkpoints --steps 200 "
+    "--save-every 20": "done: 40 steps",
     "ckptsync status checkpoints": "daemon:    running",
     "ckptsync watch runs/zc s3://my-bucket/zc-run --rule 'file:ckpt.pt' &": "",
     "python examples/zero_code/train.py --ckpt-dir runs/zc --steps 200 --save-every 20":
         "done at step 40",
     "ckptsync pull s3://my-bucket/run-17 checkpoints": "(step 40)",
-    "python examples/train_tiny_lm.py --ckpt-dir checkpoints --steps 200 --save-every 20 "
-    "--resume": "(step 40)",
+    "python -m ckptsync.examples.train_tiny_lm --ckpt-dir checkpoints --steps 200 "
+    "--save-every 20 --resume": "(step 40)",
     "ckptsync ls s3://my-bucket/run-17": "valid",
     "ckptsync verify s3://my-bucket/run-17": "ok ",
     "ckptsync gc s3://my-bucket/run-17 --keep-last 3 --dry-run": "0 checkpoint(s)",
@@ -79,9 +101,9 @@ RUN = {
 
 
 def readme_commands() -> list[str]:
-    """The shell commands of the READMEs' ```bash blocks, in order (comments dropped)."""
+    """The shell commands of the documents' ```bash blocks, in order (comments dropped)."""
     out = []
-    for path in READMES:
+    for path in DOCS:
         for block in re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S):
             for line in block.splitlines():
                 cmd = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
@@ -181,6 +203,8 @@ class Sandbox:
                 assert time.monotonic() < deadline, f"{cmd} did not start"
                 time.sleep(0.05)
             return
+        if cmd.startswith(("ckptsync ls", "ckptsync verify", "ckptsync gc")):
+            self.quiesce()  # what the remote holds once the daemons caught up
         if cmd.startswith("ckptsync pull"):
             self.quiesce()
             self.new_machine()
@@ -210,8 +234,42 @@ def test_readme_commands_run_in_order(tmp_path: Path) -> None:
     assert ran >= len(RUN)
 
 
-@pytest.mark.parametrize("path", READMES, ids=lambda p: p.name)
-def test_readme_links_point_to_files(path: Path) -> None:
-    for target in re.findall(r"\]\(([^)#]+)\)", path.read_text()):
-        if "://" not in target:
-            assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+def _prose(text: str) -> str:
+    """``text`` without its fenced code blocks (a ``# comment`` there is not a heading)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes for ``path``'s headings: lower case, punctuation dropped,
+    spaces as hyphens, ``-1``, ``-2``... for a repeated heading."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", _prose(path.read_text()), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_links_point_to_files_and_headings(path: Path) -> None:
+    """Every relative link names a file that exists, and a ``#anchor`` one of its headings."""
+    for target in re.findall(r"\]\(([^)\s]+)\)", _prose(path.read_text())):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        assert dest.exists(), f"{path.name} links to missing {target}"
+        if anchor:
+            assert dest.suffix == ".md", f"{path.name}: an anchor into a non-Markdown {target}"
+            assert anchor in anchors(dest), (
+                f"{path.name} links to {target}: no such heading in {dest.name} "
+                f"(it has {sorted(anchors(dest))})")
+
+
+def test_every_guide_is_linked_from_the_readme_or_the_docs_index() -> None:
+    linked = set(re.findall(r"\]\(docs/([\w-]+\.md)", (REPO / "README.md").read_text()))
+    linked |= set(re.findall(r"\]\(([\w-]+\.md)", (REPO / "docs" / "README.md").read_text()))
+    guides = {p.name for p in (REPO / "docs").glob("*.md")} - {"README.md"}
+    assert guides <= linked, f"guides nobody links to: {sorted(guides - linked)}"

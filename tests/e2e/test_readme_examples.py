@@ -1,8 +1,9 @@
-"""The README's framework examples (Hugging Face Trainer, Lightning, Accelerate, ...) run as
-written, and resume from the remote on a "fresh machine".
+"""The Python examples of the README (the quickstart) and of docs/ (Hugging Face Trainer,
+Lightning, Accelerate, ...) run as written, and resume from the remote on a "fresh machine".
 
-A ```python block in README.md whose first line is ``# readme-example: NAME`` is a complete
-script. It runs twice in a sandbox, with the same substitution as the README's shell commands
+A ```python block in README.md or docs/*.md right after a line ``<!-- runnable: NAME -->``
+(an HTML comment: GitHub and PyPI do not show it) is a complete script. It runs twice in a
+sandbox, with the same substitution as the documents' shell commands
 (``s3://my-bucket/`` -> ``file://<tmp>/bucket/``):
 
 1. in ``machine-1/``: it trains, checkpoints and uploads; it must exit 0;
@@ -10,8 +11,10 @@ script. It runs twice in a sandbox, with the same substitution as the README's s
    and print ``resumed from step N`` with N > 0, the line every example prints after it
    resumed, so that a user sees the resume happen.
 
-A block marked this way that does not resume fails here; an integration whose README section
-has no marked block fails ``test_every_integration_has_a_readme_example``.
+A block marked this way that does not resume fails here; an integration with no marked block
+fails ``test_every_integration_has_a_readme_example``; a ```python block with neither that
+mark nor ``<!-- not runnable: WHY -->`` above it fails ``test_every_python_block_is_marked``,
+so that no example silently stops running.
 """
 
 from __future__ import annotations
@@ -27,12 +30,31 @@ from tests.support.paths import REPO, child_env
 
 pytestmark = pytest.mark.full
 
-README = REPO / "README.md"
-MARK = re.compile(r"```python\n# readme-example: ([\w-]+)\n(.*?)```", re.S)
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MARK = re.compile(r"^<!-- runnable: ([\w-]+) -->\n```python\n(.*?)^```", re.S | re.M)
 
 
 def readme_examples() -> dict[str, str]:
-    return {name: body for name, body in MARK.findall(README.read_text())}
+    """Every runnable example of the README and docs/, by name (names are unique)."""
+    found = [m for path in DOCS for m in MARK.findall(path.read_text())]
+    names = [name for name, _ in found]
+    assert len(names) == len(set(names)), f"two examples share a name: {sorted(names)}"
+    return dict(found)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_every_python_block_is_marked(path: Path) -> None:
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "```python":
+            above = lines[i - 1] if i else ""
+            assert re.fullmatch(r"<!-- (runnable: [\w-]+|not runnable: .+) -->", above), (
+                f"{path.name}:{i + 1}: a python block needs <!-- runnable: NAME --> (it is then "
+                "run twice) or <!-- not runnable: WHY --> on the line above")
+
+
+def test_the_readme_quickstart_is_runnable() -> None:
+    assert "quickstart" in dict(MARK.findall((REPO / "README.md").read_text()))
 
 
 def integrations() -> list[str]:

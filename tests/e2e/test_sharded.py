@@ -385,7 +385,7 @@ def test_plain_dcp_directory_syncs_as_a_zero_code_dir_rule(tmp_path: Path,
     assert_tree_equal(loaded, state)
 
 
-#: The README's "Distributed" commands, run exactly (``torchrun`` from this environment).
+#: The commands of docs/distributed.md, run exactly (``torchrun`` from this environment).
 README_TORCHRUN = [
     "torchrun --standalone --nproc_per_node 2 examples/distributed/train_fsdp.py "
     "--ckpt-dir ckpts --steps 20",

@@ -29,11 +29,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def package_source(dest: Path) -> Path:
-    """Copy what a pip build of ckptsync reads (pyproject.toml, README.md, ckptsync/) into
-    ``dest/src``, so that a build writes nothing into the checkout; returns ``dest/src``."""
+    """Copy what a pip build of ckptsync reads (pyproject.toml, README.md, LICENSE, ckptsync/)
+    into ``dest/src``, so that a build writes nothing into the checkout; returns ``dest/src``."""
     src = dest / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "ckptsync", src / "ckptsync",
                     ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,6 +1,11 @@
 """Issue 20: the declared dependency floors are true. ``make test-floors`` runs the suite with
 the versions in requirements/floors.txt and floors-torch.txt; this checks that those are
-exactly the ``>=`` floors of pyproject.toml, so the two cannot drift apart."""
+exactly the ``>=`` floors of pyproject.toml, so the two cannot drift apart.
+
+torch is the one exception (issue 31): its floor is the oldest torch with every API ckptsync
+uses, each named beside it in pyproject.toml, so that installing ckptsync never replaces a torch
+that works; the floors job runs the lowest torch it can install here instead, and the Makefile
+says which and why."""
 
 from __future__ import annotations
 
@@ -46,13 +51,44 @@ def pinned() -> dict[str, Version]:
     return pins
 
 
+#: Floors the floors job cannot install exactly (see the Makefile's test-floors comment).
+UNINSTALLABLE_FLOORS = ("torch",)
+
+
 def test_floor_files_pin_exactly_the_declared_floors() -> None:
     floors, pins = declared_floors(), pinned()
     assert {"fsspec", "s3fs", "gcsfs", "watchdog", "tqdm", "tenacity", "blake3",
             "torch", "numpy"} <= set(floors)
-    wrong = {n: (str(v), str(pins.get(n))) for n, v in floors.items() if pins.get(n) != v}
+    wrong = {n: (str(v), str(pins.get(n))) for n, v in floors.items()
+             if pins.get(n) != v and n not in UNINSTALLABLE_FLOORS}
     assert not wrong, (f"pyproject.toml floor vs requirements/floors*.txt pin: {wrong}; "
                        "raise both together (make test-floors proves the new floor)")
+
+
+def torch_api_versions() -> list[Version]:
+    """The release of each torch API listed beside the torch extra in pyproject.toml."""
+    text = (REPO / "pyproject.toml").read_text()
+    block = text[text.index("# Each API, with the release"):text.index('torch = ["torch>=')]
+    return [Version(v) for v in re.findall(r"^#   (?!\().*?\s(\d+\.\d+)$", block, flags=re.M)]
+
+
+def test_torch_floor_is_the_newest_torch_api_ckptsync_uses() -> None:
+    """Not the newest torch that is convenient to test: a floor above what the code needs makes
+    ``pip install ckptsync[torch]`` replace a working torch (a multi-GB CUDA build on PyPI)."""
+    apis = torch_api_versions()
+    assert len(apis) >= 5, apis
+    assert declared_floors()["torch"] == max(apis), (
+        f"torch floor {declared_floors()['torch']} is not the newest API listed ({max(apis)})")
+
+
+def test_floors_job_runs_the_lowest_installable_torch_and_says_why() -> None:
+    floor, pin = declared_floors()["torch"], pinned()["torch"]
+    assert pin >= floor
+    if pin != floor:
+        makefile = (REPO / "Makefile").read_text()
+        comment = makefile[:makefile.index("test-floors:")]
+        assert f"torch {pin}" in comment and f"({floor})" in comment, (
+            "the Makefile's test-floors comment must name the torch it runs and the floor")
 
 
 def test_fsspec_floor_has_create_only_writes() -> None:
