@@ -43,8 +43,6 @@ from typing import Any
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import is_watched
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -64,6 +62,8 @@ from ckptsync.progress import NullProgress, Progress, TqdmProgress
 from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.version import __version__
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import is_watched
 
 __all__ = [
     "COMMANDS",

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
-from ckptsync.daemon.presets import PRESETS
 from ckptsync.daemon.process import run_daemon
 from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status
 from ckptsync.errors import ConfigError
+from ckptsync.zerocode.presets import PRESETS
 
 __all__ = ["add_subcommands", "format_status", "run_status", "run_watch"]
 

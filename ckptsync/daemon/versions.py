@@ -63,7 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptsync.daemon.rules import (
+from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
+from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
+from ckptsync.transfer import backoff
+from ckptsync.zerocode.rules import (
     WATCHED,
     StatSig,
     WatchRule,
@@ -72,9 +75,6 @@ from ckptsync.daemon.rules import (
     stat_sig,
     structure_complete,
 )
-from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
-from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
-from ckptsync.transfer import backoff
 
 if TYPE_CHECKING:
     from ckptsync.crypto import KeyRing

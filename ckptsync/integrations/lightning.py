@@ -10,7 +10,7 @@ Example::
                          callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True)])
     trainer.fit(model, ckpt_path="last")
 
-Remote layout: the ``lightning`` preset's (:func:`ckptsync.daemon.presets.preset_rule`), one
+Remote layout: the ``lightning`` preset's (:func:`ckptsync.zerocode.presets.preset_rule`), one
 zero-code checkpoint per saved ``.ckpt`` file: its manifest's step is the checkpoint's
 ``global_step`` and its one file sits at its path relative to the checkpoint directory, so
 ``ckptsync pull REMOTE ckpts`` restores it where Lightning resumes from, exactly as for a
@@ -51,10 +51,6 @@ from ckptsync.config import (
     resolve_close_timeout,
     storage_options_from_env,
 )
-from ckptsync.daemon.contentstep import torch_save_step
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import WATCHED, is_watched
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -65,6 +61,10 @@ from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore, storage_
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
 from ckptsync.transfer import backoff
+from ckptsync.zerocode.contentstep import torch_save_step
+from ckptsync.zerocode.presets import preset_rule
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import WATCHED, is_watched
 
 __all__ = ["RULE", "CkptSyncCheckpointIO", "pull_latest"]
 
@@ -193,7 +193,7 @@ def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
 
     Raises:
         NoCheckpointError: the remote holds versions, none of them valid.
-        RemoteError, LocalStorageError: as :func:`ckptsync.daemon.restore.restore_watched`.
+        RemoteError, LocalStorageError: as :func:`ckptsync.zerocode.restore.restore_watched`.
 
     Example::
 

@@ -21,9 +21,15 @@ from tests.support.paths import REPO, child_env
 
 PACKAGE = REPO / "ckptsync"
 MAX_LINES = 600
-#: Packages that hold the client, the remote store, transfers and the daemon: the core
-#: modules directly in ckptsync/ are the layer below them and must not import them.
-UPPER = ("ckptsync.client", "ckptsync.remote", "ckptsync.transfer", "ckptsync.daemon")
+#: Packages that hold the client, the remote store, transfers, the zero-code model and the
+#: daemon: the core modules directly in ckptsync/ are the layer below them and must not import
+#: them.
+UPPER = ("ckptsync.client", "ckptsync.remote", "ckptsync.transfer", "ckptsync.zerocode",
+         "ckptsync.daemon")
+#: The zero-code model: below the daemon, the integrations and the command line (which all
+#: import it), above the core modules (manifest, local store), the only ckptsync modules it
+#: may import besides its own.
+ZEROCODE = "ckptsync.zerocode"
 #: Core-level files that may import the packages above: entry points, and shims that keep an
 #: old import path working.
 UPPER_ALLOWED = {"__init__.py", "__main__.py", "cli.py", "demo.py", "watch.py"}
@@ -202,7 +208,7 @@ def test_no_ckptsync_module_is_over_600_lines() -> None:
     assert not over, f"modules over {MAX_LINES} lines: {over}"
 
 
-def test_core_modules_do_not_import_client_remote_transfer_or_daemon() -> None:
+def test_core_modules_do_not_import_client_remote_transfer_zerocode_or_daemon() -> None:
     modules = _modules()
     problems = set()
     for imp in _imports(modules):
@@ -211,6 +217,22 @@ def test_core_modules_do_not_import_client_remote_transfer_or_daemon() -> None:
             continue
         if any(imp.target == u or imp.target.startswith(u + ".") for u in UPPER):
             problems.add(f"{imp.where}: core module {imp.source} imports {imp.target}")
+    assert not problems, "\n".join(sorted(problems))
+
+
+def test_zerocode_imports_only_itself_and_core_modules() -> None:
+    """Below the daemon and the integrations, above manifest/local: a zero-code module imports
+    no upper package (client, remote, transfer, daemon, integrations) and no entry point."""
+    modules = _modules()
+    problems = set()
+    for imp in _imports(modules):
+        if not (imp.source == ZEROCODE or imp.source.startswith(ZEROCODE + ".")):
+            continue
+        if imp.target == ZEROCODE or imp.target.startswith(ZEROCODE + "."):
+            continue
+        path = modules[imp.target]
+        if path.parent != PACKAGE or path.name in UPPER_ALLOWED:
+            problems.add(f"{imp.where}: zero-code module {imp.source} imports {imp.target}")
     assert not problems, "\n".join(sorted(problems))
 
 

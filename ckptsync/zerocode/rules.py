@@ -15,7 +15,7 @@ version is finished:
     ``settle`` seconds. The newest finished directory is taken; the trainer may delete old ones.
 
 Options follow a ``;``: ``step=`` says where a version's step comes from. ``content`` (the
-default): what the files say, never the name (:mod:`ckptsync.daemon.contentstep`: a Hugging
+default): what the files say, never the name (:mod:`ckptsync.zerocode.contentstep`: a Hugging
 Face ``trainer_state.json``'s ``global_step``, a ``torch.save`` dict's top-level ``step``,
 ``iter_num``, ``global_step``, else ``epoch``), else no step; ``name``: the first integer of
 the file or directory name; ``REGEX``: the regex's first group, or the whole match, searched
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ckptsync.daemon.contentstep import content_step
 from ckptsync.errors import ConfigError
 from ckptsync.local import PRIVATE_PREFIX
 from ckptsync.manifest import Manifest
+from ckptsync.zerocode.contentstep import content_step
 
 __all__ = [
     "WATCHED",

@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptsync.daemon.rules import WatchRule, _is_private, is_watched
 from ckptsync.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -33,6 +32,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
+from ckptsync.zerocode.rules import WatchRule, _is_private, is_watched
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
