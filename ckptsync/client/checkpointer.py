@@ -558,7 +558,7 @@ class Checkpointer:
                 self._resumed_from = sinfo.name
                 if self.rank == 0:
                     write_json_atomic(self.store.directory / RESUMED_FILE,
-                                      {"name": sinfo.name, "pid": os.getpid()})
+                                      {"name": sinfo.name, "pid": os.getpid()}, self.store.ops)
             return sinfo
         info = restore_replicated(self.store, self.remote, self.rank, self.world_size, name,
                                   map_location, objects, rng=self.capture_rng, keys=self.keys,

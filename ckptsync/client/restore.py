@@ -265,7 +265,7 @@ def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
     info = load_states(chosen, states, objects, skipped, rank=rank, rng=rng)
     if rank == 0:
         write_json_atomic(store.directory / RESUMED_FILE,
-                          {"name": chosen.name, "pid": os.getpid()})
+                          {"name": chosen.name, "pid": os.getpid()}, store.ops)
         if info.fell_back:
             say_fell_back(info)
     log.info("resumed from %s (step %s)", chosen.path, chosen.step)
