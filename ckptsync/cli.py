@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -124,11 +123,6 @@ def _existing_local(path: str) -> LocalStore:
     if not p.is_dir():
         raise NoCheckpointError(f"local checkpoint directory {p} does not exist")
     return LocalStore(p)
-
-
-def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    """The one result of a command that does one thing (``demo``): one JSON object."""
-    print(json.dumps(obj, indent=2) if args.json else text)
 
 
 #: The commands that work through several checkpoints: with ``--json``, JSON Lines (one
@@ -241,10 +235,10 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
         return 0
     why = "; ".join(f"{n}: {r.splitlines()[0] if r else '?'}" for n, r in skipped)
     code = 0 if args.allow_fallback else EXIT_FELL_BACK
-    print(f"ckptsync: warning: pulled {pulled}, not the newest committed checkpoint "
-          f"{skipped[0][0]}: {why}" + ("" if args.allow_fallback else
-                                       f" (exit {code}; --allow-fallback to accept it)"),
-          file=sys.stderr)
+    _out(args).diagnostic(f"ckptsync: warning: pulled {pulled}, not the newest committed "
+                          f"checkpoint {skipped[0][0]}: {why}"
+                          + ("" if args.allow_fallback else
+                             f" (exit {code}; --allow-fallback to accept it)"))
     return code
 
 
@@ -254,8 +248,8 @@ def _run_pull(args: argparse.Namespace) -> int:
     head = store.read_manifest(args.name) if args.name else store.newest_valid()
     if head is None and args.name is None and all(e.status == "uncommitted"
                                                    for e in store.scan()):
-        print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
-              f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
+        out.diagnostic(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no "
+                       f"checkpoint (exit {EXIT_NOTHING_TO_DO})")
         return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
@@ -298,8 +292,8 @@ def _add_ls(p: argparse.ArgumentParser) -> None:
 def _run_ls(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     entries = [e for e in store.scan() if args.all or e.status != "uncommitted"]
+    out = _out(args)
     if args.json:
-        out = _out(args)
         for e in entries:
             d: dict[str, Any] = {"name": e.name, "status": e.status, "size": e.size,
                                  "problem": e.problem}
@@ -322,9 +316,9 @@ def _run_ls(args: argparse.Namespace) -> int:
             e.status,
         ])
     if not rows:
-        print(f"no checkpoints in {redact_url(args.remote)}")
+        out.line(f"no checkpoints in {redact_url(args.remote)}")
         return 0
-    print(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
+    out.line(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
     return 0
 
 
@@ -351,7 +345,7 @@ def _run_verify(args: argparse.Namespace) -> int:
             bad += 1
             out.event("verified", f"CORRUPT  {name}: {e}", name=name, ok=False, problem=str(e))
     if bad and not args.json:
-        print(f"{bad} of {len(names)} checkpoint(s) failed verification", file=sys.stderr)
+        out.diagnostic(f"{bad} of {len(names)} checkpoint(s) failed verification")
     return out.summary(1 if bad else 0, None, verified=len(names), ok=len(names) - bad,
                        corrupt=bad)
 
@@ -421,7 +415,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         progress=isinstance(_progress(args), TqdmProgress),  # bars only on a terminal
         narrate_to_stderr=args.json,
     ))
-    _emit(args, report, format_report(report))
+    _out(args).document(report, format_report(report))
     return 0 if report["exact"] else 1
 
 
@@ -536,23 +530,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="ckptsync: %(levelname)s: %(message)s")
     install_filter(logging.getLogger().handlers)
     # JSON Lines end with a summary line on a failure too (the error is on stderr as well).
-    out = Output(args.command, bool(getattr(args, "json", False)))
-    if args.command in STREAMING:
-        args.output = out
+    out = args.output = Output(args.command, bool(getattr(args, "json", False)))
     try:
         code: int = args._run(args)
         return code
     except CkptSyncError as e:
-        print(f"ckptsync: error: {scrub(str(e))}", file=sys.stderr)
+        out.diagnostic(f"ckptsync: error: {scrub(str(e))}")
         # -vv: where it came from, with the backend's exception (scrubbed by the filter).
         log.debug("traceback of the error above", exc_info=True)
         return _failed(out, _exit_code(e), scrub(str(e)))
     except KeyboardInterrupt:
-        print("ckptsync: interrupted", file=sys.stderr)
+        out.diagnostic("ckptsync: interrupted")
         return _failed(out, EXIT_INTERRUPTED, "interrupted")
     except Exception as e:  # a bug: its traceback, without the secrets it may hold
         trace = "".join(traceback.format_exception(e))
-        print(f"ckptsync: internal error (please report it):\n{scrub(trace)}", file=sys.stderr)
+        out.diagnostic(f"ckptsync: internal error (please report it):\n{scrub(trace)}")
         return _failed(out, EXIT_FAILED, f"internal error: {scrub(repr(e))}")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from ckptsync.crypto import KeyRing, SealedReader
 from ckptsync.errors import ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import FileEntry, Manifest, parse_name, unusable_reason
+from ckptsync.output import notice
 from ckptsync.remote.encrypted import check_keys
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ def say_fell_back(info: RestoreInfo) -> None:
     msg = (f"restored {info.name} (step {info.step}), not the newest committed checkpoint "
            f"{info.skipped[0][0]}: {why}")
     log.warning("%s", msg)
-    print(f"ckptsync: WARNING: {msg}", file=sys.stderr, flush=True)
+    notice(f"ckptsync: WARNING: {msg}")
 
 def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
                        world_size: int, name: str | None, map_location: Any,

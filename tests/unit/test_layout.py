@@ -276,6 +276,38 @@ def test_backend_checks_only_in_remote_backends() -> None:
     assert not problems, "\n".join(problems)
 
 
+#: Where ckptsync writes to stdout or stderr itself: the one output module. (The packaged
+#: example trainer is a user's script; the demo narrates between its progress bars through
+#: tqdm; logging goes through handlers.)
+PRINTS_ALLOWED = {"ckptsync/output.py"}
+PRINTS_ALLOWED_UNDER = "ckptsync/examples/"
+
+
+def _prints(tree: ast.AST) -> Iterator[int]:
+    """Lines of ``print(...)`` and ``sys.stdout/stderr.write(...)`` calls."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        printed = isinstance(f, ast.Name) and f.id == "print"
+        written = (isinstance(f, ast.Attribute) and f.attr == "write"
+                   and isinstance(f.value, ast.Attribute) and f.value.attr in ("stdout", "stderr")
+                   and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys")
+        if printed or written:
+            yield node.lineno
+
+
+def test_every_command_prints_through_the_output_module() -> None:
+    problems = []
+    for path in _modules().values():
+        rel = _rel(path)
+        if rel in PRINTS_ALLOWED or rel.startswith(PRINTS_ALLOWED_UNDER):
+            continue
+        for line in _prints(ast.parse(path.read_text(), filename=str(path))):
+            problems.append(f"{rel}:{line}: prints (ckptsync/output.py writes every line)")
+    assert not problems, "\n".join(problems)
+
+
 def test_every_package_init_has_a_docstring_of_two_lines_or_more() -> None:
     problems = []
     for init in sorted(PACKAGE.rglob("__init__.py")):
