@@ -33,7 +33,7 @@ from ckptsync.remote.encrypted import check_keys
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["Found", "RestoreInfo", "Restorer", "load_states", "read_states",
+__all__ = ["Candidate", "Found", "RestoreInfo", "Restorer", "load_states", "read_states",
            "restore_replicated", "say_fell_back"]
 
 log = logging.getLogger("ckptsync")
@@ -92,7 +92,7 @@ class Restorer:
             return ckpt, read_states(ckpt, map_location, objects, self.keys), []
         skipped: Skipped = []
         lacking: list[str] = []  # why, for each candidate without an object passed here
-        for cand in self._candidates():
+        for cand in self.candidates():
             where = "local" if cand.local is not None else "remote"
             if cand.problem is not None:
                 why = f"{where} copy: {cand.problem}"
@@ -133,17 +133,17 @@ class Restorer:
             )
         return None
 
-    def _candidates(self) -> Iterator[_Candidate]:
+    def candidates(self) -> Iterator[Candidate]:
         """Every committed checkpoint copy, local and remote, newest first (lazily remote)."""
         bad: Skipped = []
-        local = [_Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
+        local = [Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
                             unusable_reason(c.manifest))
                  for c in self.store.list(bad)]
-        local += [_Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
+        local += [Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
         local.sort(key=lambda c: c.key, reverse=True)
         if self.remote is None:
             return iter(local)
-        remote = (_Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
+        remote = (Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
                              None if e.status == "valid" else (e.problem or e.status))
                   for e in self.remote.iter_committed())
         # Copies of one checkpoint have equal keys, and the merge is stable: the local copy
@@ -273,7 +273,7 @@ def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class Candidate:
     """One committed copy of a checkpoint that restore may try: local (``local`` set) or
     remote; ``problem`` says why it cannot be used without reading a byte of it."""
 

@@ -33,7 +33,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
-from ckptsync.zerocode.rules import WatchRule, _is_private, is_watched
+from ckptsync.zerocode.rules import WatchRule, is_private, is_watched
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -287,7 +287,7 @@ def _check_leaf(target: Path, pfd: int, rel: str) -> None:
 
 def _check_destination(target: Path, tfd: int, rel: str) -> None:
     check_relpath(rel, where=str(target))
-    if _is_private(rel):
+    if is_private(rel):
         raise _refuse(target, rel, "the name is ckptsync's own")
     pfd = _open_parent(target, tfd, rel, create=None)
     if pfd is not None:

@@ -52,7 +52,9 @@ __all__ = [
     "StatSig",
     "WatchRule",
     "check_complete",
+    "dir_files",
     "glob_match",
+    "is_private",
     "is_watched",
     "stat_sig",
     "structure_complete",
@@ -72,7 +74,7 @@ def stat_sig(st: os.stat_result) -> StatSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _is_private(rel: str) -> bool:
+def is_private(rel: str) -> bool:
     """The daemon's directory, a pull's temp dir, a checkpointer's lock: ckptsync's own."""
     return rel.split("/", 1)[0].startswith(PRIVATE_PREFIX)
 
@@ -140,7 +142,7 @@ class WatchRule:
         else:
             raise ConfigError(f"invalid watch rule {spec!r}: {usage}")
         for p in filter(None, (rule.pattern, rule.marker)):
-            if p.startswith("/") or ".." in p.split("/") or _is_private(p):
+            if p.startswith("/") or ".." in p.split("/") or is_private(p):
                 raise ConfigError(f"invalid watch rule {spec!r}: paths must be relative, "
                                   f"without '..', not under a {PRIVATE_PREFIX}* name")
         return rule
@@ -148,7 +150,7 @@ class WatchRule:
     # ------------------------------------------------------------------ matching
     def matches_file(self, rel: str) -> bool:
         """Does ``rel`` (a file path relative to the watched dir) belong to this rule?"""
-        if _is_private(rel):
+        if is_private(rel):
             return False
         if self.kind == "file":
             return glob_match(rel, self.pattern)
@@ -220,10 +222,11 @@ def _glob(root: Path, pattern: str) -> list[str]:
     if not any(c in pattern for c in "*?["):
         return [pattern] if (root / pattern).exists() else []
     return [p.relative_to(root).as_posix() for p in root.glob(pattern)
-            if not _is_private(p.relative_to(root).as_posix())]
+            if not is_private(p.relative_to(root).as_posix())]
 
 
-def _dir_files(root: Path, rel_dir: str) -> list[str]:
+def dir_files(root: Path, rel_dir: str) -> list[str]:
+    """Every file under ``root/rel_dir`` (a directory rule's version), relative to ``root``."""
     base = root / rel_dir
     return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
 
