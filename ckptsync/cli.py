@@ -51,7 +51,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, name_sort_key
-from ckptsync.output import Output
+from ckptsync.output import Output, human_size
 from ckptsync.ownership import (
     check_not_local_checkpoint_dir,
     check_remote_outside,
@@ -137,15 +137,6 @@ def _out(args: argparse.Namespace) -> Output:
     return out
 
 
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def _manifest_summary(m: Manifest) -> dict[str, Any]:
     return {"name": m.name, "step": m.step, "created": m.created, "size": m.total_size,
             "files": len(m.files), "metrics": m.metrics,
@@ -195,7 +186,7 @@ def _run_push(args: argparse.Namespace) -> int:
                 continue
         pushed += 1
         out.event("would_push" if args.dry_run else "pushed",
-                  f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})",
+                  f"{verb} {ckpt.name} ({human_size(ckpt.manifest.total_size)})",
                   name=ckpt.name, step=ckpt.step, size=ckpt.manifest.total_size,
                   files=len(ckpt.manifest.files))
     return out.summary(
@@ -311,7 +302,7 @@ def _run_ls(args: argparse.Namespace) -> int:
             e.name,
             "" if m is None or m.step is None else str(m.step),
             m.created[:19].replace("T", " ") if m else "",
-            _human(e.size),
+            human_size(e.size),
             metrics,
             e.status,
         ])

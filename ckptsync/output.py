@@ -37,7 +37,7 @@ from typing import IO, Any, TextIO
 
 from ckptsync.redact import scrub
 
-__all__ = ["EventLog", "LogBridge", "Output", "notice", "utc"]
+__all__ = ["EventLog", "LogBridge", "Output", "human_size", "notice", "utc"]
 
 
 class Output:
@@ -99,6 +99,16 @@ class Output:
         the stream with a summary naming it, so a reader never waits for a missing line."""
         if self.json_lines and not self.done:
             self.summary(exit_code, error=error)
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``36.6 KiB``, ``1.2 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
 
 
 def notice(text: str, stream: TextIO | None = None) -> None:

@@ -31,6 +31,7 @@ from ckptsync.config import resolve_close_timeout
 from ckptsync.errors import ConfigError
 from ckptsync.local import FileOps, LocalStore
 from ckptsync.manifest import Manifest
+from ckptsync.redact import redact_url
 from ckptsync.retention import BestRule, RetentionPolicy, parse_best
 
 if TYPE_CHECKING:
@@ -404,5 +405,19 @@ class Checkpointer:
         self.wait()
         info = self._strategy(sharded, objects).restore(name, objects, map_location)
         if info is not None:
-            self._sync.resumed(info.name)  # retention keeps it while this run lives
+            self._sync.resumed(info)  # retention keeps it while this run lives
         return info
+
+    def __repr__(self) -> str:
+        """One short line: the directory, the remote (credentials redacted), the newest
+        local checkpoint's step."""
+        remote = "None" if self.remote is None else repr(redact_url(self.remote.url))
+        try:
+            local = self.store.list()
+            newest = (f"step {local[-1].step}" if local[-1].step is not None
+                      else local[-1].name) if local else "none"
+        except OSError as e:  # a repr never raises: say why it cannot tell
+            newest = f"unknown ({e.strerror or e})"
+        closed = ", closed" if self._closed else ""
+        return (f"Checkpointer({str(self.store.directory)!r}, remote={remote}, "
+                f"newest={newest!r}{closed})")

@@ -244,12 +244,12 @@ def restore_sharded(ctx: Context, directory: NodeDirectory, name: str | None,
         if source.fetched and nodes.leader:
             _remove(ctx)
     m = source.manifest
+    pulled_from = ctx.remote.url_of() if source.fetched and ctx.remote is not None else None
     info = RestoreInfo(m.name, m.step, source.path, m, dict(m.metrics), dict(m.extra),
-                       states, tuple(passed))
+                       states, tuple(passed), pulled_from)
     if ctx.rank == 0 and info.fell_back:
         say_fell_back(info)
-    log.info("resumed from sharded %s (step %s) on %d ranks", m.name, m.step,
-             ctx.world_size)
+    log.info("%s (sharded, on %d ranks)", info.summary(), ctx.world_size)
     return info
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.client.uploader import SyncStatus, Uploader
 from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, parse_name
+from ckptsync.redact import redact_url
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
 if TYPE_CHECKING:
+    from ckptsync.client.restore import RestoreInfo
     from ckptsync.remote import RemoteStore
 
 __all__ = ["RunSync"]
@@ -48,6 +51,7 @@ class RunSync:
         self._uploader: Uploader | None = None
         self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
+        self._restored: RestoreInfo | None = None
 
     # ------------------------------------------------------------------ the save side
     def start_uploads(self) -> None:
@@ -79,9 +83,11 @@ class RunSync:
             self._uploader.offer(ckpt, streams or {})
         self.apply_local_retention()
 
-    def resumed(self, name: str) -> None:
-        """This run resumed from ``name``: retention keeps it, locally and remotely."""
-        self._resumed_from = name
+    def resumed(self, info: RestoreInfo) -> None:
+        """This run resumed from ``info``'s checkpoint: retention keeps it, locally and
+        remotely, and :meth:`status` knows what a pull brought back."""
+        self._resumed_from = info.name
+        self._restored = info
 
     # ------------------------------------------------------------------ retention
     def _after_push(self, manifest: Manifest) -> None:
@@ -140,10 +146,21 @@ class RunSync:
             self._uploader.close()
 
     def status(self) -> SyncStatus:
-        """Where the upload to the remote stands (see :class:`SyncStatus`)."""
-        if self._uploader is None:
-            return SyncStatus()
-        return self._uploader.status()
+        """Where the upload to the remote stands (see :class:`SyncStatus`). After a restore
+        that pulled from the remote, and until this run's first save, the checkpoint pulled
+        is the newest both locally and remotely as far as this run knows."""
+        if self._uploader is not None:
+            st = self._uploader.status()
+        else:
+            st = SyncStatus(remote=None if self.remote is None else redact_url(self.remote.url))
+        got = self._restored
+        if got is None or got.pulled_from is None:
+            return st
+        if st.newest_local is None:
+            st = replace(st, newest_local=got.name, newest_local_step=got.step)
+        if st.newest_remote is None:
+            st = replace(st, newest_remote=got.name, newest_remote_step=got.step)
+        return replace(st, behind=st.newest_local != st.newest_remote)
 
 
 def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
