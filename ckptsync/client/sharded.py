@@ -187,7 +187,7 @@ class Sharded:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.directory = NodeDirectory(ctx.store, ctx.rank)
+        self.node_dir = NodeDirectory(ctx.store, ctx.rank)
         self._session: _Session | None = None
 
     def _session_now(self) -> _Session:
@@ -270,7 +270,7 @@ class Sharded:
         tensors). Rank 0 records the checkpoint resumed from, as a replicated restore does."""
         from ckptsync.client.sharded_restore import restore_sharded
 
-        info = restore_sharded(self.ctx, self.directory, name, objects)
+        info = restore_sharded(self.ctx, self.node_dir, name, objects)
         if info is not None and self.ctx.rank == 0:
             write_json_atomic(self.ctx.store.directory / RESUMED_FILE,
                               {"name": info.name, "pid": os.getpid()}, self.ctx.store.ops)
@@ -294,7 +294,7 @@ class Sharded:
         err: BaseException | None = None
         if nodes.leader:
             try:
-                self.directory.adopt(nodes)
+                self.node_dir.adopt(nodes)
                 staging = ctx.store.staging(s.name)
             except Exception as e:
                 err = e
