@@ -87,10 +87,12 @@ PRIVATE_PREFIX = ".ckptsync-"
 WATCH_DIR = f"{PRIVATE_PREFIX}watch"
 
 
-def write_json_atomic(path: Path, obj: Any, ops: FileOps | None = None) -> None:
-    """Write ``obj`` as JSON at ``path``, whole or not at all, durably
-    (:func:`ckptsync.atomic.write_atomic`: temporary name, fsync, rename, directory fsync)."""
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode(), ops)
+def write_json_atomic(path: Path, obj: Any, ops: FileOps | None = None, *,
+                      durable: bool = True) -> None:
+    """Write ``obj`` as JSON at ``path``, whole or not at all (:func:`ckptsync.atomic.
+    write_atomic`: temporary name, fsync, rename, directory fsync; without ``durable``, for a
+    file rewritten often that a crash may roll back, the rename alone)."""
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode(), ops, durable=durable)
 
 
 def storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:
