@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -43,8 +42,6 @@ from typing import Any
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import is_watched
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -54,7 +51,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, name_sort_key
-from ckptsync.output import Output
+from ckptsync.output import Output, human_size
 from ckptsync.ownership import (
     check_not_local_checkpoint_dir,
     check_remote_outside,
@@ -64,6 +61,8 @@ from ckptsync.progress import NullProgress, Progress, TqdmProgress
 from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.version import __version__
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import is_watched
 
 __all__ = [
     "COMMANDS",
@@ -143,11 +142,6 @@ def _existing_local(path: str) -> LocalStore:
     return LocalStore(p)
 
 
-def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
-    """The one result of a command that does one thing (``demo``): one JSON object."""
-    print(json.dumps(obj, indent=2) if args.json else text)
-
-
 #: The commands that work through several checkpoints: with ``--json``, JSON Lines (one
 #: object per item as it finishes, then a summary line), see :mod:`ckptsync.output`.
 STREAMING = ("push", "pull", "ls", "verify", "gc")
@@ -158,15 +152,6 @@ def _out(args: argparse.Namespace) -> Output:
     if out is None:
         out = args.output = Output(args.command, args.json)
     return out
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 def _manifest_summary(m: Manifest) -> dict[str, Any]:
@@ -218,7 +203,7 @@ def _run_push(args: argparse.Namespace) -> int:
                 continue
         pushed += 1
         out.event("would_push" if args.dry_run else "pushed",
-                  f"{verb} {ckpt.name} ({_human(ckpt.manifest.total_size)})",
+                  f"{verb} {ckpt.name} ({human_size(ckpt.manifest.total_size)})",
                   name=ckpt.name, step=ckpt.step, size=ckpt.manifest.total_size,
                   files=len(ckpt.manifest.files))
     return out.summary(
@@ -258,10 +243,10 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
         return 0
     why = "; ".join(f"{n}: {r.splitlines()[0] if r else '?'}" for n, r in skipped)
     code = 0 if args.allow_fallback else EXIT_FELL_BACK
-    print(f"ckptsync: warning: pulled {pulled}, not the newest committed checkpoint "
-          f"{skipped[0][0]}: {why}" + ("" if args.allow_fallback else
-                                       f" (exit {code}; --allow-fallback to accept it)"),
-          file=sys.stderr)
+    _out(args).diagnostic(f"ckptsync: warning: pulled {pulled}, not the newest committed "
+                          f"checkpoint {skipped[0][0]}: {why}"
+                          + ("" if args.allow_fallback else
+                             f" (exit {code}; --allow-fallback to accept it)"))
     return code
 
 
@@ -271,8 +256,8 @@ def _run_pull(args: argparse.Namespace) -> int:
     head = store.read_manifest(args.name) if args.name else store.newest_valid()
     if head is None and args.name is None and all(e.status == "uncommitted"
                                                    for e in store.scan()):
-        print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
-              f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
+        out.diagnostic(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no "
+                       f"checkpoint (exit {EXIT_NOTHING_TO_DO})")
         return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
     if args.rule or (head is not None and head.source.get("kind") == "watched"):
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
@@ -315,8 +300,8 @@ def _add_ls(p: argparse.ArgumentParser) -> None:
 def _run_ls(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     entries = [e for e in store.scan() if args.all or e.status != "uncommitted"]
+    out = _out(args)
     if args.json:
-        out = _out(args)
         for e in entries:
             d: dict[str, Any] = {"name": e.name, "status": e.status, "size": e.size,
                                  "problem": e.problem}
@@ -334,14 +319,14 @@ def _run_ls(args: argparse.Namespace) -> int:
             e.name,
             "" if m is None or m.step is None else str(m.step),
             m.created[:19].replace("T", " ") if m else "",
-            _human(e.size),
+            human_size(e.size),
             metrics,
             e.status,
         ])
     if not rows:
-        print(f"no checkpoints in {redact_url(args.remote)}")
+        out.line(f"no checkpoints in {redact_url(args.remote)}")
         return 0
-    print(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
+    out.line(_table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "METRICS", "STATUS"]))
     return 0
 
 
@@ -368,7 +353,7 @@ def _run_verify(args: argparse.Namespace) -> int:
             bad += 1
             out.event("verified", f"CORRUPT  {name}: {e}", name=name, ok=False, problem=str(e))
     if bad and not args.json:
-        print(f"{bad} of {len(names)} checkpoint(s) failed verification", file=sys.stderr)
+        out.diagnostic(f"{bad} of {len(names)} checkpoint(s) failed verification")
     return out.summary(1 if bad else 0, None, verified=len(names), ok=len(names) - bad,
                        corrupt=bad)
 
@@ -438,7 +423,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         progress=isinstance(_progress(args), TqdmProgress),  # bars only on a terminal
         narrate_to_stderr=args.json,
     ))
-    _emit(args, report, format_report(report))
+    _out(args).document(report, format_report(report))
     return 0 if report["exact"] else 1
 
 
@@ -555,23 +540,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="ckptsync: %(levelname)s: %(message)s")
     install_filter(logging.getLogger().handlers)
     # JSON Lines end with a summary line on a failure too (the error is on stderr as well).
-    out = Output(args.command, bool(getattr(args, "json", False)))
-    if args.command in STREAMING:
-        args.output = out
+    out = args.output = Output(args.command, bool(getattr(args, "json", False)))
     try:
         code: int = args._run(args)
         return code
     except CkptSyncError as e:
-        print(f"ckptsync: error: {scrub(str(e))}", file=sys.stderr)
+        out.diagnostic(f"ckptsync: error: {scrub(str(e))}")
         # -vv: where it came from, with the backend's exception (scrubbed by the filter).
         log.debug("traceback of the error above", exc_info=True)
         return _failed(out, _exit_code(e), scrub(str(e)))
     except KeyboardInterrupt:
-        print("ckptsync: interrupted", file=sys.stderr)
+        out.diagnostic("ckptsync: interrupted")
         return _failed(out, EXIT_INTERRUPTED, "interrupted")
     except Exception as e:  # a bug: its traceback, without the secrets it may hold
         trace = "".join(traceback.format_exception(e))
-        print(f"ckptsync: internal error (please report it):\n{scrub(trace)}", file=sys.stderr)
+        out.diagnostic(f"ckptsync: internal error (please report it):\n{scrub(trace)}")
         return _failed(out, EXIT_FAILED, f"internal error: {scrub(repr(e))}")
 
 

@@ -160,6 +160,10 @@ class HashingWriter:
     def flush(self) -> None:
         self._f.flush()
 
+    def fileno(self) -> int:
+        """The file descriptor being written (for a caller that must hand one on)."""
+        return self._f.fileno()
+
     def writable(self) -> bool:
         return True
 

@@ -12,16 +12,15 @@ filesystem, fsync each file, write and fsync the manifest, fsync the staging dir
 it into place, fsync the parent. A crash at any instant leaves the previous state or the new
 checkpoint, never a half one: readers only look at non-hidden directories holding a manifest.
 
-File system calls go through :class:`FileOps` so that tests can inject faults (a full disk on
-the Nth write) without patching this module. Files are written through a
-:class:`~ckptsync.hashing.HashingWriter`, which computes the digests the manifest records;
-``HashingWriter``, ``hash_file`` and ``open_verified`` are re-exported from
+File system calls go through :class:`~ckptsync.atomic.FileOps` (re-exported here) so that
+tests can inject faults (a full disk on the Nth write) without patching this module. Files are
+written through a :class:`~ckptsync.hashing.HashingWriter`, which computes the digests the
+manifest records; ``HashingWriter``, ``hash_file`` and ``open_verified`` are re-exported from
 :mod:`ckptsync.hashing`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -29,13 +28,13 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ckptsync.atomic import FileOps, write_atomic
 from ckptsync.errors import (
     CorruptCheckpointError,
     LocalStorageError,
@@ -46,7 +45,6 @@ from ckptsync.hashing import (
     CHUNK,
     WRITEBACK_BYTES,
     HashingWriter,
-    WriteOps,
     hash_file,
     open_verified,
 )
@@ -89,46 +87,12 @@ PRIVATE_PREFIX = ".ckptsync-"
 WATCH_DIR = f"{PRIVATE_PREFIX}watch"
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON through a temp file and ``os.replace``: readers never see half."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-class FileOps(WriteOps):
-    """The file system calls the local store makes: its writers' (opening, writing,
-    writeback, fsync: :class:`~ckptsync.hashing.WriteOps`) and its directories'. Subclass to
-    inject faults in tests."""
-
-    def mkdir(self, path: Path) -> None:
-        path.mkdir(parents=False, exist_ok=False)
-
-    def rename(self, src: Path, dst: Path) -> None:
-        os.rename(src, dst)
-
-    def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
-        """Rename ``src`` to ``dst_name`` in the directory open as ``dst_dir_fd``, replacing a
-        file there (a rename never follows a symlink in its last component)."""
-        os.replace(src, dst_name, dst_dir_fd=dst_dir_fd)
-
-    def link(self, src: Path, dst: Path) -> None:
-        """Hard-link ``src`` as ``dst`` (never following a symlink at ``src``)."""
-        os.link(src, dst, follow_symlinks=False)
-
-    def fsync_dir(self, path: Path) -> None:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def write_json_atomic(path: Path, obj: Any, ops: FileOps | None = None, *,
+                      durable: bool = True) -> None:
+    """Write ``obj`` as JSON at ``path``, whole or not at all (:func:`ckptsync.atomic.
+    write_atomic`: temporary name, fsync, rename, directory fsync; without ``durable``, for a
+    file rewritten often that a crash may roll back, the rename alone)."""
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode(), ops, durable=durable)
 
 
 def storage_error(e: OSError, path: Path, action: str) -> LocalStorageError:

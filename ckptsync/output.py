@@ -1,11 +1,21 @@
-"""What the one-shot commands print: a line of text per item, or JSON Lines (torch-free).
+"""What every command prints: its text and JSON, its messages on stderr, and the daemon's log.
 
-``push``, ``pull``, ``ls``, ``verify`` and ``gc`` work through several checkpoints. With
-``--json`` each writes one compact JSON object per line on stdout as each item finishes (so a
-pipe sees progress, as with s5cmd's and rclone's streaming JSON), every object naming what it
-is in its ``event`` field, and a last ``{"event": "summary", ...}`` line with the counts and
-the exit code, written on a failure too (with ``error``). Without ``--json`` the same calls
-print the human text.
+One module decides how output looks and where it goes, so that ``--json`` means the same to
+every command and nothing a user reads is printed from elsewhere:
+
+- :class:`Output`, the stdout of one command. ``push``, ``pull``, ``ls``, ``verify`` and
+  ``gc`` work through several checkpoints: with ``--json`` each writes one compact JSON object
+  per line as each item finishes (so a pipe sees progress, as with s5cmd's and rclone's
+  streaming JSON), every object naming what it is in its ``event`` field, and a last
+  ``{"event": "summary", ...}`` line with the counts and the exit code, written on a failure
+  too (with ``error``); without ``--json`` the same calls print the human text. ``status`` and
+  ``demo`` write one :meth:`Output.document`. :meth:`Output.diagnostic` (:func:`notice`) is a
+  line on stderr (an error, a warning), whatever the mode.
+- :class:`EventLog`, the log of the ``watch`` daemon: one structured event per line on stderr
+  (``key=value`` or JSON), every credential scrubbed; :class:`LogBridge` routes the library's
+  log records into it.
+
+Nothing here imports torch.
 
 Example::
 
@@ -16,11 +26,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
-from typing import Any, TextIO
+import threading
+import time
+from datetime import datetime, timezone
+from typing import IO, Any, TextIO
 
-__all__ = ["Output"]
+from ckptsync.redact import scrub
+
+__all__ = ["EventLog", "LogBridge", "Output", "human_size", "notice", "utc"]
 
 
 class Output:
@@ -30,15 +47,33 @@ class Output:
     for the first object should not wait for the last upload.
     """
 
-    def __init__(self, command: str, json_lines: bool, stream: TextIO | None = None) -> None:
+    def __init__(self, command: str, json_lines: bool, stream: TextIO | None = None,
+                 errors: TextIO | None = None) -> None:
         self.command = command
         self.json_lines = json_lines
         self._stream = stream
+        self._errors = errors
         #: Whether the summary line has been written (the command's last line).
         self.done = False
 
     def _write(self, line: str) -> None:
         print(line, file=self._stream or sys.stdout, flush=True)
+
+    def line(self, text: str) -> None:
+        """Human text on stdout (nothing with JSON: a JSON reader gets only objects)."""
+        if not self.json_lines:
+            self._write(text)
+
+    def document(self, obj: Any, text: str, *, indent: int = 2,
+                 sort_keys: bool = False) -> None:
+        """The one result of a command that does one thing (``status``, ``demo``): ``obj`` as
+        one (indented) JSON document, or ``text``."""
+        self._write(json.dumps(obj, indent=indent, sort_keys=sort_keys) if self.json_lines
+                    else text)
+
+    def diagnostic(self, text: str) -> None:
+        """A line on stderr, in either mode: an error, a warning, why nothing was done."""
+        notice(text, self._errors)
 
     def event(self, event: str, text: str | None = None, **fields: Any) -> None:
         """One item finished: ``{"event": EVENT, **fields}`` as one JSON line, or ``text``
@@ -64,3 +99,69 @@ class Output:
         the stream with a summary naming it, so a reader never waits for a missing line."""
         if self.json_lines and not self.done:
             self.summary(exit_code, error=error)
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for people: ``512 B``, ``36.6 KiB``, ``1.2 GiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def notice(text: str, stream: TextIO | None = None) -> None:
+    """``text`` on stderr (or ``stream``), flushed: what a person must see whatever the
+    application does with log records (a command's error, restore falling back)."""
+    print(text, file=stream or sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- the daemon's log
+def utc(ts: float | None = None) -> str:
+    """``ts`` (default: now) as UTC ISO-8601 with milliseconds and a ``Z``."""
+    t = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class EventLog:
+    """One event per line on a stream: ``ts=... level=info event=pushed name=...`` or JSON."""
+
+    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv") -> None:
+        self.stream = stream or sys.stderr
+        self.fmt = fmt
+        self._lock = threading.Lock()
+
+    def __call__(self, level: str, event: str, **fields: Any) -> None:
+        rec = {"ts": utc(), "level": level, "event": event, **fields}
+        if self.fmt == "json":
+            line = json.dumps(rec, default=str)
+        else:
+            line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
+        line = scrub(line)  # no credential ever reaches the log (DESIGN.md)
+        with self._lock:
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _kv(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    if s and not any(c in s for c in ' "=\n\t'):
+        return s
+    return json.dumps(s)
+
+
+class LogBridge(logging.Handler):
+    """Routes ``ckptsync.*`` library log records (retries, commits) into an event log."""
+
+    def __init__(self, events: EventLog) -> None:
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self.events(record.levelname.lower(), "log", logger=record.name,
+                        msg=record.getMessage())

@@ -1,54 +1,41 @@
 """The client API: :class:`Checkpointer`, the one entry point for training code.
 
-Saving, waiting, closing and retention live here; choosing and loading the checkpoint to
-resume from is :mod:`ckptsync.client.restore`.
+The Checkpointer composes the parts of a run and picks, in one place (:meth:`_strategy`), how
+each save and restore is done: replicated state (:mod:`ckptsync.client.replicated`) or
+sharded state through DCP (:mod:`ckptsync.client.sharded`), both behind
+:class:`~ckptsync.client.strategy.SaveStrategy`. Its parts: the local store, the remote,
+the background saves (:mod:`ckptsync.client.saves`) and what becomes of each committed
+checkpoint, uploads and retention (:mod:`ckptsync.client.sync`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-import time
 from collections.abc import Mapping
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.client import ranks
 from ckptsync.client.remote_open import KeyArg, open_remote
-from ckptsync.client.restore import RestoreInfo, restore_replicated
-from ckptsync.client.runinfo import dist_info, git_revision, run_meta, scalars
-from ckptsync.client.snapshot import BackgroundWorker, SaveHandle
-from ckptsync.client.state import (
-    RNG_FILE,
-    SnapshotBuffers,
-    capture_rng,
-    check_safe,
-    is_sharded,
-    state_of,
-    to_jsonable,
-)
-from ckptsync.client.uploader import SyncStatus, Uploader
-from ckptsync.client.writer import local_keys, write_checkpoint
+from ckptsync.client.replicated import Replicated
+from ckptsync.client.restore import RestoreInfo
+from ckptsync.client.runinfo import dist_info, git_revision
+from ckptsync.client.saves import Saves
+from ckptsync.client.snapshot import SaveHandle
+from ckptsync.client.state import is_sharded
+from ckptsync.client.strategy import Context, SaveStrategy
+from ckptsync.client.sync import RunSync
+from ckptsync.client.uploader import SyncStatus
+from ckptsync.client.writer import local_keys
 from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
-from ckptsync.local import (
-    RESUMED_FILE,
-    FileOps,
-    LocalCheckpoint,
-    LocalStore,
-    write_json_atomic,
-)
-from ckptsync.manifest import Manifest, make_name, parse_name
-from ckptsync.retention import (
-    BestRule,
-    CheckpointInfo,
-    RetentionPolicy,
-    parse_best,
-    select_for_deletion,
-)
+from ckptsync.errors import ConfigError
+from ckptsync.local import FileOps, LocalStore
+from ckptsync.manifest import Manifest
+from ckptsync.redact import redact_url
+from ckptsync.retention import BestRule, RetentionPolicy, parse_best
 
 if TYPE_CHECKING:
+    from ckptsync.client.sharded import Sharded
     from ckptsync.remote import RemoteStore
 
 __all__ = ["Checkpointer", "RestoreInfo", "SyncStatus"]
@@ -122,7 +109,6 @@ class Checkpointer:
         encrypt_local: bool = False,
     ) -> None:
         self.rank, self.world_size = dist_info()
-        self._uploader: Uploader | None = None
         self._closed = False
         err: Exception | None = None
         try:
@@ -130,13 +116,12 @@ class Checkpointer:
             self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
-                            on_remote_error, close_timeout, encryption_key, encrypt_local)
+                            on_remote_error, close_timeout, encryption_key, encrypt_local, rng)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
                 raise
             err = e
-        self.capture_rng = rng
         if self.world_size > 1:
             # Every rank learns how every rank's construction went (the lock and cleanup are
             # rank 0's alone): a rank that constructed while rank 0 failed would otherwise
@@ -148,32 +133,30 @@ class Checkpointer:
                 raise
         # Nothing below can fail, so a refused or failed construction (on any rank) leaves no
         # lock and no upload thread behind.
-        if self.remote is not None and self.rank == 0:  # rank 0 alone writes, so uploads
-            self._uploader = Uploader(self.remote, on_error=on_remote_error,
-                                      after_push=self._after_push)
+        if self.rank == 0:  # rank 0 alone writes, so uploads (other node leaders: later)
+            self._sync.start_uploads()
 
     def _construct(self, directory: str | os.PathLike[str], remote: str | None,
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
                    close_timeout: float | None, encryption_key: KeyArg,
-                   encrypt_local: bool) -> None:
+                   encrypt_local: bool, rng: bool) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
         self.on_remote_error = on_remote_error  # every uploader's (node leaders' too)
         self.store = LocalStore(directory, ops=file_ops)
-        self._buffers = SnapshotBuffers()
-        self._worker = BackgroundWorker()
-        self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
-        self._resumed_from: str | None = None
-        # The save whose outcome every rank has yet to learn (see _settle); None when none.
-        self._dist_pending: Future[Any] | None = None
-        self._git = git_revision()
         self.remote: RemoteStore | None = remote_store if remote_store is not None else (
             open_remote(remote, storage_options, self.store.directory, encryption_key))
         self.encrypt_local = encrypt_local
         self.keys = local_keys(encryption_key, encrypt_local, self.remote)
+        self._saves = Saves(self.rank, self.world_size)
+        self._sync = RunSync(self.store, self.remote, self.policy, on_remote_error)
+        self._ctx = Context(self.rank, self.world_size, self.store, self.remote, self._saves,
+                            self._sync, rng, git_revision(), self.keys, encrypt_local)
+        self._replicated = Replicated(self._ctx)
+        self._sharded: Sharded | None = None  # imports DCP: made on first use
         if self.rank == 0:
             if not self.store.acquire_writer_lock():
                 # A second writer's retention would delete the first one's checkpoints under
@@ -188,6 +171,23 @@ class Checkpointer:
     def _release_lock(self) -> None:
         if hasattr(self, "store"):
             self.store.release_writer_lock()
+
+    @property
+    def capture_rng(self) -> bool:
+        """Whether saves capture, and restores restore, the RNG states (``rng=``)."""
+        return self._ctx.capture_rng
+
+    def _strategy(self, sharded: bool | None, objects: Mapping[str, Any]) -> SaveStrategy:
+        """The one place that picks how a save or restore is done: through DCP, every rank
+        its own files, when ``sharded`` says so or (``sharded=None``) when the objects hold
+        DTensors; else replicated, rank 0 alone writing."""
+        if sharded or (sharded is None and is_sharded(objects)):
+            if self._sharded is None:
+                from ckptsync.client.sharded import Sharded  # imports DCP: only when used
+
+                self._sharded = Sharded(self._ctx)
+            return self._sharded
+        return self._replicated
 
     # ------------------------------------------------------------------ save
     def save(
@@ -239,143 +239,10 @@ class Checkpointer:
             raise ConfigError(f"object names {sorted(bad)} are reserved; pick other names")
         if not objects:
             raise ConfigError("save() needs at least one object, e.g. save(step, model=model)")
-        self._settle()  # back-pressure: the previous save is committed before buffers are reused
-        # ---- sharded state: DCP, every rank writes (ckptsync/client/sharded.py)
-        if sharded or (sharded is None and is_sharded(objects)):
-            from ckptsync.client.sharded import save_sharded  # imports DCP: only when used
-
-            if self.encrypt_local:
-                raise ConfigError("encrypt_local=True does not cover sharded (DCP) checkpoints "
-                                  "yet: save them without it, or unsharded")
-
-            # (An upload error of rank 0's uploader is not raised here, on rank 0 alone, where
-            # the other ranks would wait in DCP's collectives: wait() raises it on every rank.)
-            return save_sharded(self, step, objects, scalars(metrics),
-                                to_jsonable(extra) if extra is not None else {})
-        name = make_name(step) if self.rank == 0 else ""
-        err: Exception | None = None
-        rng_state: dict[str, Any] | None = None
-        trees: dict[str, Any] = {}
-        try:
-            if self._uploader is not None:
-                self._uploader.raise_error()
-                if self._uploader.lagging():
-                    log.warning("%s", self._uploader.status().lag())
-            metric_values = scalars(metrics)
-            extra_json = to_jsonable(extra) if extra is not None else {}
-            t0 = time.perf_counter()
-            rng_state = capture_rng() if self.capture_rng else None
-            if self.rank == 0:
-                for obj_name, obj in objects.items():
-                    tree = state_of(obj_name, obj)
-                    check_safe(tree, obj_name)
-                    trees[obj_name] = self._buffers.snapshot(obj_name, tree)
-                stall = time.perf_counter() - t0
-                meta = self._meta(objects, stall)
-        except Exception as e:
-            if self.world_size == 1:
-                raise
-            err = e
-        if self.world_size > 1:
-            # Every rank joins, failed or not: a failure anywhere raises on every rank, and
-            # no rank is left in a collective the others never join.
-            shared = ranks.agree(self.rank, self.world_size, err, (rng_state, name),
-                                 f"save step {step}")
-            rng_all: list[Any] = [r for r, _ in shared]
-            name = shared[0][1]
-        else:
-            rng_all = [rng_state]
-        if self.rank != 0:
-            future: Future[Manifest | None] = Future()
-            self._dist_pending = future
-            return SaveHandle(future, name, settle=self._settle)
-
-        if rng_all[0] is not None:
-            trees_rng: dict[str, Any] | None = {"world_size": self.world_size, "ranks": rng_all}
-        else:
-            trees_rng = None
-
-        def job() -> Manifest:
-            return self._write(name, step, trees, trees_rng, metric_values, extra_json, meta)
-
-        handle = self._worker.submit(job, name,
-                                     settle=self._settle if self.world_size > 1 else None)
-        if self.world_size > 1:
-            self._dist_pending = handle._future
-        return handle  # type: ignore[return-value]
-
-    def _meta(self, objects: Mapping[str, Any], stall: float) -> dict[str, Any]:
-        return run_meta(self.world_size, self._git, objects, stall)
-
-    def _write(self, name: str, step: int | None, trees: dict[str, Any],
-               rng: dict[str, Any] | None, metrics: dict[str, float], extra: dict[str, Any],
-               meta: dict[str, Any]) -> Manifest:
-        t0 = time.perf_counter()
-        files = dict(trees)
-        if rng is not None:
-            files[RNG_FILE[:-3]] = rng
-        # Only a checkpoint that a healthy remote will push at once is worth streaming.
-        streaming = self._uploader is not None and self._uploader.ready_to_stream()
-        ckpt, streams = write_checkpoint(
-            self.store, name, files, remote=self.remote if streaming else None,
-            seal=self.keys if self.encrypt_local else None,
-            manifest={"step": step, "metrics": metrics, "meta": meta, "extra": extra})
-        manifest = ckpt.manifest
-        log.info("saved %s (step %s, %.1f MB) in %.2fs", ckpt.path, step,
-                 manifest.total_size / 1e6, time.perf_counter() - t0)
-        if self._uploader is not None:
-            self._uploader.offer(ckpt, streams)
-        self._apply_local_retention()
-        return manifest
-
-    def _after_push(self, manifest: Manifest) -> None:
-        """In the upload thread, after ``manifest`` was committed remotely: retention."""
-        assert self.remote is not None
-        if self.policy.active:
-            protect = [n for n in (self._resumed_from,) if n]
-            self.remote.apply_retention(self.policy, protect=protect)
-            self._apply_local_retention()  # the previous upload no longer needs its files
-
-    def _apply_local_retention(self) -> None:
-        """Local retention; it spares the checkpoint being uploaded and the one waiting (so
-        the disk holds at most what the policy keeps plus those two, whatever the remote
-        does) and the one this run resumed from."""
-        if not self.policy.active:
-            return
-        with self._retention_lock:
-            # Only usable checkpoints this tool wrote count: a broken one must neither protect
-            # itself nor push a good one out (it is left for a human, as remote retention
-            # leaves it), and anything else beside them is the user's.
-            infos = [CheckpointInfo(c.name, c.step, c.manifest.sort_key(), c.manifest.metrics)
-                     for c in self.store.list()
-                     if parse_name(c.name) is not None and _usable(self.store, c)]
-            # Listed first: a checkpoint committed after the listing is not deleted here.
-            protect = self._uploader.protected() if self._uploader is not None else set()
-            if self._resumed_from:
-                protect.add(self._resumed_from)
-            for doomed in select_for_deletion(infos, self.policy, protect=protect):
-                self.store.delete(doomed)
-                log.info("retention: deleted local checkpoint %s", doomed)
+        self._saves.settle()  # back-pressure: the previous save is committed first
+        return self._strategy(sharded, objects).save(step, objects, metrics, extra)
 
     # ------------------------------------------------------------------ wait / close
-    def _settle(self) -> None:
-        """Drain the in-flight save. Under torch.distributed, when a save is pending (on every
-        rank alike: ``save`` set it on each), this is the collective that shares its outcome:
-        rank 0's manifest completes every rank's handle, or its error raises on every rank.
-        It runs at the first of the next ``save``, ``wait``, ``close`` or the handle's
-        ``wait`` on each rank, so every rank joins it exactly once per save."""
-        err: BaseException | None = None
-        try:  # rank 0's replicated save; every rank's own sharded one (agreed on every rank)
-            self._worker.drain()
-        except BaseException as e:
-            err = e
-        pending, self._dist_pending = self._dist_pending, None
-        if pending is None or self.world_size == 1:
-            if err is not None:
-                raise err
-            return
-        ranks.share_commit(self.rank, err, pending)
-
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every save is committed locally and (with a remote) remotely.
 
@@ -393,16 +260,11 @@ class Checkpointer:
             CkptSyncError: a background save failed (or, with ``on_remote_error="raise"``, an
                 upload).
         """
-        self._settle()
+        self._saves.settle()
         caught_up = True
         err: Exception | None = None
         try:
-            if self._uploader is not None:
-                caught_up = self._uploader.wait_idle(self._timeout(timeout))
-                self._uploader.raise_error()
-                if not caught_up:
-                    log.warning("stopped waiting for the remote: %s",
-                                self._uploader.status().lag())
+            caught_up = self._sync.wait(self._timeout(timeout))
         except Exception as e:
             if self.world_size == 1:
                 raise
@@ -448,31 +310,23 @@ class Checkpointer:
         upload (bounded by ``close_timeout``), then its threads and lock."""
         if self._closed:
             return
-        pending, self._dist_pending = self._dist_pending, None
-        if pending is not None and self.rank != 0:  # no rank will share rank 0's outcome now
-            pending.set_exception(CkptSyncError(
-                "closed after an error before rank 0's commit outcome reached this rank"))
         try:
-            self._worker.drain()
-            if self._uploader is not None:
-                self._uploader.wait_idle(self.close_timeout)
+            self._saves.drain_alone()
+            self._sync.wait_quietly(self.close_timeout)
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
         self._closed = True
-        self._worker.close()
-        if self._uploader is not None:
-            self._uploader.close()
+        self._saves.close()
+        self._sync.close()
         self.store.release_writer_lock()
 
     def status(self) -> SyncStatus:
         """Where the upload to the remote stands: the newest local and remote checkpoints,
         what is in flight and pending, the last error and how many uploads failed in a row,
         whether the remote is behind, and (after :meth:`close`) what was left off it."""
-        if self._uploader is None:
-            return SyncStatus()
-        return self._uploader.status()
+        return self._sync.status()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -549,30 +403,21 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
-        # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
-        if sharded or (sharded is None and is_sharded(objects)):
-            from ckptsync.client.sharded_restore import restore_sharded  # imports DCP: if used
-
-            sinfo = restore_sharded(self, name, objects)
-            if sinfo is not None:
-                self._resumed_from = sinfo.name
-                if self.rank == 0:
-                    write_json_atomic(self.store.directory / RESUMED_FILE,
-                                      {"name": sinfo.name, "pid": os.getpid()})
-            return sinfo
-        info = restore_replicated(self.store, self.remote, self.rank, self.world_size, name,
-                                  map_location, objects, rng=self.capture_rng, keys=self.keys,
-                                  keep_encrypted=self.encrypt_local)
+        info = self._strategy(sharded, objects).restore(name, objects, map_location)
         if info is not None:
-            self._resumed_from = info.name
+            self._sync.resumed(info)  # retention keeps it while this run lives
         return info
 
-
-def _usable(store: LocalStore, ckpt: LocalCheckpoint) -> bool:
-    """Counts for retention: usable and every file there with its size (no hashing)."""
-    try:
-        store.verify(ckpt, full=False)
-    except CorruptCheckpointError as e:
-        log.debug("retention leaves %s alone: %s", ckpt.name, e)
-        return False
-    return True
+    def __repr__(self) -> str:
+        """One short line: the directory, the remote (credentials redacted), the newest
+        local checkpoint's step."""
+        remote = "None" if self.remote is None else repr(redact_url(self.remote.url))
+        try:
+            local = self.store.list()
+            newest = (f"step {local[-1].step}" if local[-1].step is not None
+                      else local[-1].name) if local else "none"
+        except OSError as e:  # a repr never raises: say why it cannot tell
+            newest = f"unknown ({e.strerror or e})"
+        closed = ", closed" if self._closed else ""
+        return (f"Checkpointer({str(self.store.directory)!r}, remote={remote}, "
+                f"newest={newest!r}{closed})")

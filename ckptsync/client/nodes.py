@@ -10,20 +10,14 @@ uploads it through its own uploader. Rank 0 leads node 0.
 from __future__ import annotations
 
 import socket
-import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from ckptsync.client.uploader import Uploader
 from ckptsync.errors import ConfigError
+from ckptsync.local import LocalStore
 
-if TYPE_CHECKING:
-    from ckptsync.client.checkpointer import Checkpointer
-
-__all__ = ["Nodes", "adopt", "ensure_uploader", "nodes_of"]
-
+__all__ = ["NodeDirectory", "Nodes", "nodes_of"]
 
 
 @dataclass(frozen=True)
@@ -47,42 +41,42 @@ class Nodes:
         return self.of.index(self.mine) == self.rank
 
 
-def nodes_of(ckpt: Checkpointer) -> Nodes:
-    """Collective (under ``torch.distributed``): every rank's node."""
-    key = (socket.gethostname(), str(ckpt.store.directory.resolve()))
+def nodes_of(store: LocalStore, rank: int, world_size: int) -> Nodes:
+    """Collective (under ``torch.distributed``): every rank's node, for this rank's
+    ``store``."""
+    key = (socket.gethostname(), str(store.directory.resolve()))
     keys: list[tuple[str, str]] = [key]
-    if ckpt.world_size > 1:
-        keys = [key] * ckpt.world_size
+    if world_size > 1:
+        keys = [key] * world_size
         dist.all_gather_object(keys, key)
     index: dict[tuple[str, str], int] = {}
-    return Nodes(tuple(index.setdefault(k, len(index)) for k in keys), ckpt.rank)
+    return Nodes(tuple(index.setdefault(k, len(index)) for k in keys), rank)
 
 
-_adopted: weakref.WeakSet[Checkpointer] = weakref.WeakSet()
+class NodeDirectory:
+    """This rank's hold on its node's directory ``store``: rank 0 takes it when its
+    Checkpointer is built; the leader of another node takes it with :meth:`adopt`."""
 
+    def __init__(self, store: LocalStore, rank: int) -> None:
+        self.store = store
+        self.rank = rank
+        self._adopted = False
 
-def adopt(ckpt: Checkpointer, nodes: Nodes) -> None:
-    """The first time this rank leads a node other than rank 0's: hold the node directory's
-    writer lock and remove the leftovers of crashed saves there, as rank 0 does for its own
-    directory when the Checkpointer is built (the lock goes when it closes).
+    def adopt(self, nodes: Nodes) -> None:
+        """The first time this rank leads a node other than rank 0's: hold the node
+        directory's writer lock and remove the leftovers of crashed saves there, as rank 0
+        does for its own directory when the Checkpointer is built (the lock goes when it
+        closes).
 
-    Raises:
-        ConfigError: another Checkpointer writes in this node's directory.
-    """
-    if not nodes.leader or ckpt.rank == 0 or ckpt in _adopted:
-        return
-    if not ckpt.store.acquire_writer_lock():
-        raise ConfigError(
-            f"another Checkpointer ({ckpt.store.writer_lock_holder()}) is writing checkpoints "
-            f"in {ckpt.store.directory} (node {nodes.mine}'s directory); one directory holds "
-            "one run: give each run its own directory")
-    ckpt.store.cleanup()
-    _adopted.add(ckpt)
-
-
-def ensure_uploader(ckpt: Checkpointer) -> None:
-    """A node leader other than rank 0 uploads its node's part: give it an uploader (rank 0
-    has had one since construction)."""
-    if ckpt.remote is not None and ckpt._uploader is None:
-        ckpt._uploader = Uploader(ckpt.remote, on_error=ckpt.on_remote_error,
-                                  after_push=ckpt._after_push)
+        Raises:
+            ConfigError: another Checkpointer writes in this node's directory.
+        """
+        if not nodes.leader or self.rank == 0 or self._adopted:
+            return
+        if not self.store.acquire_writer_lock():
+            raise ConfigError(
+                f"another Checkpointer ({self.store.writer_lock_holder()}) is writing "
+                f"checkpoints in {self.store.directory} (node {nodes.mine}'s directory); one "
+                "directory holds one run: give each run its own directory")
+        self.store.cleanup()
+        self._adopted = True

@@ -20,7 +20,7 @@ from ckptsync import errors
 from ckptsync.errors import CkptSyncError
 from ckptsync.manifest import Manifest
 
-__all__ = ["Failure", "agree", "share_commit", "share_from_rank0"]
+__all__ = ["Failure", "agree", "describe", "from_rank0", "share_commit", "share_from_rank0"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,12 @@ def agree(rank: int, world_size: int, err: BaseException | None, payload: Any,
           what: str, group: Any = None) -> list[Any]:
     """Collective (over ``group``, default: every rank): every rank's ``payload``, by rank;
     raises on every rank if any failed (its own ``err`` where it failed, else the lowest
-    failed rank's, named)."""
+    failed rank's, named). Outside torch.distributed (``world_size`` 1): ``[payload]``, or
+    ``err`` raised."""
+    if world_size == 1:
+        if err is not None:
+            raise err
+        return [payload]
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, (Failure.of(rank, err), payload), group=group)
     if err is not None:
@@ -74,6 +79,19 @@ def agree(rank: int, world_size: int, err: BaseException | None, payload: Any,
         if failure is not None:
             failure.raise_here(what)
     return [p for _, p in gathered]
+
+
+def from_rank0(world_size: int, value: Any, group: Any = None) -> Any:
+    """Collective (over ``group``): rank 0's ``value`` on every rank (the others pass any)."""
+    box = [value]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def describe(e: BaseException) -> str:
+    """``e`` as one rank tells another about it: its class and message."""
+    return f"{type(e).__name__}: {e}"
 
 
 def share_commit(rank: int, err: BaseException | None, pending: Future[Any]) -> None:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -28,24 +27,35 @@ from ckptsync.crypto import KeyRing, SealedReader
 from ckptsync.errors import ConfigError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import FileEntry, Manifest, parse_name, unusable_reason
+from ckptsync.output import human_size, notice
 from ckptsync.remote.encrypted import check_keys
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["Found", "RestoreInfo", "Restorer", "load_states", "read_states",
+__all__ = ["Candidate", "Found", "RestoreInfo", "Restorer", "load_states", "read_states",
            "restore_replicated", "say_fell_back"]
 
 log = logging.getLogger("ckptsync")
 
 Skipped = list[tuple[str, str]]  # (name, why) of checkpoint copies restore passed over
-Found = tuple[LocalCheckpoint, dict[str, Any], Skipped]
-"""The checkpoint to load, its loaded states, and what was passed over on the way."""
 
 
-@dataclass(frozen=True)
+class Found(NamedTuple):
+    """The checkpoint to load, its loaded states, what was passed over on the way, and the
+    remote it was pulled from (redacted; None: it was local)."""
+
+    ckpt: LocalCheckpoint
+    states: dict[str, Any]
+    skipped: Skipped
+    pulled_from: str | None = None
+
+
+@dataclass(frozen=True, repr=False)
 class RestoreInfo:
-    """What :meth:`Checkpointer.restore` loaded."""
+    """What :meth:`Checkpointer.restore` loaded. Its ``repr`` is one short line (name, step,
+    where from, whether restore fell back), never the tensors: those are in :attr:`state`.
+    """
 
     name: str
     step: int | None
@@ -58,11 +68,31 @@ class RestoreInfo:
     skipped: tuple[tuple[str, str], ...] = ()
     """``(name, why)`` of each committed checkpoint copy, local or remote, newer than (or a
     copy of) the one loaded that restore passed over, newest first."""
+    pulled_from: str | None = None
+    """The remote (URL, credentials redacted) the checkpoint was pulled from; None when it
+    was restored from the local directory."""
 
     @property
     def fell_back(self) -> bool:
         """True when restore loaded an older checkpoint than the newest committed one."""
         return any(n != self.name for n, _ in self.skipped)
+
+    def summary(self) -> str:
+        """One line for people: ``resumed from step 150 (NAME), pulled from URL, 36.6 KiB,
+        verified`` (every file's digest was checked before anything was loaded)."""
+        at = f"step {self.step} ({self.name})" if self.step is not None else self.name
+        where = (f"pulled from {self.pulled_from}" if self.pulled_from is not None
+                 else f"local copy in {self.path.parent}")
+        line = f"resumed from {at}, {where}, {human_size(self.manifest.total_size)}, verified"
+        newer = len({n for n, _ in self.skipped if n != self.name})
+        if newer:
+            line += f"; fell back past {newer} newer unusable checkpoint(s)"
+        return line
+
+    def __repr__(self) -> str:
+        source = "local" if self.pulled_from is None else f"remote {self.pulled_from}"
+        return (f"RestoreInfo(name={self.name!r}, step={self.step}, from={source!r}, "
+                f"fell_back={self.fell_back})")
 
 
 class Restorer:
@@ -87,12 +117,13 @@ class Restorer:
             ConfigError: an object is in no checkpoint (or, with ``name``, not in that one).
         """
         if name is not None:
-            ckpt = self._named(name)
+            ckpt, pulled_from = self._named(name)
             self.store.verify(ckpt)
-            return ckpt, read_states(ckpt, map_location, objects, self.keys), []
+            return Found(ckpt, read_states(ckpt, map_location, objects, self.keys), [],
+                         pulled_from)
         skipped: Skipped = []
         lacking: list[str] = []  # why, for each candidate without an object passed here
-        for cand in self._candidates():
+        for cand in self.candidates():
             where = "local" if cand.local is not None else "remote"
             if cand.problem is not None:
                 why = f"{where} copy: {cand.problem}"
@@ -101,6 +132,7 @@ class Restorer:
                 lacking.append(why)
             else:
                 try:
+                    pulled_from = None
                     if cand.local is not None:
                         ckpt = cand.local
                         self.store.verify(ckpt)
@@ -110,8 +142,9 @@ class Restorer:
                         # hashing it again would only double the resume time.
                         ckpt = self.remote.pull(cand.name, self.store,
                                                 keep_encrypted=self.keep_encrypted)
-                        log.info("pulled %s from %s", cand.name, self.remote.url_of())
-                    return ckpt, read_states(ckpt, map_location, objects, self.keys), skipped
+                        pulled_from = self.remote.url_of()
+                    return Found(ckpt, read_states(ckpt, map_location, objects, self.keys),
+                                 skipped, pulled_from)
                 except CorruptCheckpointError as e:
                     why = str(e)
             log.warning("checkpoint %s cannot be restored, trying an older one: %s",
@@ -133,30 +166,32 @@ class Restorer:
             )
         return None
 
-    def _candidates(self) -> Iterator[_Candidate]:
+    def candidates(self) -> Iterator[Candidate]:
         """Every committed checkpoint copy, local and remote, newest first (lazily remote)."""
         bad: Skipped = []
-        local = [_Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
+        local = [Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
                             unusable_reason(c.manifest))
                  for c in self.store.list(bad)]
-        local += [_Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
+        local += [Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
         local.sort(key=lambda c: c.key, reverse=True)
         if self.remote is None:
             return iter(local)
-        remote = (_Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
+        remote = (Candidate(_order_key(e.name, e.manifest), e.name, e.manifest, None,
                              None if e.status == "valid" else (e.problem or e.status))
                   for e in self.remote.iter_committed())
         # Copies of one checkpoint have equal keys, and the merge is stable: the local copy
         # comes first (no download).
         return heapq.merge(local, remote, key=lambda c: c.key, reverse=True)
 
-    def _named(self, name: str) -> LocalCheckpoint:
+    def _named(self, name: str) -> tuple[LocalCheckpoint, str | None]:
+        """Checkpoint ``name``, local or else pulled; and the remote it was pulled from."""
         try:
-            return self.store.get(name)
+            return self.store.get(name), None
         except NoCheckpointError:
             if self.remote is None:
                 raise
-        return self.remote.pull(name, self.store, keep_encrypted=self.keep_encrypted)
+        return (self.remote.pull(name, self.store, keep_encrypted=self.keep_encrypted),
+                self.remote.url_of())
 
 
 def read_states(ckpt: LocalCheckpoint, map_location: Any, objects: Mapping[str, Any],
@@ -201,9 +236,10 @@ def read_states(ckpt: LocalCheckpoint, map_location: Any, objects: Mapping[str, 
 
 
 def load_states(ckpt: LocalCheckpoint, states: dict[str, Any], objects: Mapping[str, Any],
-                skipped: Skipped, *, rank: int, rng: bool) -> RestoreInfo:
+                skipped: Skipped, *, rank: int, rng: bool,
+                pulled_from: str | None = None) -> RestoreInfo:
     """Load ``states`` (from :func:`read_states`) into ``objects`` and, with ``rng``, this
-    ``rank``'s RNG state; what was loaded."""
+    ``rank``'s RNG state; what was loaded (``pulled_from``: the remote it came from)."""
     for obj_name, obj in objects.items():
         load_into(obj_name, obj, states[obj_name])
     rng_states = states.pop(RNG_FILE[:-3], None)
@@ -216,7 +252,7 @@ def load_states(ckpt: LocalCheckpoint, states: dict[str, Any], objects: Mapping[
                         "%s): RNG not restored", ckpt.name, rank, rng_states.get("world_size"))
     return RestoreInfo(ckpt.name, ckpt.step, ckpt.path, ckpt.manifest,
                        dict(ckpt.manifest.metrics), dict(ckpt.manifest.extra), states,
-                       tuple(skipped))
+                       tuple(skipped), pulled_from)
 
 
 def say_fell_back(info: RestoreInfo) -> None:
@@ -228,7 +264,7 @@ def say_fell_back(info: RestoreInfo) -> None:
     msg = (f"restored {info.name} (step {info.step}), not the newest committed checkpoint "
            f"{info.skipped[0][0]}: {why}")
     log.warning("%s", msg)
-    print(f"ckptsync: WARNING: {msg}", file=sys.stderr, flush=True)
+    notice(f"ckptsync: WARNING: {msg}")
 
 def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
                        world_size: int, name: str | None, map_location: Any,
@@ -249,31 +285,33 @@ def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
     if world_size > 1:
         # Rank 0's choice, or its error, on every rank; then every rank reads it, and
         # nothing is loaded anywhere unless every rank could read it.
-        chosen_name = ranks.share_from_rank0(
-            rank, err, (found[0].name, found[2]) if found else None, "restore")
-        if rank != 0 and chosen_name is not None:
+        chosen = ranks.share_from_rank0(
+            rank, err, (found.ckpt.name, found.skipped, found.pulled_from) if found else None,
+            "restore")
+        if rank != 0 and chosen is not None:
             try:
-                ckpt = store.get(chosen_name[0])
-                found = (ckpt, read_states(ckpt, map_location, objects, keys), chosen_name[1])
+                ckpt = store.get(chosen[0])
+                found = Found(ckpt, read_states(ckpt, map_location, objects, keys), chosen[1],
+                              chosen[2])
             except Exception as e:
                 err = e
         ranks.agree(rank, world_size, err, None, "restore")
     if found is None:
         log.info("no checkpoint in %s: starting fresh", store.directory)
         return None
-    chosen, states, skipped = found
-    info = load_states(chosen, states, objects, skipped, rank=rank, rng=rng)
+    info = load_states(found.ckpt, found.states, objects, found.skipped, rank=rank, rng=rng,
+                       pulled_from=found.pulled_from)
     if rank == 0:
         write_json_atomic(store.directory / RESUMED_FILE,
-                          {"name": chosen.name, "pid": os.getpid()})
+                          {"name": info.name, "pid": os.getpid()}, store.ops)
         if info.fell_back:
             say_fell_back(info)
-    log.info("resumed from %s (step %s)", chosen.path, chosen.step)
+    log.info("%s", info.summary())
     return info
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class Candidate:
     """One committed copy of a checkpoint that restore may try: local (``local`` set) or
     remote; ``problem`` says why it cannot be used without reading a byte of it."""
 

@@ -26,31 +26,22 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 
-from ckptsync.client.nodes import Nodes, adopt, nodes_of
+from ckptsync.client import ranks
+from ckptsync.client.dcp_state import DCP_META, dcp_states, is_dcp, load_dcp_states
+from ckptsync.client.nodes import NodeDirectory, Nodes, nodes_of
 from ckptsync.client.restore import RestoreInfo, Restorer, Skipped, say_fell_back
-from ckptsync.client.sharded import (
-    DCP_META,
-    _agree,
-    _describe,
-    _load_states,
-    _rank0_says,
-    _states,
-    is_dcp,
-)
 from ckptsync.client.state import RNG_FILE, restore_rng
+from ckptsync.client.strategy import Context
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import PRIVATE_PREFIX
 from ckptsync.manifest import Manifest
 from ckptsync.parts import part_of
-
-if TYPE_CHECKING:
-    from ckptsync.client.checkpointer import Checkpointer
 
 __all__ = ["FETCH_DIR", "restore_sharded"]
 
@@ -63,23 +54,23 @@ fetched for a sharded restore (removed once loaded)."""
 METADATA = ".metadata"  # DCP's: which file holds each storage item
 
 
-def _choices(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any],
+def _choices(ctx: Context, name: str | None, objects: Mapping[str, Any],
              skipped: Skipped) -> Iterator[str]:
     """Rank 0: the DCP checkpoints to try, newest first (a local copy verified here; a
     remote one is fetched by every rank); each one passed over is logged and added to
     ``skipped``."""
-    restorer = Restorer(ckpt.store, ckpt.remote)
+    restorer = Restorer(ctx.store, ctx.remote)
     if name is not None:
         try:
-            local = ckpt.store.get(name)
+            local = ctx.store.get(name)
         except NoCheckpointError:
-            if ckpt.remote is None or ckpt.remote.read_manifest(name) is None:
+            if ctx.remote is None or ctx.remote.read_manifest(name) is None:
                 raise
         else:
-            ckpt.store.verify(local)
+            ctx.store.verify(local)
         yield name
         return
-    for cand in restorer._candidates():
+    for cand in restorer.candidates():
         m = cand.manifest
         held = m.meta[DCP_META].get("objects", []) if m is not None and is_dcp(m) else []
         if cand.problem is not None:
@@ -91,7 +82,7 @@ def _choices(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any],
         else:
             try:
                 if cand.local is not None:
-                    ckpt.store.verify(cand.local)
+                    ctx.store.verify(cand.local)
                 yield cand.name
                 continue  # every rank could not use it: skipped by restore_sharded
             except CorruptCheckpointError as e:
@@ -110,11 +101,11 @@ class _Source:
     fetched: bool  # path is a fetch directory (removed after the load), not a checkpoint
 
 
-def _fetch_dir(ckpt: Checkpointer, name: str) -> Path:
-    return ckpt.store.directory / FETCH_DIR / name
+def _fetch_dir(ctx: Context, name: str) -> Path:
+    return ctx.store.directory / FETCH_DIR / name
 
 
-def _prepare(ckpt: Checkpointer, name: str, states: dict[str, Any]) -> _Source:
+def _prepare(ctx: Context, name: str, states: dict[str, Any]) -> _Source:
     """This rank's source for ``name``: its whole local copy, or the files its load reads,
     fetched from the remote.
 
@@ -123,31 +114,31 @@ def _prepare(ckpt: Checkpointer, name: str, states: dict[str, Any]) -> _Source:
         CkptSyncError: the checkpoint is not (wholly) here and there is no remote.
     """
     try:
-        local = ckpt.store.get(name)
+        local = ctx.store.get(name)
     except NoCheckpointError:
         local = None
     if local is not None and part_of(local.manifest) is None:
         return _Source(local.path, local.manifest, False)
-    if ckpt.remote is None:
+    if ctx.remote is None:
         part = part_of(local.manifest) if local is not None else None
         where = (f"holds only part {part.node} of {part.nodes} of it" if part is not None
                  else "does not hold it")
         raise CkptSyncError(
-            f"checkpoint {name} was saved by several nodes and {ckpt.store.directory} {where}; "
+            f"checkpoint {name} was saved by several nodes and {ctx.store.directory} {where}; "
             "restoring it needs the remote its parts were uploaded to: pass remote=")
-    m = ckpt.remote.read_manifest(name)
+    m = ctx.remote.read_manifest(name)
     if m is None:
-        url = ckpt.remote.url_of(name)
+        url = ctx.remote.url_of(name)
         raise CorruptCheckpointError(f"{url}: no longer committed (deleted meanwhile?)",
                                      path=url)
-    directory = _fetch_dir(ckpt, name)
-    small = [METADATA] + ([RNG_FILE] if ckpt.capture_rng
+    directory = _fetch_dir(ctx, name)
+    small = [METADATA] + ([RNG_FILE] if ctx.capture_rng
                           and any(f.path == RNG_FILE for f in m.files) else [])
-    got = ckpt.remote.fetch_files(m, small, directory, ops=ckpt.store.ops)
-    needed = _files_read(directory, states, ckpt.rank == 0)
-    got += ckpt.remote.fetch_files(m, needed, directory, ops=ckpt.store.ops)
+    got = ctx.remote.fetch_files(m, small, directory, ops=ctx.store.ops)
+    needed = _files_read(directory, states, ctx.rank == 0)
+    got += ctx.remote.fetch_files(m, needed, directory, ops=ctx.store.ops)
     total = sum(f.size for f in m.files)
-    log.info("rank %d fetched %d of %d files (%s of %s) of %s", ckpt.rank, len(got),
+    log.info("rank %d fetched %d of %d files (%s of %s) of %s", ctx.rank, len(got),
              len(m.files), _size(sum(f.size for f in got)), _size(total), name)
     return _Source(directory, m, True)
 
@@ -175,92 +166,94 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _remove(ckpt: Checkpointer) -> None:
+def _remove(ctx: Context) -> None:
     """A node leader, once every rank is past the load (or the fetch) of a checkpoint: the
     fetch directory goes, with anything a crashed restore left there."""
-    shutil.rmtree(ckpt.store.directory / FETCH_DIR, ignore_errors=True)
+    shutil.rmtree(ctx.store.directory / FETCH_DIR, ignore_errors=True)
 
 
-def restore_sharded(ckpt: Checkpointer, name: str | None, objects: Mapping[str, Any]
-                    ) -> RestoreInfo | None:
+def restore_sharded(ctx: Context, directory: NodeDirectory, name: str | None,
+                    objects: Mapping[str, Any]) -> RestoreInfo | None:
     """:meth:`Checkpointer.restore` of sharded state; call on every rank. Rank 0 chooses the
     checkpoint; every rank gets the files its own load reads (in place, or fetched from the
     remote); every rank agrees they are all there, then loads through ``dcp.load``, on
-    whatever world size this run has."""
-    nodes: Nodes = nodes_of(ckpt)
+    whatever world size this run has. ``directory``: this rank's hold on its node's
+    directory (a node leader other than rank 0 adopts it here)."""
+    nodes: Nodes = nodes_of(ctx.store, ctx.rank, ctx.world_size)
     skipped: Skipped = []
-    choices = _choices(ckpt, name, objects, skipped) if ckpt.rank == 0 else iter(())
-    states = _states(objects)
+    choices = _choices(ctx, name, objects, skipped) if ctx.rank == 0 else iter(())
+    states = dcp_states(objects)
     first: BaseException | None = None
     try:
-        adopt(ckpt, nodes)  # a node leader other than rank 0: a crashed save's leftovers
+        directory.adopt(nodes)  # a node leader other than rank 0: a crashed save's leftovers
     except BaseException as e:
         first = e  # raised on every rank by the first agreement below
     while True:
         pick: str | None = None
         err: str | None = None
-        if ckpt.rank == 0:
+        if ctx.rank == 0:
             try:
                 pick = next(choices, None)
             except CkptSyncError as e:
-                err = _describe(e)
-        pick, err, passed = _rank0_says(ckpt, (pick, err, skipped))
+                err = ranks.describe(e)
+        pick, err, passed = ranks.from_rank0(ctx.world_size, (pick, err, skipped))
         if err is not None:
             raise CkptSyncError(f"rank 0 could not choose a checkpoint to restore: {err}")
         if pick is None:
             if passed:
                 raise CorruptCheckpointError(
-                    f"no sharded checkpoint in {ckpt.store.directory} can be restored "
+                    f"no sharded checkpoint in {ctx.store.directory} can be restored "
                     f"({'; '.join(f'{n}: {w}' for n, w in passed)}); nothing was loaded")
-            log.info("no checkpoint in %s: starting fresh", ckpt.store.directory)
+            log.info("no checkpoint in %s: starting fresh", ctx.store.directory)
             return None
         source: _Source | None = None
         failed, first = first, None
         corrupt: str | None = None
         try:
             if failed is None:
-                source = _prepare(ckpt, pick, states)
+                source = _prepare(ctx, pick, states)
         except CorruptCheckpointError as e:
             corrupt = str(e)
         except BaseException as e:
             failed = e
         try:
-            reports = _agree(ckpt, failed, corrupt, f"fetch checkpoint {pick}'s files")
+            reports = ranks.agree(ctx.rank, ctx.world_size, failed, corrupt,
+                                  f"fetch checkpoint {pick}'s files")
         except BaseException:
             if nodes.leader:
-                _remove(ckpt)
+                _remove(ctx)
             raise
-        bad = [f"rank {r}: {w}" if ckpt.world_size > 1 else w
+        bad = [f"rank {r}: {w}" if ctx.world_size > 1 else w
                for r, w in enumerate(reports) if w is not None]
         if not bad:
             assert source is not None
             break
         why = "; ".join(bad)
         if nodes.leader:
-            _remove(ckpt)
+            _remove(ctx)
         if name is not None:
             raise CorruptCheckpointError(f"checkpoint {pick} cannot be restored: {why}; "
                                          "nothing was loaded")
         log.warning("checkpoint %s cannot be restored here, trying an older one: %s",
                     pick, why)
-        if ckpt.rank == 0:
+        if ctx.rank == 0:
             skipped.append((pick, why))
     try:
-        _load(ckpt, source, states, objects)
+        _load(ctx, source, states, objects)
     finally:
         if source.fetched and nodes.leader:
-            _remove(ckpt)
+            _remove(ctx)
     m = source.manifest
+    pulled_from = ctx.remote.url_of() if source.fetched and ctx.remote is not None else None
     info = RestoreInfo(m.name, m.step, source.path, m, dict(m.metrics), dict(m.extra),
-                       states, tuple(passed))
-    if ckpt.rank == 0 and info.fell_back:
+                       states, tuple(passed), pulled_from)
+    if ctx.rank == 0 and info.fell_back:
         say_fell_back(info)
-    log.info("resumed from sharded %s (step %s) on %d ranks", m.name, m.step,
-             ckpt.world_size)
+    log.info("%s (sharded, on %d ranks)", info.summary(), ctx.world_size)
     return info
 
 
-def _load(ckpt: Checkpointer, source: _Source, states: dict[str, Any],
+def _load(ctx: Context, source: _Source, states: dict[str, Any],
           objects: Mapping[str, Any]) -> None:
     """Every rank: ``dcp.load`` from ``source`` into ``objects`` and this rank's RNG; then
     one collective, so that no rank's fetch directory is removed while a peer on its host
@@ -268,17 +261,17 @@ def _load(ckpt: Checkpointer, source: _Source, states: dict[str, Any],
     err: BaseException | None = None
     try:
         dcp.load(states, storage_reader=FileSystemReader(source.path))
-        _load_states(objects, states)
+        load_dcp_states(objects, states)
         rng_path = source.path / RNG_FILE
-        if ckpt.capture_rng and rng_path.is_file():
+        if ctx.capture_rng and rng_path.is_file():
             rngs = torch.load(rng_path, weights_only=True)
-            ranks = rngs.get("ranks", [])
-            if rngs.get("world_size") == ckpt.world_size and ranks[ckpt.rank] is not None:
-                restore_rng(ranks[ckpt.rank])
+            per_rank = rngs.get("ranks", [])
+            if rngs.get("world_size") == ctx.world_size and per_rank[ctx.rank] is not None:
+                restore_rng(per_rank[ctx.rank])
             else:
                 log.warning("checkpoint %s was saved by %s ranks, this run has %d: RNG not "
                             "restored", source.manifest.name, rngs.get("world_size"),
-                            ckpt.world_size)
+                            ctx.world_size)
     except BaseException as e:
         err = e
-    _agree(ckpt, err, None, f"load checkpoint {source.manifest.name}")
+    ranks.agree(ctx.rank, ctx.world_size, err, None, f"load checkpoint {source.manifest.name}")

@@ -42,6 +42,11 @@ class SaveHandle(Generic[T]):
         self.name = name
         self._settle = settle
 
+    @property
+    def future(self) -> Future[T]:
+        """The future the background save completes (with its manifest, or its error)."""
+        return self._future
+
     def done(self) -> bool:
         return self._future.done()
 

@@ -55,7 +55,7 @@ RECHECK_MAX_S = 5.0
 """The longest pause between two looks at a part waiting for other nodes."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SyncStatus:
     """Where a checkpointer's upload to its remote stands (``Checkpointer.status()``).
 
@@ -85,6 +85,32 @@ class SyncStatus:
     not_remote: tuple[str, ...] = ()
     not_remote_why: Mapping[str, str] = field(default_factory=dict)
     waiting_for_nodes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """One short line (a notebook shows it): the remote, the newest checkpoint each side
+        holds, whether they agree, and only what else is set."""
+        if self.remote is None:
+            return "SyncStatus(no remote)"
+
+        def at(name: str | None, step: int | None) -> str:
+            return "none" if name is None else (f"step {step}" if step is not None else name)
+
+        parts = [f"remote={self.remote!r}",
+                 f"local={at(self.newest_local, self.newest_local_step)}",
+                 f"remote_has={at(self.newest_remote, self.newest_remote_step)}",
+                 "behind" if self.behind else "in sync"]
+        parts += [f"{k}={v}" for k, v in (("in_flight", self.in_flight),
+                                           ("pending", self.pending)) if v is not None]
+        if self.superseded:
+            parts.append(f"superseded={self.superseded}")
+        if self.consecutive_failures:
+            parts.append(f"failures={self.consecutive_failures} "
+                         f"({(self.last_error or '')[:80]})")
+        if self.waiting_for_nodes:
+            parts.append(f"waiting_for_nodes={len(self.waiting_for_nodes)}")
+        if self.not_remote:
+            parts.append(f"not_remote={len(self.not_remote)}")
+        return f"SyncStatus({', '.join(parts)})"
 
     def lag(self) -> str:
         """One line saying how far behind the remote is, for logs."""

@@ -3,12 +3,10 @@
 It pushes every committed local checkpoint (native ones, and the zero-code versions of the
 files a trainer writes with ``torch.save``) that the remote lacks, newest first; it can be
 killed (even with SIGKILL) and restarted at any time: the remote is the only record needed.
-Nothing here imports torch. Modules, lowest layer first:
+The zero-code model itself (rules, presets, restoring versions) is :mod:`ckptsync.zerocode`,
+a layer below. Nothing here imports torch. Modules, lowest layer first:
 
-- ``contentstep``: the training step a zero-code file's content says it holds.
-- ``rules``: :class:`WatchRule` (which files form one checkpoint), glob matching, completeness.
 - ``versions``: :class:`VersionTracker` (when a version is finished), :func:`snapshot_version`.
-- ``restore``: :func:`restore_watched`, zero-code checkpoints back at their original paths.
 - ``config``: :class:`WatchConfig` (flags > ``CKPTSYNC_*`` env > config file > defaults).
 - ``runtime``: exit codes, :class:`EventLog`, the status file, the directory lock.
 - ``watcher_state``, ``watcher_remote``, ``watcher_push``, ``watcher_versions``: the parts of
@@ -26,8 +24,6 @@ from ckptsync.daemon.cli import add_subcommands, format_status, run_status, run_
 from ckptsync.daemon.config import WatchConfig, config_from_args
 from ckptsync.daemon.launcher import WatcherHandle, start_watcher
 from ckptsync.daemon.process import STOP_GRACE_S, run_daemon
-from ckptsync.daemon.restore import check_watched, restore_watched
-from ckptsync.daemon.rules import WatchRule, check_complete, is_watched, structure_complete
 from ckptsync.daemon.runtime import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -51,22 +47,16 @@ __all__ = [
     "Snapshot",
     "VersionTracker",
     "WatchConfig",
-    "WatchRule",
     "Watcher",
     "WatcherHandle",
     "add_subcommands",
-    "check_complete",
-    "check_watched",
     "config_from_args",
     "daemon_status",
     "format_status",
-    "is_watched",
     "read_status",
-    "restore_watched",
     "run_daemon",
     "run_status",
     "run_watch",
     "snapshot_version",
     "start_watcher",
-    "structure_complete",
 ]

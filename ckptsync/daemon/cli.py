@@ -11,17 +11,16 @@ Each runner takes the parsed ``argparse.Namespace`` and returns the exit code.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
-from ckptsync.daemon.presets import PRESETS
 from ckptsync.daemon.process import run_daemon
 from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status
 from ckptsync.errors import ConfigError
+from ckptsync.output import Output
+from ckptsync.zerocode.presets import PRESETS
 
 __all__ = ["add_subcommands", "format_status", "run_status", "run_watch"]
 
@@ -133,7 +132,7 @@ def run_watch(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as e:
-        print(f"ckptsync watch: error: {e}", file=sys.stderr)
+        _output(args, "watch").diagnostic(f"ckptsync watch: error: {e}")
         return EXIT_CONFIG
     return run_daemon(config)
 
@@ -142,11 +141,14 @@ def run_status(args: argparse.Namespace) -> int:
     """Print the daemon status of a directory; exit 0 (1 when checkpoints failed, or the
     daemon stopped with an error)."""
     st = daemon_status(args.local_dir)
-    if getattr(args, "json", False):
-        print(json.dumps(st, indent=1, sort_keys=True))
-    else:
-        print(format_status(st))
+    _output(args, "status").document(st, format_status(st), indent=1, sort_keys=True)
     return 1 if st.get("failed") or st.get("error") else 0
+
+
+def _output(args: argparse.Namespace, command: str) -> Output:
+    """The command's output (``ckptsync.cli.main`` made it), else a new one."""
+    out = getattr(args, "output", None)
+    return out if isinstance(out, Output) else Output(command, bool(getattr(args, "json", False)))
 
 
 def format_status(st: dict[str, Any]) -> str:

@@ -19,12 +19,12 @@ from typing import Any
 
 from ckptsync.config import ENV_PREFIX, parse_storage_option, storage_options_from_env
 from ckptsync.crypto import KeyRing
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.rules import WatchRule
 from ckptsync.errors import ConfigError
 from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.redact import redact_url
 from ckptsync.retention import BestRule, RetentionPolicy, parse_best
+from ckptsync.zerocode.presets import preset_rule
+from ckptsync.zerocode.rules import WatchRule
 
 __all__ = ["WatchConfig", "config_from_args"]
 
@@ -45,7 +45,7 @@ class WatchConfig:
         settle: seconds a zero-code version's files must stay unchanged (stat) to be taken.
         max_wait: a zero-code file rewritten more often than ``settle`` is still taken at
             least this often, when a complete copy can be made (0: only once quiet).
-        rules: zero-code rules (:class:`~ckptsync.daemon.rules.WatchRule`).
+        rules: zero-code rules (:class:`~ckptsync.zerocode.rules.WatchRule`).
         workers: checkpoints uploaded at once.
         parent_pid: when this process exits, upload what is pending and exit.
         stop_timeout: seconds SIGTERM waits for in-flight uploads before abandoning them.
@@ -111,7 +111,7 @@ class WatchConfig:
         ``keep_best``, ``keep_every``, ``interval``, ``settle``, ``max_wait``, ``rules``,
         ``workers``, ``stop_timeout``, ``log_format``, ``nice``, ``presets``); TOML may nest
         them under ``[watch]``.
-        ``presets`` (names from :data:`ckptsync.daemon.presets.PRESETS`; the environment's
+        ``presets`` (names from :data:`ckptsync.zerocode.presets.PRESETS`; the environment's
         ``CKPTSYNC_PRESETS`` separated by commas) expand to their rules, added to ``rules``.
         ``storage_options`` are merged key by key with the same precedence.
 

@@ -26,11 +26,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.runtime import daemon_status, read_status
 from ckptsync.errors import CkptSyncError
 from ckptsync.local import WATCH_DIR, LocalStore
 from ckptsync.ownership import check_remote_outside, check_remote_url
+from ckptsync.zerocode.presets import preset_rule
 
 __all__ = ["WatcherHandle", "start_watcher"]
 

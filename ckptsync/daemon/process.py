@@ -41,12 +41,11 @@ from ckptsync.daemon.runtime import (
     EXIT_OK,
     EXIT_REMOTE,
     DirLock,
-    EventLog,
-    _LogBridge,
     _watch_dir,
 )
 from ckptsync.daemon.watcher import Watcher
 from ckptsync.errors import CkptSyncError, ConfigError
+from ckptsync.output import EventLog, LogBridge
 from ckptsync.redact import SecretFilter, remember, secrets_of
 
 if TYPE_CHECKING:
@@ -80,7 +79,7 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
         # Uploads compete with training for the CPU (hashing, signing, TLS): let it win.
         events("info", "niceness", nice=os.nice(config.nice))
     remember(secrets_of(config.storage_options, config.remote))
-    bridge = _LogBridge(events)
+    bridge = LogBridge(events)
     bridge.addFilter(SecretFilter())
     pkg = logging.getLogger("ckptsync")
     pkg.addHandler(bridge)

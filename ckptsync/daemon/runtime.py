@@ -5,29 +5,25 @@ pid; :class:`DirLock`), ``status.json`` (replaced atomically; read by :func:`rea
 :func:`daemon_status`, which ``ckptsync status`` prints), ``spool/`` (zero-code versions
 waiting for, or kept after, their upload).
 
-:class:`EventLog` writes one structured event per line on stderr (``key=value`` or JSON), with
-every credential scrubbed; :class:`_LogBridge` routes the library's log records into it.
+:class:`EventLog` (defined with every command's output in :mod:`ckptsync.output`) writes one
+structured event per line on stderr (``key=value`` or JSON), with every credential scrubbed.
 :func:`resumed_from` names the checkpoint a live trainer resumed from (retention keeps it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
-import sys
-import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ckptsync.errors import ConfigError
 from ckptsync.local import RESUMED_FILE, WATCH_DIR
-from ckptsync.redact import scrub
+from ckptsync.output import EventLog
+from ckptsync.output import utc as _utc  # noqa: F401  (watcher_state stamps status with it)
 
 __all__ = [
     "EXIT_CONFIG",
@@ -45,55 +41,6 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REMOTE = 0, 1, 2, 3
 STATUS_NAME = "status.json"
 LOCK_NAME = "lock"
 SPOOL_NAME = "spool"
-
-
-def _utc(ts: float | None = None) -> str:
-    t = datetime.fromtimestamp(time.time() if ts is None else ts, timezone.utc)
-    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# --------------------------------------------------------------------------- structured logs
-class EventLog:
-    """One event per line on a stream: ``ts=... level=info event=pushed name=...`` or JSON."""
-
-    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv") -> None:
-        self.stream = stream or sys.stderr
-        self.fmt = fmt
-        self._lock = threading.Lock()
-
-    def __call__(self, level: str, event: str, **fields: Any) -> None:
-        rec = {"ts": _utc(), "level": level, "event": event, **fields}
-        if self.fmt == "json":
-            line = json.dumps(rec, default=str)
-        else:
-            line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
-        line = scrub(line)  # no credential ever reaches the log (DESIGN.md)
-        with self._lock:
-            try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-
-def _kv(v: Any) -> str:
-    s = v if isinstance(v, str) else json.dumps(v, default=str)
-    if s and not any(c in s for c in ' "=\n\t'):
-        return s
-    return json.dumps(s)
-
-
-class _LogBridge(logging.Handler):
-    """Routes ``ckptsync.*`` library log records (retries, commits) into the event log."""
-
-    def __init__(self, events: EventLog) -> None:
-        super().__init__(logging.INFO)
-        self.events = events
-
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):
-            self.events(record.levelname.lower(), "log", logger=record.name,
-                        msg=record.getMessage())
 
 
 # --------------------------------------------------------------------------- status file

@@ -63,18 +63,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptsync.daemon.rules import (
-    WATCHED,
-    StatSig,
-    WatchRule,
-    _dir_files,
-    check_complete,
-    stat_sig,
-    structure_complete,
-)
 from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
 from ckptsync.transfer import backoff
+from ckptsync.zerocode.rules import (
+    WATCHED,
+    StatSig,
+    WatchRule,
+    check_complete,
+    dir_files,
+    stat_sig,
+    structure_complete,
+)
 
 if TYPE_CHECKING:
     from ckptsync.crypto import KeyRing
@@ -239,7 +239,7 @@ def _listing(root: Path, rule: WatchRule, rels: list[str]) -> list[str]:
     """The files that form the version of ``rels`` now: what the rule matches (a dir rule:
     the files of the version directory), sorted."""
     vdir = rule.version_dir(rels[0]) if rels and rule.kind == "dir" else None
-    return _dir_files(root, vdir) if vdir is not None else rule.current_files(root)
+    return dir_files(root, vdir) if vdir is not None else rule.current_files(root)
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
@@ -359,7 +359,7 @@ class VersionTracker:
                 guard: list[str] = []
             else:
                 dirs = self.rule.finished_dirs(self.root)
-                rels = _dir_files(self.root, dirs[-1]) if dirs else []
+                rels = dir_files(self.root, dirs[-1]) if dirs else []
                 guard = [f"{dirs[-1]}/{self.rule.marker}"] if dirs else []
             if rels:
                 found = rels, guard, {r: stat_sig(os.stat(self.root / r))

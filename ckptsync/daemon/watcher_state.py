@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.daemon.config import WatchConfig
-from ckptsync.daemon.rules import is_watched
 from ckptsync.daemon.runtime import (
     SPOOL_NAME,
     STATUS_NAME,
@@ -34,6 +33,7 @@ from ckptsync.daemon.versions import VersionTracker
 from ckptsync.local import FileOps, LocalStore, write_json_atomic
 from ckptsync.manifest import Manifest
 from ckptsync.redact import redact_url
+from ckptsync.zerocode.rules import is_watched
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore

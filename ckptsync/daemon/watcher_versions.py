@@ -17,9 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ckptsync.daemon.rules import is_watched
 from ckptsync.daemon.versions import Due, Snapshot, VersionTracker, signature_of, snapshot_version
 from ckptsync.daemon.watcher_state import WatcherState
+from ckptsync.zerocode.rules import is_watched
 
 __all__ = ["VersionPipeline"]
 

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.daemon.launcher import WatcherHandle, start_watcher
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import WatchRule
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
 from ckptsync.redact import redact_url
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode.presets import preset_rule
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import WatchRule
 
 __all__ = ["PRESET", "CkptSync"]
 

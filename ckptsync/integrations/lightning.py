@@ -10,7 +10,7 @@ Example::
                          callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True)])
     trainer.fit(model, ckpt_path="last")
 
-Remote layout: the ``lightning`` preset's (:func:`ckptsync.daemon.presets.preset_rule`), one
+Remote layout: the ``lightning`` preset's (:func:`ckptsync.zerocode.presets.preset_rule`), one
 zero-code checkpoint per saved ``.ckpt`` file: its manifest's step is the checkpoint's
 ``global_step`` and its one file sits at its path relative to the checkpoint directory, so
 ``ckptsync pull REMOTE ckpts`` restores it where Lightning resumes from, exactly as for a
@@ -37,7 +37,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -45,16 +44,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
+from ckptsync.atomic import FileOps, link_into_place
 from ckptsync.config import (
     ENV_PREFIX,
     remote_from_env,
     resolve_close_timeout,
     storage_options_from_env,
 )
-from ckptsync.daemon.contentstep import torch_save_step
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import WATCHED, is_watched
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -65,6 +61,10 @@ from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore, storage_
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
 from ckptsync.transfer import backoff
+from ckptsync.zerocode.contentstep import torch_save_step
+from ckptsync.zerocode.presets import preset_rule
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import WATCHED, is_watched
 
 __all__ = ["RULE", "CkptSyncCheckpointIO", "pull_latest"]
 
@@ -122,14 +122,6 @@ def _ours(m: Manifest) -> str | None:
             and len(paths) == 1 and isinstance(paths[0], str):
         return paths[0]
     return None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _paths(m: Manifest) -> list[str]:
@@ -193,7 +185,7 @@ def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
 
     Raises:
         NoCheckpointError: the remote holds versions, none of them valid.
-        RemoteError, LocalStorageError: as :func:`ckptsync.daemon.restore.restore_watched`.
+        RemoteError, LocalStorageError: as :func:`ckptsync.zerocode.restore.restore_watched`.
 
     Example::
 
@@ -225,6 +217,7 @@ class CkptSyncCheckpointIO:
             first checkpoint saved or loaded, i.e. ``ModelCheckpoint``'s ``dirpath``).
         teardown_timeout: seconds :meth:`teardown` waits for the uploads (default
             ``CKPTSYNC_CLOSE_TIMEOUT``, else 600).
+        file_ops: local file system calls (a fault seam for tests).
 
     Raises:
         ConfigError: Lightning is not installed, or no remote is given.
@@ -237,7 +230,8 @@ class CkptSyncCheckpointIO:
     def __init__(self, remote: str | None = None, *,
                  storage_options: Mapping[str, Any] | None = None,
                  root: str | os.PathLike[str] | None = None,
-                 teardown_timeout: float | None = None) -> None:
+                 teardown_timeout: float | None = None,
+                 file_ops: FileOps | None = None) -> None:
         _register()
         url = remote if remote is not None else remote_from_env()
         if not url:
@@ -259,6 +253,7 @@ class CkptSyncCheckpointIO:
         self._thread: threading.Thread | None = None
         self._last_error = ""
         self._spool_store: LocalStore | None = None
+        self._ops = file_ops or FileOps()
         self._pushed_any = False
 
     # ------------------------------------------------------------------ paths
@@ -279,7 +274,7 @@ class CkptSyncCheckpointIO:
         killed run's unfinished saves are removed, unless another process holds the spool."""
         assert self.root is not None
         if self._spool_store is None or self._spool_store.directory.parent != self.root:
-            spool = LocalStore(self.root / SPOOL_DIR)
+            spool = LocalStore(self.root / SPOOL_DIR, ops=self._ops)
             if spool.acquire_writer_lock():
                 spool.cleanup()
             else:
@@ -323,7 +318,10 @@ class CkptSyncCheckpointIO:
         except BaseException:
             staging.abort()
             raise
-        _link_into_place(ckpt.file(rel), dest)
+        try:
+            link_into_place(ckpt.file(rel), dest, self._ops)
+        except OSError as e:
+            raise storage_error(e, dest, "save checkpoint") from e
         if _global_rank() != 0:  # Lightning saves on global rank 0 only; be safe elsewhere
             spool.delete(name)
             return
@@ -539,26 +537,3 @@ class CkptSyncCheckpointIO:
         except CkptSyncError as e:
             log.warning("could not retire old versions in %s (retried after the next upload):"
                         " %s", self.store.url_of(), e)
-
-
-def _link_into_place(src: Path, dest: Path) -> None:
-    """Make ``dest`` the file ``src`` (fsynced): a hard link (no second write) renamed over
-    ``dest``, else a copy, fsynced, renamed. ``dest`` is replaced whole or not at all."""
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:  # no hard links here (another file system, a FUSE mount)
-            import shutil
-
-            with open(src, "rb") as fi, open(tmp, "wb") as fo:
-                shutil.copyfileobj(fi, fo, 1 << 20)
-                fo.flush()
-                os.fsync(fo.fileno())
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise storage_error(e, dest, "save checkpoint") from e

@@ -41,9 +41,6 @@ from typing import Any
 
 from ckptsync.config import remote_from_env, resolve_close_timeout, storage_options_from_env
 from ckptsync.daemon.launcher import WatcherHandle, start_watcher
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import is_watched
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -51,6 +48,9 @@ from ckptsync.errors import (
     NoCheckpointError,
 )
 from ckptsync.manifest import Manifest
+from ckptsync.zerocode.presets import preset_rule
+from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.rules import is_watched
 
 try:
     from transformers import TrainerCallback

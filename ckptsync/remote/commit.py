@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from secrets import token_hex
 from typing import Any
 
+from ckptsync.atomic import temp_name
 from ckptsync.crypto import stored_size
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
@@ -402,7 +402,7 @@ class PushMixin(StoreBase):
         target, finish = final, None
         if self.backend.upload_via_temp:
             head, _, base = final.rpartition("/")
-            target = f"{head}/.{base}.part-{token_hex(4)}"
+            target = f"{head}/{temp_name(base, 'part')}"
             rename = self._durable_rename if self.backend.local_paths else self.fs.mv
             finish = partial(rename, target, final)
         try:
@@ -484,14 +484,14 @@ class PushMixin(StoreBase):
             self._ops.fsync(f.fileno())
 
     def _local_replace(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{token_hex(4)}"
+        tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
         self._write_synced(tmp, data)
         os.replace(tmp, path)
 
     def _local_create_only(self, path: str, data: bytes) -> None:
         # Write a temporary file, then hard-link it into place: link() fails if the target
         # exists, so this is a true create-only write and readers never see a partial file.
-        tmp = f"{os.path.dirname(path)}/.{MANIFEST_NAME}.tmp-{token_hex(4)}"
+        tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
         self._write_synced(tmp, data)
         try:
             os.link(tmp, path)

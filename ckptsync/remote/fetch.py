@@ -13,12 +13,12 @@ import logging
 import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ckptsync.atomic import temp_name
 from ckptsync.crypto import Decryptor
 from ckptsync.errors import (
     CorruptCheckpointError,
@@ -338,7 +338,7 @@ class _FileDrop:
 
     def open(self, relpath: str, algo: str = WRITE_ALGO) -> HashingWriter:
         target = self._target(relpath)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+        tmp = target.with_name(temp_name(target.name, "part"))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             w = HashingWriter(tmp, self.ops, algo)

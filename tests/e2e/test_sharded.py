@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from ckptsync import start_watcher
-from ckptsync.daemon import restore_watched
 from ckptsync.local import LocalStore
 from ckptsync.manifest import make_name
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import restore_watched
 from tests.support.helpers import PY, assert_tree_equal, child_env, staging_dirs
 from tests.support.paths import SUPPORT
 from tests.support.remotes import Remote

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from ckptsync import start_watcher  # the public name, as a notebook imports it
-from ckptsync.daemon import WatchRule, check_complete, restore_watched, snapshot_version
+from ckptsync.daemon import snapshot_version
 from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import WatchRule, check_complete, restore_watched
 from tests.support.formats import put_tree, rewrite_as_v1
 from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from ckptsync.daemon import restore_watched
 from ckptsync.errors import NoCheckpointError
 from ckptsync.integrations.lightning import RULE, CkptSyncCheckpointIO, pull_latest
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import restore_watched
 from tests.support.paths import child_env
 from tests.support.remotes import Remote
 

@@ -239,7 +239,7 @@ def test_callback_without_a_remote_says_how_to_give_one(monkeypatch: pytest.Monk
 
 
 def test_the_preset_names_the_marker_the_trainer_writes_last() -> None:
-    from ckptsync.daemon.presets import preset_rule
+    from ckptsync.zerocode.presets import preset_rule
 
     assert preset_rule(PRESET) == "dir:checkpoint-*:trainer_state.json"
 
@@ -250,9 +250,9 @@ def test_a_checkpoint_whose_trainer_state_is_still_being_written_is_not_committe
     # Trainer._save_checkpoint opens trainer_state.json, then writes it: the daemon can see
     # the marker while it is empty or half-written. That copy must not become a checkpoint
     # (it would be step None with a trainer_state.json the Trainer cannot resume from).
-    from ckptsync.daemon.presets import preset_rule
-    from ckptsync.daemon.rules import WatchRule
     from ckptsync.daemon.versions import snapshot_version
+    from ckptsync.zerocode.presets import preset_rule
+    from ckptsync.zerocode.rules import WatchRule
 
     vdir = tmp_path / "out" / "checkpoint-4"
     vdir.mkdir(parents=True)

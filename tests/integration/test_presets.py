@@ -12,9 +12,9 @@ import pytest
 
 from ckptsync import start_watcher
 from ckptsync.daemon import WatchConfig
-from ckptsync.daemon.presets import PRESETS
 from ckptsync.errors import ConfigError
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode.presets import PRESETS
 from tests.support.remotes import Remote
 from tests.support.watchkit import PY, SCRIPTS, child_env, run_cli
 

@@ -306,7 +306,7 @@ def test_status_counts_committed_versions_and_shows_a_settling_one_as_not_synced
 
 
 def _rules(*specs: str) -> tuple[Any, ...]:
-    from ckptsync.daemon import WatchRule
+    from ckptsync.zerocode import WatchRule
 
     return tuple(WatchRule.parse(s) for s in specs)
 

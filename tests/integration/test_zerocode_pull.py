@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.daemon import WatchRule, restore_watched
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import WatchRule, restore_watched
 from tests.support.helpers import REPO, RecordingOps, fail_at
 from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote

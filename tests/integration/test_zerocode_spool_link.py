@@ -15,16 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from ckptsync.daemon import (
-    VersionTracker,
-    WatchRule,
-    read_status,
-    restore_watched,
-    snapshot_version,
-)
+from ckptsync.daemon import VersionTracker, read_status, snapshot_version
 from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import FileOps, LocalStore, hash_file
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import WatchRule, restore_watched
 from tests.integration.test_zerocode_watch import InProcess, _taken
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for

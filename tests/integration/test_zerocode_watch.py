@@ -25,15 +25,13 @@ from ckptsync.daemon import (
     VersionTracker,
     WatchConfig,
     Watcher,
-    WatchRule,
-    check_complete,
     read_status,
-    restore_watched,
     snapshot_version,
 )
-from ckptsync.daemon.contentstep import pickle_step
 from ckptsync.local import FileOps, LocalStore
 from ckptsync.remote import RemoteStore
+from ckptsync.zerocode import WatchRule, check_complete, restore_watched
+from ckptsync.zerocode.contentstep import pickle_step
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for
 

@@ -11,7 +11,7 @@ Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_fil
 ``open:rb``, ``open:wb``, ``read``/``write`` (calls on an opened file), ``rm_file``,
 ``rm``, ``makedirs``, ``mv``. ``calls`` lists ``(key, path)`` in order.
 
-:class:`RecordingOps` is the local counterpart, a :class:`ckptsync.local.FileOps` that records
+:class:`RecordingOps` is the local counterpart, a :class:`ckptsync.atomic.FileOps` that records
 every file operation (here, torch-free, so the conformance suite can run without torch).
 
 ``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
@@ -51,7 +51,7 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.spec import AbstractFileSystem
 
-from ckptsync.local import FileOps
+from ckptsync.atomic import FileOps
 
 Action = BaseException | Callable[[], Any]
 Damage = Callable[[bytes], bytes]
@@ -391,3 +391,10 @@ class RecordingOps(FileOps):
     def replace_at(self, src: Path, dst_dir_fd: int, dst_name: str) -> None:
         self._run("replace_at", f"{src} -> {dst_name}",
                   lambda: super(RecordingOps, self).replace_at(src, dst_dir_fd, dst_name))
+
+    def replace(self, src: Path, dst: Path) -> None:
+        self._run("replace", f"{src} -> {dst}",
+                  lambda: super(RecordingOps, self).replace(src, dst))
+
+    def link(self, src: Path, dst: Path) -> None:
+        self._run("link", f"{src} -> {dst}", lambda: super(RecordingOps, self).link(src, dst))

@@ -3,8 +3,9 @@ keep backend checks in one place, and document their packages.
 
 Everything is read from the source with ``ast`` (nothing is imported), so a failure names the
 file and line. An import inside a function counts as much as one at the top of a module (it
-runs as soon as the function does); only ``if TYPE_CHECKING:`` imports, which never run, are
-left out.
+runs as soon as the function does); ``if TYPE_CHECKING:`` imports, which never run, are left
+out of the layering rules but not of the cycle check (a circle that only the type checker
+follows is still two modules that cannot be read apart).
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ pytestmark = pytest.mark.core
 
 PACKAGE = REPO / "ckptsync"
 MAX_LINES = 600
-#: Packages that hold the client, the remote store, transfers and the daemon: the core
-#: modules directly in ckptsync/ are the layer below them and must not import them.
-UPPER = ("ckptsync.client", "ckptsync.remote", "ckptsync.transfer", "ckptsync.daemon")
+#: Packages that hold the client, the remote store, transfers, the zero-code model and the
+#: daemon: the core modules directly in ckptsync/ are the layer below them and must not import
+#: them.
+UPPER = ("ckptsync.client", "ckptsync.remote", "ckptsync.transfer", "ckptsync.zerocode",
+         "ckptsync.daemon")
+#: The zero-code model: below the daemon, the integrations and the command line (which all
+#: import it), above the core modules (manifest, local store), the only ckptsync modules it
+#: may import besides its own.
+ZEROCODE = "ckptsync.zerocode"
 #: Core-level files that may import the packages above: entry points, and shims that keep an
 #: old import path working.
 UPPER_ALLOWED = {"__init__.py", "__main__.py", "cli.py", "demo.py", "watch.py"}
@@ -66,12 +73,14 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
-    """Every import statement, at any depth, except under ``if TYPE_CHECKING:``."""
+def _import_nodes(tree: ast.AST, type_only: bool = False
+                  ) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement, at any depth, except under ``if TYPE_CHECKING:`` (unless
+    ``type_only``)."""
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if isinstance(node, ast.If) and _is_type_checking(node) and not type_only:
             stack.extend(node.orelse)
             continue
         if isinstance(node, ast.Import | ast.ImportFrom):
@@ -90,12 +99,12 @@ def _existing(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def _imports(modules: dict[str, Path]) -> list[Import]:
+def _imports(modules: dict[str, Path], type_only: bool = False) -> list[Import]:
     out: list[Import] = []
     for source, path in modules.items():
         is_package = path.name == "__init__.py"
         tree = ast.parse(path.read_text(), filename=str(path))
-        for node in _import_nodes(tree):
+        for node in _import_nodes(tree, type_only):
             where = f"{_rel(path)}:{node.lineno}"
             targets: list[str] = []
             if isinstance(node, ast.Import):
@@ -191,7 +200,7 @@ def _cycles(imports: list[Import]) -> list[list[str]]:
 
 
 def test_no_import_cycle_among_ckptsync_modules() -> None:
-    imports = _imports(_modules())
+    imports = _imports(_modules(), type_only=True)
     where = {(i.source, i.target): i.where for i in imports}
     problems = []
     for cycle in _cycles(imports):
@@ -206,7 +215,7 @@ def test_no_ckptsync_module_is_over_600_lines() -> None:
     assert not over, f"modules over {MAX_LINES} lines: {over}"
 
 
-def test_core_modules_do_not_import_client_remote_transfer_or_daemon() -> None:
+def test_core_modules_do_not_import_client_remote_transfer_zerocode_or_daemon() -> None:
     modules = _modules()
     problems = set()
     for imp in _imports(modules):
@@ -216,6 +225,62 @@ def test_core_modules_do_not_import_client_remote_transfer_or_daemon() -> None:
         if any(imp.target == u or imp.target.startswith(u + ".") for u in UPPER):
             problems.add(f"{imp.where}: core module {imp.source} imports {imp.target}")
     assert not problems, "\n".join(sorted(problems))
+
+
+def test_zerocode_imports_only_itself_and_core_modules() -> None:
+    """Below the daemon and the integrations, above manifest/local: a zero-code module imports
+    no upper package (client, remote, transfer, daemon, integrations) and no entry point."""
+    modules = _modules()
+    problems = set()
+    for imp in _imports(modules):
+        if not (imp.source == ZEROCODE or imp.source.startswith(ZEROCODE + ".")):
+            continue
+        if imp.target == ZEROCODE or imp.target.startswith(ZEROCODE + "."):
+            continue
+        path = modules[imp.target]
+        if path.parent != PACKAGE or path.name in UPPER_ALLOWED:
+            problems.add(f"{imp.where}: zero-code module {imp.source} imports {imp.target}")
+    assert not problems, "\n".join(sorted(problems))
+
+
+#: Cross-module imports of a private (underscore) name that remain, in modules other work is
+#: rewriting (the daemon's watcher, the transfer queue). No new one may appear.
+UNDERSCORE_IMPORTS_LEFT = {
+    ("ckptsync.daemon.process", "_watch_dir"),
+    ("ckptsync.daemon.watcher", "_pid_alive"),
+    ("ckptsync.daemon.watcher_push", "_Failure"),
+    ("ckptsync.daemon.watcher_state", "_utc"),
+    ("ckptsync.daemon.watcher_state", "_watch_dir"),
+    ("ckptsync.transfer", "_BlockingS3"),
+    ("ckptsync.transfer.files", "_check_stop"),
+    ("ckptsync.transfer.gcs", "_FallenBack"),
+    ("ckptsync.transfer.multipart", "_open_local"),
+    ("ckptsync.transfer.multipart", "_acquire"),
+    ("ckptsync.transfer.multipart", "_check_stop"),
+    ("ckptsync.transfer.multipart", "_BlockingS3"),
+    ("ckptsync.transfer.parallel", "_check_stop"),
+    ("ckptsync.transfer.sealed", "_open_local"),
+    ("ckptsync.transfer.sealed", "_acquire"),
+    ("ckptsync.transfer.sealed", "_check_stop"),
+}
+
+
+def test_no_module_imports_another_modules_private_name() -> None:
+    """A leading underscore means private to its module (``__version__`` and the like are
+    not private)."""
+    modules = _modules()
+    problems = []
+    for source, path in modules.items():
+        for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                    "ckptsync"):
+                continue
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.endswith("__")
+                if private and (source, alias.name) not in UNDERSCORE_IMPORTS_LEFT:
+                    problems.append(f"{_rel(path)}:{node.lineno}: imports {alias.name} from "
+                                    f"{node.module}")
+    assert not problems, "\n".join(problems)
 
 
 def _backend_checks(tree: ast.AST) -> Iterator[tuple[int, str]]:
@@ -255,6 +320,38 @@ def test_backend_checks_only_in_remote_backends() -> None:
             continue
         for line, what in _backend_checks(ast.parse(path.read_text(), filename=str(path))):
             problems.append(f"{_rel(path)}:{line}: {what} (belongs in {BACKENDS_MODULE})")
+    assert not problems, "\n".join(problems)
+
+
+#: Where ckptsync writes to stdout or stderr itself: the one output module. (The packaged
+#: example trainer is a user's script; the demo narrates between its progress bars through
+#: tqdm; logging goes through handlers.)
+PRINTS_ALLOWED = {"ckptsync/output.py"}
+PRINTS_ALLOWED_UNDER = "ckptsync/examples/"
+
+
+def _prints(tree: ast.AST) -> Iterator[int]:
+    """Lines of ``print(...)`` and ``sys.stdout/stderr.write(...)`` calls."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        printed = isinstance(f, ast.Name) and f.id == "print"
+        written = (isinstance(f, ast.Attribute) and f.attr == "write"
+                   and isinstance(f.value, ast.Attribute) and f.value.attr in ("stdout", "stderr")
+                   and isinstance(f.value.value, ast.Name) and f.value.value.id == "sys")
+        if printed or written:
+            yield node.lineno
+
+
+def test_every_command_prints_through_the_output_module() -> None:
+    problems = []
+    for path in _modules().values():
+        rel = _rel(path)
+        if rel in PRINTS_ALLOWED or rel.startswith(PRINTS_ALLOWED_UNDER):
+            continue
+        for line in _prints(ast.parse(path.read_text(), filename=str(path))):
+            problems.append(f"{rel}:{line}: prints (ckptsync/output.py writes every line)")
     assert not problems, "\n".join(problems)
 
 

@@ -12,7 +12,7 @@ from ckptsync.errors import ConfigError
 
 __all__ = ["PRESETS", "preset_rule"]
 
-#: preset name -> watch rule (see :mod:`ckptsync.daemon.rules` for the syntax).
+#: preset name -> watch rule (see :mod:`ckptsync.zerocode.rules` for the syntax).
 PRESETS: dict[str, str] = {
     # Checked against transformers 5.23 (Trainer._save_checkpoint): config, weights (safetensors
     # renamed in from a .tmp file), training_args, optimizer, scheduler, rng_state, and

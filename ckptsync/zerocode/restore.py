@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckptsync.daemon.rules import WatchRule, _is_private, is_watched
+from ckptsync.atomic import write_atomic
 from ckptsync.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -33,6 +33,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
+from ckptsync.zerocode.rules import WatchRule, is_private, is_watched
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -238,10 +239,11 @@ def _refuse(target: Path, rel: str, what: str) -> LocalStorageError:
                              "into; remove it or pull into another directory")
 
 
-def _open_parent(target: Path, tfd: int, rel: str, *, create: bool) -> int | None:
+def _open_parent(target: Path, tfd: int, rel: str, *, create: FileOps | None) -> int | None:
     """An fd on ``rel``'s parent directory, each component below the target opened with
     ``O_NOFOLLOW``: a symlink (or a file) on the way is refused, never followed. None when a
-    component is missing and ``create`` is false. The caller closes the fd."""
+    component is missing and ``create`` is None; else it is created (its entry fsynced
+    through ``create``). The caller closes the fd."""
     parts = rel.split("/")[:-1]
     fd = os.dup(tfd)
     try:
@@ -250,12 +252,12 @@ def _open_parent(target: Path, tfd: int, rel: str, *, create: bool) -> int | Non
             try:
                 nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
-                if not create:
+                if create is None:
                     os.close(fd)
                     return None
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-                    os.fsync(fd)  # the new directory's entry survives a crash
+                    create.fsync(fd)  # the new directory's entry survives a crash
                 nfd = -1
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -285,9 +287,9 @@ def _check_leaf(target: Path, pfd: int, rel: str) -> None:
 
 def _check_destination(target: Path, tfd: int, rel: str) -> None:
     check_relpath(rel, where=str(target))
-    if _is_private(rel):
+    if is_private(rel):
         raise _refuse(target, rel, "the name is ckptsync's own")
-    pfd = _open_parent(target, tfd, rel, create=False)
+    pfd = _open_parent(target, tfd, rel, create=None)
     if pfd is not None:
         try:
             _check_leaf(target, pfd, rel)
@@ -296,12 +298,8 @@ def _check_destination(target: Path, tfd: int, rel: str) -> None:
 
 
 def _write_journal(tmp: Path, moves: list[tuple[str, str]], ops: FileOps) -> None:
-    with ops.open_write(tmp / f"{JOURNAL}.part") as f:
-        f.write(json.dumps({"moves": moves}).encode())
-        f.flush()
-        ops.fsync(f.fileno())
-    ops.rename(tmp / f"{JOURNAL}.part", tmp / JOURNAL)
-    ops.fsync_dir(tmp)  # the journal is durable before the first move
+    # Durable (the file, then its directory) before the first move.
+    write_atomic(tmp / JOURNAL, json.dumps({"moves": moves}).encode(), ops)
 
 
 def _apply(target: Path, tfd: int, tmp: Path, moves: list[tuple[str, str]],
@@ -314,7 +312,7 @@ def _apply(target: Path, tfd: int, tmp: Path, moves: list[tuple[str, str]],
             _check_destination(target, tfd, dst)
             if not os.path.lexists(tmp / src):
                 continue
-            pfd = _open_parent(target, tfd, dst, create=True)
+            pfd = _open_parent(target, tfd, dst, create=ops)
             assert pfd is not None
             try:
                 # The leaf is checked again just before the rename (a symlink put there in

@@ -15,7 +15,7 @@ version is finished:
     ``settle`` seconds. The newest finished directory is taken; the trainer may delete old ones.
 
 Options follow a ``;``: ``step=`` says where a version's step comes from. ``content`` (the
-default): what the files say, never the name (:mod:`ckptsync.daemon.contentstep`: a Hugging
+default): what the files say, never the name (:mod:`ckptsync.zerocode.contentstep`: a Hugging
 Face ``trainer_state.json``'s ``global_step``, a ``torch.save`` dict's top-level ``step``,
 ``iter_num``, ``global_step``, else ``epoch``), else no step; ``name``: the first integer of
 the file or directory name; ``REGEX``: the regex's first group, or the whole match, searched
@@ -42,17 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ckptsync.daemon.contentstep import content_step
 from ckptsync.errors import ConfigError
 from ckptsync.local import PRIVATE_PREFIX
 from ckptsync.manifest import Manifest
+from ckptsync.zerocode.contentstep import content_step
 
 __all__ = [
     "WATCHED",
     "StatSig",
     "WatchRule",
     "check_complete",
+    "dir_files",
     "glob_match",
+    "is_private",
     "is_watched",
     "stat_sig",
     "structure_complete",
@@ -72,7 +74,7 @@ def stat_sig(st: os.stat_result) -> StatSig:
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _is_private(rel: str) -> bool:
+def is_private(rel: str) -> bool:
     """The daemon's directory, a pull's temp dir, a checkpointer's lock: ckptsync's own."""
     return rel.split("/", 1)[0].startswith(PRIVATE_PREFIX)
 
@@ -140,7 +142,7 @@ class WatchRule:
         else:
             raise ConfigError(f"invalid watch rule {spec!r}: {usage}")
         for p in filter(None, (rule.pattern, rule.marker)):
-            if p.startswith("/") or ".." in p.split("/") or _is_private(p):
+            if p.startswith("/") or ".." in p.split("/") or is_private(p):
                 raise ConfigError(f"invalid watch rule {spec!r}: paths must be relative, "
                                   f"without '..', not under a {PRIVATE_PREFIX}* name")
         return rule
@@ -148,7 +150,7 @@ class WatchRule:
     # ------------------------------------------------------------------ matching
     def matches_file(self, rel: str) -> bool:
         """Does ``rel`` (a file path relative to the watched dir) belong to this rule?"""
-        if _is_private(rel):
+        if is_private(rel):
             return False
         if self.kind == "file":
             return glob_match(rel, self.pattern)
@@ -220,10 +222,11 @@ def _glob(root: Path, pattern: str) -> list[str]:
     if not any(c in pattern for c in "*?["):
         return [pattern] if (root / pattern).exists() else []
     return [p.relative_to(root).as_posix() for p in root.glob(pattern)
-            if not _is_private(p.relative_to(root).as_posix())]
+            if not is_private(p.relative_to(root).as_posix())]
 
 
-def _dir_files(root: Path, rel_dir: str) -> list[str]:
+def dir_files(root: Path, rel_dir: str) -> list[str]:
+    """Every file under ``root/rel_dir`` (a directory rule's version), relative to ``root``."""
     base = root / rel_dir
     return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
 
