@@ -133,7 +133,8 @@ def _lock_holder(local_dir: Path) -> int | None:
 
 
 def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``.
+    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``,
+    made exact against the directory as it is now (:func:`_exact`).
 
     Works for a running daemon and after it stopped (the last status it wrote).
     """
@@ -143,12 +144,50 @@ def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
     st["running"] = holder is not None
     if holder is not None and holder > 0:
         st["pid"] = holder
-    for key in ("synced", "pending", "uploading", "settling", "failed"):
+    for key in ("synced", "pending", "uploading", "settling", "failed",
+                "skipped_by_retention"):
         st.setdefault(key, [])
     st.setdefault("waiting_for_nodes", {})
     st.setdefault("in_sync", False)
     st["local_dir"] = str(d)
+    if "state" in st:
+        _exact(st, d)
     return st
+
+
+def _committed_here(d: Path) -> set[str] | None:
+    """The committed checkpoints in ``d`` and in its daemon's spool, or None if unreadable."""
+    from ckptsync.errors import CkptSyncError
+    from ckptsync.local import LocalStore
+
+    names: set[str] = set()
+    try:
+        for where in (d, _watch_dir(d) / SPOOL_NAME):
+            if where.is_dir():
+                names.update(c.name for c in LocalStore(where).list())
+    except (CkptSyncError, OSError):
+        return None
+    return names
+
+
+def _exact(st: dict[str, Any], d: Path) -> None:
+    """Make ``st`` (the daemon's last word) exact for the directory now: a committed local
+    checkpoint that the daemon has not acknowledged as committed remotely (nor as dropped by
+    retention, nor as one node's part) is pending, whether or not the daemon has seen it
+    yet (listed in ``not_seen`` too); one deleted locally since (the trainer's retention) is
+    no longer pending, nor failed. ``in_sync`` follows."""
+    names = _committed_here(d)
+    if names is None:
+        return  # the file's word, as written
+    done = set(st["synced"]) | set(st["skipped_by_retention"]) | set(st["waiting_for_nodes"])
+    pending = [n for n in st["pending"] if n in names]
+    unseen = sorted(names - done - set(pending))
+    st["pending"] = pending + unseen
+    st["not_seen"] = unseen
+    st["failed"] = [f for f in st["failed"] if not isinstance(f, dict) or f.get("name") in names]
+    st["in_sync"] = (st.get("last_reconcile_ts") is not None and not st["pending"]
+                     and not st["uploading"] and not st["settling"] and not st["failed"]
+                     and not st["waiting_for_nodes"] and not st.get("error"))
 
 
 class DirLock:
