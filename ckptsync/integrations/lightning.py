@@ -59,16 +59,13 @@ from ckptsync.config import (
     resolve_close_timeout,
     storage_options_from_env,
 )
-from ckptsync.daemon.contentstep import torch_save_step
-from ckptsync.daemon.presets import preset_rule
-from ckptsync.daemon.restore import restore_watched
-from ckptsync.daemon.rules import WATCHED, is_watched
+from ckptsync.daemon.rules import WATCHED
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
-    CorruptCheckpointError,
     NoCheckpointError,
 )
+from ckptsync.integrations.lightning_resume import RULE, one_path, pull_file, pull_resume_set
 from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
 from ckptsync.remote import RemoteStore
@@ -79,15 +76,12 @@ __all__ = ["RULE", "CkptSyncCheckpointIO", "pull_latest"]
 
 log = logging.getLogger("ckptsync.lightning")
 
-#: The watch rule every uploaded ``.ckpt`` is a version of (the ``lightning`` preset).
-RULE = preset_rule("lightning")
 SPOOL_DIR = f"{PRIVATE_PREFIX}lightning"
 DEFAULT_TEARDOWN_TIMEOUT = 600.0
 _CLOSE_ENV = f"{ENV_PREFIX}CLOSE_TIMEOUT"
 _BASES = ("lightning.fabric.plugins", "lightning_fabric.plugins")
 #: A failed upload is retried after 1, 2, 4, ... seconds, at most a minute apart.
 RETRY = RetryPolicy(1.0, 60.0)
-_LAST = "last"  # ModelCheckpoint.CHECKPOINT_NAME_LAST: "last.ckpt", "last-v1.ckpt"
 
 
 def _register() -> None:
@@ -127,114 +121,12 @@ def _global_rank() -> int:
     return 0
 
 
-def _ours(m: Manifest) -> str | None:
-    """The one path of a version of :data:`RULE`, or None for any other checkpoint."""
-    paths = m.source.get("paths")
-    if is_watched(m) and m.source.get("rule") == RULE and isinstance(paths, list) \
-            and len(paths) == 1 and isinstance(paths[0], str):
-        return paths[0]
-    return None
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _paths(m: Manifest) -> list[str]:
-    """The files of a version of :data:`RULE` (one, as this plugin uploads; any number, as
-    ``ckptsync watch --preset lightning`` does), [] for any other checkpoint."""
-    paths = m.source.get("paths")
-    if is_watched(m) and m.source.get("rule") == RULE and isinstance(paths, list) \
-            and all(isinstance(p, str) for p in paths):
-        return list(paths)
-    return []
-
-
-def _is_last(rel: str) -> bool:
-    """A file ``fit(ckpt_path="last")`` considers: ``last.ckpt``, ``last-v1.ckpt``, ..."""
-    return rel.rsplit("/", 1)[-1].startswith(_LAST)
-
-
-def _resume_path(m: Manifest, rel: str | None) -> str:
-    """The file of version ``m`` to resume from: ``rel``, else a ``last*.ckpt``, else the
-    newest by name."""
-    paths = _paths(m)
-    if rel is not None and rel in paths:
-        return rel
-    last = [p for p in paths if _is_last(p)]
-    return (last or sorted(paths))[-1]
-
-
-def _pull_file(store: RemoteStore, root: Path, rel: str | None,
-               listed: list[Manifest] | None = None) -> Manifest | None:
-    """Restore the newest valid version of ``rel`` (None: of any file of :data:`RULE`) into
-    ``root``, unless the local file already holds that step or a newer one. Falls back to
-    older versions when the newest does not verify. Returns the version restored (or the
-    one the local file matches), None when the remote holds none. ``listed``: the remote's
-    checkpoints, when the caller listed them already."""
-    listed = store.list() if listed is None else listed
-    versions = [m for m in listed if (ps := _paths(m)) and rel in (None, *ps)]
-    if not versions:
-        return None
-    newest = versions[-1]
-    local = root / _resume_path(newest, rel)
-    if local.is_file():
-        step = torch_save_step(local)
-        if step is not None and newest.step is not None and step >= newest.step:
-            log.info("%s already holds step %d (remote: %d): not pulled", local, step,
-                     newest.step)
-            return newest
-    why = ""
-    for m in reversed(versions):
-        try:
-            restore_watched(store, root, m.name, rules=[RULE])
-            return m
-        except (CorruptCheckpointError, NoCheckpointError) as e:
-            log.warning("remote %s is not usable, trying an older version: %s", m.name, e)
-            why = why or f" (the newest: {e})"
-    raise NoCheckpointError(f"no valid version of {rel or RULE!r} in {store.url_of()}{why}")
-
-
-def _pull_resume_set(store: RemoteStore, root: Path) -> tuple[Path, list[Manifest]] | None:
-    """Restore what ``fit(ckpt_path="last")`` reads into ``root``: the newest ``last*.ckpt``
-    and the newest other (top-k) file; where the top-k file holds a newer step, link it as
-    the ``last*.ckpt`` too (see the module doc). Returns the file the resume reads and the
-    versions restored, or None when the remote holds no version."""
-    listed = [m for m in store.list() if _paths(m)]
-    if not listed:
-        return None
-    rels = {_resume_path(m, None): m for m in listed}  # each file's newest version, in order
-    last_rel = next((r for r in reversed(list(rels)) if _is_last(r)), None)
-    topk_rel = next((r for r in reversed(list(rels)) if not _is_last(r)), None)
-    pulled: list[Manifest] = []
-    errors: list[NoCheckpointError] = []
-    for rel in (last_rel, topk_rel):
-        try:
-            if rel is not None and (m := _pull_file(store, root, rel, listed)) is not None:
-                pulled.append(m)
-        except NoCheckpointError as e:  # the other file may still do (deleted meanwhile)
-            log.warning("%s", e)
-            errors.append(e)
-    if not pulled:
-        raise errors[0]
-    if topk_rel is None:
-        return root / str(last_rel), pulled
-    if last_rel is None:  # killed before the first last.ckpt reached the remote
-        last_rel = (topk_rel.rsplit("/", 1)[0] + "/" if "/" in topk_rel else "") + \
-            f"{_LAST}.ckpt"
-    last, topk = root / last_rel, root / topk_rel
-    last_step = torch_save_step(last) if last.is_file() else None
-    topk_step = torch_save_step(topk) if topk.is_file() else None
-    if topk_step is not None and (last_step is None or topk_step > last_step):
-        log.info("%s holds step %d, newer than %s (%s): linking it as %s, which "
-                 "fit(ckpt_path='last') reads", topk_rel, topk_step, last_rel,
-                 "none" if last_step is None else f"step {last_step}", last_rel)
-        _link_into_place(topk, last)
-    return last, pulled
 
 
 def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
@@ -261,7 +153,7 @@ def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
         trainer.fit(model, ckpt_path="last")
     """
     root = Path(dirpath).expanduser().absolute()
-    got = _pull_resume_set(RemoteStore(remote, storage_options), root)
+    got = pull_resume_set(RemoteStore(remote, storage_options), root, _link_into_place)
     return None if got is None else got[0]
 
 
@@ -398,7 +290,7 @@ class CkptSyncCheckpointIO:
         if not dest.is_file():
             rel = self._rel(dest)
             assert self.root is not None
-            m = _pull_file(self.store, self.root, rel)
+            m = pull_file(self.store, self.root, rel)
             if m is None:
                 raise NoCheckpointError(f"checkpoint {dest} is missing, and "
                                         f"{self.store.url_of()} holds no version of {rel}")
@@ -446,7 +338,7 @@ class CkptSyncCheckpointIO:
         root = Path(dirpath).expanduser().absolute()
         if self.root is None:
             self.root = root
-        got = _pull_resume_set(self.store, root)
+        got = pull_resume_set(self.store, root, _link_into_place)
         if got is None:
             return None
         self._protected.update(m.name for m in got[1])
@@ -486,7 +378,7 @@ class CkptSyncCheckpointIO:
             q = self._queue = TransferQueue(1, name="ckptsync-lightning")
         assert self.root is not None
         for c in self._spool.list():
-            rel = _ours(c.manifest)
+            rel = one_path(c.manifest)
             if rel is None or c.name == skip:
                 continue
             if (self.root / rel).is_file():
@@ -562,7 +454,7 @@ class CkptSyncCheckpointIO:
         with self._lock:
             removed = set(self._removed)
         try:
-            ours = [(m, p) for m in self.store.list() if (p := _ours(m)) is not None]
+            ours = [(m, p) for m in self.store.list() if (p := one_path(m)) is not None]
             if not ours:
                 return
             newest = max((m for m, _ in ours), key=Manifest.sort_key).name

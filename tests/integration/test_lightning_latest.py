@@ -53,7 +53,7 @@ def test_last_ckpt_reaches_a_slow_remote_and_the_resume_gets_the_newest_uploaded
     ckpts = tmp_path / "ckpts"
     io = CkptSyncCheckpointIO(url, teardown_timeout=120)
     resumed: list[tuple[int, int, int]] = []  # (newest uploaded before, resumed, after)
-    last_seen: list[int] = []
+    last_seen: list[tuple[int, int]] = []  # (newest top-k step, last.ckpt step) remote
     try:
         # The first upload also creates the remote root: out of the timed part.
         _save(io, ckpts / "epoch=0-step=0.ckpt", 0)
@@ -70,15 +70,20 @@ def test_last_ckpt_reaches_a_slow_remote_and_the_resume_gets_the_newest_uploaded
                 after = max(_remote_steps(url).values(), default=0)
                 assert got is not None and got.name == "last.ckpt", got
                 resumed.append((before, torch.load(got)["global_step"], after))
-                if "last.ckpt" in _remote_steps(url):
-                    last_seen.append(step)
+                up = _remote_steps(url)
+                newest_topk = max((v for k, v in up.items() if k != "last.ckpt"), default=0)
+                last_seen.append((newest_topk, up.get("last.ckpt", 0)))
             time.sleep(max(0.0, start + step * SAVE_EVERY_S - time.monotonic()))
-        behind = SAVES - _remote_steps(url).get("last.ckpt", 0)
+        behind = SAVES - max(_remote_steps(url).values())
     finally:
         io.teardown()
     # The link was slower than the saves (the remote lagged), yet last.ckpt kept reaching it.
     assert behind >= 1, "the remote kept up: the test's link is not slow enough"
-    assert last_seen and behind <= 4, (last_seen, behind)
+    # last.ckpt is never starved by the new top-k files: once a save's top-k file is up, the
+    # newest last.ckpt goes next (the upload in flight aside), so it keeps up with them.
+    assert last_seen[-1][1] >= 3, last_seen
+    for topk, last in last_seen:
+        assert last >= topk - 2, last_seen
     for before, got, after in resumed:
         assert before <= got <= after, resumed  # never behind what was uploaded
     assert _remote_steps(url)["last.ckpt"] == SAVES  # and all of it once the run ends
