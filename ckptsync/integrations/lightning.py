@@ -5,7 +5,7 @@ Example::
     from ckptsync.integrations.lightning import CkptSyncCheckpointIO
 
     io = CkptSyncCheckpointIO("s3://bucket/run1")
-    io.pull_latest("ckpts")              # a fresh machine: bring back the newest last.ckpt
+    io.pull_latest("ckpts")              # a fresh machine: what "last" resumes from
     trainer = pl.Trainer(plugins=[io],
                          callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True)])
     trainer.fit(model, ckpt_path="last")
@@ -32,7 +32,7 @@ On a fresh machine, :func:`pull_latest` restores what ``fit(ckpt_path="last")`` 
 newest remote ``last.ckpt`` and the newest top-k file beside it; where that top-k file holds a
 newer step (the run was killed between its upload and the one of ``last.ckpt``), it is also
 linked as ``last.ckpt``, as ``ModelCheckpoint(save_last="link")`` does, so the resume starts
-from the newest step that reached the remote.
+from the newest step that reached the remote (:mod:`ckptsync.integrations.lightning_resume`).
 
 Lightning itself is imported lazily (``lightning``, else ``pytorch_lightning``): importing
 this module does not import it, and a missing framework is a :class:`ConfigError` naming the
