@@ -1,18 +1,21 @@
 """The in-process upload of a :class:`~ckptsync.client.Checkpointer` with a remote.
 
-One thread pushes committed checkpoints, newest first, with a bounded backlog: at most one
-push in flight and one checkpoint pending. A newer checkpoint replaces the pending one, which
-is then never uploaded and becomes an ordinary local checkpoint (local retention may delete
-it), so however slow or down the remote is, the trainer's disk holds at most the retained
-checkpoints plus these two. A failed push is retried with back-off (``TransferConfig``'s
-``backoff_initial``/``backoff_max``), moving on to a newer checkpoint when one arrives;
-nothing is raised into the training loop unless ``on_error="raise"``. Every thread stops
-through an ``Event``; an abandoned push is never committed.
+The pushes go through one :class:`~ckptsync.transfer.queue.TransferQueue` with one thread,
+keyed by the checkpoint stream: newest first, with a bounded backlog, at most one push in
+flight and one checkpoint pending. A newer checkpoint replaces the pending one, which is then
+never uploaded and becomes an ordinary local checkpoint (local retention may delete it), so
+however slow or down the remote is, the trainer's disk holds at most the retained
+checkpoints plus these two. A failed push is retried by the queue's one policy
+(``TransferConfig``'s ``backoff_initial``/``backoff_max``), moving on to a newer checkpoint
+when one arrives; a retry first reads the remote (the last try may have committed it).
+Nothing is raised into the training loop unless ``on_error="raise"``. The queue's thread
+stops through its ``Event``; an abandoned push is never committed.
 
 One node's part of a multi-node checkpoint (:mod:`ckptsync.parts`) is not remote once it is
 uploaded: it is restorable only when the node that uploads last commits the whole. Until the
-thread sees the whole manifest remote (it looks again, with back-off, between pushes), such a
-checkpoint is listed in ``SyncStatus.waiting_for_nodes``, never as ``newest_remote``.
+queue's look sees the whole manifest remote (a transfer of its own key, retried with the
+queue's back-off until nothing waits), such a checkpoint is listed in
+``SyncStatus.waiting_for_nodes``, never as ``newest_remote``.
 
 Example::
 
@@ -29,13 +32,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import Manifest
 from ckptsync.parts import part_of
-from ckptsync.transfer import backoff, stopping
+from ckptsync.transfer import stopping
+from ckptsync.transfer.queue import Attempt, Transfer, TransferFuture, TransferQueue
+from ckptsync.transfer.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -154,7 +160,10 @@ class _Job:
         self.ckpt = ckpt
         self.streams = dict(streams or {})
         self.seq = seq  # commit order
-        self.fresh = True  # never pushed: the push need not look for a committed copy first
+
+
+class _StillWaiting(Exception):
+    """Parts of checkpoints are still waiting for other nodes: look again later."""
 
 
 class _Activity:
@@ -164,14 +173,18 @@ class _Activity:
         self._owner = owner
 
     def start(self, total: int, description: str) -> None:
-        self._owner._last_progress = time.monotonic()
+        self._owner._moved()
 
     def update(self, n: int) -> None:
         if n > 0:
-            self._owner._last_progress = time.monotonic()
+            self._owner._moved()
 
     def close(self) -> None:
         pass
+
+
+_PUSH = "checkpoints"  # the queue key of the pushes: one stream of checkpoints
+_NODES = "nodes"  # the queue key of the looks at parts waiting for other nodes
 
 
 class Uploader:
@@ -196,14 +209,13 @@ class Uploader:
         self.remote = remote
         self.on_error = on_error
         self._after_push = after_push
+        cfg = remote.config  # at least 0.1 s: a dead remote is never spun on
+        self._policy = RetryPolicy(max(cfg.backoff_initial, 0.1), max(cfg.backoff_max, 0.1))
+        self._recheck_policy = RetryPolicy(self._policy.initial,
+                                           min(self._policy.cap, RECHECK_MAX_S))
+        self._queue = TransferQueue(1, name="ckptsync-upload")
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._in_flight: _Job | None = None
-        self._pending: _Job | None = None
-        self._retry_at = 0.0  # monotonic time before which no push starts (back-off)
         self._to_abort: list[MultipartStream] = []
-        self._failures = 0
         self._superseded = 0
         self._last_error: str | None = None
         self._last_error_time: float | None = None
@@ -216,10 +228,8 @@ class Uploader:
         self._not_remote: tuple[str, ...] = ()
         self._not_remote_why: dict[str, str] = {}
         # Parts uploaded, not committed: name -> (its part manifest, commit order, the nodes
-        # still missing); looked at again from ``_recheck_at``, with back-off.
+        # still missing); looked at again by the queue's ``_NODES`` transfer.
         self._waiting: dict[str, tuple[Manifest, int, tuple[int, ...]]] = {}
-        self._recheck_at = 0.0
-        self._rechecks = 0
         self._last_progress = time.monotonic()
         self._closed = False
 
@@ -230,27 +240,18 @@ class Uploader:
         with self._cond:
             self._seq += 1
             job = _Job(ckpt, streams, self._seq)
-            if self._closed:
+            closed = self._closed
+            if closed:
                 self._to_abort.extend(job.streams.values())
             else:
                 self._newest_local = (ckpt.name, ckpt.step)
                 self._local_dir = str(ckpt.path.parent)
-                if self._pending is not None:
-                    self._drop(self._pending, "a newer one replaced it")
-                self._pending = job
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="ckptsync-upload",
-                                                    daemon=True)
-                    self._thread.start()
-                self._cond.notify_all()
-        if self._closed:
+        if closed:
             self._abort_streams()
-
-    def _drop(self, job: _Job, why: str) -> None:
-        """Forget a queued checkpoint (the lock is held): it stays local, never uploaded."""
-        self._superseded += 1
-        self._to_abort.extend(job.streams.values())  # aborted by the upload thread
-        log.info("not uploading %s: %s", job.ckpt.name, why)
+            return
+        fut = self._queue.submit(Transfer(_PUSH, partial(self._push, job), name=ckpt.name,
+                                          retry=self._retry, failed=self._failed, item=job))
+        fut.add_done_callback(self._pushed)
 
     def ready_to_stream(self) -> bool:
         """Whether a checkpoint written now would be pushed at once by a healthy remote: only
@@ -258,21 +259,22 @@ class Uploader:
         compete with the push in flight, or start uploads on a failing remote that the push
         would then drop). A stream never makes the save wait: where the link falls behind,
         the rest of the file goes up from the committed file."""
+        in_flight, pending = self._jobs()
         with self._cond:
-            return (not self._closed and self._in_flight is None and self._pending is None
-                    and self._failures == 0)
+            closed = self._closed
+        return (not closed and in_flight is None and pending is None
+                and self._queue.failures(_PUSH) == 0)
 
     def protected(self) -> set[str]:
         """The checkpoints local retention must keep: the one in flight and the pending one."""
-        with self._cond:
-            return {j.ckpt.name for j in (self._in_flight, self._pending) if j is not None}
+        return {j.ckpt.name for j in self._jobs() if j is not None}
 
     def lagging(self) -> bool:
         """True when the remote is failing, or a checkpoint already waits behind the one in
         flight (the next save will supersede it): the remote cannot keep up."""
-        with self._cond:
-            return self._failures > 0 or (self._pending is not None
-                                          and self._in_flight is not None)
+        in_flight, pending = self._jobs()
+        return self._queue.failures(_PUSH) > 0 or (pending is not None
+                                                    and in_flight is not None)
 
     def raise_error(self) -> None:
         """With ``on_error="raise"``: raise a failed push's error, once."""
@@ -285,6 +287,8 @@ class Uploader:
         """A snapshot of where the upload stands."""
         from ckptsync.remote import redact_url
 
+        in_flight, pending = self._jobs()
+        failures = self._queue.failures(_PUSH)
         with self._cond:
             local, remote = self._newest_local, self._newest_remote
             return SyncStatus(
@@ -293,17 +297,23 @@ class Uploader:
                 newest_local_step=local[1] if local else None,
                 newest_remote=remote[0] if remote else None,
                 newest_remote_step=remote[1] if remote else None,
-                in_flight=self._in_flight.ckpt.name if self._in_flight else None,
-                pending=self._pending.ckpt.name if self._pending else None,
+                in_flight=in_flight.ckpt.name if in_flight else None,
+                pending=pending.ckpt.name if pending else None,
                 behind=local is not None and (remote is None or remote[0] != local[0]),
                 superseded=self._superseded,
-                consecutive_failures=self._failures,
+                consecutive_failures=failures,
                 last_error=self._last_error,
                 last_error_time=self._last_error_time,
                 not_remote=self._not_remote,
                 not_remote_why=dict(self._not_remote_why),
                 waiting_for_nodes={n: w[2] for n, w in self._waiting.items()},
             )
+
+    def _jobs(self) -> tuple[_Job | None, _Job | None]:
+        """The push in flight and the pending one (waiting, maybe for its back-off)."""
+        running = [f.transfer.item for f in self._queue.running() if f.transfer.key == _PUSH]
+        waiting = [f.transfer.item for f, _ in self._queue.waiting() if f.transfer.key == _PUSH]
+        return (running[0] if running else None), (waiting[0] if waiting else None)
 
     # ------------------------------------------------------------------ waiting, stopping
     def wait_idle(self, timeout: float) -> bool:
@@ -316,13 +326,12 @@ class Uploader:
         start = time.monotonic()
         with self._cond:
             # The newest checkpoint is remote only once committed: a part of it is not enough.
-            while (self._in_flight is not None or self._pending is not None
-                   or self._remote_seq < self._seq):
+            while any(self._jobs()) or self._remote_seq < self._seq:
                 if self._undelivered is not None or self._closed:
                     return False
                 now = time.monotonic()
                 if now - start >= timeout and (
-                        self._failures > 0 or now - self._last_progress >= timeout):
+                        self._queue.failures(_PUSH) > 0 or now - self._last_progress >= timeout):
                     return False
                 self._cond.wait(min(0.5, max(0.01, start + timeout - now)))
             return True
@@ -334,20 +343,16 @@ class Uploader:
             if self._closed:
                 return self._not_remote
             self._closed = True
-            queued = {j.seq: j.ckpt.name for j in (self._in_flight, self._pending) if j}
+        queued = {j.seq: j.ckpt.name for j in self._jobs() if j is not None}
+        with self._cond:
             if self._newest_local is not None:
                 queued.setdefault(self._seq, self._newest_local[0])
-            if self._pending is not None:
-                self._to_abort.extend(self._pending.streams.values())
-                self._pending = None
-            self._stop.set()
             self._cond.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(STOP_GRACE_S)
-            if thread.is_alive():
-                log.error("the upload to %s did not stop within %.0fs of close(); abandoning "
-                          "it (it will not be committed)", self.remote.url, STOP_GRACE_S)
+        self._queue.close()  # the pending push: cancelled (its streams are aborted below)
+        self._queue.abort()
+        if not self._queue.join(STOP_GRACE_S):
+            log.error("the upload to %s did not stop within %.0fs of close(); abandoning "
+                      "it (it will not be committed)", self.remote.url, STOP_GRACE_S)
         self._abort_streams()
         with self._cond:
             # Pushed in commit order: all up to the newest one pushed are there or superseded.
@@ -365,72 +370,63 @@ class Uploader:
                       self._local_dir, self._local_dir, url)
         return left
 
-    # ------------------------------------------------------------------ the upload thread
+    # ------------------------------------------------------------------ the queue's side
+    def _moved(self) -> None:
+        self._last_progress = time.monotonic()
+
     def _abort_streams(self) -> None:
         with self._cond:
             streams, self._to_abort = self._to_abort, []
         for s in streams:
             s.abort()
 
-    def _next(self) -> _Job | None:
-        with self._cond:
-            while not self._stop.is_set():
-                if self._to_abort:
-                    return None  # abort them outside the lock, then come back
-                now = time.monotonic()
-                if self._pending is not None and now >= self._retry_at:
-                    job, self._pending = self._pending, None
-                    self._in_flight = job
-                    return job
-                if self._waiting and now >= self._recheck_at:
-                    return None  # look at the waiting parts, then come back
-                deadlines = ([self._retry_at] if self._pending is not None else []) + (
-                    [self._recheck_at] if self._waiting else [])
-                self._cond.wait(min(deadlines) - now if deadlines else None)
-            return None
+    def _retry(self, exc: BaseException) -> RetryPolicy | None:
+        return None if self.on_error == "raise" else self._policy
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            job = self._next()
-            self._abort_streams()
-            if job is not None:
-                self._push(job)
-            elif not self._stop.is_set():
-                self._recheck()
-
-    def _push(self, job: _Job) -> None:
-        name = job.ckpt.name
-        self._last_progress = time.monotonic()
-        try:
-            fresh, job.fresh = job.fresh, False  # a retry looks (the last try may have won)
-            manifest = self.remote.push(job.ckpt, streams=job.streams, stop=self._stop,
-                                        progress=_Activity(self), fresh=fresh)
-        except Exception as e:
-            self._failed(job, e)
-            return
-        finally:
-            job.streams.clear()  # push completed or aborted them
+    def _push(self, job: _Job, attempt: Attempt) -> Manifest | None:
+        """One attempt at ``job`` (in the queue's thread): push it, then ``after_push``
+        while it still counts as in flight. None: one node's part only."""
+        self._abort_streams()  # those of the checkpoints this one superseded
+        self._moved()
+        streams, job.streams = job.streams, {}  # completed or aborted by this attempt
+        # A first try of a checkpoint named here skips the look for a committed copy; a
+        # retry looks (the last try may have committed it).
+        manifest = self.remote.push(job.ckpt, streams=streams, stop=attempt.stop,
+                                    progress=_Activity(self), fresh=attempt.first)
         if part_of(manifest) is not None:  # only this node's part: not restorable yet
             self._part_uploaded(job, manifest)
-            return
+            return None
+        recovered = self._queue.failures(_PUSH)  # reset once this attempt returns
         with self._cond:
-            recovered = self._failures
-            self._failures = 0
-            self._retry_at = 0.0
             self._committed(manifest, job.seq)
-            self._last_progress = time.monotonic()
+        self._moved()
         if recovered:
             log.warning("remote %s is reachable again: %s committed after %d failed uploads",
-                        self.remote.url, name, recovered)
+                        self.remote.url, manifest.name, recovered)
         if self._after_push is not None:
             try:
-                with stopping(self._stop):
+                with stopping(attempt.stop):
                     self._after_push(manifest)
             except Exception as e:  # retention is retried after the next push
-                log.warning("after uploading %s: %s", name, e)
+                log.warning("after uploading %s: %s", job.ckpt.name, e)
+        return manifest
+
+    def _pushed(self, fut: TransferFuture[Manifest | None]) -> None:
+        """A push's outcome (in the queue's thread, or the one that superseded it)."""
+        job: _Job = fut.transfer.item
         with self._cond:
-            self._in_flight = None
+            closed = self._closed
+            if fut.outcome == "superseded":
+                self._superseded += 1
+                self._to_abort.extend(job.streams.values())  # aborted by the next push
+                why = ("its upload failed and a newer one is pending" if fut.error is not None
+                       else "a newer one replaced it")
+                log.info("not uploading %s: %s", job.ckpt.name, why)
+            elif fut.outcome == "cancelled":
+                self._to_abort.extend(job.streams.values())
             self._cond.notify_all()
+        if closed:  # no push comes to abort them: the closing thread does
+            self._abort_streams()
 
     def _committed(self, manifest: Manifest, seq: int) -> None:
         """``manifest`` (commit order ``seq``) is committed remotely (the lock is held)."""
@@ -439,6 +435,7 @@ class Uploader:
             self._remote_seq = seq
         # Parts of older checkpoints still waiting are superseded by this one.
         self._waiting = {n: w for n, w in self._waiting.items() if w[1] > seq}
+        self._cond.notify_all()
 
     def _part_uploaded(self, job: _Job, part: Manifest) -> None:
         """The push of ``job`` uploaded this node's part only; the whole is not committed."""
@@ -449,9 +446,7 @@ class Uploader:
             log.warning("after uploading this node's part of %s: %s", name, e)
             missing = ()
         with self._cond:
-            self._failures = 0
-            self._retry_at = 0.0
-            self._last_progress = time.monotonic()
+            self._moved()
             if missing is None:  # another node committed it meanwhile
                 self._committed(part_of(part).whole, job.seq)  # type: ignore[union-attr]
             else:
@@ -459,28 +454,27 @@ class Uploader:
                 for old in sorted(self._waiting, key=lambda n: self._waiting[n][1])[
                         :-MAX_WAITING]:
                     del self._waiting[old]
-                self._rechecks = 0
-                self._recheck_at = time.monotonic() + self._recheck_delay()
-            self._in_flight = None
             self._cond.notify_all()
         if missing is not None:
             log.warning("%s (remote %s)", waiting_line(name, missing), self.remote.url)
+            self._queue.submit(Transfer(_NODES, self._recheck, name="parts waiting for nodes",
+                                        retry=self._recheck_retry))
 
-    def _recheck_delay(self) -> float:
-        cfg = self.remote.config  # at least 0.1 s: a remote is never spun on
-        return max(0.1, min(max(cfg.backoff_initial, 0.1) * 2 ** min(self._rechecks, 16),
-                            max(cfg.backoff_max, 0.1), RECHECK_MAX_S))
+    def _recheck_retry(self, exc: BaseException) -> RetryPolicy | None:
+        return self._recheck_policy
 
-    def _recheck(self) -> None:
-        """Look again at the parts waiting for other nodes: committed ones become remote."""
+    def _recheck(self, attempt: Attempt) -> None:
+        """Look again at the parts waiting for other nodes: committed ones become remote.
+
+        Raises:
+            _StillWaiting: some still wait (the queue looks again after its back-off).
+        """
         with self._cond:
-            if not self._waiting or time.monotonic() < self._recheck_at:
-                return
             waiting = list(self._waiting.items())
         seen: dict[str, tuple[int, ...] | None] = {}
         for name, (part, _, _) in waiting:
             try:
-                with stopping(self._stop):
+                with stopping(attempt.stop):
                     seen[name] = self.remote.waiting_for(part)
             except Exception as e:  # looked at again later; the thread must never die of it
                 log.warning("looking whether %s is committed: %s; looking again later", name, e)
@@ -495,44 +489,37 @@ class Uploader:
                     self._committed(part_of(part).whole, seq)  # type: ignore[union-attr]
                 else:
                     self._waiting[name] = (part, seq, missing)
-            self._rechecks += 1
-            self._recheck_at = time.monotonic() + self._recheck_delay()
             self._cond.notify_all()
+            if self._waiting:
+                raise _StillWaiting(", ".join(self._waiting))
 
     def _order(self, name: str) -> int:
         w = self._waiting.get(name)
         return w[1] if w is not None else 0
 
-    def _failed(self, job: _Job, e: Exception) -> None:
+    def _failed(self, fut: TransferFuture[Manifest | None], e: BaseException,
+                delay: float | None) -> None:
+        """A push attempt failed (in the queue's thread); ``delay``: when the newest
+        checkpoint is tried again (None: not retried)."""
+        name = fut.transfer.name
+        if self._queue.stop.is_set():  # abandoned by close(): not a failure of the remote
+            return
         err = e if isinstance(e, CkptSyncError) else RemoteError(
-            f"uploading {job.ckpt.name} to {self.remote.url} failed: {type(e).__name__}: {e}")
+            f"uploading {name} to {self.remote.url} failed: {type(e).__name__}: {e}")
+        failures = self._queue.failures(_PUSH)
         with self._cond:
-            self._in_flight = None
-            if self._stop.is_set():  # abandoned by close(): not a failure of the remote
-                self._cond.notify_all()
-                return
-            self._failures += 1
             self._last_error = str(err)
             self._last_error_time = time.time()
-            failures = self._failures
             if self.on_error == "raise":
                 self._undelivered = err
-                delay = 0.0
-            else:
-                cfg = self.remote.config  # at least 0.1 s: a dead remote is never spun on
-                delay = backoff(failures, max(cfg.backoff_initial, 0.1), max(cfg.backoff_max, 0.1))
-                self._retry_at = time.monotonic() + delay
-                if self._pending is None:
-                    self._pending = job  # retry it, unless a newer one arrives meanwhile
-                else:
-                    self._drop(job, "its upload failed and a newer one is pending")
             self._cond.notify_all()
         retryable = isinstance(err, RemoteError) and err.retryable
         level = logging.WARNING if retryable else logging.ERROR
         if self.on_error == "raise":
-            log.log(level, "uploading %s failed: %s", job.ckpt.name, err,
+            log.log(level, "uploading %s failed: %s", name, err,
                     exc_info=not isinstance(e, CkptSyncError))
         else:
             log.log(level, "uploading %s failed (%d in a row): %s; retrying the newest "
-                    "checkpoint in %.1fs; training and local saves go on", job.ckpt.name,
-                    failures, err, delay, exc_info=not isinstance(e, CkptSyncError))
+                    "checkpoint in %.1fs; training and local saves go on", name,
+                    failures, err, delay or 0.0, exc_info=not isinstance(e, CkptSyncError))
+

@@ -9,10 +9,11 @@ a layer below. Nothing here imports torch. Modules, lowest layer first:
 - ``versions``: :class:`VersionTracker` (when a version is finished), :func:`snapshot_version`.
 - ``config``: :class:`WatchConfig` (flags > ``CKPTSYNC_*`` env > config file > defaults).
 - ``runtime``: exit codes, :class:`EventLog`, the status file, the directory lock.
-- ``watcher_state``, ``watcher_remote``, ``watcher_push``, ``watcher_versions``: the parts of
-  :class:`Watcher` (state and status; remote listing and retention; reconcile and pushes;
-  zero-code versions).
-- ``watcher``: :class:`Watcher`, the dispatcher loop and the stop.
+- ``health``: :class:`Health`, the daemon's state, last error and status file.
+- ``remote_view``: :class:`RemoteView`, what the remote holds, and retention applied to it.
+- ``taker``: :class:`VersionTaker`, zero-code versions of the rules into the spool.
+- ``pushes``: :class:`PushQueue`, reconcile and the pushes on the one transfer queue.
+- ``watcher``: :class:`Watcher`, where those parts are wired; the dispatcher loop and the stop.
 - ``process``: :func:`run_daemon`, signals, the process's exit code.
 - ``cli``: the ``watch`` and ``status`` subcommands of the one ``ckptsync`` parser.
 - ``launcher``: :func:`start_watcher`, the daemon as a background process of a notebook.

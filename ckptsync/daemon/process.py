@@ -41,7 +41,7 @@ from ckptsync.daemon.runtime import (
     EXIT_OK,
     EXIT_REMOTE,
     DirLock,
-    _watch_dir,
+    watch_dir,
 )
 from ckptsync.daemon.watcher import Watcher
 from ckptsync.errors import CkptSyncError, ConfigError
@@ -98,7 +98,7 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
         root.addHandler(bridge)
     try:
         config.local_dir.mkdir(parents=True, exist_ok=True)
-        _watch_dir(config.local_dir).mkdir(exist_ok=True)
+        watch_dir(config.local_dir).mkdir(exist_ok=True)
         lock = DirLock(config.local_dir)
     except (ConfigError, OSError) as e:
         events("error", "refused", error=str(e))

@@ -23,7 +23,6 @@ from typing import Any
 from ckptsync.errors import ConfigError
 from ckptsync.local import RESUMED_FILE, WATCH_DIR
 from ckptsync.output import EventLog
-from ckptsync.output import utc as _utc  # noqa: F401  (watcher_state stamps status with it)
 
 __all__ = [
     "EXIT_CONFIG",
@@ -33,8 +32,10 @@ __all__ = [
     "DirLock",
     "EventLog",
     "daemon_status",
+    "pid_alive",
     "read_status",
     "resumed_from",
+    "watch_dir",
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REMOTE = 0, 1, 2, 3
@@ -44,13 +45,13 @@ SPOOL_NAME = "spool"
 
 
 # --------------------------------------------------------------------------- status file
-def _watch_dir(local_dir: Path) -> Path:
+def watch_dir(local_dir: Path) -> Path:
     return local_dir / WATCH_DIR
 
 
 def read_status(local_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The last status the daemon wrote for ``local_dir``, or None if it never ran there."""
-    path = _watch_dir(Path(local_dir).expanduser().absolute()) / STATUS_NAME
+    path = watch_dir(Path(local_dir).expanduser().absolute()) / STATUS_NAME
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -60,7 +61,7 @@ def read_status(local_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 def _lock_holder(local_dir: Path) -> int | None:
     """The pid of the daemon holding ``local_dir``'s lock, or None if no daemon holds it."""
-    path = _watch_dir(local_dir) / LOCK_NAME
+    path = watch_dir(local_dir) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -80,7 +81,8 @@ def _lock_holder(local_dir: Path) -> int | None:
 
 
 def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``.
+    """The status file plus ``running`` (a daemon holds the directory's lock now) and ``pid``,
+    made exact against the directory as it is now (:func:`_exact`).
 
     Works for a running daemon and after it stopped (the last status it wrote).
     """
@@ -90,12 +92,50 @@ def daemon_status(local_dir: str | os.PathLike[str]) -> dict[str, Any]:
     st["running"] = holder is not None
     if holder is not None and holder > 0:
         st["pid"] = holder
-    for key in ("synced", "pending", "uploading", "settling", "failed"):
+    for key in ("synced", "pending", "uploading", "settling", "failed",
+                "skipped_by_retention"):
         st.setdefault(key, [])
     st.setdefault("waiting_for_nodes", {})
     st.setdefault("in_sync", False)
     st["local_dir"] = str(d)
+    if "state" in st:
+        _exact(st, d)
     return st
+
+
+def _committed_here(d: Path) -> set[str] | None:
+    """The committed checkpoints in ``d`` and in its daemon's spool, or None if unreadable."""
+    from ckptsync.errors import CkptSyncError
+    from ckptsync.local import LocalStore
+
+    names: set[str] = set()
+    try:
+        for where in (d, watch_dir(d) / SPOOL_NAME):
+            if where.is_dir():
+                names.update(c.name for c in LocalStore(where).list())
+    except (CkptSyncError, OSError):
+        return None
+    return names
+
+
+def _exact(st: dict[str, Any], d: Path) -> None:
+    """Make ``st`` (the daemon's last word) exact for the directory now: a committed local
+    checkpoint that the daemon has not acknowledged as committed remotely (nor as dropped by
+    retention, nor as one node's part) is pending, whether or not the daemon has seen it
+    yet (listed in ``not_seen`` too); one deleted locally since (the trainer's retention) is
+    no longer pending, nor failed. ``in_sync`` follows."""
+    names = _committed_here(d)
+    if names is None:
+        return  # the file's word, as written
+    done = set(st["synced"]) | set(st["skipped_by_retention"]) | set(st["waiting_for_nodes"])
+    pending = [n for n in st["pending"] if n in names]
+    unseen = sorted(names - done - set(pending))
+    st["pending"] = pending + unseen
+    st["not_seen"] = unseen
+    st["failed"] = [f for f in st["failed"] if not isinstance(f, dict) or f.get("name") in names]
+    st["in_sync"] = (st.get("last_reconcile_ts") is not None and not st["pending"]
+                     and not st["uploading"] and not st["settling"] and not st["failed"]
+                     and not st["waiting_for_nodes"] and not st.get("error"))
 
 
 class DirLock:
@@ -106,7 +146,7 @@ class DirLock:
     """
 
     def __init__(self, local_dir: Path) -> None:
-        path = _watch_dir(local_dir) / LOCK_NAME
+        path = watch_dir(local_dir) / LOCK_NAME
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + 1.0
         while True:
@@ -133,7 +173,7 @@ class DirLock:
             self.fd = -1
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -150,4 +190,4 @@ def resumed_from(local_dir: Path) -> str | None:
         name, pid = data["name"], int(data["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return name if isinstance(name, str) and _pid_alive(pid) else None
+    return name if isinstance(name, str) and pid_alive(pid) else None

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 
 from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
-from ckptsync.transfer import backoff
+from ckptsync.transfer.retry import RetryPolicy
 from ckptsync.zerocode.rules import (
     WATCHED,
     StatSig,
@@ -285,6 +285,7 @@ POLL_S = 0.25
 _MAC = "mac"
 #: A failed copy (no space, ...) is retried after 1, 2, 4, ... seconds, at most this many.
 RETRY_CAP_S = 60.0
+COPY_RETRY = RetryPolicy(1.0, RETRY_CAP_S)
 #: Failed copies after which a drain (``--once``, the parent's exit) gives a rule up.
 GIVE_UP_AFTER = 3
 
@@ -426,7 +427,7 @@ class VersionTracker:
         self.busy = False
         self.failures += 1
         self.error = error
-        delay = backoff(self.failures, 1.0, RETRY_CAP_S)
+        delay = COPY_RETRY.delay(self.failures)
         self.retry_at = now + delay
         return delay
 

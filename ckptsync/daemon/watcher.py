@@ -2,16 +2,22 @@
 
 Events are hints, scans are truth (DESIGN.md, "The daemon")::
 
-    watchdog emitter ──► _Handler.dispatch ──► queue ──► dispatcher thread ──► upload pool
+    watchdog emitter ──► _Handler.dispatch ──► queue ──► dispatcher thread ──► transfer queue
     (inotify thread)     (enqueues only)                 reconcile, versions     RemoteStore.push
                                                          status file, retention
 
-:class:`Watcher` runs the dispatcher loop and the stop; its pipelines are mixins, one module
-each: :mod:`~ckptsync.daemon.watcher_state` (state, status file),
-:mod:`~ckptsync.daemon.watcher_remote` (remote listing, retention),
-:mod:`~ckptsync.daemon.watcher_push` (reconcile, pushes),
-:mod:`~ckptsync.daemon.watcher_versions` (zero-code versions). See :mod:`ckptsync.daemon` for
-the whole daemon (threads, signals, exit codes).
+:class:`Watcher` is where the daemon is wired: it builds the parts, each of which owns its
+own state, and runs the dispatcher loop and the stop. The parts, one module each:
+
+- :class:`~ckptsync.daemon.health.Health`: the state, the last error, the status file;
+- :class:`~ckptsync.daemon.remote_view.RemoteView`: what the remote holds, retention;
+- :class:`~ckptsync.daemon.taker.VersionTaker`: zero-code versions into the spool;
+- :class:`~ckptsync.daemon.pushes.PushQueue`: reconcile, and the pushes on the one
+  :class:`~ckptsync.transfer.queue.TransferQueue`.
+
+Every part runs on the dispatcher thread; what the queue's and the snapshot's threads finish
+comes back as a message on the dispatcher's queue. See :mod:`ckptsync.daemon` for the whole
+daemon (threads, signals, exit codes).
 """
 
 from __future__ import annotations
@@ -19,16 +25,34 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ckptsync.daemon.runtime import EXIT_FAILED, EXIT_OK, EXIT_REMOTE, _pid_alive
-from ckptsync.daemon.watcher_push import PushPipeline
-from ckptsync.daemon.watcher_versions import VersionPipeline
-from ckptsync.local import WATCH_DIR
+from ckptsync.daemon.config import WatchConfig
+from ckptsync.daemon.health import Health
+from ckptsync.daemon.pushes import PushQueue
+from ckptsync.daemon.remote_view import RemoteView
+from ckptsync.daemon.runtime import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_REMOTE,
+    SPOOL_NAME,
+    STATUS_NAME,
+    EventLog,
+    pid_alive,
+    resumed_from,
+    watch_dir,
+)
+from ckptsync.daemon.taker import VersionTaker
+from ckptsync.local import WATCH_DIR, FileOps, LocalStore
+from ckptsync.redact import redact_url
+from ckptsync.transfer.queue import TransferQueue
+
+if TYPE_CHECKING:
+    from ckptsync.remote import RemoteStore
 
 __all__ = ["Watcher"]
 
@@ -81,7 +105,7 @@ def _handler_class() -> type:
     return _Handler
 
 
-class Watcher(PushPipeline, VersionPipeline):
+class Watcher:
     """The daemon core: watch ``config.local_dir``, push what the remote lacks.
 
     ``run()`` blocks until stopped (``request_stop()``, or the end of ``--once``) and returns
@@ -93,6 +117,40 @@ class Watcher(PushPipeline, VersionPipeline):
         events: the structured log sink (default: stderr).
         spool_ops: file system calls into the zero-code spool (a fault seam in tests).
     """
+
+    def __init__(self, config: WatchConfig, *, store: RemoteStore | None = None,
+                 events: EventLog | None = None, spool_ops: FileOps | None = None) -> None:
+        self.config = config
+        self.events = events or EventLog(fmt=config.log_format)
+        self.local = LocalStore(config.local_dir)
+        wdir = watch_dir(self.local.directory)
+        wdir.mkdir(exist_ok=True)
+        self.spool = LocalStore(wdir / SPOOL_NAME, spool_ops)
+        self.spool.cleanup()  # our own crashed snapshots (never the trainer's staging dirs)
+        if store is None:
+            from ckptsync.remote import RemoteStore
+
+            store = RemoteStore(config.remote, dict(config.storage_options), keys=config.keys)
+        self.store = store
+        self._q: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self._stop = threading.Event()
+        self._drain = config.once  # finish what is there, then exit
+        self._reconcile_at: float | None = 0.0
+        self._parent = config.parent_pid
+        self._parent_is_ppid = self._parent is not None and self._parent == os.getppid()
+        self.abandoned_calls = False  # a stopped push's call never returned (see _shutdown)
+        # The parts, wired here (each owns its state; see the module doc).
+        self.transfers = TransferQueue(config.workers, name="ckptsync-upload")
+        self.health = Health(wdir / STATUS_NAME, self.local.directory,
+                             redact_url(config.remote), self._snapshot)
+        self.view = RemoteView(store, self.transfers, self.events, self.health, self._stop,
+                               once=config.once, post=self._q.put)
+        self.taker = VersionTaker(config, self.spool, self.events, self.health,
+                                  post=self._q.put, schedule=self._schedule)
+        self.pushes = PushQueue(config, store, self.local, self.spool, self.transfers,
+                                self.view, self.taker, self.events, self.health,
+                                post=self._q.put, schedule=self._schedule,
+                                draining=lambda: self._drain)
 
     # ------------------------------------------------------------------ controls
     def request_stop(self) -> None:
@@ -114,7 +172,7 @@ class Watcher(PushPipeline, VersionPipeline):
                           str(self.local.directory), recursive=True)
         observer.daemon = True
         self.events("info", "start", pid=os.getpid(), local=str(self.local.directory),
-                    remote=self._redacted(), rules=[r.spec for r in self.config.rules],
+                    remote=self.health.remote, rules=[r.spec for r in self.config.rules],
                     once=self.config.once)
         try:
             observer.start()
@@ -123,24 +181,24 @@ class Watcher(PushPipeline, VersionPipeline):
             observer.stop()
             observer.join(timeout=10)
             self._shutdown()
-        self._state = "failed" if self._fatal else "stopped"
-        self._write_status()
+        self.health.set_state("failed" if self.view.fatal else "stopped")
+        self.health.write()
         self.events("info" if code == EXIT_OK else "error", "exit", code=code,
-                    pending=self._pending_names(), failed=sorted(self._failed),
-                    waiting_for_nodes=sorted(self._waiting))
+                    pending=self.pushes.pending(), failed=sorted(self.pushes.failed),
+                    waiting_for_nodes=sorted(self.pushes.waiting))
         return code
 
     def _loop(self) -> int:
-        if not self._refresh_remote(initial=True):
-            return EXIT_FAILED if self._unreachable else EXIT_REMOTE
+        if not self.view.refresh(initial=True):
+            return EXIT_FAILED if self.view.unreachable else EXIT_REMOTE
         if self._stop.is_set():  # stopped while the remote was out of reach: push nothing
             return EXIT_OK
-        self._init_signatures()
-        self._state = "running"
+        self.taker.init_signatures(self.view.committed)
+        self.health.set_state("running")
         self._reconcile()
-        self._warn_without_rules()
+        self.taker.warn_without_rules(self.pushes.local_names)
         # What was finished before the daemon started is taken now, not after an interval.
-        self._take_versions(time.monotonic())
+        self.taker.take(time.monotonic(), drain=self._drain)
         while not self._stop.is_set():
             item = self._next_item()
             batch = [item] if item is not None else []
@@ -152,21 +210,24 @@ class Watcher(PushPipeline, VersionPipeline):
             now = time.monotonic()
             for it in batch:
                 self._guarded(f"handling {it[0]!r}", self._handle, it, now)
-            if self._fatal:
+            if any(it[0] not in ("fs", "wake") for it in batch):
+                self.health.write()
+            if self.view.fatal:
                 return EXIT_REMOTE
             self._check_parent()
             now = time.monotonic()
             if self._reconcile_at is not None and now >= self._reconcile_at:
                 self._guarded("reconciling", self._reconcile)
-            self._guarded("taking versions", self._take_versions, now)
-            self._guarded("applying retention", self._maybe_retention)
+            if not self._stop.is_set():
+                self._guarded("taking versions", self._take_versions, now)
+            self._guarded("applying retention", self._apply_retention)
             if self._drain and self._drained():
-                if self._retention_running or self._retention_due:
+                if self.view.retention_running or self.view.retention_due:
                     continue
                 # A part still waiting for other nodes is not restorable: not a success.
-                failed = (bool(self._failed) or bool(self._waiting)
-                          or any(t.gave_up for t in self._trackers))
-                self._write_status()
+                failed = (bool(self.pushes.failed) or bool(self.pushes.waiting)
+                          or self.taker.gave_up())
+                self.health.write()
                 return EXIT_FAILED if failed and self.config.once else EXIT_OK
         return EXIT_OK
 
@@ -176,21 +237,42 @@ class Watcher(PushPipeline, VersionPipeline):
         try:
             fn(*args)
         except Exception as e:
-            self._last_error = f"{what}: {type(e).__name__}: {e}"
+            self.health.error(f"{what}: {type(e).__name__}: {e}")
             log.debug("error while %s", what, exc_info=True)
             self.events("error", "internal_error", during=what, error_type=type(e).__name__,
                         error=str(e), action="continuing; the next reconcile retries")
             if self._reconcile_at is None:
                 self._schedule(time.monotonic() + self.config.interval)
 
+    def _schedule(self, at: float) -> None:
+        if self._reconcile_at is None or at < self._reconcile_at:
+            self._reconcile_at = at
+
+    def _reconcile(self) -> None:
+        now = time.monotonic()
+        self._reconcile_at = now + self.config.interval
+        if (self.view.stale(now, self.config.interval) and self.pushes.idle()
+                and not self.view.retention_running):
+            self.view.refresh()
+            if self.view.fatal:
+                return
+        self.pushes.reconcile(now)
+        self.health.write()
+
+    def _take_versions(self, now: float) -> None:
+        self.taker.take(now, drain=self._drain)
+
+    def _apply_retention(self) -> None:
+        name = resumed_from(self.local.directory)
+        self.view.apply_retention(self.config.policy, [name] if name else [])
+
     def _next_item(self) -> tuple[Any, ...] | None:
         now = time.monotonic()
         deadlines = [self._reconcile_at] if self._reconcile_at is not None else []
-        wall = time.time()
-        deadlines += [d for t in self._trackers
-                      if (d := t.next_deadline(now, wall)) is not None]
-        if self._failed:
-            deadlines.append(min(f.retry_at for f in self._failed.values()))
+        deadlines += self.taker.deadlines(now, time.time())
+        retry = self.pushes.next_retry()
+        if retry is not None:
+            deadlines.append(retry)
         timeout = max(0.0, min(deadlines, default=now + self.config.interval) - now)
         if self._parent is not None:
             timeout = min(timeout, _PARENT_POLL_S)
@@ -203,8 +285,7 @@ class Watcher(PushPipeline, VersionPipeline):
         kind = item[0]
         if kind == "fs":
             _, t, ev, rel, is_dir = item
-            for tr in self._trackers:
-                tr.on_event(ev, rel, t, is_dir)
+            self.taker.on_event(ev, rel, t, is_dir)
             # A native local commit is a directory renamed into place; debounce bursts.
             top = rel.split("/", 1)[0]
             if ev == "moved_in" and is_dir and not top.startswith("."):
@@ -212,76 +293,90 @@ class Watcher(PushPipeline, VersionPipeline):
         elif kind == "reconcile":
             self._schedule(now)
         elif kind == "pushed":
-            self._on_pushed(item[1], item[2], now)
+            self.pushes.on_pushed(item[1], now)
+        elif kind == "push_failed":
+            self.pushes.on_attempt_failed(item[1], item[2], item[3], now)
         elif kind == "snapshot":
-            self._on_snapshot(item[1], item[2], item[3], item[4])
+            self.taker.on_snapshot(item[1], item[2], item[3], item[4], drain=self._drain)
         elif kind == "retention":
-            self._on_retention(item[1])
+            self.view.on_retention(item[1])
 
     def _check_parent(self) -> None:
         if self._parent is None or self._drain:
             return
         gone = (os.getppid() != self._parent) if self._parent_is_ppid \
-            else not _pid_alive(self._parent)
+            else not pid_alive(self._parent)
         if gone:
             self.events("info", "parent_exited", parent_pid=self._parent,
                         action="uploading what is pending, then exiting")
             self._drain = True
             self._schedule(time.monotonic())
-            for tr in self._trackers:
-                tr.settle = 0.0
+            self.taker.drain()
 
     # ------------------------------------------------------------------ status / stop
+    def _snapshot(self) -> dict[str, Any]:
+        """The parts' fields for the status file (see :class:`Health`)."""
+        now, wall = time.monotonic(), time.time()
+        watch = self.taker.watch_status(now, wall)
+        local = self.pushes.local_names
+        retired = self.view.retired.intersection(local)
+        return {
+            "last_reconcile_ts": self.pushes.last_reconcile,
+            "synced": self.view.synced(local, self.taker.rules),
+            "pending": self.pushes.pending(),
+            "uploading": self.pushes.uploading(),
+            # This node's part uploaded, the checkpoint not committed (not restorable):
+            # name -> the nodes whose part is missing.
+            "waiting_for_nodes": {n: list(w[0])
+                                  for n, w in sorted(self.pushes.waiting.items())},
+            "settling": [w["rule"] for w in watch if w["pending"]],
+            "failed": [{"name": n, "error": f.error, "attempts": f.attempts,
+                        "retryable": f.retryable}
+                       for n, f in sorted(self.pushes.failed.items())],
+            "skipped_by_retention": sorted(self.pushes.skipped | retired),
+            "watch": watch,
+            "warnings": [] if local else list(self.taker.warnings),
+            "error": self.view.fatal,
+        }
+
     def _drained(self) -> bool:
-        if self._inflight or any(t.busy or (t.retry_at is not None and not t.gave_up)
-                                 for t in self._trackers):
-            return False
-        wall, now = time.time(), time.monotonic()
-        if any(t.due(now, wall, force=True) is not None for t in self._trackers):
+        now, wall = time.monotonic(), time.time()
+        if self.taker.busy(now, wall):
             return False
         if self._reconcile_at is not None and self._reconcile_at <= now:
             return False
-        pending = [n for n in self._pending_names() if n not in self._failed]
-        if pending:
-            return False
-        # With failures: --once gives up after a few attempts; a drain on parent exit as well.
-        return all(f.attempts >= 3 for f in self._failed.values())
+        return self.pushes.drained()
 
     def _shutdown(self) -> None:
         """Stop every thread: snapshots finish, queued uploads are cancelled, in-flight ones
         get ``stop_timeout``, then are abandoned (never committed) and cleaned up."""
-        self._state = "stopping"
-        self._snap_pool.shutdown(wait=True, cancel_futures=True)
-        # Queued pushes never started: cancel them, never wait on them (a cancelled future
-        # that no worker picked up is never "done" to concurrent.futures.wait).
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        running = {f for f in self._inflight.values() if not f.cancel() and not f.done()}
+        self.health.set_state("stopping")
+        self.taker.shutdown()
+        # Queued pushes never started: cancelled, never waited on.
+        self.transfers.close()
+        running = self.transfers.running()
         if running:
             self.events("info", "stopping", uploading=sorted(
-                n for n, f in self._inflight.items() if f in running),
+                f.transfer.name for f in running if f.transfer.item is not None),
                 wait_s=self.config.stop_timeout)
-            _, running = wait_futures(running, timeout=self.config.stop_timeout)
-        self._abort.set()
-        # The retention job too: a delete under way gets the same bound.
-        job = self._retention_job
-        pending = [*running, *([job] if job is not None and not job.cancelled() else [])]
-        _, stuck = wait_futures(pending, timeout=_ABANDON_WAIT_S)
-        if stuck:
+            deadline = time.monotonic() + self.config.stop_timeout
+            for fut in running:
+                fut.wait(max(0.0, deadline - time.monotonic()))
+        self.transfers.abort()
+        # The retention job too (it runs on the queue): a delete under way gets the same bound.
+        if not self.transfers.join(_ABANDON_WAIT_S):
             # A call to the remote that did not return: leave it behind (the process exits
             # without it); what it may still write is never committed (no manifest follows).
             self.abandoned_calls = True
+            stuck = [f.transfer.name for f in self.transfers.running()]
             self.events("warning", "stop_abandoned_calls", count=len(stuck),
                         detail="a call to the remote did not return; exiting without it")
-        else:
-            self._pool.shutdown(wait=True)
         # Let completion messages land in the status (committed or abandoned).
+        now = time.monotonic()
         while True:
             try:
                 it = self._q.get_nowait()
             except queue.Empty:
                 break
-            if it[0] == "pushed":
-                self._on_pushed(it[1], it[2], time.monotonic())
-            elif it[0] == "retention":
-                self._on_retention(it[1])
-
+            if it[0] in ("pushed", "push_failed", "retention"):
+                self._handle(it, now)

@@ -1,7 +1,8 @@
 """ckptsync for the training frameworks most people use, one module each.
 
 - ``transformers``: a Hugging Face ``Trainer`` callback that syncs each ``checkpoint-N/``.
-- ``lightning``: a Lightning ``CheckpointIO`` plugin.
+- ``lightning``: a Lightning ``CheckpointIO`` plugin; ``lightning_resume``: what a fresh
+  machine pulls so that ``fit(ckpt_path="last")`` resumes at the newest uploaded step.
 - ``accelerate``: sync what ``Accelerator.save_state`` writes, pull before ``load_state``.
 
 Importing ``ckptsync`` never imports a framework or this package. ``lightning`` and

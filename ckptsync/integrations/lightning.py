@@ -5,7 +5,7 @@ Example::
     from ckptsync.integrations.lightning import CkptSyncCheckpointIO
 
     io = CkptSyncCheckpointIO("s3://bucket/run1")
-    io.pull_latest("ckpts")              # a fresh machine: bring back the newest last.ckpt
+    io.pull_latest("ckpts")              # a fresh machine: what "last" resumes from
     trainer = pl.Trainer(plugins=[io],
                          callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True)])
     trainer.fit(model, ckpt_path="last")
@@ -19,11 +19,20 @@ remote that ``ckptsync watch ckpts REMOTE --preset lightning`` filled.
 Each save writes the dict Lightning hands with ``torch.save`` (plain Lightning loads it) into
 a private spool checkpoint inside the checkpoint directory, hashing while writing, fsyncs it,
 commits it, and hard-links it into place with a rename: the file appears whole or not at all,
-its bytes are written once. A background thread pushes the spool checkpoints (the newest
-version of a file supersedes a queued older one) and then retires, remotely, the versions a
-newer one replaced and those of files Lightning deleted (``save_top_k``). Only ckptsync
-checkpoints of this rule are ever deleted, never the newest one, nor the one this process
-resumed from.
+its bytes are written once. The uploads go through one
+:class:`~ckptsync.transfer.queue.TransferQueue` keyed by the file's path: the newest version
+of a file (``last.ckpt`` saved again) replaces its queued older version and keeps that one's
+place in line, so while saves come faster than the link, ``last.ckpt`` still goes up at
+least every other upload instead of waiting behind each new top-k file. After each upload
+the remote versions a newer one replaced, and those of files Lightning deleted
+(``save_top_k``), are retired. Only ckptsync checkpoints of this rule are ever deleted, never
+the newest one, nor the one this process resumed from.
+
+On a fresh machine, :func:`pull_latest` restores what ``fit(ckpt_path="last")`` reads: the
+newest remote ``last.ckpt`` and the newest top-k file beside it; where that top-k file holds a
+newer step (the run was killed between its upload and the one of ``last.ckpt``), it is also
+linked as ``last.ckpt``, as ``ModelCheckpoint(save_last="link")`` does, so the resume starts
+from the newest step that reached the remote (:mod:`ckptsync.integrations.lightning_resume`).
 
 Lightning itself is imported lazily (``lightning``, else ``pytorch_lightning``): importing
 this module does not import it, and a missing framework is a :class:`ConfigError` naming the
@@ -36,11 +45,10 @@ import contextlib
 import logging
 import os
 import threading
-import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -54,28 +62,26 @@ from ckptsync.config import (
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
-    CorruptCheckpointError,
     NoCheckpointError,
 )
+from ckptsync.integrations.lightning_resume import RULE, one_path, pull_file, pull_resume_set
 from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore, storage_error
-from ckptsync.manifest import Manifest, make_name
+from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
 from ckptsync.remote import RemoteStore
-from ckptsync.transfer import backoff
-from ckptsync.zerocode.contentstep import torch_save_step
-from ckptsync.zerocode.presets import preset_rule
-from ckptsync.zerocode.restore import restore_watched
-from ckptsync.zerocode.rules import WATCHED, is_watched
+from ckptsync.transfer.queue import Attempt, Transfer, TransferFuture, TransferQueue
+from ckptsync.transfer.retry import RetryPolicy
+from ckptsync.zerocode.rules import WATCHED
 
 __all__ = ["RULE", "CkptSyncCheckpointIO", "pull_latest"]
 
 log = logging.getLogger("ckptsync.lightning")
 
-#: The watch rule every uploaded ``.ckpt`` is a version of (the ``lightning`` preset).
-RULE = preset_rule("lightning")
 SPOOL_DIR = f"{PRIVATE_PREFIX}lightning"
 DEFAULT_TEARDOWN_TIMEOUT = 600.0
 _CLOSE_ENV = f"{ENV_PREFIX}CLOSE_TIMEOUT"
 _BASES = ("lightning.fabric.plugins", "lightning_fabric.plugins")
+#: A failed upload is retried after 1, 2, 4, ... seconds, at most a minute apart.
+RETRY = RetryPolicy(1.0, 60.0)
 
 
 def _register() -> None:
@@ -115,73 +121,19 @@ def _global_rank() -> int:
     return 0
 
 
-def _ours(m: Manifest) -> str | None:
-    """The one path of a version of :data:`RULE`, or None for any other checkpoint."""
-    paths = m.source.get("paths")
-    if is_watched(m) and m.source.get("rule") == RULE and isinstance(paths, list) \
-            and len(paths) == 1 and isinstance(paths[0], str):
-        return paths[0]
-    return None
-
-
-def _paths(m: Manifest) -> list[str]:
-    """The files of a version of :data:`RULE` (one, as this plugin uploads; any number, as
-    ``ckptsync watch --preset lightning`` does), [] for any other checkpoint."""
-    paths = m.source.get("paths")
-    if is_watched(m) and m.source.get("rule") == RULE and isinstance(paths, list) \
-            and all(isinstance(p, str) for p in paths):
-        return list(paths)
-    return []
-
-
-def _resume_path(m: Manifest, rel: str | None) -> str:
-    """The file of version ``m`` to resume from: ``rel``, else a ``last*.ckpt``, else the
-    newest by name."""
-    paths = _paths(m)
-    if rel is not None and rel in paths:
-        return rel
-    last = [p for p in paths if p.rsplit("/", 1)[-1].startswith("last")]
-    return (last or sorted(paths))[-1]
-
-
-def _pull_file(store: RemoteStore, root: Path, rel: str | None) -> Manifest | None:
-    """Restore the newest valid version of ``rel`` (None: of any file of :data:`RULE`) into
-    ``root``, unless the local file already holds that step or a newer one. Falls back to
-    older versions when the newest does not verify. Returns the version restored (or the
-    one the local file matches), None when the remote holds none."""
-    versions = [m for m in store.list() if (ps := _paths(m)) and rel in (None, *ps)]
-    if not versions:
-        return None
-    newest = versions[-1]
-    local = root / _resume_path(newest, rel)
-    if local.is_file():
-        step = torch_save_step(local)
-        if step is not None and newest.step is not None and step >= newest.step:
-            log.info("%s already holds step %d (remote: %d): not pulled", local, step,
-                     newest.step)
-            return newest
-    why = ""
-    for m in reversed(versions):
-        try:
-            restore_watched(store, root, m.name, rules=[RULE])
-            return m
-        except (CorruptCheckpointError, NoCheckpointError) as e:
-            log.warning("remote %s is not usable, trying an older version: %s", m.name, e)
-            why = why or f" (the newest: {e})"
-    raise NoCheckpointError(f"no valid version of {rel or RULE!r} in {store.url_of()}{why}")
-
-
 def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
                 storage_options: Mapping[str, Any] | None = None) -> Path | None:
-    """Restore the newest checkpoint file the remote holds into ``dirpath``, so that
-    ``trainer.fit(model, ckpt_path="last")`` finds it on a fresh machine.
+    """Restore, into ``dirpath``, the files ``trainer.fit(model, ckpt_path="last")`` resumes
+    from on a fresh machine: the newest ``last.ckpt`` the remote holds and the newest top-k
+    file beside it. Where the top-k file holds a newer step than ``last.ckpt`` (a run killed
+    between the two uploads), it is linked as ``last.ckpt`` too, so the resume starts at the
+    newest step that reached the remote, never from 0 when any version did.
 
-    Call it before ``fit`` (Lightning resolves ``"last"`` by listing ``dirpath``). With
-    ``ModelCheckpoint(save_last=True)`` the newest file is ``last.ckpt`` (saved after the
-    top-k file of the same step). A local file already at that step or newer is kept.
+    Call it before ``fit`` (Lightning resolves ``"last"`` by listing ``dirpath``). A local
+    file already at its remote version's step or newer is kept.
 
     Returns:
-        The restored (or already present) file, or None when the remote holds none.
+        The file the resume reads (``last.ckpt``), or None when the remote holds none.
 
     Raises:
         NoCheckpointError: the remote holds versions, none of them valid.
@@ -193,17 +145,16 @@ def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
         trainer.fit(model, ckpt_path="last")
     """
     root = Path(dirpath).expanduser().absolute()
-    m = _pull_file(RemoteStore(remote, storage_options), root, None)
-    return None if m is None else root / _resume_path(m, None)
+    got = pull_resume_set(RemoteStore(remote, storage_options), root, partial(_link, FileOps()))
+    return None if got is None else got[0]
 
 
-@dataclass
-class _Pending:
+@dataclass(frozen=True)
+class _Upload:
+    """One saved version of a file, committed in the spool, to upload."""
+
     ckpt: LocalCheckpoint
     rel: str
-    attempts: int = 0
-    retry_at: float = 0.0
-    error: str = ""
 
 
 class CkptSyncCheckpointIO:
@@ -244,13 +195,10 @@ class CkptSyncCheckpointIO:
             teardown_timeout = (resolve_close_timeout(None) if os.environ.get(_CLOSE_ENV)
                                 else DEFAULT_TEARDOWN_TIMEOUT)
         self.teardown_timeout = teardown_timeout
-        self._cv = threading.Condition()
-        self._queue: deque[_Pending] = deque()
-        self._busy: _Pending | None = None
+        self._lock = threading.Lock()
+        self._queue: TransferQueue | None = None  # started by the first upload
         self._removed: set[str] = set()
         self._protected: set[str] = set()
-        self._abort = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_error = ""
         self._spool_store: LocalStore | None = None
         self._ops = file_ops or FileOps()
@@ -318,18 +266,13 @@ class CkptSyncCheckpointIO:
         except BaseException:
             staging.abort()
             raise
-        try:
-            link_into_place(ckpt.file(rel), dest, self._ops)
-        except OSError as e:
-            raise storage_error(e, dest, "save checkpoint") from e
+        _link(self._ops, ckpt.file(rel), dest)
         if _global_rank() != 0:  # Lightning saves on global rank 0 only; be safe elsewhere
             spool.delete(name)
             return
-        with self._cv:
+        with self._lock:
             self._removed.discard(rel)
-            self._queue.append(_Pending(ckpt, rel))
-            self._start()
-            self._cv.notify_all()
+        self._submit(self._started(skip=name), _Upload(ckpt, rel))
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -342,7 +285,7 @@ class CkptSyncCheckpointIO:
         if not dest.is_file():
             rel = self._rel(dest)
             assert self.root is not None
-            m = _pull_file(self.store, self.root, rel)
+            m = pull_file(self.store, self.root, rel)
             if m is None:
                 raise NoCheckpointError(f"checkpoint {dest} is missing, and "
                                         f"{self.store.url_of()} holds no version of {rel}")
@@ -356,12 +299,12 @@ class CkptSyncCheckpointIO:
         dest = Path(path).expanduser().absolute()
         rel = self._rel(dest)
         dest.unlink(missing_ok=True)
-        with self._cv:
+        with self._lock:
             self._removed.add(rel)
-            for p in [p for p in self._queue if p.rel == rel]:
-                self._queue.remove(p)
-                self._drop(p)
-            self._cv.notify_all()
+            q = self._queue
+        fut = q.discard(rel) if q is not None else None
+        if fut is not None:
+            self._drop(fut.transfer.item)
 
     def teardown(self) -> None:
         """Wait (at most ``teardown_timeout``) for the uploads; log an error and warn, naming
@@ -390,11 +333,11 @@ class CkptSyncCheckpointIO:
         root = Path(dirpath).expanduser().absolute()
         if self.root is None:
             self.root = root
-        m = _pull_file(self.store, root, None)
-        if m is None:
+        got = pull_resume_set(self.store, root, partial(_link, self._ops))
+        if got is None:
             return None
-        self._protected.add(m.name)
-        return root / _resume_path(m, None)
+        self._protected.update(m.name for m in got[1])
+        return got[0]
 
     def wait(self, timeout: float | None = None, *, raise_error: bool = True) -> list[str]:
         """Block until every queued upload is committed remotely (or ``timeout``).
@@ -406,14 +349,12 @@ class CkptSyncCheckpointIO:
             CkptSyncError: some are not uploaded and ``raise_error`` (the message names them
                 and the last error).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
-            while self._queue or self._busy is not None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    break
-                self._cv.wait(left if left is None else min(left, 1.0))
-            missing = [p.rel for p in ([self._busy] if self._busy else []) + list(self._queue)]
+        with self._lock:
+            q = self._queue
+        missing: list[str] = []
+        if q is not None and not q.wait_idle(timeout):
+            missing = [f.transfer.item.rel for f in q.running()] + \
+                [f.transfer.item.rel for f, _ in q.waiting()]
         if missing and raise_error:
             raise CkptSyncError(f"not uploaded to {self.store.url_of()} after {timeout}s: "
                                 f"{', '.join(missing)}"
@@ -421,107 +362,94 @@ class CkptSyncCheckpointIO:
                                    else ""))
         return missing
 
-    # ------------------------------------------------------------------ the uploader
-    def _start(self) -> None:
-        """Start the upload thread (under ``_cv``); first queue what a previous process left
-        in the spool (committed locally, maybe not remotely)."""
-        if self._thread is not None and self._thread.is_alive():
-            return
+    # ------------------------------------------------------------------ the uploads
+    def _started(self, skip: str) -> TransferQueue:
+        """The upload queue, started on first use: first queued is what a previous process
+        left in the spool (committed locally, maybe not remotely; not ``skip``, the save
+        being queued now), oldest first, so that the newest version of each file wins."""
+        with self._lock:
+            if self._queue is not None:
+                return self._queue
+            q = self._queue = TransferQueue(1, name="ckptsync-lightning")
         assert self.root is not None
-        queued = {p.ckpt.name for p in self._queue}
-        for c in reversed(self._spool.list()):
-            rel = _ours(c.manifest)
-            if c.name in queued or rel is None:
+        for c in self._spool.list():
+            rel = one_path(c.manifest)
+            if rel is None or c.name == skip:
                 continue
             if (self.root / rel).is_file():
-                self._queue.appendleft(_Pending(c, rel))
+                self._submit(q, _Upload(c, rel))
             else:  # Lightning deleted the file since: nothing to upload
-                self._drop(_Pending(c, rel))
-        self._abort.clear()
-        self._thread = threading.Thread(target=self._run, name="ckptsync-lightning",
-                                        daemon=True)
-        self._thread.start()
+                self._drop(_Upload(c, rel))
+        return q
+
+    def _submit(self, q: TransferQueue, up: _Upload) -> None:
+        fut = q.submit(Transfer(up.rel, partial(self._upload, up), name=up.rel,
+                                retry=partial(self._retry, up), failed=self._failed, item=up))
+        fut.add_done_callback(self._superseded)
 
     def _stop(self) -> None:
-        with self._cv:
-            self._abort.set()
-            self._cv.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
-        self._thread = None
+        """Stop the uploads: queued ones stay in the spool (the next run's); one in flight
+        is abandoned, never committed."""
+        with self._lock:
+            q, self._queue = self._queue, None
+        if q is not None:
+            q.close()
+            q.abort()
+            q.join()
 
-    def _drop(self, p: _Pending) -> None:
-        """Remove ``p``'s spool checkpoint (the trainer's hard link to it stays)."""
+    def _drop(self, up: _Upload) -> None:
+        """Remove ``up``'s spool checkpoint (the trainer's hard link to it stays)."""
         try:
-            LocalStore(p.ckpt.path.parent).delete(p.ckpt.name)
+            LocalStore(up.ckpt.path.parent).delete(up.ckpt.name)
         except (CkptSyncError, OSError) as e:
-            log.warning("could not remove %s from the spool: %s", p.ckpt.path, e)
+            log.warning("could not remove %s from the spool: %s", up.ckpt.path, e)
 
-    def _next(self) -> _Pending | None:
-        """The oldest pending upload not waiting for a retry; an older version of a file
-        that has a newer one queued is dropped (superseded). Under ``_cv``."""
-        now = time.monotonic()
-        newest: dict[str, _Pending] = {}
-        for p in self._queue:
-            newest[p.rel] = p
-        for p in [p for p in self._queue if newest[p.rel] is not p]:
-            self._queue.remove(p)
-            self._drop(p)
-        for p in self._queue:
-            if p.retry_at <= now:
-                self._queue.remove(p)
-                return p
-        return None
+    def _superseded(self, fut: TransferFuture[None]) -> None:
+        if fut.outcome == "superseded":  # a newer version of the file replaced it
+            self._drop(fut.transfer.item)
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                p = None
-                while p is None and not self._abort.is_set():
-                    p = self._next()
-                    if p is None:
-                        self._cv.wait(0.5)
-                if p is None or self._abort.is_set():
-                    if p is not None:
-                        self._queue.appendleft(p)  # stays in the spool: the next run's
-                    return
-                self._busy = p
-            try:
-                pushed = self.store.push(p.ckpt, stop=self._abort)
-            except Exception as e:  # reported, retried: the next scan or a fixed remote may do
-                p.attempts += 1
-                p.error = f"{type(e).__name__}: {e}"
-                self._last_error = f"{p.rel}: {p.error}"
-                log.warning("upload of %s to %s failed (attempt %d): %s", p.rel,
-                            self.store.url_of(), p.attempts, p.error)
-                p.retry_at = time.monotonic() + backoff(p.attempts, 1.0, 60.0)
-                if self._abort.is_set():  # stopped mid-upload: never committed; tidy up now
-                    with contextlib.suppress(CkptSyncError):
-                        self.store.abandon(p.ckpt.name)
-                with self._cv:
-                    self._busy = None
-                    self._queue.appendleft(p)  # kept in the spool: retried, or next run's
-                    self._cv.notify_all()
-                continue
-            log.info("uploaded %s (step %s) as %s", p.rel, pushed.step,
-                     self.store.url_of(pushed.name))
-            self._drop(p)
-            self._pushed_any = True
-            self._retire()
-            with self._cv:
-                self._busy = None
-                self._cv.notify_all()
+    def _retry(self, up: _Upload, exc: BaseException) -> RetryPolicy | None:
+        """Every error is retried (a later attempt or a fixed remote may succeed), unless
+        the spool copy itself is gone: nothing is left to upload."""
+        return RETRY if (up.ckpt.path / MANIFEST_NAME).is_file() else None
+
+    def _upload(self, up: _Upload, attempt: Attempt) -> None:
+        """One attempt (in the queue's thread); a retry reads the remote first (the last
+        attempt may have committed it)."""
+        pushed = self.store.push(up.ckpt, stop=attempt.stop)
+        log.info("uploaded %s (step %s) as %s", up.rel, pushed.step,
+                 self.store.url_of(pushed.name))
+        self._drop(up)
+        self._pushed_any = True
+        self._retire()
+
+    def _failed(self, fut: TransferFuture[None], e: BaseException, delay: float | None) -> None:
+        up: _Upload = fut.transfer.item
+        error = f"{type(e).__name__}: {e}"
+        self._last_error = f"{up.rel}: {error}"
+        if delay is None and self._stopping():
+            # Stopped mid-upload: never committed; tidy up now (it stays in the spool).
+            with contextlib.suppress(CkptSyncError):
+                self.store.abandon(up.ckpt.name)
+            return
+        log.warning("upload of %s to %s failed (attempt %d): %s%s", up.rel,
+                    self.store.url_of(), fut.attempts, error,
+                    f"; retrying in {delay:.1f}s" if delay is not None else "")
+
+    def _stopping(self) -> bool:
+        with self._lock:
+            q = self._queue
+        return q is None or q.stop.is_set()
 
     def _retire(self) -> None:
         """Make the remote follow the local directory: delete each file's versions older
         than its newest one and every version of a file Lightning removed. Only ckptsync
         checkpoints of :data:`RULE`, never the newest checkpoint, nor the one this process
         resumed from. A failure is logged; the next upload tries again."""
-        with self._cv:
+        with self._lock:
             removed = set(self._removed)
         try:
-            ours = [(m, p) for m in self.store.list() if (p := _ours(m)) is not None]
+            ours = [(m, p) for m in self.store.list() if (p := one_path(m)) is not None]
             if not ours:
                 return
             newest = max((m for m, _ in ours), key=Manifest.sort_key).name
@@ -537,3 +465,12 @@ class CkptSyncCheckpointIO:
         except CkptSyncError as e:
             log.warning("could not retire old versions in %s (retried after the next upload):"
                         " %s", self.store.url_of(), e)
+
+
+def _link(ops: FileOps, src: Path, dest: Path) -> None:
+    """Make ``dest`` the file ``src`` through the one atomic seam (:mod:`ckptsync.atomic`):
+    replaced whole or not at all; a failure names ``dest``."""
+    try:
+        link_into_place(src, dest, ops)
+    except OSError as e:
+        raise storage_error(e, dest, "save checkpoint") from e

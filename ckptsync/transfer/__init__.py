@@ -3,7 +3,10 @@ filesystem. :mod:`ckptsync.remote` passes the filesystem and the one function th
 backend exceptions; this package does not otherwise know which backend it talks to, except
 for S3's fast paths, kept in two modules, and the CRC32C that GCS uploads declare (``gcs``).
 
-- ``retry``: :class:`Retrier` (back-off, translation), :func:`stopping`, :func:`backoff`.
+- ``retry``: :class:`RetryPolicy` (the one back-off), :class:`Retrier` (one call retried in
+  place, translation), :func:`stopping`, :func:`backoff`.
+- ``queue``: :class:`TransferQueue`, the one bounded, cancellable queue every background
+  upload goes through (latest wins per key; failed transfers retried by the policy).
 - ``parallel``: :func:`run_parallel` (bounded pool, stop on first failure), :class:`Slots`.
 - ``files``: plain transfers through the public fsspec API (upload, download, ranged
   download, remote hash).
@@ -33,7 +36,15 @@ from ckptsync.transfer.multipart import (
     upload_file_multipart,
 )
 from ckptsync.transfer.parallel import Slots, run_parallel
-from ckptsync.transfer.retry import Retrier, TransferAborted, Translate, backoff, stopping
+from ckptsync.transfer.queue import Transfer, TransferFuture, TransferQueue
+from ckptsync.transfer.retry import (
+    Retrier,
+    RetryPolicy,
+    TransferAborted,
+    Translate,
+    backoff,
+    stopping,
+)
 from ckptsync.transfer.s3 import _BlockingS3 as _BlockingS3  # tests open it directly
 from ckptsync.transfer.s3 import is_s3fs
 
@@ -43,8 +54,12 @@ __all__ = [
     "NullProgress",
     "Progress",
     "Retrier",
+    "RetryPolicy",
     "Slots",
+    "Transfer",
     "TransferAborted",
+    "TransferFuture",
+    "TransferQueue",
     "Translate",
     "backoff",
     "complete_multipart",

@@ -1,8 +1,12 @@
-"""Retries with back-off, and stopping them: :class:`Retrier`, :func:`stopping`, :func:`backoff`.
+"""The one retry policy, and stopping retries: :class:`RetryPolicy`, :class:`Retrier`,
+:func:`stopping`, :func:`backoff`.
 
-Retries (tenacity: exponential back-off with full jitter) apply only to errors the translator
-marks retryable (a connection reset or a body cut short mid-read among them). A stop event set
-through :func:`stopping` ends a back-off at once with :class:`TransferAborted`.
+:class:`RetryPolicy` is the only back-off in ckptsync (tenacity's exponential wait with
+jitter). Two things use it: :class:`Retrier` retries one call in place (a request that failed
+with an error the translator marks retryable: a connection reset, a body cut short mid-read),
+and :class:`~ckptsync.transfer.queue.TransferQueue` retries a whole transfer later, without
+holding a thread while it waits. A stop event set through :func:`stopping` ends a
+:class:`Retrier` back-off at once with :class:`TransferAborted`.
 """
 
 from __future__ import annotations
@@ -10,18 +14,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import tenacity
 
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CkptSyncError, RemoteError
 
-__all__ = ["Retrier", "TransferAborted", "Translate", "backoff", "stopping"]
+__all__ = ["RetryPolicy", "Retrier", "TransferAborted", "Translate", "backoff", "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +57,59 @@ class TransferAborted(RemoteError):
     """
 
 
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Seconds to wait before retry number ``attempt`` (1 for the first retry): exponential
-    from ``base``, at most ``cap``, with jitter (between half and all of it).
+# tenacity's wait strategies read only the attempt number of the state they are given.
+class _Attempt:
+    def __init__(self, number: int) -> None:
+        self.attempt_number = number
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off from ``initial`` seconds, at most ``cap``, with jitter, for at
+    most ``attempts`` attempts (None: no limit; the caller stops it).
+
+    The wait before retry ``n`` (1 for the first) is drawn between ``floor`` and all of
+    ``min(cap, initial * 2 ** (n - 1))``: ``floor=0`` is full jitter (one request retried
+    in place, :class:`Retrier`), ``floor=0.5`` (the default) keeps at least half, so that a
+    failing remote is never retried in a burst (whole transfers, the queue).
 
     Example::
 
-        time.sleep(backoff(3, 1.0, 30.0))  # 2 to 4 seconds
+        RetryPolicy(1.0, 30.0).delay(3)  # 2 to 4 seconds
     """
-    # 2.0 ** 1023 is the largest finite power; a product past the float range is inf, so cap.
-    exponent = min(max(0, attempt - 1), 1023)
-    return random.uniform(0.5, 1.0) * min(cap, base * 2.0 ** exponent)
+
+    initial: float
+    cap: float
+    attempts: int | None = None
+    floor: float = 0.5
+
+    def wait(self) -> tenacity.wait.wait_base:
+        """The tenacity wait strategy of this policy."""
+        fixed, jitter = self.floor, 1.0 - self.floor
+        return (tenacity.wait_exponential(multiplier=self.initial * fixed, max=self.cap * fixed)
+                + tenacity.wait_random_exponential(multiplier=self.initial * jitter,
+                                                   max=self.cap * jitter))
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt`` (1 for the first)."""
+        # Past 64 doublings every wait is at its cap; the clamp keeps the power finite.
+        state = _Attempt(min(max(1, attempt), 64))
+        return float(self.wait()(cast(tenacity.RetryCallState, state)))
+
+    def exhausted(self, attempts: int) -> bool:
+        """True once ``attempts`` attempts were made and no more are allowed."""
+        return self.attempts is not None and attempts >= self.attempts
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """:meth:`RetryPolicy.delay` of ``RetryPolicy(base, cap)``: between half and all of
+    ``min(cap, base * 2 ** (attempt - 1))``.
+
+    Example::
+
+        backoff(3, 1.0, 30.0)  # 2 to 4 seconds
+    """
+    return RetryPolicy(base, cap).delay(attempt)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -81,6 +127,8 @@ class Retrier:
     def __init__(self, config: TransferConfig, translate: Translate) -> None:
         self.config = config
         self.translate = translate
+        self.policy = RetryPolicy(config.backoff_initial, config.backoff_max,
+                                  attempts=config.retries, floor=0.0)
 
     def call(self, fn: Callable[[], T], *, url: str, action: str) -> T:
         """``fn()``, retried with back-off and jitter while it fails with a retryable error.
@@ -116,9 +164,7 @@ class Retrier:
 
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.config.retries),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.config.backoff_initial, max=self.config.backoff_max
-            ),
+            wait=self.policy.wait(),
             retry=tenacity.retry_if_exception(_retryable),
             before_sleep=before_sleep,
             sleep=sleep,

@@ -154,7 +154,7 @@ def test_file_rewritten_faster_than_settle_is_taken_within_max_wait_never_torn(
                  timeout=8)
         assert not stop.is_set() and writer.is_alive()
         assert d.log.events("version_forced")  # never quiet: taken because of --max-wait
-        wait_for(lambda: not d.watcher._inflight and d.log.events("pushed"), "an upload")
+        wait_for(lambda: d.watcher.pushes.idle() and d.log.events("pushed"), "an upload")
     finally:
         stop.set()
         writer.join()
@@ -372,7 +372,7 @@ def test_multi_file_rule_commits_only_whole_generations(
         time.sleep(0.5)
         _gen_file(out / "pretrain_512_moe.pth", gen, rename=rename)
         wait_for(lambda g=gen: len(_taken(d)) >= g + 1, f"generation {gen}", timeout=8)
-    wait_for(lambda: not d.watcher._inflight and len(RemoteStore(file_remote.url).list()) >= 4,
+    wait_for(lambda: d.watcher.pushes.idle() and len(RemoteStore(file_remote.url).list()) >= 4,
              "the uploads", timeout=15)
     assert d.stop() == 0
     gens = _generations(RemoteStore(file_remote.url), tmp_path / "back")
