@@ -29,6 +29,9 @@ from bench.common import (
     state_dict,
 )
 from bench.peers import DcpAsync, lightning_async_s3, rmtree, torch_save_fsync
+from bench.rust_peers import Lazy, S3TorchConnector
+
+DCP_S3TC = "s3: dcp.async_save S3StorageWriter"
 
 
 class Loop:
@@ -119,7 +122,8 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
     ours_local = Checkpointer(ctx.fresh_dir("tl-ours"), keep_last=1)
     ours_s3 = Checkpointer(ctx.fresh_dir("tl-ours-s3"), remote=ctx.s3("tl-ours"),
                            storage_options=ctx.storage_options, keep_last=1)
-    dcp_local, dcp_s3 = DcpAsync(False), DcpAsync(False)
+    dcp_local, dcp_s3, dcp_s3tc = DcpAsync(False), DcpAsync(False), DcpAsync(False)
+    s3tc = Lazy(S3TorchConnector, ctx)
     daemons: dict[int, tuple[Any, Daemon, Any]] = {}
     for nice in () if local_only else (0, 19):
         d = ctx.fresh_dir(f"tl-daemon{nice}")
@@ -142,6 +146,10 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
     def join_bg() -> None:
         while bg:
             bg.pop().join()
+
+    def dcp_s3tc_save() -> None:
+        url = ctx.s3("tl-dcp-s3tc", uuid.uuid4().hex)
+        dcp_s3tc.save(state_dict(model, opt), url, writer=s3tc().storage_writer(url))
 
     def daemon_run(nice: int) -> float:
         c, dmn, _ = daemons[nice]
@@ -166,6 +174,10 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
             lambda: dcp_s3.save(state_dict(model, opt), ctx.s3("tl-dcp", uuid.uuid4().hex), ctx),
             dcp_s3.wait),
         "s3: lightning-style async (buffer+pipe)": lambda: loop.run(lightning_save, join_bg),
+        "s3: torch.save -> S3Checkpoint.writer (blocking)": lambda: loop.run(
+            lambda: s3tc().torch_save(state_dict(model, opt),
+                                      ctx.s3("tl-s3tc", uuid.uuid4().hex, "ckpt.pt"))),
+        DCP_S3TC: lambda: loop.run(dcp_s3tc_save, dcp_s3tc.wait),
         "s3: ckptsync in-process upload": lambda: loop.run(
             lambda: ours_s3.save(1, model=model, optimizer=opt), ours_s3.wait),
         "s3: ckptsync save + daemon": lambda: daemon_run(0),
@@ -186,6 +198,7 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
     ours_s3.close()
     dcp_local.close()
     dcp_s3.close()
+    dcp_s3tc.close()
     # Paired: each run minus the no-checkpoint run of the same round (measure alternates
     # round by round). This machine drifts by seconds over the minutes a round takes; with a
     # global median, one contender's lost times ranged from -1.41 s to 2.47 s.
@@ -198,7 +211,8 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
     free = raw_cpu["no checkpoint"]
     cpu = {k: [x - u for x, u in zip(v, free, strict=True)] if v else []
            for k, v in raw_cpu.items() if k != "no checkpoint"}
-    s3_peers = ["s3: dcp.async_save FsspecWriter", "s3: lightning-style async (buffer+pipe)"]
+    s3_peers = ["s3: dcp.async_save FsspecWriter", "s3: lightning-style async (buffer+pipe)",
+                "s3: torch.save -> S3Checkpoint.writer (blocking)", DCP_S3TC]
     local_peers = ["local: torch.save+fsync", "local: dcp.async_save"]
     return [Table(
         f"training time lost{', local contenders only,' if local_only else ''}{over(ctx)} to "
@@ -211,6 +225,10 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
                    s3_peers, 0.25),
             Target("s3 in-process <= 0.25x best s3 peer", "s3: ckptsync in-process upload",
                    s3_peers, 0.25),
+            Target("s3 <= 0.25x dcp.async_save S3StorageWriter (issue 33)",
+                   "s3: ckptsync save + daemon (nice 19)", [DCP_S3TC], 0.25),
+            Target("s3 in-process <= 0.25x dcp.async_save S3StorageWriter (issue 33)",
+                   "s3: ckptsync in-process upload", [DCP_S3TC], 0.25),
             Target("local <= 0.7x best local peer", "local: ckptsync save", local_peers, 0.7),
         ] if not (local_only and t.ours.startswith("s3:"))
             and not (s3_only and t.ours.startswith("local:"))],

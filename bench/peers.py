@@ -55,10 +55,15 @@ def torch_save_fsync(sd: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------ DCP
 
 
-def dcp_save(sd: dict[str, Any], where: str | Path, ctx: Ctx | None = None) -> None:
+def dcp_save(sd: dict[str, Any], where: str | Path, ctx: Ctx | None = None,
+             writer: Any = None) -> None:
+    """``dcp.save`` to ``where`` through ``writer`` (default: FileSystemWriter for a path,
+    FsspecWriter for s3://)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(sd, storage_writer=_dcp_writer(where, ctx), no_dist=True)
+    if writer is None:
+        writer = _dcp_writer(where, ctx)
+    dcp.save(sd, storage_writer=writer, no_dist=True)
     if not str(where).startswith("s3://"):
         fsync_tree(Path(where))
 
@@ -87,12 +92,16 @@ class DcpAsync:
                                                    use_non_blocking_copy=False))
         self.pending: Any = None
 
-    def save(self, sd: dict[str, Any], where: str | Path, ctx: Ctx | None = None) -> None:
-        """Returns when training may go on (the state is staged); ``wait()`` for durability."""
+    def save(self, sd: dict[str, Any], where: str | Path, ctx: Ctx | None = None,
+             writer: Any = None) -> None:
+        """Returns when training may go on (the state is staged); ``wait()`` for durability.
+        ``writer``: the storage writer (default as :func:`dcp_save`'s)."""
         import torch.distributed.checkpoint as dcp
 
         self.wait()
-        resp = dcp.async_save(sd, storage_writer=_dcp_writer(where, ctx),
+        if writer is None:
+            writer = _dcp_writer(where, ctx)
+        resp = dcp.async_save(sd, storage_writer=writer,
                               async_stager=self.stager, no_dist=True)
         if hasattr(resp, "staging_completion"):
             resp.staging_completion.result()  # the next optimizer step must wait for staging
