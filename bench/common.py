@@ -95,7 +95,10 @@ class Ctx:
 
         env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                "AWS_DEFAULT_REGION": REGION, "AWS_ENDPOINT_URL": self.endpoint,
-               "AWS_ENDPOINT_URL_S3": self.endpoint}
+               "AWS_ENDPOINT_URL_S3": self.endpoint,
+               # Never ask a cloud metadata server (169.254.169.254) for credentials: the
+               # benchmarks talk to 127.0.0.1 only, whichever client's chain runs.
+               "AWS_EC2_METADATA_DISABLED": "true"}
         if self.ca_bundle:
             # botocore's children read AWS_CA_BUNDLE; the CRT (s3torchconnector) ignores it
             # and takes its trust store from SSL_CERT_FILE, read when a client is made.

@@ -141,7 +141,7 @@ def _s3tc_put(endpoint: str, region: str, bucket: str, key: str, data: bytes,
     from tests.support.servers import ACCESS_KEY, SECRET_KEY, environ
 
     env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-           **({"SSL_CERT_FILE": ca} if ca else {})}
+           "AWS_EC2_METADATA_DISABLED": "true", **({"SSL_CERT_FILE": ca} if ca else {})}
     with environ(env):
         cp = S3Checkpoint(region, endpoint=endpoint,
                           s3client_config=S3ClientConfig(force_path_style=True, max_attempts=2))
