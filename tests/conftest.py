@@ -37,6 +37,7 @@ import fsspec
 import pytest
 
 from tests.support import servers
+from tests.support.daemon import InProcessDaemon
 from tests.support.drive_double import THREAD_PREFIX as DRIVE_THREAD_PREFIX
 from tests.support.drive_double import DriveDouble
 from tests.support.remotes import BACKENDS, Remote, backend_params, clear_fsspec_caches
@@ -118,6 +119,16 @@ def no_process_leak() -> Iterator[None]:
     yield
     wait_for(lambda: not (set(live_children(os.getpid())) - before), "child processes to exit",
              timeout=10)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[InProcessDaemon]]:
+    """In-process daemons a test starts (tests/support/daemon.py); stopped after it."""
+    running: list[InProcessDaemon] = []
+    yield running
+    for d in running:
+        if d.alive():
+            d.stop()
 
 
 # --- servers (session) ----------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from pathlib import Path
 from typing import IO, cast
 
@@ -32,6 +31,7 @@ from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.parts import make_parts, part_of
 from ckptsync.remote import RemoteStore
+from tests.support.daemon import InProcessDaemon
 from tests.support.watchkit import wait_for
 
 pytestmark = pytest.mark.core
@@ -100,32 +100,10 @@ def test_close_names_a_part_still_waiting_as_not_remote_with_the_reason(tmp_path
     assert "waiting for nodes [1]" in st.not_remote_why[a.name]
 
 
-class _Daemon:
-    """A :class:`Watcher` on a thread, as ``ckptsync watch`` runs it."""
-
-    def __init__(self, local: Path, store: RemoteStore) -> None:
-        self.local = local
-        config = WatchConfig(local_dir=local, remote=store.url, interval=0.3)
-        self.watcher = Watcher(config, store=store,
-                               events=EventLog(cast(IO[str], io.StringIO()), fmt="json"))
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, name="test-watcher")
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.code = self.watcher.run()
-
-    def stop(self) -> int | None:
-        self.watcher.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        return self.code
-
-
 def test_daemon_status_shows_a_part_waiting_for_nodes_until_the_last_node_commits(
         tmp_path: Path) -> None:
     a, b = _parts(tmp_path, 7)
-    d = _Daemon(tmp_path / "node0", _store(tmp_path))
+    d = InProcessDaemon(tmp_path / "node0", store=_store(tmp_path), interval=0.3)
     try:
         st = wait_for(lambda: _part_up(tmp_path, a, 0) and not (
             s := daemon_status(d.local))["uploading"] and s, "node 0's daemon to upload its part")

@@ -11,46 +11,19 @@ to be stale.
 from __future__ import annotations
 
 import shutil
-import threading
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from ckptsync.config import TransferConfig
-from ckptsync.daemon import EventLog, WatchConfig, Watcher, daemon_status, format_status
+from ckptsync.daemon import daemon_status, format_status
 from ckptsync.remote import RemoteStore
+from tests.support.daemon import InProcessDaemon
 from tests.support.faults import FaultFS
 from tests.support.watchkit import make_checkpoints, wait_for
 
 pytestmark = pytest.mark.core
-
-
-class _Quiet:
-    def write(self, line: str) -> int:
-        return len(line)
-
-    def flush(self) -> None:
-        pass
-
-
-def _daemon(local: Path, store: RemoteStore) -> tuple[Watcher, threading.Thread]:
-    w = Watcher(WatchConfig(local_dir=local, remote=store.url, interval=0.3), store=store,
-                events=EventLog(_Quiet(), fmt="json"))  # type: ignore[arg-type]
-    t = threading.Thread(target=w.run, name="test-watcher")
-    t.start()
-    try:
-        wait_for(lambda: daemon_status(local).get("state") == "running", "the daemon to start")
-    except BaseException:
-        _stop(w, t)
-        raise
-    return w, t
-
-
-def _stop(w: Watcher, t: threading.Thread) -> None:
-    w.request_stop()
-    t.join(60)
-    assert not t.is_alive()
 
 
 def test_a_checkpoint_committed_after_the_last_status_is_pending(tmp_path: Path) -> None:
@@ -59,11 +32,11 @@ def test_a_checkpoint_committed_after_the_last_status_is_pending(tmp_path: Path)
     store = RemoteStore(f"file://{tmp_path / 'remote'}", fs=fs,
                         config=TransferConfig(retries=1, backoff_initial=0.01))
     first = make_checkpoints(local, [1])[0]
-    w, t = _daemon(local, store)
+    d = InProcessDaemon(local, store=store, interval=0.3, wait_running=True)
     try:
         wait_for(lambda: daemon_status(local)["in_sync"], "the first checkpoint synced")
     finally:
-        _stop(w, t)
+        d.stop()
     assert daemon_status(local)["synced"] == [first]
 
     new = make_checkpoints(local, [2])[0]  # saved a moment ago; no daemon has seen it
@@ -78,13 +51,13 @@ def test_a_checkpoint_deleted_by_retention_is_never_pending(tmp_path: Path) -> N
     fs = FaultFS(fsspec.filesystem("file"))
     store = RemoteStore(f"file://{tmp_path / 'remote'}", fs=fs,
                         config=TransferConfig(retries=1, backoff_initial=0.01))
-    w, t = _daemon(local, store)
+    d = InProcessDaemon(local, store=store, interval=0.3, wait_running=True)
     try:
         fs.set_outage(ConnectionError("injected: the network is down"))
         gone = make_checkpoints(local, [1])[0]
         wait_for(lambda: daemon_status(local)["failed"], "the push to fail")
     finally:
-        _stop(w, t)
+        d.stop()
     assert daemon_status(local)["pending"] == [gone]
 
     shutil.rmtree(local / gone)  # the trainer's own retention, after the daemon stopped

@@ -10,14 +10,11 @@ subclass that loses one reply); its JSON event log is captured.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import fsspec
 import pytest
@@ -25,10 +22,11 @@ import torch
 
 from ckptsync import Checkpointer
 from ckptsync.config import TransferConfig
-from ckptsync.daemon import EXIT_OK, EventLog, WatchConfig, Watcher, daemon_status, format_status
+from ckptsync.daemon import EXIT_OK, format_status
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
+from tests.support.daemon import InProcessDaemon
 from tests.support.faults import FaultFS
 from tests.support.remotes import Remote
 from tests.support.watchkit import assert_remote_sound, make_checkpoints, wait_for
@@ -38,71 +36,6 @@ pytestmark = pytest.mark.core
 MiB = 1024 * 1024
 
 
-class _Events:
-    """A stream for :class:`EventLog` (JSON lines) that keeps each event with its arrival time."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self._lock = threading.Lock()
-
-    def write(self, line: str) -> int:
-        if line.strip():
-            with self._lock:
-                self.events.append((time.monotonic(), json.loads(line)))
-        return len(line)
-
-    def flush(self) -> None:
-        pass
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [e for _, e in self.events if e["event"] == kind]
-
-    def timed(self, kind: str) -> list[tuple[float, dict[str, Any]]]:
-        with self._lock:
-            return [(t, e) for t, e in self.events if e["event"] == kind]
-
-
-class _Running:
-    """A :class:`Watcher` running on a thread; ``stop()`` returns its exit code."""
-
-    def __init__(self, local: Path, store: RemoteStore, **settings: Any) -> None:
-        self.local = local
-        self.log = _Events()
-        config = WatchConfig(local_dir=local, remote=store.url, **settings)
-        events = EventLog(cast(IO[str], self.log), fmt="json")
-        self.watcher = Watcher(config, store=store, events=events)
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, name="test-watcher")
-        self.thread.start()
-        wait_for(lambda: daemon_status(local).get("state") == "running" or self.code is not None,
-                 "the daemon to start")
-
-    def _run(self) -> None:
-        self.code = self.watcher.run()
-
-    def alive(self) -> bool:
-        return self.thread.is_alive()
-
-    def status(self) -> dict[str, Any]:
-        return daemon_status(self.local)
-
-    def stop(self) -> int | None:
-        self.watcher.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        return self.code
-
-
-@pytest.fixture
-def running() -> Iterator[list[_Running]]:
-    daemons: list[_Running] = []
-    yield daemons
-    for d in daemons:
-        if d.alive():
-            d.stop()
-
-
 def _file_store(root: Path, fs: FaultFS, **config: Any) -> RemoteStore:
     return RemoteStore(f"file://{root}", fs=fs,
                        config=TransferConfig(retries=2, backoff_initial=0.01, **config))
@@ -110,7 +43,7 @@ def _file_store(root: Path, fs: FaultFS, **config: Any) -> RemoteStore:
 
 # --------------------------------------------------------------------------- issue 16.8
 def test_fast_trainer_with_own_retention_never_starves_the_daemon(
-        tmp_path: Path, running: list[_Running]) -> None:
+        tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     """A trainer (Checkpointer keep_last=2) saves far faster than a slow link uploads: the
     daemon pushes the newest first, drops what the trainer deleted without calling it a
     failure, stays at most one push (in flight) plus the newest behind, and commits the last
@@ -119,8 +52,8 @@ def test_fast_trainer_with_own_retention_never_starves_the_daemon(
     fs = FaultFS(fsspec.filesystem("file"))
     fs.set_delay(0.04)  # every remote call: a high-latency link (a push is ~10 calls)
     store = _file_store(tmp_path / "remote", fs)
-    d = _Running(local, store, interval=1.0)
-    running.append(d)
+    d = InProcessDaemon(local, store=store, wait_running=True, interval=1.0)
+    daemons.append(d)
 
     model = torch.nn.Linear(256, 512)  # ~0.5 MB a checkpoint
     saved: dict[int, float] = {}  # step -> when its local commit was done
@@ -142,8 +75,8 @@ def test_fast_trainer_with_own_retention_never_starves_the_daemon(
     assert final - ended < 10, f"the newest checkpoint was committed {final - ended:.1f}s late"
     assert d.alive()
 
-    assert d.log.of("push_failed") == []  # vanished checkpoints are dropped, not failures
-    for e in d.log.of("push_dropped"):
+    assert d.events("push_failed") == []  # vanished checkpoints are dropped, not failures
+    for e in d.events("push_dropped"):
         assert e["reason"] == "gone"
     # Newest first: every push started during training was of the newest checkpoint saved
     # then (give or take the one saved while the scan ran), so the remote never fell further
@@ -160,7 +93,7 @@ def test_fast_trainer_with_own_retention_never_starves_the_daemon(
             1 for t2, _ in d.log.timed("push_dropped") if t2 <= t)
         in_flight_max = max(in_flight_max, begun - ended_pushes)
     assert in_flight_max <= 1, "more than one push in flight for one source"
-    assert len(d.log.of("push_start")) < len(saved) // 2  # superseded ones were never started
+    assert len(d.events("push_start")) < len(saved) // 2  # superseded ones were never started
 
     wait_for(lambda: d.status()["in_sync"], "the daemon to report in sync", timeout=30)
     st = d.status()
@@ -176,27 +109,27 @@ class _UnknownBackendError(Exception):
 
 
 def test_any_error_once_running_is_reported_and_the_daemon_keeps_syncing(
-        tmp_path: Path, running: list[_Running]) -> None:
+        tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     local = tmp_path / "ckpts"
     fs = FaultFS(fsspec.filesystem("file"))
     store = _file_store(tmp_path / "remote", fs)
-    d = _Running(local, store, interval=0.5)
-    running.append(d)
+    d = InProcessDaemon(local, store=store, wait_running=True, interval=0.5)
+    daemons.append(d)
     first = make_checkpoints(local, [1])[0]
-    wait_for(lambda: d.log.of("pushed"), "the first push")
+    wait_for(lambda: d.events("pushed"), "the first push")
 
     fs.fail_on("open:wb", nth=1, exc=_UnknownBackendError("the backend broke in a new way"))
     second = make_checkpoints(local, [2])[0]
-    failed = wait_for(lambda: d.log.of("push_failed"), "a failed push")
+    failed = wait_for(lambda: d.events("push_failed"), "a failed push")
     assert failed[0]["name"] == second and "new way" in failed[0]["error"]
     st = wait_for(lambda: d.status()["failed"] and d.status(), "the failure in status")
     assert st["failed"][0]["name"] == second and st["in_sync"] is False
     assert "NOT in sync" in format_status(st)
 
     third = make_checkpoints(local, [3])[0]  # the rest keeps syncing meanwhile
-    wait_for(lambda: any(e["name"] == third for e in d.log.of("pushed")), "the next push",
+    wait_for(lambda: any(e["name"] == third for e in d.events("pushed")), "the next push",
              timeout=30)
-    assert d.alive() and d.log.of("fatal") == []
+    assert d.alive() and d.events("fatal") == []
     # ... and the failed one is retried after its back-off, and committed.
     wait_for(lambda: d.status()["in_sync"], "every checkpoint committed", timeout=60)
     remote = RemoteStore(f"file://{tmp_path / 'remote'}")
@@ -229,7 +162,7 @@ def _lost_complete_reply_fs(storage_options: dict[str, Any]) -> Any:
 
 
 def test_complete_multipart_whose_reply_is_lost_commits_once_and_the_daemon_runs_on(
-        tmp_path: Path, s3_remote: Remote, running: list[_Running]) -> None:
+        tmp_path: Path, s3_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     fs = _lost_complete_reply_fs(s3_remote.storage_options)
     config = TransferConfig(max_workers=2, block_size=5 * MiB, part_size=5 * MiB,
                             parts_in_flight=2, retries=3, backoff_initial=0.01)
@@ -241,26 +174,26 @@ def test_complete_multipart_whose_reply_is_lost_commits_once_and_the_daemon_runs
     st = lstore.staging(name)
     st.write_file("model.pt", os.urandom(6 * MiB))  # two parts: a multipart upload
     committed = st.commit(Manifest.new(step=7, files=st.entries, name=name))
-    d = _Running(local, store, interval=0.5)
-    running.append(d)
-    wait_for(lambda: d.log.of("pushed") or d.log.of("push_failed") or not d.alive(),
+    d = InProcessDaemon(local, store=store, wait_running=True, interval=0.5)
+    daemons.append(d)
+    wait_for(lambda: d.events("pushed") or d.events("push_failed") or not d.alive(),
              "the push to end", timeout=60)
     assert type(fs).lost == 1  # the fault did happen
-    assert d.log.of("push_failed") == [] and d.alive()
+    assert d.events("push_failed") == [] and d.alive()
     got = RemoteStore(s3_remote.url, s3_remote.storage_options).verify(committed.name, full=True)
     assert got.files == committed.manifest.files
-    assert [e["name"] for e in d.log.of("pushed")] == [committed.name]  # exactly once
+    assert [e["name"] for e in d.events("pushed")] == [committed.name]  # exactly once
     assert d.stop() == EXIT_OK
 
 
 # --------------------------------------------------------------------------- issue 16.12
 def test_failures_of_checkpoints_deleted_locally_are_pruned(
-        tmp_path: Path, running: list[_Running]) -> None:
+        tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     local = tmp_path / "ckpts"
     fs = FaultFS(fsspec.filesystem("file"))
     store = _file_store(tmp_path / "remote", fs)
-    d = _Running(local, store, interval=0.3)
-    running.append(d)
+    d = InProcessDaemon(local, store=store, wait_running=True, interval=0.3)
+    daemons.append(d)
     fs.set_outage(ConnectionError("injected: the network is down"))
     gone = make_checkpoints(local, [1])[0]
     wait_for(lambda: d.status()["failed"], "the push to fail")
@@ -278,24 +211,26 @@ def test_failures_of_checkpoints_deleted_locally_are_pruned(
 
 
 def test_status_counts_committed_versions_and_shows_a_settling_one_as_not_synced(
-        tmp_path: Path, running: list[_Running]) -> None:
+        tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     local = tmp_path / "zc"
     local.mkdir()
     remote = tmp_path / "remote"
     store = _file_store(remote, FaultFS(fsspec.filesystem("file")))
-    d = _Running(local, store, interval=0.5, settle=0.2, rules=_rules("file:ckpt.pt"))
-    running.append(d)
+    d = InProcessDaemon(local, store=store, wait_running=True, interval=0.5, settle=0.2,
+                        rules=["file:ckpt.pt"])
+    daemons.append(d)
     for i in range(3):  # three versions, each renamed into place and committed
         (local / "tmp.pt").write_bytes(os.urandom(1000 + i))
         os.replace(local / "tmp.pt", local / "ckpt.pt")
-        wait_for(lambda i=i: len(d.log.of("pushed")) == i + 1, f"version {i} committed")
+        wait_for(lambda i=i: len(d.events("pushed")) == i + 1, f"version {i} committed")
     st = wait_for(lambda: d.status()["in_sync"] and d.status(), "in sync")
     committed = [m.name for m in RemoteStore(f"file://{remote}").list()]
     assert len(committed) == 3 and st["synced"] == committed  # commits, not spool copies
 
     d.stop()
-    d2 = _Running(local, store, interval=0.5, settle=30.0, rules=_rules("file:ckpt.pt"))
-    running.append(d2)
+    d2 = InProcessDaemon(local, store=store, wait_running=True, interval=0.5, settle=30.0,
+                         rules=["file:ckpt.pt"])
+    daemons.append(d2)
     with open(local / "ckpt.pt", "r+b") as f:  # rewritten in place: settles for 30 s
         f.write(b"new bytes")
     st = wait_for(lambda: d2.status()["settling"] and d2.status(), "a settling version")
@@ -303,12 +238,6 @@ def test_status_counts_committed_versions_and_shows_a_settling_one_as_not_synced
     text = format_status(st)
     assert "pending: 1" in text and "NOT in sync" in text
     d2.stop()
-
-
-def _rules(*specs: str) -> tuple[Any, ...]:
-    from ckptsync.zerocode import WatchRule
-
-    return tuple(WatchRule.parse(s) for s in specs)
 
 
 # --------------------------------------------------------------------------- issue 16.13

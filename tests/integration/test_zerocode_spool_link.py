@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import FileOps, LocalStore, hash_file
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, restore_watched
-from tests.integration.test_zerocode_watch import InProcess, _taken
+from tests.support.daemon import InProcessDaemon
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for
 
@@ -44,23 +43,15 @@ def _spooled(spool: LocalStore, rel: str) -> list[os.stat_result]:
     return [c.file(rel).stat() for c in spool.list()]
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[InProcess]]:
-    running: list[InProcess] = []
-    yield running
-    for d in running:
-        d.stop()
-
-
 def test_renamed_into_place_version_is_spooled_by_hard_link_not_copied(
-        tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+        tmp_path: Path, file_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    d = InProcess(out, file_remote, ["file:ckpt.bin"], settle=5.0, interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["file:ckpt.bin"], settle=5.0, interval=30)
     daemons.append(d)
     wait_for(lambda: read_status(out), "the daemon to start")  # its inotify watch is set
     _rename_in(out / "ckpt.bin", _payload(1))
-    wait_for(lambda: _taken(d), "the renamed version (finished at once: no settle)")
+    wait_for(lambda: d.events("version_taken"), "the renamed version (finished at once: no settle)")
     src = (out / "ckpt.bin").stat()
     spooled = _spooled(d.watcher.spool, "ckpt.bin")
     assert [(s.st_ino, s.st_dev) for s in spooled] == [(src.st_ino, src.st_dev)]
@@ -150,7 +141,7 @@ class RewriteAtCommit(FileOps):
 
 
 def test_in_place_rewrite_racing_a_hard_linked_spool_is_never_committed(
-        tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+        tmp_path: Path, file_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     """Version 1 is renamed in and hard-linked; the trainer then rewrites the file in place
     with version 2, so the spool's manifest (version 1's digest) no longer matches its bytes.
     That is never committed: the daemon drops the spooled version (not a failure) and
@@ -158,19 +149,20 @@ def test_in_place_rewrite_racing_a_hard_linked_spool_is_never_committed(
     out = tmp_path / "out"
     out.mkdir()
     ops = RewriteAtCommit(out / "ckpt.bin")
-    d = InProcess(out, file_remote, ["file:ckpt.bin"], spool_ops=ops, settle=1.0, interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["file:ckpt.bin"], spool_ops=ops, settle=1.0,
+                        interval=30)
     daemons.append(d)
     wait_for(lambda: read_status(out), "the daemon to start")
     _rename_in(out / "ckpt.bin", _payload(1))
-    wait_for(lambda: d.log.events("push_dropped"), "the changed spool version to be dropped",
+    wait_for(lambda: d.events("push_dropped"), "the changed spool version to be dropped",
              timeout=20)
     store = RemoteStore(file_remote.url)
     wait_for(lambda: store.list(), "the next version's upload", timeout=20)
     assert d.stop() == 0
     assert ops.linked >= 1
-    [dropped] = d.log.events("push_dropped")
+    [dropped] = d.events("push_dropped")
     assert dropped["reason"] == "changed"
-    assert not d.log.events("push_failed")
+    assert not d.events("push_failed")
     for m in store.list():
         back = tmp_path / "back" / m.name
         restore_watched(store, back, m.name)  # verifies every digest

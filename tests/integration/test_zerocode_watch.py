@@ -7,13 +7,11 @@ a real ``file://`` remote), so that a test can pass a spool fault seam and read 
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import threading
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,10 +19,8 @@ import pytest
 import torch
 
 from ckptsync.daemon import (
-    EventLog,
     VersionTracker,
     WatchConfig,
-    Watcher,
     read_status,
     snapshot_version,
 )
@@ -32,53 +28,15 @@ from ckptsync.local import FileOps, LocalStore
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, check_complete, restore_watched
 from ckptsync.zerocode.contentstep import pickle_step
+from tests.support.daemon import InProcessDaemon
 from tests.support.remotes import Remote
 from tests.support.watchkit import wait_for
 
 pytestmark = pytest.mark.core
 
 
-class _Lines(io.StringIO):
-    """The daemon's JSON event lines, readable while it runs."""
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = [json.loads(line) for line in self.getvalue().splitlines() if line.strip()]
-        return [e for e in out if name is None or e["event"] == name]
-
-
-class InProcess:
-    """A daemon on a thread of this process."""
-
-    def __init__(self, local: Path, remote: Remote, rules: list[str],
-                 spool_ops: FileOps | None = None, **settings: Any) -> None:
-        self.log = _Lines()
-        cfg = WatchConfig(local_dir=local, remote=remote.url,
-                          rules=tuple(WatchRule.parse(r) for r in rules), **settings)
-        self.watcher = Watcher(cfg, events=EventLog(self.log, "json"), spool_ops=spool_ops)
-        self.code: int | None = None
-        self.thread = threading.Thread(target=self._run, name="test-daemon")
-        self.thread.start()
-
-    def _run(self) -> None:
-        self.code = self.watcher.run()
-
-    def stop(self) -> int | None:
-        self.watcher.request_stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "the daemon did not stop"
-        return self.code
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[InProcess]]:
-    running: list[InProcess] = []
-    yield running
-    for d in running:
-        d.stop()
-
-
-def _taken(d: InProcess) -> list[dict[str, Any]]:
-    return d.log.events("version_taken")
+def _taken(d: InProcessDaemon) -> list[dict[str, Any]]:
+    return d.events("version_taken")
 
 
 def _tiny_torch(path: Path, **top: Any) -> None:
@@ -106,10 +64,11 @@ def test_dir_version_whose_early_file_saw_no_close_event_is_taken(tmp_path: Path
 
 
 def test_dir_written_at_once_with_marker_later_is_uploaded(
-        tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+        tmp_path: Path, file_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    d = InProcess(out, file_remote, ["dir:checkpoint-*:DONE"], settle=0.5, interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["dir:checkpoint-*:DONE"], settle=0.5,
+                        interval=30)
     daemons.append(d)
     wait_for(lambda: read_status(out), "the daemon to start")
     for step in (1, 2, 3):
@@ -129,7 +88,7 @@ def test_dir_written_at_once_with_marker_later_is_uploaded(
 
 # --------------------------------------------------------------------------- item 2
 def test_file_rewritten_faster_than_settle_is_taken_within_max_wait_never_torn(
-        tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+        tmp_path: Path, file_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     out = tmp_path / "out"
     out.mkdir()
     stop = threading.Event()
@@ -147,14 +106,14 @@ def test_file_rewritten_faster_than_settle_is_taken_within_max_wait_never_torn(
     writer = threading.Thread(target=trainer)
     writer.start()
     try:
-        d = InProcess(out, file_remote, ["file:ckpt.pt"], settle=1.0, max_wait=1.0,
-                      interval=30)
+        d = InProcessDaemon(out, file_remote.url, rules=["file:ckpt.pt"], settle=1.0, max_wait=1.0,
+                            interval=30)
         daemons.append(d)
         wait_for(lambda: len(_taken(d)) >= 2, "two versions while the trainer keeps writing",
                  timeout=8)
         assert not stop.is_set() and writer.is_alive()
-        assert d.log.events("version_forced")  # never quiet: taken because of --max-wait
-        wait_for(lambda: d.watcher.pushes.idle() and d.log.events("pushed"), "an upload")
+        assert d.events("version_forced")  # never quiet: taken because of --max-wait
+        wait_for(lambda: d.watcher.pushes.idle() and d.events("pushed"), "an upload")
     finally:
         stop.set()
         writer.join()
@@ -259,13 +218,13 @@ def test_full_disk_once_backs_off_reports_and_exits_non_zero(
     out.mkdir()
     _tiny_torch(out / "ckpt.pt", iter_num=1)
     cpu0, t0 = time.process_time(), time.monotonic()
-    d = InProcess(out, file_remote, ["file:ckpt.pt"], spool_ops=FullSpool(), settle=0.0,
-                  once=True, interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["file:ckpt.pt"], spool_ops=FullSpool(),
+                        settle=0.0, once=True, interval=30)
     d.thread.join(30)
     assert not d.thread.is_alive(), "--once never exited on a full disk"
     cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
     assert d.code == 1
-    errors = d.log.events("version_error")
+    errors = d.events("version_error")
     assert 1 <= len(errors) <= 4, len(errors)  # one per back-off, not one per loop
     assert "No space left" in errors[0]["error"] and "free disk space" in errors[0]["error"]
     assert cpu < 0.5 * wall + 0.5, (cpu, wall)
@@ -277,14 +236,14 @@ def test_full_disk_daemon_does_not_spin_and_says_so_in_status(
     out = tmp_path / "out"
     out.mkdir()
     _tiny_torch(out / "ckpt.pt", iter_num=1)
-    d = InProcess(out, file_remote, ["file:ckpt.pt"], spool_ops=FullSpool(), settle=0.0,
-                  interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["file:ckpt.pt"], spool_ops=FullSpool(),
+                        settle=0.0, interval=30)
     try:
-        wait_for(lambda: d.log.events("version_error"), "the first error")
+        wait_for(lambda: d.events("version_error"), "the first error")
         cpu0 = time.process_time()
         time.sleep(2.0)
         cpu = time.process_time() - cpu0
-        errors = d.log.events("version_error")
+        errors = d.events("version_error")
         assert len(errors) <= 3, len(errors)
         assert cpu < 0.5, cpu
         st = read_status(out)
@@ -300,10 +259,10 @@ def test_no_rule_and_only_trainer_files_warns_in_log_and_status(
     out = tmp_path / "out"
     out.mkdir()
     _tiny_torch(out / "ckpt.pt")
-    d = InProcess(out, file_remote, [], interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=[], interval=30)
     try:
-        wait_for(lambda: d.log.events("no_rule"), "a warning")
-        warning = d.log.events("no_rule")
+        wait_for(lambda: d.events("no_rule"), "a warning")
+        warning = d.events("no_rule")
         assert len(warning) == 1 and warning[0]["level"] == "warning"
         assert "--rule" in warning[0]["hint"] and "ckpt.pt" in warning[0]["hint"]
         st = read_status(out)
@@ -324,8 +283,9 @@ def test_finished_versions_present_at_start_up_are_taken_at_once(
     (out / "checkpoint-3" / "w.bin").write_bytes(b"w")
     (out / "checkpoint-3" / "DONE").write_text("")
     t0 = time.monotonic()
-    d = InProcess(out, file_remote, ["file:ckpt.pt", "file:notes.bin", "dir:checkpoint-*:DONE"],
-                  settle=5.0, interval=30)
+    d = InProcessDaemon(out, file_remote.url,
+                        rules=["file:ckpt.pt", "file:notes.bin", "dir:checkpoint-*:DONE"],
+                        settle=5.0, interval=30)
     try:
         wait_for(lambda: len(_taken(d)) == 3, "the three versions", timeout=10)
         assert time.monotonic() - t0 < 2.5
@@ -357,14 +317,15 @@ def _generations(store: RemoteStore, dest: Path) -> list[dict[str, int]]:
 
 @pytest.mark.parametrize("rename", [True, False], ids=["rename", "in-place"])
 def test_multi_file_rule_commits_only_whole_generations(
-        rename: bool, tmp_path: Path, file_remote: Remote, daemons: list[InProcess]) -> None:
+        rename: bool, tmp_path: Path, file_remote: Remote, daemons: list[InProcessDaemon]) -> None:
     """Two files of ``file:*.pth`` written 0.5 s apart (settle longer than the gap): every
     version holds both files of one save, never one old and one new."""
     out = tmp_path / "out"
     out.mkdir()
     _gen_file(out / "pretrain_512.pth", 0, rename=rename)
     _gen_file(out / "pretrain_512_moe.pth", 0, rename=rename)
-    d = InProcess(out, file_remote, ["file:*.pth"], settle=1.0, max_wait=0, interval=30)
+    d = InProcessDaemon(out, file_remote.url, rules=["file:*.pth"], settle=1.0, max_wait=0,
+                        interval=30)
     daemons.append(d)
     wait_for(lambda: len(_taken(d)) == 1, "generation 0")
     for gen in (1, 2, 3):
