@@ -43,8 +43,10 @@ from typing import Any
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
+from ckptsync.daemon.presets import PRESETS, preset_rule
 from ckptsync.daemon.restore import restore_watched
 from ckptsync.daemon.rules import is_watched
+from ckptsync.daemon.runtime import read_status
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -116,7 +118,8 @@ def _store(args: argparse.Namespace, url: str) -> Any:
     # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
     options = storage_options_from_env() | parse_storage_options(args.storage_option)
     keys = KeyRing.resolve(getattr(args, "key_file", None))  # else CKPTSYNC_KEY(_FILE)
-    return RemoteStore(url, options, config=config, keys=keys)
+    return RemoteStore(url, options, config=config, keys=keys,
+                       allow_plaintext=bool(getattr(args, "allow_plaintext", False)))
 
 
 def _existing_local(path: str) -> LocalStore:
@@ -180,6 +183,7 @@ def _run_push(args: argparse.Namespace) -> int:
     local = _existing_local(args.local)
     check_remote_outside(args.remote, local.directory, "the REMOTE argument")
     store = _store(args, args.remote)
+    store.bind_run(local.directory)  # one prefix, one run: the directory's (ownership.RunFile)
     out = _out(args)
     pushed = skipped = 0
     progress = _progress(args)
@@ -224,9 +228,19 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("local", help="local checkpoint directory to pull into")
     p.add_argument("--name", help="checkpoint name (default: the newest valid one)")
     p.add_argument("--rule", action="append", default=[], metavar="RULE",
-                   help="zero-code: restore only versions of this watch rule (repeatable), "
-                        "e.g. 'file:ckpt.pt'; without it, every rule the remote names is "
-                        "restored")
+                   help="zero-code: restore the versions of this watch rule (repeatable), "
+                        "e.g. 'file:ckpt.pt'. The rule says which files under LOCAL are "
+                        "written, so it never comes from the bucket: a zero-code pull needs "
+                        "--rule or --preset (else CKPTSYNC_RULES / CKPTSYNC_PRESETS, else the "
+                        "rules a `ckptsync watch` of LOCAL used); without any it refuses "
+                        "(exit 2) and prints the rule the bucket proposes")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="zero-code: the rule of a framework preset, as for watch "
+                        f"({', '.join(sorted(PRESETS))}); repeatable")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="with a key (or from an encrypted run), also accept checkpoints that "
+                        "are plaintext or carry no keyed manifest MAC, with a warning each: "
+                        "for migrating a run started without a key")
     p.add_argument("--allow-fallback", action="store_true",
                    help=f"exit 0, not {EXIT_FELL_BACK}, when an older checkpoint than the "
                         "newest committed one was pulled")
@@ -248,6 +262,48 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
     return code
 
 
+def _env_rules(env: dict[str, str] | None = None) -> list[str]:
+    """The rules ``CKPTSYNC_RULES`` (a JSON list, or one per line) and ``CKPTSYNC_PRESETS``
+    (names, comma-separated) give, as ``watch`` reads them."""
+    import os
+
+    env = dict(os.environ) if env is None else env
+    raw = (env.get("CKPTSYNC_RULES") or "").strip()
+    rules = (json.loads(raw) if raw.startswith("[") else raw.splitlines()) if raw else []
+    presets = [p for p in (env.get("CKPTSYNC_PRESETS") or "").replace(",", " ").split() if p]
+    return [str(r).strip() for r in rules if str(r).strip()] + [preset_rule(p) for p in presets]
+
+
+def _pinned_rules(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The zero-code rules a pull may restore, and where they come from: ``--rule`` and
+    ``--preset``, else the environment, else the rules a ``ckptsync watch`` of the target
+    directory recorded for this remote. Never the bucket's."""
+    flags = list(args.rule) + [preset_rule(p) for p in args.preset]
+    if flags:
+        return flags, "flags"
+    env = _env_rules()
+    if env:
+        return env, "environment"
+    status = read_status(args.local) or {}
+    if status.get("remote") == redact_url(args.remote):
+        watched = [w.get("rule") for w in status.get("watch") or [] if isinstance(w, dict)]
+        return [r for r in watched if isinstance(r, str)], "watch"
+    return [], ""
+
+
+def _unpinned(store: Any, args: argparse.Namespace) -> ConfigError:
+    """The refusal of a zero-code pull without a rule: it names the rules the bucket holds."""
+    proposed = sorted({str(m.source.get("rule")) for m in store.list() if is_watched(m)})
+    flags = " ".join(f"--rule '{r}'" for r in proposed) or "--rule RULE"
+    return ConfigError(
+        f"{redact_url(args.remote)} holds zero-code versions, and a zero-code pull writes the "
+        f"files its watch rule names under {args.local}: ckptsync never takes that rule from "
+        "the bucket (whoever can write to it could otherwise choose which of your files are "
+        "replaced). Give the rule you watch with, --rule RULE or --preset NAME (or "
+        "CKPTSYNC_RULES / CKPTSYNC_PRESETS); the bucket proposes: "
+        f"ckptsync pull {redact_url(args.remote)} {args.local} {flags}")
+
+
 def _run_pull(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     out = _out(args)
@@ -257,10 +313,14 @@ def _run_pull(args: argparse.Namespace) -> int:
         print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
               f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
         return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
-    if args.rule or (head is not None and head.source.get("kind") == "watched"):
+    pinned, pinned_by = _pinned_rules(args)
+    watched = head is not None and head.source.get("kind") == "watched"
+    if pinned_by == "flags" or watched:
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
-        # own resume flag finds them.
-        restored = restore_watched(store, args.local, name=args.name, rules=args.rule)
+        # own resume flag finds them: only the paths of a rule the user gave.
+        if not pinned:
+            raise _unpinned(store, args)
+        restored = restore_watched(store, args.local, name=args.name, rules=pinned)
         newer: list[tuple[str, str]] = []
         if args.name is None:  # for each rule, was its newest committed version restored?
             committed = [x for x in store.list() if is_watched(x)]
@@ -282,6 +342,8 @@ def _run_pull(args: argparse.Namespace) -> int:
     local = LocalStore(args.local)
     skipped: list[tuple[str, str]] = []
     ckpt = store.pull(args.name, local, progress=_progress(args), skipped=skipped)
+    store.bind_run(local.directory)
+    store.adopt_run()  # a writer of LOCAL afterwards (watch, push) continues this run
     for n, problem in skipped:  # newest first, each passed over for the reason given
         out.event("skipped", None, name=n, problem=problem)
     out.event("pulled", f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}",

@@ -31,7 +31,7 @@ from ckptsync.client.state import (
 from ckptsync.client.uploader import SyncStatus, Uploader
 from ckptsync.client.writer import local_keys, write_checkpoint
 from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError
+from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
 from ckptsync.local import (
     RESUMED_FILE,
     FileOps,
@@ -87,6 +87,16 @@ class Checkpointer:
         encrypt_local: also write the local checkpoint files encrypted (same format, needs a
             key; digests cover the stored bytes, restore decrypts while loading, the upload
             sends them as they are). Default False: local files are plaintext.
+        allow_plaintext: with a key (or an encrypted remote run, or ``encrypt_local``), also
+            restore checkpoints that are plaintext or carry no keyed manifest MAC (written
+            without a key, or by an older ckptsync), each with a warning: for migrating a run.
+            Default False: such a checkpoint is invalid, and restore moves on to an encrypted
+            one (a bucket writer could have planted it).
+
+    The directory belongs to one run (README, "Security"): its first push to an empty
+    remote starts the run there; :meth:`restore` from a remote continues the remote's run. A
+    directory that has neither is refused as a second writer of a remote another run writes
+    (a :class:`~ckptsync.errors.ConfigError` from the upload).
 
     Raises:
         LocalStorageError: the directory cannot be created or written.
@@ -120,6 +130,7 @@ class Checkpointer:
         close_timeout: float | None = None,
         encryption_key: KeyArg = None,
         encrypt_local: bool = False,
+        allow_plaintext: bool = False,
     ) -> None:
         self.rank, self.world_size = dist_info()
         self._uploader: Uploader | None = None
@@ -130,7 +141,8 @@ class Checkpointer:
             self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
-                            on_remote_error, close_timeout, encryption_key, encrypt_local)
+                            on_remote_error, close_timeout, encryption_key, encrypt_local,
+                            allow_plaintext)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
@@ -156,7 +168,7 @@ class Checkpointer:
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
                    close_timeout: float | None, encryption_key: KeyArg,
-                   encrypt_local: bool) -> None:
+                   encrypt_local: bool, allow_plaintext: bool = False) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
@@ -171,8 +183,12 @@ class Checkpointer:
         self._dist_pending: Future[Any] | None = None
         self._git = git_revision()
         self.remote: RemoteStore | None = remote_store if remote_store is not None else (
-            open_remote(remote, storage_options, self.store.directory, encryption_key))
+            open_remote(remote, storage_options, self.store.directory, encryption_key,
+                        allow_plaintext))
+        if self.remote is not None:
+            self.remote.bind_run(self.store.directory)  # its pushes are this directory's run
         self.encrypt_local = encrypt_local
+        self.allow_plaintext = allow_plaintext
         self.keys = local_keys(encryption_key, encrypt_local, self.remote)
         if self.rank == 0:
             if not self.store.acquire_writer_lock():
@@ -549,6 +565,12 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
+        if self.remote is not None:
+            # This directory continues the remote's run: its saves are that run's pushes.
+            try:
+                self.remote.adopt_run()
+            except RemoteError as e:  # the remote's own listing below says what is wrong
+                log.warning("cannot read the run of %s: %s", self.remote.url, e)
         # ---- sharded state: DCP, every rank loads its shards (ckptsync/client/sharded.py)
         if sharded or (sharded is None and is_sharded(objects)):
             from ckptsync.client.sharded_restore import restore_sharded  # imports DCP: if used
@@ -562,7 +584,8 @@ class Checkpointer:
             return sinfo
         info = restore_replicated(self.store, self.remote, self.rank, self.world_size, name,
                                   map_location, objects, rng=self.capture_rng, keys=self.keys,
-                                  keep_encrypted=self.encrypt_local)
+                                  keep_encrypted=self.encrypt_local,
+                                  allow_plaintext=self.allow_plaintext)
         if info is not None:
             self._resumed_from = info.name
         return info

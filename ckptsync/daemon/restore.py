@@ -33,6 +33,7 @@ from ckptsync.errors import (
 )
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
+from ckptsync.ownership import RunFile
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
@@ -113,6 +114,9 @@ def restore_watched(
     the same directory first finishes it, so ``ckptsync pull ... && train.py --resume`` is
     the safe recipe, and re-running an interrupted pull completes it, never leaves a mix.
 
+    ``target_dir`` continues the remote's run (:class:`~ckptsync.ownership.RunFile`), so that
+    a ``ckptsync watch`` of it afterwards is the same run's writer.
+
     Args:
         store: the remote.
         target_dir: where the trainer's files live (created if missing).
@@ -164,6 +168,9 @@ def restore_watched(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _apply(target, tfd, tmp, moves, ops)
+        marker = store.read_marker(fresh=True)
+        if marker is not None and marker.run is not None:
+            RunFile(target).adopt(marker.run)  # a watch of target continues this run
     finally:
         os.close(tfd)
     for ckpt in ckpts:
@@ -181,7 +188,7 @@ def _choose(store: RemoteStore, name: str | None, pinned: set[str]) -> list[Mani
                                     f"{' or '.join(sorted(pinned))}")
         return [m]
     by_rule: dict[str, list[Manifest]] = {}
-    for m in store.list():
+    for m in store.list(strict=True):
         if is_watched(m) and (not pinned or m.source.get("rule") in pinned):
             by_rule.setdefault(str(m.source.get("rule", "")), []).append(m)
     if not by_rule:
@@ -196,7 +203,8 @@ def _pull_with_fallback(store: RemoteStore, tmp: LocalStore, m: Manifest,
         check_watched(m)  # before downloading anything
         return _pull_checked(store, tmp, m)
     rule = m.source.get("rule")
-    older = [x for x in store.list() if is_watched(x) and x.source.get("rule") == rule]
+    older = [x for x in store.list(strict=True)
+             if is_watched(x) and x.source.get("rule") == rule]
     why = ""
     for cand in reversed(older):
         try:

@@ -23,7 +23,7 @@ from ckptsync.daemon.watcher_remote import RemoteView
 from ckptsync.daemon.watcher_state import _Failure
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
-from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
+from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name, pending_sort_key
 from ckptsync.parts import part_of
 from ckptsync.retention import CheckpointInfo, select_for_deletion
 from ckptsync.transfer import backoff
@@ -70,7 +70,9 @@ class PushPipeline(RemoteView):
         if policy.active:
             union = {c.name: c.manifest for c in local}
             union.update(self._remote)
-            infos = [CheckpointInfo(m.name, m.step, m.sort_key(), m.metrics)
+            # A local version not pushed yet gets its seq at its push: newer than any remote.
+            infos = [CheckpointInfo(m.name, m.step, m.sort_key() if m.name in self._remote
+                                    else pending_sort_key(m), m.metrics)
                      for m in union.values()]
             doomed = set(select_for_deletion(infos, policy, protect=self._protected()))
         self._skipped = {n for n in doomed if n not in self._remote}

@@ -66,6 +66,7 @@ class WatcherState:
             from ckptsync.remote import RemoteStore
 
             store = RemoteStore(config.remote, dict(config.storage_options), keys=config.keys)
+        store.bind_run(self.local.directory)  # its pushes are this directory's run
         self.store = store
         self._q: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._stop = threading.Event()

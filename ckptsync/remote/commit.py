@@ -3,15 +3,24 @@
 :meth:`PushMixin.push` uploads every file (parallel, streamed, retried; multipart on S3; a
 server-side copy of a file unchanged since the previous checkpoint), checks each remote size,
 then writes the manifest with a create-only write (:meth:`PushMixin._create_only`): its
-presence is the commit. ``LATEST`` is updated last, as a hint. How each step is done depends
-on the backend (``self.backend``): on a local directory every file is fsynced and renamed into
-place, the directories are fsynced, and the manifest is hard-linked, so that a power cut never
-leaves a manifest listing files that are not on disk.
+presence is the commit; the sizes are checked once more after it, so that a file removed in
+between (``gc --grace 0`` during the push) un-commits it again instead of leaving a committed
+checkpoint without that file. ``LATEST`` is updated last, as a hint. How each step is done
+depends on the backend (``self.backend``): on a local directory every file is fsynced and
+renamed into place, the directories are fsynced, and the manifest is hard-linked, so that a
+power cut never leaves a manifest listing files that are not on disk.
+
+The first push of a store claims the root (:mod:`ckptsync.remote.marker`): it writes the
+marker with the create-only write, or joins the run the marker names, refusing a second run
+(:meth:`PushMixin._join_run`); without a key it refuses to put plaintext into an encrypted
+run. The remote manifest gets the run id, a ``seq`` where it has no step, its ``requires`` and,
+under a key, its keyed MAC (:meth:`PushMixin._finalize`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -19,27 +28,45 @@ import os
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from secrets import token_hex
 from typing import Any
 
 from ckptsync.crypto import stored_size
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    ManifestError,
+    RemoteError,
+)
+from ckptsync.integrity import sign_manifest
 from ckptsync.local import LocalCheckpoint
-from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    RUN_FIELD,
+    SEQ_FIELD,
+    FileEntry,
+    Manifest,
+    name_sort_key,
+    parse_name,
+    with_requires,
+)
 from ckptsync.ownership import ROOT_MARKER
 from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
 from ckptsync.remote.encrypted import same_content, sealed_manifest
 from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, StoreBase, mtime
+from ckptsync.remote.marker import RootMarker, new_run_id
 from ckptsync.transfer import (
     MultipartStream,
     NullProgress,
     Progress,
     Slots,
+    hash_remote_file,
     run_parallel,
     stopping,
     upload_file,
@@ -47,7 +74,6 @@ from ckptsync.transfer import (
 )
 from ckptsync.transfer.s3 import S3ApiChanged, private_api_usable
 from ckptsync.transfer.sealed import upload_sealed_multipart
-from ckptsync.version import __version__
 
 __all__ = ["ManifestExists", "PushMixin"]
 
@@ -134,11 +160,14 @@ class PushMixin(StoreBase):
                 "upload it without a key, or train on one node")
         existing = None if fresh and part is None else self.read_manifest(name)
         if existing is not None:
+            if part is not None:  # committed by another node: with this node's very bytes?
+                self._check_part_bytes(name, m, f"part {part.node} of")
             return self._same_or_conflict(existing, m if part is None else part.whole)
+        self._ensure_marker(part=part is not None)
+        self._check_push_policy(m)
         if part is not None and self._part_uploaded(name, m, part.node):
-            return self._commit_part(name, m, part)  # e.g. a daemon's next scan
+            return self._commit_part(name, m, part, own_checked=True)  # a daemon's next scan
         progress = progress or NullProgress()
-        self._ensure_marker()
         if not self.backend.overwrites:
             leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
         else:
@@ -203,8 +232,32 @@ class PushMixin(StoreBase):
             return self._commit_part(name, m, part)
         return self._commit(name, m)
 
+    def _finalize(self, m: Manifest) -> Manifest:
+        """The remote manifest of ``m``: its run id, its ``seq`` where it has no step, its
+        ``requires`` and, under a key, its keyed MAC (:mod:`ckptsync.integrity`)."""
+        add: dict[str, Any] = {}
+        if self._run is not None:
+            add[RUN_FIELD] = self._run
+        if m.step is None and m.seq is None:
+            add[SEQ_FIELD] = self._next_seq(m.name)
+        if add:
+            m = dataclasses.replace(m, unknown={**m.unknown, **add})
+        return sign_manifest(m, self.keys) if self.keys is not None else with_requires(m)
+
+    def _next_seq(self, name: str) -> int:
+        """One more than the highest ``seq`` of the step-less checkpoints committed here: the
+        order of step-less checkpoints comes from the remote, not from a writer's clock. Two
+        pushes taking one value at once are ordered by the remote's timestamps (``scan``)."""
+        names = [n for n in self._names()
+                 if n != name and (p := parse_name(n)) is not None and p[0] is None]
+        read = self._read_manifests(names)
+        seqs = [m.seq for m in read.values() if isinstance(m, Manifest) and m.seq is not None]
+        return max(seqs, default=0) + 1
+
     def _commit(self, name: str, m: Manifest) -> Manifest:
-        """Write ``m`` with the create-only write (the commit), then the ``LATEST`` hint."""
+        """Write ``m`` with the create-only write (the commit), check that every file is still
+        there, then the ``LATEST`` hint."""
+        m = self._finalize(m)
         try:
             self._create_manifest(name, m.to_json())
         except ManifestExists:
@@ -221,25 +274,116 @@ class PushMixin(StoreBase):
                 raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
                                   "but no manifest is there", retryable=True) from None
             return self._same_or_conflict(other, m)
+        self._recheck_commit(name, m)
         log.info("committed %s to %s", name, redact_url(self.url))
         self._last_commit = m
         self._update_latest(m)
         return m
 
+    def _recheck_commit(self, name: str, m: Manifest) -> None:
+        """After the manifest write: every file still there with its size, else the manifest
+        is removed again (retryable). A ``gc`` that took the prefix for a leftover between the
+        size check and the manifest write (``--grace 0`` during the push) must not leave a
+        committed checkpoint that lacks a file."""
+        self.fs.invalidate_cache(self._path(name))
+        try:
+            self._check_sizes(m, self._sizes(name))
+        except CorruptCheckpointError as e:
+            path = self._path(name, MANIFEST_NAME)
+
+            def rm() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+
+            self._call(rm, self.url_of(name, MANIFEST_NAME), "delete")
+            log.warning("%s lost a file while it was committed (%s): its manifest was removed "
+                        "again, nothing is committed; the push is retried", name, e)
+            raise RemoteError(
+                f"{self.url_of(name)}: a file was removed while the checkpoint was committed "
+                f"({e}; a concurrent gc?): its manifest was removed again, so no committed "
+                "checkpoint lacks a file; the push is retried", url=self.url_of(name),
+                retryable=True) from e
+
     # ------------------------------------------------------------------ multi-node parts
 
     def _part_uploaded(self, name: str, m: Manifest, node: int) -> bool:
-        """This node's marker and every file of its part ``m`` are there, with their sizes."""
+        """This node's marker and every file of its part ``m`` are there, with their sizes
+        and their digests (a part replaced remotely is uploaded again, never taken as ours)."""
         sizes = self._sizes(name)
         try:
             self._check_sizes(m, sizes)
         except CorruptCheckpointError:
             return False
-        return marker_name(node) in sizes
+        if marker_name(node) not in sizes:
+            return False
+        try:
+            self._check_part_bytes(name, m, f"part {node} of")
+        except RemoteError as e:
+            log.warning("%s; uploading this node's part again", e)
+            return False
+        return True
 
-    def _commit_part(self, name: str, m: Manifest, part: Part) -> Manifest:
+    def _check_part_bytes(self, name: str, m: Manifest, what: str,
+                          skip: frozenset[str] = frozenset()) -> None:
+        """Every file of ``m`` (but ``skip``) under ``name`` has the digest ``m`` lists,
+        hashed remotely (streamed, files in parallel).
+
+        Raises:
+            RemoteError: naming the first file whose bytes differ (not retryable).
+        """
+        def task(entry: FileEntry, ev: threading.Event) -> None:
+            url = self.url_of(name, entry.path)
+            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
+                                         config=self.config, retrier=self._retry, stop=ev,
+                                         algo=entry.algo)
+            if digest != entry.digest:
+                raise RemoteError(
+                    f"{what} {name}: remote file {url} is not the bytes its manifest lists "
+                    f"({entry.algo} differs): it was replaced or forged after it was uploaded; "
+                    "it is not taken for this node's part", url=url, retryable=False)
+
+        run_parallel([partial(task, f) for f in m.files if f.path not in skip],
+                     max_workers=self.backend.workers)
+
+    def _check_parts(self, name: str, part: Part, mine: frozenset[str]) -> None:
+        """Before the commit: every other node's marker is a part of this very checkpoint,
+        listing the digests the whole manifest lists, and every file not in ``mine`` (this
+        node's, just checked) has its digest remotely. A forged or replaced part of the right
+        size is never committed.
+
+        Raises:
+            RemoteError: naming the node and file (retryable: the node's next push uploads it
+                again).
+        """
+        whole = {f.path: f for f in part.whole.files}
+        for node in range(part.nodes):
+            if node == part.node:
+                continue
+            url = self.url_of(name, marker_name(node))
+            data = self._read_bytes(self._path(name, marker_name(node)), url)
+            try:
+                pm = Manifest.from_json(data or b"", where=url)
+                other = part_of(pm)
+            except ManifestError as e:
+                other, pm = None, None
+                log.warning("%s", e)
+            if (other is None or pm is None or other.node != node or pm.name != name
+                    or other.whole.files != part.whole.files
+                    or any(whole.get(f.path) != f for f in pm.files)):
+                raise RemoteError(f"{url}: node {node}'s part marker does not match the whole "
+                                  f"checkpoint {name} (forged or of another save): not committed",
+                                  url=url, retryable=True)
+        try:
+            self._check_part_bytes(name, part.whole, "checkpoint", skip=mine)
+        except RemoteError as e:
+            raise RemoteError(f"{e}; {name} is not committed until that node uploads its part "
+                              "again", url=e.url, retryable=True) from e
+
+    def _commit_part(self, name: str, m: Manifest, part: Part,
+                     own_checked: bool = False) -> Manifest:
         """After node ``part.node``'s files are all there: write its marker, then commit the
-        whole checkpoint if every node's marker and file is there (:mod:`ckptsync.parts`).
+        whole checkpoint if every node's marker and file is there, with its digest
+        (:mod:`ckptsync.parts`).
 
         Returns the whole manifest once committed (here or by another node), else ``m``.
         """
@@ -271,6 +415,9 @@ class PushMixin(StoreBase):
         except CorruptCheckpointError as e:
             raise RemoteError(f"every node's part of {name} says it is uploaded, but: {e}",
                               url=self.url_of(name), retryable=True) from e
+        # This node's files were just uploaded (or, own_checked, just hashed): the others'
+        # are hashed, so that the whole manifest never commits bytes nobody wrote for it.
+        self._check_parts(name, part, frozenset(f.path for f in m.files))
         return self._commit(name, part.whole)
 
     def waiting_for(self, m: Manifest) -> tuple[int, ...] | None:
@@ -435,18 +582,111 @@ class PushMixin(StoreBase):
 
     # ------------------------------------------------------------------ the commit
 
-    def _ensure_marker(self) -> None:
+    def _ensure_marker(self, part: bool = False) -> None:
         """Mark the root as ckptsync's before the first file of the first push lands there, so
-        that ``gc`` may later collect that push's leftovers (and nothing else)."""
-        if self.has_marker():
+        that ``gc`` may later collect that push's leftovers (and nothing else); or join the
+        run its marker names (:meth:`_join_run`); record a key the marker does not list yet.
+
+        ``part``: the push is one node's part of a multi-node checkpoint, whose nodes are
+        one run: a node directory that has no run yet takes the marker's.
+
+        Raises:
+            ConfigError: another run writes this root (where the backend has a create-only
+                write; elsewhere a warning).
+        """
+        if self._marked:
             return
-        if self.backend.needs_dirs:
-            self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url, "create")
-        data = (json.dumps({"format": FORMAT, "writer": f"ckptsync {__version__}",
-                            "created": datetime.now(timezone.utc).isoformat()}) + "\n").encode()
-        with contextlib.suppress(ManifestExists):  # another writer marked it first
-            self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER), data, "mark")
+        marker = self.read_marker(fresh=True)
+        if marker is None:
+            run = self._run or (self.run_file.read() if self.run_file else None) or new_run_id()
+            new = RootMarker.new(run, self.keys)
+            if self.backend.needs_dirs:
+                self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url,
+                           "create")
+            try:
+                self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER),
+                                  new.to_json(self.keys), "mark")
+                marker = self._marker = RootMarker.parse(new.to_json(self.keys), self.url)
+                if self.run_file is not None:
+                    self.run_file.adopt(run)
+            except ManifestExists:  # another writer marked it first: join it, or not
+                marker = self.read_marker(fresh=True)
+                if marker is None:
+                    raise RemoteError(f"{self.url_of(ROOT_MARKER)}: create-only write refused "
+                                      "but no marker is there", retryable=True) from None
+        self._join_run(marker, part)
+        if self._run is not None and marker.needs_update(self.keys):
+            assert self.keys is not None
+            self._write_marker(marker.updated(self.keys))
         self._marked = True
+
+    def _join_run(self, marker: RootMarker, part: bool) -> None:
+        """Push as the run ``marker`` names, or refuse: one prefix holds one run."""
+        if marker.run is None:  # written by a ckptsync before run ids: nothing to enforce
+            log.info("%s was marked by an older ckptsync, without a run id: a second run "
+                     "writing into it cannot be detected", self.url)
+            return
+        own = self.run_file.read() if self.run_file is not None else None
+        if self.run_file is None or own == marker.run:
+            self._run = marker.run
+            return
+        if own is None and part:  # the nodes of a multi-node checkpoint are one run
+            self._run = self.run_file.adopt(marker.run)
+            return
+        where = self.run_file.directory
+        if own is None:
+            why = (f"{where} has not restored or pulled from it, so its pushes would be a "
+                   "second run's in the same prefix (and each run's retention would delete the "
+                   "other's checkpoints). To continue that run, restore from it first "
+                   f"(Checkpointer.restore(), or ckptsync pull {self.url} {where}); for a new "
+                   "run, use a new prefix")
+        else:
+            why = (f"{where} belongs to run {own} ({self.run_file.path}): one prefix holds one "
+                   "run, so a second run's writer is refused. Use a new prefix for this run (if "
+                   f"{where} really continues run {marker.run}, delete {self.run_file.path} "
+                   "and restore from the remote first)")
+        msg = f"{self.url} holds run {marker.run} (its {ROOT_MARKER}); {why}"
+        if self.backend.native_create_only or self.backend.local_paths:
+            raise ConfigError(msg)
+        log.warning("SECOND RUN IN ONE PREFIX, NOT REFUSED (%s has no create-only write, so "
+                    "two runs cannot be kept apart reliably): %s", self.backend.name, msg)
+        self._run = own or self.run_file.adopt(new_run_id())
+
+    def _write_marker(self, marker: RootMarker) -> None:
+        """Rewrite the root marker (its run unchanged): a key this run now pushes under."""
+        data = marker.to_json(self.keys)
+        path = self._path(ROOT_MARKER)
+
+        def write() -> None:
+            if self.backend.local_paths:
+                self._local_replace(path, data)
+                return
+            if not self.backend.overwrites and self.fs.exists(path):
+                self.fs.rm_file(path)
+            self.fs.pipe_file(path, data)
+
+        self._call(write, self.url_of(ROOT_MARKER), "write")
+        self._marker = RootMarker.parse(data, self.url_of(ROOT_MARKER))
+        log.info("%s: this run is encrypted, under key ids %s", self.url,
+                 ", ".join(self._marker.key_ids))
+
+    def _check_push_policy(self, m: Manifest) -> None:
+        """Refuse to put plaintext into a run that is encrypted when no key is given (a
+        checkpoint already stored encrypted, ``encrypt_local=True``, goes up as it is).
+
+        Raises:
+            ConfigError: naming the file and the key ids the run uses.
+        """
+        marker = self._marker
+        if self.keys is not None or marker is None or not marker.encrypted:
+            return
+        plain = [f.path for f in m.files if f.encryption is None]
+        if plain:
+            raise ConfigError(
+                f"{self.url} holds an encrypted run (its {ROOT_MARKER} says so; key ids "
+                f"{', '.join(marker.key_ids) or '?'}), and no key was given: pushing {m.name} "
+                f"would put plaintext ({plain[0]}) into it. Give the run's key (--key-file FILE, "
+                "CKPTSYNC_KEY or CKPTSYNC_KEY_FILE, Checkpointer(encryption_key=...))")
 
     # Local directories (backend.local_paths): real paths, so plain os calls. Every fsync
     # goes through self._ops (FileOps, the store's fault seam), so a test can count or fail
@@ -547,7 +787,12 @@ class PushMixin(StoreBase):
 
     def _update_latest(self, m: Manifest) -> None:
         current = self.read_latest()
-        if current is not None and name_sort_key(current) >= name_sort_key(m.name):
+        # A step-less checkpoint just took the highest seq: it is the newest step-less one,
+        # whatever its name's timestamp says.
+        stepless = m.step is None and current is not None and parse_name(current) is not None \
+            and parse_name(current)[0] is None  # type: ignore[index]
+        if current is not None and not stepless \
+                and name_sort_key(current) >= name_sort_key(m.name):
             return
         data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
         path = self._path(LATEST_NAME)

@@ -18,6 +18,7 @@ from ckptsync import start_watcher  # the public name, as a notebook imports it
 from ckptsync.daemon import WatchRule, check_complete, restore_watched, snapshot_version
 from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from tests.support.formats import put_tree, rewrite_as_v1
 from tests.support.jsonlines import events, summary
@@ -95,7 +96,8 @@ def test_trainer_killed_mid_write_remote_holds_only_complete_versions_and_resume
     fresh = tmp_path / "fresh"
     restored = restore_watched(store, fresh)
     assert [m.name for m in restored] == [versions[-1].name]
-    assert not [p for p in fresh.iterdir() if p.name.startswith(".")]  # no temp dir left
+    # No temp dir left; the run it continues is recorded (a watch of it is the same run).
+    assert [p.name for p in fresh.iterdir() if p.name.startswith(".")] == [RUN_FILE]
     done = subprocess.run([PY, str(TRAINER), "--out", str(fresh), "--mode", mode, "--resume",
                            "--steps", str(steps[-1] + 1)], env=child_env(),
                           capture_output=True, text=True, timeout=120)
