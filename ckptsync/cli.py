@@ -324,10 +324,12 @@ def _run_pull(args: argparse.Namespace) -> int:
         newer: list[tuple[str, str]] = []
         if args.name is None:  # for each rule, was its newest committed version restored?
             committed = [x for x in store.list() if is_watched(x)]
+            remote = {x.name: x for x in committed}  # its remote manifest carries its seq
             for m in restored:
+                key = remote.get(m.name, m).sort_key()
                 newer += [(x.name, "not valid: see the warnings above") for x in committed
                           if x.source.get("rule") == m.source.get("rule")
-                          and x.sort_key() > m.sort_key()]
+                          and x.name != m.name and x.sort_key() > key]
         newer.sort(key=lambda s: name_sort_key(s[0]), reverse=True)
         for n, problem in newer:
             out.event("skipped", None, name=n, problem=problem)

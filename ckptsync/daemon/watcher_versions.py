@@ -66,6 +66,7 @@ class VersionPipeline(WatcherState):
         if self._stop.is_set():
             return
         wall = time.time()
+        seq = 0  # step-less versions' seq, taken below in the order versions are taken
         for tr in self._trackers:
             due = tr.due(now, wall, force=self._drain)
             if due is None:
@@ -77,11 +78,16 @@ class VersionPipeline(WatcherState):
                             note="still changing: copied anyway, committed only if unchanged "
                                  "during the copy and complete")
 
+            # Step-less versions order by a seq taken here, in the order they are taken,
+            # above the remote's highest (never by this machine's clock).
+            seq = 1 + max([seq, *(m.seq or 0 for m in (*self._remote.values(),
+                                                        *(c.manifest for c in self.spool.list())))])
+
             def job(tr: VersionTracker = tr, due: Due = due,
-                    sig: Any = tr.last_signature) -> Snapshot:
+                    sig: Any = tr.last_signature, seq: int = seq) -> Snapshot:
                 return snapshot_version(self.spool, self.local.directory, tr.rule, due.rels,
                                         last_signature=sig, guard=due.guard, link=due.link,
-                                        keys=self.config.keys)
+                                        keys=self.config.keys, seq=seq)
 
             fut = self._snap_pool.submit(job)
             fut.add_done_callback(self._snapshot_done(tr, due.rels, due.guard))

@@ -109,8 +109,9 @@ class FetchMixin(StoreBase):
             self._check_sizes(m)
             try:
                 return self._pull_one(m, local, progress, stop, keep_encrypted)
-            except UnknownKeyError as e:  # this one was asked for: the key is what is missing
-                raise missing_key(e.key_id, e.name, self.url_of(e.name), self.keys) from e
+            except UnknownKeyError as err:  # this one was asked for: the key is missing
+                raise missing_key(err.key_id, err.name, self.url_of(err.name),
+                                  self.keys) from err
         passed: list[tuple[str, str]] = [] if skipped is None else skipped
         unknown_key: UnknownKeyError | None = None
         for e in self.iter_committed():

@@ -67,7 +67,9 @@ def assert_untouched(work: Path, outside: Path) -> None:
     assert (work / "train.py").read_bytes() == b"print('train')\n"
     assert list((work / ".git" / "hooks").iterdir()) == []
     assert list(outside.iterdir()) == []
-    assert not [p for p in work.iterdir() if p.name.startswith(".ckptsync-")]
+    # No temp dir left behind (the record of the run it continues may be there).
+    assert not [p for p in work.iterdir() if p.name.startswith(".ckptsync-")
+                and p.name != RUN_FILE]
 
 
 def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version(
@@ -78,7 +80,7 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     evil = push_watched(file_remote, tmp_path / "spool", "file:ckpt.pt", EVIL, step=2,
                         paths=["ckpt.pt"])
 
-    p = ckptsync("pull", file_remote.url, str(work), "--json")
+    p = ckptsync("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
     assert p.returncode == 4, p.stderr  # it fell back from the newest committed version
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("skipped", evil.name), ("restored", good.name)]
@@ -89,7 +91,8 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     assert evil.name in p.stderr and "train.py" in p.stderr  # the refusal, logged
     assert_untouched(work, outside)
 
-    p = ckptsync("pull", file_remote.url, str(work), "--name", evil.name)
+    p = ckptsync("pull", file_remote.url, str(work), "--name", evil.name, "--rule",
+                 "file:ckpt.pt")
     assert p.returncode == 1
     assert "train.py" in p.stderr and "not written" in p.stderr and "Traceback" not in p.stderr
     assert (work / "ckpt.pt").read_bytes() == b"good weights"
