@@ -31,6 +31,7 @@ from ckptsync.hashing import HashingWriter, WriteOps
 from ckptsync.integrity import check_checkpoint
 from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, name_sort_key
+from ckptsync.ownership import RunFile
 from ckptsync.redact import redact_url
 from ckptsync.remote.encrypted import plain_manifest, same_content
 from ckptsync.remote.listing import StoreBase
@@ -88,7 +89,9 @@ class FetchMixin(StoreBase):
         first: such a copy is pulled to be loaded). Before any byte moves, the checkpoint
         must pass the encryption policy (:func:`~ckptsync.integrity.check_checkpoint`): with
         a key, or on an encrypted root, a plaintext checkpoint or one whose keyed MAC does not
-        verify is invalid, and ``name=None`` falls back past it, loudly.
+        verify is invalid, and ``name=None`` falls back past it, loudly. Once pulled, the
+        local directory continues the root's run (:class:`~ckptsync.ownership.RunFile`): a
+        writer there afterwards (``ckptsync watch``, a ``Checkpointer``) is that run.
 
         Raises:
             NoCheckpointError: nothing (valid, newer) to pull.
@@ -101,7 +104,7 @@ class FetchMixin(StoreBase):
                 not read: raised, never passed over.
             RemoteError, LocalStorageError: transfer or local write failures.
         """
-        self.read_marker(fresh=True)  # the encryption policy reads it (check_policy)
+        self.read_marker(fresh=True)  # the encryption policy and the run record read it
         if name is not None:
             m = self.read_manifest(name)
             if m is None:
@@ -166,6 +169,7 @@ class FetchMixin(StoreBase):
             try:
                 local.verify(have, full=True)
                 if same_content(m, have.manifest):
+                    self._record_run(local)
                     return have
             except CorruptCheckpointError as e:
                 log.warning("local copy is corrupt, downloading it again: %s", e)
@@ -191,7 +195,15 @@ class FetchMixin(StoreBase):
         finally:
             progress.close()
         log.info("pulled %s from %s into %s", m.name, redact_url(self.url), local.directory)
+        self._record_run(local)
         return ckpt
+
+    def _record_run(self, local: LocalStore) -> None:
+        """``local``'s directory pulled from this root: it continues the root's run (a writer
+        there afterwards, ``ckptsync watch`` or a ``Checkpointer``, is the same run)."""
+        marker = self.read_marker()
+        if marker is not None and marker.run is not None:
+            RunFile(local.directory).adopt(marker.run)
 
     def _download_task(
         self, staging: Any, m: Manifest, relpath: str, stop: threading.Event, *,
