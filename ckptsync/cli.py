@@ -43,10 +43,9 @@ from typing import Any
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
-from ckptsync.daemon.presets import PRESETS, preset_rule
-from ckptsync.daemon.restore import restore_watched
+from ckptsync.daemon.presets import PRESETS
+from ckptsync.daemon.restore import pinned_rules, restore_watched, unpinned_error
 from ckptsync.daemon.rules import is_watched
-from ckptsync.daemon.runtime import read_status
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -262,48 +261,6 @@ def _fell_back(args: argparse.Namespace, pulled: str, skipped: list[tuple[str, s
     return code
 
 
-def _env_rules(env: dict[str, str] | None = None) -> list[str]:
-    """The rules ``CKPTSYNC_RULES`` (a JSON list, or one per line) and ``CKPTSYNC_PRESETS``
-    (names, comma-separated) give, as ``watch`` reads them."""
-    import os
-
-    env = dict(os.environ) if env is None else env
-    raw = (env.get("CKPTSYNC_RULES") or "").strip()
-    rules = (json.loads(raw) if raw.startswith("[") else raw.splitlines()) if raw else []
-    presets = [p for p in (env.get("CKPTSYNC_PRESETS") or "").replace(",", " ").split() if p]
-    return [str(r).strip() for r in rules if str(r).strip()] + [preset_rule(p) for p in presets]
-
-
-def _pinned_rules(args: argparse.Namespace) -> tuple[list[str], str]:
-    """The zero-code rules a pull may restore, and where they come from: ``--rule`` and
-    ``--preset``, else the environment, else the rules a ``ckptsync watch`` of the target
-    directory recorded for this remote. Never the bucket's."""
-    flags = list(args.rule) + [preset_rule(p) for p in args.preset]
-    if flags:
-        return flags, "flags"
-    env = _env_rules()
-    if env:
-        return env, "environment"
-    status = read_status(args.local) or {}
-    if status.get("remote") == redact_url(args.remote):
-        watched = [w.get("rule") for w in status.get("watch") or [] if isinstance(w, dict)]
-        return [r for r in watched if isinstance(r, str)], "watch"
-    return [], ""
-
-
-def _unpinned(store: Any, args: argparse.Namespace) -> ConfigError:
-    """The refusal of a zero-code pull without a rule: it names the rules the bucket holds."""
-    proposed = sorted({str(m.source.get("rule")) for m in store.list() if is_watched(m)})
-    flags = " ".join(f"--rule '{r}'" for r in proposed) or "--rule RULE"
-    return ConfigError(
-        f"{redact_url(args.remote)} holds zero-code versions, and a zero-code pull writes the "
-        f"files its watch rule names under {args.local}: ckptsync never takes that rule from "
-        "the bucket (whoever can write to it could otherwise choose which of your files are "
-        "replaced). Give the rule you watch with, --rule RULE or --preset NAME (or "
-        "CKPTSYNC_RULES / CKPTSYNC_PRESETS); the bucket proposes: "
-        f"ckptsync pull {redact_url(args.remote)} {args.local} {flags}")
-
-
 def _run_pull(args: argparse.Namespace) -> int:
     store = _store(args, args.remote)
     out = _out(args)
@@ -313,13 +270,13 @@ def _run_pull(args: argparse.Namespace) -> int:
         print(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no checkpoint "
               f"(exit {EXIT_NOTHING_TO_DO})", file=sys.stderr)
         return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
-    pinned, pinned_by = _pinned_rules(args)
+    pinned, pinned_by = pinned_rules(args.rule, args.preset, args.local, args.remote)
     watched = head is not None and head.source.get("kind") == "watched"
     if pinned_by == "flags" or watched:
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
         # own resume flag finds them: only the paths of a rule the user gave.
         if not pinned:
-            raise _unpinned(store, args)
+            raise unpinned_error(store, args.remote, args.local)
         restored = restore_watched(store, args.local, name=args.name, rules=pinned)
         newer: list[tuple[str, str]] = []
         if args.name is None:  # for each rule, was its newest committed version restored?

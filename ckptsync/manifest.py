@@ -24,11 +24,8 @@ equal it; a manifest larger than :data:`MAX_MANIFEST_BYTES` is refused without b
 version knows raises :class:`UnsupportedFormatError`, never trusted.
 
 ``requires`` lists the format features a reader must implement to use the checkpoint
-(:data:`FEATURES`: ``encryption/1`` where a file is encrypted, ``parts/1`` on one node's part
-of a multi-node checkpoint); it is derived from the content when a manifest is built
-(:func:`with_requires`). A feature this version does not know raises
-:class:`UnsupportedFormatError` naming it and the ckptsync that wrote it: never "corrupt", so
-that no reader falls back past it to an older checkpoint.
+(:mod:`ckptsync.features`), derived from the content when a manifest is built
+(:func:`with_requires`); one this version does not know is refused, never "corrupt".
 
 Fields a remote push adds (not covered by the keyed MAC of :mod:`ckptsync.integrity`, so that
 a pusher without the key can add them to an ``encrypt_local`` checkpoint): ``run`` (the run
@@ -58,6 +55,7 @@ from typing import Any, Protocol
 import blake3
 
 from ckptsync.errors import ManifestError, UnsupportedFormatError
+from ckptsync.features import FEATURES, REQUIRES_FIELD, WRITER_FIELD, check_requires
 
 __all__ = [
     "DIGEST_ALGOS",
@@ -108,18 +106,10 @@ _KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta"
 #: The keyed MAC of a manifest written under a key (:mod:`ckptsync.integrity`):
 #: ``{"key_id": ..., "blake3": hex}``.
 MAC_FIELD = "manifest_mac"
-REQUIRES_FIELD = "requires"
 RUN_FIELD = "run"
 SEQ_FIELD = "seq"
-#: Which ckptsync wrote a manifest that lists ``requires`` (named when a reader refuses it).
-WRITER_FIELD = "written_by"
 #: Fields a push adds to a remote manifest, outside the keyed MAC (see the module docstring).
 PUSH_FIELDS = (RUN_FIELD, SEQ_FIELD)
-#: The format features this version reads (``requires``), with what each means.
-FEATURES = {
-    "encryption/1": "files encrypted as aes-256-gcm-chunked/1 and the manifest's keyed MAC",
-    "parts/1": "one node's part of a multi-node checkpoint (ckptsync.parts)",
-}
 
 
 class Hasher(Protocol):
@@ -389,7 +379,7 @@ class Manifest:
 
     @property
     def requires(self) -> tuple[str, ...]:
-        """The format features a reader must implement to use this checkpoint."""
+        """The format features a reader must implement (:mod:`ckptsync.features`)."""
         return tuple(self.unknown.get(REQUIRES_FIELD) or ())
 
     @property
@@ -405,13 +395,9 @@ class Manifest:
         return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
 
     def sort_key(self) -> tuple[int, int, str, str]:
-        """Newest-last: highest step, ties broken by creation time (DESIGN.md).
-
-        A checkpoint without a step orders by its :attr:`seq` (taken from the remote when it
-        was pushed, so a writer whose clock is ahead cannot make an old version the newest),
-        then by creation time; one never pushed (or pushed by an older ckptsync) has none and
-        orders before every one that has.
-        """
+        """Newest-last: highest step, ties broken by creation time (DESIGN.md). Without a
+        step, by :attr:`seq` (taken from the remote, never a writer's clock), then creation
+        time; one without a seq (never pushed, or by an older ckptsync) orders first."""
         seq = -1 if self.seq is None else self.seq
         step_key = seq if self.step is None else self.step
         created = self.created_dt.astimezone(timezone.utc).isoformat()
@@ -498,7 +484,7 @@ class Manifest:
                                     "manifest was altered and will not be used")
         else:
             _check_self_digest(obj, where)
-        _check_requires(obj, where)
+        check_requires(obj, where)
         name = obj.get("name")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ManifestError(f"{where}: invalid checkpoint name {name!r}")
@@ -577,27 +563,6 @@ def with_requires(m: Manifest) -> Manifest:
     if unknown == m.unknown:
         return m
     return dataclasses.replace(m, unknown=unknown)
-
-
-def _check_requires(obj: dict[str, Any], where: str) -> None:
-    """Refuse a ``requires`` entry this version does not know, naming it and the writer."""
-    req = obj.get(REQUIRES_FIELD)
-    if req is None:
-        return
-    if not isinstance(req, list) or not all(isinstance(r, str) for r in req):
-        raise ManifestError(f"{where}: {REQUIRES_FIELD!r} must be a list of feature names, "
-                            f"got {req!r}; the manifest was altered and will not be used")
-    unknown = [r for r in req if r not in FEATURES]
-    if unknown:
-        from ckptsync.version import __version__
-
-        writer = obj.get(WRITER_FIELD)
-        who = writer if isinstance(writer, str) and len(writer) < 80 else "a newer ckptsync"
-        raise UnsupportedFormatError(
-            f"{where}: this checkpoint requires format feature {unknown[0]!r}, which this "
-            f"ckptsync ({__version__}) does not implement; it was written by {who}: upgrade "
-            "to that version (or newer) to read it. It is not skipped as corrupt: restoring "
-            "an older checkpoint in its place would resume from the wrong step")
 
 
 def unusable_reason(m: Manifest) -> str | None:

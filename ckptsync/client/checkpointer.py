@@ -93,10 +93,9 @@ class Checkpointer:
             Default False: such a checkpoint is invalid, and restore moves on to an encrypted
             one (a bucket writer could have planted it).
 
-    The directory belongs to one run (README, "Security"): its first push to an empty
-    remote starts the run there; :meth:`restore` from a remote continues the remote's run. A
-    directory that has neither is refused as a second writer of a remote another run writes
-    (a :class:`~ckptsync.errors.ConfigError` from the upload).
+    The directory is one run (README, "Security"): its first push starts it on an empty
+    remote, :meth:`restore` from a remote continues the remote's; a directory with neither is
+    refused as a second writer (:class:`~ckptsync.errors.ConfigError` from the upload).
 
     Raises:
         LocalStorageError: the directory cannot be created or written.

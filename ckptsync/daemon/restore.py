@@ -19,11 +19,13 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ckptsync.daemon.presets import preset_rule
 from ckptsync.daemon.rules import WatchRule, _is_private, is_watched
+from ckptsync.daemon.runtime import read_status
 from ckptsync.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -34,11 +36,13 @@ from ckptsync.errors import (
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
 from ckptsync.ownership import RunFile
+from ckptsync.redact import redact_url
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["JOURNAL", "RESTORE_PREFIX", "check_watched", "restore_watched"]
+__all__ = ["JOURNAL", "RESTORE_PREFIX", "check_watched", "pinned_rules", "restore_watched",
+           "unpinned_error"]
 
 log = logging.getLogger("ckptsync.zerocode")
 
@@ -176,6 +180,51 @@ def restore_watched(
     for ckpt in ckpts:
         log.info("restored %s (%d files) into %s", ckpt.name, len(ckpt.manifest.files), target)
     return [c.manifest for c in ckpts]
+
+
+def pinned_rules(rules: Sequence[str], presets: Sequence[str],
+                 target_dir: str | os.PathLike[str], remote_url: str,
+                 env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
+    """The watch rules a zero-code pull into ``target_dir`` may restore, and where they come
+    from (``"flags"``, ``"environment"``, ``"watch"``, or ``""`` for none): ``rules`` and the
+    rules of ``presets`` (``--rule``, ``--preset``), else ``CKPTSYNC_RULES`` (a JSON list, or
+    one per line) and ``CKPTSYNC_PRESETS`` (comma-separated), as ``watch`` reads them, else
+    the rules a ``ckptsync watch`` of ``target_dir`` recorded for this remote. Never the
+    bucket's: the rule decides which files under the target are written.
+
+    Raises:
+        ConfigError: an unknown preset.
+    """
+    flags = list(rules) + [preset_rule(p) for p in presets]
+    if flags:
+        return flags, "flags"
+    env = os.environ if env is None else env
+    raw = (env.get("CKPTSYNC_RULES") or "").strip()
+    listed = (json.loads(raw) if raw.startswith("[") else raw.splitlines()) if raw else []
+    named = [p for p in (env.get("CKPTSYNC_PRESETS") or "").replace(",", " ").split() if p]
+    from_env = [str(r).strip() for r in listed if str(r).strip()] + list(map(preset_rule, named))
+    if from_env:
+        return from_env, "environment"
+    status = read_status(target_dir) or {}
+    if status.get("remote") == redact_url(remote_url):
+        watched = [w.get("rule") for w in status.get("watch") or [] if isinstance(w, dict)]
+        return [r for r in watched if isinstance(r, str)], "watch"
+    return [], ""
+
+
+def unpinned_error(store: RemoteStore, remote_url: str,
+                   target_dir: str | os.PathLike[str]) -> ConfigError:
+    """The refusal of a zero-code pull without a rule; it names the rules the bucket holds,
+    as the command that would pull them."""
+    url = redact_url(remote_url)
+    proposed = sorted({str(m.source.get("rule")) for m in store.list() if is_watched(m)})
+    flags = " ".join(f"--rule '{r}'" for r in proposed) or "--rule RULE"
+    return ConfigError(
+        f"{url} holds zero-code versions, and a zero-code pull writes the files its watch rule "
+        f"names under {target_dir}: ckptsync never takes that rule from the bucket (whoever "
+        "can write to it could otherwise choose which of your files are replaced). Give the "
+        "rule you watch with, --rule RULE or --preset NAME (or CKPTSYNC_RULES / "
+        f"CKPTSYNC_PRESETS); the bucket proposes: ckptsync pull {url} {target_dir} {flags}")
 
 
 def _choose(store: RemoteStore, name: str | None, pinned: set[str]) -> list[Manifest]:

@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 from secrets import token_hex
 from typing import Any
 
@@ -38,7 +35,6 @@ from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
     CorruptCheckpointError,
-    ManifestError,
     RemoteError,
 )
 from ckptsync.integrity import sign_manifest
@@ -54,19 +50,18 @@ from ckptsync.manifest import (
     parse_name,
     with_requires,
 )
-from ckptsync.ownership import ROOT_MARKER
 from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
 from ckptsync.remote.encrypted import same_content, sealed_manifest
-from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, StoreBase, mtime
-from ckptsync.remote.marker import RootMarker, new_run_id
+from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, mtime
+from ckptsync.remote.nodeparts import PartsMixin
+from ckptsync.remote.writes import ManifestExists
 from ckptsync.transfer import (
     MultipartStream,
     NullProgress,
     Progress,
     Slots,
-    hash_remote_file,
     run_parallel,
     stopping,
     upload_file,
@@ -80,11 +75,7 @@ __all__ = ["ManifestExists", "PushMixin"]
 log = logging.getLogger("ckptsync.remote")
 
 
-class ManifestExists(CkptSyncError):
-    """The create-only write of a manifest (or of the root marker) found one already there."""
-
-
-class PushMixin(StoreBase):
+class PushMixin(PartsMixin):
     """:meth:`push` and the commit protocol of :class:`~ckptsync.remote.RemoteStore`."""
 
     def push(
@@ -306,79 +297,6 @@ class PushMixin(StoreBase):
 
     # ------------------------------------------------------------------ multi-node parts
 
-    def _part_uploaded(self, name: str, m: Manifest, node: int) -> bool:
-        """This node's marker and every file of its part ``m`` are there, with their sizes
-        and their digests (a part replaced remotely is uploaded again, never taken as ours)."""
-        sizes = self._sizes(name)
-        try:
-            self._check_sizes(m, sizes)
-        except CorruptCheckpointError:
-            return False
-        if marker_name(node) not in sizes:
-            return False
-        try:
-            self._check_part_bytes(name, m, f"part {node} of")
-        except RemoteError as e:
-            log.warning("%s; uploading this node's part again", e)
-            return False
-        return True
-
-    def _check_part_bytes(self, name: str, m: Manifest, what: str,
-                          skip: frozenset[str] = frozenset()) -> None:
-        """Every file of ``m`` (but ``skip``) under ``name`` has the digest ``m`` lists,
-        hashed remotely (streamed, files in parallel).
-
-        Raises:
-            RemoteError: naming the first file whose bytes differ (not retryable).
-        """
-        def task(entry: FileEntry, ev: threading.Event) -> None:
-            url = self.url_of(name, entry.path)
-            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
-                                         config=self.config, retrier=self._retry, stop=ev,
-                                         algo=entry.algo)
-            if digest != entry.digest:
-                raise RemoteError(
-                    f"{what} {name}: remote file {url} is not the bytes its manifest lists "
-                    f"({entry.algo} differs): it was replaced or forged after it was uploaded; "
-                    "it is not taken for this node's part", url=url, retryable=False)
-
-        run_parallel([partial(task, f) for f in m.files if f.path not in skip],
-                     max_workers=self.backend.workers)
-
-    def _check_parts(self, name: str, part: Part, mine: frozenset[str]) -> None:
-        """Before the commit: every other node's marker is a part of this very checkpoint,
-        listing the digests the whole manifest lists, and every file not in ``mine`` (this
-        node's, just checked) has its digest remotely. A forged or replaced part of the right
-        size is never committed.
-
-        Raises:
-            RemoteError: naming the node and file (retryable: the node's next push uploads it
-                again).
-        """
-        whole = {f.path: f for f in part.whole.files}
-        for node in range(part.nodes):
-            if node == part.node:
-                continue
-            url = self.url_of(name, marker_name(node))
-            data = self._read_bytes(self._path(name, marker_name(node)), url)
-            try:
-                pm = Manifest.from_json(data or b"", where=url)
-                other = part_of(pm)
-            except ManifestError as e:
-                other, pm = None, None
-                log.warning("%s", e)
-            if (other is None or pm is None or other.node != node or pm.name != name
-                    or other.whole.files != part.whole.files
-                    or any(whole.get(f.path) != f for f in pm.files)):
-                raise RemoteError(f"{url}: node {node}'s part marker does not match the whole "
-                                  f"checkpoint {name} (forged or of another save): not committed",
-                                  url=url, retryable=True)
-        try:
-            self._check_part_bytes(name, part.whole, "checkpoint", skip=mine)
-        except RemoteError as e:
-            raise RemoteError(f"{e}; {name} is not committed until that node uploads its part "
-                              "again", url=e.url, retryable=True) from e
-
     def _commit_part(self, name: str, m: Manifest, part: Part,
                      own_checked: bool = False) -> Manifest:
         """After node ``part.node``'s files are all there: write its marker, then commit the
@@ -387,20 +305,10 @@ class PushMixin(StoreBase):
 
         Returns the whole manifest once committed (here or by another node), else ``m``.
         """
-        marker = self._path(name, marker_name(part.node))
-        data = m.to_json()
-
-        def write() -> None:
-            if self.backend.local_paths:
-                self._local_replace(marker, data)
-                return
-            if not self.backend.overwrites and self.fs.exists(marker):
-                self.fs.rm_file(marker)
-            self.fs.pipe_file(marker, data)
-
         # Marker before looking at the others': whichever node writes its marker last sees
         # every marker, so some node always commits.
-        self._call(write, self.url_of(name, marker_name(part.node)), "write")
+        self._replace(self._path(name, marker_name(part.node)),
+                      self.url_of(name, marker_name(part.node)), m.to_json())
         self.fs.invalidate_cache(self._path(name))
         sizes = self._sizes(name)
         done = {int(x.group(1)) for rel in sizes if (x := PART_MARKER.match(rel))}
@@ -419,24 +327,6 @@ class PushMixin(StoreBase):
         # are hashed, so that the whole manifest never commits bytes nobody wrote for it.
         self._check_parts(name, part, frozenset(f.path for f in m.files))
         return self._commit(name, part.whole)
-
-    def waiting_for(self, m: Manifest) -> tuple[int, ...] | None:
-        """Where the checkpoint of the part ``m`` stands remotely, after :meth:`push` returned
-        ``m`` (a node's part, not committed): None once the whole checkpoint is committed
-        (its manifest is there), else the nodes whose part marker is missing (empty: every
-        part is up and the last node's commit is under way). One read and one listing.
-
-        Raises:
-            RemoteError: the backend failed.
-        """
-        part = part_of(m)
-        if part is None:
-            return None
-        self.fs.invalidate_cache(self._path(m.name))
-        if self.read_manifest(m.name) is not None:
-            return None
-        done = {int(x.group(1)) for rel in self._sizes(m.name) if (x := PART_MARKER.match(rel))}
-        return tuple(sorted(set(range(part.nodes)) - done))
 
     def _stale_parts(self, name: str) -> list[str]:
         """Temporary files under ``name`` that nobody has written to for
@@ -582,201 +472,6 @@ class PushMixin(StoreBase):
 
     # ------------------------------------------------------------------ the commit
 
-    def _ensure_marker(self, part: bool = False) -> None:
-        """Mark the root as ckptsync's before the first file of the first push lands there, so
-        that ``gc`` may later collect that push's leftovers (and nothing else); or join the
-        run its marker names (:meth:`_join_run`); record a key the marker does not list yet.
-
-        ``part``: the push is one node's part of a multi-node checkpoint, whose nodes are
-        one run: a node directory that has no run yet takes the marker's.
-
-        Raises:
-            ConfigError: another run writes this root (where the backend has a create-only
-                write; elsewhere a warning).
-        """
-        if self._marked:
-            return
-        marker = self.read_marker(fresh=True)
-        if marker is None:
-            run = self._run or (self.run_file.read() if self.run_file else None) or new_run_id()
-            new = RootMarker.new(run, self.keys)
-            if self.backend.needs_dirs:
-                self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url,
-                           "create")
-            try:
-                self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER),
-                                  new.to_json(self.keys), "mark")
-                marker = self._marker = RootMarker.parse(new.to_json(self.keys), self.url)
-                if self.run_file is not None:
-                    self.run_file.adopt(run)
-            except ManifestExists:  # another writer marked it first: join it, or not
-                marker = self.read_marker(fresh=True)
-                if marker is None:
-                    raise RemoteError(f"{self.url_of(ROOT_MARKER)}: create-only write refused "
-                                      "but no marker is there", retryable=True) from None
-        self._join_run(marker, part)
-        if self._run is not None and marker.needs_update(self.keys):
-            assert self.keys is not None
-            self._write_marker(marker.updated(self.keys))
-        self._marked = True
-
-    def _join_run(self, marker: RootMarker, part: bool) -> None:
-        """Push as the run ``marker`` names, or refuse: one prefix holds one run."""
-        if marker.run is None:  # written by a ckptsync before run ids: nothing to enforce
-            log.info("%s was marked by an older ckptsync, without a run id: a second run "
-                     "writing into it cannot be detected", self.url)
-            return
-        own = self.run_file.read() if self.run_file is not None else None
-        if self.run_file is None or own == marker.run:
-            self._run = marker.run
-            return
-        if own is None and part:  # the nodes of a multi-node checkpoint are one run
-            self._run = self.run_file.adopt(marker.run)
-            return
-        where = self.run_file.directory
-        if own is None:
-            why = (f"{where} has not restored or pulled from it, so its pushes would be a "
-                   "second run's in the same prefix (and each run's retention would delete the "
-                   "other's checkpoints). To continue that run, restore from it first "
-                   f"(Checkpointer.restore(), or ckptsync pull {self.url} {where}); for a new "
-                   "run, use a new prefix")
-        else:
-            why = (f"{where} belongs to run {own} ({self.run_file.path}): one prefix holds one "
-                   "run, so a second run's writer is refused. Use a new prefix for this run (if "
-                   f"{where} really continues run {marker.run}, delete {self.run_file.path} "
-                   "and restore from the remote first)")
-        msg = f"{self.url} holds run {marker.run} (its {ROOT_MARKER}); {why}"
-        if self.backend.native_create_only or self.backend.local_paths:
-            raise ConfigError(msg)
-        log.warning("SECOND RUN IN ONE PREFIX, NOT REFUSED (%s has no create-only write, so "
-                    "two runs cannot be kept apart reliably): %s", self.backend.name, msg)
-        self._run = own or self.run_file.adopt(new_run_id())
-
-    def _write_marker(self, marker: RootMarker) -> None:
-        """Rewrite the root marker (its run unchanged): a key this run now pushes under."""
-        data = marker.to_json(self.keys)
-        path = self._path(ROOT_MARKER)
-
-        def write() -> None:
-            if self.backend.local_paths:
-                self._local_replace(path, data)
-                return
-            if not self.backend.overwrites and self.fs.exists(path):
-                self.fs.rm_file(path)
-            self.fs.pipe_file(path, data)
-
-        self._call(write, self.url_of(ROOT_MARKER), "write")
-        self._marker = RootMarker.parse(data, self.url_of(ROOT_MARKER))
-        log.info("%s: this run is encrypted, under key ids %s", self.url,
-                 ", ".join(self._marker.key_ids))
-
-    def _check_push_policy(self, m: Manifest) -> None:
-        """Refuse to put plaintext into a run that is encrypted when no key is given (a
-        checkpoint already stored encrypted, ``encrypt_local=True``, goes up as it is).
-
-        Raises:
-            ConfigError: naming the file and the key ids the run uses.
-        """
-        marker = self._marker
-        if self.keys is not None or marker is None or not marker.encrypted:
-            return
-        plain = [f.path for f in m.files if f.encryption is None]
-        if plain:
-            raise ConfigError(
-                f"{self.url} holds an encrypted run (its {ROOT_MARKER} says so; key ids "
-                f"{', '.join(marker.key_ids) or '?'}), and no key was given: pushing {m.name} "
-                f"would put plaintext ({plain[0]}) into it. Give the run's key (--key-file FILE, "
-                "CKPTSYNC_KEY or CKPTSYNC_KEY_FILE, Checkpointer(encryption_key=...))")
-
-    # Local directories (backend.local_paths): real paths, so plain os calls. Every fsync
-    # goes through self._ops (FileOps, the store's fault seam), so a test can count or fail
-    # each step: the fsync of a file right before its os.replace or os.link (uploads, the
-    # manifest, the marker, LATEST), the fsync of each directory before the manifest, and of
-    # the manifest's directory right after its link.
-
-    def _fsync_file(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self._ops.fsync(fd)  # the data of every descriptor of the file, this one included
-        finally:
-            os.close(fd)
-
-    def _durable_rename(self, tmp: str, final: str) -> None:
-        """A local upload into place: its bytes on disk first, then the rename (the names
-        are made durable by :meth:`_fsync_dirs` before the manifest)."""
-        self._fsync_file(tmp)
-        os.replace(tmp, final)
-
-    def _fsync_dirs(self, m: Manifest) -> None:
-        """Make the names of ``m``'s files (and of its directory) durable: before the
-        manifest, or a power cut could leave a manifest listing files that are not there."""
-        dirs = {self._path(m.name)} | {
-            self._path(m.name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path}
-        for d in sorted(dirs, reverse=True):
-            self._ops.fsync_dir(Path(d))
-        self._ops.fsync_dir(Path(self.root))
-
-    def _write_synced(self, path: str, data: bytes) -> None:
-        """``data`` into the file ``path``, on disk (fsync) before this returns."""
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            self._ops.fsync(f.fileno())
-
-    def _local_replace(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.tmp-{token_hex(4)}"
-        self._write_synced(tmp, data)
-        os.replace(tmp, path)
-
-    def _local_create_only(self, path: str, data: bytes) -> None:
-        # Write a temporary file, then hard-link it into place: link() fails if the target
-        # exists, so this is a true create-only write and readers never see a partial file.
-        tmp = f"{os.path.dirname(path)}/.{MANIFEST_NAME}.tmp-{token_hex(4)}"
-        self._write_synced(tmp, data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError:
-            # Some mounts (FUSE, e.g. a mounted Google Drive) have no hard links: fall back to
-            # check-then-rename, which is not atomic against a second writer of the same name.
-            if os.path.exists(path):
-                raise FileExistsError(path) from None
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self._ops.fsync_dir(Path(os.path.dirname(path)))  # the commit itself is durable
-
-    def _create_only(self, path: str, url: str, data: bytes, action: str) -> None:
-        """Write ``path`` only if it does not exist yet.
-
-        Raises :class:`ManifestExists` if something is already there.
-        """
-
-        def write() -> None:
-            try:
-                if self.backend.local_paths:
-                    self._local_create_only(path, data)
-                else:
-                    # S3: If-None-Match: * ; GCS: ifGenerationMatch=0 (native create-only).
-                    # Other backends (memory, Drive, ...) have no create-only write: fsspec's
-                    # pipe_file(mode="create") checks, then writes. Unique names make a second
-                    # writer of the same name a rare, benign race (both write the same bytes).
-                    self.fs.pipe_file(path, data, mode="create")
-            except FileExistsError:  # S3 on moto/AWS, GCS, local, memory
-                raise ManifestExists(path) from None
-            except OSError as e:
-                # SeaweedFS answers 412 without the If-None-Match condition, which s3fs maps
-                # to OSError(EINVAL); tell it from a real EINVAL by looking.
-                if e.errno == errno.EINVAL and self.backend.native_create_only:
-                    self.fs.invalidate_cache(path)
-                    if self.fs.exists(path):
-                        raise ManifestExists(path) from e
-                raise
-
-        self._call(write, url, action)
-
     def _create_manifest(self, name: str, data: bytes) -> None:
         """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
 
@@ -795,18 +490,8 @@ class PushMixin(StoreBase):
                 and name_sort_key(current) >= name_sort_key(m.name):
             return
         data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
-        path = self._path(LATEST_NAME)
-
-        def write() -> None:
-            if self.backend.local_paths:
-                self._local_replace(path, data)
-                return
-            if not self.backend.overwrites and self.fs.exists(path):
-                self.fs.rm_file(path)
-            self.fs.pipe_file(path, data)
-
         try:
-            self._call(write, self.url_of(LATEST_NAME), "write")
+            self._replace(self._path(LATEST_NAME), self.url_of(LATEST_NAME), data)
         except CkptSyncError as e:
             # LATEST is only a hint: the commit already happened.
             log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",
