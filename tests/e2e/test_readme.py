@@ -70,7 +70,7 @@ RUN = {
     "ckptsync ls s3://my-bucket/run-17": "valid",
     "ckptsync verify s3://my-bucket/run-17": "ok ",
     "ckptsync gc s3://my-bucket/run-17 --keep-last 3 --dry-run": "0 checkpoint(s)",
-    "ckptsync pull s3://my-bucket/zc-run runs/zc": "runs/zc: ckpt.pt",
+    "ckptsync pull s3://my-bucket/zc-run runs/zc --rule 'file:ckpt.pt'": "runs/zc: ckpt.pt",
     "python examples/zero_code/train.py --ckpt-dir runs/zc --steps 200 --save-every 20 "
     "--resume": "resumed from runs/zc/ckpt.pt (step 40)",
 }
