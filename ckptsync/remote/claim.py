@@ -60,7 +60,7 @@ class ClaimMixin(WriteBase):
                     raise RemoteError(f"{self.url_of(ROOT_MARKER)}: create-only write refused "
                                       "but no marker is there", retryable=True) from None
         self._join_run(marker, part)
-        if self._run is not None and marker.needs_update(self.keys):
+        if self._run is not None and self._run == marker.run and marker.needs_update(self.keys):
             assert self.keys is not None
             self._write_marker(marker.updated(self.keys))
         self._marked = True

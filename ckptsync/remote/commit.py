@@ -267,8 +267,8 @@ class PushMixin(PartsMixin):
             return self._same_or_conflict(other, m)
         self._recheck_commit(name, m)
         log.info("committed %s to %s", name, redact_url(self.url))
+        self._update_latest(m, self._last_commit)
         self._last_commit = m
-        self._update_latest(m)
         return m
 
     def _recheck_commit(self, name: str, m: Manifest) -> None:
@@ -480,8 +480,15 @@ class PushMixin(PartsMixin):
         self._create_only(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME), data,
                           "commit manifest to")
 
-    def _update_latest(self, m: Manifest) -> None:
-        current = self.read_latest()
+    def _update_latest(self, m: Manifest, prev: Manifest | None = None) -> None:
+        """Point ``LATEST`` at ``m`` unless it names a newer checkpoint. Where this store
+        committed ``prev`` (older than ``m``) last, it wrote ``LATEST`` last too (one run
+        writes a prefix), so ``LATEST`` is written without being read: a hint only, never
+        trusted without its manifest, so a rare step back costs nothing."""
+        if prev is not None and prev.sort_key() < m.sort_key():
+            current = None
+        else:
+            current = self.read_latest()
         # A step-less checkpoint just took the highest seq: it is the newest step-less one,
         # whatever its name's timestamp says.
         stepless = m.step is None and current is not None and parse_name(current) is not None \

@@ -159,6 +159,7 @@ class StoreBase:
         self._stats_lock = threading.Lock()
         self._marked = False  # this store has checked (or written) the root marker to push
         self._marker: RootMarker | None = None
+        self._parts_seen: dict[str, tuple[Any, ...]] = {}  # part name -> objects hashed
         self._stream_slots = Slots(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
         # The newest checkpoint this store committed itself: the next push copies unchanged

@@ -20,6 +20,7 @@ import torch
 from ckptsync.daemon import restore_watched
 from ckptsync.errors import NoCheckpointError
 from ckptsync.integrations.lightning import RULE, CkptSyncCheckpointIO, pull_latest
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from tests.support.paths import child_env
 from tests.support.remotes import Remote
@@ -138,7 +139,8 @@ def test_pull_latest_restores_last_ckpt_and_keeps_a_newer_local_one(
 
     got = pull_latest(url, tmp_path / "m2")
     assert got == tmp_path / "m2" / "last.ckpt"
-    assert sorted(p.name for p in (tmp_path / "m2").iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "m2").iterdir() if p.name != RUN_FILE) == [
+        "last.ckpt"]
     assert torch.equal(torch.load(got)["w"], torch.ones(3))
 
     # The local file is newer than the remote one (its upload did not finish): kept.
