@@ -141,7 +141,8 @@ def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
     put_tree(remote.fs(), ckpt.path, f"{remote.path}/{ckpt.name}")
     fresh = tmp_path / "fresh"
     env = child_env(CKPTSYNC_STORAGE_OPTIONS=json.dumps(remote.storage_options))
-    p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json"],
+    p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json",
+                        "--rule", rule.spec],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [(e["event"], e["name"], e["paths"]) for e in events(p.stdout)] == [
