@@ -42,6 +42,7 @@ from typing import Any
 from ckptsync.config import TransferConfig, parse_storage_options, storage_options_from_env
 from ckptsync.crypto import ENV_KEY, ENV_KEY_FILE, KeyRing
 from ckptsync.daemon.cli import add_subcommands as add_daemon_subcommands
+from ckptsync.daemon.cli import pinned_rules
 from ckptsync.errors import (
     CkptSyncError,
     ConfigError,
@@ -61,7 +62,8 @@ from ckptsync.progress import NullProgress, Progress, TqdmProgress
 from ckptsync.redact import install_filter, redact_url, scrub
 from ckptsync.retention import RetentionPolicy, parse_best
 from ckptsync.version import __version__
-from ckptsync.zerocode.restore import restore_watched
+from ckptsync.zerocode.presets import PRESETS
+from ckptsync.zerocode.restore import restore_watched, unpinned_error
 from ckptsync.zerocode.rules import is_watched
 
 __all__ = [
@@ -132,7 +134,8 @@ def _store(args: argparse.Namespace, url: str) -> Any:
     # CKPTSYNC_STORAGE_OPTIONS (JSON), then -o KEY=VALUE flags over it, key by key.
     options = storage_options_from_env() | parse_storage_options(args.storage_option)
     keys = KeyRing.resolve(getattr(args, "key_file", None))  # else CKPTSYNC_KEY(_FILE)
-    return RemoteStore(url, options, config=config, keys=keys)
+    return RemoteStore(url, options, config=config, keys=keys,
+                       allow_plaintext=bool(getattr(args, "allow_plaintext", False)))
 
 
 def _existing_local(path: str) -> LocalStore:
@@ -182,6 +185,7 @@ def _run_push(args: argparse.Namespace) -> int:
     local = _existing_local(args.local)
     check_remote_outside(args.remote, local.directory, "the REMOTE argument")
     store = _store(args, args.remote)
+    store.bind_run(local.directory)  # one prefix, one run: the directory's (ownership.RunFile)
     out = _out(args)
     pushed = skipped = 0
     progress = _progress(args)
@@ -226,9 +230,19 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("local", help="local checkpoint directory to pull into")
     p.add_argument("--name", help="checkpoint name (default: the newest valid one)")
     p.add_argument("--rule", action="append", default=[], metavar="RULE",
-                   help="zero-code: restore only versions of this watch rule (repeatable), "
-                        "e.g. 'file:ckpt.pt'; without it, every rule the remote names is "
-                        "restored")
+                   help="zero-code: restore the versions of this watch rule (repeatable), "
+                        "e.g. 'file:ckpt.pt'. The rule says which files under LOCAL are "
+                        "written, so it never comes from the bucket: a zero-code pull needs "
+                        "--rule or --preset (else CKPTSYNC_RULES / CKPTSYNC_PRESETS, else the "
+                        "rules a `ckptsync watch` of LOCAL used); without any it refuses "
+                        "(exit 2) and prints the rule the bucket proposes")
+    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+                   help="zero-code: the rule of a framework preset, as for watch "
+                        f"({', '.join(sorted(PRESETS))}); repeatable")
+    p.add_argument("--allow-plaintext", action="store_true",
+                   help="with a key (or from an encrypted run), also accept checkpoints that "
+                        "are plaintext or carry no keyed manifest MAC, with a warning each: "
+                        "for migrating a run started without a key")
     p.add_argument("--allow-fallback", action="store_true",
                    help=f"exit 0, not {EXIT_FELL_BACK}, when an older checkpoint than the "
                         "newest committed one was pulled")
@@ -259,17 +273,23 @@ def _run_pull(args: argparse.Namespace) -> int:
         out.diagnostic(f"ckptsync: nothing to pull: {redact_url(args.remote)} holds no "
                        f"checkpoint (exit {EXIT_NOTHING_TO_DO})")
         return out.summary(EXIT_NOTHING_TO_DO, None, pulled=0, skipped=0, fell_back=False)
-    if args.rule or (head is not None and head.source.get("kind") == "watched"):
+    pinned, pinned_by = pinned_rules(args.rule, args.preset, args.local, args.remote)
+    watched = head is not None and head.source.get("kind") == "watched"
+    if pinned_by == "flags" or watched:
         # Zero-code checkpoints go back to their original relative paths, so the trainer's
-        # own resume flag finds them.
-        restored = restore_watched(store, args.local, name=args.name, rules=args.rule)
+        # own resume flag finds them: only the paths of a rule the user gave.
+        if not pinned:
+            raise unpinned_error(store, args.remote, args.local)
+        restored = restore_watched(store, args.local, name=args.name, rules=pinned)
         newer: list[tuple[str, str]] = []
         if args.name is None:  # for each rule, was its newest committed version restored?
             committed = [x for x in store.list() if is_watched(x)]
+            remote = {x.name: x for x in committed}  # its remote manifest carries its seq
             for m in restored:
+                key = remote.get(m.name, m).sort_key()
                 newer += [(x.name, "not valid: see the warnings above") for x in committed
                           if x.source.get("rule") == m.source.get("rule")
-                          and x.sort_key() > m.sort_key()]
+                          and x.name != m.name and x.sort_key() > key]
         newer.sort(key=lambda s: name_sort_key(s[0]), reverse=True)
         for n, problem in newer:
             out.event("skipped", None, name=n, problem=problem)
@@ -284,6 +304,8 @@ def _run_pull(args: argparse.Namespace) -> int:
     local = LocalStore(args.local)
     skipped: list[tuple[str, str]] = []
     ckpt = store.pull(args.name, local, progress=_progress(args), skipped=skipped)
+    store.bind_run(local.directory)
+    store.adopt_run()  # a writer of LOCAL afterwards (watch, push) continues this run
     for n, problem in skipped:  # newest first, each passed over for the reason given
         out.event("skipped", None, name=n, problem=problem)
     out.event("pulled", f"pulled {ckpt.name} (step {ckpt.step}) into {ckpt.path}",

@@ -16,6 +16,7 @@ __all__ = [
     "ManifestError",
     "NoCheckpointError",
     "RemoteError",
+    "UnknownKeyError",
     "UnsafeStateError",
     "UnsupportedFormatError",
 ]
@@ -65,6 +66,20 @@ class ManifestError(CorruptCheckpointError):
 
 class UnsupportedFormatError(ManifestError):
     """A manifest written by a newer, incompatible ckptsync (unknown major format)."""
+
+
+class UnknownKeyError(CorruptCheckpointError):
+    """A checkpoint names a key id that no key given has, and nothing authenticated (the
+    run's root marker, under a MAC one of the keys verifies) vouches for it: its manifest was
+    altered. Skipped like a corrupt checkpoint, so that a bucket writer cannot block every
+    restore by forging a key id; when nothing else can be restored, restore raises
+    :class:`EncryptionKeyError` naming it. ``key_id`` and ``name`` as there."""
+
+    def __init__(self, message: str, *, path: str | None = None, key_id: str,
+                 name: str) -> None:
+        super().__init__(message, path=path)
+        self.key_id = key_id
+        self.name = name
 
 
 class NoCheckpointError(CkptSyncError, FileNotFoundError):

@@ -23,6 +23,16 @@ equal it; a manifest larger than :data:`MAX_MANIFEST_BYTES` is refused without b
 (readers never read more than that bound plus one byte); an entry without a digest this
 version knows raises :class:`UnsupportedFormatError`, never trusted.
 
+``requires`` lists the format features a reader must implement to use the checkpoint
+(:mod:`ckptsync.features`), derived from the content when a manifest is built
+(:func:`with_requires`); one this version does not know is refused, never "corrupt".
+
+Fields a remote push adds (not covered by the keyed MAC of :mod:`ckptsync.integrity`, so that
+a pusher without the key can add them to an ``encrypt_local`` checkpoint): ``run`` (the run
+id of the root marker, :mod:`ckptsync.remote.marker`) and, for a checkpoint without a step,
+``seq``: its place in the run, one more than the highest the remote held, so that step-less
+versions order by the remote's sequence, never by a writer's clock (:meth:`Manifest.sort_key`).
+
 Example::
 
     m = Manifest.new(step=100, files=[FileEntry("model.pt", 1024, "blake3", "ab..")])
@@ -32,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -44,10 +55,12 @@ from typing import Any, Protocol
 import blake3
 
 from ckptsync.errors import ManifestError, UnsupportedFormatError
+from ckptsync.features import FEATURES, REQUIRES_FIELD, WRITER_FIELD, check_requires
 
 __all__ = [
     "DIGEST_ALGOS",
     "ENC_FIELD",
+    "FEATURES",
     "FORMAT",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
@@ -62,7 +75,9 @@ __all__ = [
     "name_sort_key",
     "new_hasher",
     "parse_name",
+    "pending_sort_key",
     "unusable_reason",
+    "with_requires",
 ]
 
 FORMAT = "ckptsync/2"
@@ -88,6 +103,13 @@ _NAME_RE = re.compile(
 )
 _KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta", "source", "extra",
                  DIGEST_FIELD)
+#: The keyed MAC of a manifest written under a key (:mod:`ckptsync.integrity`):
+#: ``{"key_id": ..., "blake3": hex}``.
+MAC_FIELD = "manifest_mac"
+RUN_FIELD = "run"
+SEQ_FIELD = "seq"
+#: Fields a push adds to a remote manifest, outside the keyed MAC (see the module docstring).
+PUSH_FIELDS = (RUN_FIELD, SEQ_FIELD)
 
 
 class Hasher(Protocol):
@@ -286,11 +308,13 @@ class FileEntry:
         return cls(path, size, algo, digest, unknown)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Manifest:
     """A parsed, validated ``ckptsync.json``.
 
     ``unknown`` holds fields this version does not know; they are written back unchanged.
+    Two manifests are equal when they describe the same checkpoint: the fields a push adds
+    (``run``, ``seq``: where it sits in a remote, not what it is) are not compared.
     """
 
     name: str
@@ -319,7 +343,7 @@ class Manifest:
     ) -> Manifest:
         """Build and validate a manifest for a new checkpoint."""
         created = created or utcnow()
-        m = cls(
+        m = with_requires(cls(
             name=name or make_name(step, created),
             step=step,
             created=created.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
@@ -328,10 +352,22 @@ class Manifest:
             meta=dict(meta or {}),
             source=dict(source or {"kind": "native"}),
             extra=dict(extra or {}),
-        )
+        ))
         # Round-trip through the parser: one set of rules for writers and readers (a manifest
         # a reader would refuse, such as one over the size bound, is refused here, at save).
         return cls.from_json(m.to_json(), where=f"manifest of {m.name}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Manifest):
+            return NotImplemented
+        return self._identity() == other._identity()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable fields, as a dataclass with eq
+
+    def _identity(self) -> tuple[Any, ...]:
+        unknown = {k: v for k, v in self.unknown.items() if k not in PUSH_FIELDS}
+        return (self.name, self.step, self.created, self.files, self.metrics, self.meta,
+                self.source, self.extra, self.format, unknown)
 
     @property
     def total_size(self) -> int:
@@ -341,11 +377,39 @@ class Manifest:
     def created_dt(self) -> datetime:
         return datetime.fromisoformat(self.created.replace("Z", "+00:00"))
 
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """The format features a reader must implement (:mod:`ckptsync.features`)."""
+        return tuple(self.unknown.get(REQUIRES_FIELD) or ())
+
+    @property
+    def run(self) -> str | None:
+        """The run id a push recorded (:mod:`ckptsync.remote.marker`), or None."""
+        run = self.unknown.get(RUN_FIELD)
+        return run if isinstance(run, str) else None
+
+    @property
+    def seq(self) -> int | None:
+        """A step-less checkpoint's place in its run, taken from the remote at its push."""
+        seq = self.unknown.get(SEQ_FIELD)
+        return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
     def sort_key(self) -> tuple[int, int, str, str]:
-        """Newest-last: highest step, ties broken by creation time (DESIGN.md)."""
-        step_key = -1 if self.step is None else self.step
+        """Newest-last: highest step, ties broken by creation time (DESIGN.md). Without a
+        step, by :attr:`seq` (taken from the remote, never a writer's clock), then creation
+        time; one without a seq (never pushed, or by an older ckptsync) orders first."""
+        seq = -1 if self.seq is None else self.seq
+        step_key = seq if self.step is None else self.step
         created = self.created_dt.astimezone(timezone.utc).isoformat()
         return (0 if self.step is None else 1, step_key, created, self.name)
+
+    def local_view(self) -> Manifest:
+        """This manifest without the fields a push added (``run``, ``seq``): what a pulled
+        copy commits locally, where order is the local writer's."""
+        if not any(k in self.unknown for k in PUSH_FIELDS):
+            return self
+        return dataclasses.replace(
+            self, unknown={k: v for k, v in self.unknown.items() if k not in PUSH_FIELDS})
 
     @property
     def major(self) -> int:
@@ -420,6 +484,7 @@ class Manifest:
                                     "manifest was altered and will not be used")
         else:
             _check_self_digest(obj, where)
+        check_requires(obj, where)
         name = obj.get("name")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ManifestError(f"{where}: invalid checkpoint name {name!r}")
@@ -467,6 +532,37 @@ class Manifest:
             format=fmt,
             unknown={k: v for k, v in obj.items() if k not in _KNOWN_FIELDS},
         )
+
+
+def pending_sort_key(m: Manifest) -> tuple[int, int, str, str]:
+    """:meth:`Manifest.sort_key` of a local checkpoint not pushed yet: a step-less one will
+    get a higher ``seq`` than every remote one when it is pushed, so it orders after them."""
+    key = m.sort_key()
+    return (key[0], 2**62, key[2], key[3]) if m.step is None and m.seq is None else key
+
+
+def derived_requires(m: Manifest) -> tuple[str, ...]:
+    """The features ``m``'s content needs a reader to know (see :data:`FEATURES`)."""
+    out = set()
+    if any(f.encryption is not None for f in m.files) or MAC_FIELD in m.unknown:
+        out.add("encryption/1")
+    if isinstance(m.meta.get("part"), dict):
+        out.add("parts/1")
+    return tuple(sorted(out))
+
+
+def with_requires(m: Manifest) -> Manifest:
+    """``m`` with ``requires`` (and, where it lists any, ``written_by``) set from its content."""
+    req = derived_requires(m)
+    unknown = {k: v for k, v in m.unknown.items() if k not in (REQUIRES_FIELD, WRITER_FIELD)}
+    if req:
+        from ckptsync.version import __version__
+
+        unknown[REQUIRES_FIELD] = list(req)
+        unknown[WRITER_FIELD] = m.unknown.get(WRITER_FIELD) or f"ckptsync {__version__}"
+    if unknown == m.unknown:
+        return m
+    return dataclasses.replace(m, unknown=unknown)
 
 
 def unusable_reason(m: Manifest) -> str | None:

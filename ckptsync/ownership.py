@@ -14,24 +14,34 @@ The URL guards here refuse, before anything is touched, an empty remote URL (an 
 variable must never mean "the current directory") and a remote that is, or lies inside, a
 local checkpoint directory (its retention would delete the trainer's checkpoints).
 
+A local directory records which run it belongs to in :data:`RUN_FILE` (:class:`RunFile`): the
+run id of the root marker (:mod:`ckptsync.remote.marker`) it first pushed to, or restored or
+pulled from. A writer of that directory (a ``Checkpointer``, ``ckptsync watch``, ``ckptsync
+push``) is that run; another run's writer on the same remote root is refused.
+
 Example::
 
     url = check_remote_url(os.environ.get("REMOTE", ""), "REMOTE")   # ConfigError if empty
     check_remote_outside(url, Path("checkpoints"))
+    RunFile(Path("checkpoints")).read()                              # this directory's run
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 
 from ckptsync.errors import ConfigError
-from ckptsync.local import WATCH_DIR, WRITER_LOCK
+from ckptsync.local import PRIVATE_PREFIX, WATCH_DIR, WRITER_LOCK, storage_error, write_json_atomic
 from ckptsync.redact import redact_url
 
 __all__ = [
     "LOCAL_DIR_MARKERS",
     "ROOT_MARKER",
+    "RUN_FILE",
+    "RunFile",
     "check_not_local_checkpoint_dir",
     "check_remote_outside",
     "check_remote_url",
@@ -43,6 +53,51 @@ ROOT_MARKER = "ckptsync-root.json"
 #: Files a local checkpoint directory holds (the trainer's writer lock, the daemon's folder).
 LOCAL_DIR_MARKERS = (WRITER_LOCK, WATCH_DIR)
 _LOCAL_SCHEMES = ("file", "local")
+#: In a local checkpoint directory: ``{"run": <run id>}``, the run it belongs to.
+RUN_FILE = f"{PRIVATE_PREFIX}run.json"
+
+log = logging.getLogger("ckptsync")
+
+
+class RunFile:
+    """Which run a local directory belongs to (:data:`RUN_FILE` in it; see the module
+    docstring). Read afresh on every call: a restore in the trainer may record it while a
+    daemon watching the same directory is running."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory).expanduser().absolute()
+        self.path = self.directory / RUN_FILE
+
+    def __repr__(self) -> str:
+        return f"RunFile({str(self.directory)!r})"
+
+    def read(self) -> str | None:
+        """The run id recorded, or None (none yet, or an unreadable file: logged)."""
+        try:
+            run = json.loads(self.path.read_bytes()).get("run")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as e:
+            log.warning("%s is unreadable (%s): this directory's run is not known", self.path, e)
+            return None
+        return run if isinstance(run, str) and run else None
+
+    def write(self, run: str) -> None:
+        """Record ``run`` (atomically)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, {"run": run})
+        except OSError as e:
+            raise storage_error(e, self.path, "record the run id in") from e
+
+    def adopt(self, run: str) -> str:
+        """The run recorded; ``run`` is recorded first when none is (restore, pull)."""
+        have = self.read()
+        if have is None:
+            self.write(run)
+            log.info("%s continues run %s", self.directory, run)
+            return run
+        return have
 
 
 def split_protocol(url: str) -> tuple[str | None, str]:

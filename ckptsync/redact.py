@@ -11,7 +11,10 @@ DESIGN.md: credentials never appear in manifests, logs or error messages. Three 
   DEBUG logs included); :func:`scrub_exception` does it to an exception chain in place, so a
   backend exception kept as ``__cause__`` prints without them;
 - :class:`SecretFilter`, a :class:`logging.Filter` the CLI and the daemon put on their
-  handlers, scrubs every record (message, arguments, traceback).
+  handlers, scrubs every record (message, arguments, traceback);
+- :func:`install_scrubber` scrubs, as it is made, every record of ckptsync's own loggers and
+  of the libraries it drives (botocore, s3fs, gcsfs, urllib3, ...) in any process that opens a
+  remote (a training script's own logging included, whatever handlers it configures later).
 
 Example::
 
@@ -31,7 +34,9 @@ from typing import Any
 from urllib.parse import unquote
 
 __all__ = [
+    "SCRUBBED_LOGGERS",
     "SecretFilter",
+    "install_scrubber",
     "redact_url",
     "remember",
     "scrub",
@@ -252,6 +257,46 @@ class SecretFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = scrub(record.stack_info, self.extra)
         return True
+
+
+#: The loggers whose records :func:`install_scrubber` scrubs: ckptsync's and those of the
+#: libraries it drives (and whose DEBUG records show requests, headers and URLs).
+SCRUBBED_LOGGERS = ("ckptsync", "botocore", "aiobotocore", "boto3", "s3transfer", "s3fs",
+                    "gcsfs", "google", "googleapiclient", "urllib3", "aiohttp", "httplib2",
+                    "fsspec", "gdrive_fsspec", "requests")
+_scrubber_lock = threading.Lock()
+_scrubber_installed = False
+
+
+def _scrubbed(name: str) -> bool:
+    return any(name == n or name.startswith(n + ".") for n in SCRUBBED_LOGGERS)
+
+
+def install_scrubber() -> None:
+    """Scrub every log record of :data:`SCRUBBED_LOGGERS` as it is made (idempotent).
+
+    A :class:`logging.Filter` on a logger does not see its children's records, and a
+    training script configures its handlers when it likes, so the scrubbing is done where
+    every record is made: a record factory wrapping the current one
+    (:func:`logging.setLogRecordFactory`). Records of other loggers are left as they are.
+    Called whenever a remote store is created, so a trainer logging at DEBUG never shows a
+    session token, a URL password or a storage option's secret.
+    """
+    global _scrubber_installed
+    with _scrubber_lock:
+        if _scrubber_installed:
+            return
+        make = logging.getLogRecordFactory()
+        secret_filter = SecretFilter()
+
+        def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = make(*args, **kwargs)
+            if _scrubbed(record.name):
+                secret_filter.filter(record)
+            return record
+
+        logging.setLogRecordFactory(factory)
+        _scrubber_installed = True
 
 
 def install_filter(handlers: Iterable[logging.Handler], extra: Iterable[str] = ()) -> None:

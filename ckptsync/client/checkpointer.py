@@ -28,7 +28,7 @@ from ckptsync.client.sync import RunSync
 from ckptsync.client.uploader import SyncStatus
 from ckptsync.client.writer import local_keys
 from ckptsync.config import resolve_close_timeout
-from ckptsync.errors import ConfigError
+from ckptsync.errors import ConfigError, RemoteError
 from ckptsync.local import FileOps, LocalStore
 from ckptsync.manifest import Manifest
 from ckptsync.redact import redact_url
@@ -74,6 +74,15 @@ class Checkpointer:
         encrypt_local: also write the local checkpoint files encrypted (same format, needs a
             key; digests cover the stored bytes, restore decrypts while loading, the upload
             sends them as they are). Default False: local files are plaintext.
+        allow_plaintext: with a key (or an encrypted remote run, or ``encrypt_local``), also
+            restore checkpoints that are plaintext or carry no keyed manifest MAC (written
+            without a key, or by an older ckptsync), each with a warning: for migrating a run.
+            Default False: such a checkpoint is invalid, and restore moves on to an encrypted
+            one (a bucket writer could have planted it).
+
+    The directory is one run (docs/security.md): its first push starts it on an empty
+    remote, :meth:`restore` from a remote continues the remote's; a directory with neither is
+    refused as a second writer (:class:`~ckptsync.errors.ConfigError` from the upload).
 
     Raises:
         LocalStorageError: the directory cannot be created or written.
@@ -107,6 +116,7 @@ class Checkpointer:
         close_timeout: float | None = None,
         encryption_key: KeyArg = None,
         encrypt_local: bool = False,
+        allow_plaintext: bool = False,
     ) -> None:
         self.rank, self.world_size = dist_info()
         self._closed = False
@@ -116,7 +126,8 @@ class Checkpointer:
             self.policy = RetentionPolicy(keep_last=keep_last, keep_best=best,
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
-                            on_remote_error, close_timeout, encryption_key, encrypt_local, rng)
+                            on_remote_error, close_timeout, encryption_key, encrypt_local, rng,
+                            allow_plaintext)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
@@ -140,7 +151,7 @@ class Checkpointer:
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
                    close_timeout: float | None, encryption_key: KeyArg,
-                   encrypt_local: bool, rng: bool) -> None:
+                   encrypt_local: bool, rng: bool, allow_plaintext: bool) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
@@ -148,13 +159,18 @@ class Checkpointer:
         self.on_remote_error = on_remote_error  # every uploader's (node leaders' too)
         self.store = LocalStore(directory, ops=file_ops)
         self.remote: RemoteStore | None = remote_store if remote_store is not None else (
-            open_remote(remote, storage_options, self.store.directory, encryption_key))
+            open_remote(remote, storage_options, self.store.directory, encryption_key,
+                        allow_plaintext))
+        if self.remote is not None:
+            self.remote.bind_run(self.store.directory)  # its pushes are this directory's run
         self.encrypt_local = encrypt_local
+        self.allow_plaintext = allow_plaintext
         self.keys = local_keys(encryption_key, encrypt_local, self.remote)
         self._saves = Saves(self.rank, self.world_size)
         self._sync = RunSync(self.store, self.remote, self.policy, on_remote_error)
         self._ctx = Context(self.rank, self.world_size, self.store, self.remote, self._saves,
-                            self._sync, rng, git_revision(), self.keys, encrypt_local)
+                            self._sync, rng, git_revision(), self.keys, encrypt_local,
+                            allow_plaintext)
         self._replicated = Replicated(self._ctx)
         self._sharded: Sharded | None = None  # imports DCP: made on first use
         if self.rank == 0:
@@ -403,6 +419,12 @@ class Checkpointer:
         """
         self._check_open()
         self.wait()
+        if self.remote is not None:
+            # This directory continues the remote's run: its saves are that run's pushes.
+            try:
+                self.remote.adopt_run()
+            except RemoteError as e:  # the remote's own listing below says what is wrong
+                log.warning("cannot read the run of %s: %s", self.remote.url, e)
         info = self._strategy(sharded, objects).restore(name, objects, map_location)
         if info is not None:
             self._sync.resumed(info)  # retention keeps it while this run lives

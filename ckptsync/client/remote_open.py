@@ -20,12 +20,14 @@ KeyArg = bytes | str | Iterable[bytes | str] | KeyRing | None
 
 
 def open_remote(remote: str | None, storage_options: Mapping[str, Any] | None,
-                directory: Path, encryption_key: KeyArg) -> RemoteStore | None:
+                directory: Path, encryption_key: KeyArg,
+                allow_plaintext: bool = False) -> RemoteStore | None:
     """The store for ``remote`` (default ``CKPTSYNC_REMOTE``), or None without one.
 
     Keys: ``encryption_key`` (bytes or hex/base64 text, or a list for rotation: the first
     encrypts new checkpoints, each decrypts by key id), else ``CKPTSYNC_KEY`` /
-    ``CKPTSYNC_KEY_FILE``; none: no encryption.
+    ``CKPTSYNC_KEY_FILE``; none: no encryption. The store pushes as the run of ``directory``
+    (:class:`~ckptsync.ownership.RunFile`).
 
     Raises:
         ConfigError: a bad URL, a remote inside ``directory``, a malformed key.
@@ -34,10 +36,11 @@ def open_remote(remote: str | None, storage_options: Mapping[str, Any] | None,
         remote = remote_from_env()
     if remote is None:
         return None
-    from ckptsync.ownership import check_remote_outside, check_remote_url
+    from ckptsync.ownership import RunFile, check_remote_outside, check_remote_url
     from ckptsync.remote import RemoteStore
 
     check_remote_outside(check_remote_url(remote, "remote="), directory, "remote=")
     options = storage_options_from_env() if storage_options is None else storage_options
     keys = KeyRing.of(encryption_key) if encryption_key is not None else KeyRing.from_env()
-    return RemoteStore(remote, dict(options), keys=keys)
+    return RemoteStore(remote, dict(options), keys=keys, run_file=RunFile(directory),
+                       allow_plaintext=allow_plaintext)

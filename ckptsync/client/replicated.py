@@ -109,4 +109,5 @@ class Replicated:
         ctx = self.ctx
         return restore_replicated(ctx.store, ctx.remote, ctx.rank, ctx.world_size, name,
                                   map_location, objects, rng=ctx.capture_rng, keys=ctx.keys,
-                                  keep_encrypted=ctx.encrypt_local)
+                                  keep_encrypted=ctx.encrypt_local,
+                                  allow_plaintext=ctx.allow_plaintext)

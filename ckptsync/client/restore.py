@@ -23,8 +23,15 @@ import torch
 
 from ckptsync.client import ranks
 from ckptsync.client.state import RNG_FILE, load_into, restore_rng
-from ckptsync.crypto import KeyRing, SealedReader
-from ckptsync.errors import ConfigError, CorruptCheckpointError, NoCheckpointError
+from ckptsync.crypto import KeyRing, SealedReader, missing_key
+from ckptsync.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    UnknownKeyError,
+    UnsupportedFormatError,
+)
+from ckptsync.integrity import check_checkpoint
 from ckptsync.local import RESUMED_FILE, LocalCheckpoint, LocalStore, write_json_atomic
 from ckptsync.manifest import FileEntry, Manifest, parse_name, unusable_reason
 from ckptsync.output import human_size, notice
@@ -100,11 +107,20 @@ class Restorer:
     half of :meth:`Checkpointer.restore`."""
 
     def __init__(self, store: LocalStore, remote: RemoteStore | None,
-                 keys: KeyRing | None = None, keep_encrypted: bool = False) -> None:
+                 keys: KeyRing | None = None, keep_encrypted: bool = False,
+                 allow_plaintext: bool = False) -> None:
         self.store = store
         self.remote = remote
         self.keys = keys  # what decrypts local files written with encrypt_local=True
         self.keep_encrypted = keep_encrypted  # pull encrypted checkpoints as they are stored
+        self.allow_plaintext = allow_plaintext
+
+    def _check_local(self, ckpt: LocalCheckpoint) -> None:
+        """An ``encrypt_local`` directory holds only encrypted, keyed checkpoints: one that is
+        not (a plaintext one planted or downgraded) is invalid, as it is remotely."""
+        if self.keep_encrypted and self.keys is not None:
+            check_checkpoint(ckpt.manifest, self.keys, vouched=None,
+                             allow_plaintext=self.allow_plaintext, where=str(ckpt.path))
 
     def choose(self, name: str | None, map_location: Any, objects: Mapping[str, Any]
                ) -> Found | None:
@@ -118,13 +134,17 @@ class Restorer:
         """
         if name is not None:
             ckpt, pulled_from = self._named(name)
+            self._check_local(ckpt)
             self.store.verify(ckpt)
             return Found(ckpt, read_states(ckpt, map_location, objects, self.keys), [],
                          pulled_from)
         skipped: Skipped = []
         lacking: list[str] = []  # why, for each candidate without an object passed here
+        unknown_key: UnknownKeyError | None = None
         for cand in self.candidates():
             where = "local" if cand.local is not None else "remote"
+            if isinstance(cand.error, UnsupportedFormatError):
+                raise cand.error  # never passed over for an older checkpoint
             if cand.problem is not None:
                 why = f"{where} copy: {cand.problem}"
             elif (missing := _missing(cand.manifest, objects)) is not None:
@@ -135,6 +155,7 @@ class Restorer:
                     pulled_from = None
                     if cand.local is not None:
                         ckpt = cand.local
+                        self._check_local(ckpt)
                         self.store.verify(ckpt)
                     else:
                         assert self.remote is not None
@@ -147,10 +168,14 @@ class Restorer:
                                  skipped, pulled_from)
                 except CorruptCheckpointError as e:
                     why = str(e)
+                    if isinstance(e, UnknownKeyError) and unknown_key is None:
+                        unknown_key = e
             log.warning("checkpoint %s cannot be restored, trying an older one: %s",
                         cand.name, why)
             skipped.append((cand.name, why))
         where = f"{self.store.directory}{' or ' + self.remote.url_of() if self.remote else ''}"
+        if unknown_key is not None:  # nothing could be restored: the key is what is missing
+            raise missing_key(unknown_key.key_id, unknown_key.name, where, self.keys)
         if skipped and len(lacking) == len(skipped):
             # Every checkpoint is fine but none has an object by that name: a usage error.
             raise ConfigError(
@@ -172,7 +197,8 @@ class Restorer:
         local = [Candidate(_order_key(c.name, c.manifest), c.name, c.manifest, c,
                             unusable_reason(c.manifest))
                  for c in self.store.list(bad)]
-        local += [Candidate(_order_key(n, None), n, None, None, why) for n, why in bad]
+        local += [Candidate(_order_key(n, None), n, None, None, why, self._unsupported(n))
+                  for n, why in bad]
         local.sort(key=lambda c: c.key, reverse=True)
         if self.remote is None:
             return iter(local)
@@ -182,6 +208,17 @@ class Restorer:
         # Copies of one checkpoint have equal keys, and the merge is stable: the local copy
         # comes first (no download).
         return heapq.merge(local, remote, key=lambda c: c.key, reverse=True)
+
+    def _unsupported(self, name: str) -> UnsupportedFormatError | None:
+        """The error of local checkpoint ``name`` if it needs a format feature this version
+        does not read (raised when restore reaches it, never passed over)."""
+        try:
+            self.store.read_manifest(name)
+        except UnsupportedFormatError as e:
+            return e
+        except (CorruptCheckpointError, NoCheckpointError):
+            return None
+        return None
 
     def _named(self, name: str) -> tuple[LocalCheckpoint, str | None]:
         """Checkpoint ``name``, local or else pulled; and the remote it was pulled from."""
@@ -269,15 +306,16 @@ def say_fell_back(info: RestoreInfo) -> None:
 def restore_replicated(store: LocalStore, remote: RemoteStore | None, rank: int,
                        world_size: int, name: str | None, map_location: Any,
                        objects: Mapping[str, Any], *, rng: bool, keys: KeyRing | None = None,
-                       keep_encrypted: bool = False) -> RestoreInfo | None:
+                       keep_encrypted: bool = False,
+                       allow_plaintext: bool = False) -> RestoreInfo | None:
     """:meth:`Checkpointer.restore` of replicated (not sharded) state: rank 0 chooses, every
     rank reads and loads; collective under ``torch.distributed``."""
     found: Found | None = None
     err: Exception | None = None
     if rank == 0:
         try:
-            found = Restorer(store, remote, keys, keep_encrypted).choose(name, map_location,
-                                                                         objects)
+            found = Restorer(store, remote, keys, keep_encrypted,
+                             allow_plaintext).choose(name, map_location, objects)
         except Exception as e:
             if world_size == 1:
                 raise
@@ -320,14 +358,17 @@ class Candidate:
     manifest: Manifest | None
     local: LocalCheckpoint | None
     problem: str | None
+    error: CorruptCheckpointError | None = None
 
 
 def _order_key(name: str, manifest: Manifest | None) -> tuple[int, int, str, str]:
     """Newest-last order of restore's candidates: :meth:`Manifest.sort_key`, from the name
     where it is one of ours (its stamp is the creation time), so that copies of one
-    checkpoint, even one whose manifest cannot be read, sort together."""
+    checkpoint, even one whose manifest cannot be read, sort together. A step-less one that
+    carries a remote ``seq`` orders by it (as the remote listing does), not by its stamp."""
     parsed = parse_name(name)
-    if parsed is None:
+    if parsed is None or (manifest is not None and manifest.step is None
+                          and manifest.seq is not None):
         return manifest.sort_key() if manifest is not None else (-1, -1, "", name)
     step, stamp = parsed
     created = datetime.strptime(stamp, "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)

@@ -36,8 +36,8 @@ class Context:
 
     ``saves`` runs the background saves; ``sync`` takes every committed checkpoint (uploads,
     retention); ``capture_rng`` whether RNG states are saved and restored; ``git`` the
-    working directory's git revision (for the manifest); ``keys`` and ``encrypt_local`` as
-    the Checkpointer's arguments.
+    working directory's git revision (for the manifest); ``keys``, ``encrypt_local`` and
+    ``allow_plaintext`` as the Checkpointer's arguments.
     """
 
     rank: int
@@ -50,6 +50,7 @@ class Context:
     git: str | None
     keys: KeyRing | None
     encrypt_local: bool
+    allow_plaintext: bool = False
 
 
 class SaveStrategy(Protocol):

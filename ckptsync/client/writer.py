@@ -17,6 +17,7 @@ from ckptsync.client.state import serialize
 from ckptsync.crypto import ALG, KeyRing
 from ckptsync.errors import ConfigError
 from ckptsync.hashing import HashingWriter
+from ckptsync.integrity import sign_manifest
 from ckptsync.local import LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import ENC_FIELD, Encryption, FileEntry, Manifest
 
@@ -125,7 +126,10 @@ def write_checkpoint(
                 raise
             staging.close_file(relpath)  # fsync
         entries = [_with_enc(e, sealed.get(e.path)) for e in staging.entries]
-        ckpt = staging.commit(Manifest.new(files=entries, name=name, **manifest))
+        m = Manifest.new(files=entries, name=name, **manifest)
+        # Keyed like a remote one (ckptsync.integrity): a pusher without the key sends it
+        # as it is, and a restore under the key refuses it altered.
+        ckpt = staging.commit(sign_manifest(m, seal) if seal is not None else m)
     except BaseException:
         staging.abort()
         for stream in streams.values():

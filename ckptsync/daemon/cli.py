@@ -11,18 +11,21 @@ Each runner takes the parsed ``argparse.Namespace`` and returns the exit code.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
 from ckptsync.daemon.process import run_daemon
-from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status
+from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status, read_status
 from ckptsync.errors import ConfigError
 from ckptsync.output import Output
-from ckptsync.zerocode.presets import PRESETS
+from ckptsync.redact import redact_url
+from ckptsync.zerocode.presets import PRESETS, preset_rule
 
-__all__ = ["add_subcommands", "format_status", "run_status", "run_watch"]
+__all__ = ["add_subcommands", "format_status", "pinned_rules", "run_status", "run_watch"]
 
 WATCH_HELP = "watch a checkpoint directory and sync every finished checkpoint to a remote"
 STATUS_HELP = "show what a watch daemon synced, has pending or failed (running or stopped)"
@@ -196,3 +199,32 @@ def format_status(st: dict[str, Any]) -> str:
                  else "in sync: not known yet (no reconcile reported)")
     return "\n".join(lines)
 
+
+def pinned_rules(rules: Sequence[str], presets: Sequence[str],
+                 target_dir: str | os.PathLike[str], remote_url: str,
+                 env: Mapping[str, str] | None = None) -> tuple[list[str], str]:
+    """The watch rules a zero-code pull into ``target_dir`` may restore, and where they come
+    from (``"flags"``, ``"environment"``, ``"watch"``, or ``""`` for none): ``rules`` and the
+    rules of ``presets`` (``--rule``, ``--preset``), else ``CKPTSYNC_RULES`` (a JSON list, or
+    one per line) and ``CKPTSYNC_PRESETS`` (comma-separated), as ``watch`` reads them, else
+    the rules a ``ckptsync watch`` of ``target_dir`` recorded for this remote. Never the
+    bucket's: the rule decides which files under the target are written.
+
+    Raises:
+        ConfigError: an unknown preset.
+    """
+    flags = list(rules) + [preset_rule(p) for p in presets]
+    if flags:
+        return flags, "flags"
+    env = os.environ if env is None else env
+    raw = (env.get("CKPTSYNC_RULES") or "").strip()
+    listed = (json.loads(raw) if raw.startswith("[") else raw.splitlines()) if raw else []
+    named = [p for p in (env.get("CKPTSYNC_PRESETS") or "").replace(",", " ").split() if p]
+    from_env = [str(r).strip() for r in listed if str(r).strip()] + list(map(preset_rule, named))
+    if from_env:
+        return from_env, "environment"
+    status = read_status(target_dir) or {}
+    if status.get("remote") == redact_url(remote_url):
+        watched = [w.get("rule") for w in status.get("watch") or [] if isinstance(w, dict)]
+        return [r for r in watched if isinstance(r, str)], "watch"
+    return [], ""

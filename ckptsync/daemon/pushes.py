@@ -35,7 +35,7 @@ from ckptsync.daemon.taker import VersionTaker
 from ckptsync.daemon.versions import signature_of
 from ckptsync.errors import CkptSyncError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name
+from ckptsync.manifest import MANIFEST_NAME, Manifest, parse_name, pending_sort_key
 from ckptsync.output import EventLog
 from ckptsync.parts import part_of
 from ckptsync.retention import CheckpointInfo, select_for_deletion
@@ -166,7 +166,9 @@ class PushQueue:
         if policy.active:
             union = {c.name: c.manifest for c in local}
             union.update(self._view.committed)
-            infos = [CheckpointInfo(m.name, m.step, m.sort_key(), m.metrics)
+            # A local version not pushed yet gets its seq at its push: newer than any remote.
+            infos = [CheckpointInfo(m.name, m.step, m.sort_key() if m.name in self._view.committed
+                                    else pending_sort_key(m), m.metrics)
                      for m in union.values()]
             protect = resumed_from(self.local.directory)
             doomed = set(select_for_deletion(infos, policy, protect=[protect] if protect else []))

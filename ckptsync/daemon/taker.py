@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -131,9 +131,11 @@ class VersionTaker:
         self._health.write()
 
     # ------------------------------------------------------------------ taking versions
-    def take(self, now: float, *, drain: bool) -> None:
-        """Start the copy of every rule's version that is due."""
+    def take(self, now: float, committed: Mapping[str, Manifest], *, drain: bool) -> None:
+        """Start the copy of every rule's version that is due. ``committed``: the remote's
+        committed checkpoints (step-less versions take their seq above theirs)."""
         wall = time.time()
+        seq = 0  # step-less versions' seq, taken below in the order versions are taken
         for tr in self.trackers:
             due = tr.due(now, wall, force=drain)
             if due is None:
@@ -145,11 +147,16 @@ class VersionTaker:
                              note="still changing: copied anyway, committed only if unchanged "
                                   "during the copy and complete")
 
+            # Step-less versions order by a seq taken here, in the order they are taken,
+            # above the remote's highest (never by this machine's clock).
+            seq = 1 + max([seq, *(m.seq or 0 for m in (*committed.values(),
+                                                        *(c.manifest for c in self.spool.list())))])
+
             def job(tr: VersionTracker = tr, due: Due = due,
-                    sig: Any = tr.last_signature) -> Snapshot:
+                    sig: Any = tr.last_signature, seq: int = seq) -> Snapshot:
                 return snapshot_version(self.spool, self.root, tr.rule, due.rels,
                                         last_signature=sig, guard=due.guard, link=due.link,
-                                        keys=self.config.keys)
+                                        keys=self.config.keys, seq=seq)
 
             fut = self._pool.submit(job)
             fut.add_done_callback(self._done(tr, due))

@@ -56,6 +56,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -64,7 +65,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
-from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
+from ckptsync.manifest import (
+    SEQ_FIELD,
+    WRITE_ALGO,
+    FileEntry,
+    Manifest,
+    check_relpath,
+    make_name,
+    new_hasher,
+)
 from ckptsync.transfer.retry import RetryPolicy
 from ckptsync.zerocode.rules import (
     WATCHED,
@@ -122,6 +131,7 @@ def snapshot_version(
     guard: Iterable[str] = (),
     link: Iterable[str] = (),
     keys: KeyRing | None = None,
+    seq: int | None = None,
 ) -> Snapshot:
     """Copy ``rels`` (paths relative to ``root``) into a new spool checkpoint.
 
@@ -132,7 +142,10 @@ def snapshot_version(
     changed, every file is structurally complete (:func:`check_complete`) and the content
     differs from ``last_signature`` (:func:`same_version`, with ``keys`` where it came from an
     encrypted remote manifest). The step is the rule's (:meth:`WatchRule.step_for`),
-    read after every stat was taken, so the unchanged stats vouch for it too.
+    read after every stat was taken, so the unchanged stats vouch for it too. ``seq``: a
+    step-less version's place in the run (:attr:`Manifest.seq`), given by the daemon in the
+    order it takes versions (from the remote's highest), so that pushing the newest first
+    never makes an older version look newer.
 
     The files in ``link`` (renamed into place since the last version) are hard-linked into
     the spool instead of copied where the file system allows (see the module doc).
@@ -198,6 +211,8 @@ def snapshot_version(
             step=step, files=staging.entries, name=name,
             source={"kind": WATCHED, "rule": rule.spec, "paths": list(rels)},
         )
+        if step is None and seq is not None:
+            manifest = dataclasses.replace(manifest, unknown={**manifest.unknown, SEQ_FIELD: seq})
         ckpt = staging.commit(manifest)
         return Snapshot(ckpt, stats, signature)
     except _Changed as e:

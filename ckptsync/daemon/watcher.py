@@ -131,6 +131,7 @@ class Watcher:
             from ckptsync.remote import RemoteStore
 
             store = RemoteStore(config.remote, dict(config.storage_options), keys=config.keys)
+        store.bind_run(self.local.directory)  # its pushes are this directory's run
         self.store = store
         self._q: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._stop = threading.Event()
@@ -198,7 +199,7 @@ class Watcher:
         self._reconcile()
         self.taker.warn_without_rules(self.pushes.local_names)
         # What was finished before the daemon started is taken now, not after an interval.
-        self.taker.take(time.monotonic(), drain=self._drain)
+        self.taker.take(time.monotonic(), self.view.committed, drain=self._drain)
         while not self._stop.is_set():
             item = self._next_item()
             batch = [item] if item is not None else []
@@ -260,7 +261,7 @@ class Watcher:
         self.health.write()
 
     def _take_versions(self, now: float) -> None:
-        self.taker.take(now, drain=self._drain)
+        self.taker.take(now, self.view.committed, drain=self._drain)
 
     def _apply_retention(self) -> None:
         name = resumed_from(self.local.directory)

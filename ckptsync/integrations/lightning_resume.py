@@ -101,6 +101,10 @@ def pull_file(store: RemoteStore, root: Path, rel: str | None,
     raise NoCheckpointError(f"no valid version of {rel or RULE!r} in {store.url_of()}{why}")
 
 
+_LISTINGS = 3
+"""How often :func:`pull_resume_set` lists the remote when a version it listed vanished."""
+
+
 def pull_resume_set(store: RemoteStore, root: Path, link: Callable[[Path, Path], None]
                     ) -> tuple[Path, list[Manifest]] | None:
     """Restore what ``fit(ckpt_path="last")`` reads into ``root``: the newest ``last*.ckpt``
@@ -111,23 +115,34 @@ def pull_resume_set(store: RemoteStore, root: Path, link: Callable[[Path, Path],
 
     Raises:
         NoCheckpointError: the remote holds versions, none of them valid."""
-    listed = [m for m in store.list() if _paths(m)]
-    if not listed:
-        return None
-    rels = {resume_path(m, None): m for m in listed}  # each file's newest version, in order
-    last_rel = next((r for r in reversed(list(rels)) if _is_last(r)), None)
-    topk_rel = next((r for r in reversed(list(rels)) if not _is_last(r)), None)
-    pulled: list[Manifest] = []
-    errors: list[NoCheckpointError] = []
-    for rel in (last_rel, topk_rel):
-        try:
-            if rel is not None and (m := pull_file(store, root, rel, listed)) is not None:
-                pulled.append(m)
-        except NoCheckpointError as e:  # the other file may still do (deleted meanwhile)
-            log.warning("%s", e)
-            errors.append(e)
-    if not pulled:
-        raise errors[0]
+    # A run still uploading retires each file's older versions (and files Lightning removed)
+    # while we read: when a version listed vanished meanwhile, the listing is taken again (a
+    # file already restored at the newest step is not pulled twice).
+    for attempt in range(1, _LISTINGS + 1):
+        listed = [m for m in store.list() if _paths(m)]
+        if not listed:
+            return None
+        rels = {resume_path(m, None): m for m in listed}  # each file's newest version, in order
+        last_rel = next((r for r in reversed(list(rels)) if _is_last(r)), None)
+        topk_rel = next((r for r in reversed(list(rels)) if not _is_last(r)), None)
+        pulled: list[Manifest] = []
+        errors: list[NoCheckpointError] = []
+        for rel in (last_rel, topk_rel):
+            try:
+                if rel is not None and (m := pull_file(store, root, rel, listed)) is not None:
+                    pulled.append(m)
+            except NoCheckpointError as e:  # the other file may still do (deleted meanwhile)
+                log.warning("%s", e)
+                errors.append(e)
+        if not errors:
+            break
+        if attempt == _LISTINGS:
+            if not pulled:
+                raise errors[0]
+            break
+        # A version that vanished was retired by a newer one: that one is what to resume from.
+        log.warning("a version listed in %s was unusable or gone: listing it again (%d of %d)",
+                    store.url_of(), attempt + 1, _LISTINGS)
     if topk_rel is None:
         return root / str(last_rel), pulled
     if last_rel is None:  # killed before the first last.ckpt reached the remote

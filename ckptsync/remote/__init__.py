@@ -22,8 +22,12 @@ Modules, lowest layer first:
 
 - ``backends``: :class:`Backend`, what each family of storage can do; :func:`choose_backend`.
 - ``boundary``: the error boundary (:func:`translate_error`, :data:`EXTRAS`), opening a URL.
+- ``marker``: the root marker (:class:`~ckptsync.remote.marker.RootMarker`): run id, keys.
 - ``listing``: ``StoreBase`` (construction, reads, listing, the root marker); :class:`RemoteEntry`.
-- ``commit``: ``push`` and the create-only commit (``PushMixin``); :class:`ManifestExists`.
+- ``writes``: create-only and durable writes (``WriteBase``); :class:`ManifestExists`.
+- ``claim``: the root claimed for a run at its first push (``ClaimMixin``).
+- ``nodeparts``: the digests of a multi-node checkpoint's parts checked (``PartsMixin``).
+- ``commit``: ``push`` and the create-only commit (``PushMixin``).
 - ``fetch``: ``pull`` and ``verify`` (``FetchMixin``).
 - ``collect``: ``delete``, ``abandon``, retention and ``gc`` (``CollectMixin``).
 - ``store``: :class:`RemoteStore`, the mixins composed.
@@ -31,7 +35,8 @@ Modules, lowest layer first:
 Why mixins: every concern needs the same dozen helpers of one store (its paths, retried
 calls, manifest reads, backend flags), and ``RemoteStore`` must stay one object with the
 methods its users call. Mixins over one base keep each concern in its own module while the
-imports run one way (base <- concerns <- store), with no cycle and no store passed around.
+imports run one way (base <- writes <- claim <- parts <- push; base <- fetch, collect), with
+no cycle and no store passed around.
 
 Example::
 

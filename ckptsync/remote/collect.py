@@ -104,13 +104,25 @@ class CollectMixin(StoreBase):
 
         Only valid checkpoints with ckptsync names count (the newest valid one is always
         kept); partial or corrupt ones are left for a human (``ckptsync ls`` shows them), and
-        anything ckptsync did not write is never touched.
+        anything ckptsync did not write is never touched. Only this store's run counts
+        (:attr:`run_id`): a checkpoint another run pushed (its manifest names another run
+        id) is never deleted, nor counted. The order is :meth:`scan`'s (step, else the
+        remote's ``seq``), the one restore and ``pull`` use.
         """
+        run = self.run_id
+        entries = self.scan()
         infos = [
-            CheckpointInfo(e.name, e.manifest.step, e.manifest.sort_key(), e.manifest.metrics)
-            for e in self.scan()
+            CheckpointInfo(e.name, e.manifest.step, (key,), e.manifest.metrics)
+            for key, e in enumerate(entries)  # scan's order: newest last
             if e.status == "valid" and e.manifest is not None and parse_name(e.name) is not None
+            and e.manifest.run in (None, run)
         ]
+        others = [e.name for e in entries if e.manifest is not None
+                  and e.manifest.run not in (None, run)]
+        if others:
+            log.warning("%s holds %d checkpoint(s) of another run than %s (%s...): retention "
+                        "leaves them alone; one prefix should hold one run", self.url,
+                        len(others), run, others[0])
         doomed = select_for_deletion(infos, policy, protect)
         if not dry_run:
             for name in doomed:
@@ -144,13 +156,47 @@ class CollectMixin(StoreBase):
                 continue
             if e.mtime is None or now - e.mtime < grace:
                 continue
+            if not dry_run and not self._collect_leftover(e.name):
+                continue
             removed.append(e.name)
-            if not dry_run:
-                path = self._path(e.name)
-                self._call(partial(self.fs.rm, path, recursive=True), self.url_of(e.name), "delete")
         removed.extend(self._gc_multipart(now - grace, dry_run))
         removed.extend(self._gc_parts(now - grace, dry_run, skip=set(removed)))
         return removed
+
+    def _collect_leftover(self, name: str) -> bool:
+        """Remove uncommitted prefix ``name``; False when a push committed it meanwhile.
+
+        A push may commit the prefix at any instant (``--grace 0`` while it runs): the
+        manifest is looked for right before the delete, and after it, so that no committed
+        checkpoint is left without a file (the push re-checks after its manifest write too,
+        :meth:`~ckptsync.remote.commit.PushMixin._recheck_commit`).
+        """
+        if self._committed_now(name):
+            log.info("gc: %s was committed meanwhile: left alone", self.url_of(name))
+            return False
+        path = self._path(name)
+        self._call(partial(self.fs.rm, path, recursive=True), self.url_of(name), "delete")
+        if self._committed_now(name):
+            # Its push committed between our look and the delete: the files went, so its
+            # manifest must go too (the push itself sees the missing files and retries).
+            manifest = self._path(name, MANIFEST_NAME)
+
+            def rm() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(manifest)
+
+            self._call(rm, self.url_of(name, MANIFEST_NAME), "delete")
+            log.warning("gc: %s was committed while gc removed it as a leftover; its manifest "
+                        "was removed too (no committed checkpoint lacks a file); its push is "
+                        "retried. Give gc a --grace longer than a push takes", self.url_of(name))
+        return True
+
+    def _committed_now(self, name: str) -> bool:
+        self.fs.invalidate_cache(self._path(name))
+        try:
+            return self.read_manifest(name) is not None
+        except ManifestError:
+            return True  # a manifest is there, if a bad one: not a leftover
 
     def _gc_parts(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
         """Temporary files of failed uploads (``.<file>.part-<hex>``, file:// and mounts)

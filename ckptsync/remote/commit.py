@@ -3,38 +3,60 @@
 :meth:`PushMixin.push` uploads every file (parallel, streamed, retried; multipart on S3; a
 server-side copy of a file unchanged since the previous checkpoint), checks each remote size,
 then writes the manifest with a create-only write (:meth:`PushMixin._create_only`): its
-presence is the commit. ``LATEST`` is updated last, as a hint. How each step is done depends
-on the backend (``self.backend``): on a local directory every file is fsynced and renamed into
-place, the directories are fsynced, and the manifest is hard-linked, so that a power cut never
-leaves a manifest listing files that are not on disk.
+presence is the commit; the sizes are checked once more after it, so that a file removed in
+between (``gc --grace 0`` during the push) un-commits it again instead of leaving a committed
+checkpoint without that file. ``LATEST`` is updated last, as a hint. How each step is done
+depends on the backend (``self.backend``): on a local directory every file is fsynced and
+renamed into place, the directories are fsynced, and the manifest is hard-linked, so that a
+power cut never leaves a manifest listing files that are not on disk.
+
+The first push of a store claims the root (:mod:`ckptsync.remote.marker`): it writes the
+marker with the create-only write, or joins the run the marker names, refusing a second run
+(:meth:`PushMixin._join_run`); without a key it refuses to put plaintext into an encrypted
+run. The remote manifest gets the run id, a ``seq`` where it has no step, its ``requires`` and,
+under a key, its keyed MAC (:meth:`PushMixin._finalize`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping
-from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from ckptsync.atomic import temp_name
 from ckptsync.crypto import stored_size
-from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
+from ckptsync.errors import (
+    CkptSyncError,
+    ConfigError,
+    CorruptCheckpointError,
+    RemoteError,
+)
+from ckptsync.integrity import sign_manifest
 from ckptsync.local import LocalCheckpoint
-from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
-from ckptsync.ownership import ROOT_MARKER
+from ckptsync.manifest import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    RUN_FIELD,
+    SEQ_FIELD,
+    FileEntry,
+    Manifest,
+    name_sort_key,
+    parse_name,
+    with_requires,
+)
 from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
 from ckptsync.remote.encrypted import same_content, sealed_manifest
-from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, StoreBase, mtime
+from ckptsync.remote.listing import PART_FILE, PART_QUIET_S, SAFE_NAME, mtime
+from ckptsync.remote.nodeparts import PartsMixin
+from ckptsync.remote.writes import ManifestExists
 from ckptsync.transfer import (
     MultipartStream,
     NullProgress,
@@ -47,18 +69,13 @@ from ckptsync.transfer import (
 )
 from ckptsync.transfer.s3 import S3ApiChanged, private_api_usable
 from ckptsync.transfer.sealed import upload_sealed_multipart
-from ckptsync.version import __version__
 
 __all__ = ["ManifestExists", "PushMixin"]
 
 log = logging.getLogger("ckptsync.remote")
 
 
-class ManifestExists(CkptSyncError):
-    """The create-only write of a manifest (or of the root marker) found one already there."""
-
-
-class PushMixin(StoreBase):
+class PushMixin(PartsMixin):
     """:meth:`push` and the commit protocol of :class:`~ckptsync.remote.RemoteStore`."""
 
     def push(
@@ -134,11 +151,14 @@ class PushMixin(StoreBase):
                 "upload it without a key, or train on one node")
         existing = None if fresh and part is None else self.read_manifest(name)
         if existing is not None:
+            if part is not None:  # committed by another node: with this node's very bytes?
+                self._check_part_bytes(name, m, f"part {part.node} of")
             return self._same_or_conflict(existing, m if part is None else part.whole)
+        self._ensure_marker(part=part is not None)
+        self._check_push_policy(m)
         if part is not None and self._part_uploaded(name, m, part.node):
-            return self._commit_part(name, m, part)  # e.g. a daemon's next scan
+            return self._commit_part(name, m, part, own_checked=True)  # a daemon's next scan
         progress = progress or NullProgress()
-        self._ensure_marker()
         if not self.backend.overwrites:
             leftovers = [rel for rel in self._sizes(name) if rel != MANIFEST_NAME]
         else:
@@ -203,8 +223,32 @@ class PushMixin(StoreBase):
             return self._commit_part(name, m, part)
         return self._commit(name, m)
 
+    def _finalize(self, m: Manifest) -> Manifest:
+        """The remote manifest of ``m``: its run id, its ``seq`` where it has no step, its
+        ``requires`` and, under a key, its keyed MAC (:mod:`ckptsync.integrity`)."""
+        add: dict[str, Any] = {}
+        if self._run is not None:
+            add[RUN_FIELD] = self._run
+        if m.step is None and m.seq is None:
+            add[SEQ_FIELD] = self._next_seq(m.name)
+        if add:
+            m = dataclasses.replace(m, unknown={**m.unknown, **add})
+        return sign_manifest(m, self.keys) if self.keys is not None else with_requires(m)
+
+    def _next_seq(self, name: str) -> int:
+        """One more than the highest ``seq`` of the step-less checkpoints committed here: the
+        order of step-less checkpoints comes from the remote, not from a writer's clock. Two
+        pushes taking one value at once are ordered by the remote's timestamps (``scan``)."""
+        names = [n for n in self._names()
+                 if n != name and (p := parse_name(n)) is not None and p[0] is None]
+        read = self._read_manifests(names)
+        seqs = [m.seq for m in read.values() if isinstance(m, Manifest) and m.seq is not None]
+        return max(seqs, default=0) + 1
+
     def _commit(self, name: str, m: Manifest) -> Manifest:
-        """Write ``m`` with the create-only write (the commit), then the ``LATEST`` hint."""
+        """Write ``m`` with the create-only write (the commit), check that every file is still
+        there, then the ``LATEST`` hint."""
+        m = self._finalize(m)
         try:
             self._create_manifest(name, m.to_json())
         except ManifestExists:
@@ -221,42 +265,50 @@ class PushMixin(StoreBase):
                 raise RemoteError(f"{self.url_of(name, MANIFEST_NAME)}: create-only write refused "
                                   "but no manifest is there", retryable=True) from None
             return self._same_or_conflict(other, m)
+        self._recheck_commit(name, m)
         log.info("committed %s to %s", name, redact_url(self.url))
+        self._update_latest(m, self._last_commit)
         self._last_commit = m
-        self._update_latest(m)
         return m
+
+    def _recheck_commit(self, name: str, m: Manifest) -> None:
+        """After the manifest write: every file still there with its size, else the manifest
+        is removed again (retryable). A ``gc`` that took the prefix for a leftover between the
+        size check and the manifest write (``--grace 0`` during the push) must not leave a
+        committed checkpoint that lacks a file."""
+        self.fs.invalidate_cache(self._path(name))
+        try:
+            self._check_sizes(m, self._sizes(name))
+        except CorruptCheckpointError as e:
+            path = self._path(name, MANIFEST_NAME)
+
+            def rm() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+
+            self._call(rm, self.url_of(name, MANIFEST_NAME), "delete")
+            log.warning("%s lost a file while it was committed (%s): its manifest was removed "
+                        "again, nothing is committed; the push is retried", name, e)
+            raise RemoteError(
+                f"{self.url_of(name)}: a file was removed while the checkpoint was committed "
+                f"({e}; a concurrent gc?): its manifest was removed again, so no committed "
+                "checkpoint lacks a file; the push is retried", url=self.url_of(name),
+                retryable=True) from e
 
     # ------------------------------------------------------------------ multi-node parts
 
-    def _part_uploaded(self, name: str, m: Manifest, node: int) -> bool:
-        """This node's marker and every file of its part ``m`` are there, with their sizes."""
-        sizes = self._sizes(name)
-        try:
-            self._check_sizes(m, sizes)
-        except CorruptCheckpointError:
-            return False
-        return marker_name(node) in sizes
-
-    def _commit_part(self, name: str, m: Manifest, part: Part) -> Manifest:
+    def _commit_part(self, name: str, m: Manifest, part: Part,
+                     own_checked: bool = False) -> Manifest:
         """After node ``part.node``'s files are all there: write its marker, then commit the
-        whole checkpoint if every node's marker and file is there (:mod:`ckptsync.parts`).
+        whole checkpoint if every node's marker and file is there, with its digest
+        (:mod:`ckptsync.parts`).
 
         Returns the whole manifest once committed (here or by another node), else ``m``.
         """
-        marker = self._path(name, marker_name(part.node))
-        data = m.to_json()
-
-        def write() -> None:
-            if self.backend.local_paths:
-                self._local_replace(marker, data)
-                return
-            if not self.backend.overwrites and self.fs.exists(marker):
-                self.fs.rm_file(marker)
-            self.fs.pipe_file(marker, data)
-
         # Marker before looking at the others': whichever node writes its marker last sees
         # every marker, so some node always commits.
-        self._call(write, self.url_of(name, marker_name(part.node)), "write")
+        self._replace(self._path(name, marker_name(part.node)),
+                      self.url_of(name, marker_name(part.node)), m.to_json())
         self.fs.invalidate_cache(self._path(name))
         sizes = self._sizes(name)
         done = {int(x.group(1)) for rel in sizes if (x := PART_MARKER.match(rel))}
@@ -271,25 +323,10 @@ class PushMixin(StoreBase):
         except CorruptCheckpointError as e:
             raise RemoteError(f"every node's part of {name} says it is uploaded, but: {e}",
                               url=self.url_of(name), retryable=True) from e
+        # This node's files were just uploaded (or, own_checked, just hashed): the others'
+        # are hashed, so that the whole manifest never commits bytes nobody wrote for it.
+        self._check_parts(name, part, frozenset(f.path for f in m.files))
         return self._commit(name, part.whole)
-
-    def waiting_for(self, m: Manifest) -> tuple[int, ...] | None:
-        """Where the checkpoint of the part ``m`` stands remotely, after :meth:`push` returned
-        ``m`` (a node's part, not committed): None once the whole checkpoint is committed
-        (its manifest is there), else the nodes whose part marker is missing (empty: every
-        part is up and the last node's commit is under way). One read and one listing.
-
-        Raises:
-            RemoteError: the backend failed.
-        """
-        part = part_of(m)
-        if part is None:
-            return None
-        self.fs.invalidate_cache(self._path(m.name))
-        if self.read_manifest(m.name) is not None:
-            return None
-        done = {int(x.group(1)) for rel in self._sizes(m.name) if (x := PART_MARKER.match(rel))}
-        return tuple(sorted(set(range(part.nodes)) - done))
 
     def _stale_parts(self, name: str) -> list[str]:
         """Temporary files under ``name`` that nobody has written to for
@@ -435,108 +472,6 @@ class PushMixin(StoreBase):
 
     # ------------------------------------------------------------------ the commit
 
-    def _ensure_marker(self) -> None:
-        """Mark the root as ckptsync's before the first file of the first push lands there, so
-        that ``gc`` may later collect that push's leftovers (and nothing else)."""
-        if self.has_marker():
-            return
-        if self.backend.needs_dirs:
-            self._call(partial(self.fs.makedirs, self.root, exist_ok=True), self.url, "create")
-        data = (json.dumps({"format": FORMAT, "writer": f"ckptsync {__version__}",
-                            "created": datetime.now(timezone.utc).isoformat()}) + "\n").encode()
-        with contextlib.suppress(ManifestExists):  # another writer marked it first
-            self._create_only(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER), data, "mark")
-        self._marked = True
-
-    # Local directories (backend.local_paths): real paths, so plain os calls. Every fsync
-    # goes through self._ops (FileOps, the store's fault seam), so a test can count or fail
-    # each step: the fsync of a file right before its os.replace or os.link (uploads, the
-    # manifest, the marker, LATEST), the fsync of each directory before the manifest, and of
-    # the manifest's directory right after its link.
-
-    def _fsync_file(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self._ops.fsync(fd)  # the data of every descriptor of the file, this one included
-        finally:
-            os.close(fd)
-
-    def _durable_rename(self, tmp: str, final: str) -> None:
-        """A local upload into place: its bytes on disk first, then the rename (the names
-        are made durable by :meth:`_fsync_dirs` before the manifest)."""
-        self._fsync_file(tmp)
-        os.replace(tmp, final)
-
-    def _fsync_dirs(self, m: Manifest) -> None:
-        """Make the names of ``m``'s files (and of its directory) durable: before the
-        manifest, or a power cut could leave a manifest listing files that are not there."""
-        dirs = {self._path(m.name)} | {
-            self._path(m.name, *f.path.split("/")[:-1]) for f in m.files if "/" in f.path}
-        for d in sorted(dirs, reverse=True):
-            self._ops.fsync_dir(Path(d))
-        self._ops.fsync_dir(Path(self.root))
-
-    def _write_synced(self, path: str, data: bytes) -> None:
-        """``data`` into the file ``path``, on disk (fsync) before this returns."""
-        with open(path, "wb") as f:
-            f.write(data)
-            f.flush()
-            self._ops.fsync(f.fileno())
-
-    def _local_replace(self, path: str, data: bytes) -> None:
-        tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
-        self._write_synced(tmp, data)
-        os.replace(tmp, path)
-
-    def _local_create_only(self, path: str, data: bytes) -> None:
-        # Write a temporary file, then hard-link it into place: link() fails if the target
-        # exists, so this is a true create-only write and readers never see a partial file.
-        tmp = os.path.join(os.path.dirname(path), temp_name(os.path.basename(path)))
-        self._write_synced(tmp, data)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise
-        except OSError:
-            # Some mounts (FUSE, e.g. a mounted Google Drive) have no hard links: fall back to
-            # check-then-rename, which is not atomic against a second writer of the same name.
-            if os.path.exists(path):
-                raise FileExistsError(path) from None
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        self._ops.fsync_dir(Path(os.path.dirname(path)))  # the commit itself is durable
-
-    def _create_only(self, path: str, url: str, data: bytes, action: str) -> None:
-        """Write ``path`` only if it does not exist yet.
-
-        Raises :class:`ManifestExists` if something is already there.
-        """
-
-        def write() -> None:
-            try:
-                if self.backend.local_paths:
-                    self._local_create_only(path, data)
-                else:
-                    # S3: If-None-Match: * ; GCS: ifGenerationMatch=0 (native create-only).
-                    # Other backends (memory, Drive, ...) have no create-only write: fsspec's
-                    # pipe_file(mode="create") checks, then writes. Unique names make a second
-                    # writer of the same name a rare, benign race (both write the same bytes).
-                    self.fs.pipe_file(path, data, mode="create")
-            except FileExistsError:  # S3 on moto/AWS, GCS, local, memory
-                raise ManifestExists(path) from None
-            except OSError as e:
-                # SeaweedFS answers 412 without the If-None-Match condition, which s3fs maps
-                # to OSError(EINVAL); tell it from a real EINVAL by looking.
-                if e.errno == errno.EINVAL and self.backend.native_create_only:
-                    self.fs.invalidate_cache(path)
-                    if self.fs.exists(path):
-                        raise ManifestExists(path) from e
-                raise
-
-        self._call(write, url, action)
-
     def _create_manifest(self, name: str, data: bytes) -> None:
         """Write ``<name>/ckptsync.json`` only if it does not exist: the commit point.
 
@@ -545,23 +480,25 @@ class PushMixin(StoreBase):
         self._create_only(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME), data,
                           "commit manifest to")
 
-    def _update_latest(self, m: Manifest) -> None:
-        current = self.read_latest()
-        if current is not None and name_sort_key(current) >= name_sort_key(m.name):
+    def _update_latest(self, m: Manifest, prev: Manifest | None = None) -> None:
+        """Point ``LATEST`` at ``m`` unless it names a newer checkpoint. Where this store
+        committed ``prev`` (older than ``m``) last, it wrote ``LATEST`` last too (one run
+        writes a prefix), so ``LATEST`` is written without being read: a hint only, never
+        trusted without its manifest, so a rare step back costs nothing."""
+        if prev is not None and prev.sort_key() < m.sort_key():
+            current = None
+        else:
+            current = self.read_latest()
+        # A step-less checkpoint just took the highest seq: it is the newest step-less one,
+        # whatever its name's timestamp says.
+        stepless = m.step is None and current is not None and parse_name(current) is not None \
+            and parse_name(current)[0] is None  # type: ignore[index]
+        if current is not None and not stepless \
+                and name_sort_key(current) >= name_sort_key(m.name):
             return
         data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
-        path = self._path(LATEST_NAME)
-
-        def write() -> None:
-            if self.backend.local_paths:
-                self._local_replace(path, data)
-                return
-            if not self.backend.overwrites and self.fs.exists(path):
-                self.fs.rm_file(path)
-            self.fs.pipe_file(path, data)
-
         try:
-            self._call(write, self.url_of(LATEST_NAME), "write")
+            self._replace(self._path(LATEST_NAME), self.url_of(LATEST_NAME), data)
         except CkptSyncError as e:
             # LATEST is only a hint: the commit already happened.
             log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",

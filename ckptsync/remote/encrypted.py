@@ -17,7 +17,8 @@ from collections.abc import Iterable, Mapping
 
 from ckptsync.crypto import ALG, Encryptor, KeyRing, missing_key
 from ckptsync.errors import CorruptCheckpointError, UnsupportedFormatError
-from ckptsync.manifest import ENC_FIELD, Encryption, FileEntry, Manifest
+from ckptsync.integrity import strip_mac
+from ckptsync.manifest import ENC_FIELD, Encryption, FileEntry, Manifest, with_requires
 
 __all__ = ["check_keys", "plain_manifest", "same_content", "sealed_manifest"]
 
@@ -53,7 +54,7 @@ def sealed_manifest(m: Manifest, stored: Mapping[str, Encryptor], keys: KeyRing)
         enc = Encryption(ALG, kid, f.size, keys.mac(kid, m.name, f.path, f.algo, f.digest))
         files.append(FileEntry(f.path, w.size, w.algo, w.hexdigest(),
                                {**f.unknown, ENC_FIELD: enc.to_dict()}))
-    return dataclasses.replace(m, files=tuple(files))
+    return with_requires(dataclasses.replace(m, files=tuple(files)))
 
 
 def check_keys(m: Manifest, keys: KeyRing | None, where: str) -> None:
@@ -94,4 +95,5 @@ def plain_manifest(m: Manifest, written: Iterable[FileEntry], where: str) -> Man
             got = f
         files.append(FileEntry(got.path, got.size, got.algo, got.digest,
                                {k: v for k, v in f.unknown.items() if k != ENC_FIELD}))
-    return dataclasses.replace(m, files=tuple(files))
+    # Plaintext now: no encryption/1, and no MAC (it covered the stored bytes' digests).
+    return strip_mac(dataclasses.replace(m, files=tuple(files)))

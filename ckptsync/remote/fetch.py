@@ -19,18 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.atomic import temp_name
-from ckptsync.crypto import Decryptor
+from ckptsync.crypto import Decryptor, missing_key
 from ckptsync.errors import (
     CorruptCheckpointError,
     LocalStorageError,
     ManifestError,
     NoCheckpointError,
+    UnknownKeyError,
 )
 from ckptsync.hashing import HashingWriter, WriteOps
+from ckptsync.integrity import check_checkpoint
 from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, name_sort_key
+from ckptsync.ownership import RunFile
 from ckptsync.redact import redact_url
-from ckptsync.remote.encrypted import check_keys, plain_manifest, same_content
+from ckptsync.remote.encrypted import plain_manifest, same_content
 from ckptsync.remote.listing import StoreBase
 from ckptsync.transfer import (
     NullProgress,
@@ -83,22 +86,37 @@ class FetchMixin(StoreBase):
         the same pass) with the store's key of the id its manifest names, and committed
         locally as plaintext; with ``keep_encrypted`` (a ``Checkpointer(encrypt_local=True)``)
         its stored bytes and remote manifest are kept as they are (the key is still checked
-        first: such a copy is pulled to be loaded).
+        first: such a copy is pulled to be loaded). Before any byte moves, the checkpoint
+        must pass the encryption policy (:func:`~ckptsync.integrity.check_checkpoint`): with
+        a key, or on an encrypted root, a plaintext checkpoint or one whose keyed MAC does not
+        verify is invalid, and ``name=None`` falls back past it, loudly. Once pulled, the
+        local directory continues the root's run (:class:`~ckptsync.ownership.RunFile`): a
+        writer there afterwards (``ckptsync watch``, a ``Checkpointer``) is that run.
 
         Raises:
             NoCheckpointError: nothing (valid, newer) to pull.
-            EncryptionKeyError: the checkpoint chosen is encrypted under a key id the store
-                does not have: raised, never a reason to pull an older checkpoint instead.
+            EncryptionKeyError: the checkpoint chosen is encrypted under a key id of this run
+                that the store does not have: raised, never a reason to pull an older
+                checkpoint instead (also when nothing else could be pulled, for a key id the
+                run's marker does not vouch for).
             CorruptCheckpointError: ``name`` was given and does not verify (names the path).
+            UnsupportedFormatError: the checkpoint needs a format feature this version does
+                not read: raised, never passed over.
             RemoteError, LocalStorageError: transfer or local write failures.
         """
+        self.read_marker(fresh=True)  # the encryption policy and the run record read it
         if name is not None:
             m = self.read_manifest(name)
             if m is None:
                 raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
             self._check_sizes(m)
-            return self._pull_one(m, local, progress, stop, keep_encrypted)
+            try:
+                return self._pull_one(m, local, progress, stop, keep_encrypted)
+            except UnknownKeyError as err:  # this one was asked for: the key is missing
+                raise missing_key(err.key_id, err.name, self.url_of(err.name),
+                                  self.keys) from err
         passed: list[tuple[str, str]] = [] if skipped is None else skipped
+        unknown_key: UnknownKeyError | None = None
         for e in self.iter_committed():
             if newer_than is not None and (
                     e.manifest.sort_key() <= newer_than.sort_key() if e.manifest is not None
@@ -114,6 +132,11 @@ class FetchMixin(StoreBase):
             except CorruptCheckpointError as err:
                 log.warning("%s; falling back to the previous remote checkpoint", err)
                 passed.append((e.name, str(err)))
+                if isinstance(err, UnknownKeyError) and unknown_key is None:
+                    unknown_key = err
+        if unknown_key is not None:  # nothing could be pulled: the key is what is missing
+            raise missing_key(unknown_key.key_id, unknown_key.name, self.url_of(unknown_key.name),
+                              self.keys)
         raise NoCheckpointError(
             f"no valid checkpoint{' newer than ' + newer_than.name if newer_than else ''} "
             f"in {redact_url(self.url)}"
@@ -132,7 +155,8 @@ class FetchMixin(StoreBase):
                 raise LocalStorageError(
                     f"cannot pull {m.name}: {own} is a symlink, and ckptsync never writes "
                     "through one; remove it or pull into another directory")
-        check_keys(m, self.keys, self.url_of(m.name))  # before anything is downloaded
+        self.check_policy(m)  # before anything is downloaded
+        m = m.local_view()  # the order fields of the remote (run, seq) stay there
         try:
             have = local.get(m.name)
         except NoCheckpointError:
@@ -145,6 +169,7 @@ class FetchMixin(StoreBase):
             try:
                 local.verify(have, full=True)
                 if same_content(m, have.manifest):
+                    self._record_run(local)
                     return have
             except CorruptCheckpointError as e:
                 log.warning("local copy is corrupt, downloading it again: %s", e)
@@ -170,7 +195,15 @@ class FetchMixin(StoreBase):
         finally:
             progress.close()
         log.info("pulled %s from %s into %s", m.name, redact_url(self.url), local.directory)
+        self._record_run(local)
         return ckpt
+
+    def _record_run(self, local: LocalStore) -> None:
+        """``local``'s directory pulled from this root: it continues the root's run (a writer
+        there afterwards, ``ckptsync watch`` or a ``Checkpointer``, is the same run)."""
+        marker = self.read_marker()
+        if marker is not None and marker.run is not None:
+            RunFile(local.directory).adopt(marker.run)
 
     def _download_task(
         self, staging: Any, m: Manifest, relpath: str, stop: threading.Event, *,
@@ -215,6 +248,16 @@ class FetchMixin(StoreBase):
                 log.warning("%s; downloading it again (attempt %d of %d)", e, attempt + 1,
                             attempts)
 
+    def check_policy(self, m: Manifest) -> None:
+        """Raise unless ``m`` may be restored under this store's keys: the encryption
+        policy of :func:`ckptsync.integrity.check_checkpoint`, with the root marker read now
+        (whether the run is encrypted, and the key ids it vouches for)."""
+        marker = self.read_marker()  # read afresh by each pull
+        check_checkpoint(m, self.keys,
+                         vouched=marker.vouched(self.keys) if marker is not None else None,
+                         encrypted_root=marker is not None and marker.encrypted,
+                         allow_plaintext=self.allow_plaintext, where=self.url_of(m.name))
+
     def fetch_files(
         self,
         m: Manifest,
@@ -242,7 +285,7 @@ class FetchMixin(StoreBase):
                 not match its digest (names the URL).
             EncryptionKeyError, RemoteError, LocalStorageError: as :meth:`pull`.
         """
-        check_keys(m, self.keys, self.url_of(m.name))
+        self.check_policy(m)
         entries = {f.path: f for f in m.files}
         wanted: list[FileEntry] = []
         for relpath in dict.fromkeys(relpaths):

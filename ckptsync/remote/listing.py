@@ -29,6 +29,7 @@ from ckptsync.errors import (
     CorruptCheckpointError,
     ManifestError,
     RemoteError,
+    UnsupportedFormatError,
 )
 from ckptsync.local import FileOps
 from ckptsync.manifest import (
@@ -41,10 +42,11 @@ from ckptsync.manifest import (
     parse_name,
     unusable_reason,
 )
-from ckptsync.ownership import ROOT_MARKER, check_remote_url
-from ckptsync.redact import redact_url, remember, scrub, secrets_of
+from ckptsync.ownership import ROOT_MARKER, RunFile, check_remote_url
+from ckptsync.redact import install_scrubber, redact_url, remember, scrub, secrets_of
 from ckptsync.remote.backends import choose_backend
 from ckptsync.remote.boundary import empty_range, open_fs, translate_error
+from ckptsync.remote.marker import RootMarker
 from ckptsync.transfer import Retrier, Slots
 
 __all__ = ["RemoteEntry", "Status", "StoreBase"]
@@ -117,17 +119,32 @@ class StoreBase:
         config: TransferConfig | None = None,
         ops: FileOps | None = None,
         keys: KeyRing | None = None,
+        run_file: RunFile | None = None,
+        allow_plaintext: bool = False,
     ) -> None:
         check_remote_url(url)
         self.keys = keys
         """Encrypt pushes with the first key, decrypt pulls by key id (:mod:`ckptsync.crypto`);
         None: files are stored as they are, and encrypted checkpoints cannot be pulled."""
+        self.allow_plaintext = allow_plaintext
+        """Accept plaintext checkpoints (and manifests without a MAC) where the encryption
+        policy (:mod:`ckptsync.integrity`) would refuse them: for migrating a run."""
+        if allow_plaintext:
+            log.warning("allow_plaintext: plaintext checkpoints and manifests without a MAC "
+                        "are accepted from %s (a bucket writer could plant one)", redact_url(url))
+        self.run_file = run_file
+        """The local directory's record of its run (:class:`~ckptsync.ownership.RunFile`):
+        this store's pushes are that run's (:mod:`ckptsync.remote.marker`); None: the store
+        takes the run of the root it pushes to."""
+        self._run: str | None = None  # the run this store pushes as, once it pushed
         self._ops = ops or FileOps()
-        self.url = url.rstrip("/") or url
+        self.url = redact_url(url.rstrip("/") or url)
+        """The remote URL as it may be shown: without user info or query string."""
         self.config = config or TransferConfig.resolve()
         options = dict(storage_options or {})
         self._secrets = secrets_of(options, url)
-        remember(self._secrets)  # for the log filter (botocore's and s3fs's records too)
+        remember(self._secrets)  # for the log scrubber (botocore's and s3fs's records too)
+        install_scrubber()
         self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
         if fs is None:
             expected = choose_backend(None, self.scheme, self.config)
@@ -140,7 +157,9 @@ class StoreBase:
         """What the storage can do (:class:`~ckptsync.remote.backends.Backend`)."""
         self._retry = Retrier(self.config, self._translate)
         self._stats_lock = threading.Lock()
-        self._marked = False  # this store has seen (or written) the root marker
+        self._marked = False  # this store has checked (or written) the root marker to push
+        self._marker: RootMarker | None = None
+        self._parts_seen: dict[str, tuple[Any, ...]] = {}  # part name -> objects hashed
         self._stream_slots = Slots(self.config.parts_in_flight)
         self.stats: dict[str, int] = {"bytes_uploaded": 0, "bytes_copied": 0}
         # The newest checkpoint this store committed itself: the next push copies unchanged
@@ -314,12 +333,45 @@ class StoreBase:
 
     # ------------------------------------------------------------------ ownership
 
+    def read_marker(self, *, fresh: bool = False) -> RootMarker | None:
+        """The root marker (:mod:`ckptsync.remote.marker`), or None where there is none;
+        read once per store unless ``fresh``."""
+        if self._marker is None or fresh:
+            data = self._read_bytes(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER))
+            if data is not None:
+                self._marker = RootMarker.parse(data, self.url_of(ROOT_MARKER))
+        return self._marker
+
     def has_marker(self) -> bool:
         """Whether the root carries ckptsync's marker (:data:`~ckptsync.ownership.ROOT_MARKER`)."""
-        if not self._marked:
-            data = self._read_bytes(self._path(ROOT_MARKER), self.url_of(ROOT_MARKER))
-            self._marked = data is not None
-        return self._marked
+        return self.read_marker() is not None
+
+    @property
+    def run_id(self) -> str | None:
+        """The run this store writes as: the one it pushed as, else its local directory's,
+        else the root marker's (``gc``, retention); None when none is known."""
+        if self._run is not None:
+            return self._run
+        own = self.run_file.read() if self.run_file is not None else None
+        if own is not None:
+            return own
+        marker = self.read_marker()
+        return marker.run if marker is not None else None
+
+    def bind_run(self, directory: Any) -> None:
+        """Push as the run of local ``directory`` (unless a run file is bound already)."""
+        if self.run_file is None:
+            self.run_file = RunFile(directory)
+
+    def adopt_run(self) -> str | None:
+        """After (or before) a restore or pull from this root: the local directory continues
+        the root's run (recorded in its run file, unless it has one). Returns the run id."""
+        marker = self.read_marker(fresh=True)
+        if marker is None or marker.run is None:
+            return None
+        if self.run_file is None:
+            return marker.run
+        return self.run_file.adopt(marker.run)
 
 
     def check_owned(self, entries: Iterable[RemoteEntry] | None = None) -> bool:
@@ -417,7 +469,15 @@ class StoreBase:
                     out.append(RemoteEntry(n, status, m, size, t, str(e)))
 
         def key(e: RemoteEntry) -> Any:
-            return e.manifest.sort_key() if e.manifest else name_sort_key(e.name)
+            if e.manifest is None:
+                return name_sort_key(e.name)
+            k = e.manifest.sort_key()
+            if e.manifest.step is None and e.mtime is not None:
+                # Equal seqs (two pushes at once, or versions pushed before seqs existed)
+                # order by the remote's own clock, never by the writer's alone.
+                return (k[0], k[1], datetime.fromtimestamp(e.mtime, timezone.utc).isoformat(),
+                        k[3])
+            return k
 
         out.sort(key=key)
         return out
@@ -429,30 +489,62 @@ class StoreBase:
 
         One listing of the root, then for each candidate one manifest read and one listing
         of its prefix, stopping as soon as the caller does. Names sort by (step, creation
-        time), so the listing alone gives the order; ``LATEST`` adds its checkpoint to the
+        time), so the listing alone gives the order of checkpoints with a step; those without
+        one order by the ``seq`` their manifests carry (read together once the caller gets
+        that far), never by a writer's clock. ``LATEST`` adds its checkpoint to the
         candidates even when an eventually consistent listing does not show it yet (it is
         still checked like any other).
+
+        Raises:
+            UnsupportedFormatError: the next checkpoint needs a format feature this version
+                does not read: never passed over for an older one.
         """
         names = set(self._names())
         hint = self.read_latest()
         if hint is not None:
             names.add(hint)
-        for name in sorted(names, key=name_sort_key, reverse=True):
+        ordered = sorted(names, key=name_sort_key, reverse=True)
+        stepless = [n for n in ordered if (p := parse_name(n)) is not None and p[0] is None]
+        for name in ordered:
+            if stepless and name == stepless[0]:
+                yield from self._iter_stepless(stepless)
+                stepless = []
+            if (p := parse_name(name)) is not None and p[0] is None:
+                continue
             try:
                 m = self.read_manifest(name)
+            except UnsupportedFormatError:
+                raise
             except ManifestError as e:
                 yield RemoteEntry(name, "corrupt", None, 0, None, str(e))
                 continue
             if m is None:
                 continue  # uncommitted: an upload in progress or a leftover
-            sizes = self._sizes(name)
-            try:
-                self._check_sizes(m, sizes)
-            except CorruptCheckpointError as e:
-                status: Status = "corrupt" if unusable_reason(m) else "partial"
-                yield RemoteEntry(name, status, m, sum(sizes.values()), None, str(e))
-                continue
-            yield RemoteEntry(name, "valid", m, m.total_size, None)
+            yield self._entry(m)
+
+    def _iter_stepless(self, names: list[str]) -> Iterator[RemoteEntry]:
+        """:meth:`iter_committed` of step-less checkpoints: every manifest read at once,
+        newest first by :meth:`Manifest.sort_key` (their ``seq``)."""
+        read = self._read_manifests(names)
+        bad = [n for n in names if isinstance(read.get(n), CkptSyncError)]
+        good = sorted((m for m in read.values() if isinstance(m, Manifest)),
+                      key=lambda m: m.sort_key(), reverse=True)
+        for m in good:
+            yield self._entry(m)
+        for n in bad:
+            err = read[n]
+            if isinstance(err, UnsupportedFormatError):
+                raise err
+            yield RemoteEntry(n, "corrupt", None, 0, None, str(err))
+
+    def _entry(self, m: Manifest) -> RemoteEntry:
+        sizes = self._sizes(m.name)
+        try:
+            self._check_sizes(m, sizes)
+        except CorruptCheckpointError as e:
+            status: Status = "corrupt" if unusable_reason(m) else "partial"
+            return RemoteEntry(m.name, status, m, sum(sizes.values()), None, str(e))
+        return RemoteEntry(m.name, "valid", m, m.total_size, None)
 
     def iter_valid(self) -> Iterator[Manifest]:
         """Valid checkpoints, newest first, reading manifests lazily (:meth:`iter_committed`);
@@ -469,16 +561,21 @@ class StoreBase:
         return next(self.iter_valid(), None)
 
     # Defined last: inside the class body the name "list" would shadow the builtin.
-    def list(self) -> list[Manifest]:
+    def list(self, *, strict: bool = False) -> list[Manifest]:
         """Committed checkpoints (manifest present and parseable), oldest first.
 
         Reads every manifest (concurrently where the backend allows); bad manifests are
         logged and skipped. Validity (file sizes) is not checked: see :meth:`scan`.
+
+        ``strict`` (for choosing what to restore): a checkpoint needing a format feature
+        this version does not read raises :class:`UnsupportedFormatError` instead.
         """
         names = self._names()
         manifests = self._read_manifests(names)
         out = [m for m in manifests.values() if isinstance(m, Manifest)]
         for n, m in manifests.items():
+            if strict and isinstance(m, UnsupportedFormatError):
+                raise m
             if isinstance(m, CkptSyncError):
                 log.warning("skipping remote checkpoint %s: %s", n, m)
         out.sort(key=lambda m: m.sort_key())

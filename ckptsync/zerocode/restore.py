@@ -33,12 +33,14 @@ from ckptsync.errors import (
 )
 from ckptsync.local import PRIVATE_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
 from ckptsync.manifest import Manifest, check_relpath
+from ckptsync.ownership import RunFile
+from ckptsync.redact import redact_url
 from ckptsync.zerocode.rules import WatchRule, is_private, is_watched
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
 
-__all__ = ["JOURNAL", "RESTORE_PREFIX", "check_watched", "restore_watched"]
+__all__ = ["JOURNAL", "RESTORE_PREFIX", "check_watched", "restore_watched", "unpinned_error"]
 
 log = logging.getLogger("ckptsync.zerocode")
 
@@ -114,6 +116,9 @@ def restore_watched(
     the same directory first finishes it, so ``ckptsync pull ... && train.py --resume`` is
     the safe recipe, and re-running an interrupted pull completes it, never leaves a mix.
 
+    ``target_dir`` continues the remote's run (:class:`~ckptsync.ownership.RunFile`), so that
+    a ``ckptsync watch`` of it afterwards is the same run's writer.
+
     Args:
         store: the remote.
         target_dir: where the trainer's files live (created if missing).
@@ -165,11 +170,29 @@ def restore_watched(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _apply(target, tfd, tmp, moves, ops)
+        marker = store.read_marker(fresh=True)
+        if marker is not None and marker.run is not None:
+            RunFile(target).adopt(marker.run)  # a watch of target continues this run
     finally:
         os.close(tfd)
     for ckpt in ckpts:
         log.info("restored %s (%d files) into %s", ckpt.name, len(ckpt.manifest.files), target)
     return [c.manifest for c in ckpts]
+
+
+def unpinned_error(store: RemoteStore, remote_url: str,
+                   target_dir: str | os.PathLike[str]) -> ConfigError:
+    """The refusal of a zero-code pull without a rule; it names the rules the bucket holds,
+    as the command that would pull them."""
+    url = redact_url(remote_url)
+    proposed = sorted({str(m.source.get("rule")) for m in store.list() if is_watched(m)})
+    flags = " ".join(f"--rule '{r}'" for r in proposed) or "--rule RULE"
+    return ConfigError(
+        f"{url} holds zero-code versions, and a zero-code pull writes the files its watch rule "
+        f"names under {target_dir}: ckptsync never takes that rule from the bucket (whoever "
+        "can write to it could otherwise choose which of your files are replaced). Give the "
+        "rule you watch with, --rule RULE or --preset NAME (or CKPTSYNC_RULES / "
+        f"CKPTSYNC_PRESETS); the bucket proposes: ckptsync pull {url} {target_dir} {flags}")
 
 
 def _choose(store: RemoteStore, name: str | None, pinned: set[str]) -> list[Manifest]:
@@ -182,7 +205,7 @@ def _choose(store: RemoteStore, name: str | None, pinned: set[str]) -> list[Mani
                                     f"{' or '.join(sorted(pinned))}")
         return [m]
     by_rule: dict[str, list[Manifest]] = {}
-    for m in store.list():
+    for m in store.list(strict=True):
         if is_watched(m) and (not pinned or m.source.get("rule") in pinned):
             by_rule.setdefault(str(m.source.get("rule", "")), []).append(m)
     if not by_rule:
@@ -197,7 +220,8 @@ def _pull_with_fallback(store: RemoteStore, tmp: LocalStore, m: Manifest,
         check_watched(m)  # before downloading anything
         return _pull_checked(store, tmp, m)
     rule = m.source.get("rule")
-    older = [x for x in store.list() if is_watched(x) and x.source.get("rule") == rule]
+    older = [x for x in store.list(strict=True)
+             if is_watched(x) and x.source.get("rule") == rule]
     why = ""
     for cand in reversed(older):
         try:

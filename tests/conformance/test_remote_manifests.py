@@ -21,6 +21,7 @@ from ckptsync.manifest import (
     Manifest,
     make_name,
 )
+from ckptsync.ownership import RUN_FILE
 from tests.support.formats import put_tree, rewrite_as_v1, seal
 from tests.support.stores import (
     ReadSizes,
@@ -78,7 +79,7 @@ class TestRemoteManifests:
         got = store.pull(None, LocalStore(target))
         assert got.name == good.name
         assert victim.read_text() == "keep me"
-        assert sorted(p.name for p in target.iterdir()) == [good.name]
+        assert sorted(p.name for p in target.iterdir()) == sorted([RUN_FILE, good.name])
         assert sorted(p.name for p in sandbox.iterdir()) == ["target", "victim.txt"]
 
     def test_manifest_under_wrong_name_is_refused(self, store_remote: Any,

@@ -18,6 +18,7 @@ from ckptsync import start_watcher  # the public name, as a notebook imports it
 from ckptsync.daemon import snapshot_version
 from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, check_complete, restore_watched
 from tests.support.formats import put_tree, rewrite_as_v1
@@ -98,7 +99,8 @@ def test_trainer_killed_mid_write_remote_holds_only_complete_versions_and_resume
     fresh = tmp_path / "fresh"
     restored = restore_watched(store, fresh)
     assert [m.name for m in restored] == [versions[-1].name]
-    assert not [p for p in fresh.iterdir() if p.name.startswith(".")]  # no temp dir left
+    # No temp dir left; the run it continues is recorded (a watch of it is the same run).
+    assert [p.name for p in fresh.iterdir() if p.name.startswith(".")] == [RUN_FILE]
     done = subprocess.run([PY, str(TRAINER), "--out", str(fresh), "--mode", mode, "--resume",
                            "--steps", str(steps[-1] + 1)], env=child_env(),
                           capture_output=True, text=True, timeout=120)
@@ -142,7 +144,8 @@ def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
     put_tree(remote.fs(), ckpt.path, f"{remote.path}/{ckpt.name}")
     fresh = tmp_path / "fresh"
     env = child_env(CKPTSYNC_STORAGE_OPTIONS=json.dumps(remote.storage_options))
-    p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json"],
+    p = subprocess.run([PY, "-m", "ckptsync.cli", "pull", remote.url, str(fresh), "--json",
+                        "--rule", rule.spec],
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert [(e["event"], e["name"], e["paths"]) for e in events(p.stdout)] == [

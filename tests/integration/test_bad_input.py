@@ -196,7 +196,12 @@ def test_manifest_of_an_unknown_format_version(run: Run, caplog: pytest.LogCaptu
     with pytest.raises(UnsupportedFormatError, match="upgrade ckptsync") as e:
         LocalStore(run.dir).get(run.new.name)
     assert str(path) in str(e.value) and "ckptsync/3" in str(e.value)
-    run.assert_falls_back(caplog, path)
+    # Never skipped as corrupt (DESIGN.md): restoring the older one would resume from the
+    # wrong step; the restore says what to upgrade, and loads nothing.
+    fresh = run.fresh()
+    with Checkpointer(run.dir) as ck, pytest.raises(UnsupportedFormatError, match="ckptsync/3"):
+        ck.restore(**fresh)
+    assert file_bytes(run.old) == run.old_bytes
 
 
 def test_manifest_listing_a_file_twice_or_with_a_bad_digest(run: Run) -> None:

@@ -262,7 +262,7 @@ def test_checkpointer_reads_ckptsync_storage_options(seaweedfs_remote: Remote, t
     assert seaweedfs_remote.wrong_credentials is not None
     monkeypatch.setenv("CKPTSYNC_STORAGE_OPTIONS",
                        json.dumps(seaweedfs_remote.wrong_credentials))
-    name2 = _save_one(tmp_path / "b", on_remote_error="raise",
+    name2 = _save_one(tmp_path / "a", on_remote_error="raise",  # the same run: one per prefix
                       storage_options=seaweedfs_remote.storage_options)
     store.fs.invalidate_cache()
     assert name2 in [m.name for m in store.list()]

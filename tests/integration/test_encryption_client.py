@@ -131,10 +131,10 @@ def test_the_daemon_encrypts_native_and_zero_code_checkpoints(
 
     # Without the key: a clear error naming the key id (exit 2), nothing restored.
     out = tmp_path / "restored"
-    p = _cli("pull", url_zc, str(out))
+    p = _cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt")
     assert p.returncode == 2 and ID_A in p.stderr and "--key-file" in p.stderr, p.stderr
     assert not (out / "ckpt.pt").exists()
-    p = _cli("pull", url_zc, str(out), "--key-file", str(key_file))
+    p = _cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt", "--key-file", str(key_file))
     assert p.returncode == 0, p.stderr
     assert (out / "ckpt.pt").read_bytes() == (zc / "ckpt.pt").read_bytes()
     p = _cli("pull", url_native, str(tmp_path / "n2"), "--key-file", str(key_file))

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from ckptsync import Checkpointer
+from ckptsync.crypto import KeyRing
 from ckptsync.errors import CorruptCheckpointError, EncryptionKeyError
+from ckptsync.integrity import sign_manifest
 from ckptsync.local import LocalStore
 from ckptsync.manifest import MANIFEST_NAME, Manifest
 from ckptsync.remote import RemoteStore
@@ -90,8 +92,9 @@ def test_encrypt_local_round_trip_local_and_fresh_machine(tmp_path: Path, remote
 
 
 def _forge(ckpt_dir: Path, relpath: str, at: int) -> None:
-    """Flip one byte of a stored file and rewrite its manifest to match (digest and all):
-    only the encryption's authentication can tell."""
+    """Flip one byte of a stored file and rewrite its manifest to match (digest and all, and
+    its keyed MAC, as only a holder of the key could): only the chunks' authentication can
+    tell. (Without the key the manifest's MAC tells first: test_security.py.)"""
     f = ckpt_dir / relpath
     data = bytearray(f.read_bytes())
     data[at] ^= 0x01
@@ -102,8 +105,9 @@ def _forge(ckpt_dir: Path, relpath: str, at: int) -> None:
     size, digest = hash_file(f)
     files = tuple(e if e.path != relpath else type(e)(e.path, size, e.algo, digest, e.unknown)
                   for e in m.files)
-    (ckpt_dir / MANIFEST_NAME).write_bytes(Manifest.new(
-        step=m.step, files=files, name=m.name, metrics=m.metrics, meta=m.meta).to_json())
+    (ckpt_dir / MANIFEST_NAME).write_bytes(sign_manifest(Manifest.new(
+        step=m.step, files=files, name=m.name, metrics=m.metrics, meta=m.meta),
+        KeyRing.of(KEY_A)).to_json())
 
 
 @pytest.mark.core

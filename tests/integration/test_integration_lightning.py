@@ -19,6 +19,7 @@ import torch
 
 from ckptsync.errors import NoCheckpointError
 from ckptsync.integrations.lightning import RULE, CkptSyncCheckpointIO, pull_latest
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import restore_watched
 from tests.support.paths import child_env
@@ -142,7 +143,8 @@ def test_pull_latest_restores_last_ckpt_and_keeps_a_newer_local_one(
     got = pull_latest(url, tmp_path / "m2")
     assert got == tmp_path / "m2" / "last.ckpt"
     # What fit(ckpt_path="last") reads: last.ckpt, and the newest top-k file beside it.
-    assert sorted(p.name for p in (tmp_path / "m2").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "m2").iterdir() if p.name != RUN_FILE) == [
+        "best.ckpt", "last.ckpt"]
     assert torch.equal(torch.load(got)["w"], torch.ones(3))
 
     # The local file is newer than the remote one (its upload did not finish): kept.

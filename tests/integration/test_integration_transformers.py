@@ -20,6 +20,7 @@ import torch
 
 from ckptsync.daemon import read_status
 from ckptsync.local import LocalStore
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from tests.support.paths import SCRIPTS, child_env
 from tests.support.remotes import Remote
@@ -128,7 +129,7 @@ def test_every_save_is_uploaded_whole_and_pulls_back_byte_equal(
     out = tmp_path / "fresh"
     assert pull_latest_checkpoint(bucket_copy(reference, tmp_path), out) == 15
     # Only the checkpoint, at the Trainer's own path: get_last_checkpoint finds it.
-    assert sorted(os.listdir(out)) == ["checkpoint-15"]
+    assert sorted(set(os.listdir(out)) - {RUN_FILE}) == ["checkpoint-15"]  # and the run's record
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-15")
     assert set(os.listdir(out / "checkpoint-15")) == CKPT_FILES
     for name in CKPT_FILES:
@@ -217,7 +218,7 @@ def test_pull_skips_a_corrupt_newest_checkpoint(reference: tuple[Path, Path],
     victim.write_bytes(bytes(data))
     out = tmp_path / "out"
     assert pull_latest_checkpoint(remote, out) == older.step
-    assert sorted(os.listdir(out)) == [f"checkpoint-{older.step}"]
+    assert sorted(set(os.listdir(out)) - {RUN_FILE}) == [f"checkpoint-{older.step}"]
 
 
 # --------------------------------------------------------------------------- callback

@@ -62,7 +62,7 @@ def test_preset_syncs_the_frameworks_checkpoints_and_the_framework_resumes_from_
     assert set(NEWEST[preset]) <= {f.path for f in newest.files}
 
     fresh = tmp_path / "fresh"
-    pulled = run_cli("pull", file_remote.url, str(fresh))
+    pulled = run_cli("pull", file_remote.url, str(fresh), "--preset", preset)
     assert pulled.returncode == 0, pulled.stderr
     if preset == "dcp":
         assert "dcp equal step 4" in _framework(preset, fresh, "--resume")

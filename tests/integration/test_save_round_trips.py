@@ -58,7 +58,7 @@ def test_a_save_reads_no_manifest_and_makes_five_requests(seaweedfs_remote: Remo
         sent = _save(c, proxy, 2, {"state": _state(2)})
     lines = [f"{m} {t}" for m, t, _ in sent]
     assert not [x for x in lines if x.startswith("GET") and "ckptsync.json" in x], lines
-    assert len(sent) == 5, lines  # data, listing, manifest, LATEST read and write
+    assert len(sent) == 5, lines  # data, listing, manifest, listing again, LATEST
     assert RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options).list()[-1].step == 2
     with Checkpointer(tmp_path / "fresh", remote=seaweedfs_remote.url, rng=False,
                       storage_options=seaweedfs_remote.storage_options) as c2:

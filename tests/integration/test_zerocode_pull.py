@@ -18,6 +18,7 @@ import pytest
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, restore_watched
 from tests.support.helpers import REPO, RecordingOps, fail_at
@@ -68,7 +69,9 @@ def assert_untouched(work: Path, outside: Path) -> None:
     assert (work / "train.py").read_bytes() == b"print('train')\n"
     assert list((work / ".git" / "hooks").iterdir()) == []
     assert list(outside.iterdir()) == []
-    assert not [p for p in work.iterdir() if p.name.startswith(".ckptsync-")]
+    # No temp dir left behind (the record of the run it continues may be there).
+    assert not [p for p in work.iterdir() if p.name.startswith(".ckptsync-")
+                and p.name != RUN_FILE]
 
 
 def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version(
@@ -79,7 +82,7 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     evil = push_watched(file_remote, tmp_path / "spool", "file:ckpt.pt", EVIL, step=2,
                         paths=["ckpt.pt"])
 
-    p = ckptsync("pull", file_remote.url, str(work), "--json")
+    p = ckptsync("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
     assert p.returncode == 4, p.stderr  # it fell back from the newest committed version
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("skipped", evil.name), ("restored", good.name)]
@@ -90,7 +93,8 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     assert evil.name in p.stderr and "train.py" in p.stderr  # the refusal, logged
     assert_untouched(work, outside)
 
-    p = ckptsync("pull", file_remote.url, str(work), "--name", evil.name)
+    p = ckptsync("pull", file_remote.url, str(work), "--name", evil.name, "--rule",
+                 "file:ckpt.pt")
     assert p.returncode == 1
     assert "train.py" in p.stderr and "not written" in p.stderr and "Traceback" not in p.stderr
     assert (work / "ckpt.pt").read_bytes() == b"good weights"
@@ -190,7 +194,7 @@ def test_crash_mid_move_is_finished_by_the_next_pull_never_a_mix(
     with pytest.raises(NoCheckpointError):  # even when it cannot reach the remote
         restore_watched(store, work)
     assert {rel: (work / rel).read_bytes() for rel in new} == new
-    assert sorted(p.name for p in work.iterdir()) == sorted(new)
+    assert sorted(p.name for p in work.iterdir() if p.name != RUN_FILE) == sorted(new)
 
 
 def test_dir_rule_marker_moves_last(tmp_path: Path, file_remote: Remote) -> None:

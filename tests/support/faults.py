@@ -15,7 +15,8 @@ Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_fil
 every file operation (here, torch-free, so the conformance suite can run without torch).
 
 ``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
-``set_delay(seconds)`` makes every call take that much longer (a slow link).
+``set_delay(seconds)`` makes every call take that much longer (a slow link);
+``before(key, suffix, action)`` runs ``action`` right before one call (an interleaving).
 
 The wrapper keeps its target's capabilities, so that a store over it takes the production
 path of its backend (:func:`ckptsync.remote.choose_backend` sees the same backend):
@@ -128,6 +129,7 @@ class FaultFS(AbstractFileSystem):
         self._outage: BaseException | None = None
         self._delay = 0.0
         self._damage: dict[str, tuple[str, int, Damage]] = {}  # key -> (suffix, calls left, fn)
+        self._before: dict[str, tuple[str, Callable[[], Any]]] = {}  # key -> (suffix, action)
         self._lock = threading.Lock()
 
     @classmethod
@@ -147,6 +149,12 @@ class FaultFS(AbstractFileSystem):
         short body whose length the transport did not notice, or a flipped byte. Once."""
         with self._lock:
             self._damage[key] = (suffix, nth, damage)
+
+    def before(self, key: str, suffix: str, action: Callable[[], Any]) -> None:
+        """Run ``action`` once, right before the first call of ``key`` on a path ending with
+        ``suffix`` (counted from now): another client's request interleaved at that point."""
+        with self._lock:
+            self._before[key] = (suffix, action)
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -169,6 +177,14 @@ class FaultFS(AbstractFileSystem):
 
     def _hit(self, key: str, path: Any) -> Damage | None:
         """Count a call; raise or run its fault if one is due; return its damage if one is."""
+        with self._lock:
+            hook = self._before.get(key)
+            if hook is not None and str(path).endswith(hook[0]):
+                del self._before[key]
+            else:
+                hook = None
+        if hook is not None:
+            hook[1]()
         with self._lock:
             self.counts[key] += 1
             self.calls.append((key, str(path)))

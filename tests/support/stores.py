@@ -15,6 +15,7 @@ from typing import Any
 from ckptsync.config import TransferConfig
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
+from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from tests.support.faults import FaultFS
 
@@ -83,7 +84,9 @@ def read_tree(path: Path) -> dict[str, bytes]:
 
 
 def no_leftovers(local: LocalStore) -> bool:
-    return not any(p.name.startswith(".") for p in local.directory.iterdir())
+    """Nothing hidden left behind (a pull's staging), but the record of the run it pulled."""
+    return not any(p.name.startswith(".") and p.name != RUN_FILE
+                   for p in local.directory.iterdir())
 
 
 class ReadSizes(FaultFS):
