@@ -149,7 +149,16 @@ def upload_file(
                 extras[checksum_field()] = encode(crc)  # the server refuses a damaged body
             if crc32c is not None:
                 crc32c.seal()
-            dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+            try:
+                dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+            except Exception as e:
+                # The reply to the request that finalized a GCS upload can be lost after the
+                # object was made: ambiguous, so read the remote (DESIGN.md, "The daemon").
+                if crc32c is None or not crc32c.landed(sent):
+                    raise
+                log.info("finishing the upload of %s failed (%s: %s), but the object is there "
+                         "with the size and CRC32C sent: the upload took effect", url,
+                         type(e).__name__, e)
             if crc32c is not None:
                 crc32c.check()
         if finish is not None:

@@ -64,9 +64,12 @@ class Fault:
         ranged: True: only requests with a ``Range`` header; False: only without; None: any.
         after: body bytes relayed before the cut (None: half the body, at least one byte).
         how: ``"reset"`` (TCP RST, as a dropped connection) or ``"close"`` (a clean FIN, a
-            truncated body); or ``"flip"``: the *request* body (one with a Content-Length)
-            reaches the server with one byte flipped, at offset ``after`` (None: its middle),
-            as bytes damaged in transit, and the reply is relayed whole (its status recorded).
+            truncated body); ``"drop"``: the request reaches the server, which acts on it, and
+            its whole reply is lost (read and thrown away, the client's connection reset: an
+            ambiguous outcome, as :data:`KINDS`' ``drop``); or ``"flip"``: the *request*
+            body (one with a Content-Length) reaches the server with one byte flipped, at
+            offset ``after`` (None: its middle), as bytes damaged in transit, and the reply is
+            relayed whole (its status recorded).
     """
 
     method: str = "GET"
@@ -74,7 +77,7 @@ class Fault:
     path_contains: str = ""
     ranged: bool | None = None
     after: int | None = None
-    how: Literal["reset", "close", "flip"] = "reset"
+    how: Literal["reset", "close", "drop", "flip"] = "reset"
     seen: int = field(default=0, init=False)
     done: bool = field(default=False, init=False)
 
@@ -470,6 +473,8 @@ class FaultProxy:
                 picked = self._pick(method, target, headers)
                 fault = picked if isinstance(picked, Fault) else None
                 kind, delay = picked if isinstance(picked, tuple) else ("", 0.0)
+                if fault is not None and fault.how == "drop":
+                    fault, kind = None, "drop"
                 what = f"{method} {target}"
                 if kind in ("reset", "close", "500", "503", "blackhole"):
                     # Not forwarded: the server never sees this request.
