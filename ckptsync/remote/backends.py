@@ -61,6 +61,9 @@ class Backend:
         multipart_uploads: unfinished S3 multipart uploads can exist, and ``gc`` and
             ``abandon`` collect them.
         server_copy: unchanged files are copied server-side from the previous checkpoint.
+        conditional_overwrite: ``pipe_file(path, data, IfMatch=etag)`` replaces only the
+            version of that ETag (S3's conditional write; 412 otherwise) and returns the reply
+            with the new ETag: ``LATEST`` is moved in one request (:meth:`RemoteStore.push`).
         timeouts: which client's connect/read timeouts :meth:`open_options` sets.
     """
 
@@ -75,6 +78,7 @@ class Backend:
     parallel_parts: bool = False
     multipart_uploads: bool = False
     server_copy: bool = False
+    conditional_overwrite: bool = False
     timeouts: Literal["botocore", "aiohttp"] | None = None
 
     def open_options(self, options: Mapping[str, Any], config: TransferConfig) -> dict[str, Any]:
@@ -135,7 +139,8 @@ def _plain_http(options: Mapping[str, Any]) -> bool:
 
 
 S3 = Backend("s3", buckets=True, native_create_only=True, upload_via_temp=False,
-             parallel_parts=True, multipart_uploads=True, server_copy=True, timeouts="botocore")
+             parallel_parts=True, multipart_uploads=True, server_copy=True,
+             conditional_overwrite=True, timeouts="botocore")
 GCS = Backend("gcs", buckets=True, native_create_only=True, upload_via_temp=False,
               server_copy=True, timeouts="aiohttp")
 LOCAL_DIR = Backend("local", needs_dirs=True, local_paths=True)
@@ -179,4 +184,6 @@ def choose_backend(fs: Any, scheme: str, config: TransferConfig) -> Backend:
         # A server-side copy through a filesystem that only the URL says is S3 or GCS (a
         # caching wrapper) might be a download and an upload: not worth it.
         server_copy=family.server_copy and own,
+        # Through s3fs itself only: a wrapper may not pass IfMatch on, nor return the reply.
+        conditional_overwrite=family.conditional_overwrite and own and is_s3fs(fs),
     )

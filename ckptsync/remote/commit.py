@@ -61,6 +61,10 @@ class ManifestExists(CkptSyncError):
 class PushMixin(StoreBase):
     """:meth:`push` and the commit protocol of :class:`~ckptsync.remote.RemoteStore`."""
 
+    # (name, ETag) of this store's own last write of LATEST, where the backend has a
+    # conditional overwrite: the next write is conditional on it (one request, no read).
+    _latest_written: tuple[str, str] | None = None
+
     def push(
         self,
         ckpt: LocalCheckpoint,
@@ -546,11 +550,29 @@ class PushMixin(StoreBase):
                           "commit manifest to")
 
     def _update_latest(self, m: Manifest) -> None:
+        """Point the ``LATEST`` hint at ``m``, unless it names a newer checkpoint.
+
+        Where the backend has a conditional overwrite (S3 ``If-Match``), a store that wrote
+        ``LATEST`` itself last time writes it on the condition that it is still what it wrote:
+        one request per save instead of a read and a write. If it is not (412: another writer
+        moved it since), or that write fails in any way, ``LATEST`` is read and compared, as
+        on every other backend.
+        """
+        data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
+        path = self._path(LATEST_NAME)
+        mine, self._latest_written = self._latest_written, None
+        if mine is not None and name_sort_key(m.name) > name_sort_key(mine[0]):
+            try:
+                reply = self.fs.pipe_file(path, data, IfMatch=mine[1])
+                self._remember_latest(m.name, reply)
+                return
+            except Exception as e:  # moved by another writer (412), or failed: read it
+                log.debug("conditional write of LATEST failed (%s: %s); reading it",
+                          type(e).__name__, e)
+                self.fs.invalidate_cache(path)
         current = self.read_latest()
         if current is not None and name_sort_key(current) >= name_sort_key(m.name):
             return
-        data = (json.dumps({"name": m.name, "step": m.step, "created": m.created}) + "\n").encode()
-        path = self._path(LATEST_NAME)
 
         def write() -> None:
             if self.backend.local_paths:
@@ -558,7 +580,7 @@ class PushMixin(StoreBase):
                 return
             if not self.backend.overwrites and self.fs.exists(path):
                 self.fs.rm_file(path)
-            self.fs.pipe_file(path, data)
+            self._remember_latest(m.name, self.fs.pipe_file(path, data))
 
         try:
             self._call(write, self.url_of(LATEST_NAME), "write")
@@ -566,4 +588,9 @@ class PushMixin(StoreBase):
             # LATEST is only a hint: the commit already happened.
             log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",
                         m.name, e)
+
+    def _remember_latest(self, name: str, reply: Any) -> None:
+        etag = reply.get("ETag") if isinstance(reply, dict) else None
+        if self.backend.conditional_overwrite and isinstance(etag, str) and etag:
+            self._latest_written = (name, etag)
 

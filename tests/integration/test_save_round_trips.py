@@ -3,7 +3,9 @@ checkpoints). On a cloud link every sequential request is a round trip of tens o
 every save whatever its size, so a save's upload makes only the requests the commit protocol
 needs: the data, one listing that finds every file with its size, the create-only manifest,
 and the ``LATEST`` hint. It does not look for a committed copy of a name it just made, and
-copies unchanged files from the checkpoint it committed last without reading a manifest.
+copies unchanged files from the checkpoint it committed last without reading a manifest; on
+S3 it moves ``LATEST`` with one conditional write (``If-Match`` the ETag of its own last
+write), not a read and a write (issue 33 item 2).
 
 SeaweedFS behind a fault proxy that records every request (and answers them all).
 """
@@ -49,7 +51,7 @@ def _save(c: Checkpointer, proxy: FaultProxy, step: int, objects: dict[str, Any]
     return proxy.heads[before:]
 
 
-def test_a_save_reads_no_manifest_and_makes_five_requests(seaweedfs_remote: Remote,
+def test_a_save_reads_no_manifest_and_makes_four_requests(seaweedfs_remote: Remote,
                                                          tmp_path: Path) -> None:
     with _proxy(seaweedfs_remote) as proxy, Checkpointer(
             tmp_path / "ckpts", remote=seaweedfs_remote.url, rng=False,
@@ -58,7 +60,9 @@ def test_a_save_reads_no_manifest_and_makes_five_requests(seaweedfs_remote: Remo
         sent = _save(c, proxy, 2, {"state": _state(2)})
     lines = [f"{m} {t}" for m, t, _ in sent]
     assert not [x for x in lines if x.startswith("GET") and "ckptsync.json" in x], lines
-    assert len(sent) == 5, lines  # data, listing, manifest, LATEST read and write
+    assert len(sent) == 4, lines  # data, listing, manifest, LATEST (conditional) write
+    (latest,) = [h for m, t, h in sent if t.endswith("/LATEST")]
+    assert latest.get("if-match"), latest
     assert RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options).list()[-1].step == 2
     with Checkpointer(tmp_path / "fresh", remote=seaweedfs_remote.url, rng=False,
                       storage_options=seaweedfs_remote.storage_options) as c2:
@@ -110,3 +114,23 @@ def test_a_last_commit_deleted_since_means_uploading_not_losing_the_save(
                       storage_options=seaweedfs_remote.storage_options) as c2:
         assert c2.restore(model=fresh) is not None
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+
+
+def test_latest_never_moves_back_when_another_writer_moved_it(seaweedfs_remote: Remote,
+                                                              tmp_path: Path) -> None:
+    """A second writer commits a newer step between two saves: the first writer's conditional
+    write of LATEST is refused (412), it reads LATEST, finds it newer, and leaves it."""
+    from ckptsync.local import LocalStore
+    from tests.support.stores import make_local
+
+    store = RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options)
+    other = RemoteStore(seaweedfs_remote.url, seaweedfs_remote.storage_options)
+    store.push(make_local(LocalStore(tmp_path / "a"), 1, {"x.bin": b"1" * 1000}))
+    newer = other.push(make_local(LocalStore(tmp_path / "b"), 9, {"x.bin": b"9" * 1000}))
+    store.push(make_local(LocalStore(tmp_path / "c"), 2, {"x.bin": b"2" * 1000}))
+    assert store.read_latest() == newer.name
+    # And it goes on moving forward once this writer is the newest again.
+    store.push(make_local(LocalStore(tmp_path / "d"), 10, {"x.bin": b"0" * 1000}))
+    last = store.push(make_local(LocalStore(tmp_path / "e"), 11, {"x.bin": b"1" * 1000}))
+    assert [m.step for m in store.list()] == [1, 2, 9, 10, 11]
+    assert other.read_latest() == last.name
