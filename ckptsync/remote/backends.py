@@ -29,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ckptsync.config import TransferConfig
 from ckptsync.transfer import is_s3fs
+from ckptsync.transfer.s3 import configured_endpoint
 
 __all__ = ["FSSPEC", "GCS", "GDRIVE", "LOCAL_DIR", "S3", "Backend", "choose_backend"]
 
@@ -122,16 +123,20 @@ class Backend:
 
 
 def _plain_http(options: Mapping[str, Any]) -> bool:
-    """Do these s3fs options talk to the server without TLS (an ``http://`` endpoint or
-    ``use_ssl=False``)?"""
+    """Do these s3fs options talk to the server without TLS (``use_ssl=False``, or an
+    ``http://`` endpoint: the options' own, or the one botocore configures from the
+    environment or the profile, such as ``AWS_ENDPOINT_URL``)? When the endpoint cannot be
+    told, True: bodies stay signed, the safe side."""
     client = options.get("client_kwargs") or {}
-    endpoint = str(options.get("endpoint_url") or client.get("endpoint_url") or "")
-    return (endpoint.lower().startswith("http://") or options.get("use_ssl") is False
-            or client.get("use_ssl") is False)
+    if options.get("use_ssl") is False or client.get("use_ssl") is False:
+        return True
+    endpoint = configured_endpoint(options)
+    return endpoint is None or not endpoint.lower().startswith("https://")
 
 
 S3 = Backend("s3", buckets=True, native_create_only=True, upload_via_temp=False,
-             parallel_parts=True, multipart_uploads=True, server_copy=True, timeouts="botocore")
+             parallel_parts=True, multipart_uploads=True, server_copy=True,
+             timeouts="botocore")
 GCS = Backend("gcs", buckets=True, native_create_only=True, upload_via_temp=False,
               server_copy=True, timeouts="aiohttp")
 LOCAL_DIR = Backend("local", needs_dirs=True, local_paths=True)

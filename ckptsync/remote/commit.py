@@ -503,4 +503,3 @@ class PushMixin(PartsMixin):
             # LATEST is only a hint: the commit already happened.
             log.warning("checkpoint %s is committed, but the LATEST hint was not updated: %s",
                         m.name, e)
-

@@ -38,6 +38,7 @@ from ckptsync.remote.listing import StoreBase
 from ckptsync.transfer import (
     NullProgress,
     Progress,
+    Slots,
     download_file,
     download_file_ranged,
     hash_remote_file,
@@ -181,7 +182,8 @@ class FetchMixin(StoreBase):
         staging = local.staging(m.name)
         try:
             progress.start(m.total_size, f"pull {m.name}")
-            slots = threading.BoundedSemaphore(self.backend.workers)  # range blocks held at once
+            # Range blocks held at once, and their buffers, reused from file to file.
+            slots = Slots(self.backend.workers)
             tasks = [partial(self._download_task, staging, m, f.path, progress=progress,
                              slots=slots, keep=keep_encrypted)
                      for f in m.files]
@@ -305,7 +307,7 @@ class FetchMixin(StoreBase):
         self._check_sizes(m)  # a missing or truncated remote file, before any byte moves
         drop = _FileDrop(directory, ops or FileOps())
         progress = progress or NullProgress()
-        slots = threading.BoundedSemaphore(self.backend.workers)
+        slots = Slots(self.backend.workers)  # range blocks held at once, buffers reused
 
         def task(relpath: str, ev: threading.Event) -> None:
             self._download_task(drop, m, relpath, ev, progress=progress, slots=slots)

@@ -35,6 +35,7 @@ from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
 from ckptsync.transfer.checksums import checksum, checksum_field, encode
 from ckptsync.transfer.gcs import crc32c_sender
+from ckptsync.transfer.parallel import Slots
 from ckptsync.transfer.retry import Retrier, _check_stop
 from ckptsync.transfer.s3 import range_reader, single_put_extras
 
@@ -149,7 +150,16 @@ def upload_file(
                 extras[checksum_field()] = encode(crc)  # the server refuses a damaged body
             if crc32c is not None:
                 crc32c.seal()
-            dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+            try:
+                dst.close()  # completes the upload (the last multipart part, the resumable PUT)
+            except Exception as e:
+                # The reply to the request that finalized a GCS upload can be lost after the
+                # object was made: ambiguous, so read the remote (DESIGN.md, "The daemon").
+                if crc32c is None or not crc32c.landed(sent):
+                    raise
+                log.info("finishing the upload of %s failed (%s: %s), but the object is there "
+                         "with the size and CRC32C sent: the upload took effect", url,
+                         type(e).__name__, e)
             if crc32c is not None:
                 crc32c.check()
         if finish is not None:
@@ -159,7 +169,7 @@ def upload_file(
 
 
 
-def _local_write(writer: HashingWriter, chunk: bytes) -> None:
+def _local_write(writer: HashingWriter, chunk: bytes | memoryview) -> None:
     try:
         writer.write(chunk)
     except OSError as e:
@@ -248,23 +258,29 @@ def download_file_ranged(
     requested, in order, so the oldest unwritten range of each file always holds one: no
     deadlock. Each range is retried on its own. The caller has checked the listed size.
 
+    On S3 each range is read into a buffer reused from range to range (``slots``' own where
+    it is a :class:`~ckptsync.transfer.parallel.Slots`, kept across the files of a transfer;
+    else this file's): no fresh 32 MiB allocation, whose pages the kernel faults in and
+    zeroes, per range.
+
     Raises: as :func:`download_file`.
     """
     progress = progress or NullProgress()
     bs = config.block_size
     ranges = [(o, min(o + bs, entry.size)) for o in range(0, entry.size, bs)]
     window = max(1, min(config.max_workers, len(ranges)))
-    pending: deque[tuple[int, int, Future[bytes]]] = deque()
+    pending: deque[tuple[int, int, bytearray, Future[memoryview | bytes]]] = deque()
     next_range = 0
+    buffers = _Buffers(slots)
     # The reader is closed after the pool has joined every fetch (exit order is reversed).
     with range_reader(fs, remote_path, window) as read_range, \
             ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
 
-        def fetch(start: int, end: int) -> bytes:
-            def attempt() -> bytes:
+        def fetch(start: int, end: int, buf: bytearray) -> memoryview | bytes:
+            def attempt() -> memoryview | bytes:
                 _check_stop(stop, url)
                 try:
-                    return read_range(start, end)
+                    return read_range(start, end, buf)
                 except FileNotFoundError:
                     raise CorruptCheckpointError(
                         f"{url}: file listed in the manifest is missing", path=url
@@ -282,32 +298,43 @@ def download_file_ranged(
                     return
                 start, end = ranges[next_range]
                 next_range += 1
-                pending.append((start, end, pool.submit(fetch, start, end)))
+                buf = buffers.take(bs)
+                pending.append((start, end, buf, pool.submit(fetch, start, end, buf)))
 
         try:
             fill()
             while pending:
-                start, end, fut = pending.popleft()
+                start, end, buf, fut = pending.popleft()
                 try:
                     data = fut.result()
-                finally:
+                except BaseException:
+                    buffers.give(buf)
                     slots.release()
+                    raise
                 if len(data) != end - start:
+                    buffers.give(buf)
+                    slots.release()
                     raise CorruptCheckpointError(
                         f"{url}: file is shorter than the {entry.size} bytes its "
                         "manifest lists (truncated)",
                         path=url,
                     )
-                _check_stop(stop, url)
-                _local_write(writer, data)
-                progress.update(len(data))
-                del data
+                try:
+                    _check_stop(stop, url)
+                    _local_write(writer, data)
+                finally:
+                    del data
+                    buffers.give(buf)
+                    slots.release()
+                progress.update(end - start)
                 fill()
         except BaseException:
-            for _, _, fut in pending:
+            for _, _, _, fut in pending:
                 fut.cancel()
             while pending:  # give back the slots of ranges that will never be written
-                pending.popleft()
+                _, _, buf, fut = pending.popleft()
+                if fut.cancelled() or fut.done():  # a running fetch still fills its buffer
+                    buffers.give(buf)
                 slots.release()
             raise
 
@@ -326,6 +353,26 @@ def download_file_ranged(
         raise CorruptCheckpointError(
             f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
         )
+
+
+class _Buffers:
+    """The buffers a ranged download reads into: those ``slots`` keeps for reuse where it is
+    a :class:`Slots` (shared by every file of one transfer), else this file's own list."""
+
+    def __init__(self, slots: threading.Semaphore) -> None:
+        self._slots = slots if isinstance(slots, Slots) else None
+        self._free: list[bytearray] = []
+
+    def take(self, size: int) -> bytearray:
+        if self._slots is not None:
+            return self._slots.take(size)
+        return self._free.pop() if self._free else bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        if self._slots is not None:
+            self._slots.give(buf)
+        else:
+            self._free.append(buf)
 
 
 def hash_remote_file(

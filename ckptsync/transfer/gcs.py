@@ -14,14 +14,21 @@ the way Google's own client does: an ``X-Goog-Hash: crc32c=<base64>`` header on 
 that finalizes the resumable upload (the one whose ``Content-Range`` gives the total size),
 which GCS checks before it creates the object. The CRC is computed by the caller in the pass
 that reads and hashes the file (:meth:`Crc32cSender.update`), with ``google-crc32c``
-(installed with gcsfs through google-cloud-storage; its C implementation only: the pure
-Python one would cost more than the upload).
+(:data:`ckptsync.transfer.checksums.CRC32C`: installed with gcsfs through
+google-cloud-storage; its C implementation only: the pure Python one would cost more than the
+upload).
 
 Since the server stores the CRC32C of what it received, the reply to the finalizing request
 (the object's metadata) is also compared with the CRC sent: a server that does not check
 the header (fake-gcs-server 1.x does not) still cannot keep a damaged object unseen; the
 upload fails, retryable, and is sent again (the object is overwritten, and its checkpoint
 is not committed meanwhile).
+
+The reply to the finalizing request can be lost after GCS created the object (a reset, a
+timeout); gcsfs then sends that request again, and GCS, which has closed the upload session,
+answers 404. The outcome is ambiguous, and is resolved by reading the remote (DESIGN.md, "The
+daemon"): :meth:`Crc32cSender.landed` reads the object back, and when it holds as many bytes
+as were sent, with the CRC32C they had, the upload took effect.
 
 The private API used, and where: the ``gcsfs`` attribute of a ``gcsfs.core.GCSFile`` (the
 filesystem whose ``call`` sends each chunk), replaced on that one file by
@@ -34,13 +41,13 @@ digest still verifies every download).
 
 from __future__ import annotations
 
-import base64
 import importlib.metadata
 import json
 import logging
 from typing import Any
 
 from ckptsync.errors import RemoteError
+from ckptsync.transfer.checksums import CRC32C, Buffer, Crc, encode
 from ckptsync.transfer.s3 import _FallenBack
 
 __all__ = ["Crc32cSender", "crc32c_sender"]
@@ -61,11 +68,6 @@ def _fall_back(fs: Any, what: str, why: str) -> None:
                     "download)", what, version, why)
 
 
-def _encode(crc: int) -> str:
-    """A CRC32C as GCS carries it: base64 of its 4 big-endian bytes."""
-    return base64.b64encode(crc.to_bytes(4, "big")).decode("ascii")
-
-
 class Crc32cSender:
     """The CRC32C of one upload through a gcsfs file, computed by :meth:`update` over the
     bytes written, in order; :meth:`seal` fixes it before the file is closed, so that the
@@ -73,19 +75,19 @@ class Crc32cSender:
     warned about, if no finalizing request went through.
     """
 
-    def __init__(self, f: Any, extend: Any) -> None:
+    def __init__(self, f: Any, crc32c: Crc) -> None:
         self._file = f
-        self._extend = extend
+        self._crc32c = crc32c
         self.crc = 0
         self.sealed: str | None = None
         self.sent = False
 
-    def update(self, chunk: bytes) -> None:
-        """Carry the CRC on over ``chunk`` (``bytes``: google-crc32c takes no other buffer)."""
-        self.crc = self._extend(self.crc, chunk)
+    def update(self, chunk: Buffer) -> None:
+        """Carry the CRC on over ``chunk``."""
+        self.crc = self._crc32c.update(self.crc, chunk)
 
     def seal(self) -> None:
-        self.sealed = _encode(self.crc)
+        self.sealed = encode(self.crc)
 
     def check(self) -> None:
         """After a close that completed the upload: the finalizing request carried the CRC."""
@@ -99,6 +101,21 @@ class Crc32cSender:
             return headers
         self.sent = True
         return {**headers, "X-Goog-Hash": f"crc32c={self.sealed}"}
+
+    def landed(self, size: int) -> bool:
+        """After a close that failed once the finalizing request was sent (its reply lost):
+        does the object hold ``size`` bytes with the CRC32C sent? Read from the remote; False
+        when it cannot be read (the caller's error stands)."""
+        if self.sealed is None or not self.sent:
+            return False
+        fs, path = self._file.fs, self._file.path
+        try:
+            fs.invalidate_cache(path)
+            info = fs.info(path)
+        except Exception:  # not there, or unreadable: not known to have landed
+            log.debug("cannot read back gs://%s", path, exc_info=True)
+            return False
+        return int(info.get("size", -1)) == size and info.get("crc32c") == self.sealed
 
     def verify_reply(self, path: str, contents: Any) -> None:
         """The object the server created holds the bytes sent, by its CRC32C (where the reply
@@ -141,15 +158,6 @@ class _Finalizing:
         return out
 
 
-def _extend() -> Any:
-    """google-crc32c's ``extend``; None (the caller sends no CRC) without its C code."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return None
-    return google_crc32c.extend if google_crc32c.implementation == "c" else None
-
-
 def crc32c_sender(f: Any) -> Crc32cSender | None:
     """A :class:`Crc32cSender` for ``f``, a gcsfs file just opened for writing (nothing sent
     yet); None for any other file, or once gcsfs's private API failed on its filesystem, or
@@ -162,8 +170,7 @@ def crc32c_sender(f: Any) -> Crc32cSender | None:
         return None  # not a plain GCS object (a zonal bucket's file appends over gRPC)
     if _fallen_back.get(f.fs) is not None:
         return None
-    extend = _extend()
-    if extend is None:
+    if CRC32C is None:
         _fall_back(f.fs, "google-crc32c's C implementation is not installed",
                    "pip install google-crc32c")
         return None
@@ -171,6 +178,6 @@ def crc32c_sender(f: Any) -> Crc32cSender | None:
     if fs is None or not callable(getattr(fs, "call", None)) or getattr(f, "offset", None):
         _fall_back(f.fs, "GCSFile.gcsfs.call is missing", "gcsfs changed")
         return None
-    sender = Crc32cSender(f, extend)
+    sender = Crc32cSender(f, CRC32C)
     f.gcsfs = _Finalizing(fs, sender)
     return sender

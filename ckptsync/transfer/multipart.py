@@ -26,7 +26,7 @@ from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.manifest import FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
-from ckptsync.transfer.checksums import PartChecksums, full_object_args
+from ckptsync.transfer.checksums import PartChecksums, checksum, full_object_args
 from ckptsync.transfer.files import _open_local, upload_file
 from ckptsync.transfer.parallel import Slots, _acquire
 from ckptsync.transfer.retry import Retrier, _check_stop
@@ -175,29 +175,34 @@ class MultipartUpload:
         if failed is not None:
             failed.result()
 
-    def send(self, data: bytes | bytearray, buf: bytearray | None) -> None:
-        """Queue part number ``len(futures) + 1``; ``buf`` (with the caller's slot) goes with it."""
+    def send(self, data: bytes | bytearray, buf: bytearray | None, crc: int | None = None) -> None:
+        """Queue part number ``len(futures) + 1``; ``buf`` (with the caller's slot) goes with it.
+        ``crc``: the part's CRC (:func:`~ckptsync.transfer.checksums.checksum`), computed by
+        the caller in the pass that read or filled the part; None: computed here."""
         try:
             assert self._pool is not None, "create() first"
-            self.futures.append(self._pool.submit(self._put, len(self.futures) + 1, data, buf))
+            self.futures.append(self._pool.submit(self._put, len(self.futures) + 1, data, buf,
+                                                  crc))
         except BaseException:
             self.slots.sent(buf)
             raise
 
-    def _put(self, number: int, data: bytes | bytearray,
-             buf: bytearray | None) -> dict[str, Any]:
+    def _put(self, number: int, data: bytes | bytearray, buf: bytearray | None,
+             crc: int | None) -> dict[str, Any]:
         try:
             if self._created is not None:
                 self._created.result()  # the create failed: so does every part
             assert self._sender is not None  # made by the create call
             sender = self._sender
             # The part's CRC, once, over the very bytes sent: the server checks the body.
-            crc = self.checksums.part(number, data) if self.checksums is not None else {}
+            sums = self.checksums
+            declared = ({} if sums is None else sums.part(number, data) if crc is None
+                        else sums.record(number, crc, len(data)))
 
             def attempt() -> Any:
                 _check_stop(self._stop, self.url)
                 return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data,
-                                          **crc)
+                                          **declared)
 
             resp = self.retrier.call(attempt, url=self.url, action="upload to")
             if self.on_part is not None:
@@ -306,7 +311,7 @@ def _send_file(upload: MultipartUpload, local_path: Path, entry: FileEntry, *, p
                 data, lent = slots.body(buf, n)
                 digest.update(data)
                 size += n
-                upload.send(data, lent)
+                upload.send(data, lent, checksum(data))  # its CRC in the pass that read it
                 del data, buf, lent
             parts = upload.parts()
         except BaseException:
@@ -438,6 +443,7 @@ class MultipartStream:
         # it, so that streams waiting for their commit never hold the window) and its fill.
         self._part: bytearray | None = None
         self._fill = 0
+        self._crc = 0  # of the part's bytes so far
         self._done = False
         self._upload = MultipartUpload(fs, remote_path, url=url, retrier=retrier, slots=slots,
                                        window=max(1, config.parts_in_flight),
@@ -452,8 +458,12 @@ class MultipartStream:
                 if self._part is None:
                     self._part = self.slots.take(self.part_size)
                     self._fill = 0
+                    self._crc = 0
                 k = min(len(data), self.part_size - self._fill)
                 self._part[self._fill:self._fill + k] = data[:k]  # the one copy of each byte
+                # The part's CRC over the bytes just copied, while they are in the cache.
+                self._crc = checksum(memoryview(self._part)[self._fill:self._fill + k],
+                                     self._crc)
                 self._fill += k
                 data = data[k:]
                 if self._fill == self.part_size:
@@ -463,7 +473,7 @@ class MultipartStream:
                         self._detach()
                         return
                     part, self._part = self._part, None
-                    self._send(part, part)
+                    self._send(part, part, self._crc)
                     self.sent += self.part_size
         except BaseException as e:  # the local save must go on: fall back to a normal upload
             log.info("streaming upload of %s stopped, will upload after commit: %s", self.url, e)
@@ -481,8 +491,9 @@ class MultipartStream:
             self.slots.give(self._part)
             self._part = None
 
-    def _send(self, data: bytes | bytearray, buf: bytearray | None) -> None:
-        """Send one part; the caller holds its slot (and ``buf``), handed to the part here."""
+    def _send(self, data: bytes | bytearray, buf: bytearray | None, crc: int) -> None:
+        """Send one part (of CRC ``crc``); the caller holds its slot (and ``buf``), handed to
+        the part here."""
         try:
             if not self._upload.started:
                 self._upload.start()  # created on the pool: never waited for here
@@ -490,7 +501,7 @@ class MultipartStream:
         except BaseException:
             self.slots.sent(buf)
             raise
-        self._upload.send(data, buf)
+        self._upload.send(data, buf, crc)
 
     def finish(self, entry: FileEntry, local_path: Path, progress: Progress | None = None,
                stop: threading.Event | None = None) -> bool:
@@ -522,7 +533,7 @@ class MultipartStream:
                 if self._part is not None:  # the short last part
                     part, self._part = self._part, None
                     _acquire(self.slots, stop, self.url)
-                    self._send(*self.slots.body(part, self._fill))
+                    self._send(*self.slots.body(part, self._fill), self._crc)
                 self._upload.complete(self._upload.parts(), entry.size)
             with lock:
                 rest, reported[0] = entry.size - reported[0], entry.size

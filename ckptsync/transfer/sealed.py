@@ -18,6 +18,7 @@ from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.manifest import FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
+from ckptsync.transfer.checksums import checksum
 from ckptsync.transfer.files import _open_local
 from ckptsync.transfer.multipart import MultipartUpload
 from ckptsync.transfer.parallel import Slots, _acquire
@@ -44,6 +45,7 @@ class PartSink:
         self.closed = False
         self._part: bytearray | None = None
         self._fill = 0
+        self._crc = 0  # of the part's bytes so far
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -55,8 +57,11 @@ class PartSink:
                 _acquire(self.slots, self.stop, self.upload.url)
                 self._part = self.slots.take(self.part_size)
                 self._fill = 0
+                self._crc = 0
             k = min(len(mv), self.part_size - self._fill)
             self._part[self._fill:self._fill + k] = mv[:k]
+            # The part's CRC over the stored bytes just copied, while they are in the cache.
+            self._crc = checksum(memoryview(self._part)[self._fill:self._fill + k], self._crc)
             self._fill += k
             mv = mv[k:]
             if self._fill == self.part_size:
@@ -72,7 +77,7 @@ class PartSink:
         except BaseException:
             self.slots.sent(part)
             raise
-        self.upload.send(data, lent)
+        self.upload.send(data, lent, self._crc)
 
     def close(self) -> None:
         if self.closed:

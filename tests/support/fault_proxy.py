@@ -17,6 +17,11 @@ of all requests, with every way a network or a server misbehaves::
         ...                                  # ~30% of requests meet one of Chaos.KINDS
     print(proxy.injected)                    # Counter({"503": 4, "drop": 3, ...})
 
+Credentials that expire: after :meth:`FaultProxy.revoke`, a request signed with that access
+key is answered 403 InvalidAccessKeyId (not forwarded), as a server answers a deleted key.
+:attr:`FaultProxy.connections` counts the client connections accepted (a client that reuses
+its connections opens no new one).
+
 A slow or dead link: :meth:`FaultProxy.stall` holds every new request (none is forwarded,
 none answered) until :meth:`FaultProxy.unstall`; ``rate`` (bytes per second) throttles the
 request bodies relayed to the server, as an upload over a slow link::
@@ -64,9 +69,12 @@ class Fault:
         ranged: True: only requests with a ``Range`` header; False: only without; None: any.
         after: body bytes relayed before the cut (None: half the body, at least one byte).
         how: ``"reset"`` (TCP RST, as a dropped connection) or ``"close"`` (a clean FIN, a
-            truncated body); or ``"flip"``: the *request* body (one with a Content-Length)
-            reaches the server with one byte flipped, at offset ``after`` (None: its middle),
-            as bytes damaged in transit, and the reply is relayed whole (its status recorded).
+            truncated body); ``"drop"``: the request reaches the server, which acts on it, and
+            its whole reply is lost (read and thrown away, the client's connection reset: an
+            ambiguous outcome, as :data:`KINDS`' ``drop``); or ``"flip"``: the *request*
+            body (one with a Content-Length) reaches the server with one byte flipped, at
+            offset ``after`` (None: its middle), as bytes damaged in transit, and the reply is
+            relayed whole (its status recorded).
     """
 
     method: str = "GET"
@@ -74,7 +82,7 @@ class Fault:
     path_contains: str = ""
     ranged: bool | None = None
     after: int | None = None
-    how: Literal["reset", "close", "flip"] = "reset"
+    how: Literal["reset", "close", "drop", "flip"] = "reset"
     seen: int = field(default=0, init=False)
     done: bool = field(default=False, init=False)
 
@@ -102,6 +110,8 @@ _ERROR_BODIES = {
     "500": (b"500 Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (b"503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "revoked": (b"403 Forbidden", "InvalidAccessKeyId",
+                "The AWS Access Key Id you provided does not exist in our records."),
 }
 
 
@@ -281,6 +291,7 @@ class FaultProxy:
         heads: ``(method, target, headers)`` of every request, in order (header names in
             lower case): what the client sent, e.g. the checksum it declared.
         body_bytes: request body bytes relayed to the server (what the client uploaded).
+        connections: client connections accepted so far.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, *,
@@ -307,6 +318,8 @@ class FaultProxy:
         self.requests: list[tuple[str, str]] = []
         self.heads: list[tuple[str, str, dict[str, str]]] = []
         self.body_bytes = 0
+        self.connections = 0
+        self._revoked: set[str] = set()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_connections)
         self._stop = threading.Event()
@@ -352,6 +365,12 @@ class FaultProxy:
         """Forward the held requests and every later one."""
         self._open.set()
 
+    def revoke(self, access_key: str) -> None:
+        """From now on, answer a request signed (SigV4) with ``access_key`` with 403
+        InvalidAccessKeyId, without forwarding it: the key was deleted."""
+        with self._lock:
+            self._revoked.add(access_key)
+
     # ------------------------------------------------------------------ internals
 
     def _throttled(self, send: Callable[[bytes], None]) -> Callable[[bytes], None]:
@@ -389,6 +408,8 @@ class FaultProxy:
             except (TimeoutError, OSError):
                 self._slots.release()
                 continue
+            with self._lock:
+                self.connections += 1
             t = threading.Thread(target=self._serve, args=(client,),
                                  name=f"{THREAD_PREFIX}-conn", daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -468,8 +489,18 @@ class FaultProxy:
                     head = b"\r\n".join(ln for ln in head.split(b"\r\n")
                                         if not ln.lower().startswith(b"expect:"))
                 picked = self._pick(method, target, headers)
+                with self._lock:
+                    revoked = any(f"Credential={k}/" in headers.get("authorization", "")
+                                  for k in self._revoked)
+                if revoked:
+                    _relay_body(creader, headers, lambda _b: None, to_eof=False)
+                    self._record("revoked", f"{method} {target}: revoked key")
+                    client.sendall(_error_reply("revoked", "s3"))
+                    continue
                 fault = picked if isinstance(picked, Fault) else None
                 kind, delay = picked if isinstance(picked, tuple) else ("", 0.0)
+                if fault is not None and fault.how == "drop":
+                    fault, kind = None, "drop"
                 what = f"{method} {target}"
                 if kind in ("reset", "close", "500", "503", "blackhole"):
                     # Not forwarded: the server never sees this request.
