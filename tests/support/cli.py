@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator, Mapping
 
 from tests.support.paths import REPO
+from tests.support.servers import environ
 
 #: Quick retries: a test of a failure should not wait out the production back-off.
 QUICK = {"CKPTSYNC_RETRIES": "2", "CKPTSYNC_BACKOFF_INITIAL": "0"}
@@ -36,24 +37,6 @@ def cli(*args: str, env: Mapping[str, str] | None = None,
     return subprocess.run([sys.executable, "-m", "ckptsync.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd or REPO,
                           env=cli_env(**{**(env or {}), **variables}))
-
-
-@contextlib.contextmanager
-def _environ(changes: Mapping[str, str | None]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in changes}
-    try:
-        for k, v in changes.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextlib.contextmanager
@@ -85,7 +68,7 @@ def run_cli(*args: str, env: Mapping[str, str | None] | None = None,
 
     out, err = io.StringIO(), io.StringIO()
     changes: dict[str, str | None] = {**QUICK, **(env or {}), **variables}
-    with (_environ(changes), _own_logging(), contextlib.chdir(cwd or os.getcwd()),
+    with (environ(changes), _own_logging(), contextlib.chdir(cwd or os.getcwd()),
           contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
         old_stdin = sys.stdin
         sys.stdin = io.StringIO(stdin)

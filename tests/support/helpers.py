@@ -258,6 +258,37 @@ def fail_at(n: int, exc: Callable[[], BaseException], ops: Iterable[str] = _OPS)
 
 
 # --------------------------------------------------------------------------- crash driver
+def kill_at_every_op(calls: list[tuple[str, str]], base: Path, work: Path,
+                     save: Callable[[Path, RecordingOps], None]) -> list[dict[str, Any]]:
+    """For every recorded file operation and for "before"/"after" it, fork a child that copies
+    ``base`` to a directory of its own under ``work`` and runs ``save(directory, ops)`` with
+    file ops that SIGKILL it there. Returns one case per kill point: its directory, the
+    operation, and whether SIGKILL ended the child (a child that was not killed at its point
+    prints why and exits 3)."""
+    cases = []
+    for n in range(len(calls)):
+        for when in ("before", "after"):
+            d = work / f"kill-{n:04d}-{when}"
+            shutil.copytree(base, d)
+            sys.stdout.flush()
+            pid = os.fork()
+            if pid == 0:  # child
+                code = 0
+                try:
+                    save(d, kill_at(n, when))
+                except BaseException:
+                    # Not killed at its kill point: the parent records killed=False, which the
+                    # tests report; say why here.
+                    traceback.print_exc()
+                    code = 3
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+            cases.append({"dir": str(d), "n": n, "when": when, "op": calls[n][0],
+                          "path": calls[n][1], "killed": killed})
+    return cases
+
+
 def crash_state() -> dict[str, Any]:
     """A small state (few tensors, so few file operations per save)."""
     torch.manual_seed(11)
@@ -297,29 +328,12 @@ def crash_driver(base: str, work: str, with_previous: str) -> None:
         ck.save(2, **state).wait()
     calls = counted.calls
 
-    cases = []
-    for n in range(len(calls)):
-        for when in ("before", "after"):
-            d = work_p / f"kill-{n:04d}-{when}"
-            shutil.copytree(base_p, d)
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 0
-                try:
-                    ck = Checkpointer(d, file_ops=kill_at(n, when))
-                    ck.save(2, **state).wait()
-                    ck.close()
-                except BaseException:
-                    # Not killed at its kill point: the parent records killed=False, which
-                    # test_every_kill_point_was_exercised reports; say why here.
-                    traceback.print_exc()
-                    code = 3
-                os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-            cases.append({"dir": str(d), "n": n, "when": when, "op": calls[n][0],
-                          "path": calls[n][1], "killed": killed})
+    def save(d: Path, ops: RecordingOps) -> None:
+        ck = Checkpointer(d, file_ops=ops)
+        ck.save(2, **state).wait()
+        ck.close()
+
+    cases = kill_at_every_op(calls, base_p, work_p, save)
     (work_p / "cases.json").write_text(json.dumps({"calls": calls, "cases": cases}))
 
 

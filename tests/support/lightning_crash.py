@@ -11,11 +11,8 @@ its directory and whether SIGKILL ended it) and the two dicts saved (``old.pt``,
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ import torch
 
 from ckptsync.integrations.lightning import CkptSyncCheckpointIO
 from tests.support.faults import RecordingOps
-from tests.support.helpers import kill_at
+from tests.support.helpers import kill_at_every_op
 
 CKPT = "last.ckpt"
 
@@ -57,25 +54,10 @@ def main(work_s: str) -> None:
     calls = list(counted.calls)  # the save's own: the upload thread starts after them
     io.teardown()
 
-    cases = []
-    for n in range(len(calls)):
-        for when in ("before", "after"):
-            d = work / f"kill-{n:03d}-{when}"
-            shutil.copytree(base, d)
-            sys.stdout.flush()
-            pid = os.fork()
-            if pid == 0:  # child
-                code = 0
-                try:
-                    plugin(d, remote, kill_at(n, when)).save_checkpoint(new, d / CKPT)
-                except BaseException:
-                    traceback.print_exc()  # not killed at its kill point: say why
-                    code = 3
-                os._exit(code)
-            _, status = os.waitpid(pid, 0)
-            killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-            cases.append({"dir": str(d), "n": n, "when": when, "op": calls[n][0],
-                          "path": calls[n][1], "killed": killed})
+    def save(d: Path, ops: RecordingOps) -> None:
+        plugin(d, remote, ops).save_checkpoint(new, d / CKPT)
+
+    cases = kill_at_every_op(calls, base, work, save)
     (work / "cases.json").write_text(json.dumps({"calls": calls, "cases": cases,
                                                  "remote": remote}))
 

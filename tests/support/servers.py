@@ -62,7 +62,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -355,11 +355,16 @@ class FakeGCS(ServerProcess):
 
 
 @contextlib.contextmanager
-def environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration of the block, then restore them."""
+def environ(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (None: remove) environment variables for the duration of the block, then restore
+    them."""
     old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in old.items():
