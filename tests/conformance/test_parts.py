@@ -16,9 +16,8 @@ from typing import Any
 import pytest
 
 from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import Manifest, make_name
-from ckptsync.parts import make_parts, part_of
-from tests.support.stores import make_store
+from ckptsync.parts import part_of
+from tests.support.stores import make_node_parts, make_store
 
 pytestmark = pytest.mark.core
 
@@ -27,15 +26,7 @@ NODE_FILES = [{".metadata": b"meta", "__0_0.distcp": os.urandom(70_000)},
 
 
 def _parts(tmp_path: Path, step: int) -> list[LocalCheckpoint]:
-    """Two nodes' local parts of one checkpoint, committed in two directories."""
-    name = make_name(step)
-    stagings = [LocalStore(tmp_path / f"node{n}").staging(name) for n in (0, 1)]
-    by_node = [[st.write_file(p, d) for p, d in files.items()]
-               for st, files in zip(stagings, NODE_FILES, strict=True)]
-    whole = Manifest.new(step=step, files=[e for es in by_node for e in es], name=name,
-                         meta={"dcp": {"world_size": 2, "objects": ["model"], "nodes": 2}})
-    parts = make_parts(whole, by_node)
-    return [st.commit(m) for st, m in zip(stagings, parts, strict=True)]
+    return make_node_parts(tmp_path, step, NODE_FILES)
 
 
 def _under(store: Any, name: str) -> list[str]:

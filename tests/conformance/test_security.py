@@ -36,7 +36,7 @@ from ckptsync.remote import RemoteStore
 from ckptsync.retention import RetentionPolicy
 from tests.support.faults import FaultFS
 from tests.support.formats import seal
-from tests.support.stores import FAST, make_local, put, read_tree, rpath
+from tests.support.stores import FAST, make_local, make_node_parts, put, read_tree, rpath
 
 pytestmark = pytest.mark.full
 
@@ -287,13 +287,7 @@ NODE_FILES = [{".metadata": b"meta", "__0_0.distcp": os.urandom(7000)},
 
 
 def _parts(tmp_path: Path, step: int) -> list[LocalCheckpoint]:
-    name = make_name(step)
-    stagings = [LocalStore(tmp_path / f"node{n}").staging(name) for n in (0, 1)]
-    by_node = [[st.write_file(p, d) for p, d in files.items()]
-               for st, files in zip(stagings, NODE_FILES, strict=True)]
-    whole = Manifest.new(step=step, files=[e for es in by_node for e in es], name=name,
-                         meta={"dcp": {"world_size": 2, "objects": ["model"], "nodes": 2}})
-    return [st.commit(m) for st, m in zip(stagings, make_parts(whole, by_node), strict=True)]
+    return make_node_parts(tmp_path, step, NODE_FILES)
 
 
 @pytest.mark.parametrize("backend", ["memory", "seaweedfs"])

@@ -27,11 +27,11 @@ from ckptsync.daemon import (
     daemon_status,
     format_status,
 )
-from ckptsync.local import LocalCheckpoint, LocalStore
-from ckptsync.manifest import Manifest, make_name
-from ckptsync.parts import make_parts, part_of
+from ckptsync.local import LocalCheckpoint
+from ckptsync.parts import part_of
 from ckptsync.remote import RemoteStore
 from tests.support.daemon import InProcessDaemon
+from tests.support.stores import make_node_parts
 from tests.support.watchkit import wait_for
 
 pytestmark = pytest.mark.core
@@ -42,14 +42,7 @@ FAST = TransferConfig(retries=2, backoff_initial=0.05, backoff_max=0.2)
 
 
 def _parts(tmp_path: Path, step: int) -> list[LocalCheckpoint]:
-    """Two nodes' local parts of one checkpoint, committed in ``node0`` and ``node1``."""
-    name = make_name(step)
-    stagings = [LocalStore(tmp_path / f"node{n}").staging(name) for n in (0, 1)]
-    by_node = [[st.write_file(p, d) for p, d in files.items()]
-               for st, files in zip(stagings, NODE_FILES, strict=True)]
-    whole = Manifest.new(step=step, files=[e for es in by_node for e in es], name=name,
-                         meta={"dcp": {"world_size": 2, "objects": ["model"], "nodes": 2}})
-    return [st.commit(m) for st, m in zip(stagings, make_parts(whole, by_node), strict=True)]
+    return make_node_parts(tmp_path, step, NODE_FILES)
 
 
 def _store(tmp_path: Path) -> RemoteStore:

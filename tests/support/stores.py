@@ -42,6 +42,22 @@ def make_local(store: LocalStore, step: int | None, files: dict[str, bytes],
     return st.commit(Manifest.new(step=step, files=st.entries, name=st.name, metrics=metrics))
 
 
+def make_node_parts(root: Path, step: int,
+                    node_files: list[dict[str, bytes]]) -> list[LocalCheckpoint]:
+    """Each node's local part of one multi-node checkpoint (node ``n`` holds
+    ``node_files[n]``), committed in ``root/node<n>``."""
+    from ckptsync.parts import make_parts
+
+    name = make_name(step)
+    stagings = [LocalStore(root / f"node{n}").staging(name) for n in range(len(node_files))]
+    by_node = [[st.write_file(p, d) for p, d in files.items()]
+               for st, files in zip(stagings, node_files, strict=True)]
+    whole = Manifest.new(step=step, files=[e for es in by_node for e in es], name=name,
+                         meta={"dcp": {"world_size": len(node_files), "objects": ["model"],
+                                       "nodes": len(node_files)}})
+    return [st.commit(m) for st, m in zip(stagings, make_parts(whole, by_node), strict=True)]
+
+
 def files_for(step: int) -> dict[str, bytes]:
     return {
         "model.pt": os.urandom(300_000) + step.to_bytes(4, "little"),  # several chunks
