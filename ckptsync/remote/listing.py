@@ -131,7 +131,8 @@ class StoreBase:
         self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
         if fs is None:
             expected = choose_backend(None, self.scheme, self.config)
-            fs, root = open_fs(url, expected.open_options(options, self.config), self._secrets)
+            fs, root = open_fs(url, expected.open_options(options, self.config), self._secrets,
+                               expected.filesystem)
         else:
             root = fs._strip_protocol(url)
         self.fs = fs

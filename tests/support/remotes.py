@@ -4,6 +4,7 @@ the conftest's ``*_remote`` fixtures give it, and clearing fsspec's instance cac
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +57,9 @@ def clear_fsspec_caches() -> None:
 
     classes: list[Any] = [LocalFileSystem, MemoryFileSystem]
     for module, name in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"),
-                         ("gdrive_fsspec", "GoogleDriveFileSystem")):
+                         ("gdrive_fsspec", "GoogleDriveFileSystem"),
+                         ("ckptsync.remote.gdrive", "DriveFileSystem")):
         with contextlib.suppress(ImportError):
-            classes.append(getattr(__import__(module), name))
+            classes.append(getattr(importlib.import_module(module), name))
     for cls in classes:
         cls.clear_instance_cache()
