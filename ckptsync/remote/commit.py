@@ -29,6 +29,7 @@ from ckptsync.crypto import stored_size
 from ckptsync.errors import CkptSyncError, ConfigError, CorruptCheckpointError, RemoteError
 from ckptsync.local import LocalCheckpoint
 from ckptsync.manifest import FORMAT, LATEST_NAME, MANIFEST_NAME, FileEntry, Manifest, name_sort_key
+from ckptsync.mounts import sync_dir
 from ckptsync.ownership import ROOT_MARKER
 from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
@@ -224,7 +225,19 @@ class PushMixin(StoreBase):
         log.info("committed %s to %s", name, redact_url(self.url))
         self._last_commit = m
         self._update_latest(m)
+        if self.mount is not None:
+            self._sync_mount(name)
         return m
+
+    def _sync_mount(self, name: str) -> None:
+        """On a FUSE mount (Colab's Drive), hand it what the kernel still holds of this
+        commit (the names of the manifest and ``LATEST`` too): committed there means handed
+        to the mount. A failure is reported, never the commit's end: it happened."""
+        try:
+            sync_dir(self.root)
+        except OSError as e:
+            log.warning("committed %s to %s, but syncing %s failed: %s", name,
+                        redact_url(self.url), self.mount.what if self.mount else self.root, e)
 
     # ------------------------------------------------------------------ multi-node parts
 

@@ -41,6 +41,7 @@ from ckptsync.manifest import (
     parse_name,
     unusable_reason,
 )
+from ckptsync.mounts import mounted_remote
 from ckptsync.ownership import ROOT_MARKER, check_remote_url
 from ckptsync.redact import redact_url, remember, scrub, secrets_of
 from ckptsync.remote.backends import choose_backend
@@ -139,6 +140,9 @@ class StoreBase:
         self.root = str(root).rstrip("/")
         self.backend = choose_backend(fs, self.scheme, self.config)
         """What the storage can do (:class:`~ckptsync.remote.backends.Backend`)."""
+        self.mount = mounted_remote(self.root) if self.backend.local_paths else None
+        """The FUSE mount (Colab's Drive) the remote directory is on, where "committed" means
+        handed to the mount (:mod:`ckptsync.mounts`); None elsewhere."""
         self._retry = Retrier(self.config, self._translate)
         self._stats_lock = threading.Lock()
         self._marked = False  # this store has seen (or written) the root marker
