@@ -99,8 +99,8 @@ _CREDENTIAL_HINTS = {
               "start_watcher, which inherits it); elsewhere `gcloud auth application-default "
               "login --scopes=https://www.googleapis.com/auth/drive,"
               "https://www.googleapis.com/auth/cloud-platform`, or -o token=PATH of an "
-              "authorized-user JSON file, or a service account (-o token=service_account "
-              "-o creds=KEY.json -o root_file_id=FOLDER_ID)",
+              "authorized-user JSON file (a service account's key works too: see "
+              "docs/backends.md)",
 }
 
 #: S3 error codes for a body whose checksum did not match what the server received: the bytes
