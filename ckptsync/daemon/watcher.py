@@ -140,7 +140,10 @@ class Watcher:
         self._parent_is_ppid = self._parent is not None and self._parent == os.getppid()
         self.abandoned_calls = False  # a stopped push's call never returned (see _shutdown)
         # The parts, wired here (each owns its state; see the module doc).
-        self.transfers = TransferQueue(config.workers, name="ckptsync-upload")
+        # A backend of one worker (Drive) pushes one checkpoint at a time: Drive has no
+        # atomic folder create, so two first pushes at once would make two root folders.
+        self.transfers = TransferQueue(1 if store.backend.workers == 1 else config.workers,
+                                       name="ckptsync-upload")
         self.health = Health(wdir / STATUS_NAME, self.local.directory,
                              redact_url(config.remote), self._snapshot,
                              mount=store.mount)

@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gdrive_fsspec import GoogleDriveFileSystem
-from google.auth.credentials import Credentials
+from gdrive_fsspec.core import GoogleDriveFile
+from google.auth.credentials import AnonymousCredentials, Credentials
 from googleapiclient.discovery import build
 
 from ckptsync.errors import ConfigError
@@ -98,13 +100,14 @@ def _scoped(creds: Credentials, scopes: Sequence[str]) -> Credentials:
     return with_scopes(list(scopes)) if callable(with_scopes) else creds
 
 
-def _read_json(token: str) -> Any:
-    """An authorized-user JSON given as its content or as a file's path."""
+def _read_json(token: str, option: str = "token") -> Any:
+    """A credentials JSON given as its content or as a file's path (storage option
+    ``option``)."""
     if token.lstrip().startswith("{"):
         text = token
-        where = "the JSON given as storage option token"
+        where = f"the JSON given as storage option {option}"
     else:
-        where = "the file named by storage option token"
+        where = f"the file named by storage option {option}"
         try:
             text = Path(token).expanduser().read_text()
         except OSError as e:
@@ -142,7 +145,14 @@ def _from_info(info: Mapping[str, Any], scopes: Sequence[str]) -> Credentials:
 
 class DriveFileSystem(GoogleDriveFileSystem):
     """gdrive-fsspec's ``GoogleDriveFileSystem`` with more ways to log in (the module
-    docstring lists them) and Google's application-default credentials by default.
+    docstring lists them), Google's application-default credentials by default, and a Drive
+    client per thread.
+
+    gdrive-fsspec builds one client, whose ``httplib2`` connection is not thread-safe: two
+    threads using it at once (a daemon's upload and its retention) garble each other's
+    replies, and a request that then times out and is sent again may have created a second
+    folder of the same name. Here each thread gets its own client (``srv`` and ``files``),
+    sharing the credentials.
 
     Args:
         root_file_id: a folder id to treat as the root (default: *My Drive*).
@@ -156,14 +166,114 @@ class DriveFileSystem(GoogleDriveFileSystem):
 
     def __init__(self, root_file_id: str | None = None, token: Any = GOOGLE_DEFAULT,
                  **kwargs: Any) -> None:
+        self._local = threading.local()
+        self._creds: Credentials | None = None
+        self._shared: Any = None  # gdrive-fsspec's own client, where no credentials are known
         super().__init__(root_file_id=root_file_id, token=token, **kwargs)
 
     def connect(self, method: Any = None) -> None:
-        """Build the Drive client for ``method`` (the ``token`` option)."""
-        creds = drive_credentials(method, self.scopes)
-        if creds is None:
+        """Set up the Drive client for ``method`` (the ``token`` option)."""
+        if method == "service_account":
+            creds: Credentials | None = _service_account(self.creds, self.scopes,
+                                                         self.auth_kwargs)
+        elif method == "anon":
+            creds = AnonymousCredentials()
+        else:
+            creds = drive_credentials(method, self.scopes)
+        if creds is None:  # "cache", "browser": gdrive-fsspec's own (interactive) login
             super().connect(method)
             return
-        # As gdrive-fsspec's own connect does, with these credentials.
-        self.srv = build("drive", "v3", credentials=creds)
-        self.files = self.srv.files()
+        self._creds, self._shared, self._local = creds, None, threading.local()
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        """Forget the cached listings: all, or those of ``path``, of what is under it and of
+        the folders above it (fsspec's contract; gdrive-fsspec keeps every listing for ever,
+        so what another process wrote since, a daemon's upload, would stay unseen). The
+        folders above go too: their listings say whether ``path`` exists at all.
+
+        What this costs: Drive is asked again, one listing per level, where ckptsync wants
+        to see the remote as it is now (about three times the requests of a push with gdrive-fsspec
+        alone, which never looks again).
+        """
+        if path is None:
+            self.dircache.clear()
+        else:
+            p = self._strip_protocol(path).rstrip("/")
+            for key in list(self.dircache):
+                if key == p or key.startswith(p + "/"):
+                    self.dircache.pop(key, None)
+            while p:
+                p = self._parent(p)
+                self.dircache.pop(p, None)
+        super().invalidate_cache(path)
+
+    def _ls_from_cache(self, path: str) -> Any:
+        """A folder's own cached listing, or None (then ``ls`` asks Drive).
+
+        fsspec's version answers from the parent's listing too, with the entry of ``path``
+        itself; gdrive-fsspec's ``ls`` returns that as a folder's content, so once a folder's
+        own listing is dropped (:meth:`invalidate_cache`) its files would not be seen.
+        """
+        return self.dircache.get(path.rstrip("/"))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        return _DriveFile(self, path, mode=mode, **kwargs)
+
+    def _client(self) -> threading.local:
+        local = self._local
+        if getattr(local, "srv", None) is None:
+            # As gdrive-fsspec's own connect builds it, once per thread.
+            local.srv = build("drive", "v3", credentials=self._creds) \
+                if self._shared is None else self._shared
+            local.files = local.srv.files()
+        return local
+
+    @property
+    def srv(self) -> Any:
+        """This thread's Drive client."""
+        return self._client().srv
+
+    @srv.setter
+    def srv(self, value: Any) -> None:  # gdrive-fsspec's connect: one client for all
+        self._shared, self._local = value, threading.local()
+
+    @property
+    def files(self) -> Any:
+        """This thread's ``files()`` resource of the Drive client."""
+        return self._client().files
+
+    @files.setter
+    def files(self, value: Any) -> None:  # set with srv by gdrive-fsspec's connect
+        pass
+
+
+class _DriveFile(GoogleDriveFile):
+    """gdrive-fsspec's file; an upload whose parent folder's listing was dropped meanwhile
+    (:meth:`DriveFileSystem.invalidate_cache`) still finishes: that listing is read again
+    when next needed, with the new file in it."""
+
+    def _upload_chunk(self, final: bool = False) -> bool:
+        try:
+            done: bool = super()._upload_chunk(final)
+        except KeyError as e:
+            # The last chunk is in and the file exists; only the addition of its entry to the
+            # parent's cached listing failed, as there is none.
+            if final and e.args == (self.fs._parent(self.path),):
+                return True
+            raise
+        return done
+
+
+def _service_account(creds: Any, scopes: Sequence[str],
+                     auth_kwargs: Mapping[str, Any]) -> Credentials:
+    """gdrive-fsspec's ``token="service_account"``: ``creds`` is the key as a dict, its JSON,
+    or its file's path."""
+    from google.oauth2 import service_account
+
+    info = creds if isinstance(creds, Mapping) else _read_json(str(creds or ""), "creds")
+    if not isinstance(info, Mapping):
+        raise ConfigError("gdrive://: storage option creds must be a service account's key "
+                          "(a dict, its JSON or its file's path)")
+    account: Credentials = service_account.Credentials.from_service_account_info(
+        dict(info), scopes=list(scopes), **auth_kwargs)
+    return account

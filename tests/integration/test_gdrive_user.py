@@ -11,6 +11,9 @@ run against Google itself.
 from __future__ import annotations
 
 import json
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,13 @@ from tests.support.watchkit import make_checkpoints
 
 pytestmark = pytest.mark.core
 
-RUN = "gdrive://ckptsync/run-17"
+RUN = "gdrive://ckptsync/run-17"  # where a test that never writes looks
+
+
+@pytest.fixture
+def run() -> str:
+    """A run of this test's own under My Drive/ckptsync (the double lives for the session)."""
+    return f"run-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture
@@ -74,30 +83,32 @@ def _run(double: DriveDouble, tmp_path: Path, url: str, options: dict[str, Any])
 
 
 def test_a_colab_login_is_enough_a_path_under_my_drive(drive_server: DriveDouble,
-                                                       user: dict[str, Any],
+                                                       user: dict[str, Any], run: str,
                                                        tmp_path: Path) -> None:
     before = len(drive_server.grants)
-    _run(drive_server, tmp_path, RUN, {})  # no storage options at all
-    # My Drive/ckptsync/run-17/<name>/ckptsync.json: created, folders included.
-    name = RemoteStore(RUN).list()[-1].name
-    assert _my_drive_path(drive_server, "ckptsync", "run-17", name, "ckptsync.json")
+    url = f"gdrive://ckptsync/{run}"
+    _run(drive_server, tmp_path, url, {})  # no storage options at all
+    # My Drive/ckptsync/<run>/<name>/ckptsync.json: created, folders included.
+    name = RemoteStore(url).list()[-1].name
+    assert _my_drive_path(drive_server, "ckptsync", run, name, "ckptsync.json")
     new = drive_server.grants[before:]
     assert new and set(new) == {"refresh_token"}  # the user's token; no service account
 
 
 def test_an_authorized_user_file_or_credentials_object_works_too(
-        drive_server: DriveDouble, user: dict[str, Any], tmp_path: Path,
+        drive_server: DriveDouble, user: dict[str, Any], run: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from google.oauth2.credentials import Credentials
 
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")  # only what the options say
-    _run(drive_server, tmp_path / "file", "gdrive://ckptsync/by-file", {"token": user["path"]})
+    _run(drive_server, tmp_path / "file", f"gdrive://ckptsync/{run}-file", {"token": user["path"]})
     info = {k: v for k, v in user.items() if k != "path"}
-    _run(drive_server, tmp_path / "dict", "gdrive://ckptsync/by-dict", {"token": info})
+    _run(drive_server, tmp_path / "dict", f"gdrive://ckptsync/{run}-dict", {"token": info})
     creds = Credentials.from_authorized_user_info(info)
-    _run(drive_server, tmp_path / "object", "gdrive://ckptsync/by-object", {"token": creds})
-    for run in ("by-file", "by-dict", "by-object"):
-        assert _my_drive_path(drive_server, "ckptsync", run, "LATEST")
+    _run(drive_server, tmp_path / "object", f"gdrive://ckptsync/{run}-object",
+         {"token": creds})
+    for kind in ("file", "dict", "object"):
+        assert _my_drive_path(drive_server, "ckptsync", f"{run}-{kind}", "LATEST")
 
 
 def test_no_login_says_how_to_log_in_and_exits_3(drive_server: DriveDouble,
@@ -135,3 +146,67 @@ def test_a_malformed_token_is_a_usage_error_that_never_shows_it(drive_server: Dr
     assert "seekrit" not in r.stderr
     r = cli("ls", RUN, "-o", f"token={tmp_path / 'missing.json'}")
     assert r.returncode == 2 and "cannot read the file named by storage option token" in r.stderr
+
+
+def test_threads_sharing_a_drive_store_never_garble_each_others_requests(
+        drive_server: DriveDouble, user: dict[str, Any], run: str, tmp_path: Path) -> None:
+    """A daemon's upload and its retention or listing run in different threads on one store:
+    each thread has its own Drive connection (one shared httplib2 connection mixes their
+    replies up, and each call then waits out a 60 s read timeout)."""
+    local = tmp_path / "ckpts"
+    names = make_checkpoints(local, [1, 2, 3, 4], size=300_000)
+    store = RemoteStore(f"gdrive://ckptsync/{run}", {})
+    ckpts = LocalStore(local).list()
+    store.push(ckpts[0])
+    errors: list[BaseException] = []
+    seen: list[int] = []
+
+    def guarded(fn: Any) -> Any:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # reported below: the test fails on it
+                errors.append(e)
+        return run
+
+    def pushes() -> None:
+        for c in ckpts[1:]:
+            store.push(c)
+
+    def looks() -> None:
+        for _ in range(15):
+            seen.append(len(store.list()))
+            store.read_latest()
+
+    threads = [threading.Thread(target=guarded(f), name=f"test-{f.__name__}")
+               for f in (pushes, looks)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    assert time.monotonic() - t0 < 30  # no call waited out a read timeout
+    assert [m.name for m in store.list()] == names and seen and min(seen) >= 1
+    with drive_server.state.lock:  # one folder per name: no request was sent twice
+        folders = [f.name for f in drive_server.state.files.values() if f.mime_type == FOLDER]
+    assert folders.count("ckptsync") == 1 and folders.count(run) == 1
+    assert all(folders.count(n) == 1 for n in names)
+
+
+def test_a_store_sees_what_another_wrote_since_it_last_looked(
+        drive_server: DriveDouble, user: dict[str, Any], run: str, tmp_path: Path) -> None:
+    """A notebook's restorer and its watcher, two processes: what one uploads, the other's
+    next listing shows (gdrive-fsspec alone caches every listing for ever)."""
+    reader = RemoteStore(f"gdrive://ckptsync/{run}", {})  # application-default login
+    writer = RemoteStore(f"gdrive://ckptsync/{run}", {"token": user["path"]})  # another client
+    assert reader.fs is not writer.fs
+    assert reader.list() == [] and reader.newest_valid() is None
+    names = make_checkpoints(tmp_path / "ckpts", [5, 6])
+    for c in LocalStore(tmp_path / "ckpts").list():
+        writer.push(c)
+    assert [m.name for m in reader.list()] == names
+    newest = reader.newest_valid()
+    assert newest is not None and newest.name == names[-1]
+    writer.delete(names[-1])
+    assert [m.name for m in reader.list()] == names[:1]
