@@ -210,3 +210,16 @@ def test_a_store_sees_what_another_wrote_since_it_last_looked(
     assert newest is not None and newest.name == names[-1]
     writer.delete(names[-1])
     assert [m.name for m in reader.list()] == names[:1]
+
+
+def test_a_credentials_object_cannot_be_handed_to_a_watcher_process(tmp_path: Path) -> None:
+    """The daemon reads its options as JSON: a credentials object is refused before anything
+    starts, with what to give instead."""
+    from ckptsync.daemon import start_watcher
+    from ckptsync.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="token='google_default'") as ei:
+        start_watcher(tmp_path / "ckpts", "gdrive://ckptsync/x",
+                      storage_options={"token": object(), "access": "full_control"})
+    assert "['token']" in str(ei.value)
+    assert not (tmp_path / "ckpts").exists()  # nothing started, nothing made
