@@ -27,7 +27,7 @@ from tests.support.drive_state import FOLDER
 from tests.support.remotes import clear_fsspec_caches
 from tests.support.watchkit import make_checkpoints
 
-pytestmark = pytest.mark.core
+pytestmark = pytest.mark.full  # the Drive double; the quick ones below are core
 
 RUN = "gdrive://ckptsync/run-17"  # where a test that never writes looks
 
@@ -82,6 +82,7 @@ def _run(double: DriveDouble, tmp_path: Path, url: str, options: dict[str, Any])
             (local / got.name / f.path).read_bytes()
 
 
+@pytest.mark.core
 def test_a_colab_login_is_enough_a_path_under_my_drive(drive_server: DriveDouble,
                                                        user: dict[str, Any], run: str,
                                                        tmp_path: Path) -> None:
@@ -111,6 +112,7 @@ def test_an_authorized_user_file_or_credentials_object_works_too(
         assert _my_drive_path(drive_server, "ckptsync", f"{run}-{kind}", "LATEST")
 
 
+@pytest.mark.core
 def test_no_login_says_how_to_log_in_and_exits_3(drive_server: DriveDouble,
                                                  tmp_path: Path) -> None:
     r = cli("ls", RUN, GOOGLE_APPLICATION_CREDENTIALS="", CLOUDSDK_CONFIG=str(tmp_path),
@@ -120,6 +122,7 @@ def test_no_login_says_how_to_log_in_and_exits_3(drive_server: DriveDouble,
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.core
 def test_a_revoked_login_or_one_without_drive_access_is_refused_loudly(
         drive_server: DriveDouble, user: dict[str, Any], tmp_path: Path) -> None:
     drive_server.revoke(user["refresh_token"])
@@ -138,6 +141,7 @@ def test_a_revoked_login_or_one_without_drive_access_is_refused_loudly(
     assert "--scopes=https://www.googleapis.com/auth/drive" in r.stderr
 
 
+@pytest.mark.core
 def test_a_malformed_token_is_a_usage_error_that_never_shows_it(drive_server: DriveDouble,
                                                                 tmp_path: Path) -> None:
     r = cli("ls", RUN, "-o", 'token={"type": "authorized_user", "refresh_token": "1//0seekrit"}')
@@ -212,6 +216,7 @@ def test_a_store_sees_what_another_wrote_since_it_last_looked(
     assert [m.name for m in reader.list()] == names[:1]
 
 
+@pytest.mark.core
 def test_a_credentials_object_cannot_be_handed_to_a_watcher_process(tmp_path: Path) -> None:
     """The daemon reads its options as JSON: a credentials object is refused before anything
     starts, with what to give instead."""
