@@ -56,8 +56,7 @@ class RunSync:
         self._flushed: str | None = None  # the newest remote checkpoint a wait flushed
         mount = remote.mount if remote is not None else None
         if mount is not None:  # once, at start-up: not with every save
-            log.warning("remote %s: %s; %s", redact_url(remote.url) if remote else "",
-                        mount.note, mount.advice)
+            log.warning("remote %s: %s; %s", redact_url(mount.path), mount.note, mount.advice)
 
     # ------------------------------------------------------------------ the save side
     def start_uploads(self) -> None:

@@ -152,7 +152,8 @@ class DriveFileSystem(GoogleDriveFileSystem):
     threads using it at once (a daemon's upload and its retention) garble each other's
     replies, and a request that then times out and is sent again may have created a second
     folder of the same name. Here each thread gets its own client (``srv`` and ``files``),
-    sharing the credentials.
+    sharing the credentials (gdrive-fsspec's interactive logins, ``"cache"`` and
+    ``"browser"``, keep its one client).
 
     Args:
         root_file_id: a folder id to treat as the root (default: *My Drive*).
@@ -192,8 +193,8 @@ class DriveFileSystem(GoogleDriveFileSystem):
         folders above go too: their listings say whether ``path`` exists at all.
 
         What this costs: Drive is asked again, one listing per level, where ckptsync wants
-        to see the remote as it is now (about three times the requests of a push with gdrive-fsspec
-        alone, which never looks again).
+        to see the remote as it is now (about three times the requests of a push with
+        gdrive-fsspec alone, which never looks again).
         """
         if path is None:
             self.dircache.clear()
