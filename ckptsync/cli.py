@@ -1,9 +1,10 @@
-"""The ``ckptsync`` command line: push, pull, ls, verify, gc, demo, watch, status (torch-free).
+"""The ``ckptsync`` command line: push, pull, ls, verify, gc, demo, watch, status, wait
+(torch-free).
 
 Each subcommand is one entry of :data:`COMMANDS` (help text, an argument-adding function and
-a run function returning the exit code); add new subcommands there. The daemon's ``watch`` and
-``status`` are defined next to the daemon (:mod:`ckptsync.daemon.cli`) and added to this one
-parser by :func:`build_parser`.
+a run function returning the exit code); add new subcommands there. The daemon's ``watch``,
+``status`` and ``wait`` are defined next to the daemon (:mod:`ckptsync.daemon.cli`,
+:mod:`ckptsync.daemon.wait`) and added to this one parser by :func:`build_parser`.
 
 Every subcommand, ``watch`` and ``status`` included, takes the common flags of
 :func:`common_parser` (``--json``, ``-o KEY=VALUE``, ``-v``, ``--no-progress``,
@@ -105,9 +106,11 @@ install (torch first, the way you normally do; the daemon alone needs no torch):
 
 exit codes:
   0    success
-  {EXIT_FAILED}    failure (a remote error, a corrupt checkpoint, nothing valid to pull)
+  {EXIT_FAILED}    failure (a remote error, a corrupt checkpoint, nothing valid to pull;
+       wait: still pending at the timeout)
   {EXIT_USAGE}    bad usage or configuration
-  {EXIT_DENIED}    the remote refused the credentials or denied access
+  {EXIT_DENIED}    the remote refused the credentials or denied access (wait: the last upload
+       attempt failed and nothing newer succeeded)
   {EXIT_FELL_BACK}    pull fell back to an older checkpoint (--allow-fallback: 0)
   {EXIT_NOTHING_TO_DO}    nothing to do: pull of a remote that holds no checkpoint
   {EXIT_INTERRUPTED}  interrupted (SIGINT)

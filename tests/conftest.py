@@ -249,11 +249,18 @@ def gdrive_remote(drive_server: DriveDouble, _fresh_fsspec: None) -> Remote:
 
 
 @pytest.fixture
-def mounted_drive_remote(tmp_path: Path, _fresh_fsspec: None) -> Remote:
-    """Google Drive as Colab mounts it: a plain directory, given as a path without a scheme."""
-    mount = tmp_path / "MyDrive"
-    mount.mkdir()
-    return Remote(str(mount / "ckptsync" / "run"), {}, "mounted_drive")
+def mounted_drive_remote(tmp_path: Path, _fresh_fsspec: None,
+                         monkeypatch: pytest.MonkeyPatch) -> Remote:
+    """Google Drive as Colab mounts it: a directory under a FUSE mount of type ``fuse.drive``
+    (a fake mount table, ``CKPTSYNC_MOUNTINFO``), given as a path without a scheme; the store
+    takes the mount's path (committed means handed to the mount: synced after each commit)."""
+    mount = tmp_path.resolve() / "content" / "drive"
+    (mount / "MyDrive").mkdir(parents=True)
+    table = tmp_path / "mountinfo"
+    table.write_text("27 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n"
+                     f"61 27 0:52 / {mount} rw,nosuid,nodev - fuse.drive drive rw\n")
+    monkeypatch.setenv("CKPTSYNC_MOUNTINFO", str(table))
+    return Remote(str(mount / "MyDrive" / "ckptsync" / "run"), {}, "mounted_drive")
 
 
 @pytest.fixture(params=backend_params(BACKENDS))

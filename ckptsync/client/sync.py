@@ -20,6 +20,7 @@ from ckptsync.client.uploader import SyncStatus, Uploader
 from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, parse_name
+from ckptsync.mounts import flush_tree
 from ckptsync.redact import redact_url
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
@@ -52,6 +53,10 @@ class RunSync:
         self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
         self._restored: RestoreInfo | None = None
+        self._flushed: str | None = None  # the newest remote checkpoint a wait flushed
+        mount = remote.mount if remote is not None else None
+        if mount is not None:  # once, at start-up: not with every save
+            log.warning("remote %s: %s; %s", redact_url(mount.path), mount.note, mount.advice)
 
     # ------------------------------------------------------------------ the save side
     def start_uploads(self) -> None:
@@ -133,7 +138,23 @@ class RunSync:
         self._uploader.raise_error()
         if not caught_up:
             log.warning("stopped waiting for the remote: %s", self._uploader.status().lag())
+        self._flush_mount()
         return caught_up
+
+    def _flush_mount(self) -> None:
+        """On a FUSE mount (Colab's Drive), after a wait that found a newer checkpoint
+        committed: flush the remote directory and say what to run before the session ends."""
+        mount = self.remote.mount if self.remote is not None else None
+        newest = self._uploader.status().newest_remote if self._uploader is not None else None
+        if mount is None or newest is None or newest == self._flushed:
+            return
+        try:
+            flush_tree(mount.path)
+        except OSError as e:  # reported, and flushed again at the next wait
+            log.warning("could not flush %s: %s", mount.what, e)
+            return
+        self._flushed = newest
+        log.warning("%s", mount.guidance)
 
     def wait_quietly(self, timeout: float) -> None:
         """:meth:`wait` without raising or warning (leaving after an error)."""
@@ -153,6 +174,8 @@ class RunSync:
             st = self._uploader.status()
         else:
             st = SyncStatus(remote=None if self.remote is None else redact_url(self.remote.url))
+        if self.remote is not None and self.remote.mount is not None:
+            st = replace(st, remote_mount=self.remote.mount.what)
         got = self._restored
         if got is None or got.pulled_from is None:
             return st

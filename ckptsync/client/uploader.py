@@ -73,6 +73,9 @@ class SyncStatus:
     ``waiting_for_nodes`` maps each checkpoint of which this node's part is uploaded but
     which is not committed (not restorable) to the nodes whose part is missing (empty while
     the last node's commit is under way); it becomes ``newest_remote`` once committed.
+    ``remote_mount`` names the FUSE mount the remote directory is on (Colab's Drive:
+    "the Google Drive mount at /content/drive"), where committed means handed to the mount,
+    not yet uploaded by it (:mod:`ckptsync.mounts`); None elsewhere.
     """
 
     remote: str | None = None
@@ -91,6 +94,7 @@ class SyncStatus:
     not_remote: tuple[str, ...] = ()
     not_remote_why: Mapping[str, str] = field(default_factory=dict)
     waiting_for_nodes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    remote_mount: str | None = None
 
     def __repr__(self) -> str:
         """One short line (a notebook shows it): the remote, the newest checkpoint each side
@@ -116,6 +120,8 @@ class SyncStatus:
             parts.append(f"waiting_for_nodes={len(self.waiting_for_nodes)}")
         if self.not_remote:
             parts.append(f"not_remote={len(self.not_remote)}")
+        if self.remote_mount:
+            parts.append(f"committed=handed to {self.remote_mount}")
         return f"SyncStatus({', '.join(parts)})"
 
     def lag(self) -> str:

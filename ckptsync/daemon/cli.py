@@ -1,4 +1,5 @@
-"""The ``watch`` and ``status`` subcommands (argparse definitions and their run functions).
+"""The ``watch`` and ``status`` subcommands (argparse definitions and their run functions),
+and ``wait`` (defined in :mod:`ckptsync.daemon.wait`).
 
 The one ``ckptsync`` parser (:func:`ckptsync.cli.build_parser`) adds them with one call::
 
@@ -20,6 +21,7 @@ from typing import Any
 from ckptsync.daemon.config import config_from_args
 from ckptsync.daemon.process import run_daemon
 from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status, read_status
+from ckptsync.daemon.wait import add_subcommand as add_wait
 from ckptsync.errors import ConfigError
 from ckptsync.output import Output
 from ckptsync.redact import redact_url
@@ -69,7 +71,7 @@ WATCH_EPILOG = WATCH_EPILOG.format(presets="\n".join(
 
 def add_subcommands(subparsers: Any,
                     parents: Sequence[argparse.ArgumentParser] = ()) -> None:
-    """Add ``watch`` and ``status`` to an ``argparse`` subparsers object; ``parents`` hold
+    """Add ``watch``, ``status`` and ``wait`` to an ``argparse`` subparsers object; ``parents`` hold
     the flags every command takes (:func:`ckptsync.cli.common_parser`: ``--json``, ``-o``,
     ``-v``, ``--no-progress``)."""
     w = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_HELP,
@@ -125,6 +127,8 @@ def add_subcommands(subparsers: Any,
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     s.set_defaults(func=run_status, _run=run_status)
 
+    add_wait(subparsers, parents)  # self-contained: ckptsync/daemon/wait.py
+
 
 def run_watch(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (the ``watch`` subcommand)."""
@@ -160,13 +164,15 @@ def format_status(st: dict[str, Any]) -> str:
         return f"{st['local_dir']}: no ckptsync watch daemon has run here"
     running = f"running (pid {st.get('pid')})" if st["running"] else \
         f"not running (last state: {st.get('state')}, pid was {st.get('pid')})"
+    mount = st.get("remote_mount")
     lines = [
         f"directory: {st['local_dir']}",
         f"remote:    {st.get('remote')}",
+        *([f"note:      {mount['note']}; {mount['advice']}"] if isinstance(mount, dict) else []),
         f"daemon:    {running}",
         f"last reconcile: {st.get('last_reconcile') or 'never'}",
         f"synced:  {len(st['synced'])}" + (f" (newest {st['synced'][-1]})" if st["synced"] else "")
-        + " committed remotely",
+        + " committed remotely" + (" (handed to the mount: see the note)" if mount else ""),
         f"pending: {len(st['pending']) + len(st.get('settling', []))}"
         + "".join(f"\n  {n}" + (" (uploading)" if n in st.get("uploading", []) else "")
                   for n in st["pending"])
@@ -191,7 +197,8 @@ def format_status(st: dict[str, Any]) -> str:
     elif st.get("last_error") and not st.get("in_sync"):
         lines.append(f"last error: {st['last_error']}")
     # "In sync" only on the daemon's own word that nothing at all is outstanding.
-    lines.append("in sync: every local checkpoint is committed remotely" if st.get("in_sync")
+    lines.append("in sync: every local checkpoint is committed remotely"
+                 + (" (handed to the mount)" if mount else "") if st.get("in_sync")
                  else "NOT in sync: checkpoints are pending, uploading, settling, waiting for "
                  "other nodes or failed"
                  if st["pending"] or st.get("settling") or st["failed"] or st.get("uploading")

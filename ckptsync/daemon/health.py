@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.local import write_json_atomic
+from ckptsync.mounts import MountedRemote
 from ckptsync.output import utc
 
 __all__ = ["Health"]
@@ -30,13 +31,17 @@ class Health:
         local_dir: the watched directory.
         remote: the remote URL, credentials removed.
         snapshot: the other parts' fields for the status, at the time of the call.
+        mount: the FUSE mount (Colab's Drive) the remote directory is on, where committed
+            means handed to the mount: the status says so (``remote_mount``).
     """
 
     def __init__(self, path: Path, local_dir: Path, remote: str,
-                 snapshot: Callable[[], dict[str, Any]]) -> None:
+                 snapshot: Callable[[], dict[str, Any]],
+                 mount: MountedRemote | None = None) -> None:
         self.path = path
         self.local_dir = local_dir
         self.remote = remote
+        self.mount = mount
         self.state = "starting"
         self.last_error: str | None = None  # the newest error reported
         self.started = utc()
@@ -64,6 +69,7 @@ class Health:
             "state": self.state,
             "local_dir": str(self.local_dir),
             "remote": self.remote,
+            "remote_mount": self.mount.as_dict() if self.mount is not None else None,
             "started": self.started,
             "updated": utc(),
             "updated_ts": time.time(),

@@ -17,6 +17,7 @@ to the daemon through its environment, never its command line (``ps`` shows comm
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.daemon.runtime import daemon_status, read_status
-from ckptsync.errors import CkptSyncError
-from ckptsync.local import WATCH_DIR, LocalStore
+from ckptsync.daemon.wait import WAIT_FAILED, flush_mount, outcome, outstanding
+from ckptsync.errors import CkptSyncError, ConfigError
+from ckptsync.local import WATCH_DIR
 from ckptsync.ownership import check_remote_outside, check_remote_url
 from ckptsync.zerocode.presets import preset_rule
 
 __all__ = ["WatcherHandle", "start_watcher"]
+
+log = logging.getLogger("ckptsync")
 
 
 class WatcherHandle:
@@ -61,47 +65,55 @@ class WatcherHandle:
 
     def flush(self, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
         """Block until every committed local checkpoint (and every finished zero-code
-        version) is committed remotely, as the daemon's status file reports.
+        version) is committed remotely: the comparison ``ckptsync status`` and ``ckptsync
+        wait`` make (:func:`~ckptsync.daemon.runtime.daemon_status`: the daemon's word,
+        checked against the directory now), after a reconcile that started after this call.
 
-        Asks the daemon for an immediate reconcile (SIGUSR1) first. Returns the status.
+        Asks the daemon for an immediate reconcile (SIGUSR1) first. Where the remote is on a
+        FUSE mount (Colab's Drive), committed means handed to the mount: the mount is then
+        flushed (``fsync`` of what is there, ``os.sync()``) and what to run before the
+        runtime ends (``drive.flush_and_unmount()``) is logged. Returns the status.
 
         Raises:
             TimeoutError: still pending after ``timeout`` seconds.
-            CkptSyncError: the daemon exited, or reports failed checkpoints.
+            CkptSyncError: the daemon exited, or its last upload attempt failed with nothing
+                newer committed and nothing uploading (``ckptsync wait``'s exit 3).
         """
         t0 = time.time()
         deadline = None if timeout is None else time.monotonic() + timeout
         signalled = False
         while True:
-            st = self._own_status()
+            own = self._own_status()
             if not self.running():
                 raise CkptSyncError(
                     f"the ckptsync watch daemon (pid {self.pid}) exited with code "
                     f"{self.proc.returncode}; see {self.log_path}"
-                    + (f": {st.get('error')}" if st and st.get("error") else "")
+                    + (f": {own.get('error')}" if own and own.get("error") else "")
                 )
-            if st is not None and not signalled:
+            if own is not None and not signalled:
                 # Only once the daemon wrote its status: it blocks SIGUSR1 by then (the
                 # default action of SIGUSR1 would kill it).
                 os.kill(self.pid, signal.SIGUSR1)
                 signalled = True
+            st = daemon_status(self.local_dir) if own is not None else None
             if st is not None and (st.get("last_reconcile_ts") or 0) >= t0:
-                done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))
-                local = {c.name for c in LocalStore(self.local_dir).list()}
-                if (not st.get("pending") and not st.get("uploading") and local <= done
-                        and not st.get("settling")
-                        and not any(w.get("pending") for w in st.get("watch", []))):
+                if st.get("in_sync"):
+                    self._flush_mount(st)
                     return st
-                failed = [f for f in st.get("failed", []) if f["name"] in local]
-                if failed and not st.get("uploading"):
+                if outcome(st) == WAIT_FAILED and not st.get("uploading"):
                     raise CkptSyncError(
-                        f"ckptsync watch could not upload {len(failed)} checkpoint(s): "
-                        + "; ".join(f"{f['name']}: {f['error']}" for f in failed)
-                    )
+                        f"ckptsync watch could not upload to {st.get('remote')}: "
+                        f"{outstanding(st)}")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"not everything is committed after {timeout}s: "
-                                   + _outstanding(st, self.local_dir))
+                                   + (outstanding(st) if st is not None
+                                      else "the daemon wrote no status yet"))
             time.sleep(poll_s)
+
+    def _flush_mount(self, st: dict[str, Any]) -> None:
+        mount, _ = flush_mount(st)
+        if mount is not None:
+            log.warning("%s; %s", mount.note, mount.guidance)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM the daemon (in-flight uploads finish or are abandoned, never half
@@ -122,20 +134,29 @@ class WatcherHandle:
         self.stop()
 
 
-def _outstanding(st: dict[str, Any] | None, local_dir: Path) -> str:
-    """What a flush still waits for, in words."""
-    if st is None:
-        return "the daemon wrote no status yet"
-    done = set(st.get("synced", [])) | set(st.get("skipped_by_retention", []))
-    unseen = sorted({c.name for c in LocalStore(local_dir).list()} - done
-                    - set(st.get("pending", [])))
-    parts = [f"{key} {st[key]}" for key in ("pending", "uploading", "settling") if st.get(key)]
-    if unseen:
-        parts.append(f"not yet seen by the daemon {unseen}")
-    if st.get("last_error"):
-        parts.append(f"last error: {st['last_error']}")
-    return "; ".join(parts) or "nothing reported outstanding (the daemon's last reconcile " \
-        "predates the flush)"
+def _options_json(storage_options: Mapping[str, Any]) -> str:
+    """The options as the daemon reads them (``CKPTSYNC_STORAGE_OPTIONS``).
+
+    Raises:
+        ConfigError: a value is not JSON (a credentials object cannot cross processes).
+    """
+    try:
+        return json.dumps(dict(storage_options))
+    except (TypeError, ValueError):
+        bad = sorted(k for k, v in storage_options.items() if not _jsonable(v))
+        raise ConfigError(
+            f"start_watcher: storage option(s) {bad} cannot be passed to the daemon process "
+            "(it reads its options as JSON); give what a process can read again: for "
+            "gdrive://, token='google_default' (after google.colab.auth.authenticate_user()) "
+            "or the path of an authorized-user JSON file") from None
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def start_watcher(
@@ -181,12 +202,14 @@ def start_watcher(
             ``CKPTSYNC_KEY`` / ``CKPTSYNC_KEY_FILE`` like any command).
 
     Raises:
-        ConfigError: ``remote`` is empty, or is inside ``local``, or a preset is unknown
-            (nothing is started).
+        ConfigError: ``remote`` is empty, or is inside ``local``, a preset is unknown, or a
+            storage option is not JSON (a credentials object): nothing is started.
         CkptSyncError: the daemon exited during start-up (bad configuration, permanent remote
             error, another daemon on the directory); the message includes its log's tail.
     """
     check_remote_outside(check_remote_url(remote, "remote"), local, "remote")
+    if storage_options:
+        _options_json(storage_options)  # fails here, before anything is started
     presets = list(presets)
     for name in presets:
         preset_rule(name)  # an unknown name fails here, not in the child's log
@@ -212,7 +235,7 @@ def start_watcher(
     child_env = dict(os.environ)
     child_env.update(env or {})
     if storage_options:
-        child_env["CKPTSYNC_STORAGE_OPTIONS"] = json.dumps(dict(storage_options))
+        child_env["CKPTSYNC_STORAGE_OPTIONS"] = _options_json(storage_options)
     with open(log_file, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                 env=child_env, start_new_session=True, close_fds=True)

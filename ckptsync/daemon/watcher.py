@@ -141,9 +141,13 @@ class Watcher:
         self._parent_is_ppid = self._parent is not None and self._parent == os.getppid()
         self.abandoned_calls = False  # a stopped push's call never returned (see _shutdown)
         # The parts, wired here (each owns its state; see the module doc).
-        self.transfers = TransferQueue(config.workers, name="ckptsync-upload")
+        # A backend of one worker (Drive) pushes one checkpoint at a time: Drive has no
+        # atomic folder create, so two first pushes at once would make two root folders.
+        self.transfers = TransferQueue(1 if store.backend.workers == 1 else config.workers,
+                                       name="ckptsync-upload")
         self.health = Health(wdir / STATUS_NAME, self.local.directory,
-                             redact_url(config.remote), self._snapshot)
+                             redact_url(config.remote), self._snapshot,
+                             mount=store.mount)
         self.view = RemoteView(store, self.transfers, self.events, self.health, self._stop,
                                once=config.once, post=self._q.put)
         self.taker = VersionTaker(config, self.spool, self.events, self.health,
@@ -175,6 +179,11 @@ class Watcher:
         self.events("info", "start", pid=os.getpid(), local=str(self.local.directory),
                     remote=self.health.remote, rules=[r.spec for r in self.config.rules],
                     once=self.config.once)
+        mount = self.health.mount
+        if mount is not None:  # once, at start-up: not with every commit
+            self.events("warning", "remote_on_mount", remote=self.health.remote,
+                        mount=mount.mount_point, fstype=mount.fstype, detail=mount.note,
+                        action=mount.advice)
         try:
             observer.start()
             code = self._loop()

@@ -62,6 +62,10 @@ class Backend:
             ``abandon`` collect them.
         server_copy: unchanged files are copied server-side from the previous checkpoint.
         timeouts: which client's connect/read timeouts :meth:`open_options` sets.
+        filesystem: the fsspec class (``module:Class``) a URL of this family is opened with
+            instead of the one fsspec registers for its protocol (Drive:
+            :class:`~ckptsync.remote.gdrive.DriveFileSystem`, which takes a Colab user's
+            credentials); None: fsspec's.
     """
 
     name: str
@@ -76,6 +80,7 @@ class Backend:
     multipart_uploads: bool = False
     server_copy: bool = False
     timeouts: Literal["botocore", "aiohttp"] | None = None
+    filesystem: str | None = None
 
     def open_options(self, options: Mapping[str, Any], config: TransferConfig) -> dict[str, Any]:
         """``options`` plus ckptsync's connect and read timeouts for the clients it builds,
@@ -140,7 +145,8 @@ S3 = Backend("s3", buckets=True, native_create_only=True, upload_via_temp=False,
 GCS = Backend("gcs", buckets=True, native_create_only=True, upload_via_temp=False,
               server_copy=True, timeouts="aiohttp")
 LOCAL_DIR = Backend("local", needs_dirs=True, local_paths=True)
-GDRIVE = Backend("gdrive", overwrites=False, needs_dirs=True, upload_via_temp=False, workers=1)
+GDRIVE = Backend("gdrive", overwrites=False, needs_dirs=True, upload_via_temp=False, workers=1,
+                 filesystem="ckptsync.remote.gdrive:DriveFileSystem")
 FSSPEC = Backend("fsspec")
 
 # fsspec protocol (or URL scheme) -> family.

@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import errno
+import importlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -90,6 +91,17 @@ def _transient(exc: BaseException) -> bool:
         for e in _chain(exc)
     )
 
+
+#: What to do about missing or refused credentials, by URL scheme (the default: any backend).
+_CREDENTIAL_HINTS = {
+    "gdrive": "log in to Google with Drive access: on Colab run `from google.colab import "
+              "auth; auth.authenticate_user()` before ckptsync opens the remote (and before "
+              "start_watcher, which inherits it); elsewhere `gcloud auth application-default "
+              "login --scopes=https://www.googleapis.com/auth/drive,"
+              "https://www.googleapis.com/auth/cloud-platform`, or -o token=PATH of an "
+              "authorized-user JSON file (a service account's key works too: see "
+              "docs/backends.md)",
+}
 
 #: S3 error codes for a body whose checksum did not match what the server received: the bytes
 #: were damaged in transit, and sending them again may well succeed.
@@ -191,10 +203,10 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
 
     retryable = denied = False
     if name in _CREDENTIAL_ERRORS:
-        what, hint = "no usable credentials", (
+        what, hint = "no usable credentials", _CREDENTIAL_HINTS.get(scheme, (
             "configure the backend's credentials (AWS env/profile/role, Google ADC, "
             "Drive service account)"
-        )
+        ))
         denied = True
     elif isinstance(exc, PermissionError) or status in (401, 403):
         what, hint, denied = ("access denied",
@@ -222,10 +234,20 @@ def _classify(exc: BaseException, name: str, status: int | None, scheme: str, wh
                        retryable=retryable, denied=denied)
 
 
-def open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str]) -> tuple[Any, str]:
-    """The filesystem ``url`` names and the root path in it; what fails is translated."""
+def open_fs(url: str, storage_options: Mapping[str, Any], secrets: list[str],
+            filesystem: str | None = None) -> tuple[Any, str]:
+    """The filesystem ``url`` names and the root path in it; what fails is translated.
+
+    ``filesystem``: the class (``module:Class``) to open a plain (unchained) URL with instead
+    of the one fsspec registers for its protocol (:attr:`Backend.filesystem`).
+    """
     try:
-        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        if filesystem is None or "::" in url:
+            fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        else:
+            module, _, name = filesystem.partition(":")
+            cls = getattr(importlib.import_module(module), name)
+            fs, root = cls(**storage_options), cls._strip_protocol(url)
         return fs, str(root)
     except Exception as e:
         err = translate_error(e, url, "open", secrets=secrets)

@@ -50,6 +50,7 @@ from ckptsync.manifest import (
     parse_name,
     with_requires,
 )
+from ckptsync.mounts import sync_dir
 from ckptsync.parts import PART_MARKER, Part, marker_name, part_of
 from ckptsync.redact import redact_url
 from ckptsync.remote.boundary import not_found
@@ -269,6 +270,8 @@ class PushMixin(PartsMixin):
         log.info("committed %s to %s", name, redact_url(self.url))
         self._update_latest(m, self._last_commit)
         self._last_commit = m
+        if self.mount is not None:
+            self._sync_mount(name)
         return m
 
     def _recheck_commit(self, name: str, m: Manifest) -> None:
@@ -294,6 +297,16 @@ class PushMixin(PartsMixin):
                 f"({e}; a concurrent gc?): its manifest was removed again, so no committed "
                 "checkpoint lacks a file; the push is retried", url=self.url_of(name),
                 retryable=True) from e
+
+    def _sync_mount(self, name: str) -> None:
+        """On a FUSE mount (Colab's Drive), hand it what the kernel still holds of this
+        commit (the names of the manifest and ``LATEST`` too): committed there means handed
+        to the mount. A failure is reported, never the commit's end: it happened."""
+        try:
+            sync_dir(self.root)
+        except OSError as e:
+            log.warning("committed %s to %s, but syncing %s failed: %s", name,
+                        redact_url(self.url), self.mount.what if self.mount else self.root, e)
 
     # ------------------------------------------------------------------ multi-node parts
 

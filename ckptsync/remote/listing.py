@@ -42,6 +42,7 @@ from ckptsync.manifest import (
     parse_name,
     unusable_reason,
 )
+from ckptsync.mounts import mounted_remote
 from ckptsync.ownership import ROOT_MARKER, RunFile, check_remote_url
 from ckptsync.redact import install_scrubber, redact_url, remember, scrub, secrets_of
 from ckptsync.remote.backends import choose_backend
@@ -148,13 +149,17 @@ class StoreBase:
         self.scheme = (split_protocol(url)[0] or "file").split("::")[-1]
         if fs is None:
             expected = choose_backend(None, self.scheme, self.config)
-            fs, root = open_fs(url, expected.open_options(options, self.config), self._secrets)
+            fs, root = open_fs(url, expected.open_options(options, self.config), self._secrets,
+                               expected.filesystem)
         else:
             root = fs._strip_protocol(url)
         self.fs = fs
         self.root = str(root).rstrip("/")
         self.backend = choose_backend(fs, self.scheme, self.config)
         """What the storage can do (:class:`~ckptsync.remote.backends.Backend`)."""
+        self.mount = mounted_remote(self.root) if self.backend.local_paths else None
+        """The FUSE mount (Colab's Drive) the remote directory is on, where "committed" means
+        handed to the mount (:mod:`ckptsync.mounts`); None elsewhere."""
         self._retry = Retrier(self.config, self._translate)
         self._stats_lock = threading.Lock()
         self._marked = False  # this store has checked (or written) the root marker to push

@@ -47,6 +47,9 @@ def test_a_store_over_the_fault_wrapper_chooses_its_targets_backend(remote: Remo
     expected = {"file": "local", "mounted_drive": "local", "memory": "fsspec",
                 "seaweedfs": "s3", "moto": "s3", "gcs": "gcs", "gdrive": "gdrive"}
     assert bare.backend.name == expected[remote.name]
+    # Only the mounted Drive is a remote where committed means handed to a mount.
+    assert (bare.mount is not None and bare.mount.drive) == (remote.name == "mounted_drive")
+    assert wrapped.mount == bare.mount
 
 
 def test_a_push_through_the_wrapper_on_file_commits_by_durable_rename_and_link(

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,15 @@ from ckptsync.daemon import STOP_GRACE_S
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore
+from tests.support.drive_double import DriveDouble
 from tests.support.paths import REPO, package_source
-from tests.support.remotes import Remote
+from tests.support.remotes import Remote, clear_fsspec_caches
 
 pytestmark = pytest.mark.core
 
 DEPLOY = REPO / "deploy"
 NOTEBOOK = DEPLOY / "colab" / "ckptsync_colab.ipynb"
+LAST_CELL = "from ckptsync.remote import RemoteStore"
 UNIT = DEPLOY / "systemd" / "ckptsync-watch.service"
 ENV_EXAMPLE = DEPLOY / "systemd" / "ckptsync-watch.env.example"
 CONTAINER = DEPLOY / "container"
@@ -67,33 +70,53 @@ def _execute_notebook(tmp_path: Path) -> dict[str, str]:
 @pytest.mark.allow_thread_leak  # nbclient's kernel manager keeps a zmq I/O thread per process
 @pytest.mark.full
 def test_colab_notebook_runs_headless_and_a_new_runtime_resumes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drive_server: DriveDouble) -> None:
+    """The notebook's default remote, Google Drive through the API with the user's own login
+    (the Drive double: an authorized-user login as Colab's ``authenticate_user`` installs it,
+    refreshed at Google's token endpoint): a runtime dies at step 130, a new one resumes, and
+    each run's last cell waits until the remote holds the newest checkpoint."""
     kernels = tmp_path / "jupyter" / "kernels" / "ckptsync-test"
     kernels.mkdir(parents=True)
     (kernels / "kernel.json").write_text(json.dumps({
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "ckptsync test venv", "language": "python"}))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    remote = f"file://{tmp_path}/remote/run"
-    monkeypatch.setenv("CKPTSYNC_NB_REMOTE", remote)
+    login = tmp_path / "adc.json"  # where the kernel and its watcher find the user's login
+    login.write_text(json.dumps(drive_server.user_credentials()))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(login))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    run = f"nb-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("CKPTSYNC_NB_REMOTE_KIND", "gdrive")
+    monkeypatch.setenv("CKPTSYNC_NB_RUN", run)
     monkeypatch.setenv("CKPTSYNC_NB_STOP_AT", "130")  # the runtime "dies" at step 130
+    remote = f"gdrive://ckptsync/{run}"
+    grants = len(drive_server.grants)
 
-    first = "\n".join(_execute_notebook(tmp_path).values())
-    assert "fresh start at step 1" in first
-    assert "simulated runtime death at step 130" in first
-    store = RemoteStore(remote)
-    assert max(m.step or 0 for m in store.list()) == 125  # SAVE_EVERY 25: flushed before exit
+    first = _execute_notebook(tmp_path)
+    text = "\n".join(first.values())
+    assert f"-> {remote}" in text and "fresh start at step 1" in text
+    assert "simulated runtime death at step 130" in text
+    clear_fsspec_caches()
+    store = RemoteStore(remote)  # My Drive/ckptsync/<run>, through the same login
+    newest = store.list()[-1]
+    assert newest.step == 125  # SAVE_EVERY 25: the last cell waited for it
+    last = first[LAST_CELL]
+    assert f"is committed to {remote} (newest {newest.name})" in last, last
+    assert f"{newest.name}" in last.splitlines()[-1]  # the remote's listing, newest last
 
     # A new runtime: nothing local survives; Run all again, to the end.
     shutil.rmtree(tmp_path / "checkpoints")
     monkeypatch.delenv("CKPTSYNC_NB_STOP_AT")
-    second = "\n".join(_execute_notebook(tmp_path).values())
-    assert "resumed from step 125" in second
-    assert "stopped at step 300" in second
+    second = _execute_notebook(tmp_path)
+    text = "\n".join(second.values())
+    assert "resumed from step 125" in text and "stopped at step 300" in text
+    clear_fsspec_caches()
     steps = [m.step for m in store.list()]
     assert steps[-1] == 300 and 125 in steps  # keep_last=3, plus the checkpoint resumed from
+    assert f"(newest {store.list()[-1].name})" in second[LAST_CELL]
     for m in store.list():
         store.verify(m.name)
+    assert set(drive_server.grants[grants:]) == {"refresh_token"}  # the user's login only
 
 
 def test_colab_only_cells_are_guarded() -> None:

@@ -8,10 +8,21 @@ the CA bundle named by ``HTTPLIB2_CA_CERTS``; the double makes its own CA, signs
 ``*.googleapis.com`` and terminates TLS for tunnels to those hosts (any other host is refused).
 :meth:`DriveDouble.environ` gives those variables; subprocesses inherit them.
 
-Credentials are a fake service account (``token="service_account"``, ``creds=<dict>``) whose
-``token_uri`` points at the double's plain-HTTP ``/token`` endpoint; the double checks the JWT
-signature and then the bearer token on every API call, so wrong credentials fail as they do on
-Google (``google.auth.exceptions.RefreshError``).
+Credentials, two kinds, as Google's token endpoint grants them:
+
+- a fake service account (``token="service_account"``, ``creds=<dict>``) whose ``token_uri``
+  points at the double's plain-HTTP ``/token`` endpoint: the double checks the JWT signature;
+- an OAuth user, as a Colab user or ``gcloud auth application-default login`` has one
+  (:meth:`DriveDouble.user_credentials`: an "authorized user" dict, which google-auth
+  refreshes at ``https://oauth2.googleapis.com/token`` whatever the file says, so through the
+  tunnel): ``grant_type=refresh_token`` with the client's id and secret, refused
+  (``invalid_grant``) after :meth:`DriveDouble.revoke`, and refused (``invalid_scope``) when
+  the scope asked for is not one the user granted. Its "root" is the user's *My Drive* (one
+  tree for every principal: the double keeps a single account).
+
+The double then checks the bearer token on every API call, so wrong credentials fail as they
+do on Google (``google.auth.exceptions.RefreshError``). ``grants`` lists the grant types it
+issued tokens for, in order.
 
 Implemented: ``files.list`` (``q`` with ``'<id>' in parents``, ``name = '..'``, ``mimeType =/!=``,
 ``trashed = true|false`` joined by ``and``; paging; ``orderBy=name``), ``files.get`` (metadata and
@@ -44,6 +55,8 @@ from typing import Any
 from tests.support.drive_state import FOLDER, DriveError, DriveFile, DriveState, now
 
 TUNNEL_HOSTS = ("www.googleapis.com", "oauth2.googleapis.com", "googleapis.com")
+DRIVE_SCOPE = "https://www.googleapis.com/auth/drive"
+CLOUD_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 THREAD_PREFIX = "drive-double"
 
 
@@ -377,7 +390,9 @@ class DriveDouble:
         self.state = DriveState()
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._accounts: dict[str, Any] = {}  # client_email -> public key
+        self._users: dict[str, dict[str, Any]] = {}  # refresh token -> client and scopes
         self._tokens: set[str] = set()
+        self.grants: list[str] = []
         self._log_lock = threading.Lock()
         self.log_path = self.workdir / "drive-double.log"
         self.ca_path, cert, key = _make_ca(self.workdir)
@@ -440,6 +455,11 @@ class DriveDouble:
             "HTTPS_PROXY": self.url,
             "HTTPLIB2_CA_CERTS": str(self.ca_path),
             "NO_PROXY": ",".join(sorted(no_proxy)),
+            # google-auth's last resort, the GCE metadata server: never asked (tests talk to
+            # 127.0.0.1 only), and not waited for either.
+            "NO_GCE_CHECK": "true",
+            "GCE_METADATA_HOST": "127.0.0.1:9",
+            "GCE_METADATA_IP": "127.0.0.1:9",
         }
 
     def use_ca_in_this_process(self) -> None:
@@ -474,6 +494,30 @@ class DriveDouble:
             "token_uri": f"{self.url}/token",
         }
 
+    def user_credentials(self, scopes: tuple[str, ...] = (DRIVE_SCOPE, CLOUD_SCOPE),
+                         register: bool = True) -> dict[str, Any]:
+        """An OAuth user's "authorized user" credentials (the JSON ``gcloud auth
+        application-default login`` writes, and Colab's ``authenticate_user`` installs as
+        the application-default credentials), granted ``scopes``.
+
+        ``register=False`` gives a refresh token the double does not know.
+        """
+        info = {
+            "type": "authorized_user",
+            "client_id": f"{secrets.randbelow(10**12)}-test.apps.googleusercontent.com",
+            "client_secret": "GOCSPX-" + secrets.token_urlsafe(18),
+            "refresh_token": "1//0test-" + secrets.token_urlsafe(32),
+        }
+        if register:
+            self._users[info["refresh_token"]] = {
+                "client_id": info["client_id"], "client_secret": info["client_secret"],
+                "scopes": set(scopes)}
+        return info
+
+    def revoke(self, refresh_token: str) -> None:
+        """The user revoked the login (or it expired): its refresh token is refused."""
+        self._users.pop(refresh_token, None)
+
     def storage_options(self, root_file_id: str | None = None,
                         creds: dict[str, Any] | None = None) -> dict[str, Any]:
         """gdrive-fsspec ``storage_options`` (a registered service account unless given)."""
@@ -499,15 +543,34 @@ class DriveDouble:
     # --- auth --------------------------------------------------------------------------------
     def grant_token(self, body: bytes) -> dict[str, Any]:
         form = dict(urllib.parse.parse_qsl(body.decode()))
+        if form.get("grant_type") == "refresh_token":
+            return self._refresh(form)
         try:
             head_b64, claims_b64, sig_b64 = form["assertion"].split(".")
             claims = json.loads(_b64url_decode(claims_b64))
             self._verify_jwt(head_b64, claims_b64, sig_b64, claims)
         except (KeyError, ValueError) as e:
             raise _TokenError("invalid_grant", f"Invalid JWT: {e}") from None
+        return self._issue("jwt-bearer", {})
+
+    def _issue(self, grant: str, extra: dict[str, Any]) -> dict[str, Any]:
         token = "ya29.test-" + secrets.token_urlsafe(24)
         self._tokens.add(token)
-        return {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}
+        self.grants.append(grant)
+        return {"access_token": token, "expires_in": 3599, "token_type": "Bearer", **extra}
+
+    def _refresh(self, form: dict[str, str]) -> dict[str, Any]:
+        """``grant_type=refresh_token``, as Google's token endpoint answers it."""
+        user = self._users.get(form.get("refresh_token", ""))
+        if user is None:
+            raise _TokenError("invalid_grant", "Token has been expired or revoked.")
+        if (form.get("client_id"), form.get("client_secret")) != (user["client_id"],
+                                                                   user["client_secret"]):
+            raise _TokenError("invalid_client", "The OAuth client was not found.")
+        asked = set(form.get("scope", "").split())
+        if not asked <= user["scopes"]:
+            raise _TokenError("invalid_scope", "Bad Request")
+        return self._issue("refresh_token", {"scope": " ".join(sorted(asked or user["scopes"]))})
 
     def _verify_jwt(self, head_b64: str, claims_b64: str, sig_b64: str,
                     claims: dict[str, Any]) -> None:

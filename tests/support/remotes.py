@@ -4,11 +4,13 @@ the conftest's ``*_remote`` fixtures give it, and clearing fsspec's instance cac
 from __future__ import annotations
 
 import contextlib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pytest
+from fsspec.core import split_protocol
 
 BACKENDS = ["file", "memory", "seaweedfs", "moto", "gcs", "gdrive", "mounted_drive"]
 #: The backends of the ``core`` tier (``make test``): a local directory and a real S3. The
@@ -40,13 +42,24 @@ class Remote:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fs(self) -> fsspec.AbstractFileSystem:
-        """The fsspec filesystem for this remote (fsspec's cached instance)."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+        """The fsspec filesystem for this remote, of the class ckptsync opens the URL with
+        (Drive: ckptsync's own, :attr:`ckptsync.remote.Backend.filesystem`): fsspec's cached
+        instance, so a store opened with the same options shares it, listing cache included."""
+        return self._open()[0]
 
     @property
     def path(self) -> str:
         """The URL as the filesystem's own path (protocol stripped)."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)[1]
+        return self._open()[1]
+
+    def _open(self) -> tuple[Any, str]:
+        from ckptsync.config import TransferConfig
+        from ckptsync.remote import choose_backend
+        from ckptsync.remote.boundary import open_fs
+
+        scheme = (split_protocol(self.url)[0] or "file").split("::")[-1]
+        backend = choose_backend(None, scheme, TransferConfig())
+        return open_fs(self.url, self.storage_options, [], backend.filesystem)
 
 
 def clear_fsspec_caches() -> None:
@@ -56,8 +69,9 @@ def clear_fsspec_caches() -> None:
 
     classes: list[Any] = [LocalFileSystem, MemoryFileSystem]
     for module, name in (("s3fs", "S3FileSystem"), ("gcsfs", "GCSFileSystem"),
-                         ("gdrive_fsspec", "GoogleDriveFileSystem")):
+                         ("gdrive_fsspec", "GoogleDriveFileSystem"),
+                         ("ckptsync.remote.gdrive", "DriveFileSystem")):
         with contextlib.suppress(ImportError):
-            classes.append(getattr(__import__(module), name))
+            classes.append(getattr(importlib.import_module(module), name))
     for cls in classes:
         cls.clear_instance_cache()

@@ -1,5 +1,5 @@
-"""One ``ckptsync`` parser: every subcommand, the daemon's ``watch`` and ``status`` included,
-comes from :func:`ckptsync.cli.build_parser`; the daemon has no parser of its own."""
+"""One ``ckptsync`` parser: every subcommand, the daemon's ``watch``, ``status`` and ``wait``
+included, comes from :func:`ckptsync.cli.build_parser`; the daemon has no parser of its own."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.support.cli import run_cli
 pytestmark = pytest.mark.core
 
 REPO = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ("push", "pull", "ls", "verify", "gc", "demo", "watch", "status")
+SUBCOMMANDS = ("push", "pull", "ls", "verify", "gc", "demo", "watch", "status", "wait")
 
 
 def _ckptsync(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,7 +40,7 @@ def test_every_subcommand_is_in_the_top_level_help() -> None:
         assert f"\n    {name} " in listed or f"\n    {name}\n" in listed, (name, r.stdout)
 
 
-@pytest.mark.parametrize("name", ["watch", "status"])
+@pytest.mark.parametrize("name", ["watch", "status", "wait"])
 def test_daemon_subcommand_help(name: str) -> None:
     r = _ckptsync(name, "--help")
     assert r.returncode == 0, r.stderr
@@ -80,7 +80,7 @@ def test_watch_arguments_parse_through_the_one_parser(tmp_path: Path) -> None:
 #: The smallest positional arguments of each subcommand.
 POSITIONALS = {"push": ["ckpts", "file:///r"], "pull": ["file:///r", "out"], "ls": ["file:///r"],
                "verify": ["file:///r"], "gc": ["file:///r"], "demo": [],
-               "watch": ["ckpts", "file:///r"], "status": ["ckpts"]}
+               "watch": ["ckpts", "file:///r"], "status": ["ckpts"], "wait": ["ckpts"]}
 
 
 def _readme_common_flags() -> list[str]:
