@@ -79,7 +79,7 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("would_push", c.name) for c in ckpts]
     assert summary(p.stdout) == {"event": "summary", "command": "push", "dry_run": True,
-                                 "would_push": 2, "skipped": 0, "exit_code": 0}
+                                 "would_push": 2, "skipped": 0, "bytes": 0, "exit_code": 0}
     assert remote_files(remote) == before
 
     # Once one is pushed, a dry run names only the other.
