@@ -37,7 +37,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckptsync.cli.collect import add_gc, run_gc
-from ckptsync.cli.common import Command, add_key_file, common_parser, out, progress, transfer_parser
+from ckptsync.cli.common import (
+    Command,
+    add_key_file,
+    bad_option,
+    common_parser,
+    out,
+    progress,
+    transfer_parser,
+)
 from ckptsync.cli.deadline import Deadline, resolve_timeout
 from ckptsync.cli.exits import (
     EXIT_DENIED,
@@ -238,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokenPipeError, OutputClosed):
         return _pipe_closed()
     except CkptSyncError as e:
+        if isinstance(e, RemoteError):  # -o nosuch=1, found at the backend's first call
+            e = bad_option(e, str(getattr(args, "remote", "") or "")) or e
         o.diagnostic(f"ckptsync: error: {scrub(str(e))}")
         # -vv: where it came from, with the backend's exception (scrubbed by the filter).
         log.debug("traceback of the error above", exc_info=True)

@@ -10,7 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import re
 import sys
@@ -35,8 +35,11 @@ __all__ = [
     "ALLOW_EMPTY_ENV",
     "Command",
     "add_key_file",
+    "add_selection",
     "allow_empty",
+    "bad_option",
     "common_parser",
+    "endpoint_of",
     "existing_local",
     "label",
     "manifest_summary",
@@ -113,14 +116,22 @@ def transfer_parser() -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- remote
+def _installed(package: str) -> bool:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
 def _check_packages(url: str, keys: KeyRing | None) -> None:
     """Exit 2 before anything is sent when a package the command needs is missing."""
     scheme = (split_protocol(url)[0] or "file").split("::")[-1]
     package, extra = _PACKAGES.get(scheme, (None, None))
-    if package is not None and importlib.util.find_spec(package) is None:
+    if package is not None and not _installed(package):
         raise ConfigError(f"{scheme}:// needs the {package!r} package, which is not installed: "
                           f"pip install 'ckptsync[{extra}]'")
-    if keys is not None and importlib.util.find_spec("cryptography") is None:
+    if keys is not None and not _installed("cryptography"):
         raise ConfigError("client-side encryption (--key-file, CKPTSYNC_KEY, CKPTSYNC_KEY_FILE) "
                           "needs the 'cryptography' package, which is not installed: "
                           "pip install 'ckptsync[encrypt]'")
@@ -149,13 +160,19 @@ def open_store(args: argparse.Namespace, url: str) -> Any:
         return RemoteStore(url, options, config=config, keys=keys,
                            allow_plaintext=bool(getattr(args, "allow_plaintext", False)))
     except (TypeError, RemoteError) as e:
-        cause = e if isinstance(e, TypeError) else e.__cause__
-        if not isinstance(cause, TypeError):
-            raise
-        # A storage option the backend does not take (-o nosuch=1): a usage error.
-        raise ConfigError(f"a storage option (-o KEY=VALUE, CKPTSYNC_STORAGE_OPTIONS) is not "
-                          f"one that the backend of {redact_url(url)} takes ({cause}); see "
-                          "the backend's fsspec documentation for its options") from None
+        raise bad_option(e, url) or e from None
+
+
+def bad_option(e: BaseException, url: str) -> ConfigError | None:
+    """A usage error for a storage option the backend does not take (``-o nosuch=1``: a
+    ``TypeError`` when the backend builds its client, at once or at its first call), or None
+    for any other error."""
+    cause = e if isinstance(e, TypeError) else e.__cause__
+    if not isinstance(cause, TypeError) or "keyword argument" not in str(cause):
+        return None
+    return ConfigError(f"a storage option (-o KEY=VALUE, CKPTSYNC_STORAGE_OPTIONS) is not one "
+                       f"that the backend of {redact_url(url)} takes ({cause}); see the "
+                       "backend's fsspec documentation for its options")
 
 
 def endpoint_of(url: str, options: dict[str, Any]) -> str:

@@ -86,6 +86,7 @@ def run_ls(args: argparse.Namespace) -> int:
     store = open_store(args, args.remote)
     o = out(args)
     entries = store.scan()
+    empty_prefix = False
     if all(e.status == "uncommitted" for e in entries):
         finder = RunFinder.of(store)
         probe = finder.probe()
@@ -96,6 +97,7 @@ def run_ls(args: argparse.Namespace) -> int:
             if not (probe.kind == "empty" and allow_empty(args)):
                 raise not_a_run(store.url_of(), finder.runs_beside(),
                                 foreign=probe.kind == "foreign")
+            empty_prefix = True
     entries = [e for e in entries if args.all or e.status != "uncommitted"]
     if args.since is not None:
         entries = [e for e in entries if e.manifest is not None
@@ -121,8 +123,9 @@ def run_ls(args: argparse.Namespace) -> int:
                      m.created[:19].replace("T", " ") if m else "", human_size(e.size),
                      _files(m), metrics, e.status])
     if not rows:
-        o.line(f"no checkpoints in {store.url_of()}"
-               + (" (the run holds none yet)" if not args.since and not args.limit else ""))
+        o.line(f"no checkpoints in {store.url_of()}" + (
+            " (it holds nothing yet)" if empty_prefix else
+            " (the run holds none yet)" if args.since is None and args.limit is None else ""))
     else:
         o.line(table(rows, ["NAME", "STEP", "CREATED (UTC)", "SIZE", "FILES", "METRICS",
                             "STATUS"]))

@@ -210,7 +210,8 @@ def run_pull(args: argparse.Namespace) -> int:
         if head is None:  # committed ones, none valid: the pull itself says why
             raise NoCheckpointError(f"no valid checkpoint to pull in {store.url_of()}")
         o.event("would_pull", f"would pull {label(head.name)} ({head.name}, "
-                f"{human_size(head.total_size)}, {len(head.files)} files: "
+                f"{human_size(head.total_size)}, {len(head.files)} "
+                f"file{'s' if len(head.files) != 1 else ''}: "
                 f"{', '.join(f.path for f in head.files)}) into {args.local}",
                 **manifest_summary(head), paths=[f.path for f in head.files])
         return o.summary(0, None, dry_run=True, would_pull=1)

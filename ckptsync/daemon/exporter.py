@@ -121,3 +121,40 @@ def serve(monitor: Monitor, addr: str, port: int) -> WSGIServer:
     threading.Thread(target=server.serve_forever, name="ckptsync-metrics",
                      daemon=True).start()
     return server
+
+
+def check(where: str, wait: float = 0.0) -> int:
+    """Probe ``http://HOST:PORT/healthz`` until it answers 200 (exit 0) or ``wait`` seconds
+    pass (exit 1, the last answer on stderr): the systemd unit's start check."""
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + wait
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{where}/healthz", timeout=5) as r:
+                print(r.read().decode().strip())
+                return 0
+        except urllib.error.HTTPError as e:
+            last = f"{e.code}: {e.read().decode(errors='replace').strip()}"
+        except OSError as e:
+            last = str(e)
+        if time.monotonic() >= deadline:
+            print(f"ckptsync: {where}/healthz: {last}", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ckptsync.daemon.exporter",
+                                description="probe a ckptsync watch daemon's /healthz")
+    p.add_argument("--check", required=True, metavar="HOST:PORT")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="keep trying this long (default: once)")
+    a = p.parse_args()
+    raise SystemExit(check(a.check, a.wait))

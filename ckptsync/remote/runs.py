@@ -204,14 +204,14 @@ def not_a_run(url: str, beside: list[str], *, foreign: bool = False,
     what = ("holds no ckptsync run (its objects are not ckptsync's)" if foreign
             else "holds nothing at all: no ckptsync run is there")
     if under:
-        hint = ("it holds runs: " + ", ".join(r.url for r in under[:5])
-                + (" ..." if len(under) > 5 else "") + "; name one of them")
+        hint = ("It holds runs: " + ", ".join(r.url for r in under[:5])
+                + (" ..." if len(under) > 5 else "") + "; name one of them.")
     elif beside:
-        hint = (f"did you mean {beside[0]}?"
+        hint = (f"Did you mean {beside[0]}?"
                 + (f" (other runs beside it: {', '.join(beside[1:])})" if beside[1:] else ""))
     else:
-        hint = "no ckptsync run was found beside it either; check the URL"
+        hint = "No ckptsync run was found beside it either: check the URL."
     return NotARunError(
-        f"{url} {what}; {hint}. A new run starts there with --allow-empty "
-        "(CKPTSYNC_ALLOW_EMPTY=1; Checkpointer.restore(fresh_ok=True))",
+        f"{url} {what}. {hint} To start a new run there, pass --allow-empty "
+        "(CKPTSYNC_ALLOW_EMPTY=1; in Python, Checkpointer.restore(fresh_ok=True))",
         url=url, beside=beside)
