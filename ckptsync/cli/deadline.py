@@ -86,11 +86,13 @@ class Deadline:
             signal.setitimer(signal.ITIMER_REAL, max(0.01, self.seconds - idle))
             return
         where = f" {self.where}" if self.where else ""
+        # Armed again: should anything on the way out swallow this one, the next ends it.
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
         raise DeadlineExceeded(
             f"{self.what}: the remote{where} made no progress for {self.seconds:g} s "
             "(--timeout, CKPTSYNC_TIMEOUT): it does not answer, or answers too slowly. Check "
             "the endpoint and the network, or raise --timeout; nothing partial was committed",
-            url=self.where or None, retryable=True)
+            url=self.where or None, retryable=False)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
