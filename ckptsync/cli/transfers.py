@@ -97,7 +97,7 @@ def run_push(args: argparse.Namespace) -> int:
             size += ckpt.manifest.total_size
         pushed += 1
         o.event("would_push" if args.dry_run else "pushed",
-                f"{verb} {label(ckpt.name)} ({ckpt.name}, "
+                f"{verb} {ckpt.name} ({label(ckpt.name)}, "
                 f"{human_size(ckpt.manifest.total_size)})",
                 name=ckpt.name, step=ckpt.step, size=ckpt.manifest.total_size,
                 files=len(ckpt.manifest.files))
@@ -209,7 +209,7 @@ def run_pull(args: argparse.Namespace) -> int:
     if args.dry_run:
         if head is None:  # committed ones, none valid: the pull itself says why
             raise NoCheckpointError(f"no valid checkpoint to pull in {store.url_of()}")
-        o.event("would_pull", f"would pull {label(head.name)} ({head.name}, "
+        o.event("would_pull", f"would pull {head.name} ({label(head.name)}, "
                 f"{human_size(head.total_size)}, {len(head.files)} "
                 f"file{'s' if len(head.files) != 1 else ''}: "
                 f"{', '.join(f.path for f in head.files)}) into {args.local}",
@@ -226,7 +226,7 @@ def run_pull(args: argparse.Namespace) -> int:
     for n, problem in skipped:  # newest first, each passed over for the reason given
         o.event("skipped", None, name=n, problem=problem)
     size = ckpt.manifest.total_size
-    o.event("pulled", f"pulled {label(ckpt.name)} ({ckpt.name}) into {ckpt.path} "
+    o.event("pulled", f"pulled {ckpt.name} ({label(ckpt.name)}) into {ckpt.path} "
             f"({rate(size, seconds)})",
             **manifest_summary(ckpt.manifest), path=str(ckpt.path))
     code = _fell_back(args, ckpt.name, skipped)

@@ -154,7 +154,12 @@ def test_wrong_credentials_exit_3(seaweedfs_remote: Remote, tmp_path: Path,
 
 @pytest.mark.parametrize("remote", ["file", "seaweedfs"], indirect=True)
 def test_pull_of_an_empty_remote_is_nothing_to_do(remote: Remote, tmp_path: Path) -> None:
+    """Where a new run is declared (issue 32.1: without it, a prefix that holds nothing at
+    all is a typo, exit 1)."""
     p = run_cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
+    assert p.returncode == 1 and "holds nothing at all" in p.stderr, p.stderr
+    p = run_cli("pull", remote.url, str(tmp_path / "out"), "--allow-empty",
+                **options_env(remote))
     assert p.returncode == EXIT_NOTHING_TO_DO, (p.returncode, p.stderr)
     assert "nothing to pull" in p.stderr and "holds no checkpoint" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

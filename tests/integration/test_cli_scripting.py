@@ -55,7 +55,7 @@ def test_step_and_unique_prefixes_wherever_a_name_is_taken(
     p = run_cli("pull", url, str(tmp_path / "a"), "--step", "160", **env)
     assert p.returncode == 0, p.stderr
     assert [c.name for c in LocalStore(tmp_path / "a").list()] == [by_step[160].name]
-    assert "pulled step 160" in p.stdout
+    assert f"pulled {by_step[160].name} (step 160)" in p.stdout
     p = run_cli("pull", url, str(tmp_path / "b"), "--name", "step-000000000160", **env)
     assert p.returncode == 0, p.stderr  # a unique prefix: 160, not 1600 (zero-padded)
     assert [c.name for c in LocalStore(tmp_path / "b").list()] == [by_step[160].name]
@@ -97,7 +97,7 @@ def test_pull_dry_run_prints_what_it_would_restore_and_writes_nothing(
     out = tmp_path / "restore"
     p = run_cli("pull", url, str(out), "--dry-run", **env)
     assert p.returncode == 0, p.stderr
-    assert (f"would pull step 1600 ({ckpts[-1].name}, " in p.stdout
+    assert (f"would pull {ckpts[-1].name} (step 1600, " in p.stdout
             and "2 files: model.pt, optim.pt" in p.stdout), p.stdout
     p = run_cli("pull", url, str(out), "--dry-run", "--step", "20", "--json", **env)
     (would,) = events(p.stdout, "would_pull")
@@ -114,12 +114,13 @@ def test_quiet_summary_lines_and_labels(remote: Remote, tmp_path: Path) -> None:
     ckpts = [make_local(local, 160), make_local(local, 180)]
     p = run_cli("push", str(local.directory), remote.url)
     assert p.returncode == 0, p.stderr
-    assert f"pushed step 160 ({ckpts[0].name}, 30.3 KiB)" in p.stdout
+    assert f"pushed {ckpts[0].name} (step 160, 30.3 KiB)" in p.stdout
     last = p.stdout.strip().splitlines()[-1]
     assert re.fullmatch(rf"2 pushed, 0 already in {re.escape(remote.url)} \(60\.5 KiB in "
                         r"[\d.]+ s, [\d.]+ MB/s\)", last), last
     p = run_cli("pull", remote.url, str(tmp_path / "out"))
-    assert re.search(r"pulled step 180 .*\(30\.3 KiB in [\d.]+ s, [\d.]+ MB/s\)", p.stdout)
+    assert re.search(r"pulled \S+ \(step 180\) .*\(30\.3 KiB in [\d.]+ s, [\d.]+ MB/s\)",
+                     p.stdout), p.stdout
     for argv in (["push", str(local.directory), remote.url], ["ls", remote.url],
                  ["verify", remote.url], ["pull", remote.url, str(tmp_path / "q")],
                  ["gc", remote.url, "--keep-last", "5"]):
