@@ -141,7 +141,8 @@ def _check_object_path(url: str, scheme: str, what: str) -> None:
             f"{what} {shown!r} has a query string or fragment ('?...'); a remote URL is a "
             f"path: give {shown!r} without it (options go in -o KEY=VALUE or "
             "CKPTSYNC_STORAGE_OPTIONS)")
-    parts = split_protocol(shown)[1].rstrip("/").split("/")
+    # A leading "/" is a custom protocol's absolute path (noisy:///tmp/x), not an empty key.
+    parts = split_protocol(shown)[1].strip("/").split("/")
     bad = [p for p in parts if p in ("", ".", "..")]
     if bad:
         fixed = "/".join(p for p in parts if p not in ("", "."))

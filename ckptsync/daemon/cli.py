@@ -162,13 +162,13 @@ def run_watch(args: argparse.Namespace) -> int:
         logging.getLogger("ckptsync").setLevel(logging.DEBUG)
     out = _output(args, "watch")
     try:
+        config = config_from_args(args)
+        hooks = _hooks(args)
         local = Path(args.local_dir).expanduser()
         if not local.is_dir() and not getattr(args, "create", False):
             raise ConfigError(f"LOCAL_DIR {local} does not exist; give the directory the "
                               "trainer saves into, or --create to make it (a typo must not "
                               "look like a trainer that has saved nothing yet)")
-        config = config_from_args(args)
-        hooks = _hooks(args)
     except ConfigError as e:
         out.diagnostic(f"ckptsync watch: error: {e}")
         return EXIT_CONFIG
