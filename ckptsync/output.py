@@ -155,9 +155,11 @@ class EventLog:
     metrics and alerts (:mod:`ckptsync.daemon.metrics`) count.
     """
 
-    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv") -> None:
+    def __init__(self, stream: IO[str] | None = None, fmt: str = "kv", *,
+                 quiet: bool = False) -> None:
         self.stream = stream or sys.stderr
         self.fmt = fmt
+        self.quiet = quiet  # -q: warnings and errors only (listeners still get every event)
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str, str, dict[str, Any]], None]] = []
 
@@ -188,12 +190,13 @@ class EventLog:
                 pass
 
     def __call__(self, level: str, event: str, **fields: Any) -> None:
-        rec = {"ts": utc(), "level": level, "event": event, **fields}
-        if self.fmt == "json":
-            line = json.dumps(rec, default=str)
-        else:
-            line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
-        self._line(scrub(line))  # no credential ever reaches the log (DESIGN.md)
+        if not (self.quiet and level in ("info", "debug")):
+            rec = {"ts": utc(), "level": level, "event": event, **fields}
+            if self.fmt == "json":
+                line = json.dumps(rec, default=str)
+            else:
+                line = " ".join(f"{k}={_kv(v)}" for k, v in rec.items())
+            self._line(scrub(line))  # no credential ever reaches the log (DESIGN.md)
         if self._listeners:
             self._notify(level, event, fields)
 

@@ -4,6 +4,7 @@ what it keeps, with the rule that keeps each one."""
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from ckptsync.cli.common import label, open_store, out
 from ckptsync.cli.exits import exit_help
@@ -27,13 +28,13 @@ def add_gc(p: argparse.ArgumentParser) -> None:
     p.epilog = exit_help("gc")
 
 
-def _kept(store: object, policy: RetentionPolicy, doomed: list[str]) -> dict[str, list[str]]:
+def _kept(store: Any, policy: RetentionPolicy, doomed: list[str]) -> dict[str, list[str]]:
     """Why each committed checkpoint that stays is kept (the retention rules, or why
     retention does not count it)."""
-    run = store.run_id  # type: ignore[attr-defined]
+    run = store.run_id
     why: dict[str, list[str]] = {}
     infos = []
-    for key, e in enumerate(store.scan()):  # type: ignore[attr-defined]
+    for key, e in enumerate(store.scan()):
         if e.status == "uncommitted" or e.name in doomed:
             continue
         if e.status != "valid" or e.manifest is None:

@@ -172,7 +172,7 @@ def run_watch(args: argparse.Namespace) -> int:
     except ConfigError as e:
         out.diagnostic(f"ckptsync watch: error: {e}")
         return EXIT_CONFIG
-    events = EventLog(fmt=config.log_format)
+    events = EventLog(fmt=config.log_format, quiet=bool(getattr(args, "quiet", False)))
     monitor = Monitor(config.local_dir, hooks, interval=config.interval)
     events.listen(monitor.on_event)
     try:

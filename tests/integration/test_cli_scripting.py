@@ -130,6 +130,9 @@ def test_quiet_summary_lines_and_labels(remote: Remote, tmp_path: Path) -> None:
     assert summary(p.stdout)["checkpoints"] == 2
     p = run_cli("pull", f"{remote.url}-typo", str(tmp_path / "q2"), "-q")
     assert p.returncode == 1 and "holds nothing at all" in p.stderr  # errors still said
+    make_local(local, 200)
+    p = run_cli("watch", str(local.directory), remote.url, "--once", "-q")  # the daemon's log:
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p  # warnings and errors
 
 
 def test_usage_errors_exit_2_with_the_subcommands_usage(tmp_path: Path) -> None:
