@@ -55,9 +55,10 @@ def _left_behind(o: Output, store: Any, name: str, sent: int, why: str) -> None:
     o.diagnostic(
         f"ckptsync: {why} while pushing {label(name)} ({name}): it was not committed, so "
         f"nothing partial is visible. The {human_size(max(sent, 0))} uploaded of it stay under "
-        f"{store.url_of(name)}/ (on S3 with its unfinished multipart uploads) as an "
-        "uncommitted upload: the next push sends it again from the start, and `ckptsync gc "
-        f"{store.url_of()}` removes it once older than --grace (default 24 h)")
+        f"{store.url_of(name)}/ as an uncommitted upload (an S3 multipart upload in flight is "
+        "aborted on the way out, or left for gc where that failed): the next push sends it "
+        f"again from the start, and `ckptsync gc {store.url_of()}` removes it once older than "
+        "--grace (default 24 h)")
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -144,3 +144,37 @@ def test_a_push_that_fails_mid_upload_on_s3_exits_at_once(seaweedfs_remote: Remo
     fs = fsspec.core.url_to_fs(seaweedfs_remote.url, **seaweedfs_remote.storage_options)[0]
     fs.invalidate_cache()
     assert not fs.exists(f"{seaweedfs_remote.path}/{ckpt.name}/ckptsync.json")
+
+
+def test_ctrl_c_during_a_push_says_what_it_left_and_gc_collects_it(tmp_path: Path) -> None:
+    """Issue 32.7: a Ctrl-C'd push says which checkpoint it abandoned (not committed), where
+    its bytes are, and that gc collects them; gc --grace 0 then does."""
+    import signal
+
+    from ckptsync.remote import RemoteStore
+    from tests.support.paths import PY, SCRIPTS, child_env
+
+    local = LocalStore(tmp_path / "ckpts")
+    ckpt = make_local(local, 160, size=4 * 1024 * 1024)
+    remote = tmp_path / "remote" / "run"
+    proc = subprocess.Popen([PY, str(SCRIPTS / "run_daemon.py"), "push", str(local.directory),
+                             f"slowfile://{remote}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=child_env(CKPTSYNC_TEST_SLOW_WRITE_S="0.2",
+                                          CKPTSYNC_CHUNK_SIZE="65536"))
+    deadline = time.monotonic() + 60
+    while not any((remote / ckpt.name).glob("*")):  # its upload is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"interrupted while pushing step 160 ({ckpt.name}): it was not committed" in err
+    assert f"stay under slowfile://{remote}/{ckpt.name}/ as an uncommitted upload" in err
+    assert "the next push sends it again from the start" in err and "ckptsync gc" in err
+    assert "Traceback" not in err
+    store = RemoteStore(f"file://{remote}")
+    assert store.list() == []  # nothing committed
+    p = run_cli("gc", f"file://{remote}", "--grace", "0")
+    assert p.returncode == 0 and f"deleted leftover {ckpt.name}" in p.stdout, p.stderr
