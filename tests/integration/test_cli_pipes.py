@@ -168,7 +168,7 @@ def test_ctrl_c_during_a_push_says_what_it_left_and_gc_collects_it(tmp_path: Pat
         time.sleep(0.05)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert f"interrupted while pushing step 160 ({ckpt.name}): it was not committed" in err
     assert f"stay under slowfile://{remote}/{ckpt.name}/ as an uncommitted upload" in err
