@@ -126,7 +126,33 @@ def check_remote_url(url: str | None, what: str = "the remote URL") -> str:
         example = "file:///mnt/backup/run" if scheme in _LOCAL_SCHEMES else f"{scheme}://bucket/run"
         raise ConfigError(
             f"{what} {redact_url(url)!r} names no bucket or path; give e.g. {example}")
+    if scheme is not None and scheme not in _LOCAL_SCHEMES:
+        _check_object_path(url, scheme, what)
     return url
+
+
+def _check_object_path(url: str, scheme: str, what: str) -> None:
+    """Refuse what an object store would take literally or resolve elsewhere: a query
+    string, an empty path component (``//``), ``.`` or ``..`` (a local path resolves them; a
+    key does not, so the run would land under another prefix than the one read back)."""
+    shown = redact_url(url)  # a query string may hold a signature: never shown
+    if "?" in url or "#" in url:
+        raise ConfigError(
+            f"{what} {shown!r} has a query string or fragment ('?...'); a remote URL is a "
+            f"path: give {shown!r} without it (options go in -o KEY=VALUE or "
+            "CKPTSYNC_STORAGE_OPTIONS)")
+    # A leading "/" is a custom protocol's absolute path (noisy:///tmp/x), not an empty key.
+    parts = split_protocol(shown)[1].strip("/").split("/")
+    bad = [p for p in parts if p in ("", ".", "..")]
+    if bad:
+        fixed = "/".join(p for p in parts if p not in ("", "."))
+        reason = ("an empty path component ('//')" if "" in bad
+                  else f"a {bad[0]!r} path component")
+        hint = (f"write {scheme}://{fixed}" if ".." not in bad
+                else "write the prefix out in full, without '..'")
+        raise ConfigError(
+            f"{what} {shown!r} has {reason}: object stores keep it literally in the key, so "
+            f"the run would not be where it is read back; {hint}")
 
 
 def local_path_of(url: str) -> Path | None:

@@ -20,7 +20,8 @@ from typing import Literal
 
 from ckptsync.errors import ConfigError
 
-__all__ = ["BestRule", "CheckpointInfo", "RetentionPolicy", "parse_best", "select_for_deletion"]
+__all__ = ["BestRule", "CheckpointInfo", "RetentionPolicy", "keep_reasons", "parse_best",
+           "select_for_deletion"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,49 @@ class RetentionPolicy:
         return any(r is not None for r in (self.keep_last, self.keep_best, self.keep_every))
 
 
+def keep_reasons(
+    checkpoints: Iterable[CheckpointInfo],
+    policy: RetentionPolicy,
+    protect: Iterable[str] = (),
+) -> dict[str, list[str]]:
+    """Why each checkpoint the policy keeps is kept (name -> reasons, e.g. ``newest``,
+    ``keep-last 3``, ``keep-best val_loss:min:1 (0.213)``, ``keep-every 1000``,
+    ``protected``), oldest first; a name missing from the result is deleted. An inactive
+    policy keeps everything (``keep everything: no rule``).
+
+    Args: as :func:`select_for_deletion`.
+    """
+    ordered: Sequence[CheckpointInfo] = sorted(checkpoints, key=lambda c: c.sort_key)
+    if not policy.active:
+        return {c.name: ["no retention rule"] for c in ordered}
+    reasons: dict[str, list[str]] = {c.name: [] for c in ordered}
+    for name in protect:
+        if name in reasons:
+            reasons[name].append("protected (a live run resumed from it)")
+    if ordered:
+        reasons[ordered[-1].name].append("newest (never deleted)")
+    if policy.keep_last is not None:
+        for c in ordered[-policy.keep_last :]:
+            reasons[c.name].append(f"keep-last {policy.keep_last}")
+    if policy.keep_every is not None:
+        for c in ordered:
+            if c.step is not None and c.step % policy.keep_every == 0:
+                reasons[c.name].append(f"keep-every {policy.keep_every}")
+    if policy.keep_best is not None:
+        rule = policy.keep_best
+        # NaN/inf (a diverged run) never counts as "best".
+        scored = [c for c in ordered
+                  if rule.metric in c.metrics and math.isfinite(c.metrics[rule.metric])]
+        # Ties: prefer the newer checkpoint.
+        sign = 1.0 if rule.mode == "min" else -1.0
+        position = {c.name: i for i, c in enumerate(ordered)}
+        scored.sort(key=lambda c: (sign * c.metrics[rule.metric], -position[c.name]))
+        for c in scored[: rule.k]:
+            reasons[c.name].append(f"keep-best {rule.metric}:{rule.mode}:{rule.k} "
+                                   f"({c.metrics[rule.metric]:.4g})")
+    return {n: r for n, r in reasons.items() if r}
+
+
 def select_for_deletion(
     checkpoints: Iterable[CheckpointInfo],
     policy: RetentionPolicy,
@@ -92,22 +136,5 @@ def select_for_deletion(
     ordered: Sequence[CheckpointInfo] = sorted(checkpoints, key=lambda c: c.sort_key)
     if not policy.active or not ordered:
         return []
-    keep: set[str] = set(protect)
-    keep.add(ordered[-1].name)  # never delete the newest
-    if policy.keep_last is not None:
-        keep.update(c.name for c in ordered[-policy.keep_last :])
-    if policy.keep_every is not None:
-        keep.update(
-            c.name for c in ordered if c.step is not None and c.step % policy.keep_every == 0
-        )
-    if policy.keep_best is not None:
-        rule = policy.keep_best
-        # NaN/inf (a diverged run) never counts as "best".
-        scored = [c for c in ordered
-                  if rule.metric in c.metrics and math.isfinite(c.metrics[rule.metric])]
-        # Ties: prefer the newer checkpoint.
-        sign = 1.0 if rule.mode == "min" else -1.0
-        position = {c.name: i for i, c in enumerate(ordered)}
-        scored.sort(key=lambda c: (sign * c.metrics[rule.metric], -position[c.name]))
-        keep.update(c.name for c in scored[: rule.k])
+    keep = keep_reasons(ordered, policy, protect)
     return [c.name for c in ordered if c.name not in keep]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ckptsync.client import ranks
-from ckptsync.client.remote_open import KeyArg, open_remote
+from ckptsync.client.remote_open import KeyArg, fresh_start, open_remote
 from ckptsync.client.replicated import Replicated
 from ckptsync.client.restore import RestoreInfo
 from ckptsync.client.runinfo import dist_info, git_revision
@@ -386,7 +386,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ restore
     def restore(
         self, *, map_location: Any = "cpu", name: str | None = None,
-        sharded: bool | None = None, **objects: Any
+        sharded: bool | None = None, fresh_ok: bool | None = None, **objects: Any
     ) -> RestoreInfo | None:
         """Load the newest usable checkpoint, local or remote, into ``objects``; None when
         there is none.
@@ -409,10 +409,18 @@ class Checkpointer:
             name: restore this checkpoint instead of the newest (no fallback).
             sharded: load a sharded (DCP) checkpoint through ``torch.distributed.checkpoint``
                 into ``objects``, on any world size (default: when they hold DTensors).
+            fresh_ok: with a remote, whether a remote prefix that holds nothing at all may
+                start a new run (None is returned, with a warning naming the runs beside it).
+                Without it (default: ``CKPTSYNC_ALLOW_EMPTY=1``, else False) such a prefix,
+                with no local checkpoint either, raises :class:`NoCheckpointError`: a typo
+                in the URL must not train from step 0 under the wrong prefix. A run root
+                that exists (its first save wrote its marker) is always a fresh start.
             **objects: the objects to load into, by the names they were saved under.
 
         Raises:
-            NoCheckpointError: ``name`` was given and does not exist.
+            NoCheckpointError: ``name`` was given and does not exist; or (not ``fresh_ok``)
+                the remote prefix holds nothing at all and no local checkpoint exists
+                (:class:`~ckptsync.remote.runs.NotARunError`, naming the runs beside it).
             CorruptCheckpointError: every checkpoint present is unusable (nothing was loaded),
                 or ``name`` is.
             ConfigError: an object is in no checkpoint (or, with ``name``, not in that one).
@@ -428,6 +436,8 @@ class Checkpointer:
         info = self._strategy(sharded, objects).restore(name, objects, map_location)
         if info is not None:
             self._sync.resumed(info)  # retention keeps it while this run lives
+        elif self.remote is not None:
+            fresh_start(self.remote, fresh_ok)
         return info
 
     def __repr__(self) -> str:

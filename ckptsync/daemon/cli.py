@@ -16,14 +16,19 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ckptsync.daemon.config import config_from_args
+from ckptsync.daemon.exporter import serving
+from ckptsync.daemon.metrics import Hooks, Monitor, lag, read_monitor
 from ckptsync.daemon.process import run_daemon
 from ckptsync.daemon.runtime import EXIT_CONFIG, daemon_status, read_status
+from ckptsync.daemon.statusview import STATUS_USAGE, follow, outcome
 from ckptsync.daemon.wait import add_subcommand as add_wait
 from ckptsync.errors import ConfigError
-from ckptsync.output import Output
+from ckptsync.exits import exit_help
+from ckptsync.output import EventLog, Output
 from ckptsync.redact import redact_url
 from ckptsync.zerocode.presets import PRESETS, preset_rule
 
@@ -54,9 +59,11 @@ named below):
 once running, the daemon never exits on an error: failed uploads are reported (log and
 `ckptsync status`) and retried with back-off while the rest keeps syncing.
 
-exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints (or a
-crash); 2 bad configuration or another daemon watches the directory (at start-up: do not
-restart); 3 permanent remote error at start-up (bad credentials, no such bucket)."""
+for operators: --metrics-port N serves Prometheus metrics on /metrics and a health check on
+/healthz (200 while the daemon runs and its status is fresh, else 503); --on-failure CMD and
+--on-lag N CMD run `sh -c CMD` with the event as one JSON object on stdin.
+
+"""
 
 _PRESET_DIRS = {
     "hf-trainer": "TrainingArguments(output_dir=LOCAL_DIR)",
@@ -71,11 +78,11 @@ WATCH_EPILOG = WATCH_EPILOG.format(presets="\n".join(
 
 def add_subcommands(subparsers: Any,
                     parents: Sequence[argparse.ArgumentParser] = ()) -> None:
-    """Add ``watch``, ``status`` and ``wait`` to an ``argparse`` subparsers object; ``parents`` hold
-    the flags every command takes (:func:`ckptsync.cli.common_parser`: ``--json``, ``-o``,
-    ``-v``, ``--no-progress``)."""
+    """Add ``watch``, ``status`` and ``wait`` to an ``argparse`` subparsers object;
+    ``parents`` hold the flags every command takes (:func:`ckptsync.cli.common_parser`:
+    ``--json``, ``-o``, ``-v``, ``--no-progress``)."""
     w = subparsers.add_parser("watch", help=WATCH_HELP, description=WATCH_HELP,
-                              epilog=WATCH_EPILOG, parents=list(parents),
+                              epilog=WATCH_EPILOG + exit_help("watch"), parents=list(parents),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     w.add_argument("local_dir", metavar="LOCAL_DIR", help="directory the trainer writes to")
     w.add_argument("remote", metavar="REMOTE_URL", nargs="?", default=None,
@@ -115,16 +122,37 @@ def add_subcommands(subparsers: Any,
                    help="when PID exits, upload what is pending and exit")
     w.add_argument("--log-format", choices=("kv", "json"),
                    help="log line format on stderr (default kv; --json: json)")
+    w.add_argument("--create", action="store_true",
+                   help="create LOCAL_DIR if it does not exist (without it, a missing "
+                        "directory is refused: a typo must not look like an idle trainer)")
+    w.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics (/metrics) and a health check (/healthz) "
+                        "on this port")
+    w.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="the address --metrics-port binds (default 127.0.0.1; 0.0.0.0 for a "
+                        "probe from outside the pod or VM)")
+    w.add_argument("--on-failure", metavar="CMD",
+                   help="run `sh -c CMD` when a checkpoint's upload fails (once per failing "
+                        "checkpoint), the event as JSON on stdin")
+    w.add_argument("--on-lag", nargs=2, metavar=("N", "CMD"),
+                   help="run `sh -c CMD` when N or more local checkpoints are not committed "
+                        "remotely (once, until the lag falls below N), the event as JSON on "
+                        "stdin")
     w.add_argument("--nice", type=int, metavar="N",
                    help="lower the daemon's CPU priority by N (0-19) so training gets the CPU "
                         "first (default 0)")
     w.set_defaults(func=run_watch, _run=run_watch)
 
     s = subparsers.add_parser("status", help=STATUS_HELP, description=STATUS_HELP,
-                              parents=list(parents))
+                              parents=list(parents), epilog=exit_help("status"),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("local_dir", metavar="LOCAL_DIR", help="the watched directory")
     if not any(a.dest == "json" for a in s._actions):
         s.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    s.add_argument("--follow", "-f", action="store_true",
+                   help="redraw one screen every second: lag (checkpoints, steps, seconds), "
+                        "uploads in flight with their MB/s, the last error, the next retry "
+                        "(Ctrl-C ends it)")
     s.set_defaults(func=run_status, _run=run_status)
 
     add_wait(subparsers, parents)  # self-contained: ckptsync/daemon/wait.py
@@ -136,20 +164,68 @@ def run_watch(args: argparse.Namespace) -> int:
         args.log_format = "json"  # a streaming command: one JSON object per line
     if (getattr(args, "verbose", 0) or 0) >= 2:  # -vv: the daemon's own debug records too
         logging.getLogger("ckptsync").setLevel(logging.DEBUG)
+    out = _output(args, "watch")
     try:
         config = config_from_args(args)
+        hooks = _hooks(args)
+        local = Path(args.local_dir).expanduser()
+        if not local.is_dir() and not getattr(args, "create", False):
+            raise ConfigError(f"LOCAL_DIR {local} does not exist; give the directory the "
+                              "trainer saves into, or --create to make it (a typo must not "
+                              "look like a trainer that has saved nothing yet)")
     except ConfigError as e:
-        _output(args, "watch").diagnostic(f"ckptsync watch: error: {e}")
+        out.diagnostic(f"ckptsync watch: error: {e}")
         return EXIT_CONFIG
-    return run_daemon(config)
+    events = EventLog(fmt=config.log_format, quiet=bool(getattr(args, "quiet", False)))
+    monitor = Monitor(config.local_dir, hooks, interval=config.interval)
+    events.listen(monitor.on_event)
+    try:
+        with monitor.running(), serving(monitor, args.metrics_addr, args.metrics_port):
+            return run_daemon(config, events=events)
+    except ConfigError as e:  # the metrics port is taken
+        out.diagnostic(f"ckptsync watch: error: {e}")
+        return EXIT_CONFIG
+
+
+def _hooks(args: argparse.Namespace) -> Hooks:
+    lag_n: int | None = None
+    on_lag: str | None = None
+    if args.on_lag:
+        raw, on_lag = args.on_lag
+        try:
+            lag_n = int(raw)
+        except ValueError:
+            raise ConfigError(f"--on-lag N CMD: N must be a whole number of checkpoints, got "
+                              f"{raw!r}") from None
+        if lag_n < 1:
+            raise ConfigError(f"--on-lag N CMD: N must be >= 1, got {lag_n}")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port must be a port number, got {args.metrics_port}")
+    return Hooks(on_failure=args.on_failure, on_lag=on_lag, lag_threshold=lag_n)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    """Print the daemon status of a directory; exit 0 (1 when checkpoints failed, or the
-    daemon stopped with an error)."""
-    st = daemon_status(args.local_dir)
-    _output(args, "status").document(st, format_status(st), indent=1, sort_keys=True)
-    return 1 if st.get("failed") or st.get("error") else 0
+    """Print the daemon status of a directory; exit 0 in sync, 1 pending, 3 the last attempt
+    failed, 2 a missing directory or one no daemon ever ran in
+    (:func:`~ckptsync.daemon.statusview.outcome`)."""
+    out = _output(args, "status")
+    local = Path(args.local_dir).expanduser()
+    if not local.is_dir():
+        out.diagnostic(f"ckptsync status: error: {local} does not exist (or is not a "
+                       "directory); give the directory `ckptsync watch` watches")
+        return STATUS_USAGE
+    if getattr(args, "follow", False):
+        return follow(local)
+    st = daemon_status(local)
+    st["monitor"] = read_monitor(local)
+    st["lag"] = lag(st)
+    code = outcome(st)
+    st["exit_code"] = code
+    out.document(st, format_status(st), indent=1, sort_keys=True)
+    if code == STATUS_USAGE:
+        out.diagnostic(f"ckptsync status: no ckptsync watch has run in {st['local_dir']} "
+                       f"(exit {code}): is it the directory the daemon watches?")
+    return code
 
 
 def _output(args: argparse.Namespace, command: str) -> Output:
@@ -171,6 +247,10 @@ def format_status(st: dict[str, Any]) -> str:
         *([f"note:      {mount['note']}; {mount['advice']}"] if isinstance(mount, dict) else []),
         f"daemon:    {running}",
         f"last reconcile: {st.get('last_reconcile') or 'never'}",
+        *([f"lag:     {st['lag']['checkpoints']} checkpoints, {st['lag']['steps']} steps, "
+           f"{st['lag']['seconds']:.0f} s"] if isinstance(st.get("lag"), dict) else []),
+        *[f"uploading: {u['name']} ({u['sent']:,} of {u['total']:,} bytes, "
+          f"{u['mb_s']:.1f} MB/s)" for u in (st.get("monitor") or {}).get("uploading") or []],
         f"synced:  {len(st['synced'])}" + (f" (newest {st['synced'][-1]})" if st["synced"] else "")
         + " committed remotely" + (" (handed to the mount: see the note)" if mount else ""),
         f"pending: {len(st['pending']) + len(st.get('settling', []))}"

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.daemon.runtime import daemon_status, read_status
-from ckptsync.daemon.wait import WAIT_FAILED, flush_mount, outcome, outstanding
+from ckptsync.daemon.statusview import outcome
+from ckptsync.daemon.wait import WAIT_FAILED, flush_mount, outstanding
 from ckptsync.errors import CkptSyncError, ConfigError
 from ckptsync.local import WATCH_DIR
 from ckptsync.ownership import check_remote_outside, check_remote_url

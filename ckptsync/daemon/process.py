@@ -67,14 +67,17 @@ class _WatchdogStopRace(logging.Filter):
         return "called when the thread is inactive" not in record.getMessage()
 
 
-def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None) -> int:
+def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None,
+               events: EventLog | None = None) -> int:
     """Run the daemon in this process (the ``ckptsync watch`` command); return the exit code.
 
     Installs the structured log, takes the directory lock, handles SIGTERM/SIGINT (stop) and
     SIGUSR1 (reconcile now) on the main thread with ``sigwait`` (no handler runs inside a
-    lock), and runs :class:`Watcher` on a dispatcher thread.
+    lock), and runs :class:`Watcher` on a dispatcher thread. ``events``: the event log
+    (default: one on stderr in ``config.log_format``), for a caller that listens to it
+    (``watch --metrics-port``).
     """
-    events = EventLog(fmt=config.log_format)
+    events = events or EventLog(fmt=config.log_format)
     if config.nice and hasattr(os, "nice"):
         # Uploads compete with training for the CPU (hashing, signing, TLS): let it win.
         events("info", "niceness", nice=os.nice(config.nice))

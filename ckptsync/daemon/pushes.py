@@ -208,7 +208,8 @@ class PushQueue:
             t0 = time.monotonic()
             self._events("info", "push_start", name=ckpt.name, step=ckpt.step,
                          bytes=ckpt.manifest.total_size)
-            m = self.store.push(ckpt, stop=attempt.stop)
+            # Byte counts to the event log's listeners: the metrics' upload rate.
+            m = self.store.push(ckpt, stop=attempt.stop, progress=self._events.progress(ckpt.name))
             # One node's part, not committed: which nodes' parts are missing.
             missing = self.store.waiting_for(m) if part_of(m) is not None else None
             return m, missing, time.monotonic() - t0

@@ -75,6 +75,7 @@ from ckptsync.manifest import (
     new_hasher,
 )
 from ckptsync.transfer.retry import RetryPolicy
+from ckptsync.zerocode.metrics import content_metrics
 from ckptsync.zerocode.rules import (
     WATCHED,
     StatSig,
@@ -210,6 +211,9 @@ def snapshot_version(
         manifest = Manifest.new(
             step=step, files=staging.entries, name=name,
             source={"kind": WATCHED, "rule": rule.spec, "paths": list(rels)},
+            # What the framework recorded (trainer_state.json, val_loss=... in a file name):
+            # shown by `ls`, ranked by --keep-best. Read from the copy: the version's own.
+            metrics=content_metrics(staging.path, list(rels)),
         )
         if step is None and seq is not None:
             manifest = dataclasses.replace(manifest, unknown={**manifest.unknown, SEQ_FIELD: seq})

@@ -15,10 +15,11 @@ committed means handed to the mount: ``wait`` then also flushes what the daemon 
 (``fsync`` of every file and directory, ``os.sync()``) and prints what to do before the
 session ends (``drive.flush_and_unmount()``).
 
-Exit codes: :data:`WAIT_OK` (0) every local checkpoint is committed remotely;
-:data:`WAIT_PENDING` (1) some are still pending at the timeout (or no daemon runs to upload
-them); :data:`WAIT_USAGE` (2) DIR is missing, or no daemon has ever run there;
-:data:`WAIT_FAILED` (3) the last upload attempt failed and nothing newer succeeded.
+Exit codes (the one table, :mod:`ckptsync.exits`; the same as ``status``'s,
+:func:`~ckptsync.daemon.statusview.outcome`): :data:`WAIT_OK` (0) every local checkpoint is
+committed remotely; :data:`WAIT_PENDING` (1) some are still pending at the timeout (or no
+daemon runs to upload them); :data:`WAIT_USAGE` (2) DIR is missing, or no daemon has ever run
+there; :data:`WAIT_FAILED` (3) the last upload attempt failed and nothing newer succeeded.
 
 Example::
 
@@ -37,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptsync.daemon.runtime import daemon_status, read_status
-from ckptsync.manifest import name_sort_key
+from ckptsync.daemon.statusview import outcome
+from ckptsync.exits import exit_help
 from ckptsync.mounts import MountedRemote, flush_tree
 from ckptsync.output import Output
 
@@ -48,7 +50,6 @@ __all__ = [
     "WAIT_USAGE",
     "add_subcommand",
     "flush_mount",
-    "outcome",
     "outstanding",
     "run_wait",
     "wait_synced",
@@ -62,27 +63,7 @@ WAIT_EPILOG = """\
 against the checkpoints in the directory now. On a Drive (FUSE) mount, wait also flushes what
 was written there and says what to run before the session ends.
 
-exit codes:
-  0  every local checkpoint is committed remotely
-  1  still pending at the timeout (or no daemon is running to upload them)
-  2  usage: LOCAL_DIR is missing, or no ckptsync watch has run there
-  3  the last upload attempt failed and nothing newer succeeded (see `ckptsync status`)"""
-
-
-def outcome(st: dict[str, Any]) -> int:
-    """The exit code for a status of :func:`daemon_status`: 0 in sync; 3 when the newest
-    failed checkpoint is newer than every one synced (or the daemon stopped on an error);
-    else 1 (pending)."""
-    if st.get("in_sync"):
-        return WAIT_OK
-    if st.get("error"):
-        return WAIT_FAILED
-    failed = [f["name"] for f in st.get("failed", []) if isinstance(f, dict) and f.get("name")]
-    if failed:
-        newest = max(name_sort_key(n) for n in failed)
-        if not any(name_sort_key(n) > newest for n in st.get("synced", [])):
-            return WAIT_FAILED
-    return WAIT_PENDING
+"""
 
 
 def outstanding(st: dict[str, Any]) -> str:
@@ -161,7 +142,8 @@ def flush_mount(st: dict[str, Any]) -> tuple[MountedRemote | None, int]:
 
 def add_subcommand(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Add ``wait`` to an ``argparse`` subparsers object (``parents``: the common flags)."""
-    p = subparsers.add_parser("wait", help=WAIT_HELP, description=WAIT_HELP, epilog=WAIT_EPILOG,
+    p = subparsers.add_parser("wait", help=WAIT_HELP, description=WAIT_HELP,
+                              epilog=WAIT_EPILOG + exit_help("wait"),
                               parents=list(parents),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("local_dir", metavar="LOCAL_DIR", help="the directory a daemon watches")

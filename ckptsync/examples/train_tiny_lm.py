@@ -160,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--save-every", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="resume from the newest checkpoint")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="with --resume and --remote: a remote that holds nothing yet is a new "
+                        "run (without it, such a prefix, a typo?, is an error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     start = 1
     if args.resume:
         info = ckpt.restore(model=model, optimizer=optimizer, scheduler=scheduler,  # ckptsync
-                            scaler=scaler, data=data)  # ckptsync
+                            scaler=scaler, data=data, fresh_ok=args.allow_empty)  # ckptsync
         if info is not None:
             start = (info.step or 0) + 1  # this trainer always saves with a step
             print(f"resumed from {info.name} (step {info.step})", flush=True)

@@ -107,15 +107,21 @@ def upload_file(
         crc = 0
         with _open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
-            # The backend's own checksum of a one-request upload, computed in this pass over
-            # the bytes sent (so not where ``wrap`` encrypts them on the way: the GCM tags and
-            # the stored digest guard those).
-            small = entry.size < config.block_size
-            extras = single_put_extras(dst) if wrap is None and small else None
-            # GCS: the request that finalizes the upload carries the CRC32C (transfer/gcs.py).
-            crc32c = crc32c_sender(dst) if wrap is None else None
-            if wrap is not None:
-                dst = wrap(dst)
+            try:
+                # The backend's own checksum of a one-request upload, computed in this pass
+                # over the bytes sent (so not where ``wrap`` encrypts them on the way: the GCM
+                # tags and the stored digest guard those).
+                small = entry.size < config.block_size
+                extras = single_put_extras(dst) if wrap is None and small else None
+                # GCS: the request that finalizes the upload carries the CRC32C
+                # (transfer/gcs.py).
+                crc32c = crc32c_sender(dst) if wrap is None else None
+                if wrap is not None:
+                    dst = wrap(dst)
+            except BaseException:
+                # An open writer left behind (s3fs's) hangs the interpreter's exit: abandon it.
+                _abandon(dst)
+                raise
             try:
                 while True:
                     _check_stop(stop, url)
@@ -156,6 +162,7 @@ def upload_file(
                 # The reply to the request that finalized a GCS upload can be lost after the
                 # object was made: ambiguous, so read the remote (DESIGN.md, "The daemon").
                 if crc32c is None or not crc32c.landed(sent):
+                    _abandon(dst)  # never left open: the interpreter's exit would wait on it
                     raise
                 log.info("finishing the upload of %s failed (%s: %s), but the object is there "
                          "with the size and CRC32C sent: the upload took effect", url,

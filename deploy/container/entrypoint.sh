@@ -3,8 +3,11 @@
 #
 #   ckptsync-sidecar watch [FLAGS...]   run the daemon on $CKPTSYNC_LOCAL_DIR (default mode)
 #   ckptsync-sidecar pull               restore the newest valid checkpoint into
-#                                       $CKPTSYNC_LOCAL_DIR before the trainer starts; an empty
-#                                       remote is a fresh start (exit 0)
+#                                       $CKPTSYNC_LOCAL_DIR before the trainer starts; a run
+#                                       that holds no checkpoint yet is a fresh start (exit 0),
+#                                       and so is a prefix that holds nothing at all when
+#                                       CKPTSYNC_ALLOW_EMPTY=1 (a run's first pod); otherwise
+#                                       such a prefix (a typo?) stops the pod (exit 1)
 #
 # Environment: CKPTSYNC_LOCAL_DIR (the shared volume), CKPTSYNC_REMOTE (the run's URL),
 # optional CKPTSYNC_STORAGE_OPTIONS (JSON), CKPTSYNC_KEEP_LAST, CKPTSYNC_RULES, ... (see
@@ -28,13 +31,18 @@ watch)
     ;;
 pull)
     # ckptsync reads CKPTSYNC_STORAGE_OPTIONS from the environment itself: never turn it into
-    # -o arguments, which `ps` shows to every user of the node.
-    # `ls --json` writes one line per checkpoint (JSON Lines), then a summary; a failed ls
-    # stops the script here (set -e), so an unreachable remote is never taken for an empty one.
-    listing="$(ckptsync ls "$CKPTSYNC_REMOTE" --json --no-progress "$@")"
-    case "$listing" in
-    *'"event": "checkpoint"'*) ;;
-    *)
+    # -o arguments, which `ps` shows to every user of the node. Exit 5 is "nothing to pull: a
+    # fresh start"; any other failure (an unreachable remote, a typo'd prefix) stops the pod's
+    # init with its exit code, never a silent fresh start over a run it could not see.
+    status=0
+    ckptsync pull "$CKPTSYNC_REMOTE" "$CKPTSYNC_LOCAL_DIR" --no-progress "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "ckptsync-sidecar: no checkpoint in $CKPTSYNC_REMOTE yet: a fresh start"
+        exit 0
+    fi
+    exit "$status"
+    ;;
+*)
         echo "ckptsync-sidecar: no checkpoint in $CKPTSYNC_REMOTE yet: a fresh start"
         exit 0
         ;;

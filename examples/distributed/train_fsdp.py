@@ -63,7 +63,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     ckpt = Checkpointer(args.ckpt_dir, remote=args.remote, keep_last=3)  # ckptsync
-    info = ckpt.restore(model=model, optimizer=opt)  # ckptsync: every rank, any world size
+    # ckptsync: every rank, any world size; fresh_ok: a remote that holds nothing yet is a new run
+    info = ckpt.restore(model=model, optimizer=opt, fresh_ok=True)
     start = info.step + 1 if info else 0
     for step in range(start, args.steps):
         x, y = batch(step, rank, world)

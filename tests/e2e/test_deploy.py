@@ -149,6 +149,12 @@ def test_systemd_unit_has_restart_env_file_and_graceful_stop() -> None:
     assert svc["EnvironmentFile"] == "/etc/ckptsync/watch.env"
     assert svc["KillSignal"] == "SIGTERM"
     assert svc["ExecStart"].split()[:2] == ["/opt/ckptsync/bin/ckptsync", "watch"]
+    # Issue 32.9: the daemon serves its health endpoint, and the start is checked with it.
+    start = svc["ExecStart"].split()
+    port = start[start.index("--metrics-port") + 1]
+    post = svc["ExecStartPost"].split()
+    assert post[:4] == ["/opt/ckptsync/bin/python", "-m", "ckptsync.daemon.exporter",
+                        "--check"] and post[4] == f"127.0.0.1:{port}"
     env = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                if line and not line.startswith("#"))
     # The daemon's own stop timeout fits inside systemd's, or systemd SIGKILLs it mid-upload:
@@ -163,7 +169,8 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     # points at this venv's console script, which systemd-analyze checks is executable.
     unit = tmp_path / UNIT.name
     unit.write_text(UNIT.read_text().replace("/opt/ckptsync/bin/ckptsync",
-                                             str(Path(sys.executable).with_name("ckptsync"))))
+                                             str(Path(sys.executable).with_name("ckptsync")))
+                    .replace("/opt/ckptsync/bin/python", sys.executable))
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and not r.stderr.strip(), r.stderr  # unknown keys only warn
@@ -192,7 +199,16 @@ def test_pod_shares_a_volume_and_stops_the_sidecar_gracefully() -> None:
     trainer = spec["containers"][0]
     sidecar = inits["ckptsync"]
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: stopped after the trainer
-    assert inits["restore"]["args"] == ["pull"] and sidecar["args"] == ["watch"]
+    assert inits["restore"]["args"] == ["pull"] and sidecar["args"][0] == "watch"
+    # Issue 32.9: the kubelet probes the daemon's health endpoint, on the port it serves.
+    args = sidecar["args"]
+    port = int(args[args.index("--metrics-port") + 1])
+    assert args[args.index("--metrics-addr") + 1] == "0.0.0.0"  # reachable by the kubelet
+    (named,) = [p for p in sidecar["ports"] if p["containerPort"] == port]
+    probe = sidecar["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz" and probe["port"] in (port, named["name"])
+    # The run's first pod starts fresh on an empty prefix, as declared (issue 32.1).
+    assert {e["name"]: e["value"] for e in sidecar["env"]}["CKPTSYNC_ALLOW_EMPTY"] == "1"
     mounts = {c["name"]: c["volumeMounts"][0] for c in [trainer, *inits.values()]}
     assert {m["name"] for m in mounts.values()} == {vol["name"]}
     ckpt_dir = {e["name"]: e["value"] for e in sidecar["env"]}["CKPTSYNC_LOCAL_DIR"]
@@ -237,7 +253,7 @@ def test_sidecar_pull_passes_no_storage_option_as_an_argument(s3_remote: Remote,
     r = subprocess.run(["sh", "-x", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "+ exec ckptsync pull" in r.stderr  # the trace shows the commands it ran
+    assert "+ ckptsync pull" in r.stderr  # the trace shows the commands it ran
     for secret in (s3_remote.storage_options["secret"], s3_remote.storage_options["key"]):
         assert secret not in r.stderr and secret not in r.stdout
     assert [c.name for c in LocalStore(fresh).list()] == [ckpt.name]
@@ -245,14 +261,20 @@ def test_sidecar_pull_passes_no_storage_option_as_an_argument(s3_remote: Remote,
 
 def test_sidecar_pull_of_an_empty_remote_is_a_fresh_start_and_a_failed_listing_is_not(
         tmp_path: Path) -> None:
-    """The entrypoint reads ``ls --json`` (JSON Lines): no checkpoint line is a fresh start
-    (exit 0); a listing that fails stops the pod's init with its exit code, never a silent
-    fresh start that would train from step 0 over a run it could not see."""
+    """The entrypoint's pull: nothing to pull (exit 5) is a fresh start (exit 0) where the run
+    exists or CKPTSYNC_ALLOW_EMPTY=1 declares a new one (the pod sets it); a prefix that holds
+    nothing at all without it, or a pull that fails, stops the pod's init with its exit code,
+    never a silent fresh start that would train from step 0 over a run it could not see."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "PYTHONPATH": str(REPO), "CKPTSYNC_LOCAL_DIR": str(tmp_path / "fresh"),
            "CKPTSYNC_REMOTE": f"file://{tmp_path}/empty/run"}
+    env.pop("CKPTSYNC_ALLOW_EMPTY", None)
     r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
                        env=env, timeout=120)
+    assert r.returncode == 1 and "holds nothing at all" in r.stderr, (r.stdout, r.stderr)
+    assert "a fresh start" not in r.stdout
+    r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
+                       env={**env, "CKPTSYNC_ALLOW_EMPTY": "1"}, timeout=120)
     assert r.returncode == 0 and "a fresh start" in r.stdout, r.stderr
     r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
                        env={**env, "CKPTSYNC_REMOTE": "nosuchscheme://bucket/run"}, timeout=120)
@@ -351,6 +373,7 @@ def test_sidecar_entrypoint_is_torch_free_and_syncs_another_process_checkpoint(
 
     # ...and on a run's very first pod, an empty remote is a fresh start, not a failure.
     r = subprocess.run(["sh", str(ENTRYPOINT), "pull"], capture_output=True, text=True,
-                       env=_sidecar_env(torch_free_venv, tmp_path / "first", s3_remote,
-                                        s3_remote.url + "-new"), timeout=120)
+                       env={**_sidecar_env(torch_free_venv, tmp_path / "first", s3_remote,
+                                           s3_remote.url + "-new"),
+                            "CKPTSYNC_ALLOW_EMPTY": "1"}, timeout=120)  # as the pod says
     assert r.returncode == 0 and "a fresh start" in r.stdout, r.stderr

@@ -82,6 +82,27 @@ def test_ls_against_a_black_hole_fails_within_a_bounded_time(black_hole: str) ->
     assert "not-a-real-secret-value" not in r.stderr
 
 
+def test_ls_against_a_black_hole_ends_at_its_deadline_naming_the_endpoint(
+        black_hole: str) -> None:
+    """Issue 30.4: the production retries and timeouts (5 attempts, a 30 s read timeout, and
+    s3fs's own retries inside each) would take many minutes; the command's deadline ends it,
+    naming the endpoint that does not answer."""
+    start = time.monotonic()
+    r = run_cli("ls", "s3://bucket/run", "--timeout", "4", timeout=120,
+                **_s3_options(black_hole))
+    took = time.monotonic() - start
+    assert r.returncode == 1, r.stderr
+    assert took < 15, f"ls took {took:.0f}s with --timeout 4"
+    assert f"endpoint {black_hole}" in r.stderr and "made no progress for 4 s" in r.stderr
+    assert "--timeout" in r.stderr and "Traceback" not in r.stderr
+    assert "not-a-real-secret-value" not in r.stderr
+    start = time.monotonic()  # the same from the environment
+    r = run_cli("verify", "s3://bucket/run", timeout=120, CKPTSYNC_TIMEOUT="3",
+                **_s3_options(black_hole))
+    assert r.returncode == 1 and time.monotonic() - start < 15, r.stderr
+    assert "made no progress for 3 s" in r.stderr
+
+
 def test_watch_once_gives_up_on_an_unreachable_remote(tmp_path: Path, black_hole: str) -> None:
     local = tmp_path / "ckpts"
     make_checkpoints(local, [1])

@@ -79,7 +79,7 @@ def test_push_dry_run_lists_what_it_would_upload_and_writes_nothing(
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("would_push", c.name) for c in ckpts]
     assert summary(p.stdout) == {"event": "summary", "command": "push", "dry_run": True,
-                                 "would_push": 2, "skipped": 0, "exit_code": 0}
+                                 "would_push": 2, "skipped": 0, "bytes": 0, "exit_code": 0}
     assert remote_files(remote) == before
 
     # Once one is pushed, a dry run names only the other.
@@ -147,14 +147,19 @@ def test_wrong_credentials_exit_3(seaweedfs_remote: Remote, tmp_path: Path,
     assert p.returncode == EXIT_DENIED, (p.returncode, p.stderr)
     assert "access denied" in p.stderr or "credentials" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and "wrong-secret" not in p.stderr
-    # The right credentials: not a "denied" (exit 0 for ls).
+    # The right credentials: not a "denied" (exit 0 for ls of a new run's empty prefix).
     if command == "ls":
-        assert run_cli(*argv, **options_env(seaweedfs_remote)).returncode == 0
+        assert run_cli(*argv, "--allow-empty", **options_env(seaweedfs_remote)).returncode == 0
 
 
 @pytest.mark.parametrize("remote", ["file", "seaweedfs"], indirect=True)
 def test_pull_of_an_empty_remote_is_nothing_to_do(remote: Remote, tmp_path: Path) -> None:
+    """Where a new run is declared (issue 32.1: without it, a prefix that holds nothing at
+    all is a typo, exit 1)."""
     p = run_cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
+    assert p.returncode == 1 and "holds nothing at all" in p.stderr, p.stderr
+    p = run_cli("pull", remote.url, str(tmp_path / "out"), "--allow-empty",
+                **options_env(remote))
     assert p.returncode == EXIT_NOTHING_TO_DO, (p.returncode, p.stderr)
     assert "nothing to pull" in p.stderr and "holds no checkpoint" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -77,8 +77,9 @@ def test_a_pipe_sees_each_pushed_checkpoint_while_later_uploads_still_run(
     lines = json_lines(first + rest)
     assert [(o["event"], o.get("name")) for o in lines] == [
         *[("pushed", c.name) for c in ckpts], ("summary", None)]
-    assert lines[-1] == {"event": "summary", "command": "push", "dry_run": False, "pushed": 3,
-                         "skipped": 0, "exit_code": 0}
+    assert summary(first + rest) == {"event": "summary", "command": "push", "dry_run": False,
+                                     "pushed": 3, "skipped": 0, "bytes": 3 * 50_000,
+                                     "exit_code": 0}
 
 
 @pytest.mark.parametrize("remote", ["file", "seaweedfs"], indirect=True)
@@ -129,7 +130,8 @@ def test_a_failure_ends_the_stream_with_a_summary_naming_it(tmp_path: Path) -> N
     last = summary(p.stdout)
     assert last["command"] == "pull" and last["exit_code"] == 1 and "step-nope" in last["error"]
 
-    p = run_cli("pull", f"file://{tmp_path}/empty", str(tmp_path / "restore"), "--json")
+    p = run_cli("pull", f"file://{tmp_path}/empty", str(tmp_path / "restore"), "--json",
+                "--allow-empty")
     assert p.returncode == 5 and summary(p.stdout)["exit_code"] == 5
 
 
@@ -149,7 +151,9 @@ def test_gc_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("would_delete", ckpts[0].name), ("would_delete", ckpts[1].name),
-        ("would_delete", leftover)]
+        ("would_delete", leftover), ("would_keep", ckpts[2].name)]
+    assert events(p.stdout, "would_keep")[0]["reasons"] == ["newest (never deleted)",
+                                                            "keep-last 1"]
     assert tree(root) == before
     p = run_cli("gc", url, "--keep-last", "1", "--grace", "0", "--dry-run")
     assert p.returncode == 0 and f"would delete {ckpts[0].name}" in p.stdout
@@ -161,7 +165,7 @@ def test_gc_dry_run_writes_nothing(tmp_path: Path) -> None:
 
 def test_status_json_is_one_object(tmp_path: Path) -> None:
     p = run_cli("status", str(tmp_path), "--json")
-    assert p.returncode == 0, p.stderr
+    assert p.returncode == 2, p.stderr  # no daemon ever ran there
     st = json.loads(p.stdout)
     assert isinstance(st, dict) and st["local_dir"] == str(tmp_path)
 

@@ -21,7 +21,8 @@ import pytest
 from ckptsync.config import TransferConfig
 from ckptsync.daemon import EventLog, WatchConfig, Watcher, daemon_status, start_watcher
 from ckptsync.daemon.runtime import DirLock
-from ckptsync.daemon.wait import WAIT_FAILED, WAIT_OK, WAIT_PENDING, outcome
+from ckptsync.daemon.statusview import outcome
+from ckptsync.daemon.wait import WAIT_FAILED, WAIT_OK, WAIT_PENDING
 from ckptsync.manifest import make_name
 from ckptsync.remote import RemoteStore
 from tests.support.cli import run_cli
@@ -143,11 +144,13 @@ def test_wait_answers_at_once_when_no_daemon_is_running(tmp_path: Path,
 
 def test_waits_outcome_is_the_newest_attempt() -> None:
     old, new = make_name(10), make_name(20)
-    assert outcome({"in_sync": True}) == WAIT_OK
-    assert outcome({"pending": [new], "synced": [old]}) == WAIT_PENDING
+    assert outcome({"state": "running", "in_sync": True}) == WAIT_OK
+    assert outcome({"state": "running", "pending": [new], "synced": [old]}) == WAIT_PENDING
     failed = [{"name": new, "error": "boom", "attempts": 2}]
-    assert outcome({"pending": [new], "failed": failed, "synced": [old]}) == WAIT_FAILED
+    assert outcome({"state": "running", "pending": [new], "failed": failed,
+                    "synced": [old]}) == WAIT_FAILED
     # An older checkpoint failed, a newer one went up since: pending, not "failed".
     failed = [{"name": old, "error": "boom", "attempts": 2}]
-    assert outcome({"pending": [old], "failed": failed, "synced": [new]}) == WAIT_PENDING
-    assert outcome({"pending": [], "error": "access denied"}) == WAIT_FAILED
+    assert outcome({"state": "running", "pending": [old], "failed": failed,
+                    "synced": [new]}) == WAIT_PENDING
+    assert outcome({"state": "failed", "pending": [], "error": "access denied"}) == WAIT_FAILED

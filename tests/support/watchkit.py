@@ -31,7 +31,8 @@ class Daemon:
         self.log = log
         self._logf = open(log, "ab")  # noqa: SIM115  (closed in wait())
         self.proc = subprocess.Popen(
-            [PY, str(SCRIPTS / "run_daemon.py"), "watch", str(local), url, *args],
+            # --create: a test's daemon may start before its trainer made the directory.
+            [PY, str(SCRIPTS / "run_daemon.py"), "watch", str(local), url, "--create", *args],
             env=child_env(**extra), stdout=self._logf, stderr=self._logf,
             stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -53,7 +53,8 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
     assert [(e["event"], e["name"], e["step"]) for e in events(p.stdout)] == [
         ("pushed", c.name, c.step) for c in ckpts]
     assert summary(p.stdout) == {"event": "summary", "command": "push", "dry_run": False,
-                                 "pushed": 3, "skipped": 0, "exit_code": 0}
+                                 "pushed": 3, "skipped": 0, "bytes": 3 * 50_008,
+                                 "exit_code": 0}
     p = ckptsync("push", str(local.directory), url)
     assert p.returncode == 0 and "0 pushed, 3 already" in p.stdout
     p = ckptsync("push", str(local.directory), url, "--json")
@@ -72,7 +73,8 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
     p = ckptsync("ls", url)
     assert p.returncode == 0
     header, *lines = p.stdout.splitlines()
-    assert header.split() == ["NAME", "STEP", "CREATED", "(UTC)", "SIZE", "METRICS", "STATUS"]
+    assert header.split() == ["NAME", "STEP", "CREATED", "(UTC)", "SIZE", "FILES", "METRICS",
+                              "STATUS"]
     assert len(lines) == 3 and lines[-1].startswith(ckpts[-1].name)
     assert "val_loss=0.3333" in p.stdout
 
@@ -96,8 +98,11 @@ def test_push_ls_pull_verify_gc(setup: Any, tmp_path: Path) -> None:
     p = ckptsync("gc", url, "--keep-last", "1", "--keep-best", "val_loss:max:1", "--dry-run",
                  "--json")
     assert p.returncode == 0, p.stderr
-    assert [(e["event"], e["name"], e["kind"]) for e in events(p.stdout)] == [
-        ("would_delete", ckpts[1].name, "checkpoint")]
+    assert [(e["event"], e["name"], e.get("kind")) for e in events(p.stdout)] == [
+        ("would_delete", ckpts[1].name, "checkpoint"), ("would_keep", ckpts[0].name, None),
+        ("would_keep", ckpts[2].name, None)]
+    assert [e["reasons"] for e in events(p.stdout, "would_keep")] == [
+        ["keep-best val_loss:max:1 (1)"], ["newest (never deleted)", "keep-last 1"]]
     assert summary(p.stdout) == {"event": "summary", "command": "gc", "dry_run": True,
                                  "deleted": 1, "leftovers": 0, "exit_code": 0}
     p = ckptsync("gc", url, "--keep-last", "1", "--keep-best", "val_loss:max:1")
@@ -135,8 +140,9 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
     assert [(o["event"], o.get("name")) for o in lines] == [
         ("skipped", ckpts[-1].name), ("pulled", ckpts[1].name), ("summary", None)]
     assert "digest does not match" in lines[0]["problem"]
-    assert lines[-1] == {"event": "summary", "command": "pull", "pulled": 1, "skipped": 1,
-                         "fell_back": True, "exit_code": 4}
+    assert summary(p.stdout) == {"event": "summary", "command": "pull", "pulled": 1,
+                                 "skipped": 1, "fell_back": True, "bytes": 50_008,
+                                 "exit_code": 4}
     assert (f"pulled {ckpts[1].name}, not the newest committed checkpoint {ckpts[-1].name}"
             in p.stderr) and "--allow-fallback" in p.stderr
     p = ckptsync("pull", url, str(tmp_path / "restore2"), "--allow-fallback")
@@ -149,7 +155,8 @@ def test_verify_reports_corruption_with_nonzero_exit(setup: Any, tmp_path: Path)
 def test_pull_help_documents_the_fallback_exit_code() -> None:
     p = ckptsync("pull", "--help")
     assert p.returncode == 0
-    assert "--allow-fallback" in p.stdout and "4 pulled an older valid one" in p.stdout
+    assert "--allow-fallback" in p.stdout
+    assert "4    pull fell back to an older checkpoint" in p.stdout
 
 
 def test_truncated_file_shows_partial(setup: Any, tmp_path: Path) -> None:
@@ -166,10 +173,11 @@ def test_truncated_file_shows_partial(setup: Any, tmp_path: Path) -> None:
     ("args", "code", "message"),
     [
         (["ls", "nosuch://bucket/run"], 2, "unknown URL scheme"),
-        (["pull", "{url}", "{tmp}/out"], 5, "nothing to pull"),  # an empty remote
+        (["pull", "{url}", "{tmp}/out"], 1, "holds nothing at all"),  # a typo, not a fresh run
+        (["pull", "{url}", "{tmp}/out", "--allow-empty"], 5, "nothing to pull"),
         (["verify", "{url}", "--name", "step-000000000001-20260101T000000000000Z-abcdef"], 1,
          "no committed checkpoint"),
-        (["push", "{tmp}/does-not-exist", "{url}"], 1, "does not exist"),
+        (["push", "{tmp}/does-not-exist", "{url}"], 2, "does not exist"),
         (["gc", "{url}", "--keep-best", "nonsense"], 2, "invalid keep-best rule"),
         (["ls", "{url}", "-o", "novalue"], 2, "KEY=VALUE"),
     ],
@@ -212,10 +220,15 @@ def test_help_without_torch() -> None:
 
 
 def test_empty_remote_ls(tmp_path: Path) -> None:
+    """A prefix that holds nothing is not an empty run (a typo, issue 32.1), unless the user
+    says a new run is expected there."""
     p = ckptsync("ls", f"file://{tmp_path}/nothing", "--json")
+    assert p.returncode == 1 and "holds nothing at all" in p.stderr
+    assert summary(p.stdout)["exit_code"] == 1
+    p = ckptsync("ls", f"file://{tmp_path}/nothing", "--allow-empty", "--json")
     assert p.returncode == 0 and events(p.stdout) == []
     assert summary(p.stdout)["checkpoints"] == 0
-    p = ckptsync("ls", f"file://{tmp_path}/nothing")
+    p = ckptsync("ls", f"file://{tmp_path}/nothing", env={"CKPTSYNC_ALLOW_EMPTY": "1"})
     assert p.returncode == 0 and "no checkpoints" in p.stdout
 
 

@@ -123,7 +123,7 @@ def test_the_readme_is_short_and_for_users() -> None:
 
 def _readme_exit_codes() -> dict[int, str]:
     text = README.read_text()
-    table = text[text.index("Exit codes, the same for every command:"):]
+    table = text[text.index("Exit codes, the same for every command"):]
     table = table[:table.index("\n\n", table.index("| code |"))]
     return {int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+) \|$", table,
                                                                  flags=re.M)}
@@ -133,7 +133,7 @@ def test_one_exit_code_table_in_the_readme_the_help_and_the_code() -> None:
     from ckptsync.daemon import runtime
 
     codes = {0, cli.EXIT_FAILED, cli.EXIT_USAGE, cli.EXIT_DENIED, cli.EXIT_FELL_BACK,
-             cli.EXIT_NOTHING_TO_DO, cli.EXIT_INTERRUPTED}
+             cli.EXIT_NOTHING_TO_DO, cli.EXIT_INTERRUPTED, cli.EXIT_PIPE}
     assert set(_readme_exit_codes()) == codes
     epilog = _help().split("exit codes:", 1)[1]
     assert {int(c) for c in re.findall(r"^  (\d+) ", epilog, flags=re.M)} == codes

@@ -149,7 +149,7 @@ def _restore_newest(target: Target, work: Path, expected: dict[int, str], newest
     fresh = work / "fresh"
     try:
         with Checkpointer(fresh, remote=target.url, storage_options=target.storage_options) as ck:
-            info = ck.restore(model=model)
+            info = ck.restore(model=model, fresh_ok=True)  # killed before its first push
     except Exception as e:
         metrics.violations.append(f"invalid restore: {where}: {type(e).__name__}: {e}")
         return

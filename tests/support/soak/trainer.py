@@ -54,7 +54,7 @@ def main() -> None:
     model = new_model()
     ck = Checkpointer(a.directory, remote=a.remote, keep_last=2, close_timeout=30,
                       storage_options=json.loads(a.storage_options) if a.remote else None)
-    info = ck.restore(model=model)
+    info = ck.restore(model=model, fresh_ok=True)  # the first run of a soak starts fresh
     start = info.step if info is not None and info.step is not None else 0
     print(f"resumed {start}" if info else "fresh", flush=True)
     with open(a.expect, "a") as out:
