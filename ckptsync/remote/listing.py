@@ -264,14 +264,41 @@ class StoreBase:
     def read_manifest(self, name: str) -> Manifest | None:
         """The manifest of ``name``, or None when it is not committed.
 
+        A manifest whose bytes do not verify (a body cut short, a 416 answered for a ranged
+        read) is read again, up to ``config.digest_attempts`` reads in all, before it counts
+        as bad: one torn read never passes over a valid checkpoint.
+
         Raises:
-            ManifestError: the manifest does not parse, is unsafe, or names another checkpoint.
+            ManifestError: the manifest does not parse, is unsafe, or names another checkpoint
+                (read after read).
             RemoteError: the backend failed.
         """
         if not SAFE_NAME.match(name):
             raise ConfigError(f"invalid checkpoint name {name!r}")
-        data = self._read_bytes(self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME))
-        return None if data is None else self._parse_manifest(name, data)
+        return self._read_manifest(name, self.config.digest_attempts)
+
+    def _read_manifest(self, name: str, attempts: int) -> Manifest | None:
+        """:meth:`read_manifest`, read up to ``attempts`` times while what comes back does
+        not verify."""
+        path, where = self._path(name, MANIFEST_NAME), self.url_of(name, MANIFEST_NAME)
+        attempt = 1
+        while True:
+            data = self._read_bytes(path, where)
+            if data is None:
+                return None
+            try:
+                return self._parse_manifest(name, data)
+            except UnsupportedFormatError:
+                raise
+            except ManifestError as e:
+                if attempt >= attempts or len(data) > MAX_MANIFEST_BYTES:
+                    raise
+                # A body cut short on the way, or a 416 for a ranged read of an object the
+                # server has not settled, reads like a corrupt manifest: as for a data file,
+                # only the same result, read after read, is damage at rest.
+                attempt += 1
+                log.warning("%s; reading it again (read %d of %d)", e, attempt, attempts)
+                self.fs.invalidate_cache(path)
 
     def _find(self, name: str | None = None) -> dict[str, dict[str, Any]]:
         """Relative path -> backend info of every object under ``<root>/<name>/`` (the whole
@@ -425,8 +452,18 @@ class StoreBase:
             else:
                 try:
                     out[name] = self._parse_manifest(name, bytes(data))
-                except ManifestError as e:
+                except UnsupportedFormatError as e:
                     out[name] = e
+                except ManifestError as e:  # read again, as read_manifest does
+                    if len(data) > MAX_MANIFEST_BYTES or self.config.digest_attempts < 2:
+                        out[name] = e
+                        continue
+                    log.warning("%s; reading it again (read 2 of %d)", e,
+                                self.config.digest_attempts)
+                    try:
+                        out[name] = self._read_manifest(name, self.config.digest_attempts - 1)
+                    except ManifestError as again:
+                        out[name] = again
         return out
 
     def scan(self) -> list[RemoteEntry]:
