@@ -15,15 +15,20 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import partial
 
+from ckptsync.atomic import TEMP_NAME
 from ckptsync.errors import ConfigError, ManifestError
-from ckptsync.manifest import MANIFEST_NAME, parse_name
+from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, parse_name
+from ckptsync.ownership import ROOT_MARKER
 from ckptsync.redact import redact_url
-from ckptsync.remote.listing import PART_FILE, SAFE_NAME, StoreBase, mtime, to_epoch
+from ckptsync.remote.listing import SAFE_NAME, StoreBase, mtime, to_epoch
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
 __all__ = ["CollectMixin"]
 
 log = logging.getLogger("ckptsync.remote")
+
+#: The files at the root whose temporaries ``gc`` collects (beside the checkpoint prefixes).
+ROOT_FILES = (LATEST_NAME, ROOT_MARKER)
 
 
 class CollectMixin(StoreBase):
@@ -132,14 +137,17 @@ class CollectMixin(StoreBase):
     def gc(
         self, grace_s: float | None = None, *, dry_run: bool = False, now: float | None = None
     ) -> list[str]:
-        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds and, on S3,
-        multipart uploads under the root initiated longer ago than that.
+        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds, the
+        temporary files a crashed writer left (of ``LATEST``, of a manifest, of an upload)
+        written longer ago than that and, on S3, multipart uploads initiated longer ago.
 
-        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, and multipart
-        uploads of keys inside such prefixes, under a root that ckptsync owns
-        (:meth:`check_owned`). A prefix whose age the backend does not report is kept.
-        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names and
-        ``multipart:<key>`` entries.
+        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, temporary
+        names (:func:`ckptsync.atomic.temp_name`) inside them or of ckptsync's files at the
+        root, and multipart uploads of keys inside such prefixes, under a root that ckptsync
+        owns (:meth:`check_owned`). Whatever the backend does not report an age for is kept.
+        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names,
+        ``part:<path>`` and ``temp:<path>`` entries (temporary files, relative to the root)
+        and ``multipart:<key>`` entries.
 
         Raises:
             ConfigError: the root holds entries, none of them written by ckptsync (nothing
@@ -160,7 +168,7 @@ class CollectMixin(StoreBase):
                 continue
             removed.append(e.name)
         removed.extend(self._gc_multipart(now - grace, dry_run))
-        removed.extend(self._gc_parts(now - grace, dry_run, skip=set(removed)))
+        removed.extend(self._gc_temporaries(now - grace, dry_run, skip=set(removed)))
         return removed
 
     def _collect_leftover(self, name: str) -> bool:
@@ -198,21 +206,27 @@ class CollectMixin(StoreBase):
         except ManifestError:
             return True  # a manifest is there, if a bad one: not a leftover
 
-    def _gc_parts(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
-        """Temporary files of failed uploads (``.<file>.part-<hex>``, file:// and mounts)
-        written before ``cutoff`` inside ckptsync checkpoint prefixes, committed ones too (a
-        failed attempt before the one that committed); ``part:<name>/<path>`` entries."""
-        if not self.backend.upload_via_temp:
-            return []
+    def _gc_temporaries(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
+        """Temporary files (:func:`ckptsync.atomic.temp_name`) a writer that died left,
+        written before ``cutoff``: those of ``LATEST`` and the root marker beside them, and
+        any inside a ckptsync checkpoint prefix (a manifest's, a part marker's, an upload's
+        ``.part-`` file; committed checkpoints too: a failed attempt before the one that
+        committed). ``part:<rel>`` for an upload's, ``temp:<rel>`` for the others."""
         out = []
         for rel, info in sorted(self._find().items()):
             head, _, rest = rel.partition("/")
-            if not rest or head in skip or parse_name(head) is None:
+            temp = TEMP_NAME.match(rel.rsplit("/", 1)[-1])
+            if temp is None:
+                continue
+            if rest:
+                if head in skip or parse_name(head) is None:
+                    continue  # not inside a ckptsync checkpoint: somebody else's
+            elif temp["name"] not in ROOT_FILES:
                 continue
             t = mtime(info)
-            if not PART_FILE.match(rest.rsplit("/", 1)[-1]) or t is None or t > cutoff:
-                continue
-            out.append(f"part:{rel}")
+            if t is None or t > cutoff:
+                continue  # a writer may be using it
+            out.append(f"{'part' if temp['kind'] == 'part' else 'temp'}:{rel}")
             if not dry_run:
                 def rm(p: str = self._path(rel)) -> None:
                     with contextlib.suppress(FileNotFoundError):
