@@ -22,9 +22,9 @@ The wrapper keeps its target's capabilities, so that a store over it takes the p
 path of its backend (:func:`ckptsync.remote.choose_backend` sees the same backend):
 
 - it reports the target's ``protocol``, and forwards a server-side ``copy`` (key ``copy``);
-- over s3fs it forwards what :func:`ckptsync.transfer.is_s3fs` and the multipart path use
-  (``_call_s3``, ``loop``, ``split_path``, ``_get_s3_method_kwargs``, ``set_session``,
-  ``get_s3``, ``endpoint_url``, ``client_kwargs``) and multipart ``gc``
+- over s3fs it forwards what :func:`ckptsync.remote.backends.s3.is_s3fs` and the multipart
+  path use (``_call_s3``, ``loop``, ``split_path``, ``_get_s3_method_kwargs``,
+  ``set_session``, ``get_s3``, ``endpoint_url``, ``client_kwargs``) and multipart ``gc``
   (``list_multipart_uploads``, ``abort_mpu``). Each ``_call_s3`` is a call of key
   ``_call_s3:<method>`` (``_call_s3:create_multipart_upload``,
   ``_call_s3:complete_multipart_upload``, ...), counted and faultable like any other; the
