@@ -19,6 +19,7 @@ from ckptsync.atomic import temp_name
 from ckptsync.local import LocalStore
 from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME
 from ckptsync.ownership import ROOT_MARKER
+from tests.support.remotes import backend_params
 from tests.support.stores import make_local, make_store, put, rpath
 
 pytestmark = pytest.mark.core
@@ -76,7 +77,7 @@ def test_gc_dry_run_names_stale_temporaries_and_removes_nothing(
     assert _exists(store_remote, path)
 
 
-@pytest.mark.parametrize("backend", ["file", "mounted_drive"])
+@pytest.mark.parametrize("backend", backend_params(["file", "mounted_drive"]))
 def test_gc_collects_a_latest_temporary_by_its_own_age_on_a_directory(
         backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     remote = request.getfixturevalue(f"{backend}_remote")

@@ -312,7 +312,7 @@ def test_no_module_imports_another_modules_private_name() -> None:
     not private)."""
     modules = _modules()
     problems = []
-    for source, path in modules.items():
+    for path in modules.values():
         for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
                     "ckptsync"):

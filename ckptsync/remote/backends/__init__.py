@@ -6,6 +6,8 @@ fallback and one warning). The model is torchsnapshot's storage plugins.
   fsspec's public API; the hooks every other class overrides.
 - :class:`LocalDir` (``local``): a local or mounted directory (``file://``, ``local://``, a
   plain path such as a Colab-mounted Google Drive).
+- :class:`ObjectStore` (``objectstore``): what S3 and GCS share (buckets, a conditional
+  create-only write, server-side copies).
 - :class:`S3` (``s3``, with ``s3client`` and ``s3object``): S3 through s3fs, its parallel
   multipart uploads and ranged reads through a blocking botocore client.
 - :class:`GCS` (``gcs``): GCS through gcsfs, with the CRC32C its uploads declare.
@@ -32,10 +34,11 @@ from ckptsync.remote.backends.base import Backend, CommitKind, MultipartUploadIn
 from ckptsync.remote.backends.gcs import GCS
 from ckptsync.remote.backends.gdrive import Drive
 from ckptsync.remote.backends.local import LocalDir
+from ckptsync.remote.backends.objectstore import ObjectStore
 from ckptsync.remote.backends.s3 import S3
 
 __all__ = ["EXTRAS", "GCS", "S3", "SCHEMES", "Backend", "CommitKind", "Drive", "LocalDir",
-           "MultipartUploadInfo", "backend_class", "choose_backend"]
+           "MultipartUploadInfo", "ObjectStore", "backend_class", "choose_backend"]
 
 #: fsspec protocol (or URL scheme) -> the backend class of its family.
 SCHEMES: dict[str, type[Backend]] = {
