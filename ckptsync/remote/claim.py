@@ -116,11 +116,16 @@ class RunClaim:
                 marker = self._marker = RootMarker.parse(new.to_json(self.keys), at.url)
                 if self.run_file is not None:
                     self.run_file.adopt(run)
-            except ManifestExists:  # another writer marked it first: join it, or not
+            except ManifestExists:  # another writer marked it first, or this write did
                 marker = self.read_marker(fresh=True)
                 if marker is None:
                     raise RemoteError(f"{at.url_of(ROOT_MARKER)}: create-only write refused "
                                       "but no marker is there", retryable=True) from None
+                if marker.run == run and self.run_file is not None:
+                    # The marker names the run id this push chose (fresh and random): this
+                    # write took effect and its reply was lost. Ambiguous, resolved by
+                    # reading the remote: it is this run's.
+                    self.run_file.adopt(run)
         self.join_run(marker, part)
         if self.run is not None and self.run == marker.run and marker.needs_update(self.keys):
             assert self.keys is not None
