@@ -1,4 +1,6 @@
-"""The checkpoint format: ``ckptsync.json``, its validation, and checkpoint names.
+"""The checkpoint format: ``ckptsync.json`` (:class:`Manifest`), its validation and its size
+bound. Checkpoint names are :mod:`ckptsync.names`, file entries :mod:`ckptsync.entries`,
+digests :mod:`ckptsync.digests` (all importable from here too).
 
 A checkpoint is a directory of files plus this manifest, written last: a reader treats the
 manifest's presence as the commit. Everything here is pure (no I/O) so that the local store,
@@ -43,25 +45,41 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import re
-import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any
 
-import blake3
-
+from ckptsync.digests import (
+    DIGEST_ALGOS,
+    DIGEST_FIELD,
+    WRITE_ALGO,
+    Hasher,
+    canonical_bytes,
+    check_self_digest,
+    new_hasher,
+)
+from ckptsync.entries import ENC_FIELD, Encryption, FileEntry, check_relpath
 from ckptsync.errors import ManifestError, UnsupportedFormatError
 from ckptsync.features import FEATURES, REQUIRES_FIELD, WRITER_FIELD, check_requires
+from ckptsync.names import (
+    LATEST_NAME,
+    MANIFEST_NAME,
+    make_name,
+    name_sort_key,
+    parse_name,
+    utcnow,
+)
 
+# The names a manifest is made of, defined in their own modules (digests, entries, names),
+# are importable from here too: this module is the checkpoint format as a whole.
 __all__ = [
     "DIGEST_ALGOS",
+    "DIGEST_FIELD",
     "ENC_FIELD",
     "FEATURES",
     "FORMAT",
+    "LATEST_NAME",
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
     "WRITE_ALGO",
@@ -69,6 +87,7 @@ __all__ = [
     "FileEntry",
     "Hasher",
     "Manifest",
+    "canonical_bytes",
     "check_relpath",
     "make_name",
     "manifest_too_large",
@@ -77,30 +96,16 @@ __all__ = [
     "parse_name",
     "pending_sort_key",
     "unusable_reason",
+    "utcnow",
     "with_requires",
 ]
 
 FORMAT = "ckptsync/2"
 FORMAT_MAJOR = 2
 READ_MAJORS = ("1", "2")
-MANIFEST_NAME = "ckptsync.json"
-LATEST_NAME = "LATEST"
-DIGEST_FIELD = "manifest_digest"
 #: Manifests (and the LATEST hint) larger than this are refused, never read whole. A manifest
 #: lists a few hundred bytes per file: this is room for about ten thousand files.
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
-#: The digest ckptsync writes for every file and for the manifest itself.
-WRITE_ALGO = "blake3"
-#: Digests a reader verifies, in order of preference when an entry carries several.
-DIGEST_ALGOS = ("blake3", "sha256")
-
-#: The file entry field of an encrypted file (:class:`Encryption`): only in a remote manifest.
-ENC_FIELD = "enc"
-_HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
-# step-<12 digits>-<UTC stamp>-<6 hex>  or  nostep-<UTC stamp>-<6 hex>
-_NAME_RE = re.compile(
-    r"^(?:step-(?P<step>\d{12})|nostep)-(?P<stamp>\d{8}T\d{6}\d{6}Z)-(?P<suffix>[0-9a-f]{6})$"
-)
 _KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta", "source", "extra",
                  DIGEST_FIELD)
 #: The keyed MAC of a manifest written under a key (:mod:`ckptsync.integrity`):
@@ -112,41 +117,6 @@ SEQ_FIELD = "seq"
 PUSH_FIELDS = (RUN_FIELD, SEQ_FIELD)
 
 
-class Hasher(Protocol):
-    """What :func:`new_hasher` returns: ``hashlib``'s and ``blake3``'s common interface."""
-
-    def update(self, data: Any, /) -> object: ...
-
-    def hexdigest(self) -> str: ...
-
-
-def new_hasher(algo: str = WRITE_ALGO) -> Hasher:
-    """A fresh hasher for ``algo`` (one of :data:`DIGEST_ALGOS`).
-
-    Every place that verifies a file hashes it with its entry's algorithm, so a
-    ``ckptsync/1`` checkpoint verifies with sha256 and a ``ckptsync/2`` one with BLAKE3.
-
-    Raises:
-        UnsupportedFormatError: an algorithm this version does not know.
-    """
-    if algo == "blake3":
-        return blake3.blake3()
-    if algo == "sha256":
-        return hashlib.sha256()
-    raise UnsupportedFormatError(
-        f"digest algorithm {algo!r} is not supported by this ckptsync (it knows "
-        f"{', '.join(DIGEST_ALGOS)}); upgrade ckptsync"
-    )
-
-
-def canonical_bytes(obj: Mapping[str, Any]) -> bytes:
-    """The bytes ``manifest_digest`` covers: ``obj`` without that field, canonically encoded."""
-    body = {k: v for k, v in obj.items() if k != DIGEST_FIELD}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode(
-        "ascii"
-    )
-
-
 def manifest_too_large(where: str, size: int | None) -> ManifestError:
     """The error for a manifest over :data:`MAX_MANIFEST_BYTES` (``size`` None: unknown)."""
     got = f"more than {MAX_MANIFEST_BYTES:,}" if size is None else f"{size:,}"
@@ -155,157 +125,6 @@ def manifest_too_large(where: str, size: int | None) -> ManifestError:
         "ckptsync manifest; it was not read and the checkpoint will not be used (ckptsync "
         "never writes one this large: check what wrote it, and delete it)"
     )
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def make_name(step: int | None, created: datetime | None = None) -> str:
-    """A unique checkpoint name that sorts by (step, creation time).
-
-    The step is zero-padded, then comes the UTC creation time to the microsecond and a random
-    suffix, so two writers never share a name and names are never reused.
-
-    >>> make_name(42)  # doctest: +SKIP
-    'step-000000000042-20261128T101500123456Z-3f9a1c'
-    """
-    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
-        raise ManifestError(f"step must be a non-negative int or None, got {step!r}")
-    if step is not None and step >= 10**12:
-        raise ManifestError(f"step {step} is too large (at most 12 digits)")
-    created = created or utcnow()
-    stamp = created.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    suffix = secrets.token_hex(3)
-    head = "nostep" if step is None else f"step-{step:012d}"
-    return f"{head}-{stamp}-{suffix}"
-
-
-def parse_name(name: str) -> tuple[int | None, str] | None:
-    """``(step, stamp)`` of a name made by :func:`make_name`, or None for any other name."""
-    m = _NAME_RE.match(name)
-    if m is None:
-        return None
-    step = m.group("step")
-    return (int(step) if step is not None else None, m.group("stamp"))
-
-
-def name_sort_key(name: str) -> tuple[int, int, str, str]:
-    """Newest-last ordering from the name alone (no manifest read).
-
-    Steps order before creation time; names without a step order by time among themselves
-    and before any stepped name. Foreign names sort first (oldest).
-    """
-    parsed = parse_name(name)
-    if parsed is None:
-        return (-1, -1, "", name)
-    step, stamp = parsed
-    return (0 if step is None else 1, -1 if step is None else step, stamp, name)
-
-
-def check_relpath(path: Any, *, where: str) -> str:
-    """Validate a path listed in a manifest: relative, POSIX, no ``..``, no empty parts.
-
-    Raises :class:`ManifestError` naming ``where`` (the manifest's location) otherwise.
-    """
-    if not isinstance(path, str) or not path:
-        raise ManifestError(f"{where}: file path must be a non-empty string, got {path!r}")
-    bad = (
-        path.startswith("/")
-        or "\\" in path
-        or "\x00" in path
-        or re.match(r"^[A-Za-z]:", path) is not None
-    )
-    parts = path.split("/")
-    if bad or any(p in ("", ".", "..") for p in parts):
-        raise ManifestError(
-            f"{where}: unsafe file path {path!r} (paths must be relative POSIX paths without "
-            "'..'); the manifest was tampered with or written by a broken tool: do not use it"
-        )
-    if parts[0] == MANIFEST_NAME:
-        raise ManifestError(f"{where}: a listed file may not be named {MANIFEST_NAME}")
-    return path
-
-
-@dataclass(frozen=True)
-class Encryption:
-    """How a stored file is encrypted (:mod:`ckptsync.crypto`), from its entry's ``enc``
-    field: ``{"alg": ..., "key_id": ..., "size": <plaintext bytes>, "mac": ...}``. The
-    entry's own ``size`` and digest describe the stored (encrypted) bytes, so ``ls``,
-    ``verify`` and ``gc`` need no key. ``mac`` (optional): the keyed MAC of the plaintext
-    digest (:func:`ckptsync.crypto.content_mac`), which the daemon compares a new version with."""
-
-    alg: str
-    key_id: str
-    size: int
-    mac: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"alg": self.alg, "key_id": self.key_id, "size": self.size}
-        if self.mac is not None:
-            d["mac"] = self.mac
-        return d
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """One file of a checkpoint: relative POSIX path, size in bytes, and its digest.
-
-    ``algo`` names the digest (``blake3``, what ckptsync writes, or ``sha256``, what
-    ``ckptsync/1`` wrote); ``digest`` is its lowercase hex. In JSON the digest sits under the
-    algorithm's name: ``{"path": "model.pt", "size": 1024, "blake3": "ab.."}``.
-    """
-
-    path: str
-    size: int
-    algo: str
-    digest: str
-    unknown: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dict(self.unknown)
-        d.update({"path": self.path, "size": self.size, self.algo: self.digest})
-        return d
-
-    @property
-    def encryption(self) -> Encryption | None:
-        """How the stored file is encrypted, or None (plaintext). Validated when parsed."""
-        enc = self.unknown.get(ENC_FIELD)
-        if not isinstance(enc, dict):
-            return None
-        return Encryption(enc["alg"], enc["key_id"], enc["size"], enc.get("mac"))
-
-    @classmethod
-    def from_dict(cls, d: Any, *, where: str) -> FileEntry:
-        if not isinstance(d, dict):
-            raise ManifestError(f"{where}: each entry of 'files' must be an object, got {d!r}")
-        path = check_relpath(d.get("path"), where=where)
-        size = d.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ManifestError(f"{where}: file {path!r} has invalid size {size!r}")
-        algo = next((a for a in DIGEST_ALGOS if a in d), None)
-        if algo is None:
-            others = sorted(k for k in d if k not in ("path", "size"))
-            raise UnsupportedFormatError(
-                f"{where}: file {path!r} carries no digest this ckptsync can verify (it knows "
-                f"{', '.join(DIGEST_ALGOS)}; the entry has {others or 'no other fields'}); the "
-                "file cannot be trusted: upgrade ckptsync to read this checkpoint"
-            )
-        digest = d[algo]
-        if not isinstance(digest, str) or not _HEX64_RE.match(digest):
-            raise ManifestError(f"{where}: file {path!r} has invalid {algo} digest {digest!r}")
-        unknown = {k: v for k, v in d.items() if k not in ("path", "size", algo)}
-        enc = unknown.get(ENC_FIELD)
-        if enc is not None and not (
-                isinstance(enc, dict) and isinstance(enc.get("alg"), str)
-                and isinstance(enc.get("key_id"), str)
-                and isinstance(enc.get("size"), int) and not isinstance(enc["size"], bool)
-                and 0 <= enc["size"] <= size
-                and (enc.get("mac") is None or (isinstance(enc["mac"], str)
-                                                and _HEX64_RE.match(enc["mac"]) is not None))):
-            raise ManifestError(f"{where}: file {path!r} has an invalid {ENC_FIELD!r} field "
-                                f"{enc!r}; the manifest was altered and will not be used")
-        return cls(path, size, algo, digest, unknown)
 
 
 @dataclass(frozen=True, eq=False)
@@ -483,7 +302,7 @@ class Manifest:
                 raise ManifestError(f"{where}: a {fmt!r} manifest with a {DIGEST_FIELD!r}: the "
                                     "manifest was altered and will not be used")
         else:
-            _check_self_digest(obj, where)
+            check_self_digest(obj, where)
         check_requires(obj, where)
         name = obj.get("name")
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
@@ -577,24 +396,3 @@ def unusable_reason(m: Manifest) -> str | None:
     return None
 
 
-def _check_self_digest(obj: dict[str, Any], where: str) -> None:
-    """Raise unless ``obj[manifest_digest]`` is the digest of ``obj``'s canonical bytes."""
-    got = obj.get(DIGEST_FIELD)
-    if not isinstance(got, dict) or not got:
-        raise ManifestError(
-            f"{where}: manifest has no valid {DIGEST_FIELD!r} (a {obj.get('format')!r} manifest "
-            "always carries one); the manifest was altered or damaged and will not be used"
-        )
-    algo = next((a for a in DIGEST_ALGOS if a in got), None)
-    if algo is None:
-        raise UnsupportedFormatError(
-            f"{where}: {DIGEST_FIELD!r} uses no algorithm this ckptsync knows "
-            f"({sorted(got)}); upgrade ckptsync to read this checkpoint"
-        )
-    h = new_hasher(algo)
-    h.update(canonical_bytes(obj))
-    if got[algo] != h.hexdigest():
-        raise ManifestError(
-            f"{where}: manifest content does not match its {DIGEST_FIELD!r}: the manifest was "
-            "altered after it was written (or damaged) and will not be used"
-        )

@@ -18,25 +18,26 @@ Backend exceptions are translated in one place, :func:`translate_error`, into
 :class:`~ckptsync.errors.CkptSyncError` subclasses that keep the backend exception as
 ``__cause__`` and never mention credentials (nor does the cause: see :mod:`ckptsync.redact`).
 
-Modules, lowest layer first:
+:class:`RemoteStore` is one object composed of parts that each own their state
+(:mod:`ckptsync.remote.store` wires them). Modules, lowest layer first:
 
-- ``backends``: :class:`Backend`, what each family of storage can do; :func:`choose_backend`.
+- ``backends``: one class per family of storage, owning its specifics and any private API of
+  its library (:func:`choose_backend`, the one scheme table).
 - ``boundary``: the error boundary (:func:`translate_error`, :data:`EXTRAS`), opening a URL.
-- ``marker``: the root marker (:class:`~ckptsync.remote.marker.RootMarker`): run id, keys.
-- ``listing``: ``StoreBase`` (construction, reads, listing, the root marker); :class:`RemoteEntry`.
-- ``writes``: create-only and durable writes (``WriteBase``); :class:`ManifestExists`.
-- ``claim``: the root claimed for a run at its first push (``ClaimMixin``).
-- ``nodeparts``: the digests of a multi-node checkpoint's parts checked (``PartsMixin``).
-- ``commit``: ``push`` and the create-only commit (``PushMixin``).
-- ``fetch``: ``pull`` and ``verify`` (``FetchMixin``).
-- ``collect``: ``delete``, ``abandon``, retention and ``gc`` (``CollectMixin``).
-- ``store``: :class:`RemoteStore`, the mixins composed.
-
-Why mixins: every concern needs the same dozen helpers of one store (its paths, retried
-calls, manifest reads, backend flags), and ``RemoteStore`` must stay one object with the
-methods its users call. Mixins over one base keep each concern in its own module while the
-imports run one way (base <- writes <- claim <- parts <- push; base <- fetch, collect), with
-no cycle and no store passed around.
+- ``location``: :class:`~ckptsync.remote.location.Location`, the root: the filesystem, its
+  paths and URLs, the backend, the one retried call, the raw listings.
+- ``manifests``, ``listing``: reading manifests and ``LATEST``; what is there
+  (:class:`RemoteEntry`, ``scan``, ``iter_committed``).
+- ``visibility``: how a checkpoint becomes visible, one class per way (a directory's rename,
+  an object store's create-only write, check-then-write), chosen once from the backend;
+  :class:`ManifestExists`.
+- ``marker``, ``claim``: the root marker, and the run a store pushes as.
+- ``commit``, ``nodeparts``: the commit of one writer's checkpoint, and of a multi-node one.
+- ``routes``: how one file goes up, one object per route, chosen by ``is_compatible``.
+- ``push``, ``fetch`` (with ``filedrop``), ``collect``: pushing; pulling and verifying;
+  deleting, retention and ``gc``.
+- ``encrypted``: what a key changes in the remote manifest.
+- ``store``: :class:`RemoteStore`, the parts composed.
 
 Example::
 
@@ -51,9 +52,9 @@ from __future__ import annotations
 from ckptsync.redact import redact_url
 from ckptsync.remote.backends import Backend, choose_backend
 from ckptsync.remote.boundary import EXTRAS, translate_error
-from ckptsync.remote.commit import ManifestExists
 from ckptsync.remote.listing import RemoteEntry
 from ckptsync.remote.store import RemoteStore
+from ckptsync.remote.visibility import ManifestExists
 
 __all__ = [
     "EXTRAS",

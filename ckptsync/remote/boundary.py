@@ -27,11 +27,9 @@ from fsspec.core import split_protocol
 
 from ckptsync.errors import CkptSyncError, ConfigError, RemoteError
 from ckptsync.redact import redact_url, scrub, scrub_exception, secrets_of
+from ckptsync.remote.backends import EXTRAS
 
 __all__ = ["EXTRAS", "empty_range", "not_found", "open_fs", "translate_error"]
-
-#: URL scheme -> the ckptsync extra that installs its fsspec backend.
-EXTRAS: dict[str, str] = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "gdrive": "gdrive"}
 
 _RETRYABLE_ERRNOS = {
     errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,

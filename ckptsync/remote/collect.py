@@ -9,25 +9,62 @@ than a grace period.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from functools import partial
 
+from ckptsync.atomic import TEMP_NAME
 from ckptsync.errors import ConfigError, ManifestError
-from ckptsync.manifest import MANIFEST_NAME, parse_name
+from ckptsync.manifest import LATEST_NAME, MANIFEST_NAME, parse_name
+from ckptsync.ownership import ROOT_MARKER
 from ckptsync.redact import redact_url
-from ckptsync.remote.listing import PART_FILE, SAFE_NAME, StoreBase, mtime, to_epoch
+from ckptsync.remote.claim import RunClaim
+from ckptsync.remote.listing import Listing, RemoteEntry
+from ckptsync.remote.location import SAFE_NAME, Location, mtime, to_epoch
+from ckptsync.remote.manifests import ManifestReader
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
-__all__ = ["CollectMixin"]
+__all__ = ["Collector"]
 
 log = logging.getLogger("ckptsync.remote")
 
+#: The files at the root whose temporaries ``gc`` collects (beside the checkpoint prefixes).
+ROOT_FILES = (LATEST_NAME, ROOT_MARKER)
 
-class CollectMixin(StoreBase):
-    """Deletion, retention and ``gc`` of :class:`~ckptsync.remote.RemoteStore`."""
+
+class Collector:
+    """Deletion, retention and ``gc`` under one :class:`Location`: only what ckptsync wrote
+    (see the module docstring)."""
+
+    def __init__(self, at: Location, manifests: ManifestReader, listing: Listing,
+                 claim: RunClaim) -> None:
+        self.at = at
+        self.manifests = manifests
+        self.listing = listing
+        self.claim = claim
+
+    def check_owned(self, entries: Iterable[RemoteEntry] | None = None) -> bool:
+        """Whether ckptsync may delete under this root: it carries the marker, or (a root
+        written before the marker existed) at least one committed ckptsync checkpoint.
+
+        Returns False for a root that holds nothing at all (nothing to delete either).
+
+        Raises:
+            ConfigError: the root holds something, but nothing ckptsync wrote.
+        """
+        if self.claim.has_marker():
+            return True
+        entries = self.listing.scan() if entries is None else entries
+        if any(e.status in ("valid", "partial") and parse_name(e.name) for e in entries):
+            return True
+        if not self.at.ls_root():
+            return False
+        raise ConfigError(
+            f"{redact_url(self.at.url)} is not a ckptsync remote: it has no {ROOT_MARKER} "
+            "marker and no ckptsync checkpoint, so nothing under it was deleted. Check the "
+            "URL; ckptsync only ever deletes what it wrote"
+        )
 
     def delete(self, name: str) -> None:
         """Delete a checkpoint: the manifest first (it stops existing), then its files.
@@ -36,22 +73,12 @@ class CollectMixin(StoreBase):
             ConfigError: ``name`` is not a ckptsync checkpoint name (nothing is deleted).
         """
         if not SAFE_NAME.match(name) or parse_name(name) is None:
-            raise ConfigError(f"refusing to delete {self.url_of(name)!r}: {name!r} is not a "
+            raise ConfigError(f"refusing to delete {self.at.url_of(name)!r}: {name!r} is not a "
                               "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
-        manifest = self._path(name, MANIFEST_NAME)
-
-        def rm_manifest() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(manifest)
-
-        def rm_rest() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self._path(name), recursive=True)
-
-        self._call(rm_manifest, self.url_of(name, MANIFEST_NAME), "delete")
-        self._call(rm_rest, self.url_of(name), "delete")
-        self.fs.invalidate_cache(self.root)
-        log.info("deleted %s from %s", name, redact_url(self.url))
+        self.at.remove(name, MANIFEST_NAME)
+        self.at.remove_tree(name)
+        self.at.forget()
+        log.info("deleted %s from %s", name, redact_url(self.at.url))
 
     def abandon(self, name: str) -> list[str]:
         """Remove what an abandoned push of ``name`` left: its files and, on S3, its unfinished
@@ -71,30 +98,26 @@ class CollectMixin(StoreBase):
             RemoteError: the backend failed (what is left is still ``gc``'s).
         """
         if not SAFE_NAME.match(name) or parse_name(name) is None:
-            raise ConfigError(f"refusing to abandon {self.url_of(name)!r}: {name!r} is not a "
+            raise ConfigError(f"refusing to abandon {self.at.url_of(name)!r}: {name!r} is not a "
                               "ckptsync checkpoint name, and ckptsync deletes only what it wrote")
-        if not self.has_marker():
+        if not self.claim.has_marker():
             return []  # nothing of ours was ever pushed here
         try:
-            committed = self.read_manifest(name) is not None
+            committed = self.manifests.read(name) is not None
         except ManifestError:
             committed = True  # a manifest is there, if a bad one: not ours to remove here
         if committed:
-            log.info("%s is committed: nothing to abandon", self.url_of(name))
+            log.info("%s is committed: nothing to abandon", self.at.url_of(name))
             return []
+        at = self.at
         removed = self._gc_multipart(float("inf"), False, name)
-        if self._sizes(name) or (self.backend.needs_dirs and self._call(
-                partial(self.fs.exists, self._path(name)), self.url_of(name), "stat")):
-
-            def rm() -> None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm(self._path(name), recursive=True)
-
-            self._call(rm, self.url_of(name), "delete")
+        if at.sizes(name) or (at.backend.needs_dirs and at.call(
+                partial(at.fs.exists, at.path(name)), at.url_of(name), "stat")):
+            at.remove_tree(name)
             removed.append(name)
-        self.fs.invalidate_cache(self.root)
+        at.forget()
         if removed:
-            log.info("removed the abandoned upload of %s from %s", name, redact_url(self.url))
+            log.info("removed the abandoned upload of %s from %s", name, redact_url(at.url))
         return removed
 
     def apply_retention(
@@ -109,8 +132,8 @@ class CollectMixin(StoreBase):
         id) is never deleted, nor counted. The order is :meth:`scan`'s (step, else the
         remote's ``seq``), the one restore and ``pull`` use.
         """
-        run = self.run_id
-        entries = self.scan()
+        run = self.claim.run_id
+        entries = self.listing.scan()
         infos = [
             CheckpointInfo(e.name, e.manifest.step, (key,), e.manifest.metrics)
             for key, e in enumerate(entries)  # scan's order: newest last
@@ -121,7 +144,7 @@ class CollectMixin(StoreBase):
                   and e.manifest.run not in (None, run)]
         if others:
             log.warning("%s holds %d checkpoint(s) of another run than %s (%s...): retention "
-                        "leaves them alone; one prefix should hold one run", self.url,
+                        "leaves them alone; one prefix should hold one run", self.at.url,
                         len(others), run, others[0])
         doomed = select_for_deletion(infos, policy, protect)
         if not dry_run:
@@ -132,23 +155,26 @@ class CollectMixin(StoreBase):
     def gc(
         self, grace_s: float | None = None, *, dry_run: bool = False, now: float | None = None
     ) -> list[str]:
-        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds and, on S3,
-        multipart uploads under the root initiated longer ago than that.
+        """Remove uncommitted prefixes (no manifest) older than ``grace_s`` seconds, the
+        temporary files a crashed writer left (of ``LATEST``, of a manifest, of an upload)
+        written longer ago than that and, on S3, multipart uploads initiated longer ago.
 
-        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, and multipart
-        uploads of keys inside such prefixes, under a root that ckptsync owns
-        (:meth:`check_owned`). A prefix whose age the backend does not report is kept.
-        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names and
-        ``multipart:<key>`` entries.
+        Only what ckptsync wrote: prefixes whose names parse as checkpoint names, temporary
+        names (:func:`ckptsync.atomic.temp_name`) inside them or of ckptsync's files at the
+        root, and multipart uploads of keys inside such prefixes, under a root that ckptsync
+        owns (:meth:`check_owned`). Whatever the backend does not report an age for is kept.
+        Returns what was (or, with ``dry_run``, would be) removed: checkpoint names,
+        ``part:<path>`` and ``temp:<path>`` entries (temporary files, relative to the root)
+        and ``multipart:<key>`` entries.
 
         Raises:
             ConfigError: the root holds entries, none of them written by ckptsync (nothing
                 is deleted).
         """
-        grace = self.config.grace_s if grace_s is None else grace_s
+        grace = self.at.config.grace_s if grace_s is None else grace_s
         now = datetime.now(timezone.utc).timestamp() if now is None else now
         removed: list[str] = []
-        entries = self.scan()
+        entries = self.listing.scan()
         if not self.check_owned(entries):
             return removed  # an empty root: nothing there at all
         for e in entries:
@@ -160,7 +186,7 @@ class CollectMixin(StoreBase):
                 continue
             removed.append(e.name)
         removed.extend(self._gc_multipart(now - grace, dry_run))
-        removed.extend(self._gc_parts(now - grace, dry_run, skip=set(removed)))
+        removed.extend(self._gc_temporaries(now - grace, dry_run, skip=set(removed)))
         return removed
 
     def _collect_leftover(self, name: str) -> bool:
@@ -169,67 +195,66 @@ class CollectMixin(StoreBase):
         A push may commit the prefix at any instant (``--grace 0`` while it runs): the
         manifest is looked for right before the delete, and after it, so that no committed
         checkpoint is left without a file (the push re-checks after its manifest write too,
-        :meth:`~ckptsync.remote.commit.PushMixin._recheck_commit`).
+        :class:`~ckptsync.remote.commit.Committer`).
         """
+        at = self.at
         if self._committed_now(name):
-            log.info("gc: %s was committed meanwhile: left alone", self.url_of(name))
+            log.info("gc: %s was committed meanwhile: left alone", at.url_of(name))
             return False
-        path = self._path(name)
-        self._call(partial(self.fs.rm, path, recursive=True), self.url_of(name), "delete")
+        at.call(partial(at.fs.rm, at.path(name), recursive=True), at.url_of(name), "delete")
         if self._committed_now(name):
             # Its push committed between our look and the delete: the files went, so its
             # manifest must go too (the push itself sees the missing files and retries).
-            manifest = self._path(name, MANIFEST_NAME)
-
-            def rm() -> None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(manifest)
-
-            self._call(rm, self.url_of(name, MANIFEST_NAME), "delete")
+            at.remove(name, MANIFEST_NAME)
             log.warning("gc: %s was committed while gc removed it as a leftover; its manifest "
                         "was removed too (no committed checkpoint lacks a file); its push is "
-                        "retried. Give gc a --grace longer than a push takes", self.url_of(name))
+                        "retried. Give gc a --grace longer than a push takes", at.url_of(name))
         return True
 
     def _committed_now(self, name: str) -> bool:
-        self.fs.invalidate_cache(self._path(name))
+        self.at.forget(name)
         try:
-            return self.read_manifest(name) is not None
+            return self.manifests.read(name) is not None
         except ManifestError:
             return True  # a manifest is there, if a bad one: not a leftover
 
-    def _gc_parts(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
-        """Temporary files of failed uploads (``.<file>.part-<hex>``, file:// and mounts)
-        written before ``cutoff`` inside ckptsync checkpoint prefixes, committed ones too (a
-        failed attempt before the one that committed); ``part:<name>/<path>`` entries."""
-        if not self.backend.upload_via_temp:
-            return []
+    def _gc_temporaries(self, cutoff: float, dry_run: bool, skip: set[str]) -> list[str]:
+        """Temporary files (:func:`ckptsync.atomic.temp_name`) a writer that died left,
+        written before ``cutoff``: those of ``LATEST`` and the root marker beside them, and
+        any inside a ckptsync checkpoint prefix (a manifest's, a part marker's, an upload's
+        ``.part-`` file; committed checkpoints too: a failed attempt before the one that
+        committed). ``part:<rel>`` for an upload's, ``temp:<rel>`` for the others."""
         out = []
-        for rel, info in sorted(self._find().items()):
+        for rel, info in sorted(self.at.find().items()):
             head, _, rest = rel.partition("/")
-            if not rest or head in skip or parse_name(head) is None:
+            temp = TEMP_NAME.match(rel.rsplit("/", 1)[-1])
+            if temp is None:
+                continue
+            if rest:
+                if head in skip or parse_name(head) is None:
+                    continue  # not inside a ckptsync checkpoint: somebody else's
+            elif temp["name"] not in ROOT_FILES:
                 continue
             t = mtime(info)
-            if not PART_FILE.match(rest.rsplit("/", 1)[-1]) or t is None or t > cutoff:
-                continue
-            out.append(f"part:{rel}")
+            if t is None or t > cutoff:
+                continue  # a writer may be using it
+            out.append(f"{'part' if temp['kind'] == 'part' else 'temp'}:{rel}")
             if not dry_run:
-                def rm(p: str = self._path(rel)) -> None:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm_file(p)
-
-                self._call(rm, self.url_of(rel), "delete")
+                self.at.remove(rel)
         return out
 
     def _gc_multipart(self, cutoff: float, dry_run: bool, name: str | None = None) -> list[str]:
-        lister = getattr(self.fs, "list_multipart_uploads", None)
-        abort = getattr(self.fs, "abort_mpu", None)
-        if lister is None or abort is None or not self.backend.multipart_uploads:
+        """Unfinished multipart uploads initiated before ``cutoff`` of keys inside ckptsync
+        checkpoint prefixes (only ``name``'s, given one); ``multipart:<key>`` entries."""
+        at = self.at
+        bucket = at.backend.bucket_of(at.root)
+        if bucket is None:
             return []
-        bucket, _, prefix = self.root.partition("/")
-        uploads = self._call(partial(lister, bucket), self.url, "list multipart uploads in")
+        prefix = at.root.partition("/")[2]
+        uploads = at.call(partial(at.backend.multipart_uploads, bucket), at.url,
+                          "list multipart uploads in")
         out = []
-        for u in uploads or []:
+        for u in uploads:
             key = u.get("Key", "")
             started = to_epoch(u.get("Initiated"))
             if prefix and not key.startswith(prefix + "/"):
@@ -243,6 +268,6 @@ class CollectMixin(StoreBase):
                 continue
             out.append(f"multipart:{key}")
             if not dry_run:
-                self._call(partial(abort, bucket, key, u["UploadId"]), f"s3://{bucket}/{key}",
-                           "abort multipart upload of")
+                at.call(partial(at.backend.abort_multipart, bucket, key, u["UploadId"]),
+                        f"{at.scheme}://{bucket}/{key}", "abort multipart upload of")
         return out

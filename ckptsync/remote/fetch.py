@@ -1,4 +1,4 @@
-"""Reading checkpoints back: :meth:`FetchMixin.pull` and :meth:`FetchMixin.verify`.
+"""Reading checkpoints back: :class:`Fetcher` (``pull``, ``verify``, ``fetch_files``).
 
 A pull downloads every file (in parallel; large files as parallel ranges) into the local
 store's staging directory, hashing each while it is written with its manifest entry's
@@ -10,7 +10,6 @@ to the next newest valid checkpoint. ``verify`` streams and hashes the remote fi
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Iterable
@@ -18,8 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ckptsync.atomic import temp_name
-from ckptsync.crypto import Decryptor, missing_key
+from ckptsync.crypto import Decryptor, KeyRing, missing_key
 from ckptsync.errors import (
     CorruptCheckpointError,
     LocalStorageError,
@@ -27,14 +25,18 @@ from ckptsync.errors import (
     NoCheckpointError,
     UnknownKeyError,
 )
-from ckptsync.hashing import HashingWriter, WriteOps
+from ckptsync.hashing import WriteOps
 from ckptsync.integrity import check_checkpoint
-from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore, storage_error
+from ckptsync.local import STAGING_PREFIX, FileOps, LocalCheckpoint, LocalStore
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, name_sort_key
 from ckptsync.ownership import RunFile
 from ckptsync.redact import redact_url
+from ckptsync.remote.claim import RunClaim
 from ckptsync.remote.encrypted import plain_manifest, same_content
-from ckptsync.remote.listing import StoreBase
+from ckptsync.remote.filedrop import FileDrop
+from ckptsync.remote.listing import Listing
+from ckptsync.remote.location import Location
+from ckptsync.remote.manifests import ManifestReader
 from ckptsync.transfer import (
     NullProgress,
     Progress,
@@ -45,13 +47,31 @@ from ckptsync.transfer import (
     run_parallel,
 )
 
-__all__ = ["FetchMixin"]
+__all__ = ["Fetcher"]
 
 log = logging.getLogger("ckptsync.remote")
 
 
-class FetchMixin(StoreBase):
-    """:meth:`pull` and :meth:`verify` of :class:`~ckptsync.remote.RemoteStore`."""
+class Fetcher:
+    """The pulls, downloads and verifications of one store.
+
+    Args:
+        at: the remote root; ``manifests``, ``listing``: its reads.
+        claim: the root's marker (the encryption policy, the run a pull continues).
+        keys: decrypt pulls by key id (:mod:`ckptsync.crypto`); None: encrypted checkpoints
+            cannot be pulled.
+        allow_plaintext: accept plaintext checkpoints (and manifests without a MAC) where the
+            encryption policy (:mod:`ckptsync.integrity`) would refuse them.
+    """
+
+    def __init__(self, at: Location, manifests: ManifestReader, listing: Listing,
+                 claim: RunClaim, keys: KeyRing | None, allow_plaintext: bool) -> None:
+        self.at = at
+        self.manifests = manifests
+        self.listing = listing
+        self.claim = claim
+        self.keys = keys
+        self.allow_plaintext = allow_plaintext
 
     def pull(
         self,
@@ -105,20 +125,20 @@ class FetchMixin(StoreBase):
                 not read: raised, never passed over.
             RemoteError, LocalStorageError: transfer or local write failures.
         """
-        self.read_marker(fresh=True)  # the encryption policy and the run record read it
+        self.claim.read_marker(fresh=True)  # the encryption policy and the run record read it
         if name is not None:
-            m = self.read_manifest(name)
+            m = self.manifests.read(name)
             if m is None:
-                raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
-            self._check_sizes(m)
+                raise NoCheckpointError(f"no committed checkpoint {self.at.url_of(name)}")
+            self.listing.check_sizes(m)
             try:
                 return self._pull_one(m, local, progress, stop, keep_encrypted)
             except UnknownKeyError as err:  # this one was asked for: the key is missing
-                raise missing_key(err.key_id, err.name, self.url_of(err.name),
+                raise missing_key(err.key_id, err.name, self.at.url_of(err.name),
                                   self.keys) from err
         passed: list[tuple[str, str]] = [] if skipped is None else skipped
         unknown_key: UnknownKeyError | None = None
-        for e in self.iter_committed():
+        for e in self.listing.iter_committed():
             if newer_than is not None and (
                     e.manifest.sort_key() <= newer_than.sort_key() if e.manifest is not None
                     else name_sort_key(e.name) <= name_sort_key(newer_than.name)):
@@ -136,11 +156,11 @@ class FetchMixin(StoreBase):
                 if isinstance(err, UnknownKeyError) and unknown_key is None:
                     unknown_key = err
         if unknown_key is not None:  # nothing could be pulled: the key is what is missing
-            raise missing_key(unknown_key.key_id, unknown_key.name, self.url_of(unknown_key.name),
-                              self.keys)
+            raise missing_key(unknown_key.key_id, unknown_key.name,
+                              self.at.url_of(unknown_key.name), self.keys)
         raise NoCheckpointError(
             f"no valid checkpoint{' newer than ' + newer_than.name if newer_than else ''} "
-            f"in {redact_url(self.url)}"
+            f"in {redact_url(self.at.url)}"
         )
 
     def _pull_one(
@@ -183,27 +203,27 @@ class FetchMixin(StoreBase):
         try:
             progress.start(m.total_size, f"pull {m.name}")
             # Range blocks held at once, and their buffers, reused from file to file.
-            slots = Slots(self.backend.workers)
+            slots = Slots(self.at.backend.workers)
             tasks = [partial(self._download_task, staging, m, f.path, progress=progress,
                              slots=slots, keep=keep_encrypted)
                      for f in m.files]
-            run_parallel(tasks, max_workers=self.backend.workers, stop=stop)
+            run_parallel(tasks, max_workers=self.at.backend.workers, stop=stop)
             if not keep_encrypted and any(f.encryption for f in m.files):  # plaintext locally
-                m = plain_manifest(m, staging.entries, self.url_of(m.name))
+                m = plain_manifest(m, staging.entries, self.at.url_of(m.name))
             ckpt = staging.commit(m)
         except BaseException:
             staging.abort()
             raise
         finally:
             progress.close()
-        log.info("pulled %s from %s into %s", m.name, redact_url(self.url), local.directory)
+        log.info("pulled %s from %s into %s", m.name, redact_url(self.at.url), local.directory)
         self._record_run(local)
         return ckpt
 
     def _record_run(self, local: LocalStore) -> None:
         """``local``'s directory pulled from this root: it continues the root's run (a writer
         there afterwards, ``ckptsync watch`` or a ``Checkpointer``, is the same run)."""
-        marker = self.read_marker()
+        marker = self.claim.read_marker()
         if marker is not None and marker.run is not None:
             RunFile(local.directory).adopt(marker.run)
 
@@ -212,9 +232,9 @@ class FetchMixin(StoreBase):
         progress: Progress, slots: threading.Semaphore, keep: bool = False,
     ) -> None:
         entry = next(f for f in m.files if f.path == relpath)
-        url = self.url_of(m.name, relpath)
-        path = self._path(m.name, relpath)
-        attempts = self.config.digest_attempts
+        url = self.at.url_of(m.name, relpath)
+        path = self.at.path(m.name, relpath)
+        attempts = self.at.config.digest_attempts
         enc = None if keep else entry.encryption  # keep: stored bytes in, stored bytes out
         for attempt in range(1, attempts + 1):
             writer = staging.open(relpath, WRITE_ALGO if enc else entry.algo)
@@ -223,13 +243,14 @@ class FetchMixin(StoreBase):
                 writer = self.keys.decryptor(writer, kid=enc.key_id, name=m.name,
                                              relpath=relpath, where=url)
             try:
-                if entry.size >= self.config.ranged_min_size and self.backend.workers > 1:
-                    download_file_ranged(self.fs, path, writer, entry, url=url,
-                                         config=self.config, retrier=self._retry, slots=slots,
-                                         progress=progress, stop=stop)
+                if entry.size >= self.at.config.ranged_min_size and self.at.backend.workers > 1:
+                    download_file_ranged(self.at.fs, path, writer, entry, url=url,
+                                         config=self.at.config, retrier=self.at.retry,
+                                         slots=slots, progress=progress, stop=stop,
+                                         open_ranges=self.at.backend.open_ranges)
                 else:
-                    download_file(self.fs, path, writer, entry, url=url, config=self.config,
-                                  retrier=self._retry, progress=progress, stop=stop)
+                    download_file(self.at.fs, path, writer, entry, url=url, config=self.at.config,
+                                  retrier=self.at.retry, progress=progress, stop=stop)
                 stored = writer.hexdigest() if isinstance(writer, Decryptor) else None
                 if isinstance(writer, Decryptor) and stored == entry.digest:
                     writer.finish()  # the last chunk, authenticated with its flag
@@ -254,11 +275,11 @@ class FetchMixin(StoreBase):
         """Raise unless ``m`` may be restored under this store's keys: the encryption
         policy of :func:`ckptsync.integrity.check_checkpoint`, with the root marker read now
         (whether the run is encrypted, and the key ids it vouches for)."""
-        marker = self.read_marker()  # read afresh by each pull
+        marker = self.claim.read_marker()  # read afresh by each pull
         check_checkpoint(m, self.keys,
                          vouched=marker.vouched(self.keys) if marker is not None else None,
                          encrypted_root=marker is not None and marker.encrypted,
-                         allow_plaintext=self.allow_plaintext, where=self.url_of(m.name))
+                         allow_plaintext=self.allow_plaintext, where=self.at.url_of(m.name))
 
     def fetch_files(
         self,
@@ -293,7 +314,7 @@ class FetchMixin(StoreBase):
         for relpath in dict.fromkeys(relpaths):
             entry = entries.get(relpath)
             if entry is None:
-                url = self.url_of(m.name, relpath)
+                url = self.at.url_of(m.name, relpath)
                 raise CorruptCheckpointError(
                     f"{url}: needed to load {m.name} but not listed in its manifest", path=url)
             check_relpath(relpath, where=str(directory))
@@ -304,10 +325,10 @@ class FetchMixin(StoreBase):
                 wanted.append(entry)
         if not wanted:
             return []
-        self._check_sizes(m)  # a missing or truncated remote file, before any byte moves
-        drop = _FileDrop(directory, ops or FileOps())
+        self.listing.check_sizes(m)  # a missing or truncated remote file, before any byte moves
+        drop = FileDrop(directory, ops or FileOps())
         progress = progress or NullProgress()
-        slots = Slots(self.backend.workers)  # range blocks held at once, buffers reused
+        slots = Slots(self.at.backend.workers)  # range blocks held at once, buffers reused
 
         def task(relpath: str, ev: threading.Event) -> None:
             self._download_task(drop, m, relpath, ev, progress=progress, slots=slots)
@@ -316,7 +337,7 @@ class FetchMixin(StoreBase):
         progress.start(sum(f.size for f in wanted), f"fetch {m.name}")
         try:
             run_parallel([partial(task, f.path) for f in wanted],
-                         max_workers=self.backend.workers, stop=stop)
+                         max_workers=self.at.backend.workers, stop=stop)
         finally:
             drop.abort()  # the temporary files of downloads that did not finish
             progress.close()
@@ -337,18 +358,18 @@ class FetchMixin(StoreBase):
             NoCheckpointError: ``name`` is not committed.
             CorruptCheckpointError: naming the first remote file that does not match.
         """
-        m = self.read_manifest(name)
+        m = self.manifests.read(name)
         if m is None:
-            raise NoCheckpointError(f"no committed checkpoint {self.url_of(name)}")
-        self._check_sizes(m)
+            raise NoCheckpointError(f"no committed checkpoint {self.at.url_of(name)}")
+        self.listing.check_sizes(m)
         if not full:
             return m
         progress = progress or NullProgress()
 
         def task(entry: FileEntry, ev: threading.Event) -> None:
-            url = self.url_of(name, entry.path)
-            _, digest = hash_remote_file(self.fs, self._path(name, entry.path), url=url,
-                                         config=self.config, retrier=self._retry,
+            url = self.at.url_of(name, entry.path)
+            _, digest = hash_remote_file(self.at.fs, self.at.path(name, entry.path), url=url,
+                                         config=self.at.config, retrier=self.at.retry,
                                          progress=progress, stop=ev, algo=entry.algo)
             if digest != entry.digest:
                 raise CorruptCheckpointError(
@@ -360,63 +381,7 @@ class FetchMixin(StoreBase):
         progress.start(m.total_size, f"verify {name}")
         try:
             run_parallel([partial(task, f) for f in m.files],
-                         max_workers=self.backend.workers, stop=stop)
+                         max_workers=self.at.backend.workers, stop=stop)
         finally:
             progress.close()
         return m
-
-
-class _FileDrop:
-    """Where :meth:`FetchMixin.fetch_files` downloads: the ``open``/``close_file``/``discard``
-    a download task writes through (as a :class:`~ckptsync.local.Staging`), each file under a
-    temporary name of its own, renamed into place by :meth:`publish` once verified (two
-    processes may fetch one file: each its own temporary, the same verified bytes)."""
-
-    def __init__(self, directory: Path, ops: WriteOps) -> None:
-        self.directory = directory
-        self.ops = ops
-        self._open: dict[str, HashingWriter] = {}
-        self._lock = threading.Lock()
-
-    def _target(self, relpath: str) -> Path:
-        return self.directory.joinpath(*relpath.split("/"))
-
-    def open(self, relpath: str, algo: str = WRITE_ALGO) -> HashingWriter:
-        target = self._target(relpath)
-        tmp = target.with_name(temp_name(target.name, "part"))
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            w = HashingWriter(tmp, self.ops, algo)
-        except OSError as e:
-            raise storage_error(e, tmp, "create") from e
-        with self._lock:
-            self._open[relpath] = w
-        return w
-
-    def close_file(self, relpath: str) -> FileEntry:
-        w = self._open[relpath]  # kept until published or discarded
-        try:
-            w.close()
-        except OSError as e:
-            raise storage_error(e, w.path, "write") from e
-        return w.entry(relpath)
-
-    def discard(self, relpath: str) -> None:
-        with self._lock:
-            w = self._open.pop(relpath, None)
-        if w is not None:
-            if not w.closed:
-                w.abort()
-            w.path.unlink(missing_ok=True)
-
-    def publish(self, relpath: str) -> None:
-        with self._lock:
-            w = self._open.pop(relpath)
-        try:
-            os.replace(w.path, self._target(relpath))
-        except OSError as e:
-            raise storage_error(e, self._target(relpath), "rename into place") from e
-
-    def abort(self) -> None:
-        for relpath in list(self._open):
-            self.discard(relpath)

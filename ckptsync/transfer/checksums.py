@@ -8,7 +8,7 @@ CompleteMultipartUpload, the whole object against the full-object CRC, which
 :class:`PartChecksums` combines from the parts' CRCs (no second pass over the bytes). A part
 or a body damaged in transit is refused (``BadDigest``) and sent again; an object that never
 matched is never completed. GCS checks the CRC32C declared on the request that finalizes a
-resumable upload (:mod:`ckptsync.transfer.gcs`).
+resumable upload (:mod:`ckptsync.remote.backends.gcs`).
 
 Each CRC is computed once, by the caller, in the pass that already reads the bytes it sends
 (a file's chunks, a part as it is read or filled); since every request then carries its
@@ -21,8 +21,8 @@ SeaweedFS 4.48 check it on a PUT, a part and at CompleteMultipartUpload). google
 only ``bytes`` or a buffer that needs no release: a part buffer (a ``bytearray``) is handed to
 it as a ctypes array over the same memory, without a copy. Without google-crc32c's C code
 (the s3 extra installs it), S3 uploads send the CRC32 (zlib) they sent before, which S3 checks
-the same way; GCS uploads send none (:mod:`ckptsync.transfer.gcs` says so once). A server that
-does not keep checksums ignores these headers (moto stores them without checking).
+the same way; GCS uploads send none (:mod:`ckptsync.remote.backends.gcs` says so once). A
+server that does not keep checksums ignores these headers (moto stores them without checking).
 
 Nothing here knows about any one backend's client: callers pass the arguments on.
 """

@@ -1,12 +1,15 @@
 """Plain file transfers through the public fsspec API, any backend: :func:`upload_file`,
-:func:`download_file`, :func:`download_file_ranged` and :func:`hash_remote_file`.
+:func:`download_file` and :func:`hash_remote_file` (large downloads in parallel ranges:
+:mod:`ckptsync.transfer.ranged`).
 
 Memory stays bounded: files are streamed in ``chunk_size`` pieces through the backend's file
 object, whose buffer is ``block_size`` (for S3 that is the multipart part size, so a large
 file becomes a multipart upload). At most ``max_workers`` files move at once, so at most about
 ``max_workers * (block_size + chunk_size)`` bytes are buffered, whatever the checkpoint's size.
-Large downloads fetch ranges in parallel (:func:`download_file_ranged`; on s3fs through
-:func:`ckptsync.transfer.s3.range_reader`).
+
+Where the backend keeps a checksum of its own (S3, GCS), an upload declares it: the caller
+passes the backend's :data:`BodyChecks` (:meth:`ckptsync.remote.backends.Backend.body_check`),
+which gets each chunk in the pass that reads it; nothing here knows which backend it is.
 
 Every upload hashes what it reads and compares it with the local manifest (a local file changed
 after its commit is never uploaded as if it were the committed one); every download writes
@@ -20,11 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from fsspec.spec import AbstractBufferedFile
 
@@ -33,13 +34,11 @@ from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.local import HashingWriter
 from ckptsync.manifest import WRITE_ALGO, FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
-from ckptsync.transfer.checksums import checksum, checksum_field, encode
-from ckptsync.transfer.gcs import crc32c_sender
-from ckptsync.transfer.parallel import Slots
-from ckptsync.transfer.retry import Retrier, _check_stop
-from ckptsync.transfer.s3 import range_reader, single_put_extras
+from ckptsync.transfer.checksums import Buffer
+from ckptsync.transfer.retry import Retrier, check_stop
 
-__all__ = ["download_file", "download_file_ranged", "hash_remote_file", "upload_file"]
+__all__ = ["BodyCheck", "BodyChecks", "download_file", "hash_remote_file", "local_write",
+           "open_local", "upload_file"]
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,31 @@ def _abandon(f: Any) -> None:
         log.debug("could not abandon remote file cleanly", exc_info=True)
 
 
-def _open_local(path: Path) -> BinaryIO:
+class BodyCheck(Protocol):
+    """The backend's own checksum of one upload through a file it opened, which the server
+    checks (so that bytes damaged in transit never become an object)."""
+
+    def update(self, chunk: Buffer) -> None:
+        """Carry the checksum on over ``chunk`` (the next bytes written, in order)."""
+
+    def seal(self) -> None:
+        """The last chunk was written: fix the checksum before the close sends it."""
+
+    def landed(self, size: int) -> bool:
+        """The close that completes the upload failed: did the upload take effect anyway,
+        with these ``size`` bytes? (Read from the remote; False when unknown.)"""
+
+    def check(self) -> None:
+        """After the close: whatever the backend verifies once the upload completed."""
+
+
+BodyChecks = Callable[[Any, int], "BodyCheck | None"]
+"""``body_check(f, size)``: the :class:`BodyCheck` of an upload of ``size`` bytes through
+``f``, a file the backend just opened for writing; None where it declares no checksum."""
+
+
+def open_local(path: Path) -> BinaryIO:
+    """``path`` opened for reading, or :class:`LocalStorageError` naming it."""
     try:
         return open(path, "rb")
     except OSError as e:
@@ -82,13 +105,16 @@ def upload_file(
     stop: threading.Event | None = None,
     finish: Callable[[], None] | None = None,
     wrap: Callable[[Any], Any] | None = None,
+    body_check: BodyChecks | None = None,
 ) -> None:
     """Stream ``local_path`` to ``remote_path`` (multipart where the backend does it).
 
     ``finish``, if given, runs after the upload completed (e.g. renaming a temporary file
     into place on backends where a file being written is visible). ``wrap``, if given, wraps
     each attempt's remote file in a writer of the same shape (``write``, ``close``, and
-    ``abandon`` to drop it): e.g. :meth:`ckptsync.crypto.KeyRing.encryptor`.
+    ``abandon`` to drop it): e.g. :meth:`ckptsync.crypto.KeyRing.encryptor`. ``body_check``:
+    the backend's checksum of the bytes sent (not where ``wrap`` changes them on the way: the
+    GCM tags and the stored digest guard those).
 
     The bytes read are hashed and must match ``entry`` (size and digest), otherwise the
     remote file is abandoned and :class:`CorruptCheckpointError` names the local file.
@@ -104,18 +130,13 @@ def upload_file(
     def attempt() -> None:
         sent = 0
         digest = new_hasher(entry.algo)
-        crc = 0
-        with _open_local(local_path) as src:
+        with open_local(local_path) as src:
             dst = fs.open(remote_path, "wb", block_size=config.block_size)
             try:
-                # The backend's own checksum of a one-request upload, computed in this pass
-                # over the bytes sent (so not where ``wrap`` encrypts them on the way: the GCM
-                # tags and the stored digest guard those).
-                small = entry.size < config.block_size
-                extras = single_put_extras(dst) if wrap is None and small else None
-                # GCS: the request that finalizes the upload carries the CRC32C
-                # (transfer/gcs.py).
-                crc32c = crc32c_sender(dst) if wrap is None else None
+                # The backend's own checksum, computed in this pass over the bytes sent (not
+                # where ``wrap`` encrypts them on the way: the GCM tags and the stored digest
+                # guard those).
+                check = body_check(dst, entry.size) if body_check and wrap is None else None
                 if wrap is not None:
                     dst = wrap(dst)
             except BaseException:
@@ -124,7 +145,7 @@ def upload_file(
                 raise
             try:
                 while True:
-                    _check_stop(stop, url)
+                    check_stop(stop, url)
                     try:
                         chunk = src.read(config.chunk_size)
                     except OSError as e:
@@ -135,10 +156,8 @@ def upload_file(
                         break
                     dst.write(chunk)
                     digest.update(chunk)
-                    if extras is not None:
-                        crc = checksum(chunk, crc)
-                    if crc32c is not None:
-                        crc32c.update(chunk)
+                    if check is not None:
+                        check.update(chunk)
                     sent += len(chunk)
                     progress.update(len(chunk))
                 if sent != entry.size or digest.hexdigest() != entry.digest:
@@ -152,31 +171,29 @@ def upload_file(
                 progress.update(-sent)
                 _abandon(dst)
                 raise
-            if extras is not None and single_put_extras(dst) is extras:
-                extras[checksum_field()] = encode(crc)  # the server refuses a damaged body
-            if crc32c is not None:
-                crc32c.seal()
+            if check is not None:
+                check.seal()  # the server refuses a damaged body
             try:
                 dst.close()  # completes the upload (the last multipart part, the resumable PUT)
             except Exception as e:
-                # The reply to the request that finalized a GCS upload can be lost after the
+                # The reply to the request that finalized the upload can be lost after the
                 # object was made: ambiguous, so read the remote (DESIGN.md, "The daemon").
-                if crc32c is None or not crc32c.landed(sent):
+                if check is None or not check.landed(sent):
                     _abandon(dst)  # never left open: the interpreter's exit would wait on it
                     raise
                 log.info("finishing the upload of %s failed (%s: %s), but the object is there "
-                         "with the size and CRC32C sent: the upload took effect", url,
+                         "with the size and checksum sent: the upload took effect", url,
                          type(e).__name__, e)
-            if crc32c is not None:
-                crc32c.check()
+            if check is not None:
+                check.check()
         if finish is not None:
             finish()
 
     retrier.call(attempt, url=url, action="upload to")
 
 
-
-def _local_write(writer: HashingWriter, chunk: bytes | memoryview) -> None:
+def local_write(writer: HashingWriter, chunk: bytes | memoryview) -> None:
+    """``chunk`` into ``writer``, or :class:`LocalStorageError` naming its file."""
     try:
         writer.write(chunk)
     except OSError as e:
@@ -222,7 +239,7 @@ def download_file(
             if done:
                 src.seek(done)
             while True:
-                _check_stop(stop, url)
+                check_stop(stop, url)
                 # Ask for one byte past the listed size: a longer file is detected, not trusted.
                 want = min(config.chunk_size, entry.size - done + 1)
                 chunk = src.read(want)
@@ -233,7 +250,7 @@ def download_file(
                         f"{url}: file is larger than the {entry.size} bytes its manifest lists",
                         path=url,
                     )
-                _local_write(writer, chunk)
+                local_write(writer, chunk)
                 done += len(chunk)
                 progress.update(len(chunk))
         if done != entry.size:
@@ -243,143 +260,6 @@ def download_file(
             )
 
     retrier.call(attempt, url=url, action="download from")
-
-
-def download_file_ranged(
-    fs: Any,
-    remote_path: str,
-    writer: HashingWriter,
-    entry: FileEntry,
-    *,
-    url: str,
-    config: TransferConfig,
-    retrier: Retrier,
-    slots: threading.Semaphore,
-    progress: Progress | None = None,
-    stop: threading.Event | None = None,
-) -> None:
-    """Like :func:`download_file`, fetching ``block_size`` ranges in parallel.
-
-    Ranges are requested in order and written (and hashed) in order; ``slots`` bounds the
-    blocks held in memory across every file of a transfer. A slot is taken before a range is
-    requested, in order, so the oldest unwritten range of each file always holds one: no
-    deadlock. Each range is retried on its own. The caller has checked the listed size.
-
-    On S3 each range is read into a buffer reused from range to range (``slots``' own where
-    it is a :class:`~ckptsync.transfer.parallel.Slots`, kept across the files of a transfer;
-    else this file's): no fresh 32 MiB allocation, whose pages the kernel faults in and
-    zeroes, per range.
-
-    Raises: as :func:`download_file`.
-    """
-    progress = progress or NullProgress()
-    bs = config.block_size
-    ranges = [(o, min(o + bs, entry.size)) for o in range(0, entry.size, bs)]
-    window = max(1, min(config.max_workers, len(ranges)))
-    pending: deque[tuple[int, int, bytearray, Future[memoryview | bytes]]] = deque()
-    next_range = 0
-    buffers = _Buffers(slots)
-    # The reader is closed after the pool has joined every fetch (exit order is reversed).
-    with range_reader(fs, remote_path, window) as read_range, \
-            ThreadPoolExecutor(max_workers=window, thread_name_prefix="ckptsync-range") as pool:
-
-        def fetch(start: int, end: int, buf: bytearray) -> memoryview | bytes:
-            def attempt() -> memoryview | bytes:
-                _check_stop(stop, url)
-                try:
-                    return read_range(start, end, buf)
-                except FileNotFoundError:
-                    raise CorruptCheckpointError(
-                        f"{url}: file listed in the manifest is missing", path=url
-                    ) from None
-
-            return retrier.call(attempt, url=url, action="download from")
-
-        def fill() -> None:
-            # Block for a slot only while holding none: every slot holder then has a
-            # range in flight and releases it when written, so the transfer as a whole
-            # always advances.
-            nonlocal next_range
-            while len(pending) < window and next_range < len(ranges):
-                if not slots.acquire(blocking=not pending):
-                    return
-                start, end = ranges[next_range]
-                next_range += 1
-                buf = buffers.take(bs)
-                pending.append((start, end, buf, pool.submit(fetch, start, end, buf)))
-
-        try:
-            fill()
-            while pending:
-                start, end, buf, fut = pending.popleft()
-                try:
-                    data = fut.result()
-                except BaseException:
-                    buffers.give(buf)
-                    slots.release()
-                    raise
-                if len(data) != end - start:
-                    buffers.give(buf)
-                    slots.release()
-                    raise CorruptCheckpointError(
-                        f"{url}: file is shorter than the {entry.size} bytes its "
-                        "manifest lists (truncated)",
-                        path=url,
-                    )
-                try:
-                    _check_stop(stop, url)
-                    _local_write(writer, data)
-                finally:
-                    del data
-                    buffers.give(buf)
-                    slots.release()
-                progress.update(end - start)
-                fill()
-        except BaseException:
-            for _, _, _, fut in pending:
-                fut.cancel()
-            while pending:  # give back the slots of ranges that will never be written
-                _, _, buf, fut = pending.popleft()
-                if fut.cancelled() or fut.done():  # a running fetch still fills its buffer
-                    buffers.give(buf)
-                slots.release()
-            raise
-
-    # The listing said entry.size; make sure the content does not go on past it.
-    def probe() -> bytes:
-        try:
-            return bytes(fs.cat_file(remote_path, start=entry.size, end=entry.size + 1))
-        except Exception as e:
-            # S3 and GCS answer 416 (s3fs: OSError EINVAL) for a range past the end: good.
-            if getattr(e, "code", None) == 416 or "not satisfiable" in str(e):
-                return b""
-            raise
-
-    tail = retrier.call(probe, url=url, action="download from")
-    if tail:
-        raise CorruptCheckpointError(
-            f"{url}: file is larger than the {entry.size} bytes its manifest lists", path=url
-        )
-
-
-class _Buffers:
-    """The buffers a ranged download reads into: those ``slots`` keeps for reuse where it is
-    a :class:`Slots` (shared by every file of one transfer), else this file's own list."""
-
-    def __init__(self, slots: threading.Semaphore) -> None:
-        self._slots = slots if isinstance(slots, Slots) else None
-        self._free: list[bytearray] = []
-
-    def take(self, size: int) -> bytearray:
-        if self._slots is not None:
-            return self._slots.take(size)
-        return self._free.pop() if self._free else bytearray(size)
-
-    def give(self, buf: bytearray) -> None:
-        if self._slots is not None:
-            self._slots.give(buf)
-        else:
-            self._free.append(buf)
 
 
 def hash_remote_file(
@@ -408,7 +288,7 @@ def hash_remote_file(
                 if size:
                     src.seek(size)
                 while True:
-                    _check_stop(stop, url)
+                    check_stop(stop, url)
                     chunk = src.read(config.chunk_size)
                     if not chunk:
                         break

@@ -1,14 +1,20 @@
-"""S3 multipart uploads whose parts are sent concurrently: one state machine
-(:class:`MultipartUpload`) and its two drivers, :func:`upload_file_multipart` (a committed
-local file) and :class:`MultipartStream` (a file while it is being written).
+"""S3 multipart uploads whose parts are sent concurrently: the one state machine,
+:class:`MultipartUpload`, and :func:`complete_multipart`. Its drivers:
+:func:`~ckptsync.transfer.upload_parts.upload_file_multipart` (a committed local file),
+:class:`~ckptsync.transfer.stream.MultipartStream` (a file while it is being written) and
+:func:`~ckptsync.transfer.sealed.upload_sealed_multipart` (an encrypted file).
+
+This is the S3 protocol (create, parts, complete, abort), not a client: the calls go through
+the backend's :class:`ObjectCalls` (:meth:`ckptsync.remote.backends.S3.object_calls`, which
+owns s3fs's and botocore's private API). When that API fails it raises
+:class:`~ckptsync.transfer.fence.PrivateApiChanged` (warned about once), and the caller uploads
+the file through the public fsspec API instead.
 
 Parts are read (or written) and hashed in order by one thread and sent on a small pool, at
 most ``parts_in_flight`` parts (shared by every file of a push, :class:`Slots`) held in memory
 at once. Each part is retried on its own. Nothing is visible remotely until the upload is
 completed, and it is completed only when the bytes sent hash to the manifest's entry;
-otherwise (or on any error, or a stop) it is aborted. When s3fs's private API fails
-(:class:`~ckptsync.transfer.s3.S3ApiChanged`, warned about once), the file goes up through
-the public fsspec API instead (:func:`~ckptsync.transfer.files.upload_file`).
+otherwise (or on any error, or a stop) it is aborted.
 """
 
 from __future__ import annotations
@@ -19,22 +25,37 @@ import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ckptsync.config import TransferConfig
-from ckptsync.errors import CorruptCheckpointError, LocalStorageError
-from ckptsync.manifest import FileEntry, new_hasher
-from ckptsync.progress import NullProgress, Progress
-from ckptsync.transfer.checksums import PartChecksums, checksum, full_object_args
-from ckptsync.transfer.files import _open_local, upload_file
-from ckptsync.transfer.parallel import Slots, _acquire
-from ckptsync.transfer.retry import Retrier, _check_stop
-from ckptsync.transfer.s3 import S3ApiChanged, _BlockingS3, fallen_back, private_api_usable
+from ckptsync.transfer.checksums import PartChecksums, full_object_args
+from ckptsync.transfer.parallel import Slots
+from ckptsync.transfer.retry import Retrier, check_stop
 
-__all__ = ["MultipartStream", "MultipartUpload", "complete_multipart", "upload_file_multipart"]
+__all__ = ["MultipartUpload", "ObjectCalls", "OpenObject", "complete_multipart"]
 
 log = logging.getLogger(__name__)
+
+
+class ObjectCalls(Protocol):
+    """The S3 calls on one object (Bucket and Key filled in), as its backend makes them.
+
+    Raises: the backend's errors as its filesystem raises them, and
+    :class:`~ckptsync.transfer.fence.PrivateApiChanged` when a private API it uses changed.
+    """
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """One small call (``create_multipart_upload``, ``head_object``, ...)."""
+
+    def upload_part(self, **kwargs: Any) -> Any:
+        """``UploadPart`` (the bulk call: from the caller's thread)."""
+
+    def close(self) -> None:
+        """Let go of the client (the backend may keep it for other transfers)."""
+
+
+OpenObject = Callable[[str, int], ObjectCalls]
+"""``open_object(remote_path, connections)``: the :class:`ObjectCalls` of one object, for
+up to ``connections`` requests at once."""
 
 
 def _multipart_etag(parts: list[dict[str, Any]]) -> str | None:
@@ -105,14 +126,16 @@ class MultipartUpload:
     server refuses a part or an object damaged in transit; a server that refuses to create
     such an upload gets one without checksums (logged).
 
-    Raises: the translated backend errors; :class:`S3ApiChanged` when s3fs's private API
-    failed (already warned about).
+    Raises: the translated backend errors;
+    :class:`~ckptsync.transfer.fence.PrivateApiChanged` when the backend's private API failed
+    (already warned about).
     """
 
-    def __init__(self, fs: Any, remote_path: str, *, url: str, retrier: Retrier, slots: Slots,
-                 window: int, thread_name: str, stop: threading.Event | None = None,
+    def __init__(self, open_object: OpenObject, remote_path: str, *, url: str,
+                 retrier: Retrier, slots: Slots, window: int, thread_name: str,
+                 stop: threading.Event | None = None,
                  on_part: Callable[[int], None] | None = None) -> None:
-        self.fs = fs
+        self.open_object = open_object
         self.remote_path = remote_path
         self.url = url
         self.retrier = retrier
@@ -124,14 +147,14 @@ class MultipartUpload:
         self._stop = stop
         self.on_part = on_part
         self._pool: ThreadPoolExecutor | None = None
-        self._sender: _BlockingS3 | None = None
+        self._sender: ObjectCalls | None = None
         self._created: Future[None] | None = None  # the create of :meth:`start`
         self.checksums: PartChecksums | None = PartChecksums()
 
     def call(self, method: str, **kwargs: Any) -> Any:
         """One S3 call on the object (Bucket and Key filled in)."""
         if self._sender is None:
-            self._sender = _BlockingS3(self.fs, self.remote_path, self.window)
+            self._sender = self.open_object(self.remote_path, self.window)
         return self._sender.call(method, **kwargs)
 
     def create(self) -> None:
@@ -200,7 +223,7 @@ class MultipartUpload:
                         else sums.record(number, crc, len(data)))
 
             def attempt() -> Any:
-                _check_stop(self._stop, self.url)
+                check_stop(self._stop, self.url)
                 return sender.upload_part(PartNumber=number, UploadId=self.upload_id, Body=data,
                                           **declared)
 
@@ -249,310 +272,3 @@ class MultipartUpload:
     def close(self) -> None:
         if self._sender is not None:
             self._sender.close()
-
-
-def _read_into(src: Any, buf: bytearray | memoryview) -> int:
-    """Fill ``buf`` from ``src`` (``readinto``); the bytes read (short only at the end)."""
-    view = memoryview(buf)
-    n = 0
-    while n < len(view):
-        k = src.readinto(view[n:])
-        if not k:
-            break
-        n += k
-    return n
-
-
-def _send_file(upload: MultipartUpload, local_path: Path, entry: FileEntry, *, part_size: int,
-               slots: Slots, url: str, stop: threading.Event | None, skip: int = 0) -> None:
-    """Read ``local_path`` in order, hashing every byte, and send it from byte ``skip`` on as
-    the next parts of ``upload`` (the bytes before ``skip`` were sent already, as whole
-    ``part_size`` parts); then wait for every part and complete the upload, but only when
-    the bytes read hash to ``entry``.
-
-    Raises: CorruptCheckpointError (the file no longer matches ``entry``: nothing completed),
-    LocalStorageError, and the errors of the parts.
-    """
-    digest = new_hasher(entry.algo)
-    size = 0
-    with _open_local(local_path) as src:
-        try:
-            if skip:  # sent already: only hashed, so that the whole file is verified
-                buf = slots.take(part_size)
-                try:
-                    while size < skip:
-                        _check_stop(stop, url)
-                        try:
-                            n = _read_into(src, memoryview(buf)[:min(part_size, skip - size)])
-                        except OSError as e:
-                            raise LocalStorageError(f"cannot read local checkpoint file "
-                                                    f"{local_path}: {e.strerror or e}") from e
-                        if not n:
-                            break
-                        digest.update(memoryview(buf)[:n])
-                        size += n
-                finally:
-                    slots.give(buf)
-            while size >= skip:  # (a file shorter than ``skip`` sends nothing: refused below)
-                _check_stop(stop, url)
-                upload.raise_failed()
-                _acquire(slots, stop, url)
-                buf = slots.take(part_size)
-                try:
-                    n = _read_into(src, buf)
-                except OSError as e:
-                    slots.sent(buf)
-                    raise LocalStorageError(
-                        f"cannot read local checkpoint file {local_path}: {e.strerror or e}"
-                    ) from e
-                if not n:
-                    slots.sent(buf)
-                    break
-                data, lent = slots.body(buf, n)
-                digest.update(data)
-                size += n
-                upload.send(data, lent, checksum(data))  # its CRC in the pass that read it
-                del data, buf, lent
-            parts = upload.parts()
-        except BaseException:
-            upload.cancel()
-            raise
-        finally:
-            upload.join()
-    # The bytes sent are the bytes hashed: complete only if they are the committed ones.
-    if size != entry.size or digest.hexdigest() != entry.digest:
-        raise CorruptCheckpointError(
-            f"{local_path}: content no longer matches its manifest (read {size} bytes, "
-            f"expected {entry.size}); the file changed after its checkpoint was committed, "
-            "so it is not uploaded",
-            path=str(local_path),
-        )
-    upload.complete(parts, entry.size)
-
-
-def upload_file_multipart(
-    fs: Any,
-    local_path: Path,
-    remote_path: str,
-    entry: FileEntry,
-    *,
-    url: str,
-    config: TransferConfig,
-    retrier: Retrier,
-    slots: Slots,
-    progress: Progress | None = None,
-    stop: threading.Event | None = None,
-) -> None:
-    """Upload ``local_path`` to S3 as a multipart upload whose parts are sent concurrently.
-
-    ``fs`` is an ``s3fs.S3FileSystem``. One thread reads the file in order, part by part,
-    hashing every byte it reads; each part is then sent on a small pool, so hashing, reading
-    and sending overlap. A part holds a slot of ``slots`` from before it is read until it is
-    sent: memory is bounded by the slots, whatever the file's size. Each part is retried on
-    its own. The upload is completed only when the bytes read hash to ``entry``; otherwise
-    (or on any error, or ``stop``) it is aborted, so no object ever appears. If s3fs's
-    private API fails, the file goes up through :func:`upload_file` instead.
-
-    Raises: as :func:`upload_file`.
-    """
-    progress = progress or NullProgress()
-    if private_api_usable(fs):
-        try:
-            _upload_parts(fs, local_path, remote_path, entry, url=url, config=config,
-                          retrier=retrier, slots=slots, progress=progress, stop=stop)
-            return
-        except S3ApiChanged:  # warned about; aborted, its progress taken back
-            pass
-    upload_file(fs, local_path, remote_path, entry, url=url, config=config, retrier=retrier,
-                progress=progress, stop=stop)
-
-
-def _upload_parts(fs: Any, local_path: Path, remote_path: str, entry: FileEntry, *, url: str,
-                  config: TransferConfig, retrier: Retrier, slots: Slots, progress: Progress,
-                  stop: threading.Event | None) -> None:
-    part_size = max(config.part_size, -(-entry.size // 10_000))  # S3: at most 10,000 parts
-    reported = [0]  # bytes given to progress, taken back if the upload fails
-    lock = threading.Lock()
-
-    def sent(n: int) -> None:
-        progress.update(n)
-        with lock:
-            reported[0] += n
-
-    upload = MultipartUpload(fs, remote_path, url=url, retrier=retrier, slots=slots,
-                             window=max(1, config.parts_in_flight),
-                             thread_name="ckptsync-part", stop=stop, on_part=sent)
-    try:
-        upload.create()
-    except BaseException:
-        upload.close()
-        raise
-    try:
-        _send_file(upload, local_path, entry, part_size=part_size, slots=slots, url=url,
-                   stop=stop)
-    except BaseException:
-        with lock:
-            progress.update(-reported[0])
-        upload.abort()
-        raise
-    finally:
-        upload.close()
-        fs.invalidate_cache(remote_path)
-
-
-class MultipartStream:
-    """Uploads bytes to S3 as they are written: a parallel multipart upload fed by a writer,
-    which it never makes wait (DESIGN.md: a save never waits on the network).
-
-    The checkpointer tees a file being serialized (and hashed, and written locally) into
-    :meth:`write`, which copies it into a part buffer lent by ``slots``; every full
-    ``part_size`` part is sent on a small pool at once, so serialization, hashing and upload
-    overlap. The multipart upload is created on that pool with the first full part (a
-    smaller file is left to the normal upload). ``slots`` bound the parts held in memory.
-
-    When the window is full (the link is slower than the disk, stalled, or the create is
-    still being retried), the stream stops taking bytes: it *detaches* at the end of the
-    parts it sent, and the writer goes on at the speed of its disk. :meth:`finish`, once the
-    file is committed, then resumes the same upload from the committed file at the first byte
-    not sent (parts already sent are kept: no byte goes twice). It reads and hashes the whole
-    file (the bytes already sent included), so the upload is completed only when every byte
-    read hashes to the manifest's entry, as a fresh upload of the file is.
-
-    :meth:`write` never raises and never waits: a failure marks the stream failed, and
-    :meth:`finish` then returns False so that the caller uploads the committed file the normal
-    way. Nothing is visible remotely until :meth:`finish` completes the upload; :meth:`abort`
-    drops it.
-    """
-
-    def __init__(self, fs: Any, remote_path: str, *, url: str, config: TransferConfig,
-                 retrier: Retrier, slots: Slots) -> None:
-        self.fs = fs
-        self.remote_path = remote_path
-        self.url = url
-        self.retrier = retrier
-        self.slots = slots
-        self.part_size = config.part_size
-        self.size = 0  # bytes written to the file
-        self.sent = 0  # bytes handed to parts (whole parts)
-        self.detached = False  # stopped taking bytes at ``sent``; finish resumes from the file
-        self.error: BaseException | None = None
-        what = fallen_back(fs)
-        if what is not None:  # warned about: the committed file goes up the normal way
-            self.error = S3ApiChanged(what)
-        # The part being filled (a buffer lent by ``slots``; its slot is taken only to send
-        # it, so that streams waiting for their commit never hold the window) and its fill.
-        self._part: bytearray | None = None
-        self._fill = 0
-        self._crc = 0  # of the part's bytes so far
-        self._done = False
-        self._upload = MultipartUpload(fs, remote_path, url=url, retrier=retrier, slots=slots,
-                                       window=max(1, config.parts_in_flight),
-                                       thread_name="ckptsync-stream")
-
-    def write(self, data: memoryview) -> None:
-        self.size += len(data)
-        if self.error is not None or self._done or self.detached:
-            return
-        try:
-            while len(data):
-                if self._part is None:
-                    self._part = self.slots.take(self.part_size)
-                    self._fill = 0
-                    self._crc = 0
-                k = min(len(data), self.part_size - self._fill)
-                self._part[self._fill:self._fill + k] = data[:k]  # the one copy of each byte
-                # The part's CRC over the bytes just copied, while they are in the cache.
-                self._crc = checksum(memoryview(self._part)[self._fill:self._fill + k],
-                                     self._crc)
-                self._fill += k
-                data = data[k:]
-                if self._fill == self.part_size:
-                    # Never wait for the window: the link is behind the disk, so the rest of
-                    # the file goes up from the committed file, after the local commit.
-                    if not self.slots.acquire(blocking=False):
-                        self._detach()
-                        return
-                    part, self._part = self._part, None
-                    self._send(part, part, self._crc)
-                    self.sent += self.part_size
-        except BaseException as e:  # the local save must go on: fall back to a normal upload
-            log.info("streaming upload of %s stopped, will upload after commit: %s", self.url, e)
-            self.error = e
-            self._drop_part()
-
-    def _detach(self) -> None:
-        log.debug("streaming upload of %s: the link is behind, %d bytes sent; the rest goes "
-                  "up after the local commit", self.url, self.sent)
-        self.detached = True
-        self._drop_part()
-
-    def _drop_part(self) -> None:
-        if self._part is not None:
-            self.slots.give(self._part)
-            self._part = None
-
-    def _send(self, data: bytes | bytearray, buf: bytearray | None, crc: int) -> None:
-        """Send one part (of CRC ``crc``); the caller holds its slot (and ``buf``), handed to
-        the part here."""
-        try:
-            if not self._upload.started:
-                self._upload.start()  # created on the pool: never waited for here
-            self._upload.raise_failed()
-        except BaseException:
-            self.slots.sent(buf)
-            raise
-        self._upload.send(data, buf, crc)
-
-    def finish(self, entry: FileEntry, local_path: Path, progress: Progress | None = None,
-               stop: threading.Event | None = None) -> bool:
-        """Send the rest (from memory, or from ``local_path``, the committed file, where the
-        stream detached) and complete the upload; True if ``remote_path`` now holds exactly
-        the ``entry.size`` bytes of ``entry``, False if the caller must upload the file
-        itself (nothing sent was completed)."""
-        if self._done:
-            return False
-        reported = [0]  # bytes given to progress, taken back if this fails
-        lock = threading.Lock()
-
-        def sent(n: int) -> None:  # a resumed upload can be long: show that bytes move
-            if progress is not None:
-                progress.update(n)
-            with lock:
-                reported[0] += n
-
-        try:
-            if (self.error is not None or not self._upload.started
-                    or self.size != entry.size):
-                return False
-            self._upload.on_part = sent
-            self._upload.raise_failed()
-            if self.detached:
-                _send_file(self._upload, local_path, entry, part_size=self.part_size,
-                           slots=self.slots, url=self.url, stop=stop, skip=self.sent)
-            else:
-                if self._part is not None:  # the short last part
-                    part, self._part = self._part, None
-                    _acquire(self.slots, stop, self.url)
-                    self._send(*self.slots.body(part, self._fill), self._crc)
-                self._upload.complete(self._upload.parts(), entry.size)
-            with lock:
-                rest, reported[0] = entry.size - reported[0], entry.size
-            if progress is not None:
-                progress.update(rest)  # the parts sent before this call
-            return True
-        except BaseException as e:
-            log.info("streaming upload of %s failed, uploading the file instead: %s", self.url, e)
-            self.error = e
-            return False
-        finally:
-            self.abort()  # every part done (a completed upload has nothing to abort)
-            if self.error is not None and progress is not None and reported[0]:
-                progress.update(-reported[0])  # the caller uploads the file: counted again
-
-    def abort(self) -> None:
-        """Drop the upload (idempotent); nothing becomes visible."""
-        self._done = True
-        self._drop_part()
-        self._upload.abort()
-        self._upload.close()
-        self.fs.invalidate_cache(self.remote_path)

@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
-from ckptsync.transfer.retry import TransferAborted, _check_stop
+from ckptsync.transfer.retry import TransferAborted, check_stop
 
-__all__ = ["Slots", "run_parallel"]
+__all__ = ["Slots", "run_parallel", "wait_for_slot"]
 
 T = TypeVar("T")
 
@@ -66,10 +66,11 @@ class Slots(threading.BoundedSemaphore):
         self.release()
 
 
-def _acquire(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
+def wait_for_slot(slots: threading.Semaphore, stop: threading.Event | None, url: str) -> None:
+    """Take a slot of ``slots``, waiting as long as it takes unless ``stop`` is set
+    (:class:`~ckptsync.transfer.retry.TransferAborted`, naming ``url``)."""
     while not slots.acquire(timeout=0.1):
-        _check_stop(stop, url)
-
+        check_stop(stop, url)
 
 
 def run_parallel(

@@ -25,7 +25,8 @@ import tenacity
 from ckptsync.config import TransferConfig
 from ckptsync.errors import CkptSyncError, RemoteError
 
-__all__ = ["RetryPolicy", "Retrier", "TransferAborted", "Translate", "backoff", "stopping"]
+__all__ = ["RetryPolicy", "Retrier", "TransferAborted", "Translate", "backoff", "check_stop",
+           "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,17 @@ class Retrier:
     Args:
         config: attempts and back-off.
         translate: maps a backend exception to a :class:`CkptSyncError` (kept as ``__cause__``).
+        policy: the back-off and attempts, where not the config's (full jitter, at most
+            ``config.retries`` attempts).
     """
 
-    def __init__(self, config: TransferConfig, translate: Translate) -> None:
+    def __init__(self, config: TransferConfig, translate: Translate,
+                 policy: RetryPolicy | None = None) -> None:
         self.config = config
         self.translate = translate
-        self.policy = RetryPolicy(config.backoff_initial, config.backoff_max,
-                                  attempts=config.retries, floor=0.0)
+        self.policy = policy or RetryPolicy(config.backoff_initial, config.backoff_max,
+                                            attempts=config.retries, floor=0.0)
+        self.attempts = self.policy.attempts or config.retries
 
     def call(self, fn: Callable[[], T], *, url: str, action: str) -> T:
         """``fn()``, retried with back-off and jitter while it fails with a retryable error.
@@ -149,9 +154,8 @@ class Retrier:
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "%s (attempt %d of %d); retrying", exc, state.attempt_number, self.config.retries
-            )
+            log.warning("%s (attempt %d of %d); retrying", exc, state.attempt_number,
+                        self.attempts)
 
         stop = _STOP.get()
 
@@ -163,7 +167,7 @@ class Retrier:
                                       retryable=False)
 
         retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.config.retries),
+            stop=tenacity.stop_after_attempt(self.attempts),
             wait=self.policy.wait(),
             retry=tenacity.retry_if_exception(_retryable),
             before_sleep=before_sleep,
@@ -173,6 +177,7 @@ class Retrier:
         return retrying(attempt)
 
 
-def _check_stop(stop: threading.Event | None, url: str) -> None:
+def check_stop(stop: threading.Event | None, url: str) -> None:
+    """Raise :class:`TransferAborted` (naming ``url``) if ``stop`` is set."""
     if stop is not None and stop.is_set():
         raise TransferAborted(f"transfer of {url} was stopped", url=url, retryable=False)

@@ -19,10 +19,10 @@ from ckptsync.errors import CorruptCheckpointError, LocalStorageError
 from ckptsync.manifest import FileEntry, new_hasher
 from ckptsync.progress import NullProgress, Progress
 from ckptsync.transfer.checksums import checksum
-from ckptsync.transfer.files import _open_local
-from ckptsync.transfer.multipart import MultipartUpload
-from ckptsync.transfer.parallel import Slots, _acquire
-from ckptsync.transfer.retry import Retrier, _check_stop
+from ckptsync.transfer.files import open_local
+from ckptsync.transfer.multipart import MultipartUpload, OpenObject
+from ckptsync.transfer.parallel import Slots, wait_for_slot
+from ckptsync.transfer.retry import Retrier, check_stop
 
 __all__ = ["PartSink", "upload_sealed_multipart"]
 
@@ -52,9 +52,9 @@ class PartSink:
         n = len(mv)
         while len(mv):
             if self._part is None:
-                _check_stop(self.stop, self.upload.url)
+                check_stop(self.stop, self.upload.url)
                 self.upload.raise_failed()
-                _acquire(self.slots, self.stop, self.upload.url)
+                wait_for_slot(self.slots, self.stop, self.upload.url)
                 self._part = self.slots.take(self.part_size)
                 self._fill = 0
                 self._crc = 0
@@ -95,8 +95,8 @@ class PartSink:
 
 
 def upload_sealed_multipart(
-    fs: Any, local_path: Path, remote_path: str, entry: FileEntry, *, url: str,
-    config: TransferConfig, retrier: Retrier, slots: Slots,
+    fs: Any, local_path: Path, remote_path: str, entry: FileEntry, *, open_object: OpenObject,
+    url: str, config: TransferConfig, retrier: Retrier, slots: Slots,
     seal: Callable[[Any], Any], stored: int, progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> None:
@@ -104,12 +104,15 @@ def upload_sealed_multipart(
     ``seal(sink)`` returns (an :class:`~ckptsync.crypto.Encryptor`) as a parallel multipart
     upload of its ``stored`` bytes. Not retried as a whole (each part is).
 
-    Raises: as :func:`~ckptsync.transfer.files.upload_file`; :class:`S3ApiChanged` when
-    s3fs's private API failed (the caller uploads the plain way).
+    ``open_object`` makes the S3 calls (the backend's); ``fs`` forgets ``remote_path`` after.
+
+    Raises: as :func:`~ckptsync.transfer.files.upload_file`;
+    :class:`~ckptsync.transfer.fence.PrivateApiChanged` when the backend's private API failed
+    (the caller uploads the plain way).
     """
     progress = progress or NullProgress()
     sent = [0]
-    upload = MultipartUpload(fs, remote_path, url=url, retrier=retrier, slots=slots,
+    upload = MultipartUpload(open_object, remote_path, url=url, retrier=retrier, slots=slots,
                              window=max(1, config.parts_in_flight), thread_name="ckptsync-part",
                              stop=stop)
     digest = new_hasher(entry.algo)
@@ -119,9 +122,9 @@ def upload_sealed_multipart(
     try:
         upload.create()
         writer = seal(sink)
-        with _open_local(local_path) as src:
+        with open_local(local_path) as src:
             while True:
-                _check_stop(stop, url)
+                check_stop(stop, url)
                 try:
                     chunk = src.read(config.chunk_size)
                 except OSError as e:

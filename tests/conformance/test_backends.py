@@ -1,4 +1,5 @@
-"""Backends as named strategies: which one a store chooses, and that the fault seam keeps it.
+"""Backends as classes: which one a store chooses, what each can do, and that the fault seam
+keeps it.
 
 A fault test is worth something only if it runs the path production runs: a store over
 :class:`~faults.FaultFS` must choose its target's backend, commit on ``file://`` with the
@@ -8,7 +9,6 @@ durable rename and the hard link, and upload a large file to S3 as a multipart u
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +22,7 @@ from ckptsync.errors import RemoteError
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import MANIFEST_NAME
 from ckptsync.remote import RemoteStore, choose_backend, translate_error
-from ckptsync.remote.backends import FSSPEC, GCS, GDRIVE, LOCAL_DIR, S3, Backend
+from ckptsync.remote.backends import GCS, S3, Backend, Drive, LocalDir, backend_class
 from tests.support.faults import FaultFS, FaultOps
 from tests.support.remotes import Remote
 from tests.support.stores import make_local
@@ -43,7 +43,9 @@ def test_a_store_over_the_fault_wrapper_chooses_its_targets_backend(remote: Remo
     bare = RemoteStore(remote.url, remote.storage_options, config=FAST)
     wrapped = RemoteStore(remote.url, remote.storage_options, fs=FaultFS(remote.fs()),
                           config=FAST)
-    assert wrapped.backend == bare.backend
+    assert type(wrapped.backend) is type(bare.backend)
+    assert (wrapped.backend.parallel_parts, wrapped.backend.server_copy) == (
+        bare.backend.parallel_parts, bare.backend.server_copy)
     expected = {"file": "local", "mounted_drive": "local", "memory": "fsspec",
                 "seaweedfs": "s3", "moto": "s3", "gcs": "gcs", "gdrive": "gdrive"}
     assert bare.backend.name == expected[remote.name]
@@ -150,7 +152,8 @@ def test_a_refused_complete_multipart_is_reported_and_leaves_nothing(
 
 
 def _s3fs_like(protocol: Any) -> Any:
-    """An object that looks like s3fs to ``transfer.is_s3fs`` (what the multipart path uses)."""
+    """An object that looks like s3fs to ``remote.backends.s3.is_s3fs`` (what the multipart
+    path uses)."""
     return SimpleNamespace(protocol=protocol, _call_s3=None, loop=None, split_path=None,
                            _get_s3_method_kwargs=None)
 
@@ -159,48 +162,51 @@ class _SlowLocal(LocalFileSystem):
     protocol = ("slowfile",)  # tests/support/slowfs.py: a local directory under its own name
 
 
-CASES: list[tuple[str, Any, str, Backend]] = [
-    ("file", fsspec.filesystem("file"), "file", LOCAL_DIR),
-    ("local", fsspec.filesystem("file"), "local", LOCAL_DIR),
-    ("plain path (a mounted Drive)", fsspec.filesystem("file"), "file", LOCAL_DIR),
-    ("local subclass, own protocol", _SlowLocal(), "slowfile", LOCAL_DIR),
-    ("memory", fsspec.filesystem("memory"), "memory", FSSPEC),
-    ("memory, whatever the URL says", fsspec.filesystem("memory"), "file", FSSPEC),
-    ("s3fs", _s3fs_like(("s3", "s3a")), "s3", S3),
-    ("s3a", _s3fs_like(("s3", "s3a")), "s3a", S3),
-    ("S3 without s3fs's calls", SimpleNamespace(protocol=("s3", "s3a")), "s3",
-     Backend("s3", buckets=True, native_create_only=True, upload_via_temp=False,
-             multipart_uploads=True, server_copy=True, timeouts="botocore")),
-    ("gcs", SimpleNamespace(protocol=("gs", "gcs")), "gs", GCS),
-    ("gdrive", SimpleNamespace(protocol="gdrive"), "gdrive", GDRIVE),
+# (case, filesystem, URL scheme, backend class, parallel parts, server-side copies)
+CASES: list[tuple[str, Any, str, type[Backend], bool, bool]] = [
+    ("file", fsspec.filesystem("file"), "file", LocalDir, False, False),
+    ("local", fsspec.filesystem("file"), "local", LocalDir, False, False),
+    ("plain path (a mounted Drive)", fsspec.filesystem("file"), "file", LocalDir, False, False),
+    ("local subclass, own protocol", _SlowLocal(), "slowfile", LocalDir, False, False),
+    ("memory", fsspec.filesystem("memory"), "memory", Backend, False, False),
+    ("memory, whatever the URL says", fsspec.filesystem("memory"), "file", Backend, False,
+     False),
+    ("s3fs", _s3fs_like(("s3", "s3a")), "s3", S3, True, True),
+    ("s3a", _s3fs_like(("s3", "s3a")), "s3a", S3, True, True),
+    ("S3 without s3fs's calls", SimpleNamespace(protocol=("s3", "s3a")), "s3", S3, False, True),
+    ("gcs", SimpleNamespace(protocol=("gs", "gcs")), "gs", GCS, False, True),
+    ("gdrive", SimpleNamespace(protocol="gdrive"), "gdrive", Drive, False, False),
     ("a wrapper naming no protocol: the scheme", SimpleNamespace(protocol=("cached",)), "s3",
-     Backend("s3", buckets=True, native_create_only=True, upload_via_temp=False,
-             multipart_uploads=True, timeouts="botocore")),
-    ("another fsspec protocol", SimpleNamespace(protocol="ftp"), "ftp", FSSPEC),
-    ("before opening: the scheme", None, "gs",
-     Backend("gcs", buckets=True, native_create_only=True, upload_via_temp=False,
-             timeouts="aiohttp")),
+     S3, False, False),
+    ("another fsspec protocol", SimpleNamespace(protocol="ftp"), "ftp", Backend, False, False),
 ]
 
 
-@pytest.mark.parametrize(("fs", "scheme", "family"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
-def test_backend_selection(fs: Any, scheme: str, family: Backend) -> None:
+@pytest.mark.parametrize(("fs", "scheme", "family", "parts", "copies"),
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_backend_selection(fs: Any, scheme: str, family: type[Backend], parts: bool,
+                           copies: bool) -> None:
     chosen = choose_backend(fs, scheme, TransferConfig(max_workers=7))
-    assert chosen == replace(family, workers=family.workers or 7)
+    assert type(chosen) is family
+    assert (chosen.parallel_parts, chosen.server_copy) == (parts, copies)
+    assert chosen.workers == (1 if family is Drive else 7)  # Drive: one file at a time
 
 
-def test_flags_of_each_family() -> None:
-    flags = ("buckets", "native_create_only", "overwrites", "needs_dirs", "upload_via_temp",
-             "local_paths", "parallel_parts", "server_copy")
+def test_before_opening_the_scheme_names_the_family() -> None:
+    assert [backend_class(s) for s in ("s3", "s3a", "gs", "gcs", "gdrive", "file", "ftp")] == [
+        S3, S3, GCS, GCS, Drive, LocalDir, Backend]
+
+
+def test_what_each_family_can_do() -> None:
+    flags = ("buckets", "commit", "overwrites", "needs_dirs", "upload_via_temp")
     table = {b.name: tuple(getattr(b, f) for f in flags)
-             for b in (S3, GCS, LOCAL_DIR, GDRIVE, FSSPEC)}
+             for b in (S3, GCS, LocalDir, Drive, Backend)}
     assert table == {
-        "s3": (True, True, True, False, False, False, True, True),
-        "gcs": (True, True, True, False, False, False, False, True),
-        "local": (False, False, True, True, True, True, False, False),
-        "gdrive": (False, False, False, True, False, False, False, False),
-        "fsspec": (False, False, True, False, True, False, False, False),
+        "s3": (True, "create-only", True, False, False),
+        "gcs": (True, "create-only", True, False, False),
+        "local": (False, "rename", True, True, True),
+        "gdrive": (False, "check-then-write", False, True, False),
+        "fsspec": (False, "check-then-write", True, False, True),
     }
 
 
@@ -242,5 +248,5 @@ def test_open_options_add_client_timeouts_unless_set() -> None:
     pytest.importorskip("aiohttp")
     timeout = GCS.open_options({}, config)["requests_timeout"]
     assert (timeout.total, timeout.sock_connect, timeout.sock_read) == (None, 3.0, 9.0)
-    for family in (LOCAL_DIR, GDRIVE, FSSPEC):
+    for family in (LocalDir, Drive, Backend):
         assert family.open_options({"anon": True}, config) == {"anon": True}

@@ -169,7 +169,7 @@ def test_drive_push_never_deletes_files_of_a_checkpoint_committed_meanwhile(
     # A failed attempt of this push left a file behind (Drive would keep a duplicate).
     put(gdrive_remote, rpath(gdrive_remote, ckpt.name, "model.pt"), b"a failed attempt")
     other = make_store(gdrive_remote)
-    other._ensure_marker()
+    other.claim.ensure_marker()
     fs = FaultFS(gdrive_remote.fs())
 
     def second_writer_commits() -> None:  # the same checkpoint, pushed by another process

@@ -32,7 +32,7 @@ def _parts(tmp_path: Path, step: int) -> list[LocalCheckpoint]:
 def _under(store: Any, name: str) -> list[str]:
     """The files under ``name`` (an object store may keep its empty "directory")."""
     store.fs.invalidate_cache()
-    return sorted(rel for rel in store._sizes(name) if not rel.endswith(name))
+    return sorted(rel for rel in store.at.sizes(name) if not rel.endswith(name))
 
 
 class TestParts:
@@ -62,7 +62,7 @@ class TestParts:
             pytest.skip("Google Drive creates a folder per create call, so two nodes creating "
                         "one checkpoint's folder at the same instant make two (no atomic "
                         "create): multi-node parts on Drive must not be pushed at once")
-        make_store(store_remote)._ensure_marker()  # the run's root exists, as after a push
+        make_store(store_remote).claim.ensure_marker()  # the run's root exists, as after a push
         parts = _parts(tmp_path, 6)
         whole = part_of(parts[0].manifest).whole  # type: ignore[union-attr]
         results: list[Any] = [None, None]

@@ -15,7 +15,7 @@ from ckptsync.config import TransferConfig
 from ckptsync.errors import CorruptCheckpointError, NoCheckpointError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import make_name
-from ckptsync.transfer import is_s3fs
+from ckptsync.remote.backends.s3 import is_s3fs
 from tests.support.stores import (
     FAST,
     faulty,

@@ -20,6 +20,7 @@ from ckptsync.errors import CorruptCheckpointError, LocalStorageError, RemoteErr
 from ckptsync.local import LocalStore
 from ckptsync.manifest import MANIFEST_NAME, Manifest
 from ckptsync.remote import ManifestExists, RemoteStore
+from ckptsync.remote.visibility import visibility_for
 from tests.support.faults import FaultOps
 from tests.support.paths import REPO
 from tests.support.stores import (
@@ -176,7 +177,9 @@ class TestPushCommit:
         # The commit point refuses to overwrite (S3 If-None-Match, GCS ifGenerationMatch=0,
         # os.link locally; SeaweedFS reports the 412 as EINVAL, moto as FileExistsError).
         with pytest.raises(ManifestExists):
-            store._create_manifest(c.name, b"{}")
+            visibility_for(store.at).create_only(store.at.path(c.name, MANIFEST_NAME),
+                                                 store.url_of(c.name, MANIFEST_NAME), b"{}",
+                                                 "commit manifest to")
         assert store.read_manifest(c.name) == c.manifest
         # A different checkpoint under a committed name is refused, the remote untouched.
         st = LocalStore(tmp_path / "b").staging(c.name)

@@ -63,8 +63,9 @@ def test_multipart_upload_refuses_changed_file_and_aborts(s3_remote: Remote,
     slots = Slots(FAST.parts_in_flight)
     target = f"{store.root}/x/f.bin"
     with pytest.raises(CorruptCheckpointError, match="no longer matches"):
-        upload_file_multipart(store.fs, path, target, entry, url="s3://x/f.bin", config=FAST,
-                              retrier=Retrier(FAST, translate_error), slots=slots)
+        upload_file_multipart(store.fs, path, target, entry,
+                              open_object=store.backend.object_calls, url="s3://x/f.bin",
+                              config=FAST, retrier=Retrier(FAST, translate_error), slots=slots)
     store.fs.invalidate_cache()
     assert not store.fs.exists(target)  # aborted: nothing became visible
     for _ in range(FAST.parts_in_flight):  # every slot given back
@@ -102,13 +103,14 @@ def test_part_buffers_are_reused_and_bounded(s3_remote: Remote, tmp_path: Path) 
     target = f"{store.root}/reuse/f.bin"
     retrier = Retrier(FAST, translate_error)
     up = CountingSlots(2)
-    upload_file_multipart(store.fs, path, target, entry, url="s3://reuse/f.bin", config=FAST,
-                          retrier=retrier, slots=up)
+    upload_file_multipart(store.fs, path, target, entry, open_object=store.backend.object_calls,
+                          url="s3://reuse/f.bin", config=FAST, retrier=retrier, slots=up)
     assert len(up.seen) <= 2 and up.most_lent <= 2 and up.lent == 0
     assert up.acquire(blocking=False) and up.acquire(blocking=False)
     with HashingWriter(tmp_path / "back.bin") as w:
         download_file_ranged(store.fs, target, w, entry, url="s3://reuse/f.bin", config=FAST,
-                             retrier=retrier, slots=threading.BoundedSemaphore(2))
+                             retrier=retrier, slots=threading.BoundedSemaphore(2),
+                             open_ranges=store.backend.open_ranges)
     assert (tmp_path / "back.bin").read_bytes() == data
     assert w.entry("f.bin") == entry
 
@@ -184,22 +186,22 @@ def test_streamed_upload_is_used_and_falls_back_when_incomplete(s3_remote: Remot
         assert read_tree(got.path) == files
     bucket = s3_remote.extra["bucket"]
     assert not [u for u in store.fs.list_multipart_uploads(bucket) if "run/" in u.get("Key", "")]
-    slots = store._stream_slots
+    slots = store.pusher.stream_slots
     assert all(slots.acquire(blocking=False) for _ in range(FAST.parts_in_flight))
 
 
 def test_parts_go_through_a_blocking_client_with_credentials_from_the_environment(
         s3_remote: Remote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No keys in storage_options: the part client resolves the same chain s3fs does."""
-    from ckptsync.transfer import _BlockingS3
+    from ckptsync.remote.backends.s3object import S3Object
     from tests.support.servers import ACCESS_KEY, SECRET_KEY
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     options = {k: v for k, v in s3_remote.storage_options.items() if k not in ("key", "secret")}
     store = RemoteStore(s3_remote.url, options, config=FAST)
-    sender = _BlockingS3(store.fs, f"{store.root}/probe", 2)
-    assert sender._client is not None  # not the single-thread s3fs fallback
+    sender = store.backend.object_calls(f"{store.root}/probe", 2)
+    assert isinstance(sender, S3Object) and sender.direct  # not the single-thread s3fs way
     sender.close()
     files = {"big.bin": os.urandom(12 * MiB + 5)}
     ck = make_local(LocalStore(tmp_path / "src"), 1, files)
@@ -211,12 +213,12 @@ def test_parts_go_through_a_blocking_client_with_credentials_from_the_environmen
 def test_a_failed_part_is_a_clear_error_and_nothing_is_visible(s3_remote: Remote,
                                                                 tmp_path: Path) -> None:
     from ckptsync.errors import RemoteError
-    from ckptsync.transfer import _BlockingS3
+    from ckptsync.remote.backends.s3object import S3Object
 
     store = RemoteStore(s3_remote.url, s3_remote.storage_options, config=FAST)
     target = f"{store.root}/x/f.bin"
-    sender = _BlockingS3(store.fs, target, 2)
-    assert sender._client is not None
+    sender = store.backend.object_calls(target, 2)
+    assert isinstance(sender, S3Object) and sender.direct
     retrier = Retrier(FAST, translate_error)
     with pytest.raises(RemoteError, match=r"cannot upload to s3://.*/x/f\.bin"):
         retrier.call(lambda: sender.upload_part(PartNumber=1, UploadId="no-such-upload",
@@ -247,7 +249,8 @@ def test_truncated_or_missing_big_file_fails_the_ranged_download(s3_remote: Remo
                                                                           match=what):
             download_file_ranged(store.fs, f"{store.root}/{ck.name}/{rel}", w, entry,
                                  url=f"{s3_remote.url}/{ck.name}/{rel}", config=FAST,
-                                 retrier=Retrier(FAST, translate_error), slots=slots)
+                                 retrier=Retrier(FAST, translate_error), slots=slots,
+                                 open_ranges=store.backend.open_ranges)
         for _ in range(3):  # every slot given back
             assert slots.acquire(blocking=False)
     # The checkpoint as a whole: pull says which file is wrong and leaves no local checkpoint.

@@ -2,7 +2,7 @@
 refuses bytes damaged in transit.
 
 gcsfs writes every object as a resumable upload; ckptsync adds ``X-Goog-Hash: crc32c=...`` to
-the request that finalizes it (transfer/gcs.py), which real GCS checks before creating the
+the request that finalizes it (remote/backends/gcs.py), which real GCS checks before creating the
 object. fake-gcs-server (the bundled 1.x) does NOT check a declared CRC32C (neither that
 header nor ``crc32c`` in the upload metadata: it stores its own), so these tests capture what
 the client sends through a proxy, and show that a byte flipped in transit still never ends in
@@ -120,9 +120,9 @@ def test_when_gcsfs_changed_how_it_uploads_one_warning_and_uploads_go_on_without
 
     monkeypatch.setattr(GCSFile, "_upload_chunk", bypassing)
     ckpt, files = _checkpoint(tmp_path)
-    with _proxy(gcs_remote) as proxy, caplog.at_level("WARNING", "ckptsync.transfer.gcs"):
+    with _proxy(gcs_remote) as proxy, caplog.at_level("WARNING", "ckptsync.remote.backends.gcs"):
         RemoteStore(gcs_remote.url, _through(gcs_remote, proxy), config=CONFIG).push(ckpt)
-    warnings = [r for r in caplog.records if r.name == "ckptsync.transfer.gcs"]
+    warnings = [r for r in caplog.records if r.name == "ckptsync.remote.backends.gcs"]
     assert len(warnings) == 1 and "gcsfs" in warnings[0].getMessage(), warnings
     assert not any("x-goog-hash" in h for _, _, h in proxy.heads)
     monkeypatch.undo()

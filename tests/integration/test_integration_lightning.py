@@ -103,7 +103,7 @@ def test_s3_remote_follows_top_k_and_a_fresh_machine_loads_from_it(
         tmp_path: Path, s3_remote: Remote) -> None:
     url, so = s3_remote.url, s3_remote.storage_options
     store = RemoteStore(url, so)
-    foreign = store._path("notes.txt")
+    foreign = store.at.path("notes.txt")
     store.fs.pipe_file(foreign, b"not ckptsync's")  # under the root, not ours: never touched
     model = fit(tmp_path / "m1", CkptSyncCheckpointIO(url, storage_options=so), epochs=4)
 

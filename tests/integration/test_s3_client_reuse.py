@@ -127,7 +127,8 @@ def test_ranges_are_read_into_the_transfers_reused_buffers(s3_remote: Remote,
     with HashingWriter(tmp_path / "out.bin") as w:
         download_file_ranged(store.fs, f"{store.root}/{ck.name}/big.bin", w, entry,
                              url=f"{s3_remote.url}/{ck.name}/big.bin", config=ONE_BY_ONE,
-                             retrier=Retrier(ONE_BY_ONE, translate_error), slots=slots)
+                             retrier=Retrier(ONE_BY_ONE, translate_error), slots=slots,
+                             open_ranges=store.backend.open_ranges)
     assert (tmp_path / "out.bin").read_bytes() == data
     reused = slots.take(ONE_BY_ONE.block_size)
     assert reused is seeded

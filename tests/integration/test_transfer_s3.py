@@ -20,6 +20,7 @@ import s3fs
 from fsspec.asyn import sync_wrapper
 
 from ckptsync.config import TransferConfig
+from ckptsync.crypto import KeyRing
 from ckptsync.local import LocalStore
 from ckptsync.remote import RemoteStore
 from ckptsync.transfer import backoff
@@ -55,9 +56,10 @@ class ChangedS3(s3fs.S3FileSystem):  # type: ignore[misc]
         return super()._get_s3_method_kwargs(*args, **kwargs)
 
 
-def changed_store(remote: Remote) -> RemoteStore:
+def changed_store(remote: Remote, config: TransferConfig = FAST,
+                  keys: KeyRing | None = None) -> RemoteStore:
     fs = ChangedS3(skip_instance_cache=True, **remote.storage_options)
-    store = RemoteStore(remote.url, fs=fs, config=FAST)
+    store = RemoteStore(remote.url, fs=fs, config=config, keys=keys)
     assert store.backend.parallel_parts  # it looks like s3fs: the fast paths are tried
     return store
 
@@ -158,8 +160,7 @@ def test_encrypted_uploads_use_parallel_parts_and_go_on_through_the_public_api(
     assert read_tree(got.path) == files
 
     ck2 = make_local(LocalStore(tmp_path / "src"), 2, files)
-    changed = changed_store(s3_remote)
-    changed.keys = keys
+    changed = changed_store(s3_remote, keys=keys)
     with caplog.at_level(logging.WARNING):
         changed.push(ck2)
     got = fast.pull(ck2.name, LocalStore(tmp_path / "dst2"))

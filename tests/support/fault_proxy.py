@@ -74,7 +74,9 @@ class Fault:
             ambiguous outcome, as :data:`KINDS`' ``drop``); or ``"flip"``: the *request*
             body (one with a Content-Length) reaches the server with one byte flipped, at
             offset ``after`` (None: its middle), as bytes damaged in transit, and the reply is
-            relayed whole (its status recorded).
+            relayed whole (its status recorded); or ``"416"``: the request never reaches the
+            server, and the proxy answers it 416 Range Not Satisfiable (S3's ``InvalidRange``),
+            as a server briefly answers a ranged read of an object it has not settled.
     """
 
     method: str = "GET"
@@ -82,7 +84,7 @@ class Fault:
     path_contains: str = ""
     ranged: bool | None = None
     after: int | None = None
-    how: Literal["reset", "close", "drop", "flip"] = "reset"
+    how: Literal["reset", "close", "drop", "flip", "416"] = "reset"
     seen: int = field(default=0, init=False)
     done: bool = field(default=False, init=False)
 
@@ -110,6 +112,8 @@ _ERROR_BODIES = {
     "500": (b"500 Internal Server Error", "InternalError",
             "We encountered an internal error. Please try again."),
     "503": (b"503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "416": (b"416 Requested Range Not Satisfiable", "InvalidRange",
+            "The requested range is not satisfiable"),
     "revoked": (b"403 Forbidden", "InvalidAccessKeyId",
                 "The AWS Access Key Id you provided does not exist in our records."),
 }
@@ -499,6 +503,11 @@ class FaultProxy:
                     continue
                 fault = picked if isinstance(picked, Fault) else None
                 kind, delay = picked if isinstance(picked, tuple) else ("", 0.0)
+                if fault is not None and fault.how == "416":  # answered here, not forwarded
+                    _relay_body(creader, headers, lambda _b: None, to_eof=False)
+                    self._record("416", f"{method} {target}: answered 416")
+                    client.sendall(_error_reply("416", "s3"))
+                    continue
                 if fault is not None and fault.how == "drop":
                     fault, kind = None, "drop"
                 what = f"{method} {target}"

@@ -14,6 +14,9 @@ Operation keys: ``ls``, ``info``, ``find``, ``exists``, ``cat_file``, ``pipe_fil
 :class:`RecordingOps` is the local counterpart, a :class:`ckptsync.atomic.FileOps` that records
 every file operation (here, torch-free, so the conformance suite can run without torch).
 
+``drop_reply_on("pipe_file", suffix=...)`` lets one write take effect, then raises as a lost
+reply does (the server acted, the client cannot know it: an ambiguous outcome).
+
 ``set_outage(exc)`` makes every call fail until ``set_outage(None)`` (the network is down);
 ``set_delay(seconds)`` makes every call take that much longer (a slow link);
 ``before(key, suffix, action)`` runs ``action`` right before one call (an interleaving).
@@ -22,9 +25,9 @@ The wrapper keeps its target's capabilities, so that a store over it takes the p
 path of its backend (:func:`ckptsync.remote.choose_backend` sees the same backend):
 
 - it reports the target's ``protocol``, and forwards a server-side ``copy`` (key ``copy``);
-- over s3fs it forwards what :func:`ckptsync.transfer.is_s3fs` and the multipart path use
-  (``_call_s3``, ``loop``, ``split_path``, ``_get_s3_method_kwargs``, ``set_session``,
-  ``get_s3``, ``endpoint_url``, ``client_kwargs``) and multipart ``gc``
+- over s3fs it forwards what :func:`ckptsync.remote.backends.s3.is_s3fs` and the multipart
+  path use (``_call_s3``, ``loop``, ``split_path``, ``_get_s3_method_kwargs``,
+  ``set_session``, ``get_s3``, ``endpoint_url``, ``client_kwargs``) and multipart ``gc``
   (``list_multipart_uploads``, ``abort_mpu``). Each ``_call_s3`` is a call of key
   ``_call_s3:<method>`` (``_call_s3:create_multipart_upload``,
   ``_call_s3:complete_multipart_upload``, ...), counted and faultable like any other; the
@@ -130,6 +133,7 @@ class FaultFS(AbstractFileSystem):
         self._delay = 0.0
         self._damage: dict[str, tuple[str, int, Damage]] = {}  # key -> (suffix, calls left, fn)
         self._before: dict[str, tuple[str, Callable[[], Any]]] = {}  # key -> (suffix, action)
+        self._drops: dict[str, tuple[str, int]] = {}  # key -> (suffix, calls left)
         self._lock = threading.Lock()
 
     @classmethod
@@ -149,6 +153,26 @@ class FaultFS(AbstractFileSystem):
         short body whose length the transport did not notice, or a flipped byte. Once."""
         with self._lock:
             self._damage[key] = (suffix, nth, damage)
+
+    def drop_reply_on(self, key: str, *, nth: int = 1, suffix: str = "") -> None:
+        """Let the ``nth`` call (counted from now) of ``key`` (``pipe_file``) on a path ending
+        with ``suffix`` take effect, then raise ``ConnectionError`` as a reply lost on the way
+        back does. Once."""
+        with self._lock:
+            self._drops[key] = (suffix, nth)
+
+    def _reply_lost(self, key: str, path: Any) -> None:
+        """After a call of ``key`` took effect: raise if its reply is to be lost."""
+        with self._lock:
+            planned = self._drops.get(key)
+            if planned is None or not str(path).endswith(planned[0]):
+                return
+            suffix, left = planned
+            if left > 1:
+                self._drops[key] = (suffix, left - 1)
+                return
+            del self._drops[key]
+        raise ConnectionError(f"injected: the reply to {key} {path} was lost after it acted")
 
     def before(self, key: str, suffix: str, action: Callable[[], Any]) -> None:
         """Run ``action`` once, right before the first call of ``key`` on a path ending with
@@ -281,7 +305,9 @@ class FaultFS(AbstractFileSystem):
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> Any:
         self._hit("pipe_file", path)
-        return self.target.pipe_file(path, value, mode=mode, **kwargs)
+        out = self.target.pipe_file(path, value, mode=mode, **kwargs)
+        self._reply_lost("pipe_file", path)
+        return out
 
     def open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:  # type: ignore[override]
         key = "open:rb" if "r" in mode else "open:wb"

@@ -14,7 +14,6 @@ import pytest
 
 from ckptsync.atomic import TEMP_NAME, TempFile, link_into_place, temp_name, write_atomic
 from ckptsync.local import write_json_atomic
-from ckptsync.remote.listing import PART_FILE
 from tests.support.faults import RecordingOps
 from tests.support.helpers import fail_at
 
@@ -28,9 +27,9 @@ def test_temp_names_are_hidden_unique_and_recognisable() -> None:
         m = TEMP_NAME.match(n)
         assert n.startswith(".") and m is not None
         assert (m["name"], m["kind"]) == ("model.pt", "part")
-        # gc collects a stale upload temporary from a remote by this very pattern.
-        assert PART_FILE.match(n)
-    assert not PART_FILE.match(temp_name("ckptsync.json"))  # a small write: never a "part"
+    # gc tells a stale upload temporary ("part:") from a small write's ("temp:") by its kind.
+    m = TEMP_NAME.match(temp_name("ckptsync.json"))
+    assert m is not None and m["kind"] == "tmp"
     with pytest.raises(ValueError, match="kind"):
         temp_name("x", "partial")
 

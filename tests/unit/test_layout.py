@@ -1,5 +1,6 @@
 """The architecture stays honest: ckptsync's modules form layers without cycles, stay small,
-keep backend checks in one place, and document their packages.
+compose objects instead of stacking project base classes, keep a leading underscore private
+to its module, keep backend checks in the backend classes, and document their packages.
 
 Everything is read from the source with ``ast`` (nothing is imported), so a failure names the
 file and line. An import inside a function counts as much as one at the top of a module (it
@@ -25,7 +26,17 @@ from tests.support.paths import REPO, child_env
 pytestmark = pytest.mark.core
 
 PACKAGE = REPO / "ckptsync"
-MAX_LINES = 600
+MAX_LINES = 450
+#: Modules over MAX_LINES that are being split by concern right now (the Checkpointer, the
+#: demo, the in-process uploader, the Lightning integration, the zero-code version taker). This list
+#: only shrinks: each entry goes when its module is split, and the list goes when it is empty.
+OVER_MAX_LINES_FOR_NOW = {
+    "ckptsync/client/checkpointer.py",
+    "ckptsync/demo.py",
+    "ckptsync/client/uploader.py",
+    "ckptsync/integrations/lightning.py",
+    "ckptsync/daemon/versions.py",
+}
 #: Packages that hold the client, the remote store, transfers, the zero-code model and the
 #: daemon: the core modules directly in ckptsync/ are the layer below them and must not import
 #: them.
@@ -38,9 +49,10 @@ ZEROCODE = "ckptsync.zerocode"
 #: Core-level files that may import the packages above: entry points, and shims that keep an
 #: old import path working.
 UPPER_ALLOWED = {"__init__.py", "__main__.py", "cli.py", "demo.py", "watch.py"}
-#: The one module that knows backends apart, and ownership.py's URL parsing.
-BACKENDS_MODULE = "ckptsync/remote/backends.py"
-BACKEND_CHECKS_ALLOWED = {BACKENDS_MODULE, "ckptsync/ownership.py"}
+#: The backend classes, the one place that knows backends apart (and each one's private API),
+#: and ownership.py's URL parsing.
+BACKENDS_PACKAGE = "ckptsync/remote/backends/"
+BACKEND_CHECKS_ALLOWED = {"ckptsync/ownership.py"}
 
 
 @dataclass(frozen=True)
@@ -209,10 +221,62 @@ def test_no_import_cycle_among_ckptsync_modules() -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_no_ckptsync_module_is_over_600_lines() -> None:
+def test_no_ckptsync_module_is_over_450_lines() -> None:
+    """One concept per file: a module over the limit is split by concern, not where a line
+    limit hits (the allow-list holds the ones being split, and only shrinks)."""
     sizes = {_rel(p): len(p.read_text().splitlines()) for p in _modules().values()}
-    over = {f: n for f, n in sizes.items() if n > MAX_LINES}
+    over = {f: n for f, n in sizes.items() if n > MAX_LINES and f not in OVER_MAX_LINES_FOR_NOW}
     assert not over, f"modules over {MAX_LINES} lines: {over}"
+    split = sorted(f for f in OVER_MAX_LINES_FOR_NOW if sizes.get(f, 0) <= MAX_LINES)
+    assert not split, f"no longer over {MAX_LINES} lines, drop from the allow-list: {split}"
+
+
+def _ckptsync_names(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """The class names a module defines or imports from ckptsync, and the names it binds to
+    ckptsync modules (``import ckptsync.x as y``, ``from ckptsync import x``)."""
+    classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+    modules: set[str] = set()
+    for node in _import_nodes(tree, type_only=True):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ckptsync") \
+                and not node.level:
+            classes |= {a.asname or a.name for a in node.names}
+            modules |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            classes |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            modules |= {(a.asname or a.name).split(".")[0] for a in node.names
+                        if a.name.startswith("ckptsync")}
+    return classes, modules
+
+
+def test_no_class_has_two_ckptsync_base_classes() -> None:
+    """Compose, do not stack mixins (DESIGN.md, "Shape of the code"): a class may extend one
+    ckptsync class (and builtins or library classes besides, as ``ConfigError(CkptSyncError,
+    ValueError)`` does)."""
+    defined = {n.name for p in _modules().values()
+               for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)}
+    problems = []
+    for path in _modules().values():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names, modules = _ckptsync_names(tree)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            ours = []
+            for base in node.bases:
+                if isinstance(base, ast.Name) and base.id in names and base.id in defined:
+                    ours.append(base.id)
+                elif isinstance(base, ast.Attribute) and base.attr in defined:
+                    root = base.value
+                    while isinstance(root, ast.Attribute):
+                        root = root.value
+                    if isinstance(root, ast.Name) and root.id in modules:
+                        ours.append(base.attr)
+            if len(ours) > 1:
+                problems.append(f"{_rel(path)}:{node.lineno}: class {node.name} extends "
+                                f"{len(ours)} ckptsync classes ({', '.join(ours)}): compose "
+                                "objects that each own their state instead")
+    assert not problems, "\n".join(problems)
 
 
 def test_core_modules_do_not_import_client_remote_transfer_zerocode_or_daemon() -> None:
@@ -243,44 +307,28 @@ def test_zerocode_imports_only_itself_and_core_modules() -> None:
     assert not problems, "\n".join(sorted(problems))
 
 
-#: Cross-module imports of a private (underscore) name that remain, in the transfer modules
-#: (being cut into backend classes). No new one may appear.
-UNDERSCORE_IMPORTS_LEFT = {
-    ("ckptsync.transfer", "_BlockingS3"),
-    ("ckptsync.transfer.files", "_check_stop"),
-    ("ckptsync.transfer.gcs", "_FallenBack"),
-    ("ckptsync.transfer.multipart", "_open_local"),
-    ("ckptsync.transfer.multipart", "_acquire"),
-    ("ckptsync.transfer.multipart", "_check_stop"),
-    ("ckptsync.transfer.multipart", "_BlockingS3"),
-    ("ckptsync.transfer.parallel", "_check_stop"),
-    ("ckptsync.transfer.sealed", "_open_local"),
-    ("ckptsync.transfer.sealed", "_acquire"),
-    ("ckptsync.transfer.sealed", "_check_stop"),
-}
-
-
 def test_no_module_imports_another_modules_private_name() -> None:
     """A leading underscore means private to its module (``__version__`` and the like are
     not private)."""
     modules = _modules()
     problems = []
-    for source, path in modules.items():
+    for path in modules.values():
         for node in _import_nodes(ast.parse(path.read_text(), filename=str(path))):
             if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
                     "ckptsync"):
                 continue
             for alias in node.names:
                 private = alias.name.startswith("_") and not alias.name.endswith("__")
-                if private and (source, alias.name) not in UNDERSCORE_IMPORTS_LEFT:
+                if private:
                     problems.append(f"{_rel(path)}:{node.lineno}: imports {alias.name} from "
                                     f"{node.module}")
     assert not problems, "\n".join(problems)
 
 
 def _backend_checks(tree: ast.AST) -> Iterator[tuple[int, str]]:
-    """``scheme ==``/``!=``/``in``, ``type(fs).__name__`` (of a filesystem: a name ``fs`` or
-    ``*_fs``, not an exception's) and ``isinstance(x, LocalFileSystem)``."""
+    """``scheme ==``/``!=``/``in``, ``type(fs).__name__`` and ``getattr(fs, ...)`` /
+    ``hasattr(fs, ...)`` (of a filesystem: a name or attribute ``fs`` or ``*_fs``, not an
+    exception's), ``type(x) is``/``is not`` and ``isinstance(x, LocalFileSystem)``."""
 
     def name_of(node: ast.AST) -> str:
         return node.id if isinstance(node, ast.Name) else (
@@ -293,10 +341,22 @@ def _backend_checks(tree: ast.AST) -> Iterator[tuple[int, str]]:
         n = name_of(node)
         return n == "fs" or n.endswith("_fs")
 
+    def a_type_call(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Call) and named(node.func, "type")
+                and len(node.args) == 1)
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Compare) and named(node.left, "scheme") and any(
                 isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in node.ops):
             yield node.lineno, "scheme compared"
+        elif isinstance(node, ast.Compare) and any(
+                isinstance(op, ast.Is | ast.IsNot) for op in node.ops) and any(
+                a_type_call(x) for x in (node.left, *node.comparators)):
+            yield node.lineno, "type(...) is"
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "hasattr") and node.args
+              and a_filesystem(node.args[0])):
+            yield node.lineno, f"{node.func.id}(fs, ...)"
         elif (isinstance(node, ast.Attribute) and node.attr == "__name__"
               and isinstance(node.value, ast.Call) and named(node.value.func, "type")
               and len(node.value.args) == 1 and a_filesystem(node.value.args[0])):
@@ -308,13 +368,15 @@ def _backend_checks(tree: ast.AST) -> Iterator[tuple[int, str]]:
                 yield node.lineno, "isinstance(..., LocalFileSystem)"
 
 
-def test_backend_checks_only_in_remote_backends() -> None:
+def test_backend_checks_only_in_the_backend_classes() -> None:
+    """What a backend is, and every private API of its library, is its class's business."""
     problems = []
     for path in _modules().values():
-        if _rel(path) in BACKEND_CHECKS_ALLOWED:
+        rel = _rel(path)
+        if rel in BACKEND_CHECKS_ALLOWED or rel.startswith(BACKENDS_PACKAGE):
             continue
         for line, what in _backend_checks(ast.parse(path.read_text(), filename=str(path))):
-            problems.append(f"{_rel(path)}:{line}: {what} (belongs in {BACKENDS_MODULE})")
+            problems.append(f"{rel}:{line}: {what} (belongs in a class of {BACKENDS_PACKAGE})")
     assert not problems, "\n".join(problems)
 
 

@@ -1,5 +1,9 @@
-"""The gcsfs boundary: the CRC32C that GCS checks on an upload, and every use of gcsfs's
-private API that sending it takes, behind one guard.
+"""Google Cloud Storage through gcsfs (``gs://``, ``gcs://``): :class:`GCS`, and the CRC32C
+that GCS checks on an upload, with every use of gcsfs's private API that sending it takes,
+behind one fence.
+
+GCS is an object store with a native create-only write (``ifGenerationMatch=0``) and
+server-side copies; its client is opened with aiohttp timeouts (:meth:`GCS.open_options`).
 
 GCS keeps a CRC32C of every object and, when an upload request declares one, refuses the
 upload whose bytes do not match it (400 "Provided CRC32C ... doesn't match calculated
@@ -13,7 +17,8 @@ large file is not known when its upload is initiated. So :func:`crc32c_sender` d
 the way Google's own client does: an ``X-Goog-Hash: crc32c=<base64>`` header on the request
 that finalizes the resumable upload (the one whose ``Content-Range`` gives the total size),
 which GCS checks before it creates the object. The CRC is computed by the caller in the pass
-that reads and hashes the file (:meth:`Crc32cSender.update`), with ``google-crc32c``
+that reads and hashes the file (:meth:`Crc32cSender.update`, the upload's
+:class:`~ckptsync.transfer.BodyCheck`), with ``google-crc32c``
 (:data:`ckptsync.transfer.checksums.CRC32C`: installed with gcsfs through
 google-cloud-storage; its C implementation only: the pure Python one would cost more than the
 upload).
@@ -41,31 +46,53 @@ digest still verifies every download).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
+from ckptsync.config import TransferConfig
 from ckptsync.errors import RemoteError
+from ckptsync.remote.backends.objectstore import ObjectStore
+from ckptsync.transfer import BodyCheck, Fence
 from ckptsync.transfer.checksums import CRC32C, Buffer, Crc, encode
-from ckptsync.transfer.s3 import _FallenBack
 
-__all__ = ["Crc32cSender", "crc32c_sender"]
+__all__ = ["GCS", "GCS_FENCE", "Crc32cSender", "crc32c_sender"]
 
 log = logging.getLogger(__name__)
 
-_fallen_back = _FallenBack()
+#: The fence around gcsfs's private API (one warning per filesystem).
+GCS_FENCE = Fence(("gcsfs",), "uploads through this filesystem go without a CRC32C for the "
+                  "server to check (the manifest's digest still verifies every download)", log)
 
 
-def _fall_back(fs: Any, what: str, why: str) -> None:
-    if _fallen_back.add(fs, what):
+class GCS(ObjectStore):
+    """GCS through gcsfs: create-only manifests, server-side copies, and a CRC32C declared
+    with every upload (through gcsfs's private API, fenced)."""
+
+    name: ClassVar[str] = "gcs"
+    extra: ClassVar[str | None] = "gcs"
+
+    @classmethod
+    def open_options(cls, options: Mapping[str, Any], config: TransferConfig) -> dict[str, Any]:
+        """``options`` plus ``requests_timeout`` as an aiohttp ``ClientTimeout`` with
+        ``sock_connect``/``sock_read`` (never a total, which would cut a large upload short),
+        where the user did not set one: without it a black-holed endpoint hangs a call for
+        many minutes."""
+        out = dict(options)
+        if out.get("requests_timeout") is not None:
+            return out
         try:
-            version = importlib.metadata.version("gcsfs")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        log.warning("%s (gcsfs %s: %s); uploads through this filesystem go without a CRC32C "
-                    "for the server to check (the manifest's digest still verifies every "
-                    "download)", what, version, why)
+            from aiohttp import ClientTimeout
+        except ImportError:  # gcsfs is not installed: opening the URL says so
+            return out
+        out["requests_timeout"] = ClientTimeout(total=None, sock_connect=config.connect_timeout,
+                                                sock_read=config.read_timeout)
+        return out
+
+    def body_check(self, f: Any, size: int) -> BodyCheck | None:
+        """The CRC32C the request finalizing the upload declares (:func:`crc32c_sender`)."""
+        return crc32c_sender(f)
 
 
 class Crc32cSender:
@@ -92,8 +119,8 @@ class Crc32cSender:
     def check(self) -> None:
         """After a close that completed the upload: the finalizing request carried the CRC."""
         if not self.sent:
-            _fall_back(self._file.fs, "no request finalizing a GCS upload went through "
-                       "GCSFile.gcsfs.call", "gcsfs changed how it uploads")
+            GCS_FENCE.fall_back(self._file.fs, "no request finalizing a GCS upload went "
+                                "through GCSFile.gcsfs.call", "gcsfs changed how it uploads")
 
     def finalizing(self, headers: dict[str, str]) -> dict[str, str]:
         """``headers`` plus the CRC, for the request that finalizes the upload."""
@@ -168,15 +195,15 @@ def crc32c_sender(f: Any) -> Crc32cSender | None:
         return None
     if type(f) is not GCSFile or "w" not in str(getattr(f, "mode", "")):
         return None  # not a plain GCS object (a zonal bucket's file appends over gRPC)
-    if _fallen_back.get(f.fs) is not None:
+    if GCS_FENCE.failure(f.fs) is not None:
         return None
     if CRC32C is None:
-        _fall_back(f.fs, "google-crc32c's C implementation is not installed",
-                   "pip install google-crc32c")
+        GCS_FENCE.fall_back(f.fs, "google-crc32c's C implementation is not installed",
+                            "pip install google-crc32c")
         return None
     fs = getattr(f, "gcsfs", None)
     if fs is None or not callable(getattr(fs, "call", None)) or getattr(f, "offset", None):
-        _fall_back(f.fs, "GCSFile.gcsfs.call is missing", "gcsfs changed")
+        GCS_FENCE.fall_back(f.fs, "GCSFile.gcsfs.call is missing", "gcsfs changed")
         return None
     sender = Crc32cSender(f, CRC32C)
     f.gcsfs = _Finalizing(fs, sender)
