@@ -46,6 +46,7 @@ from ckptsync.daemon.runtime import (
     resumed_from,
     watch_dir,
 )
+from ckptsync.daemon.spool_remote import reexamine_spool, remote_identity
 from ckptsync.daemon.taker import VersionTaker
 from ckptsync.local import WATCH_DIR, FileOps, LocalStore
 from ckptsync.redact import redact_url
@@ -127,6 +128,10 @@ class Watcher:
         wdir.mkdir(exist_ok=True)
         self.spool = LocalStore(wdir / SPOOL_NAME, spool_ops)
         self.spool.cleanup()  # our own crashed snapshots (never the trainer's staging dirs)
+        # Before anything is pushed: versions spooled for another remote are re-examined.
+        reexamine_spool(self.spool, self.local.directory,
+                        remote_identity(config.remote, config.storage_options),
+                        list(config.rules), self.events)
         if store is None:
             from ckptsync.remote import RemoteStore
 
