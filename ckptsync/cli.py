@@ -108,7 +108,7 @@ exit codes:
   {EXIT_DENIED}    the remote refused the credentials or denied access
   {EXIT_FELL_BACK}    pull fell back to an older checkpoint (--allow-fallback: 0)
   {EXIT_NOTHING_TO_DO}    nothing to do: pull of a remote that holds no checkpoint
-  {EXIT_INTERRUPTED}  interrupted (SIGINT)
+  {EXIT_INTERRUPTED}  interrupted (SIGINT; watch --once stopped by a signal before it finished)
 """
 
 

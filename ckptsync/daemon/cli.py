@@ -51,7 +51,8 @@ once running, the daemon never exits on an error: failed uploads are reported (l
 
 exit codes: 0 done or stopped by SIGTERM/SIGINT; 1 --once left failed checkpoints (or a
 crash); 2 bad configuration or another daemon watches the directory (at start-up: do not
-restart); 3 permanent remote error at start-up (bad credentials, no such bucket)."""
+restart); 3 permanent remote error at start-up (bad credentials, no such bucket); 130 --once
+stopped by SIGTERM/SIGINT before everything was committed (run it again)."""
 
 _PRESET_DIRS = {
     "hf-trainer": "TrainingArguments(output_dir=LOCAL_DIR)",

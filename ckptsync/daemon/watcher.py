@@ -37,6 +37,7 @@ from ckptsync.daemon.pushes import PushQueue
 from ckptsync.daemon.remote_view import RemoteView
 from ckptsync.daemon.runtime import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REMOTE,
     SPOOL_NAME,
@@ -186,6 +187,14 @@ class Watcher:
             observer.stop()
             observer.join(timeout=10)
             self._shutdown()
+        if code == EXIT_OK and self.config.once and self._stop.is_set():
+            left = self._work_left()
+            if left:
+                # --once promises everything committed at exit 0: a signal broke the promise.
+                code = EXIT_INTERRUPTED
+                self.events("warning", "interrupted", left=left[:5], count=len(left),
+                            detail="stopped by a signal before everything was committed; "
+                                   "run it again to finish")
         self.health.set_state("failed" if self.view.fatal else "stopped")
         self.health.write()
         self.events("info" if code == EXIT_OK else "error", "exit", code=code,
@@ -343,6 +352,14 @@ class Watcher:
             "warnings": [] if local else list(self.taker.warnings),
             "error": self.view.fatal,
         }
+
+    def _work_left(self) -> list[str]:
+        """What a stopped ``--once`` leaves undone: checkpoints not committed remotely, and
+        rules whose version is still being written, copied or retried."""
+        now = time.monotonic()
+        left = self.pushes.outstanding()
+        return left + [f"a version of rule {t.rule.spec}" for t in self.taker.trackers
+                       if t.pending(now) or t.due(now, time.time(), force=True) is not None]
 
     def _drained(self) -> bool:
         now, wall = time.monotonic(), time.time()
