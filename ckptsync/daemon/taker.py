@@ -166,7 +166,8 @@ class VersionTaker:
                     sig: Any = tr.last_signature) -> Snapshot:
                 return snapshot_version(self.spool, self.root, tr.rule, due.rels,
                                         last_signature=sig, guard=due.guard, link=due.link,
-                                        keys=self.config.keys, expect=due.sigs)
+                                        keys=self.config.keys,
+                                        expect=None if due.forced else due.sigs)
 
             fut = self._pool.submit(job)
             fut.add_done_callback(self._done(tr, due))

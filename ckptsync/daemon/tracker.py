@@ -24,7 +24,8 @@ How each kind of rule is finished early, before it is quiet:
   ``epoch``, a ``trainer_state.json``'s ``global_step``: :mod:`~ckptsync.zerocode.contentstep`).
   ``max_wait`` never forces a set: one that keeps changing and cannot be proven one save is
   held, and :attr:`VersionTracker.reason` says why (``ckptsync status`` shows it), until its
-  next quiet point.
+  next quiet point. A drain (``--once``, the trainer's exit: nothing more is coming) takes
+  the set as it is.
 
 The copy itself (:func:`~ckptsync.daemon.versions.snapshot_version`) checks that the set it
 copies is the very one decided on here (:attr:`Due.sigs`) and that nothing changed during
@@ -176,6 +177,8 @@ class VersionTracker:
         except FileNotFoundError:
             found = None  # deleted while listed: the next scan sees what is left
         self._found, self._dirty = found, False
+        if found is not None and len(self._steps) > len(found[2]):
+            self._steps = {r: v for r, v in self._steps.items() if r in found[2]}
         self._scanned_at = time.monotonic()
         self._scan_cost = self._scanned_at - t0
         return found
@@ -211,7 +214,9 @@ class VersionTracker:
         rels, guard, sigs = found
         link = frozenset(self.renamed.intersection(rels)) if self.rule.kind == "file" \
             else frozenset()
-        if force or self._finished(now, wall, rels, guard, sigs):
+        if force:
+            return Due(rels, guard, link=link, sigs=sigs)
+        if self._finished(now, wall, rels, guard, sigs):
             self.reason = None
             return Due(rels, guard, link=link, sigs=sigs)
         if (self.max_wait and self._changed_since is not None
