@@ -39,10 +39,12 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
 from ckptsync.manifest import WRITE_ALGO, FileEntry, Manifest, check_relpath, make_name, new_hasher
@@ -84,6 +86,12 @@ class Snapshot:
 
 class _Changed(Exception):
     pass
+
+
+#: A version of this many files or more is copied on :data:`COPY_THREADS` threads.
+PARALLEL_FROM = 16
+COPY_THREADS = 8
+_T = TypeVar("_T")
 
 
 def snapshot_version(
@@ -134,26 +142,31 @@ def snapshot_version(
     staging = spool.staging(name)
     stats: dict[str, StatSig] = {}
     linkable = set(link)
+
+    def take(rel: str) -> tuple[StatSig, str | None]:
+        """Copy (or link) one file: its stat after, and why its copy is incomplete (or None)."""
+        src = root / rel
+        before = first[rel]
+        if stat_sig(os.stat(src)) != before:
+            raise _Changed(f"{rel} changed while the version was read")
+        if rel in linkable and (linked := _link(staging, rel, src, before)) is not None:
+            first[rel] = linked  # the link moved its ctime, nothing else
+            return linked, _incomplete(rule, staging.path / rel)
+        with open(src, "rb") as f:
+            if stat_sig(os.fstat(f.fileno())) != before:
+                raise _Changed(f"{rel} was replaced while opening it")
+            w = staging.open(rel)
+            while chunk := f.read(CHUNK):
+                w.write(chunk)
+            staging.close_file(rel)
+        after = stat_sig(os.stat(src))
+        if after != before or w.size != before[1]:
+            raise _Changed(f"{rel} changed while it was copied")
+        return after, _incomplete(rule, staging.path / rel)
+
     try:
-        for rel in rels:
-            src = root / rel
-            before = first[rel]
-            if stat_sig(os.stat(src)) != before:
-                raise _Changed(f"{rel} changed while the version was read")
-            if rel in linkable and (linked := _link(staging, rel, src, before)) is not None:
-                first[rel] = stats[rel] = linked  # the link moved its ctime, nothing else
-                continue
-            with open(src, "rb") as f:
-                if stat_sig(os.fstat(f.fileno())) != before:
-                    raise _Changed(f"{rel} was replaced while opening it")
-                w = staging.open(rel)
-                while chunk := f.read(CHUNK):
-                    w.write(chunk)
-                staging.close_file(rel)
-            after = stat_sig(os.stat(src))
-            if after != before or w.size != before[1]:
-                raise _Changed(f"{rel} changed while it was copied")
-            stats[rel] = after
+        taken = _each(take, rels)
+        stats.update((rel, sig) for rel, (sig, _) in taken.items())
         # The whole set again, after the last copy: each file unchanged from before the first
         # copy to after the last means the set copied was on disk, as a whole, at one time.
         for g, sig in {**first, **guards}.items():
@@ -165,10 +178,7 @@ def snapshot_version(
             raise _Changed(f"the rule's files changed while the version was copied ({odd[0]} "
                            f"{'appeared' if odd[0] in listed else 'disappeared'})")
         for rel in rels:
-            copy = staging.path / rel
-            if rule.kind == "dir" and copy.stat().st_size == 0 and copy.suffix != ".json":
-                continue  # an empty file in a finished directory: a marker, often
-            why = check_complete(copy)
+            why = taken[rel][1]
             if why is not None:
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
@@ -177,7 +187,7 @@ def snapshot_version(
             staging.abort()
             return Snapshot(None, stats, signature, skipped="identical")
         manifest = Manifest.new(
-            step=step, files=staging.entries, name=name,
+            step=step, files=sorted(staging.entries, key=lambda e: e.path), name=name,
             source={"kind": WATCHED, "rule": rule.spec, "paths": list(rels)},
         )
         ckpt = staging.commit(manifest)
@@ -191,6 +201,39 @@ def snapshot_version(
     except BaseException:
         staging.abort()
         raise
+
+
+def _each(take: Callable[[str], _T], rels: list[str]) -> dict[str, _T]:
+    """``take`` of every file of ``rels``; a large set on :data:`COPY_THREADS` threads (many
+    small files: each file's open, fsync and close wait on the disk, not on the CPU, and
+    concurrent fsyncs share the file system's journal commits). The first error is raised
+    once every file's ``take`` has returned (the staging is then aborted whole)."""
+    if len(rels) < PARALLEL_FROM:
+        return {rel: take(rel) for rel in rels}
+    failed = threading.Event()
+
+    def one(rel: str) -> _T | None:
+        if failed.is_set():
+            return None  # another file failed: the version is discarded anyway
+        try:
+            return take(rel)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="ckptsync-spool") as pool:
+        futures = {rel: pool.submit(one, rel) for rel in rels}
+    for f in futures.values():
+        if (exc := f.exception()) is not None:
+            raise exc
+    return {rel: cast(_T, f.result()) for rel, f in futures.items()}
+
+
+def _incomplete(rule: WatchRule, copy: Path) -> str | None:
+    """Why the spooled ``copy`` is visibly incomplete, or None (:func:`check_complete`)."""
+    if rule.kind == "dir" and copy.stat().st_size == 0 and copy.suffix != ".json":
+        return None  # an empty file in a finished directory: a marker, often
+    return check_complete(copy)
 
 
 def _link(staging: Staging, rel: str, src: Path, before: StatSig) -> StatSig | None:
