@@ -8,6 +8,7 @@ a layer below. Nothing here imports torch. Modules, lowest layer first:
 
 - ``versions``: :func:`snapshot_version` (a finished version copied whole into the spool).
 - ``tracker``: :class:`VersionTracker` (when a version is finished: a version is one save).
+- ``spool_remote``: the spool records its remote; a version spooled for another is re-examined.
 - ``config``: :class:`WatchConfig` (flags > ``CKPTSYNC_*`` env > config file > defaults).
 - ``runtime``: exit codes, :class:`EventLog`, the status file, the directory lock.
 - ``health``: :class:`Health`, the daemon's state, last error and status file.
