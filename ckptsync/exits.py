@@ -87,7 +87,9 @@ EXIT_TABLE: tuple[ExitCode, ...] = (
              only=("pull",)),
     ExitCode(EXIT_NOTHING_TO_DO, "nothing to do: pull of a run that holds no checkpoint "
              "yet, or of an empty prefix with --allow-empty (a fresh start)", only=("pull",)),
-    ExitCode(EXIT_INTERRUPTED, "interrupted (SIGINT, Ctrl-C)"),
+    ExitCode(EXIT_INTERRUPTED, "interrupted (SIGINT, Ctrl-C)", {
+        "watch": "also --once stopped by SIGTERM/SIGINT before everything was committed (run it "
+                 "again)"}),
     ExitCode(EXIT_PIPE, "the reader of stdout went away (a closed pipe, as in | head -1)"),
 )
 

@@ -22,7 +22,8 @@ Formats (DESIGN.md, "Checkpoint = a directory plus a manifest"):
 
 For both: a name made by :func:`make_name` carries the step, and the manifest's ``step`` must
 equal it; a manifest larger than :data:`MAX_MANIFEST_BYTES` is refused without being parsed
-(readers never read more than that bound plus one byte); an entry without a digest this
+(readers never read more than that bound plus one byte), and one larger than
+:func:`manifest_bound` of its file count is refused too; an entry without a digest this
 version knows raises :class:`UnsupportedFormatError`, never trusted.
 
 ``requires`` lists the format features a reader must implement to use the checkpoint
@@ -81,6 +82,8 @@ __all__ = [
     "FORMAT",
     "LATEST_NAME",
     "MANIFEST_NAME",
+    "MANIFEST_BASE_BYTES",
+    "MANIFEST_BYTES_PER_FILE",
     "MAX_MANIFEST_BYTES",
     "WRITE_ALGO",
     "Encryption",
@@ -90,6 +93,7 @@ __all__ = [
     "canonical_bytes",
     "check_relpath",
     "make_name",
+    "manifest_bound",
     "manifest_too_large",
     "name_sort_key",
     "new_hasher",
@@ -103,9 +107,14 @@ __all__ = [
 FORMAT = "ckptsync/2"
 FORMAT_MAJOR = 2
 READ_MAJORS = ("1", "2")
-#: Manifests (and the LATEST hint) larger than this are refused, never read whole. A manifest
-#: lists a few hundred bytes per file: this is room for about ten thousand files.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: Manifests (and the LATEST hint) larger than this are refused, never read whole: the most a
+#: reader reads of one. Below it, a manifest's bound grows with its file count
+#: (:func:`manifest_bound`): a file's entry takes about 150 bytes plus its path twice (its
+#: ``source.paths`` too), so this is room for over a hundred thousand files.
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+#: A manifest's bound: this much (its metadata), plus :data:`MANIFEST_BYTES_PER_FILE` per file.
+MANIFEST_BASE_BYTES = 4 * 1024 * 1024
+MANIFEST_BYTES_PER_FILE = 1024
 _KNOWN_FIELDS = ("format", "name", "step", "created", "files", "metrics", "meta", "source", "extra",
                  DIGEST_FIELD)
 #: The keyed MAC of a manifest written under a key (:mod:`ckptsync.integrity`):
@@ -117,13 +126,39 @@ SEQ_FIELD = "seq"
 PUSH_FIELDS = (RUN_FIELD, SEQ_FIELD)
 
 
-def manifest_too_large(where: str, size: int | None) -> ManifestError:
-    """The error for a manifest over :data:`MAX_MANIFEST_BYTES` (``size`` None: unknown)."""
+def manifest_bound(files: int) -> int:
+    """The largest manifest of ``files`` files a reader accepts (and a writer writes):
+    :data:`MANIFEST_BASE_BYTES` plus :data:`MANIFEST_BYTES_PER_FILE` per file, at most
+    :data:`MAX_MANIFEST_BYTES`."""
+    return min(MAX_MANIFEST_BYTES, MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_FILE * files)
+
+
+def _bound_rule() -> str:
+    return (f"{MANIFEST_BASE_BYTES // 2**20} MiB plus {MANIFEST_BYTES_PER_FILE:,} bytes per "
+            f"file, at most {MAX_MANIFEST_BYTES // 2**20} MiB")
+
+
+def manifest_too_large(where: str, size: int | None, files: int | None = None) -> ManifestError:
+    """The error for a manifest over its bound: over :data:`MAX_MANIFEST_BYTES` (not read;
+    ``size`` None: unknown), or, ``files`` given, over :func:`manifest_bound` of its count."""
     got = f"more than {MAX_MANIFEST_BYTES:,}" if size is None else f"{size:,}"
+    bound = (f"the {MAX_MANIFEST_BYTES:,}-byte bound for any ckptsync manifest; it was not "
+             "read" if files is None else
+             f"the {manifest_bound(files):,}-byte bound for a manifest of {files:,} files "
+             f"({_bound_rule()})")
     return ManifestError(
-        f"{where}: manifest is {got} bytes, over the {MAX_MANIFEST_BYTES:,}-byte bound for a "
-        "ckptsync manifest; it was not read and the checkpoint will not be used (ckptsync "
-        "never writes one this large: check what wrote it, and delete it)"
+        f"{where}: manifest is {got} bytes, over {bound}, and the checkpoint will not be used "
+        "(ckptsync refuses to write such a manifest: check what wrote it, and delete it)"
+    )
+
+
+def _too_large_to_write(name: str, size: int, files: int) -> ManifestError:
+    return ManifestError(
+        f"checkpoint {name}: its manifest would be {size:,} bytes for {files:,} files, over the "
+        f"{manifest_bound(files):,}-byte bound for {files:,} files ({_bound_rule()}), which "
+        "readers would refuse; nothing was written. Make the checkpoint smaller: fewer files "
+        "per version (e.g. one watch rule per subdirectory), shorter paths, or less metadata "
+        "(extra, meta)"
     )
 
 
@@ -174,7 +209,10 @@ class Manifest:
         ))
         # Round-trip through the parser: one set of rules for writers and readers (a manifest
         # a reader would refuse, such as one over the size bound, is refused here, at save).
-        return cls.from_json(m.to_json(), where=f"manifest of {m.name}")
+        data = m.to_json()
+        if len(data) > manifest_bound(len(m.files)):
+            raise _too_large_to_write(m.name, len(data), len(m.files))
+        return cls.from_json(data, where=f"manifest of {m.name}")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Manifest):
@@ -282,6 +320,9 @@ class Manifest:
                 f"{where}: manifest is not valid JSON ({e}); the checkpoint is incomplete or "
                 "corrupt and will not be used"
             ) from e
+        files = obj.get("files") if isinstance(obj, dict) else None
+        if isinstance(files, list) and size > manifest_bound(len(files)):
+            raise manifest_too_large(where, size, len(files))
         return cls.from_dict(obj, where=where)
 
     @classmethod

@@ -6,7 +6,9 @@ killed (even with SIGKILL) and restarted at any time: the remote is the only rec
 The zero-code model itself (rules, presets, restoring versions) is :mod:`ckptsync.zerocode`,
 a layer below. Nothing here imports torch. Modules, lowest layer first:
 
-- ``versions``: :class:`VersionTracker` (when a version is finished), :func:`snapshot_version`.
+- ``versions``: :func:`snapshot_version` (a finished version copied whole into the spool).
+- ``tracker``: :class:`VersionTracker` (when a version is finished: a version is one save).
+- ``spool_remote``: the spool records its remote; a version spooled for another is re-examined.
 - ``config``: :class:`WatchConfig` (flags > ``CKPTSYNC_*`` env > config file > defaults).
 - ``runtime``: exit codes, :class:`EventLog`, the status file, the directory lock.
 - ``health``: :class:`Health`, the daemon's state, last error and status file.
@@ -34,7 +36,8 @@ from ckptsync.daemon.runtime import (
     daemon_status,
     read_status,
 )
-from ckptsync.daemon.versions import Due, Snapshot, VersionTracker, snapshot_version
+from ckptsync.daemon.tracker import Due, VersionTracker
+from ckptsync.daemon.versions import Snapshot, snapshot_version
 from ckptsync.daemon.watcher import Watcher
 
 __all__ = [

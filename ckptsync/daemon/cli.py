@@ -269,7 +269,8 @@ def format_status(st: dict[str, Any]) -> str:
             for n, nodes in waiting.items()))
     for w in st.get("watch", []):
         state = f"error: {w['error']}" if w.get("error") else \
-            "writing/settling" if w["pending"] else "idle"
+            (f"settling: {w['reason']}" if w.get("reason") else "writing/settling") \
+            if w["pending"] else "idle"
         lines.append(f"rule {w['rule']}: {state}")
     lines += [f"warning: {w}" for w in st.get("warnings", [])]
     if st.get("error"):

@@ -20,7 +20,8 @@ Exit codes: 0 done (or stopped by a signal), 1 ``--once`` finished with failed c
 (or could not reach the remote, or a zero-code version it could not copy: a full disk; or the
 daemon crashed), 2 bad configuration or another daemon holds the directory, found at
 start-up, 3 a permanent remote error found at start-up (credentials, missing bucket): a
-supervisor may restart on 3 (the bucket or the credentials may be fixed meanwhile), not on 2.
+supervisor may restart on 3 (the bucket or the credentials may be fixed meanwhile), not on 2;
+130 ``--once`` stopped by SIGTERM/SIGINT before everything was committed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ckptsync.daemon.config import WatchConfig
 from ckptsync.daemon.runtime import (
     EXIT_CONFIG,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REMOTE,
     DirLock,
@@ -172,7 +174,7 @@ def _run_with_signals(watcher: Watcher, events: EventLog) -> int:
                         watcher.config.stop_timeout + STOP_GRACE_S, 1),
                         detail="the daemon did not finish stopping in time; exiting anyway "
                                "(nothing partial is committed)")
-                    return EXIT_OK
+                    return EXIT_INTERRUPTED if watcher.config.once else EXIT_OK
             if sig == signal.SIGUSR1:
                 watcher.request_reconcile()
             elif sig in (signal.SIGTERM, signal.SIGINT):

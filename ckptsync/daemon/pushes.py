@@ -122,6 +122,12 @@ class PushQueue:
             | self._view.retired
         return [n for n in self.local_names if n not in done]
 
+    def outstanding(self) -> list[str]:
+        """What is not committed remotely: like :meth:`pending`, but listed afresh (a version
+        spooled since the last reconcile counts) and with the parts waiting for other nodes."""
+        done = self._view.committed.keys() | self.skipped | self._view.retired
+        return [c.name for c in self._local_checkpoints() if c.name not in done]
+
     def uploading(self) -> list[str]:
         """Pushes in the queue, not waiting for a retry's back-off."""
         return sorted(n for n in self.live if n not in self.failed)

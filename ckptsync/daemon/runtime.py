@@ -27,6 +27,7 @@ from ckptsync.output import EventLog
 __all__ = [
     "EXIT_CONFIG",
     "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_REMOTE",
     "DirLock",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_REMOTE = 0, 1, 2, 3
+#: ``--once`` stopped by SIGTERM/SIGINT before everything was committed (the CLI's
+#: ``EXIT_INTERRUPTED``: one table, README "The command line").
+EXIT_INTERRUPTED = 130
 STATUS_NAME = "status.json"
 LOCK_NAME = "lock"
 SPOOL_NAME = "spool"

@@ -19,15 +19,27 @@ from typing import Any
 
 from ckptsync.daemon.config import WatchConfig
 from ckptsync.daemon.health import Health
-from ckptsync.daemon.versions import Due, Snapshot, VersionTracker, signature_of, snapshot_version
+from ckptsync.daemon.tracker import Due, VersionTracker
+from ckptsync.daemon.versions import Snapshot, signature_of, snapshot_version
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest
 from ckptsync.output import EventLog
 from ckptsync.zerocode.rules import is_watched
 
-__all__ = ["VersionTaker"]
+__all__ = ["VersionTaker", "files_summary"]
 
 _CKPT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".pkl")
+#: A log line names this many of a version's files, then counts the rest.
+SHOWN_PATHS = 5
+
+
+def files_summary(rels: list[str]) -> dict[str, Any]:
+    """A version's files for a log line: ``paths`` (the first :data:`SHOWN_PATHS`) and
+    ``files`` (how many), never the whole list (a version may hold ten thousand files)."""
+    out: dict[str, Any] = {"files": len(rels), "paths": rels[:SHOWN_PATHS]}
+    if len(rels) > SHOWN_PATHS:
+        out["more_paths"] = len(rels) - SHOWN_PATHS
+    return out
 
 
 class VersionTaker:
@@ -55,6 +67,7 @@ class VersionTaker:
         self.trackers = [VersionTracker(r, config.local_dir, config.settle, config.max_wait)
                          for r in config.rules]
         self.warnings: list[str] = []
+        self._reported: list[tuple[bool, str | None]] = []  # (pending, reason) in the status
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptsync-snapshot")
 
     @property
@@ -92,10 +105,13 @@ class VersionTaker:
     def watch_status(self, now: float, wall: float) -> list[dict[str, Any]]:
         # Pending also counts a finished version not yet taken (say, a file that was there
         # before the daemon started): flush() must not return before it is committed.
-        return [{"rule": t.rule.spec,
-                 "pending": t.pending(now) or t.due(now, wall, force=True) is not None,
-                 "error": t.error}
-                for t in self.trackers]
+        out = []
+        for t in self.trackers:
+            pending = t.pending(now) or t.due(now, wall, force=True) is not None
+            out.append({"rule": t.rule.spec, "pending": pending, "error": t.error,
+                        "reason": (t.reason or ("copying" if t.busy else None))
+                        if pending else None})
+        return out
 
     def deadlines(self, now: float, wall: float) -> list[float]:
         return [d for t in self.trackers if (d := t.next_deadline(now, wall)) is not None]
@@ -142,7 +158,8 @@ class VersionTaker:
                 continue
             tr.begin(due, now)
             if due.forced:
-                self._events("info", "version_forced", rule=tr.rule.spec, paths=due.rels,
+                self._events("info", "version_forced", rule=tr.rule.spec,
+                             **files_summary(due.rels),
                              max_wait_s=self.config.max_wait,
                              note="still changing: copied anyway, committed only if unchanged "
                                   "during the copy and complete")
@@ -156,10 +173,17 @@ class VersionTaker:
                     sig: Any = tr.last_signature, seq: int = seq) -> Snapshot:
                 return snapshot_version(self.spool, self.root, tr.rule, due.rels,
                                         last_signature=sig, guard=due.guard, link=due.link,
-                                        keys=self.config.keys, seq=seq)
+                                        keys=self.config.keys, seq=seq,
+                                        expect=None if due.forced else due.sigs)
 
             fut = self._pool.submit(job)
             fut.add_done_callback(self._done(tr, due))
+        # A version starts being written, or waits for another reason: the status says so
+        # now, not at the next reconcile (``ckptsync status`` reads the file).
+        state = [(t.pending(now), t.reason) for t in self.trackers]
+        if state != self._reported:
+            self._reported = state
+            self._health.write()
 
     def _done(self, tr: VersionTracker, due: Due) -> Callable[[Future[Snapshot]], None]:
         def done(f: Future[Snapshot]) -> None:
@@ -177,7 +201,7 @@ class VersionTaker:
         if exc is not None:
             delay = tr.failed(time.monotonic(), str(exc))
             give_up = drain and tr.gave_up
-            self._events("error", "version_error", rule=tr.rule.spec, paths=rels,
+            self._events("error", "version_error", rule=tr.rule.spec, **files_summary(rels),
                          error=str(exc), attempt=tr.failures,
                          **({"action": "giving up"} if give_up else
                             {"retry_in_s": round(delay, 2)}))
@@ -187,13 +211,15 @@ class VersionTaker:
         tr.record(snap, rels, guard)
         if snap.ckpt is None:
             if snap.skipped != "identical":
-                self._events("warning", "version_discarded", rule=tr.rule.spec, paths=rels,
+                self._events("warning", "version_discarded", rule=tr.rule.spec,
+                             **files_summary(rels),
                              reason=snap.skipped, detail=snap.detail,
                              note="never committed; the next version will be taken")
             self._health.write()
             return
         self._events("info", "version_taken", rule=tr.rule.spec, name=snap.ckpt.name,
-                     step=snap.ckpt.step, paths=rels, bytes=snap.ckpt.manifest.total_size)
+                     step=snap.ckpt.step, **files_summary(rels),
+                     bytes=snap.ckpt.manifest.total_size)
         self._schedule(time.monotonic())
 
     def shutdown(self) -> None:

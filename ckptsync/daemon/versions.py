@@ -1,32 +1,18 @@
-"""Zero-code versions: when a rule's files form a finished version, and copying it whole.
+"""Zero-code versions: copying a finished version whole into the spool.
 
-When is a version finished? Scans are truth, events only wake the daemon up: the tracker
-stats the rule's files itself, and a version whose files' stats (inode, size, mtime, ctime)
-are unchanged for ``settle`` seconds (or whose newest mtime is that old) is quiet, whatever
-events arrived. A file renamed into place is finished at once; so is a directory whose marker
-was written last (its mtime is the newest of the directory's). At start-up, what was already
-finished is taken at once: quiet files, directories holding their marker, and files whose
-structure (``torch.save``'s zip, safetensors) is complete. A file rewritten more often than
-``settle`` is still taken at least every ``max_wait`` seconds: when its structure looks
-complete the copy is attempted anyway, and committed only when its stat is identical before
-and after the copy and the copy's structure is complete.
+When a version is finished is :mod:`~ckptsync.daemon.tracker`'s question; this module copies
+the version it found finished (:func:`snapshot_version`) and tells what a version's content is
+known by (:func:`signature_of`, :func:`same_version`).
 
 One version of a rule is a *set*: every file the rule matches (a dir rule: every file of
-one version directory), all quiet, copied while the stat of every one of them stays unchanged
-from before the first file's copy to after the last one's, and the rule still matching exactly
-that set after the last copy. Each file then held the content copied during the whole copy,
-so the set committed was on disk, as a whole, at one time; a file rewritten, a file deleted
-(the trainer's rotation) or a file added during the copy discards the attempt (no failure,
-nothing committed) and the next scan tries again. A file still being written for the first
-time is not quiet (its mtime keeps moving), so a set waits for it. The set need not be the
-one the last version had: a trainer may add or drop files. ``max_wait`` forces a set only
-when every file of it looks whole (its structure complete, or a non-empty opaque file), and
-commits it under the same whole-set check. A set is quiet only when *all* its files are, so
-``settle`` must be longer than the time the trainer takes to write all the files of one save
-(0.5 s between ``pretrain_512.pth`` and ``pretrain_512_moe.pth``: a ``settle`` of 0.5 s or
-less can take the first file new and the second still old, a set that was on disk but mixes
-two saves); a rename finishes the set only once every file of it was renamed in, and a rule
-naming one file (``file:ckpt.pt``) has no such constraint.
+one version directory), copied while the stat of every one of them stays unchanged from when
+the tracker found it finished (``expect``), through before the first file's copy, to after
+the last one's, and the rule still matching exactly that set after the last copy. Each file
+then held the content copied during the whole copy, so the set committed was on disk, as a
+whole, at one time, and it is the set the tracker proved to be one save; a file rewritten, a
+file deleted (the trainer's rotation) or a file added meanwhile discards the attempt (no
+failure, nothing committed) and the next scan tries again. The set need not be the one the
+last version had: a trainer may add or drop files.
 
 Each finished version is copied into a local spool (a :class:`~ckptsync.local.LocalStore`),
 hashed while copying. The source is ``stat``-ed before and after the copy (size, mtime,
@@ -47,22 +33,19 @@ its manifest, so such a version is never committed, and the daemon drops it for 
 (``push_dropped``, reason ``changed``). Where a link is refused (another file system,
 EPERM, no links), the file is copied.
 
-:class:`VersionTracker` decides when a version is due (the daemon's dispatcher feeds it);
-:func:`snapshot_version` copies one into the spool.
-
 Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import time
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from ckptsync.local import CHUNK, LocalCheckpoint, LocalStore, Staging
 from ckptsync.manifest import (
@@ -74,7 +57,6 @@ from ckptsync.manifest import (
     make_name,
     new_hasher,
 )
-from ckptsync.transfer.retry import RetryPolicy
 from ckptsync.zerocode.metrics import content_metrics
 from ckptsync.zerocode.rules import (
     WATCHED,
@@ -83,19 +65,13 @@ from ckptsync.zerocode.rules import (
     check_complete,
     dir_files,
     stat_sig,
-    structure_complete,
 )
 
 if TYPE_CHECKING:
     from ckptsync.crypto import KeyRing
 
 __all__ = [
-    "GIVE_UP_AFTER",
-    "POLL_S",
-    "RETRY_CAP_S",
-    "Due",
     "Snapshot",
-    "VersionTracker",
     "same_version",
     "signature_of",
     "snapshot_version",
@@ -122,6 +98,12 @@ class _Changed(Exception):
     pass
 
 
+#: A version of this many files or more is copied on :data:`COPY_THREADS` threads.
+PARALLEL_FROM = 16
+COPY_THREADS = 8
+_T = TypeVar("_T")
+
+
 def snapshot_version(
     spool: LocalStore,
     root: Path,
@@ -133,6 +115,7 @@ def snapshot_version(
     link: Iterable[str] = (),
     keys: KeyRing | None = None,
     seq: int | None = None,
+    expect: Mapping[str, StatSig] | None = None,
 ) -> Snapshot:
     """Copy ``rels`` (paths relative to ``root``) into a new spool checkpoint.
 
@@ -150,6 +133,9 @@ def snapshot_version(
 
     The files in ``link`` (renamed into place since the last version) are hard-linked into
     the spool instead of copied where the file system allows (see the module doc).
+    ``expect``: the stats the tracker found the version finished with (``Due.sigs``); a
+    file whose stat differs from it before the copy is a version not decided on: nothing is
+    committed (``skipped`` "changed").
 
     Raises:
         OSError: the spool cannot be written (a :class:`LocalStorageError`: no space, ...).
@@ -161,31 +147,40 @@ def snapshot_version(
         first = {rel: stat_sig(os.stat(root / rel)) for rel in rels}
     except FileNotFoundError as e:
         return Snapshot(None, {}, skipped="missing", detail=str(e))
+    moved = [r for r in rels if expect is not None and expect.get(r) != first[r]]
+    if moved:
+        return Snapshot(None, {}, skipped="changed",
+                        detail=f"{moved[0]} changed after the version was found finished")
     step = rule.step_for(root, rels)
     name = make_name(step)
     staging = spool.staging(name)
     stats: dict[str, StatSig] = {}
     linkable = set(link)
+
+    def take(rel: str) -> tuple[StatSig, str | None]:
+        """Copy (or link) one file: its stat after, and why its copy is incomplete (or None)."""
+        src = root / rel
+        before = first[rel]
+        if stat_sig(os.stat(src)) != before:
+            raise _Changed(f"{rel} changed while the version was read")
+        if rel in linkable and (linked := _link(staging, rel, src, before)) is not None:
+            first[rel] = linked  # the link moved its ctime, nothing else
+            return linked, _incomplete(rule, staging.path / rel)
+        with open(src, "rb") as f:
+            if stat_sig(os.fstat(f.fileno())) != before:
+                raise _Changed(f"{rel} was replaced while opening it")
+            w = staging.open(rel)
+            while chunk := f.read(CHUNK):
+                w.write(chunk)
+            staging.close_file(rel)
+        after = stat_sig(os.stat(src))
+        if after != before or w.size != before[1]:
+            raise _Changed(f"{rel} changed while it was copied")
+        return after, _incomplete(rule, staging.path / rel)
+
     try:
-        for rel in rels:
-            src = root / rel
-            before = first[rel]
-            if stat_sig(os.stat(src)) != before:
-                raise _Changed(f"{rel} changed while the version was read")
-            if rel in linkable and (linked := _link(staging, rel, src, before)) is not None:
-                first[rel] = stats[rel] = linked  # the link moved its ctime, nothing else
-                continue
-            with open(src, "rb") as f:
-                if stat_sig(os.fstat(f.fileno())) != before:
-                    raise _Changed(f"{rel} was replaced while opening it")
-                w = staging.open(rel)
-                while chunk := f.read(CHUNK):
-                    w.write(chunk)
-                staging.close_file(rel)
-            after = stat_sig(os.stat(src))
-            if after != before or w.size != before[1]:
-                raise _Changed(f"{rel} changed while it was copied")
-            stats[rel] = after
+        taken = _each(take, rels)
+        stats.update((rel, sig) for rel, (sig, _) in taken.items())
         # The whole set again, after the last copy: each file unchanged from before the first
         # copy to after the last means the set copied was on disk, as a whole, at one time.
         for g, sig in {**first, **guards}.items():
@@ -197,10 +192,7 @@ def snapshot_version(
             raise _Changed(f"the rule's files changed while the version was copied ({odd[0]} "
                            f"{'appeared' if odd[0] in listed else 'disappeared'})")
         for rel in rels:
-            copy = staging.path / rel
-            if rule.kind == "dir" and copy.stat().st_size == 0 and copy.suffix != ".json":
-                continue  # an empty file in a finished directory: a marker, often
-            why = check_complete(copy)
+            why = taken[rel][1]
             if why is not None:
                 staging.abort()
                 return Snapshot(None, stats, skipped="incomplete", detail=f"{rel}: {why}")
@@ -209,7 +201,7 @@ def snapshot_version(
             staging.abort()
             return Snapshot(None, stats, signature, skipped="identical")
         manifest = Manifest.new(
-            step=step, files=staging.entries, name=name,
+            step=step, files=sorted(staging.entries, key=lambda e: e.path), name=name,
             source={"kind": WATCHED, "rule": rule.spec, "paths": list(rels)},
             # What the framework recorded (trainer_state.json, val_loss=... in a file name):
             # shown by `ls`, ranked by --keep-best. Read from the copy: the version's own.
@@ -228,6 +220,39 @@ def snapshot_version(
     except BaseException:
         staging.abort()
         raise
+
+
+def _each(take: Callable[[str], _T], rels: list[str]) -> dict[str, _T]:
+    """``take`` of every file of ``rels``; a large set on :data:`COPY_THREADS` threads (many
+    small files: each file's open, fsync and close wait on the disk, not on the CPU, and
+    concurrent fsyncs share the file system's journal commits). The first error is raised
+    once every file's ``take`` has returned (the staging is then aborted whole)."""
+    if len(rels) < PARALLEL_FROM:
+        return {rel: take(rel) for rel in rels}
+    failed = threading.Event()
+
+    def one(rel: str) -> _T | None:
+        if failed.is_set():
+            return None  # another file failed: the version is discarded anyway
+        try:
+            return take(rel)
+        except BaseException:
+            failed.set()
+            raise
+
+    with ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="ckptsync-spool") as pool:
+        futures = {rel: pool.submit(one, rel) for rel in rels}
+    for f in futures.values():
+        if (exc := f.exception()) is not None:
+            raise exc
+    return {rel: cast(_T, f.result()) for rel, f in futures.items()}
+
+
+def _incomplete(rule: WatchRule, copy: Path) -> str | None:
+    """Why the spooled ``copy`` is visibly incomplete, or None (:func:`check_complete`)."""
+    if rule.kind == "dir" and copy.stat().st_size == 0 and copy.suffix != ".json":
+        return None  # an empty file in a finished directory: a marker, often
+    return check_complete(copy)
 
 
 def _link(staging: Staging, rel: str, src: Path, before: StatSig) -> StatSig | None:
@@ -259,6 +284,9 @@ def _listing(root: Path, rule: WatchRule, rels: list[str]) -> list[str]:
     the files of the version directory), sorted."""
     vdir = rule.version_dir(rels[0]) if rels and rule.kind == "dir" else None
     return dir_files(root, vdir) if vdir is not None else rule.current_files(root)
+
+
+_MAC = "mac"
 
 
 def signature_of(m: Manifest) -> tuple[tuple[str, str], ...]:
@@ -296,209 +324,3 @@ def same_version(new: tuple[tuple[str, str], ...], last: tuple[tuple[str, str], 
         if keys.mac(kid, name, path, algo, digest) != mac:
             return False
     return True
-
-
-# --------------------------------------------------------------------------- version tracking
-#: While a version is changing (or waits for a moment to be copied), rescan this often.
-POLL_S = 0.25
-_MAC = "mac"
-#: A failed copy (no space, ...) is retried after 1, 2, 4, ... seconds, at most this many.
-RETRY_CAP_S = 60.0
-COPY_RETRY = RetryPolicy(1.0, RETRY_CAP_S)
-#: Failed copies after which a drain (``--once``, the parent's exit) gives a rule up.
-GIVE_UP_AFTER = 3
-
-
-@dataclass(frozen=True)
-class Due:
-    """A version to copy now: its files, the files whose stat must not change meanwhile, and
-    whether it is taken before it was quiet (``max_wait``)."""
-
-    rels: list[str]
-    guard: list[str]
-    forced: bool = False
-    link: frozenset[str] = frozenset()
-    """Files renamed into place since the last version (and not written since): each may be
-    spooled by hard link."""
-
-
-@dataclass
-class VersionTracker:
-    """Decides, from its own scans of the rule's files, when a rule has a finished version.
-
-    Events are hints: they wake the daemon up, and a rename into place marks a file rule's
-    version finished at once. Whether a version is quiet is decided from the stats the
-    tracker observes (see the module doc), never from which events arrived: an event that
-    inotify did not deliver (a file written into a directory just created) cannot leave a
-    version waiting forever.
-
-    Fed by the daemon's dispatcher thread only (not thread-safe by design).
-
-    Args:
-        rule: the watch rule.
-        root: the watched directory.
-        settle: seconds a version's stats must stay unchanged.
-        max_wait: take a version that keeps changing at least this often (0: never before
-            it is quiet).
-    """
-
-    rule: WatchRule
-    root: Path
-    settle: float
-    max_wait: float = 0.0
-    taken: dict[str, StatSig] = field(default_factory=dict)
-    last_signature: tuple[tuple[str, str], ...] = ()
-    busy: bool = False
-    renamed: set[str] = field(default_factory=set)
-    """A file rule's files renamed into place since the last version was taken."""
-    failures: int = 0
-    error: str | None = None
-    retry_at: float | None = None
-    _seen: dict[str, StatSig] | None = None
-    _stable_since: float = 0.0
-    _changed_since: float | None = None
-    _initial: dict[str, StatSig] | None = None
-    _last_forced: float = float("-inf")
-
-    def on_event(self, kind: str, rel: str, now: float, is_dir: bool = False) -> bool:
-        """Take a file event as a hint; True if it concerns this rule (wake up and rescan)."""
-        if not self.rule.matches_file(rel) and self.rule.version_dir(rel) is None:
-            return False
-        if not is_dir and kind in ("created", "modified"):
-            self.renamed.discard(rel)
-        elif not is_dir and kind == "moved_in" and self.rule.kind == "file":
-            self.renamed.add(rel)
-        return True
-
-    def _scan(self, now: float) -> tuple[list[str], list[str], dict[str, StatSig]] | None:
-        """The rule's current candidate ``(rels, guard, stats)``; updates what was observed."""
-        found: tuple[list[str], list[str], dict[str, StatSig]] | None = None
-        try:
-            if self.rule.kind == "file":
-                rels = self.rule.current_files(self.root)
-                guard: list[str] = []
-            else:
-                dirs = self.rule.finished_dirs(self.root)
-                rels = dir_files(self.root, dirs[-1]) if dirs else []
-                guard = [f"{dirs[-1]}/{self.rule.marker}"] if dirs else []
-            if rels:
-                found = rels, guard, {r: stat_sig(os.stat(self.root / r))
-                                      for r in dict.fromkeys(rels + guard)}
-        except FileNotFoundError:
-            found = None  # deleted while listed: the next scan sees what is left
-        sigs = found[2] if found else {}
-        if self._initial is None:
-            self._initial = sigs
-        if sigs != self._seen:
-            self._seen, self._stable_since = sigs, now
-        if found is None or sigs == self.taken:
-            self._changed_since = None
-        elif self._changed_since is None:
-            self._changed_since = now
-        return found
-
-    def due(self, now: float, wall: float, *, force: bool = False) -> Due | None:
-        """The version to take now, or None.
-
-        ``force`` (a drain: ``--once``, the parent's exit) ignores the settle time; a rule
-        whose copies failed :data:`GIVE_UP_AFTER` times is then given up.
-        """
-        if self.busy or (self.retry_at is not None and now < self.retry_at):
-            return None
-        if force and self.failures >= GIVE_UP_AFTER:
-            return None
-        found = self._scan(now)
-        if found is None or found[2] == self.taken:
-            return None
-        rels, guard, sigs = found
-        link = frozenset(self.renamed.intersection(rels)) if self.rule.kind == "file" \
-            else frozenset()
-        if force or self._finished(now, wall, rels, guard, sigs):
-            return Due(rels, guard, link=link)
-        if (self.max_wait and self._changed_since is not None
-                and now - self._changed_since >= self.max_wait
-                and now - self._last_forced >= self.max_wait
-                and all(_copyable(self.root / r, self.rule.kind == "dir") for r in rels)):
-            return Due(rels, guard, forced=True)
-        return None
-
-    def _finished(self, now: float, wall: float, rels: list[str], guard: list[str],
-                  sigs: dict[str, StatSig]) -> bool:
-        if self.rule.kind == "file" and self.renamed.issuperset(rels):
-            return True  # every file of the set renamed into place: each one is whole
-        newest = max(s[2] for s in sigs.values())
-        if now - self._stable_since >= self.settle or wall - newest / 1e9 >= self.settle:
-            return True  # quiet
-        at_start = sigs == self._initial
-        if self.rule.kind == "dir":
-            # The marker written last (or present at start-up): the trainer said it is done.
-            return at_start or any(sigs[g][2] >= newest for g in guard)
-        return at_start and all(structure_complete(self.root / r) for r in rels)
-
-    def begin(self, due: Due, now: float) -> None:
-        """The daemon starts copying ``due``."""
-        self.busy = True
-        if due.forced:
-            self._last_forced = now
-
-    def failed(self, now: float, error: str) -> float:
-        """A copy raised (no space, ...): back off; return the seconds until the next try."""
-        self.busy = False
-        self.failures += 1
-        self.error = error
-        delay = COPY_RETRY.delay(self.failures)
-        self.retry_at = now + delay
-        return delay
-
-    @property
-    def gave_up(self) -> bool:
-        """A drain stops trying (``--once`` then exits non-zero)."""
-        return self.failures >= GIVE_UP_AFTER
-
-    def next_deadline(self, now: float, wall: float | None = None) -> float | None:
-        """When :meth:`due` may change without any event (monotonic), or None."""
-        if self.busy:
-            return None
-        if self.retry_at is not None and self.retry_at > now:
-            return self.retry_at
-        if self._changed_since is None:
-            return None  # nothing pending; the periodic scan notices what events miss
-        wall = time.time() if wall is None else wall
-        times = [self._stable_since + self.settle]
-        if self._seen:
-            newest = max(s[2] for s in self._seen.values()) / 1e9
-            times.append(now + newest + self.settle - wall)
-        if self.max_wait:
-            times.append(max(self._changed_since, self._last_forced) + self.max_wait)
-        t = min(times)
-        return t if t > now else now + POLL_S
-
-    def pending(self, now: float) -> bool:
-        """Is a version being written, settling, copied or retried (not yet taken)?"""
-        return (self.busy or self._changed_since is not None
-                or (self.retry_at is not None and not self.gave_up))
-
-    def record(self, snap: Snapshot, rels: list[str], guard: list[str]) -> None:
-        """Remember what was taken (or found identical), so it is not taken again."""
-        self.busy = False
-        self.failures, self.error, self.retry_at = 0, None, None
-        self.renamed.clear()
-        if snap.skipped in ("changed", "missing"):
-            return  # the next version will be taken
-        for g in guard:
-            with contextlib.suppress(FileNotFoundError):
-                snap.stats.setdefault(g, stat_sig(os.stat(self.root / g)))
-        self.taken = dict(snap.stats)
-        self._changed_since = None
-        if snap.signature and snap.skipped != "incomplete":
-            self.last_signature = snap.signature
-
-
-def _copyable(path: Path, empty_ok: bool) -> bool:
-    """Worth copying before it is quiet: not visibly mid-write (a self-describing format
-    whose structure is incomplete), readable, not empty (unless ``empty_ok``)."""
-    try:
-        return (empty_ok and path.stat().st_size == 0) or check_complete(path) is None
-    except OSError:
-        return False
-

@@ -37,6 +37,7 @@ from ckptsync.daemon.pushes import PushQueue
 from ckptsync.daemon.remote_view import RemoteView
 from ckptsync.daemon.runtime import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REMOTE,
     SPOOL_NAME,
@@ -46,6 +47,7 @@ from ckptsync.daemon.runtime import (
     resumed_from,
     watch_dir,
 )
+from ckptsync.daemon.spool_remote import reexamine_spool, remote_identity
 from ckptsync.daemon.taker import VersionTaker
 from ckptsync.local import WATCH_DIR, FileOps, LocalStore
 from ckptsync.redact import redact_url
@@ -127,6 +129,10 @@ class Watcher:
         wdir.mkdir(exist_ok=True)
         self.spool = LocalStore(wdir / SPOOL_NAME, spool_ops)
         self.spool.cleanup()  # our own crashed snapshots (never the trainer's staging dirs)
+        # Before anything is pushed: versions spooled for another remote are re-examined.
+        reexamine_spool(self.spool, self.local.directory,
+                        remote_identity(config.remote, config.storage_options),
+                        list(config.rules), self.events)
         if store is None:
             from ckptsync.remote import RemoteStore
 
@@ -191,6 +197,14 @@ class Watcher:
             observer.stop()
             observer.join(timeout=10)
             self._shutdown()
+        if code == EXIT_OK and self.config.once and self._stop.is_set():
+            left = self._work_left()
+            if left:
+                # --once promises everything committed at exit 0: a signal broke the promise.
+                code = EXIT_INTERRUPTED
+                self.events("warning", "interrupted", left=left[:5], count=len(left),
+                            detail="stopped by a signal before everything was committed; "
+                                   "run it again to finish")
         self.health.set_state("failed" if self.view.fatal else "stopped")
         self.health.write()
         self.events("info" if code == EXIT_OK else "error", "exit", code=code,
@@ -348,6 +362,14 @@ class Watcher:
             "warnings": [] if local else list(self.taker.warnings),
             "error": self.view.fatal,
         }
+
+    def _work_left(self) -> list[str]:
+        """What a stopped ``--once`` leaves undone: checkpoints not committed remotely, and
+        rules whose version is still being written, copied or retried."""
+        now = time.monotonic()
+        left = self.pushes.outstanding()
+        return left + [f"a version of rule {t.rule.spec}" for t in self.taker.trackers
+                       if t.pending(now) or t.due(now, time.time(), force=True) is not None]
 
     def _drained(self) -> bool:
         now, wall = time.monotonic(), time.time()
