@@ -1,8 +1,8 @@
-"""ckptsync for the training frameworks most people use, one module each.
+"""ckptsync for the training frameworks most people use, one module (or package) each.
 
 - ``transformers``: a Hugging Face ``Trainer`` callback that syncs each ``checkpoint-N/``.
-- ``lightning``: a Lightning ``CheckpointIO`` plugin; ``lightning_resume``: what a fresh
-  machine pulls so that ``fit(ckpt_path="last")`` resumes at the newest uploaded step.
+- ``lightning``: a Lightning ``CheckpointIO`` plugin, and what a fresh machine pulls so that
+  ``fit(ckpt_path="last")`` resumes at the newest uploaded step.
 - ``accelerate``: sync what ``Accelerator.save_state`` writes, pull before ``load_state``.
 
 Importing ``ckptsync`` never imports a framework or this package. ``lightning`` and

@@ -61,7 +61,9 @@ def integrations() -> list[str]:
     pkg = REPO / "ckptsync" / "integrations"
     if not pkg.is_dir():
         return []
-    return sorted(p.stem for p in pkg.glob("*.py") if not p.stem.startswith("_"))
+    modules = [p.stem for p in pkg.glob("*.py")]
+    packages = [p.parent.name for p in pkg.glob("*/__init__.py")]
+    return sorted(name for name in modules + packages if not name.startswith("_"))
 
 
 @pytest.mark.core

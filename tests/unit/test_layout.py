@@ -28,13 +28,12 @@ pytestmark = pytest.mark.core
 PACKAGE = REPO / "ckptsync"
 MAX_LINES = 450
 #: Modules over MAX_LINES that are being split by concern right now (the Checkpointer, the
-#: demo, the in-process uploader, the Lightning integration). This list
+#: demo, the in-process uploader). This list
 #: only shrinks: each entry goes when its module is split, and the list goes when it is empty.
 OVER_MAX_LINES_FOR_NOW = {
     "ckptsync/client/checkpointer.py",
     "ckptsync/demo.py",
     "ckptsync/client/uploader.py",
-    "ckptsync/integrations/lightning.py",
 }
 #: Packages that hold the client, the remote store, transfers, the zero-code model and the
 #: daemon: the core modules directly in ckptsync/ are the layer below them and must not import

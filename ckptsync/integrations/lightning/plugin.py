@@ -1,43 +1,6 @@
-"""Lightning: a ``CheckpointIO`` plugin that saves atomically and uploads in the background.
-
-Example::
-
-    from ckptsync.integrations.lightning import CkptSyncCheckpointIO
-
-    io = CkptSyncCheckpointIO("s3://bucket/run1")
-    io.pull_latest("ckpts")              # a fresh machine: what "last" resumes from
-    trainer = pl.Trainer(plugins=[io],
-                         callbacks=[ModelCheckpoint(dirpath="ckpts", save_last=True)])
-    trainer.fit(model, ckpt_path="last")
-
-Remote layout: the ``lightning`` preset's (:func:`ckptsync.zerocode.presets.preset_rule`), one
-zero-code checkpoint per saved ``.ckpt`` file: its manifest's step is the checkpoint's
-``global_step`` and its one file sits at its path relative to the checkpoint directory, so
-``ckptsync pull REMOTE ckpts`` restores it where Lightning resumes from, exactly as for a
-remote that ``ckptsync watch ckpts REMOTE --preset lightning`` filled.
-
-Each save writes the dict Lightning hands with ``torch.save`` (plain Lightning loads it) into
-a private spool checkpoint inside the checkpoint directory, hashing while writing, fsyncs it,
-commits it, and hard-links it into place with a rename: the file appears whole or not at all,
-its bytes are written once. The uploads go through one
-:class:`~ckptsync.transfer.queue.TransferQueue` keyed by the file's path: the newest version
-of a file (``last.ckpt`` saved again) replaces its queued older version and keeps that one's
-place in line, so while saves come faster than the link, ``last.ckpt`` still goes up at
-least every other upload instead of waiting behind each new top-k file. After each upload
-the remote versions a newer one replaced, and those of files Lightning deleted
-(``save_top_k``), are retired. Only ckptsync checkpoints of this rule are ever deleted, never
-the newest one, nor the one this process resumed from.
-
-On a fresh machine, :func:`pull_latest` restores what ``fit(ckpt_path="last")`` reads: the
-newest remote ``last.ckpt`` and the newest top-k file beside it; where that top-k file holds a
-newer step (the run was killed between its upload and the one of ``last.ckpt``), it is also
-linked as ``last.ckpt``, as ``ModelCheckpoint(save_last="link")`` does, so the resume starts
-from the newest step that reached the remote (:mod:`ckptsync.integrations.lightning_resume`).
-
-Lightning itself is imported lazily (``lightning``, else ``pytorch_lightning``): importing
-this module does not import it, and a missing framework is a :class:`ConfigError` naming the
-``ckptsync[lightning]`` extra.
-"""
+"""The Lightning ``CheckpointIO`` plugin: each save is written once, committed in a private
+spool, linked into place atomically and uploaded through one transfer queue (the package doc
+of :mod:`ckptsync.integrations.lightning` says how)."""
 
 from __future__ import annotations
 
@@ -52,7 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ckptsync.atomic import FileOps, link_into_place
+from ckptsync.atomic import FileOps
 from ckptsync.config import (
     ENV_PREFIX,
     remote_from_env,
@@ -64,15 +27,21 @@ from ckptsync.errors import (
     ConfigError,
     NoCheckpointError,
 )
-from ckptsync.integrations.lightning_resume import RULE, one_path, pull_file, pull_resume_set
-from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore, storage_error
+from ckptsync.integrations.lightning.resume import (
+    RULE,
+    link,
+    one_path,
+    pull_file,
+    pull_resume_set,
+)
+from ckptsync.local import PRIVATE_PREFIX, LocalCheckpoint, LocalStore
 from ckptsync.manifest import MANIFEST_NAME, Manifest, make_name
 from ckptsync.remote import RemoteStore
 from ckptsync.transfer.queue import Attempt, Transfer, TransferFuture, TransferQueue
 from ckptsync.transfer.retry import RetryPolicy
 from ckptsync.zerocode.rules import WATCHED
 
-__all__ = ["RULE", "CkptSyncCheckpointIO", "pull_latest"]
+__all__ = ["CkptSyncCheckpointIO"]
 
 log = logging.getLogger("ckptsync.lightning")
 
@@ -119,34 +88,6 @@ def _global_rank() -> int:
     with contextlib.suppress(ValueError):
         return int(os.environ.get("RANK", "0"))
     return 0
-
-
-def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
-                storage_options: Mapping[str, Any] | None = None) -> Path | None:
-    """Restore, into ``dirpath``, the files ``trainer.fit(model, ckpt_path="last")`` resumes
-    from on a fresh machine: the newest ``last.ckpt`` the remote holds and the newest top-k
-    file beside it. Where the top-k file holds a newer step than ``last.ckpt`` (a run killed
-    between the two uploads), it is linked as ``last.ckpt`` too, so the resume starts at the
-    newest step that reached the remote, never from 0 when any version did.
-
-    Call it before ``fit`` (Lightning resolves ``"last"`` by listing ``dirpath``). A local
-    file already at its remote version's step or newer is kept.
-
-    Returns:
-        The file the resume reads (``last.ckpt``), or None when the remote holds none.
-
-    Raises:
-        NoCheckpointError: the remote holds versions, none of them valid.
-        RemoteError, LocalStorageError: as :func:`ckptsync.zerocode.restore.restore_watched`.
-
-    Example::
-
-        pull_latest("s3://bucket/run1", "ckpts")
-        trainer.fit(model, ckpt_path="last")
-    """
-    root = Path(dirpath).expanduser().absolute()
-    got = pull_resume_set(RemoteStore(remote, storage_options), root, partial(_link, FileOps()))
-    return None if got is None else got[0]
 
 
 @dataclass(frozen=True)
@@ -266,7 +207,7 @@ class CkptSyncCheckpointIO:
         except BaseException:
             staging.abort()
             raise
-        _link(self._ops, ckpt.file(rel), dest)
+        link(self._ops, ckpt.file(rel), dest)
         if _global_rank() != 0:  # Lightning saves on global rank 0 only; be safe elsewhere
             spool.delete(name)
             return
@@ -333,7 +274,7 @@ class CkptSyncCheckpointIO:
         root = Path(dirpath).expanduser().absolute()
         if self.root is None:
             self.root = root
-        got = pull_resume_set(self.store, root, partial(_link, self._ops))
+        got = pull_resume_set(self.store, root, partial(link, self._ops))
         if got is None:
             return None
         self._protected.update(m.name for m in got[1])
@@ -465,12 +406,3 @@ class CkptSyncCheckpointIO:
         except CkptSyncError as e:
             log.warning("could not retire old versions in %s (retried after the next upload):"
                         " %s", self.store.url_of(), e)
-
-
-def _link(ops: FileOps, src: Path, dest: Path) -> None:
-    """Make ``dest`` the file ``src`` through the one atomic seam (:mod:`ckptsync.atomic`):
-    replaced whole or not at all; a failure names ``dest``."""
-    try:
-        link_into_place(src, dest, ops)
-    except OSError as e:
-        raise storage_error(e, dest, "save checkpoint") from e

@@ -1,5 +1,5 @@
 """What a fresh machine pulls so that Lightning's ``fit(ckpt_path="last")`` resumes at the
-newest step that reached the remote (used by :mod:`ckptsync.integrations.lightning`).
+newest step that reached the remote (:func:`pull_latest`, and the plugin's own pull).
 
 Remote layout: the ``lightning`` preset's (:func:`ckptsync.zerocode.presets.preset_rule`), one
 zero-code checkpoint per saved ``.ckpt`` file. Lightning resolves ``"last"`` among the
@@ -13,21 +13,24 @@ does. Lightning is not imported here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from ckptsync.atomic import FileOps, link_into_place
 from ckptsync.errors import CorruptCheckpointError, NoCheckpointError
+from ckptsync.local import storage_error
 from ckptsync.manifest import Manifest
+from ckptsync.remote import RemoteStore
 from ckptsync.zerocode.contentstep import torch_save_step
 from ckptsync.zerocode.presets import preset_rule
 from ckptsync.zerocode.restore import restore_watched
 from ckptsync.zerocode.rules import is_watched
 
-if TYPE_CHECKING:
-    from ckptsync.remote import RemoteStore
-
-__all__ = ["LAST", "RULE", "one_path", "pull_file", "pull_resume_set", "resume_path"]
+__all__ = ["LAST", "RULE", "link", "one_path", "pull_file", "pull_latest", "pull_resume_set",
+           "resume_path"]
 
 log = logging.getLogger("ckptsync.lightning")
 
@@ -157,3 +160,40 @@ def pull_resume_set(store: RemoteStore, root: Path, link: Callable[[Path, Path],
                  "none" if last_step is None else f"step {last_step}", last_rel)
         link(topk, last)
     return last, pulled
+
+
+def pull_latest(remote: str, dirpath: str | os.PathLike[str], *,
+                storage_options: Mapping[str, Any] | None = None) -> Path | None:
+    """Restore, into ``dirpath``, the files ``trainer.fit(model, ckpt_path="last")`` resumes
+    from on a fresh machine: the newest ``last.ckpt`` the remote holds and the newest top-k
+    file beside it. Where the top-k file holds a newer step than ``last.ckpt`` (a run killed
+    between the two uploads), it is linked as ``last.ckpt`` too, so the resume starts at the
+    newest step that reached the remote, never from 0 when any version did.
+
+    Call it before ``fit`` (Lightning resolves ``"last"`` by listing ``dirpath``). A local
+    file already at its remote version's step or newer is kept.
+
+    Returns:
+        The file the resume reads (``last.ckpt``), or None when the remote holds none.
+
+    Raises:
+        NoCheckpointError: the remote holds versions, none of them valid.
+        RemoteError, LocalStorageError: as :func:`ckptsync.zerocode.restore.restore_watched`.
+
+    Example::
+
+        pull_latest("s3://bucket/run1", "ckpts")
+        trainer.fit(model, ckpt_path="last")
+    """
+    root = Path(dirpath).expanduser().absolute()
+    got = pull_resume_set(RemoteStore(remote, storage_options), root, partial(link, FileOps()))
+    return None if got is None else got[0]
+
+
+def link(ops: FileOps, src: Path, dest: Path) -> None:
+    """Make ``dest`` the file ``src`` through the one atomic seam (:mod:`ckptsync.atomic`):
+    replaced whole or not at all; a failure names ``dest``."""
+    try:
+        link_into_place(src, dest, ops)
+    except OSError as e:
+        raise storage_error(e, dest, "save checkpoint") from e
