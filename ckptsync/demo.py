@@ -44,13 +44,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ckptsync.demo_report import RunRecord, compare, format_report, mib, plot
 from ckptsync.errors import CkptSyncError, ConfigError
 from ckptsync.redact import redact_url
 
 __all__ = ["DemoConfig", "DemoError", "default_script", "format_report", "run_demo"]
-
-EXACT_YES = "exact resume: yes"
-EXACT_NO = "exact resume: no"
 
 _KV = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 
@@ -129,10 +127,6 @@ def _say(msg: str) -> None:
     _narration.flush()
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 # --------------------------------------------------------------------------- processes
 class _LogTail:
     """Complete lines appended to a file since the last read."""
@@ -169,7 +163,7 @@ class _DaemonLines:
             if event == "pushed":
                 self.pushed += 1
                 _say(f"  synced step {kv.get('step')} to the remote "
-                     f"({_mib(int(kv.get('bytes', 0)))} in {kv.get('seconds')} s)")
+                     f"({mib(int(kv.get('bytes', 0)))} in {kv.get('seconds')} s)")
             elif kv.get("level") in ("warning", "error") and event != "log":
                 _say(f"  daemon: {line}")
 
@@ -194,23 +188,11 @@ def _wait_for_first_sync(proc: subprocess.Popen[bytes], synced: Callable[[], boo
         time.sleep(0.05)
 
 
-@dataclass
-class _Run:
-    """One trainer process's outcome, as the demo observed it."""
-
-    losses: dict[int, float]
-    step_times: dict[int, float]  # step -> monotonic time the demo saw it logged
-    started: float
-    ended: float
-    killed: bool
-    output: str
-
-
 def _trainer(cfg: DemoConfig, args: list[str], log: Path, desc: str, *,
              kill_at: int | None = None, first_step: int = 1,
              tick: Callable[[], None] = lambda: None,
              on_kill: Callable[[], None] = lambda: None,
-             synced: Callable[[], bool] = lambda: True) -> _Run:
+             synced: Callable[[], bool] = lambda: True) -> RunRecord:
     """Run the trainer; follow its per-step log with a progress bar; SIGKILL at ``kill_at``.
 
     The kill waits for ``synced()``: a demo of resuming needs a checkpoint on the remote. On a
@@ -274,7 +256,7 @@ def _trainer(cfg: DemoConfig, args: list[str], log: Path, desc: str, *,
                         f"{proc.returncode}:\n{output[-2000:]}")
     if kill_at is not None and not killed:
         raise DemoError(f"the trainer finished before step {kill_at}: nothing was killed")
-    return _Run(losses, times, started, time.monotonic(), killed, output)
+    return RunRecord(losses, times, started, time.monotonic(), killed, output)
 
 
 # --------------------------------------------------------------------------- the demo
@@ -373,7 +355,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     resumed_from = pulled.step or 0
     m = pulled.manifest
     _say(f"  pulled {m.name} (step {resumed_from}): {len(m.files)} files, "
-         f"{_mib(m.total_size)}, digests verified")
+         f"{mib(m.total_size)}, digests verified")
 
     _say("[4/4] resuming on the fresh VM (trainer --resume, a new daemon syncing)")
     watcher2 = start_watcher(ckpts, url, storage_options=cfg.storage_options, interval=1,
@@ -391,8 +373,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if code != 0:
         raise DemoError(f"the second daemon exited with code {code}; see {vm / 'daemon-2.log'}")
 
-    report = _compare(cfg, ref, run1, run2, ref_dir / "final.pt", vm / "final.pt",
-                      killed_at=killed_at, resumed_from=resumed_from)
+    report = compare(ref, run1, run2, ref_dir / "final.pt", vm / "final.pt", steps=cfg.steps,
+                     save_every=cfg.save_every, killed_at=killed_at,
+                     resumed_from=resumed_from)
     report.update(
         remote=url,
         resumed_from_name=m.name,
@@ -406,109 +389,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         demo_seconds=round(time.monotonic() - t_demo, 2),
         out_dir=str(out),
     )
-    report["plot"] = _plot(report, ref, run1, run2, out / "loss.png")
+    report["plot"] = plot(report, ref, run1, run2, out / "loss.png")
+    if report["plot"] is None:
+        _say("  (no loss plot: matplotlib is not installed; pip install \"ckptsync[demo]\")")
     text = format_report(report)
     (out / "report.txt").write_text(text + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _compare(cfg: DemoConfig, ref: _Run, run1: _Run, run2: _Run, ref_weights: Path,
-             weights: Path, *, killed_at: int, resumed_from: int) -> dict[str, Any]:
-    import torch
-
-    before = [s for s in sorted(run1.losses) if run1.losses[s] != ref.losses.get(s)]
-    expected_after = list(range(resumed_from + 1, cfg.steps + 1))
-    after = [s for s in expected_after if run2.losses.get(s) != ref.losses.get(s)]
-    a = torch.load(ref_weights, map_location="cpu", weights_only=True)
-    b = torch.load(weights, map_location="cpu", weights_only=True)
-    differ = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
-    differ += [k for k in b if k not in a]
-    t_kill = run1.step_times.get(killed_at, run1.ended)
-    t_ckpt = run1.step_times.get(resumed_from, run1.started)
-    exact = (not before and not after and sorted(run2.losses) == expected_after
-             and not differ and sorted(ref.losses) == list(range(1, cfg.steps + 1)))
-    return {
-        "exact": exact,
-        "steps": cfg.steps,
-        "save_every": cfg.save_every,
-        "killed_at": killed_at,
-        "resumed_from": resumed_from,
-        "steps_redone": killed_at - resumed_from,
-        "seconds_redone": round(max(t_kill - t_ckpt, 0.0), 2),
-        "losses_compared": len(expected_after),
-        "losses_differing_after_resume": after,
-        "losses_differing_before_kill": before,
-        "resumed_steps": sorted(run2.losses),
-        "weights_compared": len(a),
-        "weights_differing": differ,
-    }
-
-
-def _plot(report: dict[str, Any], ref: _Run, run1: _Run, run2: _Run, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("  (no loss plot: matplotlib is not installed; pip install \"ckptsync[demo]\")")
-        return None
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-    r = sorted(ref.losses)
-    ax.plot(r, [ref.losses[s] for s in r], color="0.6", lw=4, label="reference (uninterrupted)")
-    k = sorted(run1.losses)
-    ax.plot(k, [run1.losses[s] for s in k], color="tab:blue", lw=1.5, label="run, until SIGKILL")
-    s2 = sorted(run2.losses)
-    ax.plot(s2, [run2.losses[s] for s in s2], color="tab:orange", lw=1.5, ls="--",
-            label="resumed on a fresh VM")
-    ax.axvline(report["killed_at"], color="tab:red", lw=1, ls=":",
-               label=f"killed at step {report['killed_at']}")
-    ax.axvline(report["resumed_from"], color="tab:green", lw=1, ls=":",
-               label=f"resumed from step {report['resumed_from']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    verdict = "yes" if report["exact"] else "no"
-    ax.set_title(f"ckptsync demo: exact resume: {verdict}")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return str(path)
-
-
-def format_report(r: dict[str, Any]) -> str:
-    """The human-readable report (the last line is ``exact resume: yes`` or ``... no``)."""
-    after = r["losses_differing_after_resume"]
-    lines = [
-        "",
-        "ckptsync demo report",
-        f"  remote               {r['remote']}",
-        f"  killed               SIGKILL at step {r['killed_at']} of {r['steps']} "
-        "(trainer and daemon; local checkpoints deleted)",
-        f"  at the kill          newest local checkpoint: step {r['newest_local_step_at_kill']}; "
-        f"remote: {r['remote_committed_at_kill']} committed"
-        + (f", {r['remote_uncommitted_at_kill']} unfinished upload(s) ignored"
-           if r["remote_uncommitted_at_kill"] else ""),
-        f"  resumed from         {r['resumed_from_name']} (step {r['resumed_from']}), "
-        f"{r['resumed_from_files']} files, {_mib(r['resumed_from_bytes'])}, digests verified",
-        f"  time lost            {r['steps_redone']} steps redone ({r['seconds_redone']} s of "
-        f"training), plus {r['recovery_seconds']} s to pull and restart",
-        "  losses after resume  "
-        + (f"{r['losses_compared']}/{r['losses_compared']} identical to the uninterrupted run, "
-           "bit for bit" if not after and r["resumed_steps"]
-           else f"{len(after)} of {r['losses_compared']} differ (first at step "
-                f"{after[0] if after else '?'})"),
-        "  final weights        "
-        + (f"{r['weights_compared']}/{r['weights_compared']} tensors identical, bit for bit"
-           if not r["weights_differing"]
-           else f"{len(r['weights_differing'])} tensors differ: "
-                f"{', '.join(r['weights_differing'][:3])}"),
-    ]
-    if r["losses_differing_before_kill"]:
-        lines.append(f"  before the kill      {len(r['losses_differing_before_kill'])} losses "
-                     "differ from the reference (the trainer is not deterministic)")
-    lines.append(f"  loss plot            {r['plot'] or '(not written: no matplotlib)'}")
-    lines.append(f"  report               {Path(r['out_dir']) / 'report.txt'}")
-    lines.append(EXACT_YES if r["exact"] else EXACT_NO)
-    return "\n".join(lines)

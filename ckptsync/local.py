@@ -36,6 +36,7 @@ from typing import Any
 
 from ckptsync.atomic import FileOps, write_atomic
 from ckptsync.errors import (
+    ConfigError,
     CorruptCheckpointError,
     LocalStorageError,
     ManifestError,
@@ -303,6 +304,18 @@ class LocalStore:
             return f"pid {int(info['pid'])} on {info['host']} since {info['started']}"
         except (OSError, ValueError, TypeError, KeyError):
             return "a process that did not say who it is"
+
+    def claim(self, whose: str = "", fix: str = "close() that one first (or let its process "
+              "end), or use another directory") -> None:
+        """Become the directory's one writer (:meth:`acquire_writer_lock`), then remove crashed
+        saves' leftovers (:meth:`cleanup`). A second writer's retention would delete the first
+        one's checkpoints under its feet (mid-upload), and its cleanup would take its saves:
+        raises ConfigError naming the holder, the directory (``whose`` it is) and ``fix``."""
+        if not self.acquire_writer_lock():
+            raise ConfigError(
+                f"another Checkpointer ({self.writer_lock_holder()}) is writing checkpoints in "
+                f"{self.directory}{whose}; one directory holds one run: {fix}")
+        self.cleanup()
 
     def release_writer_lock(self) -> None:
         release = getattr(self, "_writer_lock", None)

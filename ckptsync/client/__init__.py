@@ -25,6 +25,6 @@ from __future__ import annotations
 from ckptsync.client.checkpointer import Checkpointer
 from ckptsync.client.restore import RestoreInfo
 from ckptsync.client.snapshot import SaveHandle
-from ckptsync.client.uploader import SyncStatus
+from ckptsync.client.syncstatus import SyncStatus
 
 __all__ = ["Checkpointer", "RestoreInfo", "SaveHandle", "SyncStatus"]

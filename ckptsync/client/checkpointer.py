@@ -25,7 +25,7 @@ from ckptsync.client.snapshot import SaveHandle
 from ckptsync.client.state import is_sharded
 from ckptsync.client.strategy import Context, SaveStrategy
 from ckptsync.client.sync import RunSync
-from ckptsync.client.uploader import SyncStatus
+from ckptsync.client.syncstatus import SyncStatus
 from ckptsync.client.writer import local_keys
 from ckptsync.config import resolve_close_timeout
 from ckptsync.errors import ConfigError, RemoteError
@@ -174,15 +174,7 @@ class Checkpointer:
         self._replicated = Replicated(self._ctx)
         self._sharded: Sharded | None = None  # imports DCP: made on first use
         if self.rank == 0:
-            if not self.store.acquire_writer_lock():
-                # A second writer's retention would delete the first one's checkpoints under
-                # its feet (mid-upload), and its cleanup would take the other's saves.
-                raise ConfigError(
-                    f"another Checkpointer ({self.store.writer_lock_holder()}) is writing "
-                    f"checkpoints in {self.store.directory}; one directory holds one run: "
-                    "close() that one first (or let its process end), or use another directory"
-                )
-            self.store.cleanup()
+            self.store.claim()
 
     def _release_lock(self) -> None:
         if hasattr(self, "store"):

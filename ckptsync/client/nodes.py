@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ckptsync.errors import ConfigError
 from ckptsync.local import LocalStore
 
 __all__ = ["NodeDirectory", "Nodes", "nodes_of"]
@@ -73,10 +72,5 @@ class NodeDirectory:
         """
         if not nodes.leader or self.rank == 0 or self._adopted:
             return
-        if not self.store.acquire_writer_lock():
-            raise ConfigError(
-                f"another Checkpointer ({self.store.writer_lock_holder()}) is writing "
-                f"checkpoints in {self.store.directory} (node {nodes.mine}'s directory); one "
-                "directory holds one run: give each run its own directory")
-        self.store.cleanup()
+        self.store.claim(f" (node {nodes.mine}'s directory)", "give each run its own directory")
         self._adopted = True

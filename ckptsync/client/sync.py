@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from ckptsync.client.uploader import SyncStatus, Uploader
+from ckptsync.client.syncstatus import SyncStatus
+from ckptsync.client.uploader import Uploader
 from ckptsync.errors import CorruptCheckpointError
 from ckptsync.local import LocalCheckpoint, LocalStore
 from ckptsync.manifest import Manifest, parse_name

@@ -27,14 +27,6 @@ pytestmark = pytest.mark.core
 
 PACKAGE = REPO / "ckptsync"
 MAX_LINES = 450
-#: Modules over MAX_LINES that are being split by concern right now (the Checkpointer, the
-#: demo, the in-process uploader). This list
-#: only shrinks: each entry goes when its module is split, and the list goes when it is empty.
-OVER_MAX_LINES_FOR_NOW = {
-    "ckptsync/client/checkpointer.py",
-    "ckptsync/demo.py",
-    "ckptsync/client/uploader.py",
-}
 #: Packages that hold the client, the remote store, transfers, the zero-code model and the
 #: daemon: the core modules directly in ckptsync/ are the layer below them and must not import
 #: them.
@@ -221,12 +213,10 @@ def test_no_import_cycle_among_ckptsync_modules() -> None:
 
 def test_no_ckptsync_module_is_over_450_lines() -> None:
     """One concept per file: a module over the limit is split by concern, not where a line
-    limit hits (the allow-list holds the ones being split, and only shrinks)."""
+    limit hits."""
     sizes = {_rel(p): len(p.read_text().splitlines()) for p in _modules().values()}
-    over = {f: n for f, n in sizes.items() if n > MAX_LINES and f not in OVER_MAX_LINES_FOR_NOW}
-    assert not over, f"modules over {MAX_LINES} lines: {over}"
-    split = sorted(f for f in OVER_MAX_LINES_FOR_NOW if sizes.get(f, 0) <= MAX_LINES)
-    assert not split, f"no longer over {MAX_LINES} lines, drop from the allow-list: {split}"
+    over = {f: n for f, n in sizes.items() if n > MAX_LINES}
+    assert not over, f"modules over {MAX_LINES} lines (split one by concern): {over}"
 
 
 def _ckptsync_names(tree: ast.Module) -> tuple[set[str], set[str]]:
