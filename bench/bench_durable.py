@@ -110,7 +110,7 @@ def run(ctx: Ctx) -> list[Table]:
         f"time to durable in S3{over(ctx)}, {ctx.size.nbytes / 1e9:.2f} GB state", "s", rows,
         baseline="torch.save+fsync+boto3 upload_file",
         targets=[Target("<= 0.8x fastest peer", OURS, peers, 0.8),
-                 Target("<= 1.0x fastest peer (issue 33, at 1 GB)", OURS, peers, 1.0),
+                 Target("<= 1.0x fastest peer (at 1 GB)", OURS, peers, 1.0),
                  Target("client CPU-s/GB <= 1.3x S3Checkpoint.writer's", OURS, [S3TC_WRITER],
                         1.3, cpu=True)],
         notes=["every tensor is changed before each save, so no file is deduplicated",

@@ -225,9 +225,9 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
                    s3_peers, 0.25),
             Target("s3 in-process <= 0.25x best s3 peer", "s3: ckptsync in-process upload",
                    s3_peers, 0.25),
-            Target("s3 <= 0.25x dcp.async_save S3StorageWriter (issue 33)",
+            Target("s3 <= 0.25x dcp.async_save S3StorageWriter",
                    "s3: ckptsync save + daemon (nice 19)", [DCP_S3TC], 0.25),
-            Target("s3 in-process <= 0.25x dcp.async_save S3StorageWriter (issue 33)",
+            Target("s3 in-process <= 0.25x dcp.async_save S3StorageWriter",
                    "s3: ckptsync in-process upload", [DCP_S3TC], 0.25),
             Target("local <= 0.7x best local peer", "local: ckptsync save", local_peers, 0.7),
         ] if not (local_only and t.ours.startswith("s3:"))

@@ -1,5 +1,5 @@
 """Client CPU seconds per GB of a push to S3 or GCS, with and without the backend checksums
-of issue 18 (S3: one CRC32 per part, computed once, instead of botocore's own pass; GCS: the
+(S3: one CRC32 per part, computed once, instead of botocore's own pass; GCS: the
 CRC32C declared on the finalizing request, computed in the pass that hashes the file).
 
 ``python -m bench.checksum_cpu OLD_TREE [--mib N] [--runs N] [--servers http,https,gcs]``

@@ -1,4 +1,4 @@
-"""obstore as ckptsync's data path for s3:// and gs:// (issue 33 §3), measured against the
+"""obstore as ckptsync's data path for s3:// and gs://, measured against the
 path ckptsync has, on the same servers, runs alternating.
 
 ``python -m bench.obstore_path [--mib N] [--runs N] [--servers http,https,gcs] [--probe]``

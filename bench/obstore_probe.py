@@ -1,5 +1,5 @@
-"""What obstore and s3torchconnector send, and what obstore offers for what ckptsync needs
-(issue 33 §3): ``python -m bench.obstore_path --probe``.
+"""What obstore and s3torchconnector send, and what obstore offers for what ckptsync needs:
+``python -m bench.obstore_path --probe``.
 
 Each client talks to SeaweedFS (plain, and over https through the fault proxy, which then
 terminates TLS) or to fake-gcs-server through the fault proxy

@@ -1,4 +1,4 @@
-"""The Rust S3 clients as peers (issue 33): what a user who picked one of them writes.
+"""The Rust S3 clients as peers: what a user who picked one of them writes.
 
 - **s3torchconnector** (AWS; the CRT through mountpoint-s3-client): ``torch.save`` into
   ``S3Checkpoint.writer``; DCP's ``S3StorageWriter``; ``S3Checkpoint.writer``/``reader`` as

@@ -1,7 +1,7 @@
 """What a failed or abandoned push leaves behind, and that it is collected without touching
 anything committed: ``RemoteStore.abandon``, temporary ``.part-*`` files (by the next attempt
 and by ``gc``), durable files before the manifest on file:// and mounts, and Drive's
-"leftovers" against a concurrent commit of the same name (issue 16, items 9 and 14).
+"leftovers" against a concurrent commit of the same name.
 
 Runs on the backends in ``CKPTSYNC_STORE_BACKENDS`` (``store_remote``, conformance/conftest.py).
 """

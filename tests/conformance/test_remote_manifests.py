@@ -132,7 +132,7 @@ class TestRemoteManifests:
 
     def test_oversized_manifest_is_refused_unread(self, store_remote: Any,
                                                   tmp_path: Path) -> None:
-        """Issue 17.6: a manifest over the bound is refused with its path, size and the bound,
+        """A manifest over the bound is refused with its path, size and the bound,
         and no read returns more than the bound + 1 byte of it."""
         local = LocalStore(tmp_path / "a")
         good = make_local(local, 1, {"w.bin": b"good"})
@@ -180,7 +180,7 @@ class TestRemoteManifests:
         assert m is not None and m.name == good.name
 
     def test_edited_step_is_refused(self, store_remote: Any, tmp_path: Path) -> None:
-        """Issue 17.1: "step": 101 edited to 301 in a committed manifest is never trusted."""
+        """"step": 101 edited to 301 in a committed manifest is never trusted."""
         local = LocalStore(tmp_path / "a")
         c100 = make_local(local, 100, {"w.bin": b"100"})
         c101 = make_local(local, 101, {"w.bin": b"101"})

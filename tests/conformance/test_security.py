@@ -1,7 +1,7 @@
-"""Issue 28: what a bucket writer, a skewed clock or a second run can do to a restore.
+"""What a bucket writer, a skewed clock or a second run can do to a restore.
 
-Each test is one item of the issue's "Why", tried as an attacker or an unlucky user would,
-on the backends where it matters: ``file://`` and S3 (SeaweedFS) have a create-only write,
+Each test is one attack or mishap, tried as an attacker or an unlucky user would, on the
+backends where it matters: ``file://`` and S3 (SeaweedFS) have a create-only write,
 ``memory://`` stands for the backends that do not (Drive). An attacker here writes objects
 straight into the bucket (``put``), as anyone with write access can.
 """

@@ -1,4 +1,4 @@
-"""The order of a local commit's file operations, not only its outcome (issue 16).
+"""The order of a local commit's file operations, not only its outcome.
 
 A SIGKILL does not lose what the page cache holds, so the kill tests
 (test_crash_consistency.py) pass even without a single fsync; a power cut would not. These

@@ -149,7 +149,7 @@ def test_systemd_unit_has_restart_env_file_and_graceful_stop() -> None:
     assert svc["EnvironmentFile"] == "/etc/ckptsync/watch.env"
     assert svc["KillSignal"] == "SIGTERM"
     assert svc["ExecStart"].split()[:2] == ["/opt/ckptsync/bin/ckptsync", "watch"]
-    # Issue 32.9: the daemon serves its health endpoint, and the start is checked with it.
+    # The daemon serves its health endpoint, and the start is checked with it.
     start = svc["ExecStart"].split()
     port = start[start.index("--metrics-port") + 1]
     post = svc["ExecStartPost"].split()
@@ -200,14 +200,14 @@ def test_pod_shares_a_volume_and_stops_the_sidecar_gracefully() -> None:
     sidecar = inits["ckptsync"]
     assert sidecar["restartPolicy"] == "Always"  # native sidecar: stopped after the trainer
     assert inits["restore"]["args"] == ["pull"] and sidecar["args"][0] == "watch"
-    # Issue 32.9: the kubelet probes the daemon's health endpoint, on the port it serves.
+    # The kubelet probes the daemon's health endpoint, on the port it serves.
     args = sidecar["args"]
     port = int(args[args.index("--metrics-port") + 1])
     assert args[args.index("--metrics-addr") + 1] == "0.0.0.0"  # reachable by the kubelet
     (named,) = [p for p in sidecar["ports"] if p["containerPort"] == port]
     probe = sidecar["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz" and probe["port"] in (port, named["name"])
-    # The run's first pod starts fresh on an empty prefix, as declared (issue 32.1).
+    # The run's first pod starts fresh on an empty prefix, as declared.
     assert {e["name"]: e["value"] for e in sidecar["env"]}["CKPTSYNC_ALLOW_EMPTY"] == "1"
     mounts = {c["name"]: c["volumeMounts"][0] for c in [trainer, *inits.values()]}
     assert {m["name"] for m in mounts.values()} == {vol["name"]}

@@ -1,4 +1,4 @@
-"""Push, pull and the daemon through a fault-injecting proxy (issue 16).
+"""Push, pull and the daemon through a fault-injecting proxy.
 
 A :class:`fault_proxy.FaultProxy` with a seeded :class:`fault_proxy.Chaos` plan sits between
 ckptsync and a real server (SeaweedFS, fake-gcs-server) and faults 10% or 30% of all requests:

@@ -1,4 +1,4 @@
-"""No hangs and fast stops (issue 16, item 11; item 9 for the daemon's own clean-up).
+"""No hangs and fast stops, the daemon's own clean-up included.
 
 A black hole (a TCP listener on 127.0.0.1 that accepts and never answers) stands for an
 endpoint that a firewall drops: every command ends within a bounded time, and the daemon
@@ -84,7 +84,7 @@ def test_ls_against_a_black_hole_fails_within_a_bounded_time(black_hole: str) ->
 
 def test_ls_against_a_black_hole_ends_at_its_deadline_naming_the_endpoint(
         black_hole: str) -> None:
-    """Issue 30.4: the production retries and timeouts (5 attempts, a 30 s read timeout, and
+    """The production retries and timeouts (5 attempts, a 30 s read timeout, and
     s3fs's own retries inside each) would take many minutes; the command's deadline ends it,
     naming the endpoint that does not answer."""
     start = time.monotonic()

@@ -201,7 +201,7 @@ def test_restore_in_process_brings_back_every_object_and_rng_stream(tmp_path: Pa
 @pytest.mark.parametrize("where", ["local", "file", "s3"])
 def test_a_v1_checkpoint_written_the_old_way_is_restored(
         where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Issue 18.1: a ``ckptsync/1`` checkpoint (sha256 entries, no self-digest) restores,
+    """A ``ckptsync/1`` checkpoint (sha256 entries, no self-digest) restores,
     from the local directory or pulled from a remote onto a fresh machine."""
     state = make_training_state(seed=2)
     train_steps(state, 2)
@@ -234,7 +234,7 @@ def test_a_v1_checkpoint_written_the_old_way_is_restored(
 
 def test_a_manifest_whose_step_was_edited_is_never_restored(tmp_path: Path,
                                                             s3_remote: Any) -> None:
-    """Issue 17.1 on S3: "step": 101 edited to 301 in the newest manifest fails ``ckptsync
+    """On S3: "step": 101 edited to 301 in the newest manifest fails ``ckptsync
     verify`` (exit 1, saying it was altered), and a fresh machine restores step 100."""
     state = make_training_state(seed=4)
     opts = s3_remote.storage_options

@@ -1,4 +1,4 @@
-"""The quick form of ``make soak`` (issue 16): 20 randomized SIGKILL trials of the trainer and
+"""The quick form of ``make soak``: 20 randomized SIGKILL trials of the trainer and
 the daemon, on file:// remotes and one SeaweedFS run; see tests/support/soak/soak.py."""
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_rewrite_with_identical_content_is_not_committed_again(
 @pytest.mark.parametrize("kind", ["file", "s3"])
 def test_a_v1_watched_checkpoint_pulls_back_to_its_path(
         kind: str, tmp_path: Path, file_remote: Remote, s3_remote: Remote) -> None:
-    """Issue 18.1: ``ckptsync pull`` puts a zero-code version that ``ckptsync/1`` wrote
+    """``ckptsync pull`` puts a zero-code version that ``ckptsync/1`` wrote
     (sha256 entries) back at its original path, verified."""
     remote = file_remote if kind == "file" else s3_remote
     out = tmp_path / "run"

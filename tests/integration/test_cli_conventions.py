@@ -1,4 +1,4 @@
-"""Issue 20, conventions a user brings from aws-cli, rclone and s5cmd: ``push --dry-run``
+"""Conventions a user brings from aws-cli, rclone and s5cmd: ``push --dry-run``
 writes nothing, progress bars only on a terminal, exit codes that tell apart credentials,
 nothing to do and an interrupt, and ``Checkpointer(...)`` reading ``CKPTSYNC_REMOTE`` and
 ``CKPTSYNC_STORAGE_OPTIONS`` like the CLI. Real remotes (file://, SeaweedFS), real
@@ -154,7 +154,7 @@ def test_wrong_credentials_exit_3(seaweedfs_remote: Remote, tmp_path: Path,
 
 @pytest.mark.parametrize("remote", ["file", "seaweedfs"], indirect=True)
 def test_pull_of_an_empty_remote_is_nothing_to_do(remote: Remote, tmp_path: Path) -> None:
-    """Where a new run is declared (issue 32.1: without it, a prefix that holds nothing at
+    """Where a new run is declared (without it, a prefix that holds nothing at
     all is a typo, exit 1)."""
     p = run_cli("pull", remote.url, str(tmp_path / "out"), **options_env(remote))
     assert p.returncode == 1 and "holds nothing at all" in p.stderr, p.stderr

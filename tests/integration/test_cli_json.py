@@ -1,4 +1,4 @@
-"""Issue 20: ``--json`` is JSON Lines for the commands that work through several checkpoints
+"""``--json`` is JSON Lines for the commands that work through several checkpoints
 (push, pull, ls, verify, gc): one compact object per checkpoint, written as each is done, so a
 pipe reading line by line sees progress; a summary line last, with the counts and the exit
 code, on a failure too. ``status`` and ``demo`` stay one object. ``gc --dry-run`` writes

@@ -1,4 +1,4 @@
-"""Issue 32.4 and 32.5: the CLI in pipes and when it fails.
+"""The CLI in pipes and when it fails.
 
 - Every command's ``--json`` piped into ``head -1`` ends quietly: no traceback, no "internal
   error", the conventional status of a closed pipe (141, 128 + SIGPIPE) where the pipe closed
@@ -147,7 +147,7 @@ def test_a_push_that_fails_mid_upload_on_s3_exits_at_once(seaweedfs_remote: Remo
 
 
 def test_ctrl_c_during_a_push_says_what_it_left_and_gc_collects_it(tmp_path: Path) -> None:
-    """Issue 32.7: a Ctrl-C'd push says which checkpoint it abandoned (not committed), where
+    """A Ctrl-C'd push says which checkpoint it abandoned (not committed), where
     its bytes are, and that gc collects them; gc --grace 0 then does."""
     import signal
 

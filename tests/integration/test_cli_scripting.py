@@ -1,4 +1,4 @@
-"""Issue 32.6 and 32.7: what scripts and aws-cli/rclone/s5cmd users rely on. ``--step N`` and
+"""What scripts and aws-cli/rclone/s5cmd users rely on. ``--step N`` and
 unique name prefixes wherever a name is taken; ``ls --since/--limit``; ``pull --dry-run``;
 labels say "step 160"; ``-q``; one end-of-transfer summary line; a usage error prints the
 subcommand's usage and exits 2; bare ``ckptsync`` prints the help; every subcommand's help

@@ -1,4 +1,4 @@
-"""Issue 32.2: ``status`` gates a script and is a live view. Exit 0 only when every local
+"""``status`` gates a script and is a live view. Exit 0 only when every local
 checkpoint is committed remotely, 1 while one is pending, 3 when the last attempt failed, 2
 for a directory no daemon ran in; a checkpoint remote retention removed is never pending.
 ``--follow`` redraws one screen (rich's ``Live``), checked through rich's own recording

@@ -1,4 +1,4 @@
-"""Issue 32.1 and 32.8, issue 30.8: a typo never looks like success. A prefix that holds
+"""A typo never looks like success. A prefix that holds
 nothing at all is reported as such, with the runs beside it, by ``pull``, ``ls``, ``verify``
 and ``Checkpointer.restore``; "nothing to pull: a fresh start" (exit 5) is said only for a run
 that exists or where the user declared a new run. ``ls`` of a bucket lists the runs in it.

@@ -1,4 +1,4 @@
-"""A remote under Colab's Drive mount (issue 31 item 3): ckptsync tells it from a local disk
+"""A remote under Colab's Drive mount: ckptsync tells it from a local disk
 (the kernel's mount table, here a fake one named by ``CKPTSYNC_MOUNTINFO``: a FUSE mount of
 type ``fuse.drive`` at ``.../content/drive``) and says what "committed" means there, in
 ``Checkpointer.status()``, ``ckptsync status``, the daemon's status file and the log (once, at

@@ -1,4 +1,4 @@
-"""A GCS upload whose finalizing reply is lost (issue 30 item 6; DESIGN.md: an ambiguous
+"""A GCS upload whose finalizing reply is lost (DESIGN.md: an ambiguous
 outcome is resolved by reading the remote, never assumed either way).
 
 gcsfs writes every object as a resumable upload. When the reply to the request that

@@ -1,4 +1,4 @@
-"""GCS uploads declare the CRC32C of their bytes (issue 18, section 2), so that the server
+"""GCS uploads declare the CRC32C of their bytes, so that the server
 refuses bytes damaged in transit.
 
 gcsfs writes every object as a resumable upload; ckptsync adds ``X-Goog-Hash: crc32c=...`` to

@@ -1,4 +1,4 @@
-"""``gdrive://`` with the credentials a Colab user has (issue 31 item 3): Google's
+"""``gdrive://`` with the credentials a Colab user has: Google's
 application-default credentials (what ``google.colab.auth.authenticate_user()`` installs), an
 authorized-user token file or a credentials object; no service account, no folder id:
 ``gdrive://ckptsync/run-17`` is *My Drive/ckptsync/run-17*, its folders made as needed.

@@ -1,4 +1,4 @@
-"""The Lightning ``CheckpointIO`` plugin with the real framework (issue 20).
+"""The Lightning ``CheckpointIO`` plugin with the real framework.
 
 A run killed mid-epoch (SIGKILL) whose local directory is then deleted resumes from the remote
 to the same step and the same final weights as an uninterrupted run; the remote follows what

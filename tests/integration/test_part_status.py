@@ -1,4 +1,4 @@
-"""Issue 19: a node's part of a multi-node checkpoint is never reported as synced before the
+"""A node's part of a multi-node checkpoint is never reported as synced before the
 whole checkpoint is committed (ckptsync/parts.py).
 
 With node 1 never uploading, nothing is restorable: node 0's in-process uploader

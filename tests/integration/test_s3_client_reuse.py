@@ -1,5 +1,5 @@
 """The blocking S3 client that sends parts and reads ranges is one per filesystem, with its
-connection pool, reused across files, pushes and pulls (issue 33 item 2): a save on a cloud
+connection pool, reused across files, pushes and pulls: a save on a cloud
 link no longer pays new TCP (and TLS) connections for every file. It signs every request with
 s3fs's current credentials, so credentials that expire and change during a long run do not
 break it. Ranged downloads read into reused buffers, not a fresh ``bytes`` per range.

@@ -1,4 +1,4 @@
-"""The requests a save costs on S3 (issue 18, section 3: fixed costs of small, frequent
+"""The requests a save costs on S3 (fixed costs of small, frequent
 checkpoints). On a cloud link every sequential request is a round trip of tens of ms, paid by
 every save whatever its size, so a save's upload makes only the requests the commit protocol
 needs: the data, one listing that finds every file with its size, the create-only manifest,

@@ -1,6 +1,6 @@
-"""Issue 28 from the user's side: a training process's own logs, an ``encrypt_local``
-directory with a planted plaintext checkpoint, and a zero-code ``ckptsync pull`` that never
-takes its rule from the bucket.
+"""What a bucket writer or a second run can do, seen from the user's side: a training
+process's own logs, an ``encrypt_local`` directory with a planted plaintext checkpoint, and a
+zero-code ``ckptsync pull`` that never takes its rule from the bucket.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Uploads carry the backend's own checksum (issue 18, section 2; issue 33: a hardware CRC32C):
+"""Uploads carry the backend's own checksum (a hardware CRC32C):
 the server refuses bytes damaged in transit, and S3 keeps a full-object CRC32C of every object
 ckptsync writes.
 

@@ -1,4 +1,4 @@
-"""``ckptsync wait DIR --timeout S`` (issue 32 item 3, issue 31 item 3): blocks until every
+"""``ckptsync wait DIR --timeout S``: blocks until every
 local checkpoint in DIR is committed remotely, as ``ckptsync status`` counts it (exact against
 the directory now); exit 0 committed, 1 still pending at the timeout, 2 usage, 3 the last
 upload attempt failed and nothing newer succeeded.

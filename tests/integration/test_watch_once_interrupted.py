@@ -1,4 +1,4 @@
-"""``watch --once`` stopped by SIGTERM while work is left exits 130, not 0 (issue 30 item 8):
+"""``watch --once`` stopped by SIGTERM while work is left exits 130, not 0:
 ``--once`` exits 0 only when everything is committed, so a script (cron, a notebook's last
 cell) never takes an interrupted sync for a finished one."""
 

@@ -1,4 +1,4 @@
-"""Issue 32.9: what an operator watches. ``watch --metrics-port`` serves Prometheus metrics
+"""What an operator watches. ``watch --metrics-port`` serves Prometheus metrics
 (checkpoints committed, bytes, failures, retries, lag in checkpoints, steps and seconds, the
 last success) and ``/healthz`` for a Kubernetes probe, on 127.0.0.1 by default;
 ``--on-failure CMD`` and ``--on-lag N CMD`` run a command with the event as JSON on stdin.

@@ -1,4 +1,4 @@
-"""The daemon under pressure (issue 16): a trainer whose own retention deletes checkpoints
+"""The daemon under pressure: a trainer whose own retention deletes checkpoints
 while they are uploaded, errors of any kind once running, ambiguous remote outcomes, and a
 ``status`` that never says "synced" while anything is not.
 
@@ -41,7 +41,7 @@ def _file_store(root: Path, fs: FaultFS, **config: Any) -> RemoteStore:
                        config=TransferConfig(retries=2, backoff_initial=0.01, **config))
 
 
-# --------------------------------------------------------------------------- issue 16.8
+# ---------------------------------------------------------------------- a trainer's own retention
 def test_fast_trainer_with_own_retention_never_starves_the_daemon(
         tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     """A trainer (Checkpointer keep_last=2) saves far faster than a slow link uploads: the
@@ -103,7 +103,7 @@ def test_fast_trainer_with_own_retention_never_starves_the_daemon(
     assert d.stop() == EXIT_OK
 
 
-# --------------------------------------------------------------------------- issue 16.10
+# --------------------------------------------------------------------- an error no boundary knows
 class _UnknownBackendError(Exception):
     """An exception type no error boundary knows."""
 
@@ -186,7 +186,7 @@ def test_complete_multipart_whose_reply_is_lost_commits_once_and_the_daemon_runs
     assert d.stop() == EXIT_OK
 
 
-# --------------------------------------------------------------------------- issue 16.12
+# ---------------------------------------------------------------- failures of deleted checkpoints
 def test_failures_of_checkpoints_deleted_locally_are_pruned(
         tmp_path: Path, daemons: list[InProcessDaemon]) -> None:
     local = tmp_path / "ckpts"
@@ -240,7 +240,7 @@ def test_status_counts_committed_versions_and_shows_a_settling_one_as_not_synced
     d2.stop()
 
 
-# --------------------------------------------------------------------------- issue 16.13
+# -------------------------------------------------------------- a checkpoint deleted while listed
 class _DeletedWhileListed(LocalStore):
     """A local store whose checkpoint ``victim`` is deleted between the listing and the read
     (what a trainer's retention does to a running daemon's scan)."""

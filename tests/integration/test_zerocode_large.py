@@ -1,4 +1,4 @@
-"""A large zero-code version uploads (issue 30 item 7): ``watch --once`` of a version whose
+"""A large zero-code version uploads: ``watch --once`` of a version whose
 manifest is over the 4 MiB that bounded every manifest before, and its log lines stay short
 (a file list is summarised: a count, the first few paths, the bytes)."""
 

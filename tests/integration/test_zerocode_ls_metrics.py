@@ -1,4 +1,4 @@
-"""Issue 32.8: zero-code checkpoints in ``ls`` show the files they hold and the metrics the
+"""Zero-code checkpoints in ``ls`` show the files they hold and the metrics the
 framework recorded (a Hugging Face ``trainer_state.json``'s log history, the monitored value in
 a Lightning checkpoint's file name), so that remote keep-best ranks them as it ranks native
 checkpoints. A real ``watch --once`` with the presets, a file:// remote."""

@@ -1,4 +1,4 @@
-"""A zero-code version is one save (issue 30 item 2).
+"""A zero-code version is one save.
 
 A trainer renames ``a.pth``, ``b.pth``, ``c.pth`` into place 0.4 s apart every 2.5 s under
 ``watch --rule 'file:*.pth'``: every committed version's files come from one save (each

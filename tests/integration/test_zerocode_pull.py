@@ -1,5 +1,5 @@
 """Zero-code pull writes only what its rule matches, never through a symlink or outside the
-target, and all-or-nothing (issue 17 item 8, issue 16 item 5; DESIGN.md "Remote side").
+target, and all-or-nothing (DESIGN.md "Remote side").
 
 The bucket is the attacker here: each test pushes a manifest that is valid as a manifest (real
 digests, built with ``Manifest.new``) but lists paths its own watch rule does not, or targets a

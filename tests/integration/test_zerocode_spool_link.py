@@ -1,4 +1,4 @@
-"""Zero-code spool by hard link (issue 18, section 2): a file renamed into place shares its
+"""Zero-code spool by hard link: a file renamed into place shares its
 inode with the spool (no second copy on disk); a file rewritten in place is still copied; a
 trainer rewriting a hard-linked file in place is never committed with bytes that mix versions.
 

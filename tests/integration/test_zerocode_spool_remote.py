@@ -1,4 +1,4 @@
-"""The spool knows its remote (issue 30 item 8): a daemon restarted on the same directory with
+"""The spool knows its remote: a daemon restarted on the same directory with
 another remote never uploads a version spooled for the previous one without re-examining it.
 It pushes it only when its content is still what the rule finds; it takes the trainer's files
 again when they changed; it drops it when they are gone. ``ckptsync watch --once``, real

@@ -1,4 +1,4 @@
-"""Zero-code mode never stalls, starves or stops silently (issue 16 items 1, 2, 4, 6, 7).
+"""Zero-code mode never stalls, starves or stops silently.
 
 The daemon runs in this process (a :class:`Watcher` on a thread, real inotify on ``tmp_path``,
 a real ``file://`` remote), so that a test can pass a spool fault seam and read its events.

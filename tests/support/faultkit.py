@@ -1,4 +1,4 @@
-"""Support for the fault-rate tests (issue 16): a remote reached through a :class:`FaultProxy`,
+"""Support for the fault-rate tests: a remote reached through a :class:`FaultProxy`,
 pushes retried as the daemon retries them, and the checks every run ends with.
 
 Imported as ``tests.support.faultkit``, also by tests/support/soak/.

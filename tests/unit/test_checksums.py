@@ -1,5 +1,5 @@
 """The full-object CRC S3 checks is the CRC of the whole file, whatever its parts: CRC32C
-(google-crc32c's C code, issue 33), and CRC32 (zlib) where google-crc32c is not installed."""
+(google-crc32c's C code), and CRC32 (zlib) where google-crc32c is not installed."""
 
 from __future__ import annotations
 

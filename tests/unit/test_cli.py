@@ -220,7 +220,7 @@ def test_help_without_torch() -> None:
 
 
 def test_empty_remote_ls(tmp_path: Path) -> None:
-    """A prefix that holds nothing is not an empty run (a typo, issue 32.1), unless the user
+    """A prefix that holds nothing is not an empty run (a typo), unless the user
     says a new run is expected there."""
     p = ckptsync("ls", f"file://{tmp_path}/nothing", "--json")
     assert p.returncode == 1 and "holds nothing at all" in p.stderr
@@ -290,7 +290,7 @@ def _remote_for(kind: str, tmp_path: Path, request: pytest.FixtureRequest
 @pytest.mark.parametrize("kind", ["file", "s3"])
 def test_v1_checkpoint_written_the_old_way(kind: str, tmp_path: Path,
                                            request: pytest.FixtureRequest) -> None:
-    """Issue 18.1: ``ls``, ``verify`` and ``pull`` read a ``ckptsync/1`` checkpoint (sha256
+    """``ls``, ``verify`` and ``pull`` read a ``ckptsync/1`` checkpoint (sha256
     entries, no self-digest) next to format 2 ones."""
     url, env, fs, root = _remote_for(kind, tmp_path, request)
     local = LocalStore(tmp_path / "ckpts")

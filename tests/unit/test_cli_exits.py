@@ -1,4 +1,4 @@
-"""Issue 32 ("Done when"): the README's exit-code table, the ``--help`` texts and the tests
+"""The README's exit-code table, the ``--help`` texts and the tests
 agree. The README's table is :data:`ckptsync.exits.EXIT_TABLE` (each code, and each
 command's own meaning where the README gives one), and every code in it is produced by a named
 test that runs a real command and asserts that very code."""

@@ -118,5 +118,5 @@ def test_dry_run_parses(name: str) -> None:
 
 def test_status_takes_the_common_flags_when_run(tmp_path: Path) -> None:
     r = _ckptsync("status", str(tmp_path), "-v", "-o", "anon=true", "--no-progress", "--json")
-    assert r.returncode == 2, r.stderr  # no daemon has run there (issue 32.2)
+    assert r.returncode == 2, r.stderr  # no daemon has run there
     assert "state" not in json.loads(r.stdout)  # no daemon ran there

@@ -1,8 +1,8 @@
-"""Issue 20: the declared dependency floors are true. ``make test-floors`` runs the suite with
+"""The declared dependency floors are true. ``make test-floors`` runs the suite with
 the versions in requirements/floors.txt and floors-torch.txt; this checks that those are
 exactly the ``>=`` floors of pyproject.toml, so the two cannot drift apart.
 
-torch is the one exception (issue 31): its floor is the oldest torch with every API ckptsync
+torch is the one exception: its floor is the oldest torch with every API ckptsync
 uses, each named beside it in pyproject.toml, so that installing ckptsync never replaces a torch
 that works; the floors job runs the lowest torch it can install here instead, and the Makefile
 says which and why."""

@@ -1,5 +1,5 @@
-"""GCS's refusal of an upload whose declared CRC32C does not match the bytes it received
-(issue 18, section 2) reads as a retryable error that says what happened, to which path."""
+"""GCS's refusal of an upload whose declared CRC32C does not match the bytes it
+received reads as a retryable error that says what happened, to which path."""
 
 from __future__ import annotations
 

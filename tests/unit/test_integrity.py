@@ -1,4 +1,4 @@
-"""Issue 28's rules, pure: keyed manifests, the encryption policy, the root marker's keys,
+"""The integrity rules, pure: keyed manifests, the encryption policy, the root marker's keys,
 ``requires``, the order of step-less versions, and the log scrubber of a training process."""
 
 from __future__ import annotations

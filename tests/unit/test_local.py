@@ -371,7 +371,7 @@ def _bytes_read() -> int:
 
 def test_an_oversized_manifest_is_refused_unread(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    """Issue 17.6: a 1 GiB manifest (sparse) is refused from its size, naming path, size and
+    """A 1 GiB manifest (sparse) is refused from its size, naming path, size and
     bound; the checkpoint is skipped, and no byte of the manifest is read."""
     store = LocalStore(tmp_path)
     good = commit(store, 1, {"a": b"1"})

@@ -370,7 +370,7 @@ def test_hashers() -> None:
 
 
 def test_every_single_bit_flip_of_a_manifest_is_refused() -> None:
-    """Issue 17.1: a single flipped bit anywhere in a format 2 manifest never parses."""
+    """A single flipped bit anywhere in a format 2 manifest never parses."""
     m = Manifest.new(step=101, files=[FileEntry("model.pt", 10, "blake3", B3)],
                      metrics={"loss": 1.5})
     data = m.to_json()

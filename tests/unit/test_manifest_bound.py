@@ -1,4 +1,4 @@
-"""The manifest's size bound grows with its file count (issue 30 item 7): a zero-code version
+"""The manifest's size bound grows with its file count: a zero-code version
 of tens of thousands of files has a manifest readers accept; one over its bound is refused
 with an error naming the file count and the bound, and a writer never writes it."""
 

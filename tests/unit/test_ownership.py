@@ -1,4 +1,4 @@
-"""ckptsync deletes only what it wrote (issue 14): gc, retention, multipart clean-up, local
+"""ckptsync deletes only what it wrote: gc, retention, multipart clean-up, local
 clean-up and spools leave every foreign entry byte for byte; an empty remote URL, or a remote
 inside the local checkpoint directory, is a usage error (exit 2) that changes nothing."""
 

@@ -1,4 +1,4 @@
-"""What a new user reads is true and the same everywhere (issue 31): one install line in the
+"""What a new user reads is true and the same everywhere: one install line in the
 README, the docs, the Colab notebook, the systemd unit, the Dockerfile and ``ckptsync --help``;
 no placeholder URL anywhere; a README for users, under 150 lines; the one exit-code table, the
 same in the README, ``--help`` and the code; the demo's hint when torch is missing."""

@@ -1,4 +1,4 @@
-"""``make soak``: randomized SIGKILL trials of a trainer and the daemon (issue 16).
+"""``make soak``: randomized SIGKILL trials of a trainer and the daemon.
 
 ``python -m tests.support.soak.soak [--trials 200] [--seed S] [--s3-every 10] [--max-seconds 1500]``
 
