@@ -68,8 +68,9 @@ class TransferConfig:
         parts_in_flight: multipart parts held in memory and sent at once, across every file
             of one push: upload memory is about ``part_size * parts_in_flight``.
         digest_attempts: downloads of one file whose bytes do not match its manifest (a
-            short body, a flipped byte) before its checkpoint is declared corrupt: damage in
-            transit is not damage at rest (1 = no second download).
+            short body, a flipped byte), and reads of one manifest that does not verify, before
+            its checkpoint is declared corrupt: damage in transit is not damage at rest (1 = no
+            second read).
         connect_timeout: seconds to wait for a connection to the remote before the attempt
             fails (and is retried): a black-holed endpoint never hangs a command.
         read_timeout: seconds to wait for the next bytes on an open connection. It bounds one
