@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.paths import package_source
+from tests.support.paths import REPO, package_source
 
 pytestmark = pytest.mark.full
 
@@ -125,8 +125,14 @@ def test_build_makes_a_wheel_and_an_sdist_that_twine_accepts(dist: Path) -> None
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert {"LICENSE", "README.md", "pyproject.toml", "ckptsync/cli.py",
-            "ckptsync/examples/data/tiny_corpus.txt"} <= names, sorted(names)
+    # Every module of the package, subpackages included (a package missing from the sdist
+    # installs without it).
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "ckptsync").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert "ckptsync/integrations/lightning/plugin.py" in modules
+    missing = ({"LICENSE", "README.md", "pyproject.toml", "ckptsync/examples/data/tiny_corpus.txt"}
+               | modules) - names
+    assert not missing, f"not in the sdist: {sorted(missing)}"
 
     (whl,) = dist.glob("*.whl")
     with zipfile.ZipFile(whl) as z:
