@@ -36,6 +36,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
+from ckptsync.progress import NullProgress
 from ckptsync.redact import scrub
 
 if TYPE_CHECKING:
@@ -201,18 +202,7 @@ class EventLog:
             self._notify(level, event, fields)
 
 
-class _NullProgress:
-    def start(self, total: int, description: str) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-_NO_PROGRESS = _NullProgress()
+_NO_PROGRESS = NullProgress()
 
 
 class _EventProgress:
