@@ -6,8 +6,6 @@ zero-code) encrypting too. Remote objects are scanned for the tensors' plaintext
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from ckptsync import Checkpointer
 from ckptsync.crypto import KeyRing
 from ckptsync.errors import EncryptionKeyError
 from ckptsync.remote import RemoteStore
-from tests.support.helpers import child_env
+from tests.support.cli import cli
 from tests.support.remotes import Remote
 
 pytestmark = pytest.mark.core
@@ -103,10 +101,6 @@ def test_checkpointer_round_trip_rotation_and_no_silent_fallback(
             assert ck.list() == []
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptsync", *args], capture_output=True,
-                          text=True, timeout=180, env=child_env())
-
 
 def test_the_daemon_encrypts_native_and_zero_code_checkpoints(
         tmp_path: Path, file_remote: Remote) -> None:
@@ -120,9 +114,9 @@ def test_the_daemon_encrypts_native_and_zero_code_checkpoints(
     m2 = model(2)
     torch.save({"model": m2.state_dict()}, zc / "ckpt.pt")
     url_native, url_zc = f"{file_remote.url}-native", f"{file_remote.url}-zc"
-    p = _cli("watch", str(native), url_native, "--once", "--key-file", str(key_file))
+    p = cli("watch", str(native), url_native, "--once", "--key-file", str(key_file))
     assert p.returncode == 0, p.stderr
-    p = _cli("watch", str(zc), url_zc, "--once", "--rule", "file:ckpt.pt", "--settle", "0",
+    p = cli("watch", str(zc), url_zc, "--once", "--rule", "file:ckpt.pt", "--settle", "0",
              "--key-file", str(key_file))
     assert p.returncode == 0, p.stderr
     for url, m in ((url_native, m1), (url_zc, m2)):
@@ -131,13 +125,13 @@ def test_the_daemon_encrypts_native_and_zero_code_checkpoints(
 
     # Without the key: a clear error naming the key id (exit 2), nothing restored.
     out = tmp_path / "restored"
-    p = _cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt")
+    p = cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt")
     assert p.returncode == 2 and ID_A in p.stderr and "--key-file" in p.stderr, p.stderr
     assert not (out / "ckpt.pt").exists()
-    p = _cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt", "--key-file", str(key_file))
+    p = cli("pull", url_zc, str(out), "--rule", "file:ckpt.pt", "--key-file", str(key_file))
     assert p.returncode == 0, p.stderr
     assert (out / "ckpt.pt").read_bytes() == (zc / "ckpt.pt").read_bytes()
-    p = _cli("pull", url_native, str(tmp_path / "n2"), "--key-file", str(key_file))
+    p = cli("pull", url_native, str(tmp_path / "n2"), "--key-file", str(key_file))
     assert p.returncode == 0, p.stderr
     with Checkpointer(tmp_path / "n2") as ck:
         m = model(9)

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -26,8 +23,8 @@ from ckptsync.errors import CkptSyncError, RemoteError
 from ckptsync.local import LocalStore
 from ckptsync.manifest import Manifest, make_name
 from ckptsync.remote import RemoteStore, translate_error
+from tests.support.cli import cli
 from tests.support.faults import FaultFS
-from tests.support.paths import REPO
 from tests.support.remotes import Remote
 
 pytestmark = pytest.mark.core
@@ -37,11 +34,6 @@ PASSWORD = "SECRETPW"
 SECRET = "s3cr3t-storage-option-value"
 TOKEN = "FwoGZXIvYXdzSESSIONTOKEN0123456789"
 
-
-def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptsync", *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
 def _local_checkpoint(tmp_path: Path) -> Path:
@@ -62,9 +54,8 @@ def test_failing_cli_never_prints_secrets(s3_remote: Remote, tmp_path: Path, com
     argv = {"ls": ["ls", url], "push": ["push", local, url],
             "pull": ["pull", url, str(tmp_path / "out")]}[command]
     opts = dict(s3_remote.storage_options, secret=SECRET)
-    r = _cli([*argv, "--no-progress", *([verbosity] if verbosity else []),
-              "-o", f"token={TOKEN}"],
-             env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1"})
+    r = cli(*argv, "--no-progress", *([verbosity] if verbosity else []), "-o", f"token={TOKEN}",
+            env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1"})
     assert r.returncode == 1, r.stderr
     assert "ckptsync: error: cannot" in r.stderr and f"s3://{bucket}/run" in r.stderr
     out = r.stdout + r.stderr
@@ -75,9 +66,9 @@ def test_failing_cli_never_prints_secrets(s3_remote: Remote, tmp_path: Path, com
 def test_debug_log_hides_session_token_and_keys(s3_remote: Remote, tmp_path: Path) -> None:
     """-vv prints botocore's requests (headers, canonical requests): the token is blanked."""
     opts = dict(s3_remote.storage_options, token=TOKEN)
-    r = _cli(["push", str(_local_checkpoint(tmp_path)), s3_remote.url, "-vv", "--no-progress"],
-             env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1",
-                  "AWS_SESSION_TOKEN": TOKEN})
+    r = cli("push", str(_local_checkpoint(tmp_path)), s3_remote.url, "-vv", "--no-progress",
+            env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1",
+                 "AWS_SESSION_TOKEN": TOKEN})
     out = r.stdout + r.stderr
     assert "Sending http request" in out  # botocore's DEBUG records were printed...
     assert "x-amz-security-token" in out.lower()  # ...with the token header, its value blanked
@@ -90,8 +81,8 @@ def test_debug_log_hides_sse_c_key(s3_remote: Remote, tmp_path: Path) -> None:
     key = "0123456789abcdef0123456789abcdef"  # 32 bytes, as SSE-C wants
     opts = dict(s3_remote.storage_options,
                 s3_additional_kwargs={"SSECustomerAlgorithm": "AES256", "SSECustomerKey": key})
-    r = _cli(["push", str(_local_checkpoint(tmp_path)), s3_remote.url, "-vv", "--no-progress"],
-             env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1"})
+    r = cli("push", str(_local_checkpoint(tmp_path)), s3_remote.url, "-vv", "--no-progress",
+            env={"CKPTSYNC_STORAGE_OPTIONS": json.dumps(opts), "CKPTSYNC_RETRIES": "1"})
     out = r.stdout + r.stderr
     assert "SSECustomerKey" in out or "customer-key" in out.lower(), out[-2000:]
     assert key not in out
@@ -101,11 +92,11 @@ def test_debug_log_hides_sse_c_key(s3_remote: Remote, tmp_path: Path) -> None:
 
 
 def test_storage_option_typo_is_not_echoed() -> None:
-    r = _cli(["ls", "memory://typo/run", "-o", "anon=true", "-o", "secretkeyvalue-typed-alone"])
+    r = cli("ls", "memory://typo/run", "-o", "anon=true", "-o", "secretkeyvalue-typed-alone")
     assert r.returncode == 2
     assert "storage option #2" in r.stderr and "KEY=VALUE" in r.stderr
     assert "secretkeyvalue" not in r.stderr + r.stdout
-    r = _cli(["watch", "/nonexistent-dir", "memory://typo/run", "-o", "secretkeyvalue-alone"])
+    r = cli("watch", "/nonexistent-dir", "memory://typo/run", "-o", "secretkeyvalue-alone")
     assert r.returncode == 2
     assert "storage option #1" in r.stderr and "secretkeyvalue" not in r.stderr + r.stdout
 

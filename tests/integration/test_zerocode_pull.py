@@ -8,9 +8,6 @@ directory holding a planted symlink, and checks what is on disk after the pull.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,8 @@ from ckptsync.manifest import Manifest, make_name
 from ckptsync.ownership import RUN_FILE
 from ckptsync.remote import RemoteStore
 from ckptsync.zerocode import WatchRule, restore_watched
-from tests.support.helpers import REPO, RecordingOps, fail_at
+from tests.support.cli import cli
+from tests.support.helpers import RecordingOps, fail_at
 from tests.support.jsonlines import events, summary
 from tests.support.remotes import Remote
 
@@ -46,12 +44,6 @@ def push_watched(remote: Remote, spool: Path, rule: str, files: dict[str, bytes]
                              "paths": list(files) if paths is None else paths})
     return RemoteStore(remote.url, remote.storage_options).push(st.commit(m))
 
-
-def ckptsync(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ckptsync.cli", *args], capture_output=True,
-                          text=True, timeout=120, cwd=REPO,
-                          env={**os.environ, "CKPTSYNC_RETRIES": "2",
-                               "CKPTSYNC_BACKOFF_INITIAL": "0"})
 
 
 def victim(tmp_path: Path) -> tuple[Path, Path]:
@@ -82,7 +74,7 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     evil = push_watched(file_remote, tmp_path / "spool", "file:ckpt.pt", EVIL, step=2,
                         paths=["ckpt.pt"])
 
-    p = ckptsync("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
+    p = cli("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
     assert p.returncode == 4, p.stderr  # it fell back from the newest committed version
     assert [(e["event"], e["name"]) for e in events(p.stdout)] == [
         ("skipped", evil.name), ("restored", good.name)]
@@ -93,7 +85,7 @@ def test_manifest_listing_paths_outside_its_rule_falls_back_to_the_older_version
     assert evil.name in p.stderr and "train.py" in p.stderr  # the refusal, logged
     assert_untouched(work, outside)
 
-    p = ckptsync("pull", file_remote.url, str(work), "--name", evil.name, "--rule",
+    p = cli("pull", file_remote.url, str(work), "--name", evil.name, "--rule",
                  "file:ckpt.pt")
     assert p.returncode == 1
     assert "train.py" in p.stderr and "not written" in p.stderr and "Traceback" not in p.stderr
@@ -139,7 +131,7 @@ def test_pinned_rule_ignores_versions_of_other_rules(tmp_path: Path, file_remote
     work, outside = victim(tmp_path)
     push_watched(file_remote, tmp_path / "spool", "file:ckpt.pt", {"ckpt.pt": b"w"}, step=1)
     push_watched(file_remote, tmp_path / "spool", "file:train.py", {"train.py": b"evil"}, step=2)
-    p = ckptsync("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
+    p = cli("pull", file_remote.url, str(work), "--rule", "file:ckpt.pt", "--json")
     assert p.returncode == 0, p.stderr
     assert [e["paths"] for e in events(p.stdout, "restored")] == [["ckpt.pt"]]
     assert (work / "ckpt.pt").read_bytes() == b"w"
