@@ -52,7 +52,7 @@ def _save(c: Checkpointer, proxy: FaultProxy, step: int, objects: dict[str, Any]
     return proxy.heads[before:]
 
 
-def test_a_save_reads_no_manifest_and_makes_four_requests(seaweedfs_remote: Remote,
+def test_a_save_reads_no_manifest_and_makes_five_requests(seaweedfs_remote: Remote,
                                                          tmp_path: Path) -> None:
     with _proxy(seaweedfs_remote) as proxy, Checkpointer(
             tmp_path / "ckpts", remote=seaweedfs_remote.url, rng=False,
