@@ -23,13 +23,13 @@ from tests.integration.test_encryption_client import (
     ID_A,
     KEY_A,
     KEY_B,
-    _cli,
     _no_env_key,  # noqa: F401 (autouse fixture)
     model,
     plaintext_in,
     remote_blobs,
     tensor_bytes,
 )
+from tests.support.cli import cli
 from tests.support.remotes import Remote
 
 pytestmark = pytest.mark.full
@@ -65,7 +65,7 @@ def test_encrypt_local_round_trip_local_and_fresh_machine(tmp_path: Path, remote
     store = LocalStore(tmp_path / "a")
     (local,) = store.list()
     store.verify(local, full=True)
-    p = _cli("verify", str(tmp_path / "a"))  # the CLI too, with no key anywhere
+    p = cli("verify", str(tmp_path / "a"))  # the CLI too, with no key anywhere
     assert p.returncode == 0 and local.name in p.stdout, p.stderr
     assert all(f.encryption and f.encryption.key_id == ID_A for f in local.manifest.files)
     # sent as stored, not encrypted again: the remote manifest is the local one
@@ -164,7 +164,7 @@ def test_the_daemon_under_a_key_does_not_upload_its_version_again_after_a_restar
     for restart in range(3):
         if restart == 2:  # the spool lost too (a new disk): the remote manifest alone tells
             shutil.rmtree(zc / ".ckptsync-watch" / "spool")
-        p = _cli(*args)
+        p = cli(*args)
         assert p.returncode == 0, p.stderr
         listed = RemoteStore(file_remote.url).list()
         assert len(listed) == 1, (restart, [x.name for x in listed])
@@ -172,6 +172,6 @@ def test_the_daemon_under_a_key_does_not_upload_its_version_again_after_a_restar
     assert all(f.encryption and f.encryption.mac for f in m.files)
     # a changed file is a new version, uploaded
     torch.save({"model": model(4).state_dict()}, zc / "ckpt.pt")
-    p = _cli(*args)
+    p = cli(*args)
     assert p.returncode == 0, p.stderr
     assert len(RemoteStore(file_remote.url).list()) == 2
