@@ -76,6 +76,9 @@ class _KillAtFirstWrite(FileOps):
         return super().write(f, data)
 
 
+#: Printed last, after the process group is destroyed (tests/e2e/test_sharded.py reads it).
+DONE = "sharded worker: done"
+
 def _model(seed: int, world: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 6),
@@ -248,6 +251,7 @@ def main(mode: str, directory: str, out: str, remote: str | None = None) -> None
     (outdir / f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()  # gloo: no rank tears down while a peer still talks to it
     dist.destroy_process_group()
+    print(DONE, flush=True)  # everything this rank does is done: only the teardown is left
 
 
 if __name__ == "__main__":
