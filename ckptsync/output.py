@@ -230,8 +230,15 @@ def _kv(v: Any) -> str:
     return json.dumps(s)
 
 
+#: Characters of one bridged log message kept in the event log: a library that logs (or warns
+#: with) a whole object's repr must not turn the daemon's log into pages per line.
+LOG_MSG_CHARS = 1000
+
+
 class LogBridge(logging.Handler):
-    """Routes ``ckptsync.*`` library log records (retries, commits) into an event log."""
+    """Routes library log records (ckptsync's retries and commits; in the ``ckptsync watch``
+    process every library's, and Python warnings) into an event log, each message cut to
+    :data:`LOG_MSG_CHARS`."""
 
     def __init__(self, events: EventLog) -> None:
         super().__init__(logging.INFO)
@@ -239,5 +246,7 @@ class LogBridge(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self.events(record.levelname.lower(), "log", logger=record.name,
-                        msg=record.getMessage())
+            msg = record.getMessage().strip()
+            if len(msg) > LOG_MSG_CHARS:
+                msg = f"{msg[:LOG_MSG_CHARS]}... ({len(msg) - LOG_MSG_CHARS} more characters)"
+            self.events(record.levelname.lower(), "log", logger=record.name, msg=msg)

@@ -69,6 +69,17 @@ class _WatchdogStopRace(logging.Filter):
         return "called when the thread is inactive" not in record.getMessage()
 
 
+class _WatchdogRewatch(logging.Filter):
+    """Drops watchdog 7's ``RuntimeWarning`` (``inotify_c.py``: ``Callback with id ... already
+    exists for watch ... It will be Overwritten``): a directory created inside the watched
+    tree (the spool's stagings are) can be registered twice in one instant, by the walk of its
+    parent and by its own create event; the second registration replaces the callback with
+    itself, nothing is lost. Its text is a 2 KiB repr of watchdog's internals."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "already exists for watch" not in record.getMessage()
+
+
 def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None,
                events: EventLog | None = None) -> int:
     """Run the daemon in this process (the ``ckptsync watch`` command); return the exit code.
@@ -101,6 +112,9 @@ def run_daemon(config: WatchConfig, *, store: RemoteStore | None = None,
         for handler in list(root.handlers):
             root.removeHandler(handler)
         root.addHandler(bridge)
+        # Python warnings too: printed raw they would be lines in no format at all.
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addFilter(_WatchdogRewatch())
     try:
         config.local_dir.mkdir(parents=True, exist_ok=True)
         watch_dir(config.local_dir).mkdir(exist_ok=True)

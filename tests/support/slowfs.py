@@ -1,15 +1,20 @@
-"""A fault seam for the daemon tests: a local fsspec filesystem whose writes are slow.
+"""Fault seams for the daemon tests: local fsspec filesystems that are slow or that warn.
 
 ``slowfile:///path`` is ``file:///path`` where every write to a file opened for writing first
 sleeps ``$CKPTSYNC_TEST_SLOW_WRITE_S`` seconds, so an upload stays in flight long enough to be
-killed at a random moment. :func:`register` makes the protocol known to fsspec; the daemon
-runs under ``run_daemon.py``, which registers it before starting ``ckptsync watch``.
+killed at a random moment. ``warnfile:///path`` is ``file:///path`` whose listings issue
+Python warnings as third-party libraries do: watchdog's real duplicate-callback warning and a
+long ``RuntimeWarning`` (:data:`LONG_WARNING`). :func:`register` makes the protocols known to
+fsspec; the daemon runs under ``run_daemon.py``, which registers them before starting
+``ckptsync watch``.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+import warnings
 from typing import Any
 
 import fsspec
@@ -40,5 +45,48 @@ class SlowLocalFileSystem(LocalFileSystem):
         return f
 
 
+#: The text of the long warning ``warnfile://`` issues (a library's repr of its state).
+LONG_WARNING = "a library warning whose text is a long repr: " + "x" * 5000
+
+
+class _Callback:
+    def __call__(self, *args: Any) -> None:
+        pass
+
+    def on_watch_deleted(self, wd: Any) -> None:
+        pass
+
+
+def _watchdog_rewatch_warning() -> None:
+    """Make watchdog issue its own ``Callback with id ... already exists`` warning: register
+    one callback id twice on a private inotify instance, as its recursive walk can."""
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD
+
+    fd = InotifyFD()
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            for _ in range(2):
+                fd.add_callback(os.fsencode(d), InotifyConstants.IN_CREATE, _Callback(), "seam")
+    finally:
+        fd.close()
+
+
+class WarningLocalFileSystem(LocalFileSystem):
+    protocol = ("warnfile",)
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> Any:
+        path = str(path)
+        if path.startswith("warnfile://"):
+            path = path[len("warnfile://"):]
+        return super()._strip_protocol(path)
+
+    def ls(self, path: Any, detail: bool = False, **kwargs: Any) -> Any:
+        _watchdog_rewatch_warning()
+        warnings.warn(LONG_WARNING, RuntimeWarning, stacklevel=2)
+        return super().ls(path, detail=detail, **kwargs)
+
+
 def register() -> None:
     fsspec.register_implementation("slowfile", SlowLocalFileSystem, clobber=True)
+    fsspec.register_implementation("warnfile", WarningLocalFileSystem, clobber=True)
