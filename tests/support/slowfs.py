@@ -21,15 +21,19 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 
-class SlowLocalFileSystem(LocalFileSystem):
-    protocol = ("slowfile",)
+class _LocalUnderAnotherName(LocalFileSystem):
+    """``file://`` under the protocol name of the subclass."""
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:
-        path = str(path)
-        if path.startswith("slowfile://"):
-            path = path[len("slowfile://"):]
+        path, prefix = str(path), f"{cls.protocol[0]}://"
+        if path.startswith(prefix):
+            path = path[len(prefix):]
         return super()._strip_protocol(path)
+
+
+class SlowLocalFileSystem(_LocalUnderAnotherName):
+    protocol = ("slowfile",)
 
     def _open(self, path: Any, mode: str = "rb", block_size: Any = None, **kwargs: Any) -> Any:
         f = super()._open(path, mode, block_size, **kwargs)
@@ -71,15 +75,8 @@ def _watchdog_rewatch_warning() -> None:
         fd.close()
 
 
-class WarningLocalFileSystem(LocalFileSystem):
+class WarningLocalFileSystem(_LocalUnderAnotherName):
     protocol = ("warnfile",)
-
-    @classmethod
-    def _strip_protocol(cls, path: Any) -> Any:
-        path = str(path)
-        if path.startswith("warnfile://"):
-            path = path[len("warnfile://"):]
-        return super()._strip_protocol(path)
 
     def ls(self, path: Any, detail: bool = False, **kwargs: Any) -> Any:
         _watchdog_rewatch_warning()
