@@ -1,7 +1,7 @@
 """``ckptsync watch --json`` writes one JSON object per stderr line, Python warnings included:
 a library's warning becomes a ``log`` event (its text cut to a bounded length), and watchdog's
 benign duplicate-callback warning (a 2 KiB repr of its internals, seen in a CI run of the
-zero-code test with 18,000 files) is dropped. The remote is ``warnfile://``
+zero-code test with 8,000 files) is dropped. The remote is ``warnfile://``
 (tests/support/slowfs.py): a local filesystem whose listings issue both warnings for real."""
 
 from __future__ import annotations
