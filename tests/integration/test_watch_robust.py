@@ -37,9 +37,10 @@ pytestmark = pytest.mark.core
 MiB = 1024 * 1024
 
 
-def _file_store(root: Path, fs: FaultFS, **config: Any) -> RemoteStore:
-    return RemoteStore(f"file://{root}", fs=fs,
-                       config=TransferConfig(retries=2, backoff_initial=0.01, **config))
+def _file_store(root: Path, fs: FaultFS, cls: type[RemoteStore] = RemoteStore,
+                **config: Any) -> RemoteStore:
+    return cls(f"file://{root}", fs=fs,
+               config=TransferConfig(retries=2, backoff_initial=0.01, **config))
 
 
 class _CountingStore(RemoteStore):
@@ -73,8 +74,8 @@ def test_fast_trainer_with_own_retention_never_starves_the_daemon(
     local = tmp_path / "ckpts"
     fs = FaultFS(fsspec.filesystem("file"))
     fs.set_delay(0.04)  # every remote call: a high-latency link (a push is ~10 calls)
-    store = _CountingStore(f"file://{tmp_path / 'remote'}", fs=fs,
-                           config=TransferConfig(retries=2, backoff_initial=0.01))
+    store = _file_store(tmp_path / "remote", fs, _CountingStore)
+    assert isinstance(store, _CountingStore)
     d = InProcessDaemon(local, store=store, wait_running=True, interval=1.0)
     daemons.append(d)
 
