@@ -32,6 +32,8 @@ from bench.peers import DcpAsync, lightning_async_s3, rmtree, torch_save_fsync
 from bench.rust_peers import Lazy, S3TorchConnector
 
 DCP_S3TC = "s3: dcp.async_save S3StorageWriter"
+OURS_S3 = "s3: ckptsync in-process upload"
+"""The Checkpointer's own upload (by default in its upload process, niced 10)."""
 
 
 class Loop:
@@ -122,6 +124,9 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
     ours_local = Checkpointer(ctx.fresh_dir("tl-ours"), keep_last=1)
     ours_s3 = Checkpointer(ctx.fresh_dir("tl-ours-s3"), remote=ctx.s3("tl-ours"),
                            storage_options=ctx.storage_options, keep_last=1)
+    ours_s3_thread = Checkpointer(ctx.fresh_dir("tl-ours-s3t"), remote=ctx.s3("tl-ours-t"),
+                                  storage_options=ctx.storage_options, keep_last=1,
+                                  upload_process=False)
     dcp_local, dcp_s3, dcp_s3tc = DcpAsync(False), DcpAsync(False), DcpAsync(False)
     s3tc = Lazy(S3TorchConnector, ctx)
     daemons: dict[int, tuple[Any, Daemon, Any]] = {}
@@ -178,8 +183,10 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
             lambda: s3tc().torch_save(state_dict(model, opt),
                                       ctx.s3("tl-s3tc", uuid.uuid4().hex, "ckpt.pt"))),
         DCP_S3TC: lambda: loop.run(dcp_s3tc_save, dcp_s3tc.wait),
-        "s3: ckptsync in-process upload": lambda: loop.run(
+        OURS_S3: lambda: loop.run(
             lambda: ours_s3.save(1, model=model, optimizer=opt), ours_s3.wait),
+        "s3: ckptsync upload thread (upload_process=False)": lambda: loop.run(
+            lambda: ours_s3_thread.save(1, model=model, optimizer=opt), ours_s3_thread.wait),
         "s3: ckptsync save + daemon": lambda: daemon_run(0),
         "s3: ckptsync save + daemon (nice 19)": lambda: daemon_run(19),
     }
@@ -196,6 +203,7 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
         c.close()
     ours_local.close()
     ours_s3.close()
+    ours_s3_thread.close()
     dcp_local.close()
     dcp_s3.close()
     dcp_s3tc.close()
@@ -223,18 +231,19 @@ def run(ctx: Ctx, local_only: bool = False, s3_only: bool = False) -> list[Table
         targets=[t for t in [
             Target("s3 <= 0.25x best s3 peer", "s3: ckptsync save + daemon (nice 19)",
                    s3_peers, 0.25),
-            Target("s3 in-process <= 0.25x best s3 peer", "s3: ckptsync in-process upload",
+            Target("s3 in-process <= 0.25x best s3 peer", OURS_S3,
                    s3_peers, 0.25),
             Target("s3 <= 0.25x dcp.async_save S3StorageWriter",
                    "s3: ckptsync save + daemon (nice 19)", [DCP_S3TC], 0.25),
             Target("s3 in-process <= 0.25x dcp.async_save S3StorageWriter",
-                   "s3: ckptsync in-process upload", [DCP_S3TC], 0.25),
+                   OURS_S3, [DCP_S3TC], 0.25),
             Target("local <= 0.7x best local peer", "local: ckptsync save", local_peers, 0.7),
         ] if not (local_only and t.ours.startswith("s3:"))
             and not (s3_only and t.ours.startswith("local:"))],
         notes=["time lost = (loop wall time incl. waiting for durability) - the run without "
                "a checkpoint in the same round; the daemon is a long-running `ckptsync watch` "
-               "process",
+               "process; the in-process upload runs in the Checkpointer's upload process "
+               "(niced 10), the thread row in a thread of the trainer",
                "client CPU: this process, its exited children and the daemon, minus the paired "
                "run without a checkpoint, per GB of state",
                "runs without a checkpoint (s): " + ", ".join(f"{u:.2f}" for u in unhurt)],

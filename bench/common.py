@@ -233,10 +233,26 @@ def client_cpu() -> float:
     """CPU seconds (user + system) of this process and of its children that have exited
     (``ckptsync watch --once``, ``torch.save`` in a child): the client's own CPU. The S3
     server and a bounded link's proxy are children that run until the benchmark ends, so
-    they are not counted."""
+    they are not counted. A Checkpointer's upload process (``ckptsync.remote.process``) is
+    the client's, running or not: counted."""
     me = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return (me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+            + sum(pid_cpu(pid) for pid in upload_processes()))
+
+
+def upload_processes() -> list[int]:
+    """The running upload processes of this process's Checkpointers (its children whose
+    command is ``python -m ckptsync.remote.process``)."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == me and b"ckptsync.remote.process" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return found
 
 
 def pid_cpu(pid: int) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_durable import perturb
-from bench.common import FULL, QUICK, context, make_state, state_dict
+from bench.common import FULL, QUICK, context, make_state, state_dict, upload_processes
 from bench.peers import (
     DcpAsync,
     boto3_download_dir,
@@ -39,12 +39,16 @@ from bench.peers import (
 
 
 def _self_cpu() -> float:
+    """This process's CPU and its Checkpointers' upload processes' (the client's)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime + sum(_pid_cpu(p) for p in upload_processes())
 
 
 def _pid_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # an upload process that ended meanwhile
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

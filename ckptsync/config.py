@@ -10,7 +10,8 @@ Environment variables (each optional): ``CKPTSYNC_MAX_WORKERS``, ``CKPTSYNC_CHUN
 ``CKPTSYNC_BACKOFF_MAX``, ``CKPTSYNC_GRACE``, ``CKPTSYNC_RANGED_MIN_SIZE``,
 ``CKPTSYNC_PART_SIZE``, ``CKPTSYNC_PARTS_IN_FLIGHT``, ``CKPTSYNC_DIGEST_ATTEMPTS``,
 ``CKPTSYNC_CONNECT_TIMEOUT``, ``CKPTSYNC_READ_TIMEOUT``; for the client,
-``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`).
+``CKPTSYNC_CLOSE_TIMEOUT`` (:func:`resolve_close_timeout`) and ``CKPTSYNC_UPLOAD_NICE``
+(:func:`ckptsync.remote.process.upload_nice`).
 
 The remote URL comes from ``CKPTSYNC_REMOTE`` (:func:`remote_from_env`) where no argument
 gives one. Storage options (fsspec's, passed through unchanged) come from

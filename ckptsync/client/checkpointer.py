@@ -79,6 +79,8 @@ class Checkpointer:
             without a key, or by an older ckptsync), each with a warning: for migrating a run.
             Default False: such a checkpoint is invalid, and restore moves on to an encrypted
             one (a bucket writer could have planted it).
+        upload_process: upload from a niced process of its own, off the training loop's GIL
+            and CPU (default for s3, gs, gdrive URLs; :mod:`ckptsync.remote.process`).
 
     The directory is one run (docs/security.md): its first push starts it on an empty
     remote, :meth:`restore` from a remote continues the remote's; a directory with neither is
@@ -117,6 +119,7 @@ class Checkpointer:
         encryption_key: KeyArg = None,
         encrypt_local: bool = False,
         allow_plaintext: bool = False,
+        upload_process: bool | None = None,
     ) -> None:
         self.rank, self.world_size = dist_info()
         self._closed = False
@@ -127,7 +130,7 @@ class Checkpointer:
                                           keep_every=keep_every)
             self._construct(directory, remote, storage_options, file_ops, remote_store,
                             on_remote_error, close_timeout, encryption_key, encrypt_local, rng,
-                            allow_plaintext)
+                            allow_plaintext, upload_process)
         except Exception as e:
             if self.world_size == 1:
                 self._release_lock()
@@ -150,24 +153,24 @@ class Checkpointer:
     def _construct(self, directory: str | os.PathLike[str], remote: str | None,
                    storage_options: Mapping[str, Any] | None, file_ops: FileOps | None,
                    remote_store: RemoteStore | None, on_remote_error: str,
-                   close_timeout: float | None, encryption_key: KeyArg,
-                   encrypt_local: bool, rng: bool, allow_plaintext: bool) -> None:
+                   close_timeout: float | None, encryption_key: KeyArg, encrypt_local: bool,
+                   rng: bool, allow_plaintext: bool, upload_process: bool | None) -> None:
         """This rank's part of ``__init__``: everything that can fail."""
         self.close_timeout = resolve_close_timeout(close_timeout)
         if on_remote_error not in ("warn", "raise"):
             raise ConfigError(f"on_remote_error must be 'warn' or 'raise', got {on_remote_error!r}")
         self.on_remote_error = on_remote_error  # every uploader's (node leaders' too)
         self.store = LocalStore(directory, ops=file_ops)
-        self.remote: RemoteStore | None = remote_store if remote_store is not None else (
-            open_remote(remote, storage_options, self.store.directory, encryption_key,
-                        allow_plaintext))
+        self.remote, process_spec = open_remote(remote, storage_options, self.store.directory,
+                                                encryption_key, allow_plaintext, remote_store,
+                                                upload_process)
         if self.remote is not None:
             self.remote.bind_run(self.store.directory)  # its pushes are this directory's run
         self.encrypt_local = encrypt_local
         self.allow_plaintext = allow_plaintext
         self.keys = local_keys(encryption_key, encrypt_local, self.remote)
         self._saves = Saves(self.rank, self.world_size)
-        self._sync = RunSync(self.store, self.remote, self.policy, on_remote_error)
+        self._sync = RunSync(self.store, self.remote, self.policy, on_remote_error, process_spec)
         self._ctx = Context(self.rank, self.world_size, self.store, self.remote, self._saves,
                             self._sync, rng, git_revision(), self.keys, encrypt_local,
                             allow_plaintext)

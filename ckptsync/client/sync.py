@@ -26,6 +26,7 @@ from ckptsync.redact import redact_url
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
 if TYPE_CHECKING:
+    from ckptsync.client.remote_open import RemoteSpec
     from ckptsync.client.restore import RestoreInfo
     from ckptsync.remote import RemoteStore
 
@@ -42,14 +43,17 @@ class RunSync:
         remote: where they go (None: no uploads, local retention only).
         policy: the retention policy, applied locally and remotely.
         on_remote_error: the uploader's ``on_error`` (``"warn"`` or ``"raise"``).
+        process_spec: push in an upload process that opens its store from this
+            (:mod:`ckptsync.remote.process`); None: in the uploader's thread.
     """
 
     def __init__(self, store: LocalStore, remote: RemoteStore | None, policy: RetentionPolicy,
-                 on_remote_error: str) -> None:
+                 on_remote_error: str, process_spec: RemoteSpec | None = None) -> None:
         self.store = store
         self.remote = remote
         self.policy = policy
         self.on_remote_error = on_remote_error
+        self.process_spec = process_spec
         self._uploader: Uploader | None = None
         self._retention_lock = threading.Lock()  # the save and the upload thread both apply it
         self._resumed_from: str | None = None
@@ -64,8 +68,13 @@ class RunSync:
         """Upload what is committed from now on (with a remote; once: later calls do
         nothing). Rank 0 from the start; another node's leader with its first part."""
         if self.remote is not None and self._uploader is None:
+            process = None
+            if self.process_spec is not None:
+                from ckptsync.remote.process import UploadProcess, upload_nice
+
+                process = UploadProcess(self.process_spec, upload_nice())
             self._uploader = Uploader(self.remote, on_error=self.on_remote_error,
-                                      after_push=self._after_push)
+                                      after_push=self._after_push, process=process)
 
     def before_save(self) -> None:
         """Raise an upload's error (``on_remote_error="raise"``), and warn while the remote

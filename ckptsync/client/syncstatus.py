@@ -26,6 +26,8 @@ class SyncStatus:
     ``remote_mount`` names the FUSE mount the remote directory is on (Colab's Drive:
     "the Google Drive mount at /content/drive"), where committed means handed to the mount,
     not yet uploaded by it (:mod:`ckptsync.mounts`); None elsewhere.
+    ``upload_pid`` is the running upload process's id (to watch or renice it,
+    :mod:`ckptsync.remote.process`); None where uploads run in a thread or none started yet.
     """
 
     remote: str | None = None
@@ -45,6 +47,7 @@ class SyncStatus:
     not_remote_why: Mapping[str, str] = field(default_factory=dict)
     waiting_for_nodes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     remote_mount: str | None = None
+    upload_pid: int | None = None
 
     def __repr__(self) -> str:
         """One short line (a notebook shows it): the remote, the newest checkpoint each side

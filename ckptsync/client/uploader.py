@@ -11,6 +11,10 @@ when one arrives; a retry first reads the remote (the last try may have committe
 Nothing is raised into the training loop unless ``on_error="raise"``. The queue's thread
 stops through its ``Event``; an abandoned push is never committed.
 
+With an :class:`~ckptsync.remote.process.UploadProcess` each push runs there, off the
+trainer's GIL and CPU priority (the queue, retries, status and retention stay here); nothing
+is then streamed while written (a push with streams already started runs here).
+
 One node's part of a multi-node checkpoint (:mod:`ckptsync.parts`) is not remote once it is
 uploaded: it is restorable only when the node that uploads last commits the whole. Until the
 queue's look sees the whole manifest remote (a transfer of its own key, retried with the
@@ -45,6 +49,7 @@ from ckptsync.transfer.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from ckptsync.remote import RemoteStore
+    from ckptsync.remote.process import UploadProcess
     from ckptsync.transfer import MultipartStream
 
 __all__ = ["ON_REMOTE_ERROR", "Uploader"]
@@ -103,19 +108,23 @@ class Uploader:
             ``"raise"``: no retry, the failure is raised once by :meth:`raise_error`.
         after_push: called in the upload thread after each successful push, while the pushed
             checkpoint still counts as in flight (remote and local retention).
+        process: push in this upload process (None: in the upload thread); closed by
+            :meth:`close`.
 
     Raises:
         ConfigError: ``on_error`` is neither "warn" nor "raise".
     """
 
     def __init__(self, remote: RemoteStore, *, on_error: str = "warn",
-                 after_push: Callable[[Manifest], None] | None = None) -> None:
+                 after_push: Callable[[Manifest], None] | None = None,
+                 process: UploadProcess | None = None) -> None:
         if on_error not in ON_REMOTE_ERROR:
             raise ConfigError(f"on_remote_error must be one of {list(ON_REMOTE_ERROR)}, "
                               f"got {on_error!r}")
         self.remote = remote
         self.on_error = on_error
         self._after_push = after_push
+        self.process = process
         cfg = remote.config  # at least 0.1 s: a dead remote is never spun on
         self._policy = RetryPolicy(max(cfg.backoff_initial, 0.1), max(cfg.backoff_max, 0.1))
         self._recheck_policy = RetryPolicy(self._policy.initial,
@@ -166,6 +175,8 @@ class Uploader:
         compete with the push in flight, or start uploads on a failing remote that the push
         would then drop). A stream never makes the save wait: where the link falls behind,
         the rest of the file goes up from the committed file."""
+        if self.process is not None and self.process.usable:
+            return False  # the process uploads from the committed files
         in_flight, pending = self._jobs()
         with self._cond:
             closed = self._closed
@@ -214,6 +225,7 @@ class Uploader:
                 not_remote=self._not_remote,
                 not_remote_why=dict(self._not_remote_why),
                 waiting_for_nodes={n: w[2] for n, w in self._waiting.items()},
+                upload_pid=self.process.pid if self.process is not None else None,
             )
 
     def _jobs(self) -> tuple[_Job | None, _Job | None]:
@@ -236,6 +248,8 @@ class Uploader:
             while any(self._jobs()) or self._remote_seq < self._seq:
                 if self._undelivered is not None or self._closed:
                     return False
+                if not any(self._jobs()) and self._queue.failures(_PUSH) > 0:
+                    return False  # the last push failed for good: nothing will change
                 now = time.monotonic()
                 if now - start >= timeout and (
                         self._queue.failures(_PUSH) > 0 or now - self._last_progress >= timeout):
@@ -261,6 +275,8 @@ class Uploader:
             log.error("the upload to %s did not stop within %.0fs of close(); abandoning "
                       "it (it will not be committed)", self.remote.url, STOP_GRACE_S)
         self._abort_streams()
+        if self.process is not None:
+            self.process.close()
         with self._cond:
             # Pushed in commit order: all up to the newest one pushed are there or superseded.
             left = tuple(n for seq, n in sorted(queued.items()) if seq > self._remote_seq)
@@ -298,8 +314,10 @@ class Uploader:
         streams, job.streams = job.streams, {}  # completed or aborted by this attempt
         # A first try of a checkpoint named here skips the look for a committed copy; a
         # retry looks (the last try may have committed it).
-        manifest = self.remote.push(job.ckpt, streams=streams, stop=attempt.stop,
-                                    progress=_Activity(self), fresh=attempt.first)
+        there = self.process if self.process and not streams and self.process.available() \
+            else self.remote
+        manifest = there.push(job.ckpt, streams=streams, stop=attempt.stop,
+                              progress=_Activity(self), fresh=attempt.first)
         if part_of(manifest) is not None:  # only this node's part: not restorable yet
             self._part_uploaded(job, manifest)
             return None

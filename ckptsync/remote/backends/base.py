@@ -59,6 +59,9 @@ class Backend:
             instead of the one fsspec registers for its protocol (Drive:
             :class:`~ckptsync.remote.gdrive.DriveFileSystem`, which takes a Colab user's
             credentials); None: fsspec's.
+        upload_process: its bytes go through a network client that spends CPU per byte, so
+            a Checkpointer pushes to it from an upload process by default
+            (:mod:`ckptsync.remote.process`); a local copy is cheaper than a second process.
     """
 
     name: ClassVar[str] = "fsspec"
@@ -70,6 +73,7 @@ class Backend:
     upload_via_temp: ClassVar[bool] = True
     max_workers: ClassVar[int] = 0
     filesystem: ClassVar[str | None] = None
+    upload_process: ClassVar[bool] = False
 
     def __init__(self, fs: Any, config: TransferConfig, *, own: bool = True) -> None:
         self.fs = fs

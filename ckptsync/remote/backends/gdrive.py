@@ -25,4 +25,5 @@ class Drive(Backend):
     needs_dirs: ClassVar[bool] = True
     upload_via_temp: ClassVar[bool] = False
     max_workers: ClassVar[int] = 1
+    upload_process: ClassVar[bool] = True
     filesystem: ClassVar[str | None] = "ckptsync.remote.gdrive:DriveFileSystem"

@@ -17,6 +17,7 @@ class ObjectStore(Backend):
     commit: ClassVar[CommitKind] = "create-only"
     buckets: ClassVar[bool] = True
     upload_via_temp: ClassVar[bool] = False
+    upload_process: ClassVar[bool] = True
 
     @property
     def server_copy(self) -> bool:
