@@ -99,7 +99,7 @@ def fresh_start(store: RemoteStore, fresh_ok: bool | None) -> None:
 
 
 def upload_process_spec(wanted: bool | None, spec: RemoteSpec | None,
-                  remote: RemoteStore | None) -> RemoteSpec | None:
+                        remote: RemoteStore | None) -> RemoteSpec | None:
     """The spec the upload process opens its store from, or None: uploads in a thread.
 
     Raises:

@@ -26,9 +26,9 @@ from ckptsync.redact import redact_url
 from ckptsync.retention import CheckpointInfo, RetentionPolicy, select_for_deletion
 
 if TYPE_CHECKING:
-    from ckptsync.client.remote_open import RemoteSpec
     from ckptsync.client.restore import RestoreInfo
     from ckptsync.remote import RemoteStore
+    from ckptsync.remote.process import RemoteSpec
 
 __all__ = ["RunSync"]
 

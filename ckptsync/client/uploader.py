@@ -248,7 +248,7 @@ class Uploader:
             while any(self._jobs()) or self._remote_seq < self._seq:
                 if self._undelivered is not None or self._closed:
                     return False
-                if not any(self._jobs()) and self._queue.failures(_PUSH) > 0:
+                if self._queue.idle() and self._queue.failures(_PUSH) > 0:
                     return False  # the last push failed for good: nothing will change
                 now = time.monotonic()
                 if now - start >= timeout and (
@@ -314,8 +314,8 @@ class Uploader:
         streams, job.streams = job.streams, {}  # completed or aborted by this attempt
         # A first try of a checkpoint named here skips the look for a committed copy; a
         # retry looks (the last try may have committed it).
-        there = self.process if self.process and not streams and self.process.available() \
-            else self.remote
+        there = self.process if (self.process is not None and not streams
+                                 and self.process.available()) else self.remote
         manifest = there.push(job.ckpt, streams=streams, stop=attempt.stop,
                               progress=_Activity(self), fresh=attempt.first)
         if part_of(manifest) is not None:  # only this node's part: not restorable yet
