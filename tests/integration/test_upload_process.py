@@ -86,6 +86,24 @@ def test_pushes_to_s3_leave_from_a_niced_process_and_restore_exactly(
     assert torch.equal(restored(s3_remote, tmp_path / "fresh", out=4096).weight, m.weight)
 
 
+@pytest.mark.full
+@pytest.mark.parametrize("backend", ["gcs", "gdrive"])
+def test_gcs_and_drive_pushes_leave_from_the_upload_process_too(
+        backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # The other backends whose pushes default to the process (Backend.upload_process): the
+    # child opens them from the same URL and options (an emulator's endpoint, a Drive login).
+    remote: Remote = request.getfixturevalue(f"{backend}_remote")
+    m = model(3)
+    with Checkpointer(tmp_path / "ckpt", remote=remote.url,
+                      storage_options=remote.storage_options) as c:
+        c.save(4, model=m)
+        assert c.wait(120)
+        pid = c.status().upload_pid
+        assert pid is not None and alive(pid)
+        assert c.status().newest_remote_step == 4
+    assert torch.equal(restored(remote, tmp_path / "fresh").weight, m.weight)
+
+
 def test_a_killed_upload_process_is_replaced_and_the_checkpoint_lands(
         s3_remote: Remote, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "ckptsync")
