@@ -27,7 +27,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_durable import perturb
-from bench.common import FULL, QUICK, context, make_state, state_dict, upload_processes
+from bench.common import (
+    FULL,
+    QUICK,
+    context,
+    make_state,
+    pid_cpu,
+    state_dict,
+    upload_processes,
+)
 from bench.peers import (
     DcpAsync,
     boto3_download_dir,
@@ -41,15 +49,9 @@ from bench.peers import (
 def _self_cpu() -> float:
     """This process's CPU and its Checkpointers' upload processes' (the client's)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime + sum(_pid_cpu(p) for p in upload_processes())
+    return r.ru_utime + r.ru_stime + sum(pid_cpu(p) for p in upload_processes())
 
 
-def _pid_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:  # an upload process that ended meanwhile
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _machine_busy() -> float:
@@ -126,11 +128,11 @@ def main() -> int:
             for name, fn in contenders.items():
                 if name.startswith(("local", "save")):
                     perturb(model, opt)  # every byte changes, as after a training step
-                c0, s0, m0 = _self_cpu(), _pid_cpu(server_pid), _machine_busy()
+                c0, s0, m0 = _self_cpu(), pid_cpu(server_pid), _machine_busy()
                 t0 = time.perf_counter()
                 fn()
                 wall = time.perf_counter() - t0
-                cli, srv = (_self_cpu() - c0) / gb, (_pid_cpu(server_pid) - s0) / gb
+                cli, srv = (_self_cpu() - c0) / gb, (pid_cpu(server_pid) - s0) / gb
                 other = (_machine_busy() - m0) / gb - cli - srv
                 if run:  # the first round is the warm-up
                     rows[name].append((wall, cli, srv, other))

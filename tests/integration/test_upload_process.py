@@ -28,6 +28,7 @@ from ckptsync.remote import RemoteStore
 from tests.support import slowfs
 from tests.support.paths import child_env
 from tests.support.remotes import Remote
+from tests.support.watchkit import pid_alive as alive
 
 pytestmark = pytest.mark.core
 
@@ -38,15 +39,6 @@ def process_io(pid: int) -> dict[str, int]:
     """The kernel's I/O counters of ``pid`` (``rchar``: bytes read by read calls)."""
     text = Path(f"/proc/{pid}/io").read_text()
     return {k: int(v) for k, v in (line.split(": ") for line in text.splitlines())}
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper is not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def model(seed: int, out: int = 512) -> torch.nn.Module:
